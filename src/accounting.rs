@@ -1,0 +1,138 @@
+//! Nothing lost: rejected rows with their reasons, and the counts that must add up.
+//!
+//! Every stage reports `rows_read = kept + duplicates + rejected`; rejects go to a
+//! `rejects.jsonl` beside the output with the source file, row, line, field and reason.
+
+use crate::output::AtomicFile;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Why a row was rejected. The code is stable (used in summaries); the detail is for people.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reject {
+    pub source: String,
+    /// 1-based record number within the source (data row for CSV, line for JSONL, element for JSON).
+    pub row: u64,
+    /// 1-based physical line where the record starts, when the format has lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} row {}", self.source, self.row)?;
+        if let Some(l) = self.line {
+            write!(f, " (line {l})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ", field '{field}'")?;
+        }
+        write!(f, ": {} ({})", self.detail, self.reason)
+    }
+}
+
+/// Reject reason codes, shared by all stages.
+pub mod reason {
+    pub const MALFORMED_CSV: &str = "malformed_csv";
+    pub const WRONG_FIELD_COUNT: &str = "wrong_field_count";
+    pub const INVALID_UTF8: &str = "invalid_utf8";
+    pub const INVALID_JSON: &str = "invalid_json";
+    pub const NOT_AN_OBJECT: &str = "not_an_object";
+    pub const MISSING_FIELD: &str = "missing_field";
+    pub const EMPTY_FIELD: &str = "empty_field";
+    pub const WRONG_TYPE: &str = "wrong_type";
+    pub const TEMPLATE_ERROR: &str = "template_error";
+    pub const BAD_ROLE: &str = "bad_role";
+    pub const NO_ASSISTANT: &str = "no_assistant_message";
+    pub const CHAT_TEMPLATE_ERROR: &str = "chat_template_error";
+    pub const EMPTY_LOSS_MASK: &str = "empty_loss_mask";
+    pub const MASK_SPAN_NOT_FOUND: &str = "mask_span_not_found";
+    pub const TOO_LONG: &str = "too_long";
+    pub const PROMPT_TOO_LONG: &str = "prompt_too_long";
+    pub const OVER_TOKEN_LIMIT: &str = "over_token_limit";
+    pub const NOT_PREFERENCE: &str = "not_a_preference_pair";
+}
+
+/// Counts of one run. `read == kept + rejected + duplicates` (+ too-long drops where they apply).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Counts {
+    pub rows_read: u64,
+    pub rows_kept: u64,
+    pub rejected: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub duplicates_exact: u64,
+    pub duplicates_near: u64,
+}
+
+impl Counts {
+    pub fn reject(&mut self, r: &Reject) {
+        self.rejected += 1;
+        *self
+            .rejected_by_reason
+            .entry(r.reason.to_string())
+            .or_default() += 1;
+    }
+    /// The invariant every stage keeps.
+    pub fn balanced(&self) -> bool {
+        self.rows_read
+            == self.rows_kept + self.rejected + self.duplicates_exact + self.duplicates_near
+    }
+}
+
+/// Writes `rejects.jsonl` (atomically, created only when a reject happens).
+pub struct RejectWriter {
+    path: PathBuf,
+    file: Option<AtomicFile>,
+    pub count: u64,
+}
+
+impl RejectWriter {
+    pub fn new(path: PathBuf) -> Self {
+        RejectWriter {
+            path,
+            file: None,
+            count: 0,
+        }
+    }
+    /// `rejects.jsonl` next to `out` (or inside `out` if it is a directory-like output).
+    pub fn beside(out: &Path) -> Self {
+        let dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Self::new(dir.join("rejects.jsonl"))
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn write(&mut self, r: &Reject) -> anyhow::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(AtomicFile::create(&self.path)?);
+        }
+        let f = self.file.as_mut().expect("just created");
+        serde_json::to_writer(&mut *f, r)?;
+        f.write_all(b"\n")?;
+        self.count += 1;
+        Ok(())
+    }
+    /// Commits the file; removes a stale rejects file from an earlier run when nothing was rejected.
+    pub fn finish(self) -> anyhow::Result<Option<PathBuf>> {
+        match self.file {
+            Some(f) => {
+                f.commit()?;
+                Ok(Some(self.path))
+            }
+            None => {
+                let _ = std::fs::remove_file(&self.path);
+                Ok(None)
+            }
+        }
+    }
+}

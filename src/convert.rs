@@ -1,0 +1,156 @@
+//! `tunekit convert`: raw files to canonical conversations (JSONL or Parquet), with rejects.
+
+use crate::accounting::{Counts, RejectWriter};
+use crate::ingest::{stream_conversations, Item, MapOptions};
+use crate::output::AtomicFile;
+use crate::record::Conversation;
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct ConvertOptions {
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub map: MapOptions,
+    pub strict: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConvertSummary {
+    pub command: &'static str,
+    pub inputs: Vec<String>,
+    pub out: String,
+    pub formats: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub rejects_file: Option<String>,
+    pub seconds: f64,
+    pub rows_per_s: f64,
+}
+
+/// Where conversations go: JSONL lines or a Parquet table, chosen by the extension.
+pub enum ConversationSink {
+    Jsonl(AtomicFile),
+    Parquet(crate::pack::conversations_parquet::ConversationParquet),
+}
+
+impl ConversationSink {
+    pub fn create(out: &Path) -> Result<Self> {
+        let ext = out
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        match ext.as_str() {
+            "jsonl" | "ndjson" => Ok(ConversationSink::Jsonl(AtomicFile::create(out)?)),
+            "parquet" => Ok(ConversationSink::Parquet(
+                crate::pack::conversations_parquet::ConversationParquet::create(out)?,
+            )),
+            _ => bail!(
+                "--out {}: write conversations to a .jsonl or .parquet file",
+                out.display()
+            ),
+        }
+    }
+    pub fn write_batch(&mut self, convs: &[Conversation]) -> Result<()> {
+        match self {
+            ConversationSink::Jsonl(f) => {
+                let lines: Vec<Vec<u8>> = convs
+                    .par_iter()
+                    .map(|c| {
+                        let mut v = serde_json::to_vec(c).expect("conversation serializes");
+                        v.push(b'\n');
+                        v
+                    })
+                    .collect();
+                for l in lines {
+                    f.write_all(&l)?;
+                }
+                Ok(())
+            }
+            ConversationSink::Parquet(p) => p.write(convs),
+        }
+    }
+    pub fn commit(self) -> Result<()> {
+        match self {
+            ConversationSink::Jsonl(f) => f.commit(),
+            ConversationSink::Parquet(p) => p.commit(),
+        }
+    }
+}
+
+pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
+    let start = Instant::now();
+    let mut sink = ConversationSink::create(&opts.out)?;
+    let mut rejects = RejectWriter::beside(&opts.out);
+    let mut counts = Counts::default();
+    let mut formats = BTreeMap::new();
+    let pb = crate::progress::rows("convert");
+    stream_conversations(&opts.inputs, &opts.map, |batch| {
+        if let Some(f) = batch.format {
+            formats.insert(batch.source.to_string(), f.name().to_string());
+        }
+        let mut good = Vec::with_capacity(batch.items.len());
+        for item in batch.items {
+            counts.rows_read += 1;
+            match item {
+                Item::Ok(c) => good.push(c),
+                Item::Rejected(r) => {
+                    if opts.strict {
+                        bail!("{r}\n(--strict stops at the first bad row; without it, bad rows go to rejects.jsonl)");
+                    }
+                    counts.reject(&r);
+                    rejects.write(&r)?;
+                }
+            }
+        }
+        counts.rows_kept += good.len() as u64;
+        sink.write_batch(&good)?;
+        pb.set_position(counts.rows_read);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    sink.commit()?;
+    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(ConvertSummary {
+        command: "convert",
+        inputs: opts
+            .inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        out: opts.out.display().to_string(),
+        formats,
+        rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
+        counts,
+        rejects_file,
+        seconds,
+    })
+}
+
+impl ConvertSummary {
+    pub fn print_human(&self) {
+        println!(
+            "converted {} row(s) from {} file(s) in {:.2}s ({:.0} rows/s)",
+            self.counts.rows_read,
+            self.inputs.len(),
+            self.seconds,
+            self.rows_per_s
+        );
+        for (src, f) in &self.formats {
+            println!("  {src}: format {f}");
+        }
+        println!("  written:  {} -> {}", self.counts.rows_kept, self.out);
+        println!("  rejected: {}", self.counts.rejected);
+        for (r, n) in &self.counts.rejected_by_reason {
+            println!("    {r}: {n}");
+        }
+        if let Some(f) = &self.rejects_file {
+            println!("  rejects:  {f}");
+        }
+    }
+}

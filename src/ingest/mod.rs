@@ -1,0 +1,14 @@
+//! Ingest: raw files to canonical conversations.
+//!
+//! [`read`] splits files into raw rows (sequential, cheap); [`rows`] parses a raw row into a JSON
+//! object; [`formats`] maps an object to a [`crate::record::Conversation`] (parallel). The
+//! [`stream`] function ties them together: batches of conversations or rejects, in input order.
+
+pub mod formats;
+pub mod parquet_rows;
+pub mod read;
+pub mod rows;
+pub mod stream;
+
+pub use formats::{Format, MapOptions, Mapper};
+pub use stream::{stream_conversations, Batch, Item};

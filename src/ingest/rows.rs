@@ -1,0 +1,81 @@
+//! Raw row to JSON object, with a reject (reason + detail) when the row cannot be parsed.
+
+use super::read::{utf8_detail, RawData, RawRow, Source};
+use crate::accounting::{reason, Reject};
+use serde_json::{Map, Value};
+
+pub fn reject(
+    src: &Source,
+    raw_row: u64,
+    line: Option<u64>,
+    field: Option<&str>,
+    reason: &'static str,
+    detail: String,
+) -> Reject {
+    Reject {
+        source: src.name.to_string(),
+        row: raw_row,
+        line,
+        field: field.map(str::to_string),
+        reason,
+        detail,
+    }
+}
+
+/// Parses the raw row into an object (CSV fields become strings).
+pub fn to_object(src: &Source, raw: RawRow) -> Result<Map<String, Value>, Reject> {
+    let bad = |reason, detail| Err(reject(src, raw.row, raw.line, None, reason, detail));
+    match raw.data {
+        RawData::Object(m) => Ok(m),
+        RawData::Bad { reason, detail } => bad(reason, detail),
+        RawData::Json(bytes) => {
+            if let Err(e) = std::str::from_utf8(&bytes) {
+                return bad(reason::INVALID_UTF8, utf8_detail(e));
+            }
+            match serde_json::from_slice::<Value>(&bytes) {
+                Ok(Value::Object(m)) => Ok(m),
+                Ok(other) => bad(
+                    reason::NOT_AN_OBJECT,
+                    format!(
+                        "expected a JSON object with named fields, found {}",
+                        json_kind(&other)
+                    ),
+                ),
+                Err(e) => bad(reason::INVALID_JSON, format!("invalid JSON: {e}")),
+            }
+        }
+        RawData::Csv(rec) => {
+            let headers = src.csv_headers.as_ref().expect("CSV source has headers");
+            let mut m = Map::with_capacity(headers.len());
+            for (h, f) in headers.iter().zip(rec.iter()) {
+                match std::str::from_utf8(f) {
+                    Ok(s) => {
+                        m.insert(h.clone(), Value::String(s.to_string()));
+                    }
+                    Err(e) => {
+                        return Err(reject(
+                            src,
+                            raw.row,
+                            raw.line,
+                            Some(h),
+                            reason::INVALID_UTF8,
+                            utf8_detail(e),
+                        ));
+                    }
+                }
+            }
+            Ok(m)
+        }
+    }
+}
+
+pub fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,126 @@
+//! Files to batches of conversations: a reader thread splits rows, rayon parses and maps them,
+//! and the caller receives batches in input order (so output order and ids are deterministic).
+
+use super::formats::{Format, MapOptions, Mapper, RowCtx};
+use super::read::{open_rows, InputKind, Source};
+use super::rows::to_object;
+use crate::accounting::Reject;
+use crate::record::Conversation;
+use anyhow::Result;
+use rayon::prelude::*;
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use std::sync::mpsc::sync_channel;
+
+pub const BATCH_ROWS: usize = 4096;
+
+pub enum Item {
+    Ok(Conversation),
+    Rejected(Reject),
+}
+
+pub struct Batch {
+    pub source: std::sync::Arc<str>,
+    pub format: Option<Format>,
+    pub items: Vec<Item>,
+}
+
+/// Reads every input in order and calls `on_batch` with mapped rows. Fatal errors (unreadable
+/// file, no format fits) stop the stream; bad rows become `Item::Rejected`.
+pub fn stream_conversations(
+    inputs: &[PathBuf],
+    opts: &MapOptions,
+    mut on_batch: impl FnMut(Batch) -> Result<()>,
+) -> Result<()> {
+    for path in inputs {
+        let (source, rows) = open_rows(path)?;
+        let (tx, rx) = sync_channel::<Result<Vec<super::read::RawRow>>>(4);
+        let reader = std::thread::spawn(move || {
+            let mut rows = rows;
+            loop {
+                let mut batch = Vec::with_capacity(BATCH_ROWS);
+                for r in rows.by_ref() {
+                    match r {
+                        Ok(r) => batch.push(r),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                    if batch.len() == BATCH_ROWS {
+                        break;
+                    }
+                }
+                let last = batch.len() < BATCH_ROWS;
+                if !batch.is_empty() && tx.send(Ok(batch)).is_err() {
+                    return;
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+        let mut mapper: Option<Mapper> = None;
+        let result = (|| -> Result<()> {
+            for raw in rx {
+                let raw = raw?;
+                let parsed: Vec<(u64, Option<u64>, Result<Map<String, Value>, Reject>)> = raw
+                    .into_par_iter()
+                    .map(|r| (r.row, r.line, to_object(&source, r)))
+                    .collect();
+                if mapper.is_none() {
+                    if let Some(cols) = first_columns(&source, &parsed) {
+                        mapper = Some(Mapper::new(opts, &cols, &source.name)?);
+                    }
+                }
+                let items: Vec<Item> = parsed
+                    .into_par_iter()
+                    .map(|(row, line, obj)| match obj {
+                        Err(r) => Item::Rejected(r),
+                        Ok(obj) => {
+                            let ctx = RowCtx {
+                                source: &source.name,
+                                row,
+                                line,
+                            };
+                            match mapper
+                                .as_ref()
+                                .expect("built at the first parsed row")
+                                .map(obj, &ctx)
+                            {
+                                Ok(c) => Item::Ok(c),
+                                Err(r) => Item::Rejected(r),
+                            }
+                        }
+                    })
+                    .collect();
+                on_batch(Batch {
+                    source: source.name.clone(),
+                    format: mapper.as_ref().map(|m| m.format),
+                    items,
+                })?;
+            }
+            Ok(())
+        })();
+        let _ = reader.join();
+        result?;
+    }
+    Ok(())
+}
+
+fn first_columns(
+    source: &Source,
+    parsed: &[(u64, Option<u64>, Result<Map<String, Value>, Reject>)],
+) -> Option<Vec<String>> {
+    if matches!(source.kind, InputKind::Csv | InputKind::Tsv) {
+        return source.csv_headers.as_ref().map(|h| h.as_ref().clone());
+    }
+    parsed.iter().find_map(|(_, _, o)| {
+        o.as_ref().ok().map(|m| {
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+    })
+}
