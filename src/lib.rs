@@ -19,13 +19,17 @@
 
 pub mod accounting;
 pub mod convert;
+pub mod dedup;
 pub mod ingest;
 pub mod output;
 pub mod pack;
+pub mod prepare;
 pub mod progress;
 pub mod quickstart;
 pub mod record;
+pub mod split;
 pub mod template;
+pub mod tokenize;
 
 /// Version string written into manifests.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

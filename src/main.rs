@@ -67,6 +67,55 @@ impl MapArgs {
     }
 }
 
+/// Deduplication options (shared by dedup, prepare and export).
+#[derive(Args, Clone)]
+struct DedupArgs {
+    /// near: exact + MinHash-LSH near duplicates; exact: normalised exact matches; none: keep all.
+    #[arg(long = "dedup", value_enum, default_value = "near")]
+    mode: tunekit::dedup::DedupMode,
+    /// Text compared: the whole conversation, the prompt side, or the answers.
+    #[arg(long = "dedup-key", value_enum, default_value = "conversation")]
+    key: tunekit::dedup::DedupKey,
+    /// Estimated Jaccard similarity at or above which two rows are near duplicates.
+    #[arg(long, default_value_t = 0.8)]
+    threshold: f64,
+    /// Words per shingle.
+    #[arg(long, default_value_t = 5)]
+    ngram: usize,
+    /// MinHash permutations (a multiple of --bands).
+    #[arg(long, default_value_t = 128)]
+    num_perm: usize,
+    /// LSH bands.
+    #[arg(long, default_value_t = 32)]
+    bands: usize,
+    /// Also ignore punctuation when comparing exactly.
+    #[arg(long)]
+    strip_punctuation: bool,
+}
+
+impl DedupArgs {
+    fn options(&self, seed: u64) -> Result<tunekit::dedup::DedupOptions> {
+        if self.bands == 0 || self.num_perm % self.bands != 0 {
+            anyhow::bail!("--num-perm ({}) must be a multiple of --bands ({})", self.num_perm, self.bands);
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            anyhow::bail!("--threshold must be between 0 and 1");
+        }
+        let mut o = tunekit::dedup::DedupOptions {
+            mode: self.mode,
+            key: self.key,
+            threshold: self.threshold,
+            ngram: self.ngram,
+            num_perm: self.num_perm,
+            bands: self.bands,
+            seed: seed.wrapping_add(1),
+            ..Default::default()
+        };
+        o.normalization.strip_punctuation = self.strip_punctuation;
+        Ok(o)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Raw CSV/TSV/JSONL/JSON/Parquet (optionally .gz/.zst) to canonical conversations (.jsonl or .parquet).
@@ -79,6 +128,60 @@ enum Command {
         /// Output file: .jsonl or .parquet.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        map: MapArgs,
+    },
+    /// The main job: convert -> dedup -> chat template + loss masks -> tokenize -> pack into Parquet shards.
+    ///
+    /// Writes train-*.parquet / eval-*.parquet (input_ids, labels, position_ids, seq_lengths),
+    /// rejects.jsonl, duplicates.jsonl and, last, manifest.json with the accounting.
+    Prepare {
+        /// Raw files (any format convert reads) or canonical conversations.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output directory for the shards and manifest.
+        #[arg(long)]
+        out: PathBuf,
+        /// tokenizer.json (or .json.gz), or a directory with tokenizer.json and tokenizer_config.json.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Chat template: the tokenizer's own by default; or a built-in (chatml, llama3, mistral,
+        /// gemma, phi3, zephyr, alpaca) or a .jinja file.
+        #[arg(long)]
+        template: Option<String>,
+        /// Tokens per packed row.
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+        #[arg(long, value_enum, default_value = "bfd")]
+        pack: tunekit::pack::rows::PackMode,
+        /// Which tokens are trained.
+        #[arg(long, value_enum, default_value = "assistant")]
+        loss: tunekit::tokenize::LossMode,
+        /// Share of conversations held out for eval (by a hash of the id and seed).
+        #[arg(long, default_value_t = 0.02)]
+        eval_fraction: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// What to do with samples longer than --seq-len.
+        #[arg(long, value_enum, default_value = "drop")]
+        too_long: tunekit::prepare::TooLong,
+        #[command(flatten)]
+        dedup: DedupArgs,
+        #[command(flatten)]
+        map: MapArgs,
+    },
+    /// Remove exact and near-duplicate conversations (MinHash-LSH); removed rows go to duplicates.jsonl.
+    Dedup {
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output file: .jsonl or .parquet.
+        #[arg(long)]
+        out: PathBuf,
+        /// Report what would be removed without writing the output.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        dedup: DedupArgs,
         #[command(flatten)]
         map: MapArgs,
     },
@@ -121,6 +224,26 @@ fn run(cli: Cli) -> Result<()> {
                 strict: map.strict,
             };
             let s = tunekit::convert::run(&opts)?;
+            print(cli.json, &s, |s| s.print_human())
+        }
+        Command::Prepare { inputs, out, tokenizer, template, seq_len, pack, loss, eval_fraction, seed, too_long, dedup, map } => {
+            let mut o = tunekit::prepare::PrepareOptions::new(inputs, out, tokenizer);
+            o.map = map.options()?;
+            o.strict = map.strict;
+            o.template = template;
+            o.seq_len = seq_len;
+            o.pack = pack;
+            o.loss = loss;
+            o.eval_fraction = eval_fraction;
+            o.seed = seed;
+            o.too_long = too_long;
+            o.dedup = dedup.options(seed)?;
+            let s = tunekit::prepare::run(&o)?;
+            print(cli.json, &s, |s| s.print_human())
+        }
+        Command::Dedup { inputs, out, dry_run, dedup, map } => {
+            let o = tunekit::dedup::run::DedupRunOptions { inputs, out, dry_run, map: map.options()?, strict: map.strict, dedup: dedup.options(0)? };
+            let s = tunekit::dedup::run::run(&o)?;
             print(cli.json, &s, |s| s.print_human())
         }
         Command::Quickstart { out } => {

@@ -1,0 +1,420 @@
+//! `tunekit prepare`: the main job. One streaming pass of convert -> dedup -> tokenize with loss
+//! masks -> split -> pack -> Parquet shards, then `manifest.json` (written last: a directory
+//! without it is incomplete).
+
+use crate::accounting::{reason, Counts, Reject, RejectWriter};
+use crate::dedup::{DedupOptions, Deduper, DuplicateRecord, Verdict};
+use crate::ingest::{stream_conversations, Item, MapOptions};
+use crate::output::AtomicFile;
+use crate::pack::rows::{pack, PackMode};
+use crate::pack::shards::ShardWriter;
+use crate::record::Conversation;
+use crate::split::{is_eval, SplitMix64};
+use crate::template::chat::{hex, ChatTemplate};
+use crate::tokenize::{LossMode, Sample, TokenizerInfo, Tokenizing};
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TooLong {
+    /// Drop samples longer than --seq-len (written to rejects.jsonl as too_long).
+    Drop,
+    /// Keep the first --seq-len tokens.
+    Truncate,
+}
+
+pub struct PrepareOptions {
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub map: MapOptions,
+    pub strict: bool,
+    pub tokenizer: PathBuf,
+    pub template: Option<String>,
+    pub seq_len: usize,
+    pub pack: PackMode,
+    pub loss: LossMode,
+    pub eval_fraction: f64,
+    pub seed: u64,
+    pub too_long: TooLong,
+    pub dedup: DedupOptions,
+    /// Tokens buffered per split before packing (the packer's window).
+    pub window_tokens: usize,
+    /// Uncompressed bytes per shard file before a new one starts.
+    pub shard_bytes: usize,
+}
+
+impl PrepareOptions {
+    pub fn new(inputs: Vec<PathBuf>, out: PathBuf, tokenizer: PathBuf) -> Self {
+        PrepareOptions {
+            inputs,
+            out,
+            map: MapOptions::default(),
+            strict: false,
+            tokenizer,
+            template: None,
+            seq_len: 2048,
+            pack: PackMode::Bfd,
+            loss: LossMode::Assistant,
+            eval_fraction: 0.02,
+            seed: 0,
+            too_long: TooLong::Drop,
+            dedup: DedupOptions::default(),
+            window_tokens: 8 << 20,
+            shard_bytes: 256 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct SplitStats {
+    pub samples: u64,
+    pub rows: u64,
+    pub tokens: u64,
+    pub trainable_tokens: u64,
+    pub fill_ratio: f64,
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PrepareSummary {
+    pub command: &'static str,
+    pub out: String,
+    pub manifest: String,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub truncated: u64,
+    pub dropped_too_long: u64,
+    pub samples: u64,
+    pub packed_rows: u64,
+    pub tokens: u64,
+    pub trainable_tokens: u64,
+    pub fill_ratio: f64,
+    pub train: SplitStats,
+    pub eval: SplitStats,
+    pub rejects_file: Option<String>,
+    pub duplicates_file: Option<String>,
+    pub seconds: f64,
+    pub rows_per_s: f64,
+    pub tokens_per_s: f64,
+}
+
+/// One split's buffer of samples waiting to be packed.
+struct SplitPacker {
+    writer: ShardWriter,
+    window: Vec<Sample>,
+    window_tokens: usize,
+    samples: u64,
+    rng: SplitMix64,
+}
+
+impl SplitPacker {
+    fn new(dir: &Path, split: &'static str, seed: u64, shard_bytes: usize) -> Self {
+        SplitPacker { writer: ShardWriter::new(dir, split, shard_bytes), window: Vec::new(), window_tokens: 0, samples: 0, rng: SplitMix64::new(seed) }
+    }
+    fn push(&mut self, s: Sample, opts: &PrepareOptions) -> Result<()> {
+        self.window_tokens += s.len();
+        self.samples += 1;
+        self.window.push(s);
+        if self.window_tokens >= opts.window_tokens {
+            self.flush(opts)?;
+        }
+        Ok(())
+    }
+    fn flush(&mut self, opts: &PrepareOptions) -> Result<()> {
+        let mut rows = pack(&self.window, opts.pack, opts.seq_len);
+        self.rng.shuffle(&mut rows);
+        self.writer.write(rows)?;
+        self.window.clear();
+        self.window_tokens = 0;
+        Ok(())
+    }
+    fn finish(mut self, opts: &PrepareOptions) -> Result<SplitStats> {
+        self.flush(opts)?;
+        let (rows, tokens, trained, samples) = (self.writer.rows, self.writer.tokens, self.writer.trained, self.samples);
+        let files = self.writer.finish()?;
+        Ok(SplitStats {
+            samples,
+            rows,
+            tokens,
+            trainable_tokens: trained,
+            fill_ratio: if rows == 0 { 0.0 } else { tokens as f64 / (rows as f64 * opts.seq_len as f64) },
+            files: files.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()).collect(),
+        })
+    }
+}
+
+/// Picks the chat template: --template (built-in name or file), else the tokenizer's own.
+pub fn chat_template(tok: &TokenizerInfo, template: Option<&str>) -> Result<ChatTemplate> {
+    match template {
+        Some(t) => ChatTemplate::builtin_or_file(t, tok.specials.clone()),
+        None => match &tok.chat_template {
+            Some(src) => ChatTemplate::new("tokenizer", src, tok.specials.clone()),
+            None => bail!(
+                "{} has no chat_template; pass --template with a built-in (chatml, llama3, mistral, gemma, phi3, zephyr, alpaca) or a .jinja file",
+                tok.path.display()
+            ),
+        },
+    }
+}
+
+fn reject_for(conv: &Conversation, reason: &'static str, detail: String) -> Reject {
+    let (source, row) = match conv.id.rsplit_once(':') {
+        Some((s, r)) if r.parse::<u64>().is_ok() => (s.to_string(), r.parse().unwrap_or(0)),
+        _ => (conv.id.clone(), 0),
+    };
+    Reject { source, row, line: None, field: None, reason, detail }
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex(&h.finalize()))
+}
+
+pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
+    let start = Instant::now();
+    if opts.seq_len < 8 {
+        bail!("--seq-len {} is too small", opts.seq_len);
+    }
+    if !(0.0..1.0).contains(&opts.eval_fraction) {
+        bail!("--eval-fraction must be in [0, 1), got {}", opts.eval_fraction);
+    }
+    let tok = TokenizerInfo::load(&opts.tokenizer)?;
+    let template = chat_template(&tok, opts.template.as_deref())?;
+    let tokenizing = Tokenizing { tok: &tok, template: &template, mode: opts.loss };
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    // A re-run must not leave an old manifest that vouches for new, partial shards.
+    let manifest_path = opts.out.join("manifest.json");
+    let _ = std::fs::remove_file(&manifest_path);
+    for split in ["train", "eval"] {
+        for old in crate::pack::shards::list_shards(&opts.out, split)? {
+            std::fs::remove_file(&old)?;
+        }
+    }
+    let inputs = opts.inputs.clone();
+    let hashing = std::thread::spawn(move || -> Result<Vec<(String, String)>> {
+        inputs.iter().map(|p| Ok((p.display().to_string(), sha256_file(p)?))).collect()
+    });
+
+    let mut rejects = RejectWriter::new(opts.out.join("rejects.jsonl"));
+    let dup_path = opts.out.join("duplicates.jsonl");
+    let mut dups: Option<AtomicFile> = None;
+    let mut deduper = Deduper::new(opts.dedup.clone());
+    let mut counts = Counts::default();
+    let (mut truncated, mut dropped) = (0u64, 0u64);
+    let mut train = SplitPacker::new(&opts.out, "train", opts.seed, opts.shard_bytes);
+    let mut eval = SplitPacker::new(&opts.out, "eval", opts.seed ^ 0xE7A1, opts.shard_bytes);
+    let pb = crate::progress::rows("prepare");
+    let mut tokens_seen = 0u64;
+
+    stream_conversations(&opts.inputs, &opts.map, |batch| {
+        let mut convs = Vec::with_capacity(batch.items.len());
+        for item in batch.items {
+            counts.rows_read += 1;
+            match item {
+                Item::Ok(c) => convs.push(c),
+                Item::Rejected(r) => {
+                    if opts.strict {
+                        bail!("{r}");
+                    }
+                    counts.reject(&r);
+                    rejects.write(&r)?;
+                }
+            }
+        }
+        let verdicts = deduper.process(&convs);
+        let mut kept = Vec::with_capacity(convs.len());
+        for (c, v) in convs.into_iter().zip(verdicts) {
+            match v {
+                Verdict::Keep => kept.push(c),
+                Verdict::Duplicate { of, kind, similarity } => {
+                    match kind {
+                        crate::dedup::DupKind::Exact => counts.duplicates_exact += 1,
+                        crate::dedup::DupKind::Near => counts.duplicates_near += 1,
+                    }
+                    if dups.is_none() {
+                        dups = Some(AtomicFile::create(&dup_path)?);
+                    }
+                    let f = dups.as_mut().expect("created");
+                    serde_json::to_writer(&mut *f, &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity })?;
+                    f.write_all(b"\n")?;
+                }
+            }
+        }
+        let results: Vec<(Conversation, Result<Sample, (&'static str, String)>)> =
+            kept.into_par_iter().map(|c| {
+                let s = tokenizing.sample(&c);
+                (c, s)
+            }).collect();
+        for (c, res) in results {
+            let mut sample = match res {
+                Ok(s) => s,
+                Err((reason, detail)) => {
+                    let r = reject_for(&c, reason, detail);
+                    if opts.strict {
+                        bail!("{r}");
+                    }
+                    counts.reject(&r);
+                    rejects.write(&r)?;
+                    continue;
+                }
+            };
+            tokens_seen += sample.len() as u64;
+            if sample.len() > opts.seq_len {
+                match opts.too_long {
+                    TooLong::Drop => {
+                        dropped += 1;
+                        let r = reject_for(&c, reason::TOO_LONG, format!("{} tokens > --seq-len {} (use --too-long truncate to keep the start)", sample.len(), opts.seq_len));
+                        counts.reject(&r);
+                        rejects.write(&r)?;
+                        continue;
+                    }
+                    TooLong::Truncate => {
+                        sample.input_ids.truncate(opts.seq_len);
+                        sample.labels.truncate(opts.seq_len);
+                        if sample.trained() == 0 {
+                            let r = reject_for(&c, reason::PROMPT_TOO_LONG, format!("the prompt alone fills --seq-len {}; nothing left to train on", opts.seq_len));
+                            counts.reject(&r);
+                            rejects.write(&r)?;
+                            continue;
+                        }
+                        truncated += 1;
+                    }
+                }
+            }
+            counts.rows_kept += 1;
+            if is_eval(&c.id, opts.seed, opts.eval_fraction) {
+                eval.push(sample, opts)?;
+            } else {
+                train.push(sample, opts)?;
+            }
+        }
+        pb.set_position(counts.rows_read);
+        pb.set_message(format!("{} tokens", tokens_seen));
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let train = train.finish(opts)?;
+    let eval = eval.finish(opts)?;
+    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
+    let duplicates_file = match dups {
+        Some(f) => {
+            f.commit()?;
+            Some(dup_path.display().to_string())
+        }
+        None => {
+            let _ = std::fs::remove_file(&dup_path);
+            None
+        }
+    };
+    let sources = hashing.join().map_err(|_| anyhow::anyhow!("hashing thread panicked"))??;
+    let samples = train.samples + eval.samples;
+    let rows = train.rows + eval.rows;
+    let tokens = train.tokens + eval.tokens;
+    let trainable = train.trainable_tokens + eval.trainable_tokens;
+    let fill = if rows == 0 { 0.0 } else { tokens as f64 / (rows as f64 * opts.seq_len as f64) };
+    if !counts.balanced() {
+        bail!("internal accounting error: {:?}", counts);
+    }
+    let manifest = json!({
+        "format": "tunekit-shards",
+        "format_version": 1,
+        "tool": {"name": "tunekit", "version": crate::VERSION},
+        "sources": sources.iter().map(|(p, h)| json!({"path": p, "sha256": h})).collect::<Vec<_>>(),
+        "tokenizer": {
+            "path": tok.path.display().to_string(),
+            "sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "special_tokens": Value::Object(tok.specials.clone()),
+        },
+        "template": {"name": template.name, "sha256": template.sha256},
+        "seq_len": opts.seq_len,
+        "packing": opts.pack,
+        "loss": opts.loss,
+        "too_long": opts.too_long,
+        "seed": opts.seed,
+        "eval_fraction": opts.eval_fraction,
+        "dedup": &opts.dedup,
+        "columns": crate::pack::shards::COLUMNS,
+        "accounting": {
+            "rows_read": counts.rows_read,
+            "rejected": counts.rejected,
+            "rejected_by_reason": &counts.rejected_by_reason,
+            "duplicates_exact": counts.duplicates_exact,
+            "duplicates_near": counts.duplicates_near,
+            "dropped_too_long": dropped,
+            "truncated": truncated,
+            "samples": samples,
+            "packed_rows": rows,
+            "tokens": tokens,
+            "trainable_tokens": trainable,
+            "fill_ratio": fill,
+        },
+        "splits": {"train": &train, "eval": &eval},
+    });
+    let mut mf = AtomicFile::create(&manifest_path)?;
+    serde_json::to_writer_pretty(&mut mf, &manifest)?;
+    mf.write_all(b"\n")?;
+    mf.commit()?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(PrepareSummary {
+        command: "prepare",
+        out: opts.out.display().to_string(),
+        manifest: manifest_path.display().to_string(),
+        rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
+        tokens_per_s: tokens_seen as f64 / seconds.max(1e-9),
+        counts,
+        truncated,
+        dropped_too_long: dropped,
+        samples,
+        packed_rows: rows,
+        tokens,
+        trainable_tokens: trainable,
+        fill_ratio: fill,
+        train,
+        eval,
+        rejects_file,
+        duplicates_file,
+        seconds,
+    })
+}
+
+impl PrepareSummary {
+    pub fn print_human(&self) {
+        let c = &self.counts;
+        println!("prepared {} row(s) in {:.2}s ({:.0} rows/s, {:.0} tokens/s)", c.rows_read, self.seconds, self.rows_per_s, self.tokens_per_s);
+        println!("  samples:    {} ({} train, {} eval)", self.samples, self.train.samples, self.eval.samples);
+        println!("  duplicates: {} exact, {} near", c.duplicates_exact, c.duplicates_near);
+        println!("  rejected:   {}", c.rejected);
+        for (r, n) in &c.rejected_by_reason {
+            println!("    {r}: {n}");
+        }
+        if self.truncated > 0 {
+            println!("  truncated:  {}", self.truncated);
+        }
+        println!(
+            "  packed:     {} row(s), {} tokens, {} trained ({:.1}%), fill {:.1}%",
+            self.packed_rows,
+            self.tokens,
+            self.trainable_tokens,
+            100.0 * self.trainable_tokens as f64 / self.tokens.max(1) as f64,
+            100.0 * self.fill_ratio
+        );
+        println!("  shards:     {} -> {}", self.out, [self.train.files.clone(), self.eval.files.clone()].concat().join(", "));
+        println!("  manifest:   {}", self.manifest);
+        if let Some(f) = &self.rejects_file {
+            println!("  rejects:    {f}");
+        }
+        if let Some(f) = &self.duplicates_file {
+            println!("  duplicates: {f}");
+        }
+    }
+}
