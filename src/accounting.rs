@@ -74,15 +74,11 @@ pub struct Counts {
 impl Counts {
     pub fn reject(&mut self, r: &Reject) {
         self.rejected += 1;
-        *self
-            .rejected_by_reason
-            .entry(r.reason.to_string())
-            .or_default() += 1;
+        *self.rejected_by_reason.entry(r.reason.to_string()).or_default() += 1;
     }
     /// The invariant every stage keeps.
     pub fn balanced(&self) -> bool {
-        self.rows_read
-            == self.rows_kept + self.rejected + self.duplicates_exact + self.duplicates_near
+        self.rows_read == self.rows_kept + self.rejected + self.duplicates_exact + self.duplicates_near
     }
 }
 
@@ -95,18 +91,11 @@ pub struct RejectWriter {
 
 impl RejectWriter {
     pub fn new(path: PathBuf) -> Self {
-        RejectWriter {
-            path,
-            file: None,
-            count: 0,
-        }
+        RejectWriter { path, file: None, count: 0 }
     }
     /// `rejects.jsonl` next to `out` (or inside `out` if it is a directory-like output).
     pub fn beside(out: &Path) -> Self {
-        let dir = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         Self::new(dir.join("rejects.jsonl"))
     }
     pub fn path(&self) -> &Path {

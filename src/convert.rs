@@ -40,19 +40,13 @@ pub enum ConversationSink {
 
 impl ConversationSink {
     pub fn create(out: &Path) -> Result<Self> {
-        let ext = out
-            .extension()
-            .map(|e| e.to_string_lossy().to_lowercase())
-            .unwrap_or_default();
+        let ext = out.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
         match ext.as_str() {
             "jsonl" | "ndjson" => Ok(ConversationSink::Jsonl(AtomicFile::create(out)?)),
-            "parquet" => Ok(ConversationSink::Parquet(
-                crate::pack::conversations_parquet::ConversationParquet::create(out)?,
-            )),
-            _ => bail!(
-                "--out {}: write conversations to a .jsonl or .parquet file",
-                out.display()
-            ),
+            "parquet" => {
+                Ok(ConversationSink::Parquet(crate::pack::conversations_parquet::ConversationParquet::create(out)?))
+            }
+            _ => bail!("--out {}: write conversations to a .jsonl or .parquet file", out.display()),
         }
     }
     pub fn write_batch(&mut self, convs: &[Conversation]) -> Result<()> {
@@ -118,11 +112,7 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let seconds = start.elapsed().as_secs_f64();
     Ok(ConvertSummary {
         command: "convert",
-        inputs: opts
-            .inputs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect(),
+        inputs: opts.inputs.iter().map(|p| p.display().to_string()).collect(),
         out: opts.out.display().to_string(),
         formats,
         rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),

@@ -217,16 +217,24 @@ fn print<T: serde::Serialize>(json: bool, summary: &T, human: impl FnOnce(&T)) -
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Convert { inputs, out, map } => {
-            let opts = tunekit::convert::ConvertOptions {
-                inputs,
-                out,
-                map: map.options()?,
-                strict: map.strict,
-            };
+            let opts = tunekit::convert::ConvertOptions { inputs, out, map: map.options()?, strict: map.strict };
             let s = tunekit::convert::run(&opts)?;
             print(cli.json, &s, |s| s.print_human())
         }
-        Command::Prepare { inputs, out, tokenizer, template, seq_len, pack, loss, eval_fraction, seed, too_long, dedup, map } => {
+        Command::Prepare {
+            inputs,
+            out,
+            tokenizer,
+            template,
+            seq_len,
+            pack,
+            loss,
+            eval_fraction,
+            seed,
+            too_long,
+            dedup,
+            map,
+        } => {
             let mut o = tunekit::prepare::PrepareOptions::new(inputs, out, tokenizer);
             o.map = map.options()?;
             o.strict = map.strict;
@@ -242,7 +250,14 @@ fn run(cli: Cli) -> Result<()> {
             print(cli.json, &s, |s| s.print_human())
         }
         Command::Dedup { inputs, out, dry_run, dedup, map } => {
-            let o = tunekit::dedup::run::DedupRunOptions { inputs, out, dry_run, map: map.options()?, strict: map.strict, dedup: dedup.options(0)? };
+            let o = tunekit::dedup::run::DedupRunOptions {
+                inputs,
+                out,
+                dry_run,
+                map: map.options()?,
+                strict: map.strict,
+                dedup: dedup.options(0)?,
+            };
             let s = tunekit::dedup::run::run(&o)?;
             print(cli.json, &s, |s| s.print_human())
         }

@@ -14,44 +14,29 @@ pub struct AtomicFile {
 
 /// `dir/.name.tmp-PID`: hidden, and clearly not a finished output.
 pub fn temp_name(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
+    let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     target.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 impl AtomicFile {
     pub fn create(target: &Path) -> Result<Self> {
         if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
         }
         let tmp = temp_name(target);
-        let file = File::create(&tmp).with_context(|| {
-            format!("cannot create {} (for {})", tmp.display(), target.display())
-        })?;
-        Ok(AtomicFile {
-            target: target.to_path_buf(),
-            tmp,
-            writer: Some(BufWriter::with_capacity(1 << 20, file)),
-        })
+        let file = File::create(&tmp)
+            .with_context(|| format!("cannot create {} (for {})", tmp.display(), target.display()))?;
+        Ok(AtomicFile { target: target.to_path_buf(), tmp, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
     }
     pub fn path(&self) -> &Path {
         &self.target
     }
     pub fn commit(mut self) -> Result<()> {
         let mut w = self.writer.take().expect("writer present until commit");
-        w.flush()
-            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        w.flush().with_context(|| format!("cannot write {}", self.tmp.display()))?;
         drop(w);
-        std::fs::rename(&self.tmp, &self.target).with_context(|| {
-            format!(
-                "cannot rename {} to {}",
-                self.tmp.display(),
-                self.target.display()
-            )
-        })
+        std::fs::rename(&self.tmp, &self.target)
+            .with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.target.display()))
     }
 }
 

@@ -116,7 +116,13 @@ struct SplitPacker {
 
 impl SplitPacker {
     fn new(dir: &Path, split: &'static str, seed: u64, shard_bytes: usize) -> Self {
-        SplitPacker { writer: ShardWriter::new(dir, split, shard_bytes), window: Vec::new(), window_tokens: 0, samples: 0, rng: SplitMix64::new(seed) }
+        SplitPacker {
+            writer: ShardWriter::new(dir, split, shard_bytes),
+            window: Vec::new(),
+            window_tokens: 0,
+            samples: 0,
+            rng: SplitMix64::new(seed),
+        }
     }
     fn push(&mut self, s: Sample, opts: &PrepareOptions) -> Result<()> {
         self.window_tokens += s.len();
@@ -137,7 +143,8 @@ impl SplitPacker {
     }
     fn finish(mut self, opts: &PrepareOptions) -> Result<SplitStats> {
         self.flush(opts)?;
-        let (rows, tokens, trained, samples) = (self.writer.rows, self.writer.tokens, self.writer.trained, self.samples);
+        let (rows, tokens, trained, samples) =
+            (self.writer.rows, self.writer.tokens, self.writer.trained, self.samples);
         let files = self.writer.finish()?;
         Ok(SplitStats {
             samples,
@@ -244,16 +251,21 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                         dups = Some(AtomicFile::create(&dup_path)?);
                     }
                     let f = dups.as_mut().expect("created");
-                    serde_json::to_writer(&mut *f, &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity })?;
+                    serde_json::to_writer(
+                        &mut *f,
+                        &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity },
+                    )?;
                     f.write_all(b"\n")?;
                 }
             }
         }
-        let results: Vec<(Conversation, Result<Sample, (&'static str, String)>)> =
-            kept.into_par_iter().map(|c| {
+        let results: Vec<(Conversation, Result<Sample, (&'static str, String)>)> = kept
+            .into_par_iter()
+            .map(|c| {
                 let s = tokenizing.sample(&c);
                 (c, s)
-            }).collect();
+            })
+            .collect();
         for (c, res) in results {
             let mut sample = match res {
                 Ok(s) => s,
@@ -272,7 +284,15 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                 match opts.too_long {
                     TooLong::Drop => {
                         dropped += 1;
-                        let r = reject_for(&c, reason::TOO_LONG, format!("{} tokens > --seq-len {} (use --too-long truncate to keep the start)", sample.len(), opts.seq_len));
+                        let r = reject_for(
+                            &c,
+                            reason::TOO_LONG,
+                            format!(
+                                "{} tokens > --seq-len {} (use --too-long truncate to keep the start)",
+                                sample.len(),
+                                opts.seq_len
+                            ),
+                        );
                         counts.reject(&r);
                         rejects.write(&r)?;
                         continue;
@@ -281,7 +301,11 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                         sample.input_ids.truncate(opts.seq_len);
                         sample.labels.truncate(opts.seq_len);
                         if sample.trained() == 0 {
-                            let r = reject_for(&c, reason::PROMPT_TOO_LONG, format!("the prompt alone fills --seq-len {}; nothing left to train on", opts.seq_len));
+                            let r = reject_for(
+                                &c,
+                                reason::PROMPT_TOO_LONG,
+                                format!("the prompt alone fills --seq-len {}; nothing left to train on", opts.seq_len),
+                            );
                             counts.reject(&r);
                             rejects.write(&r)?;
                             continue;
@@ -390,7 +414,10 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
 impl PrepareSummary {
     pub fn print_human(&self) {
         let c = &self.counts;
-        println!("prepared {} row(s) in {:.2}s ({:.0} rows/s, {:.0} tokens/s)", c.rows_read, self.seconds, self.rows_per_s, self.tokens_per_s);
+        println!(
+            "prepared {} row(s) in {:.2}s ({:.0} rows/s, {:.0} tokens/s)",
+            c.rows_read, self.seconds, self.rows_per_s, self.tokens_per_s
+        );
         println!("  samples:    {} ({} train, {} eval)", self.samples, self.train.samples, self.eval.samples);
         println!("  duplicates: {} exact, {} near", c.duplicates_exact, c.duplicates_near);
         println!("  rejected:   {}", c.rejected);
@@ -408,7 +435,11 @@ impl PrepareSummary {
             100.0 * self.trainable_tokens as f64 / self.tokens.max(1) as f64,
             100.0 * self.fill_ratio
         );
-        println!("  shards:     {} -> {}", self.out, [self.train.files.clone(), self.eval.files.clone()].concat().join(", "));
+        println!(
+            "  shards:     {} -> {}",
+            self.out,
+            [self.train.files.clone(), self.eval.files.clone()].concat().join(", ")
+        );
         println!("  manifest:   {}", self.manifest);
         if let Some(f) = &self.rejects_file {
             println!("  rejects:    {f}");

@@ -22,12 +22,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Message {
-            role: role.to_string(),
-            content: content.into(),
-            weight: None,
-            extra: Map::new(),
-        }
+        Message { role: role.to_string(), content: content.into(), weight: None, extra: Map::new() }
     }
     /// Whether this message is trained when the loss covers assistant messages.
     pub fn trainable(&self) -> bool {
@@ -53,14 +48,7 @@ pub struct Conversation {
 
 impl Conversation {
     pub fn new(id: String, messages: Vec<Message>) -> Self {
-        Conversation {
-            messages,
-            id,
-            chosen: None,
-            rejected: None,
-            tools: None,
-            meta: Map::new(),
-        }
+        Conversation { messages, id, chosen: None, rejected: None, tools: None, meta: Map::new() }
     }
     pub fn is_preference(&self) -> bool {
         self.chosen.is_some() && self.rejected.is_some()
@@ -84,12 +72,7 @@ impl Conversation {
     /// All text of the conversation with role markers, used as the default dedup key.
     pub fn full_text(&self) -> String {
         let mut s = String::new();
-        for m in self
-            .messages
-            .iter()
-            .chain(self.chosen.iter())
-            .chain(self.rejected.iter())
-        {
+        for m in self.messages.iter().chain(self.chosen.iter()).chain(self.rejected.iter()) {
             s.push_str(&m.role);
             s.push_str(": ");
             s.push_str(&m.content);

@@ -22,7 +22,11 @@ impl Normalization {
     pub fn apply(&self, text: &str) -> String {
         let s: String = if self.nfkc { text.nfkc().collect() } else { text.to_string() };
         let s = if self.lowercase { s.to_lowercase() } else { s };
-        let s: String = if self.strip_punctuation { s.chars().filter(|c| !c.is_ascii_punctuation() && !is_unicode_punct(*c)).collect() } else { s };
+        let s: String = if self.strip_punctuation {
+            s.chars().filter(|c| !c.is_ascii_punctuation() && !is_unicode_punct(*c)).collect()
+        } else {
+            s
+        };
         if self.collapse_whitespace {
             let mut out = String::with_capacity(s.len());
             for w in s.split_whitespace() {

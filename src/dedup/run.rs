@@ -42,7 +42,8 @@ pub struct DedupSummary {
 pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
     let start = Instant::now();
     let mut sink = if opts.dry_run { None } else { Some(ConversationSink::create(&opts.out)?) };
-    let dir = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).to_path_buf();
+    let dir =
+        opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).to_path_buf();
     let dup_path = dir.join("duplicates.jsonl");
     let mut dups = if opts.dry_run { None } else { Some(AtomicFile::create(&dup_path)?) };
     let mut rejects = RejectWriter::new(dir.join("rejects.jsonl"));
@@ -78,7 +79,10 @@ pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
                         DupKind::Near => counts.duplicates_near += 1,
                     }
                     if let Some(f) = dups.as_mut() {
-                        serde_json::to_writer(&mut *f, &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity })?;
+                        serde_json::to_writer(
+                            &mut *f,
+                            &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity },
+                        )?;
                         f.write_all(b"\n")?;
                     }
                     *clusters.entry(of).or_default() += 1;
@@ -129,9 +133,18 @@ pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
 impl DedupSummary {
     pub fn print_human(&self) {
         let c = &self.counts;
-        println!("deduplicated {} row(s) in {:.2}s ({:.0} rows/s){}", c.rows_read, self.seconds, self.rows_per_s, if self.dry_run { " [dry run]" } else { "" });
+        println!(
+            "deduplicated {} row(s) in {:.2}s ({:.0} rows/s){}",
+            c.rows_read,
+            self.seconds,
+            self.rows_per_s,
+            if self.dry_run { " [dry run]" } else { "" }
+        );
         println!("  kept:       {}", c.rows_kept);
-        println!("  duplicates: {} exact, {} near, in {} cluster(s)", c.duplicates_exact, c.duplicates_near, self.clusters);
+        println!(
+            "  duplicates: {} exact, {} near, in {} cluster(s)",
+            c.duplicates_exact, c.duplicates_near, self.clusters
+        );
         for (id, n) in self.largest_clusters.iter().take(5) {
             println!("    {id}: {n} removed");
         }

@@ -106,12 +106,7 @@ pub struct RowCtx<'a> {
 }
 
 impl RowCtx<'_> {
-    pub fn reject(
-        &self,
-        field: Option<&str>,
-        reason: &'static str,
-        detail: impl Into<String>,
-    ) -> Reject {
+    pub fn reject(&self, field: Option<&str>, reason: &'static str, detail: impl Into<String>) -> Reject {
         Reject {
             source: self.source.to_string(),
             row: self.row,
@@ -134,8 +129,7 @@ impl Mapper {
             let c = renames.get(f).map(String::as_str).unwrap_or(f);
             columns.iter().any(|x| x == c)
         };
-        let templated =
-            opts.prompt.is_some() || opts.completion.is_some() || opts.template.is_some();
+        let templated = opts.prompt.is_some() || opts.completion.is_some() || opts.template.is_some();
         let format = match opts.format.unwrap_or(Format::Auto) {
             Format::Auto if templated => Format::Columns,
             Format::Auto => detect(&has).ok_or_else(|| {
@@ -165,12 +159,7 @@ impl Mapper {
             }
             None
         };
-        Ok(Mapper {
-            format,
-            system: opts.system.clone(),
-            renames,
-            columns: columns_tpl,
-        })
+        Ok(Mapper { format, system: opts.system.clone(), renames, columns: columns_tpl })
     }
 
     fn get<'a>(&self, row: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
@@ -184,25 +173,14 @@ impl Mapper {
     fn text(&self, row: &Map<String, Value>, field: &str, ctx: &RowCtx) -> Result<String, Reject> {
         let col = self.renames.get(field).map(String::as_str).unwrap_or(field);
         match self.get(row, field) {
-            None | Some(Value::Null) => Err(ctx.reject(
-                Some(col),
-                reason::MISSING_FIELD,
-                format!("required field '{col}' is missing"),
-            )),
+            None | Some(Value::Null) => {
+                Err(ctx.reject(Some(col), reason::MISSING_FIELD, format!("required field '{col}' is missing")))
+            }
             Some(v) => {
-                let s = scalar_text(v).map_err(|k| {
-                    ctx.reject(
-                        Some(col),
-                        reason::WRONG_TYPE,
-                        format!("expected text, found {k}"),
-                    )
-                })?;
+                let s = scalar_text(v)
+                    .map_err(|k| ctx.reject(Some(col), reason::WRONG_TYPE, format!("expected text, found {k}")))?;
                 if s.trim().is_empty() {
-                    Err(ctx.reject(
-                        Some(col),
-                        reason::EMPTY_FIELD,
-                        format!("field '{col}' is empty"),
-                    ))
+                    Err(ctx.reject(Some(col), reason::EMPTY_FIELD, format!("field '{col}' is empty")))
                 } else {
                     Ok(s)
                 }
@@ -211,21 +189,11 @@ impl Mapper {
     }
 
     /// Optional text field: missing/null/empty give "".
-    fn opt_text(
-        &self,
-        row: &Map<String, Value>,
-        field: &str,
-        ctx: &RowCtx,
-    ) -> Result<String, Reject> {
+    fn opt_text(&self, row: &Map<String, Value>, field: &str, ctx: &RowCtx) -> Result<String, Reject> {
         match self.get(row, field) {
             None | Some(Value::Null) => Ok(String::new()),
-            Some(v) => scalar_text(v).map_err(|k| {
-                ctx.reject(
-                    Some(field),
-                    reason::WRONG_TYPE,
-                    format!("expected text, found {k}"),
-                )
-            }),
+            Some(v) => scalar_text(v)
+                .map_err(|k| ctx.reject(Some(field), reason::WRONG_TYPE, format!("expected text, found {k}"))),
         }
     }
 
@@ -239,10 +207,7 @@ impl Mapper {
             Format::PromptCompletion => {
                 let p = self.text(&row, "prompt", ctx)?;
                 let c = self.text(&row, "completion", ctx)?;
-                Conversation::new(
-                    ctx.id(),
-                    vec![Message::new("user", p), Message::new("assistant", c)],
-                )
+                Conversation::new(ctx.id(), vec![Message::new("user", p), Message::new("assistant", c)])
             }
             Format::Preference => self.preference(&row, ctx)?,
             Format::Text => {
@@ -279,12 +244,7 @@ impl Mapper {
         Ok(conv)
     }
 
-    fn alpaca(
-        &self,
-        row: &Map<String, Value>,
-        ctx: &RowCtx,
-        answer: &str,
-    ) -> Result<Conversation, Reject> {
+    fn alpaca(&self, row: &Map<String, Value>, ctx: &RowCtx, answer: &str) -> Result<Conversation, Reject> {
         let instruction = self.text(row, "instruction", ctx)?;
         let input = self.opt_text(row, "input", ctx)?;
         let output = self.text(row, answer, ctx)?;
@@ -310,11 +270,7 @@ impl Mapper {
                 msgs.push(Message::new("assistant", a));
             }
         }
-        let user = if input.trim().is_empty() {
-            instruction
-        } else {
-            format!("{instruction}\n{input}")
-        };
+        let user = if input.trim().is_empty() { instruction } else { format!("{instruction}\n{input}") };
         msgs.push(Message::new("user", user));
         msgs.push(Message::new("assistant", output));
         Ok(Conversation::new(ctx.id(), msgs))
@@ -324,26 +280,12 @@ impl Mapper {
         let instruction = self.text(row, "instruction", ctx)?;
         let context = self.opt_text(row, "context", ctx)?;
         let response = self.text(row, "response", ctx)?;
-        let user = if context.trim().is_empty() {
-            instruction
-        } else {
-            format!("{instruction}\n\n{context}")
-        };
-        Ok(Conversation::new(
-            ctx.id(),
-            vec![
-                Message::new("user", user),
-                Message::new("assistant", response),
-            ],
-        ))
+        let user = if context.trim().is_empty() { instruction } else { format!("{instruction}\n\n{context}") };
+        Ok(Conversation::new(ctx.id(), vec![Message::new("user", user), Message::new("assistant", response)]))
     }
 
     fn sharegpt(&self, row: &Map<String, Value>, ctx: &RowCtx) -> Result<Conversation, Reject> {
-        let field = if self.get(row, "conversations").is_some() {
-            "conversations"
-        } else {
-            "conversation"
-        };
+        let field = if self.get(row, "conversations").is_some() { "conversations" } else { "conversation" };
         let turns = self.list(row, field, ctx)?;
         let mut msgs = Vec::with_capacity(turns.len() + 1);
         let system = self.opt_text(row, "system", ctx)?;
@@ -380,22 +322,33 @@ impl Mapper {
         }
     }
 
-    fn list<'a>(
-        &self,
-        row: &'a Map<String, Value>,
-        field: &str,
-        ctx: &RowCtx,
-    ) -> Result<&'a Vec<Value>, Reject> {
+    fn list<'a>(&self, row: &'a Map<String, Value>, field: &str, ctx: &RowCtx) -> Result<&'a Vec<Value>, Reject> {
         match self.get(row, field) {
             Some(Value::Array(a)) if !a.is_empty() => Ok(a),
-            Some(Value::Array(_)) => Err(ctx.reject(Some(field), reason::EMPTY_FIELD, format!("'{field}' is an empty list"))),
+            Some(Value::Array(_)) => {
+                Err(ctx.reject(Some(field), reason::EMPTY_FIELD, format!("'{field}' is an empty list")))
+            }
             Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
                 // CSV cells holding JSON lists are common; accept them.
-                Ok(Value::Array(_)) => Err(ctx.reject(Some(field), reason::WRONG_TYPE, format!("'{field}' holds JSON text; convert from a JSON/JSONL/Parquet file so it is a real list"))),
-                _ => Err(ctx.reject(Some(field), reason::WRONG_TYPE, format!("'{field}' must be a list of messages, found a string"))),
+                Ok(Value::Array(_)) => Err(ctx.reject(
+                    Some(field),
+                    reason::WRONG_TYPE,
+                    format!("'{field}' holds JSON text; convert from a JSON/JSONL/Parquet file so it is a real list"),
+                )),
+                _ => Err(ctx.reject(
+                    Some(field),
+                    reason::WRONG_TYPE,
+                    format!("'{field}' must be a list of messages, found a string"),
+                )),
             },
-            None | Some(Value::Null) => Err(ctx.reject(Some(field), reason::MISSING_FIELD, format!("required field '{field}' is missing"))),
-            Some(v) => Err(ctx.reject(Some(field), reason::WRONG_TYPE, format!("'{field}' must be a list of messages, found {}", json_kind(v)))),
+            None | Some(Value::Null) => {
+                Err(ctx.reject(Some(field), reason::MISSING_FIELD, format!("required field '{field}' is missing")))
+            }
+            Some(v) => Err(ctx.reject(
+                Some(field),
+                reason::WRONG_TYPE,
+                format!("'{field}' must be a list of messages, found {}", json_kind(v)),
+            )),
         }
     }
 
@@ -443,12 +396,8 @@ impl Mapper {
         if !system.trim().is_empty() {
             prompt.push(Message::new("system", system));
         }
-        let chosen_v = self
-            .get(row, "chosen")
-            .or_else(|| self.get(row, "chosen_messages"));
-        let rejected_v = self
-            .get(row, "rejected")
-            .or_else(|| self.get(row, "rejected_messages"));
+        let chosen_v = self.get(row, "chosen").or_else(|| self.get(row, "chosen_messages"));
+        let rejected_v = self.get(row, "rejected").or_else(|| self.get(row, "rejected_messages"));
         let (Some(chosen_v), Some(rejected_v)) = (chosen_v, rejected_v) else {
             return Err(ctx.reject(
                 Some("chosen"),
@@ -464,10 +413,8 @@ impl Mapper {
             for (i, m) in list.iter().enumerate() {
                 prompt.push(openai_message(m, i, "messages", ctx)?);
             }
-        } else if let Some(p) = self
-            .get(row, "prompt")
-            .or_else(|| self.get(row, "question"))
-            .or_else(|| self.get(row, "instruction"))
+        } else if let Some(p) =
+            self.get(row, "prompt").or_else(|| self.get(row, "question")).or_else(|| self.get(row, "instruction"))
         {
             match p {
                 Value::Array(list) => {
@@ -477,18 +424,10 @@ impl Mapper {
                 }
                 v => {
                     let s = scalar_text(v).map_err(|k| {
-                        ctx.reject(
-                            Some("prompt"),
-                            reason::WRONG_TYPE,
-                            format!("expected text, found {k}"),
-                        )
+                        ctx.reject(Some("prompt"), reason::WRONG_TYPE, format!("expected text, found {k}"))
                     })?;
                     if s.trim().is_empty() {
-                        return Err(ctx.reject(
-                            Some("prompt"),
-                            reason::EMPTY_FIELD,
-                            "field 'prompt' is empty",
-                        ));
+                        return Err(ctx.reject(Some("prompt"), reason::EMPTY_FIELD, "field 'prompt' is empty"));
                     }
                     prompt.push(Message::new("user", s));
                 }
@@ -498,11 +437,7 @@ impl Mapper {
         let mut rejected = answer_turns(rejected_v, "rejected", ctx)?;
         // Full transcripts (HH-RLHF, TRL conversational): the shared prefix is the prompt.
         if chosen.len() > 1 || rejected.len() > 1 {
-            let common = chosen
-                .iter()
-                .zip(rejected.iter())
-                .take_while(|(a, b)| a == b)
-                .count();
+            let common = chosen.iter().zip(rejected.iter()).take_while(|(a, b)| a == b).count();
             let shared: Vec<Message> = chosen[..common].to_vec();
             chosen.drain(..common);
             rejected.drain(..common);
@@ -538,8 +473,7 @@ impl Mapper {
 }
 
 fn detect(has: &dyn Fn(&str) -> bool) -> Option<Format> {
-    let pref =
-        (has("chosen") && has("rejected")) || (has("chosen_messages") && has("rejected_messages"));
+    let pref = (has("chosen") && has("rejected")) || (has("chosen_messages") && has("rejected_messages"));
     Some(if pref {
         Format::Preference
     } else if has("messages") {
@@ -592,9 +526,7 @@ fn content_text(v: Option<&Value>, ctx: &RowCtx, field: &str) -> Result<String, 
             for p in parts {
                 match p {
                     Value::String(t) => s.push_str(t),
-                    Value::Object(o)
-                        if o.get("type").and_then(Value::as_str).unwrap_or("text") == "text" =>
-                    {
+                    Value::Object(o) if o.get("type").and_then(Value::as_str).unwrap_or("text") == "text" => {
                         match o.get("text").or_else(|| o.get("value")) {
                             Some(Value::String(t)) => s.push_str(t),
                             _ => {
@@ -618,11 +550,9 @@ fn content_text(v: Option<&Value>, ctx: &RowCtx, field: &str) -> Result<String, 
             Ok(s)
         }
         Some(v @ Value::Number(_)) | Some(v @ Value::Bool(_)) => Ok(v.to_string()),
-        Some(v) => Err(ctx.reject(
-            Some(field),
-            reason::WRONG_TYPE,
-            format!("content must be text, found {}", json_kind(v)),
-        )),
+        Some(v) => {
+            Err(ctx.reject(Some(field), reason::WRONG_TYPE, format!("content must be text, found {}", json_kind(v))))
+        }
     }
 }
 
@@ -645,20 +575,12 @@ fn sharegpt_turn(t: &Value, i: usize, field: &str, ctx: &RowCtx) -> Result<Messa
             format!("a turn must be an object, found {}", json_kind(t)),
         ));
     };
-    let from = o
-        .get("from")
-        .or_else(|| o.get("role"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let from = o.get("from").or_else(|| o.get("role")).and_then(Value::as_str).unwrap_or("");
     let content = content_text(o.get("value").or_else(|| o.get("content")), ctx, &fname)?;
     if from == "function_call" {
         // A tool call by the assistant: {"name": ..., "arguments": {...}}.
         let call: Value = serde_json::from_str(&content).map_err(|_| {
-            ctx.reject(
-                Some(&fname),
-                reason::WRONG_TYPE,
-                "function_call value must be JSON {name, arguments}",
-            )
+            ctx.reject(Some(&fname), reason::WRONG_TYPE, "function_call value must be JSON {name, arguments}")
         })?;
         let name = call.get("name").cloned().unwrap_or(Value::Null);
         let args = match call.get("arguments") {
@@ -678,10 +600,7 @@ fn sharegpt_turn(t: &Value, i: usize, field: &str, ctx: &RowCtx) -> Result<Messa
     })?;
     let mut m = Message::new(role, content);
     if role == "tool" && i > 0 {
-        m.extra.insert(
-            "tool_call_id".into(),
-            Value::from(format!("call_{}", i - 1)),
-        );
+        m.extra.insert("tool_call_id".into(), Value::from(format!("call_{}", i - 1)));
     }
     Ok(m)
 }
@@ -713,13 +632,7 @@ fn openai_message(v: &Value, i: usize, field: &str, ctx: &RowCtx) -> Result<Mess
         m.weight = match w.as_f64() {
             Some(x) if x == 0.0 => Some(0),
             Some(x) if x == 1.0 => Some(1),
-            _ => {
-                return Err(ctx.reject(
-                    Some(&fname),
-                    reason::WRONG_TYPE,
-                    format!("weight must be 0 or 1, found {w}"),
-                ))
-            }
+            _ => return Err(ctx.reject(Some(&fname), reason::WRONG_TYPE, format!("weight must be 0 or 1, found {w}"))),
         };
         if role != "assistant" {
             m.weight = None; // only assistant weights mean anything (loss_weight 0 on prompts)
@@ -736,28 +649,17 @@ fn openai_message(v: &Value, i: usize, field: &str, ctx: &RowCtx) -> Result<Mess
 /// `chosen`/`rejected`: a string, a single message, or a whole transcript (list or HH text).
 fn answer_turns(v: &Value, field: &str, ctx: &RowCtx) -> Result<Vec<Message>, Reject> {
     match v {
-        Value::String(s) if s.contains("\n\nHuman:") && s.contains("\n\nAssistant:") => {
-            Ok(hh_turns(s))
+        Value::String(s) if s.contains("\n\nHuman:") && s.contains("\n\nAssistant:") => Ok(hh_turns(s)),
+        Value::String(s) if s.trim().is_empty() => {
+            Err(ctx.reject(Some(field), reason::EMPTY_FIELD, format!("'{field}' is empty")))
         }
-        Value::String(s) if s.trim().is_empty() => Err(ctx.reject(
-            Some(field),
-            reason::EMPTY_FIELD,
-            format!("'{field}' is empty"),
-        )),
         Value::String(s) => Ok(vec![Message::new("assistant", s.clone())]),
         Value::Object(_) => Ok(vec![sharegpt_turn(v, 0, field, ctx)?]),
-        Value::Array(list) => list
-            .iter()
-            .enumerate()
-            .map(|(i, m)| openai_message(m, i, field, ctx))
-            .collect(),
+        Value::Array(list) => list.iter().enumerate().map(|(i, m)| openai_message(m, i, field, ctx)).collect(),
         other => Err(ctx.reject(
             Some(field),
             reason::WRONG_TYPE,
-            format!(
-                "'{field}' must be text or messages, found {}",
-                json_kind(other)
-            ),
+            format!("'{field}' must be text or messages, found {}", json_kind(other)),
         )),
     }
 }
@@ -767,11 +669,7 @@ fn hh_turns(s: &str) -> Vec<Message> {
     let mut out = Vec::new();
     let mut rest = s;
     while let Some(pos) = next_marker(rest) {
-        let (role, skip) = if rest[pos..].starts_with("\n\nHuman:") {
-            ("user", 8)
-        } else {
-            ("assistant", 12)
-        };
+        let (role, skip) = if rest[pos..].starts_with("\n\nHuman:") { ("user", 8) } else { ("assistant", 12) };
         rest = &rest[pos + skip..];
         let end = next_marker(rest).unwrap_or(rest.len());
         out.push(Message::new(role, rest[..end].trim().to_string()));
@@ -790,18 +688,20 @@ fn next_marker(s: &str) -> Option<usize> {
 /// Tools in OpenAI form: `[{"type":"function","function":{...}}]`.
 fn normalize_tools(v: Value) -> Value {
     match v {
-        Value::Array(items) => Value::Array(
-            items
-                .into_iter()
-                .map(|t| {
-                    if t.get("type").is_some() {
-                        t
-                    } else {
-                        serde_json::json!({"type": "function", "function": t})
-                    }
-                })
-                .collect(),
-        ),
+        Value::Array(items) => {
+            Value::Array(
+                items
+                    .into_iter()
+                    .map(|t| {
+                        if t.get("type").is_some() {
+                            t
+                        } else {
+                            serde_json::json!({"type": "function", "function": t})
+                        }
+                    })
+                    .collect(),
+            )
+        }
         v => v,
     }
 }

@@ -27,12 +27,7 @@ impl ParquetRows {
             .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
             .with_batch_size(2048)
             .build()?;
-        Ok(ParquetRows {
-            reader,
-            pending: VecDeque::new(),
-            row: 0,
-            name: path.display().to_string(),
-        })
+        Ok(ParquetRows { reader, pending: VecDeque::new(), row: 0, name: path.display().to_string() })
     }
 }
 
@@ -43,19 +38,13 @@ impl Iterator for ParquetRows {
             match self.reader.next()? {
                 Ok(batch) => self.pending.extend(batch_to_objects(&batch)),
                 Err(e) => {
-                    return Some(Err(
-                        anyhow::Error::new(e).context(format!("{}: Parquet read error", self.name))
-                    ))
+                    return Some(Err(anyhow::Error::new(e).context(format!("{}: Parquet read error", self.name))))
                 }
             }
         }
         self.row += 1;
         let obj = self.pending.pop_front()?;
-        Some(Ok(RawRow {
-            row: self.row,
-            line: None,
-            data: RawData::Object(obj),
-        }))
+        Some(Ok(RawRow { row: self.row, line: None, data: RawData::Object(obj) }))
     }
 }
 
@@ -73,9 +62,7 @@ pub fn batch_to_objects(batch: &RecordBatch) -> Vec<Map<String, Value>> {
 }
 
 fn num<T: Into<f64> + Copy>(v: T) -> Value {
-    Number::from_f64(v.into())
-        .map(Value::Number)
-        .unwrap_or(Value::Null)
+    Number::from_f64(v.into()).map(Value::Number).unwrap_or(Value::Null)
 }
 
 /// One cell of an Arrow array as JSON.

@@ -24,14 +24,8 @@ pub enum InputKind {
 
 impl InputKind {
     pub fn from_path(path: &Path) -> Result<InputKind> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_lowercase())
-            .unwrap_or_default();
-        let base = name
-            .trim_end_matches(".gz")
-            .trim_end_matches(".zst")
-            .trim_end_matches(".zstd");
+        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let base = name.trim_end_matches(".gz").trim_end_matches(".zst").trim_end_matches(".zstd");
         let ext = base.rsplit('.').next().unwrap_or("");
         Ok(match ext {
             "csv" => InputKind::Csv,
@@ -68,10 +62,7 @@ pub enum RawData {
     /// A row already in object form (Parquet, text lines).
     Object(Map<String, Value>),
     /// A row the splitter already knows is bad.
-    Bad {
-        reason: &'static str,
-        detail: String,
-    },
+    Bad { reason: &'static str, detail: String },
 }
 
 /// What is known about one input file.
@@ -89,15 +80,9 @@ pub fn open_decompressed(path: &Path) -> Result<Box<dyn BufRead + Send>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let name = path.to_string_lossy().to_lowercase();
     let reader: Box<dyn Read + Send> = if name.ends_with(".gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
-            1 << 16,
-            file,
-        )))
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, file)))
     } else if name.ends_with(".zst") || name.ends_with(".zstd") {
-        Box::new(
-            zstd::Decoder::new(file)
-                .with_context(|| format!("{}: not a zstd file", path.display()))?,
-        )
+        Box::new(zstd::Decoder::new(file).with_context(|| format!("{}: not a zstd file", path.display()))?)
     } else {
         Box::new(file)
     };
@@ -108,45 +93,27 @@ pub fn open_decompressed(path: &Path) -> Result<Box<dyn BufRead + Send>> {
 pub fn open_rows(path: &Path) -> Result<(Source, RowIter)> {
     let kind = InputKind::from_path(path)?;
     let name: Arc<str> = Arc::from(path.to_string_lossy().as_ref());
-    let mut source = Source {
-        name: name.clone(),
-        kind,
-        csv_headers: None,
-    };
+    let mut source = Source { name: name.clone(), kind, csv_headers: None };
     let rows: RowIter = match kind {
         InputKind::Csv | InputKind::Tsv => {
             let delim = if kind == InputKind::Csv { b',' } else { b'\t' };
-            let mut rdr = csv::ReaderBuilder::new()
-                .flexible(true)
-                .delimiter(delim)
-                .from_reader(open_decompressed(path)?);
+            let mut rdr =
+                csv::ReaderBuilder::new().flexible(true).delimiter(delim).from_reader(open_decompressed(path)?);
             let headers = rdr
                 .byte_headers()
                 .with_context(|| format!("{}: cannot read the CSV header line", path.display()))?
                 .iter()
                 .map(|h| String::from_utf8(h.to_vec()))
                 .collect::<Result<Vec<_>, _>>()
-                .with_context(|| {
-                    format!("{}: the CSV header is not valid UTF-8", path.display())
-                })?;
+                .with_context(|| format!("{}: the CSV header is not valid UTF-8", path.display()))?;
             if headers.iter().all(|h| h.trim().is_empty()) {
-                bail!(
-                    "{}: empty CSV header; the first line must name the columns",
-                    path.display()
-                );
+                bail!("{}: empty CSV header; the first line must name the columns", path.display());
             }
-            let headers: Vec<String> = headers
-                .into_iter()
-                .map(|h| h.trim_start_matches('\u{feff}').to_string())
-                .collect();
+            let headers: Vec<String> =
+                headers.into_iter().map(|h| h.trim_start_matches('\u{feff}').to_string()).collect();
             let n = headers.len();
             source.csv_headers = Some(Arc::new(headers));
-            Box::new(CsvRows {
-                rdr,
-                n_fields: n,
-                row: 0,
-                name: name.clone(),
-            })
+            Box::new(CsvRows { rdr, n_fields: n, row: 0, name: name.clone() })
         }
         InputKind::Jsonl => Box::new(LineRows::new(open_decompressed(path)?, false)),
         InputKind::Text => Box::new(LineRows::new(open_decompressed(path)?, true)),
@@ -205,11 +172,7 @@ impl<R: Read> Iterator for CsvRows<R> {
                         "; check for unescaped delimiters or unbalanced quotes"
                     };
                     RawData::Bad {
-                        reason: if hint.contains("spans") {
-                            reason::MALFORMED_CSV
-                        } else {
-                            reason::WRONG_FIELD_COUNT
-                        },
+                        reason: if hint.contains("spans") { reason::MALFORMED_CSV } else { reason::WRONG_FIELD_COUNT },
                         detail: format!(
                             "expected {} fields (as in the header), found {}{hint}",
                             self.n_fields,
@@ -219,27 +182,18 @@ impl<R: Read> Iterator for CsvRows<R> {
                 } else {
                     RawData::Csv(rec)
                 };
-                Some(Ok(RawRow {
-                    row: self.row,
-                    line,
-                    data,
-                }))
+                Some(Ok(RawRow { row: self.row, line, data }))
             }
             Err(e) => {
                 if let csv::ErrorKind::Io(_) = e.kind() {
-                    Some(Err(
-                        anyhow::Error::new(e).context(format!("{}: read error", self.name))
-                    ))
+                    Some(Err(anyhow::Error::new(e).context(format!("{}: read error", self.name))))
                 } else {
                     self.row += 1;
                     let line = e.position().map(|p| p.line());
                     Some(Ok(RawRow {
                         row: self.row,
                         line,
-                        data: RawData::Bad {
-                            reason: reason::MALFORMED_CSV,
-                            detail: e.to_string(),
-                        },
+                        data: RawData::Bad { reason: reason::MALFORMED_CSV, detail: e.to_string() },
                     }))
                 }
             }
@@ -257,12 +211,7 @@ struct LineRows {
 
 impl LineRows {
     fn new(r: Box<dyn BufRead + Send>, text: bool) -> Self {
-        LineRows {
-            r,
-            text,
-            line: 0,
-            row: 0,
-        }
+        LineRows { r, text, line: 0, row: 0 }
     }
 }
 
@@ -294,28 +243,18 @@ impl Iterator for LineRows {
                         m.insert("text".into(), Value::String(s));
                         RawData::Object(m)
                     }
-                    Err(e) => RawData::Bad {
-                        reason: reason::INVALID_UTF8,
-                        detail: utf8_detail(e.utf8_error()),
-                    },
+                    Err(e) => RawData::Bad { reason: reason::INVALID_UTF8, detail: utf8_detail(e.utf8_error()) },
                 }
             } else {
                 RawData::Json(buf)
             };
-            return Some(Ok(RawRow {
-                row: self.row,
-                line: Some(self.line),
-                data,
-            }));
+            return Some(Ok(RawRow { row: self.row, line: Some(self.line), data }));
         }
     }
 }
 
 pub fn utf8_detail(e: std::str::Utf8Error) -> String {
-    format!(
-        "invalid UTF-8 at byte {} of the row; re-encode the file as UTF-8",
-        e.valid_up_to()
-    )
+    format!("invalid UTF-8 at byte {} of the row; re-encode the file as UTF-8", e.valid_up_to())
 }
 
 /// Splits a top-level JSON array into element texts without parsing them.
@@ -329,13 +268,7 @@ struct ArrayElements {
 
 impl ArrayElements {
     fn new(r: Box<dyn BufRead + Send>) -> Self {
-        ArrayElements {
-            r,
-            started: false,
-            done: false,
-            line: 1,
-            row: 0,
-        }
+        ArrayElements { r, started: false, done: false, line: 1, row: 0 }
     }
     /// Reads the next element's bytes; `Ok(None)` at the closing bracket.
     fn next_element(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
@@ -421,11 +354,7 @@ impl Iterator for ArrayElements {
         match self.next_element() {
             Ok(Some((line, bytes))) => {
                 self.row += 1;
-                Some(Ok(RawRow {
-                    row: self.row,
-                    line: Some(line),
-                    data: RawData::Json(bytes),
-                }))
+                Some(Ok(RawRow { row: self.row, line: Some(line), data: RawData::Json(bytes) }))
             }
             Ok(None) => None,
             Err(e) => {
@@ -434,10 +363,7 @@ impl Iterator for ArrayElements {
                 Some(Ok(RawRow {
                     row: self.row,
                     line: Some(self.line),
-                    data: RawData::Bad {
-                        reason: reason::INVALID_JSON,
-                        detail: e.to_string(),
-                    },
+                    data: RawData::Bad { reason: reason::INVALID_JSON, detail: e.to_string() },
                 }))
             }
         }

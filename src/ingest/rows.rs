@@ -12,14 +12,7 @@ pub fn reject(
     reason: &'static str,
     detail: String,
 ) -> Reject {
-    Reject {
-        source: src.name.to_string(),
-        row: raw_row,
-        line,
-        field: field.map(str::to_string),
-        reason,
-        detail,
-    }
+    Reject { source: src.name.to_string(), row: raw_row, line, field: field.map(str::to_string), reason, detail }
 }
 
 /// Parses the raw row into an object (CSV fields become strings).
@@ -36,10 +29,7 @@ pub fn to_object(src: &Source, raw: RawRow) -> Result<Map<String, Value>, Reject
                 Ok(Value::Object(m)) => Ok(m),
                 Ok(other) => bad(
                     reason::NOT_AN_OBJECT,
-                    format!(
-                        "expected a JSON object with named fields, found {}",
-                        json_kind(&other)
-                    ),
+                    format!("expected a JSON object with named fields, found {}", json_kind(&other)),
                 ),
                 Err(e) => bad(reason::INVALID_JSON, format!("invalid JSON: {e}")),
             }
@@ -53,14 +43,7 @@ pub fn to_object(src: &Source, raw: RawRow) -> Result<Map<String, Value>, Reject
                         m.insert(h.clone(), Value::String(s.to_string()));
                     }
                     Err(e) => {
-                        return Err(reject(
-                            src,
-                            raw.row,
-                            raw.line,
-                            Some(h),
-                            reason::INVALID_UTF8,
-                            utf8_detail(e),
-                        ));
+                        return Err(reject(src, raw.row, raw.line, Some(h), reason::INVALID_UTF8, utf8_detail(e)));
                     }
                 }
             }

@@ -64,10 +64,8 @@ pub fn stream_conversations(
         let result = (|| -> Result<()> {
             for raw in rx {
                 let raw = raw?;
-                let parsed: Vec<(u64, Option<u64>, Result<Map<String, Value>, Reject>)> = raw
-                    .into_par_iter()
-                    .map(|r| (r.row, r.line, to_object(&source, r)))
-                    .collect();
+                let parsed: Vec<(u64, Option<u64>, Result<Map<String, Value>, Reject>)> =
+                    raw.into_par_iter().map(|r| (r.row, r.line, to_object(&source, r))).collect();
                 if mapper.is_none() {
                     if let Some(cols) = first_columns(&source, &parsed) {
                         mapper = Some(Mapper::new(opts, &cols, &source.name)?);
@@ -78,27 +76,15 @@ pub fn stream_conversations(
                     .map(|(row, line, obj)| match obj {
                         Err(r) => Item::Rejected(r),
                         Ok(obj) => {
-                            let ctx = RowCtx {
-                                source: &source.name,
-                                row,
-                                line,
-                            };
-                            match mapper
-                                .as_ref()
-                                .expect("built at the first parsed row")
-                                .map(obj, &ctx)
-                            {
+                            let ctx = RowCtx { source: &source.name, row, line };
+                            match mapper.as_ref().expect("built at the first parsed row").map(obj, &ctx) {
                                 Ok(c) => Item::Ok(c),
                                 Err(r) => Item::Rejected(r),
                             }
                         }
                     })
                     .collect();
-                on_batch(Batch {
-                    source: source.name.clone(),
-                    format: mapper.as_ref().map(|m| m.format),
-                    items,
-                })?;
+                on_batch(Batch { source: source.name.clone(), format: mapper.as_ref().map(|m| m.format), items })?;
             }
             Ok(())
         })();
@@ -116,11 +102,6 @@ fn first_columns(
         return source.csv_headers.as_ref().map(|h| h.as_ref().clone());
     }
     parsed.iter().find_map(|(_, _, o)| {
-        o.as_ref().ok().map(|m| {
-            m.iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, _)| k.clone())
-                .collect()
-        })
+        o.as_ref().ok().map(|m| m.iter().filter(|(_, v)| !v.is_null()).map(|(k, _)| k.clone()).collect())
     })
 }

@@ -8,7 +8,7 @@ pub fn best_fit_decreasing(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
     let mut bins: Vec<(Vec<usize>, usize)> = Vec::new(); // (items, remaining)
-    // remaining capacity -> bins with exactly that much room (lowest index first)
+                                                         // remaining capacity -> bins with exactly that much room (lowest index first)
     let mut by_room: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for i in order {
         let len = lengths[i];

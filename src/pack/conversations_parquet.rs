@@ -23,10 +23,7 @@ fn message_fields() -> Fields {
 }
 
 fn answer_fields() -> Fields {
-    Fields::from(vec![
-        Field::new("role", DataType::Utf8, true),
-        Field::new("content", DataType::Utf8, true),
-    ])
+    Fields::from(vec![Field::new("role", DataType::Utf8, true), Field::new("content", DataType::Utf8, true)])
 }
 
 pub fn schema() -> Arc<Schema> {
@@ -34,11 +31,7 @@ pub fn schema() -> Arc<Schema> {
         Field::new("id", DataType::Utf8, false),
         Field::new(
             "messages",
-            DataType::List(Arc::new(Field::new(
-                "item",
-                DataType::Struct(message_fields()),
-                true,
-            ))),
+            DataType::List(Arc::new(Field::new("item", DataType::Struct(message_fields()), true))),
             false,
         ),
         Field::new("chosen", DataType::Struct(answer_fields()), true),
@@ -50,9 +43,7 @@ pub fn schema() -> Arc<Schema> {
 
 pub fn zstd_props() -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("valid level"),
-        ))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
         .set_created_by(format!("tunekit {}", crate::VERSION))
         .build()
 }
@@ -64,9 +55,7 @@ pub struct ConversationParquet {
 impl ConversationParquet {
     pub fn create(out: &Path) -> Result<Self> {
         let file = AtomicFile::create(out)?;
-        Ok(ConversationParquet {
-            writer: ArrowWriter::try_new(file, schema(), Some(zstd_props()))?,
-        })
+        Ok(ConversationParquet { writer: ArrowWriter::try_new(file, schema(), Some(zstd_props()))? })
     }
 
     pub fn write(&mut self, convs: &[Conversation]) -> Result<()> {
@@ -74,10 +63,8 @@ impl ConversationParquet {
             return Ok(());
         }
         let mut ids = StringBuilder::new();
-        let mut msgs =
-            ListBuilder::new(StructBuilder::from_fields(message_fields(), 0)).with_field(Arc::new(
-                Field::new("item", DataType::Struct(message_fields()), true),
-            ));
+        let mut msgs = ListBuilder::new(StructBuilder::from_fields(message_fields(), 0))
+            .with_field(Arc::new(Field::new("item", DataType::Struct(message_fields()), true)));
         let mut chosen = StructBuilder::from_fields(answer_fields(), convs.len());
         let mut rejected = StructBuilder::from_fields(answer_fields(), convs.len());
         let mut tools = StringBuilder::new();
@@ -86,24 +73,16 @@ impl ConversationParquet {
             ids.append_value(&c.id);
             for m in &c.messages {
                 let s = msgs.values();
-                s.field_builder::<StringBuilder>(0)
-                    .expect("role")
-                    .append_value(&m.role);
-                s.field_builder::<StringBuilder>(1)
-                    .expect("content")
-                    .append_value(&m.content);
-                s.field_builder::<Int8Builder>(2)
-                    .expect("weight")
-                    .append_option(m.weight.map(|w| w as i8));
+                s.field_builder::<StringBuilder>(0).expect("role").append_value(&m.role);
+                s.field_builder::<StringBuilder>(1).expect("content").append_value(&m.content);
+                s.field_builder::<Int8Builder>(2).expect("weight").append_option(m.weight.map(|w| w as i8));
                 s.append(true);
             }
             msgs.append(true);
             append_answer(&mut chosen, c.chosen.as_ref());
             append_answer(&mut rejected, c.rejected.as_ref());
             tools.append_option(c.tools.as_ref().map(|t| t.to_string()));
-            meta.append_option(
-                (!c.meta.is_empty()).then(|| serde_json::Value::Object(c.meta.clone()).to_string()),
-            );
+            meta.append_option((!c.meta.is_empty()).then(|| serde_json::Value::Object(c.meta.clone()).to_string()));
         }
         let cols: Vec<ArrayRef> = vec![
             Arc::new(ids.finish()),
@@ -128,12 +107,8 @@ fn append_answer(b: &mut StructBuilder, m: Option<&Message>) {
         Some(m) => (Some(m.role.as_str()), Some(m.content.as_str())),
         None => (None, None),
     };
-    b.field_builder::<StringBuilder>(0)
-        .expect("role")
-        .append_option(role);
-    b.field_builder::<StringBuilder>(1)
-        .expect("content")
-        .append_option(content);
+    b.field_builder::<StringBuilder>(0).expect("role").append_option(role);
+    b.field_builder::<StringBuilder>(1).expect("content").append_option(content);
     b.append(m.is_some());
     let _ = b.len();
 }

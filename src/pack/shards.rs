@@ -46,7 +46,18 @@ pub struct ShardWriter {
 
 impl ShardWriter {
     pub fn new(dir: &Path, split: &'static str, max_bytes: usize) -> Self {
-        ShardWriter { dir: dir.to_path_buf(), split, max_bytes, current: None, pending: Vec::new(), done: Vec::new(), rows: 0, tokens: 0, trained: 0, segments: 0 }
+        ShardWriter {
+            dir: dir.to_path_buf(),
+            split,
+            max_bytes,
+            current: None,
+            pending: Vec::new(),
+            done: Vec::new(),
+            rows: 0,
+            tokens: 0,
+            trained: 0,
+            segments: 0,
+        }
     }
 
     fn temp_path(&self, i: usize) -> PathBuf {
@@ -104,7 +115,8 @@ impl ShardWriter {
         let mut out = Vec::with_capacity(n);
         for (i, tmp) in self.done.iter().enumerate() {
             let fin = self.dir.join(format!("{}-{i:05}-of-{n:05}.parquet", self.split));
-            std::fs::rename(tmp, &fin).with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
+            std::fs::rename(tmp, &fin)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
             out.push(fin);
         }
         Ok(out)
@@ -121,12 +133,7 @@ fn to_batch(rows: &[PackedRow]) -> Result<RecordBatch> {
         }
         Arc::new(b.finish())
     };
-    let cols = vec![
-        col(&|r| &r.input_ids),
-        col(&|r| &r.labels),
-        col(&|r| &r.position_ids),
-        col(&|r| &r.seq_lengths),
-    ];
+    let cols = vec![col(&|r| &r.input_ids), col(&|r| &r.labels), col(&|r| &r.position_ids), col(&|r| &r.seq_lengths)];
     Ok(RecordBatch::try_new(schema(), cols)?)
 }
 
@@ -153,7 +160,12 @@ pub fn read_rows(path: &Path) -> Result<Vec<PackedRow>> {
                 a.as_primitive::<Int32Type>().values().to_vec()
             };
             let _ = cols[0].len();
-            out.push(PackedRow { input_ids: v(&cols[0]), labels: v(&cols[1]), position_ids: v(&cols[2]), seq_lengths: v(&cols[3]) });
+            out.push(PackedRow {
+                input_ids: v(&cols[0]),
+                labels: v(&cols[1]),
+                position_ids: v(&cols[2]),
+                seq_lengths: v(&cols[3]),
+            });
         }
     }
     Ok(out)
@@ -165,7 +177,9 @@ pub fn list_shards(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
         .with_context(|| format!("cannot read {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name().map(|n| n.to_string_lossy().to_string()).is_some_and(|n| n.starts_with(&format!("{split}-")) && n.ends_with(".parquet"))
+            p.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .is_some_and(|n| n.starts_with(&format!("{split}-")) && n.ends_with(".parquet"))
         })
         .collect();
     v.sort();

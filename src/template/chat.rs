@@ -16,10 +16,7 @@ use sha2::{Digest, Sha256};
 pub const CHAT_TEMPLATES: &[(&str, &str)] = &[
     ("chatml", include_str!("../../templates/chat/chatml.jinja")),
     ("llama3", include_str!("../../templates/chat/llama3.jinja")),
-    (
-        "mistral",
-        include_str!("../../templates/chat/mistral.jinja"),
-    ),
+    ("mistral", include_str!("../../templates/chat/mistral.jinja")),
     ("gemma", include_str!("../../templates/chat/gemma.jinja")),
     ("phi3", include_str!("../../templates/chat/phi3.jinja")),
     ("zephyr", include_str!("../../templates/chat/zephyr.jinja")),
@@ -32,6 +29,8 @@ pub struct ChatTemplate {
     pub sha256: String,
     /// bos_token, eos_token, ... as the template sees them.
     specials: Map<String, Value>,
+    /// Extra variables passed to every render (transformers' `**kwargs`), e.g. `enable_thinking`.
+    pub vars: Map<String, Value>,
 }
 
 #[derive(Serialize)]
@@ -42,6 +41,8 @@ struct Ctx<'a> {
     add_generation_prompt: bool,
     #[serde(flatten)]
     specials: &'a Map<String, Value>,
+    #[serde(flatten)]
+    vars: &'a Map<String, Value>,
 }
 
 fn strip_generation_tags(src: &str) -> String {
@@ -68,18 +69,11 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<JValue, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| -> String {
-            chrono::Local::now().format(&fmt).to_string()
-        });
+        env.add_function("strftime_now", |fmt: String| -> String { chrono::Local::now().format(&fmt).to_string() });
         env.add_template_owned("chat".to_string(), strip_generation_tags(source))
             .with_context(|| format!("chat template {name} does not parse"))?;
         let sha256 = hex(&Sha256::digest(source.as_bytes()));
-        Ok(ChatTemplate {
-            env,
-            name: name.to_string(),
-            sha256,
-            specials,
-        })
+        Ok(ChatTemplate { env, name: name.to_string(), sha256, specials, vars: Map::new() })
     }
 
     pub fn builtin_or_file(name_or_path: &str, specials: Map<String, Value>) -> Result<Self> {
@@ -93,16 +87,8 @@ impl ChatTemplate {
         tools: Option<&Value>,
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
-        let ctx = Ctx {
-            messages,
-            tools,
-            add_generation_prompt,
-            specials: &self.specials,
-        };
-        self.env
-            .get_template("chat")
-            .expect("added in new")
-            .render(JValue::from_serialize(&ctx))
+        let ctx = Ctx { messages, tools, add_generation_prompt, specials: &self.specials, vars: &self.vars };
+        self.env.get_template("chat").expect("added in new").render(JValue::from_serialize(&ctx))
     }
 }
 
@@ -116,23 +102,14 @@ fn tojson(value: JValue, kwargs: Kwargs) -> Result<JValue, Error> {
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
-    let v: Value = serde_json::to_value(&value)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let v: Value = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let (item_sep, key_sep) = match &separators {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
         _ if indent.is_some() => (",".to_string(), ": ".to_string()),
         _ => (", ".to_string(), ": ".to_string()),
     };
     let mut out = String::new();
-    py_dumps(
-        &v,
-        indent,
-        &item_sep,
-        &key_sep,
-        sort_keys.unwrap_or(false),
-        0,
-        &mut out,
-    );
+    py_dumps(&v, indent, &item_sep, &key_sep, sort_keys.unwrap_or(false), 0, &mut out);
     Ok(JValue::from_safe_string(out))
 }
 

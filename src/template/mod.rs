@@ -15,63 +15,29 @@ use std::collections::BTreeSet;
 
 /// Built-in prompt templates (convert --template NAME): blocks `system` (optional), `prompt`, `completion`.
 pub const PROMPT_TEMPLATES: &[(&str, &str)] = &[
-    (
-        "alpaca",
-        include_str!("../../templates/prompts/alpaca.jinja"),
-    ),
-    (
-        "question-answer",
-        include_str!("../../templates/prompts/question-answer.jinja"),
-    ),
-    (
-        "translation",
-        include_str!("../../templates/prompts/translation.jinja"),
-    ),
-    (
-        "summarization",
-        include_str!("../../templates/prompts/summarization.jinja"),
-    ),
-    (
-        "classification",
-        include_str!("../../templates/prompts/classification.jinja"),
-    ),
+    ("alpaca", include_str!("../../templates/prompts/alpaca.jinja")),
+    ("question-answer", include_str!("../../templates/prompts/question-answer.jinja")),
+    ("translation", include_str!("../../templates/prompts/translation.jinja")),
+    ("summarization", include_str!("../../templates/prompts/summarization.jinja")),
+    ("classification", include_str!("../../templates/prompts/classification.jinja")),
 ];
 
 /// Names the templates can use that are not columns.
-const NOT_COLUMNS: &[&str] = &[
-    "row",
-    "loop",
-    "range",
-    "dict",
-    "namespace",
-    "cycler",
-    "joiner",
-    "debug",
-    "true",
-    "false",
-    "none",
-];
+const NOT_COLUMNS: &[&str] =
+    &["row", "loop", "range", "dict", "namespace", "cycler", "joiner", "debug", "true", "false", "none"];
 
 /// Reads a template given as a built-in name or a file path.
-pub fn load_named(
-    name_or_path: &str,
-    builtins: &[(&str, &str)],
-    what: &str,
-) -> Result<(String, String)> {
+pub fn load_named(name_or_path: &str, builtins: &[(&str, &str)], what: &str) -> Result<(String, String)> {
     if let Some((n, src)) = builtins.iter().find(|(n, _)| *n == name_or_path) {
         return Ok((n.to_string(), src.to_string()));
     }
     let p = std::path::Path::new(name_or_path);
     if p.exists() {
-        let src = std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read template {}", p.display()))?;
+        let src = std::fs::read_to_string(p).with_context(|| format!("cannot read template {}", p.display()))?;
         return Ok((p.display().to_string(), src));
     }
     let names: Vec<_> = builtins.iter().map(|(n, _)| *n).collect();
-    bail!(
-        "{what} '{name_or_path}' is neither a built-in ({}) nor an existing file",
-        names.join(", ")
-    )
+    bail!("{what} '{name_or_path}' is neither a built-in ({}) nor an existing file", names.join(", "))
 }
 
 fn prompt_env() -> Environment<'static> {
@@ -113,8 +79,7 @@ impl ColumnTemplates {
                 bail!("the columns format needs --prompt and --completion templates (or --template NAME|FILE), e.g. \
                        --prompt \"Translate into {{{{ lang }}}}: {{{{ text }}}}\" --completion \"{{{{ translation }}}}\"");
             };
-            env.add_template_owned("prompt".to_string(), p.clone())
-                .context("--prompt template does not parse")?;
+            env.add_template_owned("prompt".to_string(), p.clone()).context("--prompt template does not parse")?;
             env.add_template_owned("completion".to_string(), c.clone())
                 .context("--completion template does not parse")?;
             for n in ["prompt", "completion"] {
@@ -131,34 +96,18 @@ impl ColumnTemplates {
         let optional = vars
             .iter()
             .filter(|v| {
-                [
-                    format!("if {v}"),
-                    format!("{v} is defined"),
-                    format!("if not {v}"),
-                    format!("{v} or "),
-                ]
-                .iter()
-                .any(|pat| sources.contains(pat.as_str()))
+                [format!("if {v}"), format!("{v} is defined"), format!("if not {v}"), format!("{v} or ")]
+                    .iter()
+                    .any(|pat| sources.contains(pat.as_str()))
             })
             .cloned()
             .collect();
-        Ok(ColumnTemplates {
-            env,
-            from_file,
-            has_system,
-            vars,
-            optional,
-        })
+        Ok(ColumnTemplates { env, from_file, has_system, vars, optional })
     }
 
     /// Fails early when a fixed-schema source (CSV, Parquet) lacks columns the template needs.
     pub fn check_columns(&self, columns: &[String], source: &str) -> Result<()> {
-        let missing: Vec<_> = self
-            .vars
-            .iter()
-            .filter(|v| !columns.contains(v))
-            .cloned()
-            .collect();
+        let missing: Vec<_> = self.vars.iter().filter(|v| !columns.contains(v)).cloned().collect();
         if !missing.is_empty() && !columns.is_empty() {
             crate::progress::warn(&format!(
                 "{source}: the template refers to {} not found in the first row's columns [{}]; rows without them are rejected",
@@ -170,16 +119,8 @@ impl ColumnTemplates {
     }
 
     /// Renders (system, prompt, completion) for one row.
-    pub fn render(
-        &self,
-        row: &Map<String, Value>,
-        ctx: &RowCtx,
-    ) -> Result<(String, String, String), Reject> {
-        let missing: Vec<&String> = self
-            .vars
-            .iter()
-            .filter(|v| !row.contains_key(v.as_str()))
-            .collect();
+    pub fn render(&self, row: &Map<String, Value>, ctx: &RowCtx) -> Result<(String, String, String), Reject> {
+        let missing: Vec<&String> = self.vars.iter().filter(|v| !row.contains_key(v.as_str())).collect();
         if !missing.is_empty() {
             let cols: Vec<_> = row.keys().cloned().collect();
             return Err(ctx.reject(
@@ -187,37 +128,28 @@ impl ColumnTemplates {
                 reason::TEMPLATE_ERROR,
                 format!(
                     "the template refers to column(s) {} that this row does not have (columns: {})",
-                    missing
-                        .iter()
-                        .map(|m| format!("'{m}'"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    missing.iter().map(|m| format!("'{m}'")).collect::<Vec<_>>().join(", "),
                     cols.join(", ")
                 ),
             ));
         }
         if let Some(v) = self.vars.iter().find(|v| {
             !self.optional.contains(*v)
-                && row
-                    .get(v.as_str())
-                    .and_then(Value::as_str)
-                    .is_some_and(|s| s.trim().is_empty())
+                && row.get(v.as_str()).and_then(Value::as_str).is_some_and(|s| s.trim().is_empty())
         }) {
             return Err(ctx.reject(
                 Some(v),
                 reason::EMPTY_FIELD,
-                format!("column '{v}' is empty but the template needs it (test it with {{% if {v} %}} to make it optional)"),
+                format!(
+                    "column '{v}' is empty but the template needs it (test it with {{% if {v} %}} to make it optional)"
+                ),
             ));
         }
         let mut ctx_map = row.clone();
         ctx_map.insert("row".into(), Value::Object(row.clone()));
         let value = minijinja::Value::from_serialize(&ctx_map);
         let err = |which: &str, e: minijinja::Error| {
-            ctx.reject(
-                Some(which),
-                reason::TEMPLATE_ERROR,
-                format!("the {which} template failed to render: {e:#}"),
-            )
+            ctx.reject(Some(which), reason::TEMPLATE_ERROR, format!("the {which} template failed to render: {e:#}"))
         };
         let (system, prompt, completion) = if self.from_file {
             let t = self.env.get_template("file").expect("added");
@@ -229,32 +161,17 @@ impl ColumnTemplates {
                     String::new()
                 };
                 let p = state.render_block("prompt").map_err(|e| err("prompt", e))?;
-                let c = state
-                    .render_block("completion")
-                    .map_err(|e| err("completion", e))?;
+                let c = state.render_block("completion").map_err(|e| err("completion", e))?;
                 Ok((system, p, c))
             })?
         } else {
-            let p = self
-                .env
-                .get_template("prompt")
-                .expect("added")
-                .render(&value)
-                .map_err(|e| err("prompt", e))?;
-            let c = self
-                .env
-                .get_template("completion")
-                .expect("added")
-                .render(&value)
-                .map_err(|e| err("completion", e))?;
+            let p = self.env.get_template("prompt").expect("added").render(&value).map_err(|e| err("prompt", e))?;
+            let c =
+                self.env.get_template("completion").expect("added").render(&value).map_err(|e| err("completion", e))?;
             (String::new(), p, c)
         };
         if prompt.trim().is_empty() {
-            return Err(ctx.reject(
-                Some("prompt"),
-                reason::EMPTY_FIELD,
-                "the prompt template rendered to empty text",
-            ));
+            return Err(ctx.reject(Some("prompt"), reason::EMPTY_FIELD, "the prompt template rendered to empty text"));
         }
         if completion.trim().is_empty() {
             return Err(ctx.reject(

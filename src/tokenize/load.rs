@@ -53,7 +53,10 @@ impl TokenizerInfo {
             (j, Some(path.join("tokenizer_config.json")))
         } else if path.exists() {
             if path.extension().is_some_and(|e| e == "gguf") {
-                bail!("{}: reading a tokenizer from GGUF metadata is not supported yet; pass the model's tokenizer.json", path.display());
+                bail!(
+                    "{}: reading a tokenizer from GGUF metadata is not supported yet; pass the model's tokenizer.json",
+                    path.display()
+                );
             }
             (path.to_path_buf(), path.parent().map(|d| d.join("tokenizer_config.json")))
         } else {
@@ -61,14 +64,18 @@ impl TokenizerInfo {
         };
         let bytes = read_maybe_gz(&json_path)?;
         let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| {
-            anyhow::anyhow!("{}: not a Hugging Face tokenizer.json ({e}); pass the tokenizer.json that ships with the model", json_path.display())
+            anyhow::anyhow!(
+                "{}: not a Hugging Face tokenizer.json ({e}); pass the tokenizer.json that ships with the model",
+                json_path.display()
+            )
         })?;
         let sha256 = hex(&Sha256::digest(&bytes));
         let mut specials = Map::new();
         let mut chat_template = None;
         let mut add_bos_token = false;
         if let Some(cp) = config_path.filter(|p| p.exists()) {
-            let cfg: Value = serde_json::from_slice(&std::fs::read(&cp)?).with_context(|| format!("{}: invalid JSON", cp.display()))?;
+            let cfg: Value = serde_json::from_slice(&std::fs::read(&cp)?)
+                .with_context(|| format!("{}: invalid JSON", cp.display()))?;
             for k in ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"] {
                 if let Some(s) = cfg.get(k).and_then(token_str) {
                     specials.insert(k.to_string(), Value::String(s));
@@ -99,7 +106,15 @@ impl TokenizerInfo {
             }
         }
         let vocab_size = tokenizer.get_vocab_size(true);
-        Ok(TokenizerInfo { tokenizer, path: path.to_path_buf(), sha256, specials, chat_template, add_bos_token, vocab_size })
+        Ok(TokenizerInfo {
+            tokenizer,
+            path: path.to_path_buf(),
+            sha256,
+            specials,
+            chat_template,
+            add_bos_token,
+            vocab_size,
+        })
     }
 
     pub fn special(&self, name: &str) -> Option<&str> {

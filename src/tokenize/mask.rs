@@ -58,7 +58,10 @@ pub type Spans = Vec<(usize, usize)>;
 impl Tokenizing<'_> {
     fn render(&self, conv: &Conversation, msgs: &[Message], gen: bool) -> Result<String, SampleError> {
         self.template.render(msgs, conv.tools.as_ref(), gen).map_err(|e| {
-            (reason::CHAT_TEMPLATE_ERROR, format!("chat template '{}' failed for {}: {e:#}", self.template.name, conv.id))
+            (
+                reason::CHAT_TEMPLATE_ERROR,
+                format!("chat template '{}' failed for {}: {e:#}", self.template.name, conv.id),
+            )
         })
     }
 
@@ -91,7 +94,11 @@ impl Tokenizing<'_> {
         for i in targets {
             let pre = self.render(conv, &msgs[..i], true)?;
             let upto = if i + 1 == msgs.len() { full.clone() } else { self.render(conv, &msgs[..=i], false)? };
-            let span = if full.starts_with(&upto) && upto.starts_with(&pre) && upto.len() > pre.len() && pre.len() >= cursor {
+            let span = if full.starts_with(&upto)
+                && upto.starts_with(&pre)
+                && upto.len() > pre.len()
+                && pre.len() >= cursor
+            {
                 (pre.len(), pre.len() + upto[pre.len()..].trim_end().len())
             } else {
                 find_by_content(&full, &pre, &upto, &msgs[i].content, cursor).ok_or_else(|| {
@@ -129,7 +136,10 @@ impl Tokenizing<'_> {
         }
         let sample = Sample { input_ids: ids, labels };
         if sample.trained() == 0 {
-            return Err((reason::EMPTY_LOSS_MASK, format!("{}: no token is trained (no trainable assistant message for this --loss mode)", conv.id)));
+            return Err((
+                reason::EMPTY_LOSS_MASK,
+                format!("{}: no token is trained (no trainable assistant message for this --loss mode)", conv.id),
+            ));
         }
         Ok(sample)
     }
