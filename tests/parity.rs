@@ -44,7 +44,11 @@ fn check_case(case: &str) -> usize {
         conv.tools = c.get("tools").cloned();
         let rendered = tpl.render(&msgs, conv.tools.as_ref(), false);
         if let Some(err) = expected.get("error") {
-            assert!(rendered.is_err(), "{case}/{}: transformers refused this conversation ({err}) but tunekit rendered it", c["name"]);
+            assert!(
+                rendered.is_err(),
+                "{case}/{}: transformers refused this conversation ({err}) but tunekit rendered it",
+                c["name"]
+            );
             continue;
         }
         let text = rendered.unwrap_or_else(|e| panic!("{case}/{}: {e:#}", c["name"]));

@@ -627,7 +627,7 @@ fn openai_message(v: &Value, i: usize, field: &str, ctx: &RowCtx) -> Result<Mess
     })?;
     let content = content_text(o.get("content").or_else(|| o.get("value")), ctx, &fname)?;
     let mut m = Message::new(role, content);
-    let w = o.get("weight").or_else(|| o.get("loss_weight"));
+    let w = o.get("weight").or_else(|| o.get("loss_weight")).filter(|w| !w.is_null());
     if let Some(w) = w {
         m.weight = match w.as_f64() {
             Some(x) if x == 0.0 => Some(0),

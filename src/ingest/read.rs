@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The physical kind of an input file, decided by its extension.
@@ -97,8 +98,9 @@ pub fn open_rows(path: &Path) -> Result<(Source, RowIter)> {
     let rows: RowIter = match kind {
         InputKind::Csv | InputKind::Tsv => {
             let delim = if kind == InputKind::Csv { b',' } else { b'\t' };
-            let mut rdr =
-                csv::ReaderBuilder::new().flexible(true).delimiter(delim).from_reader(open_decompressed(path)?);
+            let quotes = Arc::new(AtomicU64::new(0));
+            let counted = QuoteCounter { inner: open_decompressed(path)?, quotes: quotes.clone() };
+            let mut rdr = csv::ReaderBuilder::new().flexible(true).delimiter(delim).from_reader(counted);
             let headers = rdr
                 .byte_headers()
                 .with_context(|| format!("{}: cannot read the CSV header line", path.display()))?
@@ -113,7 +115,7 @@ pub fn open_rows(path: &Path) -> Result<(Source, RowIter)> {
                 headers.into_iter().map(|h| h.trim_start_matches('\u{feff}').to_string()).collect();
             let n = headers.len();
             source.csv_headers = Some(Arc::new(headers));
-            Box::new(CsvRows { rdr, n_fields: n, row: 0, name: name.clone() })
+            Box::new(CsvRows { rdr, n_fields: n, row: 0, name: name.clone(), quotes, held: None })
         }
         InputKind::Jsonl => Box::new(LineRows::new(open_decompressed(path)?, false)),
         InputKind::Text => Box::new(LineRows::new(open_decompressed(path)?, true)),
@@ -149,16 +151,61 @@ fn first_non_ws(r: &mut Box<dyn BufRead + Send>) -> Result<Option<u8>> {
     }
 }
 
+/// Counts quote characters passing through, so an unbalanced quote (which makes the CSV parser
+/// swallow the rest of the file into one field) can be detected at the end.
+struct QuoteCounter<R> {
+    inner: R,
+    quotes: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for QuoteCounter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let q = buf[..n].iter().filter(|&&b| b == b'"').count() as u64;
+        self.quotes.fetch_add(q, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
 struct CsvRows<R: Read> {
     rdr: csv::Reader<R>,
     n_fields: usize,
     row: u64,
     name: Arc<str>,
+    quotes: Arc<AtomicU64>,
+    /// One record of lookahead: the last record is only final once EOF shows the quotes balance.
+    held: Option<RawRow>,
 }
 
 impl<R: Read> Iterator for CsvRows<R> {
     type Item = Result<RawRow>;
     fn next(&mut self) -> Option<Self::Item> {
+        if self.held.is_none() {
+            match self.read_one()? {
+                Ok(r) => self.held = Some(r),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        match self.read_one() {
+            Some(Ok(next)) => self.held.replace(next).map(Ok),
+            Some(Err(e)) => Some(Err(e)),
+            None => {
+                let mut last = self.held.take()?;
+                if self.quotes.load(Ordering::Relaxed) % 2 == 1 {
+                    last.data = RawData::Bad {
+                        reason: reason::MALFORMED_CSV,
+                        detail: "unbalanced quote: a quoted field is never closed, so it runs to the end of the file"
+                            .into(),
+                    };
+                }
+                Some(Ok(last))
+            }
+        }
+    }
+}
+
+impl<R: Read> CsvRows<R> {
+    fn read_one(&mut self) -> Option<Result<RawRow>> {
         let mut rec = csv::ByteRecord::new();
         match self.rdr.read_byte_record(&mut rec) {
             Ok(false) => None,

@@ -107,7 +107,8 @@ impl ColumnTemplates {
 
     /// Fails early when a fixed-schema source (CSV, Parquet) lacks columns the template needs.
     pub fn check_columns(&self, columns: &[String], source: &str) -> Result<()> {
-        let missing: Vec<_> = self.vars.iter().filter(|v| !columns.contains(v)).cloned().collect();
+        let missing: Vec<_> =
+            self.vars.iter().filter(|v| !columns.contains(v) && !self.optional.contains(*v)).cloned().collect();
         if !missing.is_empty() && !columns.is_empty() {
             crate::progress::warn(&format!(
                 "{source}: the template refers to {} not found in the first row's columns [{}]; rows without them are rejected",
@@ -120,7 +121,8 @@ impl ColumnTemplates {
 
     /// Renders (system, prompt, completion) for one row.
     pub fn render(&self, row: &Map<String, Value>, ctx: &RowCtx) -> Result<(String, String, String), Reject> {
-        let missing: Vec<&String> = self.vars.iter().filter(|v| !row.contains_key(v.as_str())).collect();
+        let missing: Vec<&String> =
+            self.vars.iter().filter(|v| !row.contains_key(v.as_str()) && !self.optional.contains(*v)).collect();
         if !missing.is_empty() {
             let cols: Vec<_> = row.keys().cloned().collect();
             return Err(ctx.reject(

@@ -1,0 +1,287 @@
+//! `tunekit convert` end to end: real corpora in each format, bad input with reasons, and the
+//! accounting (read = written + rejected).
+
+mod common;
+
+use common::{read_jsonl, stdout_json, tunekit};
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+
+fn convert(dir: &Path, args: &[&str]) -> (std::process::Output, Value) {
+    let mut a = vec!["--json", "convert"];
+    a.extend_from_slice(args);
+    let out = tunekit(&a, dir);
+    let v = if out.status.success() { stdout_json(&out) } else { Value::Null };
+    (out, v)
+}
+
+fn assert_balanced(s: &Value) {
+    assert_eq!(
+        s["rows_read"].as_u64().unwrap(),
+        s["rows_kept"].as_u64().unwrap() + s["rejected"].as_u64().unwrap(),
+        "{s}"
+    );
+    let by: u64 = s["rejected_by_reason"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(by, s["rejected"].as_u64().unwrap());
+}
+
+#[test]
+fn alpaca_en_demo_converts_every_row() {
+    let Some(src) = common::asset("llamafactory-0.9.5/data/alpaca_en_demo.json") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (out, s) = convert(dir.path(), &[src.to_str().unwrap(), "--out", "c.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["formats"].as_object().unwrap().values().next().unwrap(), "alpaca");
+    assert_eq!(s["rows_read"], 999);
+    assert_balanced(&s);
+    let rows = read_jsonl(&dir.path().join("c.jsonl"));
+    assert_eq!(rows.len() as u64, s["rows_kept"].as_u64().unwrap());
+    let raw: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&src).unwrap()).unwrap();
+    // Row 1 maps to user = instruction (+ "\n" + input), assistant = output; the id traces back.
+    let first = &rows[0];
+    assert_eq!(first["messages"][0]["content"], raw[0]["instruction"]);
+    assert_eq!(first["messages"][1]["content"], raw[0]["output"]);
+    assert!(first["id"].as_str().unwrap().ends_with("alpaca_en_demo.json:1"));
+    let with_input = raw.iter().position(|r| !r["input"].as_str().unwrap().is_empty()).unwrap();
+    let conv = rows.iter().find(|r| r["id"].as_str().unwrap().ends_with(&format!(":{}", with_input + 1))).unwrap();
+    assert_eq!(
+        conv["messages"][0]["content"].as_str().unwrap(),
+        format!("{}\n{}", raw[with_input]["instruction"].as_str().unwrap(), raw[with_input]["input"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn v1_sft_demo_messages_with_content_parts_and_loss_weights() {
+    let Some(src) = common::asset("llamafactory-0.9.5/data/v1_sft_demo.jsonl") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (out, s) = convert(dir.path(), &[src.to_str().unwrap(), "--out", "c.parquet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rows_read"], 500);
+    assert_eq!(s["rows_kept"], 500);
+    // Parquet round trip: converting the table again gives the same conversations as JSONL.
+    let (out2, s2) = convert(dir.path(), &["c.parquet", "--out", "back.jsonl"]);
+    assert!(out2.status.success(), "{}", String::from_utf8_lossy(&out2.stderr));
+    assert_eq!(s2["rows_kept"], 500);
+    let back = read_jsonl(&dir.path().join("back.jsonl"));
+    let (_, _) = convert(dir.path(), &[src.to_str().unwrap(), "--out", "direct.jsonl"]);
+    let direct = read_jsonl(&dir.path().join("direct.jsonl"));
+    assert_eq!(back, direct);
+    assert_eq!(direct[0]["messages"][0]["content"], "hi");
+    assert_eq!(direct[0]["messages"][1]["weight"], 1);
+}
+
+#[test]
+fn csv_with_custom_columns_through_a_template() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("t.csv"),
+        "lang,text,translation\nFrench,Good morning,Bonjour\nGerman,Thank you,Danke\nSpanish,,Hola\nItalian,Goodbye\n",
+    )
+    .unwrap();
+    let (out, s) = convert(
+        dir.path(),
+        &[
+            "t.csv",
+            "--out",
+            "o.jsonl",
+            "--prompt",
+            "Translate into {{ lang }}: {{ text }}",
+            "--completion",
+            "{{ translation }}",
+            "--system",
+            "You translate.",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rows_read"], 4);
+    assert_eq!(s["rows_kept"], 2);
+    assert_eq!(s["rejected_by_reason"]["empty_field"], 1);
+    assert_eq!(s["rejected_by_reason"]["wrong_field_count"], 1);
+    let rows = read_jsonl(&dir.path().join("o.jsonl"));
+    assert_eq!(rows[0]["messages"][0]["content"], "You translate.");
+    assert_eq!(rows[0]["messages"][1]["content"], "Translate into French: Good morning");
+    assert_eq!(rows[0]["messages"][2]["content"], "Bonjour");
+    let rejects = read_jsonl(&dir.path().join("rejects.jsonl"));
+    assert_eq!(rejects[0]["row"], 3);
+    assert_eq!(rejects[0]["field"], "text");
+    assert_eq!(rejects[1]["line"], 5);
+}
+
+#[test]
+fn builtin_prompt_template_and_bundled_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = common::root();
+    let (out, s) = convert(
+        dir.path(),
+        &[
+            root.join("datasets/countries.csv").to_str().unwrap(),
+            "--out",
+            "o.jsonl",
+            "--prompt-template",
+            root.join("datasets/countries.jinja").to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rows_read"], 33);
+    assert_balanced(&s);
+    std::fs::write(
+        dir.path().join("qa.jsonl"),
+        "{\"question\": \"Why is the sky blue?\", \"answer\": \"Rayleigh scattering.\"}\n",
+    )
+    .unwrap();
+    let (out, _) = convert(dir.path(), &["qa.jsonl", "--out", "qa_out.jsonl", "--prompt-template", "question-answer"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = read_jsonl(&dir.path().join("qa_out.jsonl"));
+    assert_eq!(rows[0]["messages"][0]["role"], "system");
+    assert_eq!(rows[0]["messages"][1]["content"], "Question: Why is the sky blue?");
+}
+
+#[test]
+fn bad_rows_get_reasons_and_counts_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = std::fs::File::create(dir.path().join("bad.jsonl")).unwrap();
+    f.write_all(b"{\"instruction\": \"ok\", \"output\": \"fine\"}\n").unwrap();
+    f.write_all(b"{\"instruction\": \"broken\", \"output\": \n").unwrap(); // broken JSON
+    f.write_all(b"{\"instruction\": \"bad \xff utf8\", \"output\": \"x\"}\n").unwrap(); // invalid UTF-8
+    f.write_all(b"{\"instruction\": \"no answer\"}\n").unwrap(); // missing column
+    f.write_all(b"{\"instruction\": \"   \", \"output\": \"empty prompt\"}\n").unwrap(); // empty
+    f.write_all(b"{\"instruction\": \"number\", \"output\": 42}\n").unwrap(); // stringified
+    f.write_all(b"{\"instruction\": \"list\", \"output\": [1, 2]}\n").unwrap(); // wrong type
+    f.write_all(b"[1, 2, 3]\n").unwrap(); // not an object
+    f.write_all(b"\n").unwrap(); // blank lines are not rows
+    drop(f);
+    let (out, s) = convert(dir.path(), &["bad.jsonl", "--out", "o.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rows_read"], 8);
+    assert_eq!(s["rows_kept"], 2);
+    assert_balanced(&s);
+    let by = &s["rejected_by_reason"];
+    for (reason, n) in [
+        ("invalid_json", 1),
+        ("invalid_utf8", 1),
+        ("missing_field", 1),
+        ("empty_field", 1),
+        ("wrong_type", 1),
+        ("not_an_object", 1),
+    ] {
+        assert_eq!(by[reason], n, "{reason}: {by}");
+    }
+    let rejects = read_jsonl(&dir.path().join("rejects.jsonl"));
+    let lines: Vec<u64> = rejects.iter().map(|r| r["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines, vec![2, 3, 4, 5, 7, 8]);
+    assert!(rejects.iter().all(|r| r["source"] == "bad.jsonl"));
+    let kept = read_jsonl(&dir.path().join("o.jsonl"));
+    assert_eq!(kept[1]["messages"][1]["content"], "42");
+
+    // --strict: the first bad row is an error that names it; no output file appears.
+    let (out, _) = convert(dir.path(), &["bad.jsonl", "--out", "strict.jsonl", "--strict"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.jsonl row 2 (line 2)") && err.contains("invalid_json"), "{err}");
+    assert!(!dir.path().join("strict.jsonl").exists());
+}
+
+#[test]
+fn malformed_csv_unbalanced_quote_and_template_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("q.csv"), "a,b\n1,ok\n2,\"never closed\n3,lost\n").unwrap();
+    let (out, s) =
+        convert(dir.path(), &["q.csv", "--out", "o.jsonl", "--prompt", "{{ a }}", "--completion", "{{ b }}"]);
+    assert!(out.status.success());
+    assert_eq!(s["rows_read"], 2);
+    assert_eq!(s["rejected_by_reason"]["malformed_csv"], 1);
+    // A template naming a column the file lacks: every row rejected with the column named.
+    let (out, s) =
+        convert(dir.path(), &["q.csv", "--out", "o2.jsonl", "--prompt", "{{ a }} {{ c }}", "--completion", "{{ b }}"]);
+    assert!(out.status.success());
+    assert_eq!(s["rejected_by_reason"]["template_error"], 2);
+    let r = read_jsonl(&dir.path().join("rejects.jsonl"));
+    assert!(r[0]["detail"].as_str().unwrap().contains("'c'"), "{}", r[0]);
+    // A template that fails to render (a filter on the wrong type).
+    let (out, s) = convert(
+        dir.path(),
+        &["q.csv", "--out", "o3.jsonl", "--prompt", "{{ a | batch(0) }}", "--completion", "{{ b }}"],
+    );
+    assert!(out.status.success());
+    assert_eq!(s["rejected_by_reason"]["template_error"], 1, "{s}");
+}
+
+#[test]
+fn errors_for_files_and_formats_have_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.csv"), "foo,bar\n1,2\n").unwrap();
+    let (out, _) = convert(dir.path(), &["x.csv", "--out", "o.jsonl"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[foo, bar]") && err.contains("alpaca: instruction + output"), "{err}");
+    let (out, _) = convert(dir.path(), &["missing.jsonl", "--out", "o.jsonl"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.jsonl"));
+    std::fs::write(dir.path().join("x.xml"), "<a/>").unwrap();
+    let (out, _) = convert(dir.path(), &["x.xml", "--out", "o.jsonl"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown file type"));
+    let (out, _) = convert(dir.path(), &["x.csv"]);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+    let (out, _) = convert(dir.path(), &["x.csv", "--out", "o.jsonl", "--format", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn compressed_inputs_sharegpt_preference_and_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let line =
+        "{\"conversations\": [{\"from\": \"human\", \"value\": \"hi\"}, {\"from\": \"gpt\", \"value\": \"hello\"}]}\n";
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(line.repeat(3).as_bytes()).unwrap();
+    std::fs::write(dir.path().join("s.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    std::fs::write(dir.path().join("s2.jsonl.zst"), zstd::encode_all(line.as_bytes(), 3).unwrap()).unwrap();
+    let (out, s) = convert(dir.path(), &["s.jsonl.gz", "s2.jsonl.zst", "--out", "o.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rows_kept"], 4);
+    let rows = read_jsonl(&dir.path().join("o.jsonl"));
+    assert_eq!(rows[0]["messages"][1]["role"], "assistant");
+
+    std::fs::write(
+        dir.path().join("hh.jsonl"),
+        "{\"chosen\": \"\\n\\nHuman: Is water wet?\\n\\nAssistant: Yes, in the everyday sense.\", \"rejected\": \"\\n\\nHuman: Is water wet?\\n\\nAssistant: No.\"}\n",
+    )
+    .unwrap();
+    let (out, s) = convert(dir.path(), &["hh.jsonl", "--out", "p.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["formats"].as_object().unwrap().values().next().unwrap(), "preference");
+    let p = read_jsonl(&dir.path().join("p.jsonl"));
+    assert_eq!(p[0]["messages"][0]["content"], "Is water wet?");
+    assert_eq!(p[0]["chosen"]["content"], "Yes, in the everyday sense.");
+    assert_eq!(p[0]["rejected"]["content"], "No.");
+
+    std::fs::write(dir.path().join("w.txt"), "First paragraph.\n\nSecond one.\n").unwrap();
+    let (out, s) = convert(dir.path(), &["w.txt", "--out", "t.jsonl"]);
+    assert!(out.status.success());
+    assert_eq!(s["rows_kept"], 2);
+}
+
+#[test]
+fn llamafactory_preference_and_sharegpt_tool_data() {
+    let (Some(dpo), Some(tools)) = (
+        common::asset("llamafactory-0.9.5/data/dpo_en_demo.json"),
+        common::asset("llamafactory-0.9.5/data/glaive_toolcall_en_demo.json"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (out, s) = convert(dir.path(), &[dpo.to_str().unwrap(), "--out", "d.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rows_read"], 300);
+    assert_eq!(s["rows_kept"], 300, "{s}");
+    let d = read_jsonl(&dir.path().join("d.jsonl"));
+    assert_eq!(d[0]["chosen"]["role"], "assistant");
+    let (out, s) = convert(dir.path(), &[tools.to_str().unwrap(), "--out", "t.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rows_read"], 300);
+    assert_balanced(&s);
+    let t = read_jsonl(&dir.path().join("t.jsonl"));
+    assert!(t.iter().any(|r| r["messages"].as_array().unwrap().iter().any(|m| m.get("tool_calls").is_some())));
+    assert!(t[0]["tools"].is_array());
+}
