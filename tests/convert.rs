@@ -195,7 +195,7 @@ fn malformed_csv_unbalanced_quote_and_template_errors() {
     let (out, s) =
         convert(dir.path(), &["q.csv", "--out", "o2.jsonl", "--prompt", "{{ a }} {{ c }}", "--completion", "{{ b }}"]);
     assert!(out.status.success());
-    assert_eq!(s["rejected_by_reason"]["template_error"], 2);
+    assert_eq!(s["rejected_by_reason"]["template_error"], 1);
     let r = read_jsonl(&dir.path().join("rejects.jsonl"));
     assert!(r[0]["detail"].as_str().unwrap().contains("'c'"), "{}", r[0]);
     // A template that fails to render (a filter on the wrong type).
