@@ -20,6 +20,7 @@
 pub mod accounting;
 pub mod convert;
 pub mod dedup;
+pub mod export;
 pub mod ingest;
 pub mod output;
 pub mod pack;

@@ -117,6 +117,58 @@ impl DedupArgs {
 }
 
 #[derive(Subcommand)]
+enum ExportTarget {
+    /// OpenAI chat fine-tuning JSONL (SFT) or preference JSONL (DPO).
+    ///
+    /// Writes OUT (rolling over to OUT-00001.jsonl... under --max-file-mb), OUT_validation.jsonl
+    /// with --eval-fraction, rejects.jsonl and duplicates.jsonl beside it.
+    Openai {
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// sft: {"messages": ...}; dpo: {"input", "preferred_output", "non_preferred_output"}.
+        #[arg(long, value_enum, default_value = "sft")]
+        method: tunekit::export::openai::ExportMethod,
+        /// Target model: picks the token encoding and the per-example token limit.
+        #[arg(long, default_value = tunekit::export::tokens::DEFAULT_MODEL)]
+        model: String,
+        /// Examples over the model's token limit: drop them or remove trailing turns.
+        #[arg(long, value_enum, default_value = "drop")]
+        too_long: tunekit::export::openai::OverLimit,
+        /// Share of examples written to the validation file (no near duplicates across the two).
+        #[arg(long, default_value_t = 0.0)]
+        eval_fraction: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Largest output file in MB (the platform accepts up to 512 MB per file).
+        #[arg(long, default_value_t = 512)]
+        max_file_mb: u64,
+        #[command(flatten)]
+        dedup: DedupArgs,
+        #[command(flatten)]
+        map: MapArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ValidateTarget {
+    /// Format errors with line numbers, token statistics, and the epochs/billing estimate.
+    /// Exit 0 when the file would be accepted, 1 when not.
+    Openai {
+        file: PathBuf,
+        #[arg(long, default_value = tunekit::export::tokens::DEFAULT_MODEL)]
+        model: String,
+        /// Epochs for the billing estimate (default: the platform's rule for this many examples).
+        #[arg(long)]
+        epochs: Option<u64>,
+        /// How many problems to list (all are counted).
+        #[arg(long, default_value_t = 50)]
+        max_problems: usize,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Raw CSV/TSV/JSONL/JSON/Parquet (optionally .gz/.zst) to canonical conversations (.jsonl or .parquet).
     ///
@@ -184,6 +236,16 @@ enum Command {
         dedup: DedupArgs,
         #[command(flatten)]
         map: MapArgs,
+    },
+    /// Export conversations as OpenAI fine-tuning JSONL (`export openai INPUT... --out train.jsonl`).
+    Export {
+        #[command(subcommand)]
+        target: ExportTarget,
+    },
+    /// Check a fine-tuning file the way the platform does (`validate openai FILE.jsonl`).
+    Validate {
+        #[command(subcommand)]
+        target: ValidateTarget,
     },
     /// Run the main job on the bundled sample and print where the outputs are.
     Quickstart {
@@ -260,6 +322,35 @@ fn run(cli: Cli) -> Result<()> {
             };
             let s = tunekit::dedup::run::run(&o)?;
             print(cli.json, &s, |s| s.print_human())
+        }
+        Command::Export {
+            target:
+                ExportTarget::Openai { inputs, out, method, model, too_long, eval_fraction, seed, max_file_mb, dedup, map },
+        } => {
+            let o = tunekit::export::openai::ExportOptions {
+                inputs,
+                out,
+                map: map.options()?,
+                strict: map.strict,
+                method,
+                model: tunekit::export::tokens::model_spec(&model)?,
+                over_limit: too_long,
+                eval_fraction,
+                seed,
+                dedup: dedup.options(seed)?,
+                max_file_bytes: max_file_mb.max(1) << 20,
+            };
+            let s = tunekit::export::openai::run(&o)?;
+            print(cli.json, &s, |s| s.print_human())
+        }
+        Command::Validate { target: ValidateTarget::Openai { file, model, epochs, max_problems } } => {
+            let spec = tunekit::export::tokens::model_spec(&model)?;
+            let r = tunekit::export::validate::validate(&file, &spec, epochs, max_problems)?;
+            print(cli.json, &r, |r| r.print_human())?;
+            if !r.valid {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Quickstart { out } => {
             let s = tunekit::quickstart::run(&out)?;
