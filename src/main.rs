@@ -222,6 +222,23 @@ enum Command {
         #[command(flatten)]
         map: MapArgs,
     },
+    /// Show what a shard directory holds: accounting, length histogram (terminal + PNG), fill
+    /// ratio, trainable share; --show N decodes row N with the trained text highlighted.
+    Inspect {
+        dir: PathBuf,
+        /// Decode this row (0-based) with trained spans marked.
+        #[arg(long)]
+        show: Option<usize>,
+        /// Split for --show.
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Tokenizer for --show (default: the one recorded in the manifest).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Where to write the length histogram PNG (default DIR/lengths.png).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Remove exact and near-duplicate conversations (MinHash-LSH); removed rows go to duplicates.jsonl.
     Dedup {
         #[arg(required = true)]
@@ -351,6 +368,10 @@ fn run(cli: Cli) -> Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Command::Inspect { dir, show, split, tokenizer, plot } => {
+            let r = tunekit::inspect::run(&dir, show, &split, tokenizer.as_deref(), plot)?;
+            print(cli.json, &r, |r| r.print_human())
         }
         Command::Quickstart { out } => {
             let s = tunekit::quickstart::run(&out)?;
