@@ -45,7 +45,8 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
     })?;
     // 2. Those conversations plus chat logs in three formats (detected from their columns),
     //    deduplicated, rendered with Qwen3's chat template, masked, packed into shards.
-    let inputs = vec![countries, ds.join("support_chats.jsonl"), ds.join("alpaca_sample.json"), ds.join("sharegpt_sample.json")];
+    let inputs =
+        vec![countries, ds.join("support_chats.jsonl"), ds.join("alpaca_sample.json"), ds.join("sharegpt_sample.json")];
     let mut p = PrepareOptions::new(inputs.clone(), out.join("shards"), ds.join("tokenizers").join("qwen3"));
     p.seq_len = 1024;
     p.eval_fraction = 0.1;

@@ -1,18 +1,19 @@
 //! Deduplication: exact (a 128-bit hash of the normalised text) and near (MinHash over word
-//! n-gram shingles, LSH banding for candidates, then a check of the estimated Jaccard
-//! similarity against the threshold so banding false positives are not removed).
+//! n-gram shingles, LSH banding for candidates, then a check of the Jaccard similarity against the
+//! threshold, from bottom-k sketches, so banding false positives are not removed).
 //!
 //! Streaming and deterministic: rows are decided in input order and the first one of a cluster is
 //! kept. Every row's signature stays in the LSH index (kept or not), so clusters are transitive: if
 //! A~B and B~C, C is removed as a duplicate of A even when A and C are not similar themselves.
-//! Memory is proportional to the number of rows (ids + signatures), not to the text.
+//! Memory is proportional to the number of rows (ids, band keys, sketches of at most
+//! `sketch_size` hashes), not to the text.
 
 pub mod minhash;
 pub mod normalize;
 pub mod run;
 
 use crate::record::Conversation;
-use minhash::{MinHasher, Signature};
+use minhash::{bottom_k, jaccard_bottom_k, MinHasher, Signature};
 use normalize::Normalization;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -49,6 +50,8 @@ pub struct DedupOptions {
     pub ngram: usize,
     pub num_perm: usize,
     pub bands: usize,
+    /// Shingle hashes kept per row for the similarity check (exact Jaccard up to this many shingles).
+    pub sketch_size: usize,
     pub normalization: Normalization,
     pub seed: u64,
 }
@@ -62,6 +65,7 @@ impl Default for DedupOptions {
             ngram: 5,
             num_perm: 128,
             bands: 32,
+            sketch_size: 256,
             normalization: Normalization::default(),
             seed: 1,
         }
@@ -97,7 +101,7 @@ pub struct Deduper {
     ids: Vec<String>,
     /// Representative (kept row) of each row's cluster.
     rep: Vec<u32>,
-    sigs: Vec<u32>,
+    sketches: Vec<Box<[u32]>>,
     tables: Vec<HashMap<u64, Vec<u32>>>,
 }
 
@@ -106,7 +110,7 @@ impl Deduper {
         assert!(opts.bands > 0 && opts.num_perm % opts.bands == 0, "num_perm must be a multiple of bands");
         let hasher = MinHasher::new(opts.num_perm, opts.ngram, opts.seed);
         let tables = (0..opts.bands).map(|_| HashMap::new()).collect();
-        Deduper { opts, hasher, exact: HashMap::new(), ids: Vec::new(), rep: Vec::new(), sigs: Vec::new(), tables }
+        Deduper { opts, hasher, exact: HashMap::new(), ids: Vec::new(), rep: Vec::new(), sketches: Vec::new(), tables }
     }
 
     pub fn options(&self) -> &DedupOptions {
@@ -127,20 +131,23 @@ impl Deduper {
             return vec![Verdict::Keep; batch.len()];
         }
         let near = self.opts.mode == DedupMode::Near;
-        let prepared: Vec<(u128, Option<Signature>)> = batch
+        let prepared: Vec<(u128, Option<(Signature, Vec<u32>)>)> = batch
             .par_iter()
             .map(|c| {
                 let text = self.key_text(c);
                 let exact_norm = self.opts.normalization.apply(&text);
                 let h = xxhash_rust::xxh3::xxh3_128(exact_norm.as_bytes());
-                let sig = near.then(|| self.hasher.signature(&normalize::words_for_shingles(&text)));
+                let sig = near.then(|| {
+                    let sh = self.hasher.shingles(&normalize::words_for_shingles(&text));
+                    (self.hasher.signature(&sh), bottom_k(&sh, self.opts.sketch_size))
+                });
                 (h, sig)
             })
             .collect();
         batch.iter().zip(prepared).map(|(c, (h, sig))| self.decide(&c.id, h, sig)).collect()
     }
 
-    fn decide(&mut self, id: &str, h: u128, sig: Option<Signature>) -> Verdict {
+    fn decide(&mut self, id: &str, h: u128, sig: Option<(Signature, Vec<u32>)>) -> Verdict {
         if let Some(&seen) = self.exact.get(&h) {
             let r = self.rep[seen as usize];
             return Verdict::Duplicate { of: self.ids[r as usize].clone(), kind: DupKind::Exact, similarity: 1.0 };
@@ -148,7 +155,7 @@ impl Deduper {
         let me = self.ids.len() as u32;
         self.ids.push(id.to_string());
         self.exact.insert(h, me);
-        let Some(sig) = sig else {
+        let Some((sig, sketch)) = sig else {
             self.rep.push(me);
             return Verdict::Keep;
         };
@@ -170,8 +177,7 @@ impl Deduper {
                         continue;
                     }
                     checked.push(c);
-                    let other = &self.sigs[c as usize * self.opts.num_perm..(c as usize + 1) * self.opts.num_perm];
-                    let sim = minhash::estimate_jaccard(&sig, other);
+                    let sim = jaccard_bottom_k(&sketch, &self.sketches[c as usize], self.opts.sketch_size);
                     if sim >= self.opts.threshold && best.is_none_or(|(_, s)| sim > s) {
                         best = Some((c, sim));
                     }
@@ -182,11 +188,7 @@ impl Deduper {
         for (b, key) in band_keys.into_iter().enumerate() {
             self.tables[b].entry(key).or_default().push(me);
         }
-        // Rows indexed for exact matching only have no signature; keep `sigs` aligned by padding.
-        while self.sigs.len() < me as usize * self.opts.num_perm {
-            self.sigs.extend(std::iter::repeat_n(u32::MAX, self.opts.num_perm));
-        }
-        self.sigs.extend_from_slice(&sig);
+        self.sketches.push(sketch.into_boxed_slice());
         match best {
             Some((c, sim)) => {
                 let r = self.rep[c as usize];
@@ -211,7 +213,10 @@ mod tests {
     }
 
     const TEXT: &str = "The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden \
-        porch and drinks a cup of strong black coffee before the long day of work in the fields begins again";
+        porch and drinks a cup of strong black coffee before the long day of work in the fields begins again. \
+        Later the children walk to the small school by the river, where the teacher reads them old stories about \
+        sailors, mountains, kings and clever animals, and in the evening everyone gathers around the table to eat \
+        bread, soup and apples from the orchard while the radio plays quiet music until the lamps are turned off";
 
     #[test]
     fn exact_after_normalisation_and_near_with_transitivity() {
