@@ -83,10 +83,11 @@ struct DedupArgs {
     #[arg(long, default_value_t = 5)]
     ngram: usize,
     /// MinHash permutations (a multiple of --bands).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 126)]
     num_perm: usize,
-    /// LSH bands.
-    #[arg(long, default_value_t = 32)]
+    /// LSH bands (126 permutations in 21 bands of 6 rows: a pair at similarity 0.8 becomes a
+    /// candidate with probability 0.998).
+    #[arg(long, default_value_t = 21)]
     bands: usize,
     /// Also ignore punctuation when comparing exactly.
     #[arg(long)]

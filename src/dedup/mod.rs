@@ -63,8 +63,8 @@ impl Default for DedupOptions {
             key: DedupKey::Conversation,
             threshold: 0.8,
             ngram: 5,
-            num_perm: 128,
-            bands: 32,
+            num_perm: 126,
+            bands: 21,
             sketch_size: 256,
             normalization: Normalization::default(),
             seed: 1,
@@ -94,15 +94,48 @@ pub struct DuplicateRecord<'a> {
     pub similarity: f64,
 }
 
+/// Row ids stored back to back (one allocation instead of one per row).
+#[derive(Default)]
+struct Ids {
+    buf: String,
+    ends: Vec<usize>,
+}
+
+impl Ids {
+    fn push(&mut self, id: &str) -> u32 {
+        self.buf.push_str(id);
+        self.ends.push(self.buf.len());
+        (self.ends.len() - 1) as u32
+    }
+    fn get(&self, i: u32) -> &str {
+        let i = i as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.buf[start..self.ends[i]]
+    }
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+}
+
+const NONE: u32 = u32::MAX;
+
 pub struct Deduper {
     opts: DedupOptions,
     hasher: MinHasher,
     exact: HashMap<u128, u32>,
-    ids: Vec<String>,
+    ids: Ids,
     /// Representative (kept row) of each row's cluster.
     rep: Vec<u32>,
     sketches: Vec<Box<[u32]>>,
-    tables: Vec<HashMap<u64, Vec<u32>>>,
+    /// Per band: band key -> the latest row with that key; `next` chains to earlier ones.
+    tables: Vec<HashMap<u32, u32>>,
+    next: Vec<u32>,
+}
+
+/// What is computed for a row in parallel before the sequential decision.
+struct Prepared {
+    exact: u128,
+    near: Option<(Vec<u32>, Vec<u32>)>, // (band keys, sketch)
 }
 
 impl Deduper {
@@ -110,7 +143,16 @@ impl Deduper {
         assert!(opts.bands > 0 && opts.num_perm % opts.bands == 0, "num_perm must be a multiple of bands");
         let hasher = MinHasher::new(opts.num_perm, opts.ngram, opts.seed);
         let tables = (0..opts.bands).map(|_| HashMap::new()).collect();
-        Deduper { opts, hasher, exact: HashMap::new(), ids: Vec::new(), rep: Vec::new(), sketches: Vec::new(), tables }
+        Deduper {
+            opts,
+            hasher,
+            exact: HashMap::new(),
+            ids: Ids::default(),
+            rep: Vec::new(),
+            sketches: Vec::new(),
+            tables,
+            next: Vec::new(),
+        }
     }
 
     pub fn options(&self) -> &DedupOptions {
@@ -125,81 +167,93 @@ impl Deduper {
         }
     }
 
+    fn prepare(&self, c: &Conversation) -> Prepared {
+        let text = self.key_text(c);
+        let exact_norm = self.opts.normalization.apply(&text);
+        let exact = xxhash_rust::xxh3::xxh3_128(exact_norm.as_bytes());
+        let near = (self.opts.mode == DedupMode::Near).then(|| {
+            // The exact key is already NFKC + lower-cased when those are on; reuse it.
+            let n = &self.opts.normalization;
+            let words = if n.nfkc && n.lowercase {
+                normalize::split_words(&exact_norm)
+            } else {
+                normalize::words_for_shingles(&text)
+            };
+            let sh = self.hasher.shingles(&words);
+            let sig: Signature = self.hasher.signature(&sh);
+            let rows = self.opts.num_perm / self.opts.bands;
+            let keys = (0..self.opts.bands)
+                .map(|b| {
+                    let bytes: Vec<u8> = sig[b * rows..(b + 1) * rows].iter().flat_map(|v| v.to_le_bytes()).collect();
+                    xxh3_64(&bytes) as u32
+                })
+                .collect();
+            (keys, bottom_k(&sh, self.opts.sketch_size))
+        });
+        Prepared { exact, near }
+    }
+
     /// Decides a batch, in order. Signatures are computed in parallel.
     pub fn process(&mut self, batch: &[Conversation]) -> Vec<Verdict> {
         if self.opts.mode == DedupMode::None {
             return vec![Verdict::Keep; batch.len()];
         }
-        let near = self.opts.mode == DedupMode::Near;
-        let prepared: Vec<(u128, Option<(Signature, Vec<u32>)>)> = batch
-            .par_iter()
-            .map(|c| {
-                let text = self.key_text(c);
-                let exact_norm = self.opts.normalization.apply(&text);
-                let h = xxhash_rust::xxh3::xxh3_128(exact_norm.as_bytes());
-                let sig = near.then(|| {
-                    let sh = self.hasher.shingles(&normalize::words_for_shingles(&text));
-                    (self.hasher.signature(&sh), bottom_k(&sh, self.opts.sketch_size))
-                });
-                (h, sig)
-            })
-            .collect();
-        batch.iter().zip(prepared).map(|(c, (h, sig))| self.decide(&c.id, h, sig)).collect()
+        let prepared: Vec<Prepared> = batch.par_iter().map(|c| self.prepare(c)).collect();
+        batch.iter().zip(prepared).map(|(c, p)| self.decide(&c.id, p)).collect()
     }
 
-    fn decide(&mut self, id: &str, h: u128, sig: Option<(Signature, Vec<u32>)>) -> Verdict {
-        if let Some(&seen) = self.exact.get(&h) {
+    fn decide(&mut self, id: &str, p: Prepared) -> Verdict {
+        if let Some(&seen) = self.exact.get(&p.exact) {
             let r = self.rep[seen as usize];
-            return Verdict::Duplicate { of: self.ids[r as usize].clone(), kind: DupKind::Exact, similarity: 1.0 };
+            return Verdict::Duplicate { of: self.ids.get(r).to_string(), kind: DupKind::Exact, similarity: 1.0 };
         }
-        let me = self.ids.len() as u32;
-        self.ids.push(id.to_string());
-        self.exact.insert(h, me);
-        let Some((sig, sketch)) = sig else {
+        let me = self.ids.push(id);
+        self.exact.insert(p.exact, me);
+        let Some((keys, sketch)) = p.near else {
             self.rep.push(me);
             return Verdict::Keep;
         };
-        let rows = self.opts.num_perm / self.opts.bands;
-        let band_keys: Vec<u64> = (0..self.opts.bands)
-            .map(|b| {
-                let slice = &sig[b * rows..(b + 1) * rows];
-                let bytes: Vec<u8> = slice.iter().flat_map(|v| v.to_le_bytes()).collect();
-                xxh3_64(&bytes) ^ (b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            })
-            .collect();
-        // Best candidate above the threshold.
+        // Best candidate at or above the threshold; ties go to the earliest row.
         let mut best: Option<(u32, f64)> = None;
-        let mut checked: Vec<u32> = Vec::new();
-        for (b, key) in band_keys.iter().enumerate() {
-            if let Some(cands) = self.tables[b].get(key) {
-                for &c in cands {
-                    if checked.contains(&c) {
-                        continue;
-                    }
-                    checked.push(c);
-                    let sim = jaccard_bottom_k(&sketch, &self.sketches[c as usize], self.opts.sketch_size);
-                    if sim >= self.opts.threshold && best.is_none_or(|(_, s)| sim > s) {
-                        best = Some((c, sim));
-                    }
-                }
+        let mut cands: Vec<u32> = Vec::new();
+        for (b, key) in keys.iter().enumerate() {
+            let mut r = self.tables[b].get(key).copied().unwrap_or(NONE);
+            while r != NONE {
+                cands.push(r);
+                r = self.next[r as usize * self.opts.bands + b];
+            }
+        }
+        cands.sort_unstable();
+        cands.dedup();
+        for c in cands {
+            let sim = jaccard_bottom_k(&sketch, &self.sketches[c as usize], self.opts.sketch_size);
+            if sim >= self.opts.threshold && best.is_none_or(|(_, s)| sim > s) {
+                best = Some((c, sim));
             }
         }
         // Index this row (even as a duplicate) so clusters chain transitively.
-        for (b, key) in band_keys.into_iter().enumerate() {
-            self.tables[b].entry(key).or_default().push(me);
+        debug_assert_eq!(self.next.len(), me as usize * self.opts.bands);
+        for (b, key) in keys.into_iter().enumerate() {
+            let prev = self.tables[b].insert(key, me).unwrap_or(NONE);
+            self.next.push(prev);
         }
         self.sketches.push(sketch.into_boxed_slice());
         match best {
             Some((c, sim)) => {
                 let r = self.rep[c as usize];
                 self.rep.push(r);
-                Verdict::Duplicate { of: self.ids[r as usize].clone(), kind: DupKind::Near, similarity: sim }
+                Verdict::Duplicate { of: self.ids.get(r).to_string(), kind: DupKind::Near, similarity: sim }
             }
             None => {
                 self.rep.push(me);
                 Verdict::Keep
             }
         }
+    }
+
+    /// Rows indexed so far (kept and near duplicates).
+    pub fn indexed(&self) -> usize {
+        self.ids.len()
     }
 }
 

@@ -20,8 +20,17 @@ impl Default for Normalization {
 
 impl Normalization {
     pub fn apply(&self, text: &str) -> String {
-        let s: String = if self.nfkc { text.nfkc().collect() } else { text.to_string() };
-        let s = if self.lowercase { s.to_lowercase() } else { s };
+        // ASCII text is already in NFKC.
+        let s: String = if self.nfkc && !text.is_ascii() { text.nfkc().collect() } else { text.to_string() };
+        let s = if self.lowercase {
+            if s.is_ascii() {
+                s.to_ascii_lowercase()
+            } else {
+                s.to_lowercase()
+            }
+        } else {
+            s
+        };
         let s: String = if self.strip_punctuation {
             s.chars().filter(|c| !c.is_ascii_punctuation() && !is_unicode_punct(*c)).collect()
         } else {
@@ -48,7 +57,13 @@ fn is_unicode_punct(c: char) -> bool {
 
 /// Words for shingling: lower-cased, punctuation removed (as datatrove's simplify_text does).
 pub fn words_for_shingles(text: &str) -> Vec<String> {
-    let s: String = text.nfkc().collect::<String>().to_lowercase();
+    let s: String =
+        if text.is_ascii() { text.to_ascii_lowercase() } else { text.nfkc().collect::<String>().to_lowercase() };
+    split_words(&s)
+}
+
+/// Splits already-normalised text into words at whitespace and punctuation.
+pub fn split_words(s: &str) -> Vec<String> {
     s.split(|c: char| c.is_whitespace() || c.is_ascii_punctuation() || is_unicode_punct(c))
         .filter(|w| !w.is_empty())
         .map(str::to_string)
