@@ -12,6 +12,7 @@ def to_messages(r):
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]}
 
 ds = ds.map(to_messages, remove_columns=ds.column_names)
-ds.to_json("/tmp/anchor_convert_out.jsonl")
+if "--write" in sys.argv:
+    ds.to_json("/tmp/anchor_convert_out.jsonl")
 dt = time.time() - t
 print(f"rows={len(ds)} seconds={dt:.2f} rows_per_s={len(ds) / dt:.0f}")

@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tunekit::ingest::{Format, MapOptions};
 
+// glibc malloc serialises rayon workers on its arena locks when every row allocates; mimalloc does not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tunekit",

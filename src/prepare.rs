@@ -66,7 +66,7 @@ impl PrepareOptions {
             seed: 0,
             too_long: TooLong::Drop,
             dedup: DedupOptions::default(),
-            window_tokens: 8 << 20,
+            window_tokens: 2 << 20,
             shard_bytes: 256 << 20,
         }
     }
@@ -217,117 +217,139 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let mut deduper = Deduper::new(opts.dedup.clone());
     let mut counts = Counts::default();
     let (mut truncated, mut dropped) = (0u64, 0u64);
-    let mut train = SplitPacker::new(&opts.out, "train", opts.seed, opts.shard_bytes);
-    let mut eval = SplitPacker::new(&opts.out, "eval", opts.seed ^ 0xE7A1, opts.shard_bytes);
+    // Packing and Parquet writing run on their own thread, overlapping the next batch's tokenization.
+    let (pack_tx, pack_rx) = std::sync::mpsc::sync_channel::<Vec<(bool, Sample)>>(4);
+    let packer = |rx: std::sync::mpsc::Receiver<Vec<(bool, Sample)>>| -> Result<(SplitStats, SplitStats)> {
+        let mut train = SplitPacker::new(&opts.out, "train", opts.seed, opts.shard_bytes);
+        let mut eval = SplitPacker::new(&opts.out, "eval", opts.seed ^ 0xE7A1, opts.shard_bytes);
+        for batch in rx {
+            for (to_eval, sample) in batch {
+                if to_eval {
+                    eval.push(sample, opts)?;
+                } else {
+                    train.push(sample, opts)?;
+                }
+            }
+        }
+        Ok((train.finish(opts)?, eval.finish(opts)?))
+    };
     let pb = crate::progress::rows("prepare");
     let mut tokens_seen = 0u64;
 
-    stream_conversations(&opts.inputs, &opts.map, |batch| {
-        let mut convs = Vec::with_capacity(batch.items.len());
-        for item in batch.items {
-            counts.rows_read += 1;
-            match item {
-                Item::Ok(c) => convs.push(c),
-                Item::Rejected(r) => {
-                    if opts.strict {
-                        bail!("{r}");
+    let (packing, streamed) = std::thread::scope(|scope| {
+        let packing = scope.spawn(move || packer(pack_rx));
+        let streamed = stream_conversations(&opts.inputs, &opts.map, |batch| {
+            let mut convs = Vec::with_capacity(batch.items.len());
+            for item in batch.items {
+                counts.rows_read += 1;
+                match item {
+                    Item::Ok(c) => convs.push(c),
+                    Item::Rejected(r) => {
+                        if opts.strict {
+                            bail!("{r}");
+                        }
+                        counts.reject(&r);
+                        rejects.write(&r)?;
                     }
-                    counts.reject(&r);
-                    rejects.write(&r)?;
                 }
             }
-        }
-        let verdicts = deduper.process(&convs);
-        let mut kept = Vec::with_capacity(convs.len());
-        for (c, v) in convs.into_iter().zip(verdicts) {
-            match v {
-                Verdict::Keep => kept.push(c),
-                Verdict::Duplicate { of, kind, similarity } => {
-                    match kind {
-                        crate::dedup::DupKind::Exact => counts.duplicates_exact += 1,
-                        crate::dedup::DupKind::Near => counts.duplicates_near += 1,
+            let verdicts = deduper.process(&convs);
+            let mut kept = Vec::with_capacity(convs.len());
+            for (c, v) in convs.into_iter().zip(verdicts) {
+                match v {
+                    Verdict::Keep => kept.push(c),
+                    Verdict::Duplicate { of, kind, similarity } => {
+                        match kind {
+                            crate::dedup::DupKind::Exact => counts.duplicates_exact += 1,
+                            crate::dedup::DupKind::Near => counts.duplicates_near += 1,
+                        }
+                        if dups.is_none() {
+                            dups = Some(AtomicFile::create(&dup_path)?);
+                        }
+                        let f = dups.as_mut().expect("created");
+                        serde_json::to_writer(
+                            &mut *f,
+                            &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity },
+                        )?;
+                        f.write_all(b"\n")?;
                     }
-                    if dups.is_none() {
-                        dups = Some(AtomicFile::create(&dup_path)?);
-                    }
-                    let f = dups.as_mut().expect("created");
-                    serde_json::to_writer(
-                        &mut *f,
-                        &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity },
-                    )?;
-                    f.write_all(b"\n")?;
                 }
             }
-        }
-        let results: Vec<(Conversation, Result<Sample, (&'static str, String)>)> = kept
-            .into_par_iter()
-            .map(|c| {
-                let s = tokenizing.sample(&c);
-                (c, s)
-            })
-            .collect();
-        for (c, res) in results {
-            let mut sample = match res {
-                Ok(s) => s,
-                Err((reason, detail)) => {
-                    let r = reject_for(&c, reason, detail);
-                    if opts.strict {
-                        bail!("{r}");
-                    }
-                    counts.reject(&r);
-                    rejects.write(&r)?;
-                    continue;
-                }
-            };
-            tokens_seen += sample.len() as u64;
-            if sample.len() > opts.seq_len {
-                match opts.too_long {
-                    TooLong::Drop => {
-                        dropped += 1;
-                        let r = reject_for(
-                            &c,
-                            reason::TOO_LONG,
-                            format!(
-                                "{} tokens > --seq-len {} (use --too-long truncate to keep the start)",
-                                sample.len(),
-                                opts.seq_len
-                            ),
-                        );
+            let results: Vec<(Conversation, Result<Sample, (&'static str, String)>)> = kept
+                .into_par_iter()
+                .map(|c| {
+                    let s = tokenizing.sample(&c);
+                    (c, s)
+                })
+                .collect();
+            let mut to_pack = Vec::with_capacity(results.len());
+            for (c, res) in results {
+                let mut sample = match res {
+                    Ok(s) => s,
+                    Err((reason, detail)) => {
+                        let r = reject_for(&c, reason, detail);
+                        if opts.strict {
+                            bail!("{r}");
+                        }
                         counts.reject(&r);
                         rejects.write(&r)?;
                         continue;
                     }
-                    TooLong::Truncate => {
-                        sample.input_ids.truncate(opts.seq_len);
-                        sample.labels.truncate(opts.seq_len);
-                        if sample.trained() == 0 {
+                };
+                tokens_seen += sample.len() as u64;
+                if sample.len() > opts.seq_len {
+                    match opts.too_long {
+                        TooLong::Drop => {
+                            dropped += 1;
                             let r = reject_for(
                                 &c,
-                                reason::PROMPT_TOO_LONG,
-                                format!("the prompt alone fills --seq-len {}; nothing left to train on", opts.seq_len),
+                                reason::TOO_LONG,
+                                format!(
+                                    "{} tokens > --seq-len {} (use --too-long truncate to keep the start)",
+                                    sample.len(),
+                                    opts.seq_len
+                                ),
                             );
                             counts.reject(&r);
                             rejects.write(&r)?;
                             continue;
                         }
-                        truncated += 1;
+                        TooLong::Truncate => {
+                            sample.input_ids.truncate(opts.seq_len);
+                            sample.labels.truncate(opts.seq_len);
+                            if sample.trained() == 0 {
+                                let r = reject_for(
+                                    &c,
+                                    reason::PROMPT_TOO_LONG,
+                                    format!(
+                                        "the prompt alone fills --seq-len {}; nothing left to train on",
+                                        opts.seq_len
+                                    ),
+                                );
+                                counts.reject(&r);
+                                rejects.write(&r)?;
+                                continue;
+                            }
+                            truncated += 1;
+                        }
                     }
                 }
+                counts.rows_kept += 1;
+                to_pack.push((is_eval(&c.id, opts.seed, opts.eval_fraction), sample));
             }
-            counts.rows_kept += 1;
-            if is_eval(&c.id, opts.seed, opts.eval_fraction) {
-                eval.push(sample, opts)?;
-            } else {
-                train.push(sample, opts)?;
+            if pack_tx.send(to_pack).is_err() {
+                bail!("the packing thread stopped");
             }
-        }
-        pb.set_position(counts.rows_read);
-        pb.set_message(format!("{} tokens", tokens_seen));
-        Ok(())
-    })?;
+            pb.set_position(counts.rows_read);
+            pb.set_message(format!("{} tokens", tokens_seen));
+            Ok(())
+        });
+        drop(pack_tx);
+        (packing.join(), streamed)
+    });
+    streamed?;
+    let (train, eval) = packing.map_err(|_| anyhow::anyhow!("packing thread panicked"))??;
     pb.finish_and_clear();
-    let train = train.finish(opts)?;
-    let eval = eval.finish(opts)?;
     let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
     let duplicates_file = match dups {
         Some(f) => {

@@ -254,11 +254,13 @@ struct LineRows {
     text: bool,
     line: u64,
     row: u64,
+    /// Reused line buffer; each row gets an exact-size copy.
+    buf: Vec<u8>,
 }
 
 impl LineRows {
     fn new(r: Box<dyn BufRead + Send>, text: bool) -> Self {
-        LineRows { r, text, line: 0, row: 0 }
+        LineRows { r, text, line: 0, row: 0, buf: Vec::with_capacity(1 << 16) }
     }
 }
 
@@ -266,12 +268,13 @@ impl Iterator for LineRows {
     type Item = Result<RawRow>;
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let mut buf = Vec::new();
-            match self.r.read_until(b'\n', &mut buf) {
+            self.buf.clear();
+            match self.r.read_until(b'\n', &mut self.buf) {
                 Ok(0) => return None,
                 Ok(_) => {}
                 Err(e) => return Some(Err(e.into())),
             }
+            let mut buf = self.buf.clone();
             self.line += 1;
             while matches!(buf.last(), Some(b'\n') | Some(b'\r')) {
                 buf.pop();

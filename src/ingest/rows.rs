@@ -22,16 +22,17 @@ pub fn to_object(src: &Source, raw: RawRow) -> Result<Map<String, Value>, Reject
         RawData::Object(m) => Ok(m),
         RawData::Bad { reason, detail } => bad(reason, detail),
         RawData::Json(bytes) => {
-            if let Err(e) = std::str::from_utf8(&bytes) {
-                return bad(reason::INVALID_UTF8, utf8_detail(e));
-            }
             match serde_json::from_slice::<Value>(&bytes) {
                 Ok(Value::Object(m)) => Ok(m),
                 Ok(other) => bad(
                     reason::NOT_AN_OBJECT,
                     format!("expected a JSON object with named fields, found {}", json_kind(&other)),
                 ),
-                Err(e) => bad(reason::INVALID_JSON, format!("invalid JSON: {e}")),
+                // serde_json validates UTF-8 as it parses; classify the failure only when it happens.
+                Err(e) => match std::str::from_utf8(&bytes) {
+                    Err(u) => bad(reason::INVALID_UTF8, utf8_detail(u)),
+                    Ok(_) => bad(reason::INVALID_JSON, format!("invalid JSON: {e}")),
+                },
             }
         }
         RawData::Csv(rec) => {
