@@ -33,6 +33,7 @@ pub mod record;
 pub mod split;
 pub mod template;
 pub mod tokenize;
+pub mod train;
 
 /// Version string written into manifests.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -121,6 +121,67 @@ impl DedupArgs {
     }
 }
 
+#[derive(Args)]
+struct TrainArgs {
+    /// Base model: a Hugging Face directory (config.json + safetensors) or a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Shard directory from `tunekit prepare`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory: adapter (PEFT format), checkpoints, metrics.jsonl, loss.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// sft (LoRA on the shards' labels).
+    #[arg(long, default_value = "sft")]
+    method: String,
+    #[arg(long, default_value_t = 1)]
+    epochs: u64,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    #[arg(long, value_enum, default_value = "cosine")]
+    schedule: tunekit::train::optim::Schedule,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Tokens per micro-batch (packed rows are grouped up to this many tokens).
+    #[arg(long, default_value_t = 4096)]
+    batch_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// Modules to adapt: a comma list (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    target: String,
+    /// rsLoRA scaling (alpha / sqrt(r)).
+    #[arg(long)]
+    rslora: bool,
+    /// Evaluate on the eval shards every N steps (0 = never).
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    /// Write a checkpoint every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// Continue from a checkpoint directory (OUT/checkpoint-N).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Options from a TOML file with the same keys (flags given on the command line win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum ExportTarget {
     /// OpenAI chat fine-tuning JSONL (SFT) or preference JSONL (DPO).
@@ -269,6 +330,57 @@ enum Command {
         #[command(subcommand)]
         target: ValidateTarget,
     },
+    /// Train a LoRA adapter on prepared shards with the built-in candle trainer (PEFT output).
+    Train(Box<TrainArgs>),
+    /// Loss and perplexity of a model (optionally with an adapter) on the eval shards.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        /// Which split: eval or train.
+        #[arg(long, default_value = "eval")]
+        split: String,
+        #[arg(long, default_value_t = 4096)]
+        batch_tokens: usize,
+    },
+    /// Generate an answer: renders the chat template and samples with a KV cache.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// tokenizer.json / directory; default: the model directory.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Chat template (default: the tokenizer's own).
+        #[arg(long)]
+        template: Option<String>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Merge an adapter into the base weights and write a Hugging Face model directory.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run the main job on the bundled sample and print where the outputs are.
     Quickstart {
         /// Output directory.
@@ -296,6 +408,16 @@ fn print<T: serde::Serialize>(json: bool, summary: &T, human: impl FnOnce(&T)) -
         human(summary);
     }
     Ok(())
+}
+
+fn load_model(model: &std::path::Path, adapter: Option<&std::path::Path>) -> Result<tunekit::train::model::Model> {
+    let device = candle_core::Device::Cpu;
+    let base = tunekit::train::weights::BaseModel::load(model, &device)?;
+    let mut m = tunekit::train::model::Model::from_base(&base, &device)?;
+    if let Some(a) = adapter {
+        tunekit::train::peft::load_into(&mut m, a)?;
+    }
+    Ok(m)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -377,6 +499,87 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { dir, show, split, tokenizer, plot } => {
             let r = tunekit::inspect::run(&dir, show, &split, tokenizer.as_deref(), plot)?;
             print(cli.json, &r, |r| r.print_human())
+        }
+        Command::Train(a) => {
+            let a = *a;
+            if a.method != "sft" {
+                anyhow::bail!("--method {}: only sft is implemented so far (dpo and reward are planned)", a.method);
+            }
+            if a.config.is_some() {
+                anyhow::bail!("--config FILE.toml is not supported yet; pass the options as flags");
+            }
+            let opts = tunekit::train::run::TrainOptions {
+                model: a.model,
+                data: a.data,
+                out: a.out,
+                epochs: a.epochs,
+                max_steps: a.max_steps,
+                optim: tunekit::train::optim::AdamWConfig {
+                    lr: a.lr,
+                    weight_decay: a.weight_decay,
+                    ..Default::default()
+                },
+                warmup_steps: a.warmup_steps,
+                schedule: a.schedule,
+                batch_tokens: a.batch_tokens,
+                grad_accum: a.grad_accum.max(1),
+                max_grad_norm: a.max_grad_norm,
+                lora: tunekit::train::lora::LoraSettings {
+                    r: a.lora_r,
+                    alpha: a.lora_alpha,
+                    dropout: a.lora_dropout,
+                    rslora: a.rslora,
+                    targets: tunekit::train::lora::LoraSettings::parse_targets(&a.target)?,
+                },
+                eval_every: a.eval_every,
+                save_every: a.save_every,
+                seed: a.seed,
+                logits_chunk: 1024,
+            };
+            let s = tunekit::train::run::run_with_resume(&opts, a.resume.as_deref())?;
+            print(cli.json, &s, |s| s.print_human())
+        }
+        Command::Eval { model, adapter, data, split, batch_tokens } => {
+            let m = load_model(&model, adapter.as_deref())?;
+            tunekit::train::data::check_manifest(&data, m.config.vocab_size)?;
+            let shards = tunekit::train::data::Shards::load(&data, &split)?;
+            let (loss, tokens) = tunekit::train::run::evaluate(&m, &shards, batch_tokens, 1024)?;
+            let v = serde_json::json!({"command": "eval", "split": split, "loss": loss, "perplexity": loss.exp(), "tokens": tokens});
+            print(cli.json, &v, |v| {
+                println!("{split}: loss {:.4}, perplexity {:.3} over {} trained tokens", loss, loss.exp(), v["tokens"])
+            })
+        }
+        Command::Generate {
+            model,
+            adapter,
+            tokenizer,
+            template,
+            prompt,
+            system,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => {
+            let m = load_model(&model, adapter.as_deref())?;
+            let tok_path = tokenizer.unwrap_or_else(|| model.clone());
+            let tok = tunekit::tokenize::TokenizerInfo::load(&tok_path)?;
+            let tpl = tunekit::prepare::chat_template(&tok, template.as_deref())?;
+            let mut msgs = Vec::new();
+            if let Some(s) = system {
+                msgs.push(tunekit::record::Message::new("system", s));
+            }
+            msgs.push(tunekit::record::Message::new("user", prompt));
+            let s = tunekit::train::generate::Sampling { max_tokens, temperature, top_p, seed };
+            let text = tunekit::train::generate::generate(&m, &tok, &tpl, &msgs, &s)?;
+            let v = serde_json::json!({"command": "generate", "text": text});
+            print(cli.json, &v, |_| println!("{text}"))
+        }
+        Command::Merge { model, adapter, out } => {
+            let m = load_model(&model, Some(&adapter))?;
+            let n = tunekit::train::merge::write_hf(&m, &out)?;
+            let v = serde_json::json!({"command": "merge", "out": out.display().to_string(), "merged_modules": n});
+            print(cli.json, &v, |_| println!("merged {n} LoRA module(s) into {}", out.display()))
         }
         Command::Quickstart { out } => {
             let s = tunekit::quickstart::run(&out)?;

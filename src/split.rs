@@ -9,6 +9,13 @@ impl SplitMix64 {
     pub fn new(seed: u64) -> Self {
         SplitMix64(seed ^ 0x9E37_79B9_7F4A_7C15)
     }
+    /// The generator's state, for checkpoints.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+    pub fn from_state(state: u64) -> Self {
+        SplitMix64(state)
+    }
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

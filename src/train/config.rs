@@ -1,0 +1,142 @@
+//! The model's shape, read from a Hugging Face `config.json` (Llama 2/3, Qwen2, Qwen3, Mistral) or
+//! from GGUF metadata (llama.cpp names).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelConfig {
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// q/k/v biases (Qwen2); also `attention_bias` in Llama configs.
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let c: ModelConfig =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a model config.json", path.display()))?;
+        c.check()?;
+        Ok(c)
+    }
+    pub fn check(&self) -> Result<()> {
+        match self.model_type.as_str() {
+            "llama" | "mistral" | "qwen2" | "qwen3" => {}
+            other => bail!("model_type '{other}' is not supported (llama, mistral, qwen2, qwen3)"),
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                bail!("hidden_act '{act}' is not supported (silu)");
+            }
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            bail!("num_attention_heads must be a multiple of num_key_value_heads");
+        }
+        Ok(())
+    }
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || self.attention_bias.unwrap_or(false)
+    }
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
+    }
+    /// Inverse frequencies of the rotary embedding, with Llama-3 scaling when configured.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim();
+        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
+        match &self.rope_scaling {
+            Some(s) if s.rope_type.as_deref() == Some("llama3") => {
+                let factor = s.factor.unwrap_or(8.0);
+                let low = s.low_freq_factor.unwrap_or(1.0);
+                let high = s.high_freq_factor.unwrap_or(4.0);
+                let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+                let (low_wl, high_wl) = (old / low, old / high);
+                base.into_iter()
+                    .map(|f| {
+                        let wl = 2.0 * std::f64::consts::PI / f;
+                        if wl < high_wl {
+                            f
+                        } else if wl > low_wl {
+                            f / factor
+                        } else {
+                            let smooth = (old / wl - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+            Some(s) if s.rope_type.as_deref() == Some("linear") => {
+                base.into_iter().map(|f| f / s.factor.unwrap_or(1.0)).collect()
+            }
+            _ => base,
+        }
+    }
+    /// Parameters of the base model.
+    pub fn num_params(&self) -> usize {
+        let (h, i, l, v) = (self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size);
+        let (q, kv) = (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim());
+        let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+        v * h * if self.tie_word_embeddings { 1 } else { 2 } + l * layer + h
+    }
+}

@@ -1,0 +1,113 @@
+//! LoRA on a frozen linear layer, as PEFT defines it: `y = x W^T (+ b) + (dropout(x) A^T B^T) * s`
+//! with A [r, in] initialised Kaiming-uniform (a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))),
+//! B [out, r] zeros, and s = alpha / r (alpha / sqrt(r) with rsLoRA). Only A and B are variables.
+
+use super::ops::frozen_linear;
+use crate::split::SplitMix64;
+use anyhow::Result;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub rslora: bool,
+    /// Module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+    pub targets: Vec<String>,
+}
+
+pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+impl LoraSettings {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+    /// `all-linear` or a comma list.
+    pub fn parse_targets(spec: &str) -> Result<Vec<String>> {
+        if spec == "all-linear" || spec == "all" {
+            return Ok(ALL_LINEAR.iter().map(|s| s.to_string()).collect());
+        }
+        let t: Vec<String> = spec.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        for x in &t {
+            if !ALL_LINEAR.contains(&x.as_str()) {
+                anyhow::bail!("--target: unknown module '{x}' (use {} or all-linear)", ALL_LINEAR.join(","));
+            }
+        }
+        Ok(t)
+    }
+}
+
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+pub struct Linear {
+    /// Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    pub w: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    pub fn new(name: String, w: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { name, w, bias, lora: None }
+    }
+
+    /// Adds a fresh adapter (PEFT's initialisation) drawn from `rng`.
+    pub fn add_lora(&mut self, s: &LoraSettings, rng: &mut SplitMix64) -> Result<()> {
+        let (out, inp) = self.w.dims2()?;
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a: Vec<f32> = (0..s.r * inp)
+            .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * bound as f32)
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (s.r, inp), self.w.device())?)?;
+        let b = Var::from_tensor(&Tensor::zeros((out, s.r), DType::F32, self.w.device())?)?;
+        self.lora = Some(Lora { a, b, scale: s.scale(), dropout: s.dropout });
+        Ok(())
+    }
+
+    /// x [tokens, in] -> [tokens, out]. `rng` drives dropout when training.
+    pub fn forward(&self, x: &Tensor, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
+        let mut y = frozen_linear(x, &self.w)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let xin = match train_rng {
+                Some(rng) if l.dropout > 0.0 => dropout(x, l.dropout, rng)?,
+                _ => x.clone(),
+            };
+            let delta = xin.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)?;
+            y = (y + (delta * l.scale)?)?;
+        }
+        Ok(y)
+    }
+
+    /// W + s * B A, for merging.
+    pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.lora {
+            Some(l) => self.w.clone() + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?,
+            None => Ok(self.w.clone()),
+        }
+    }
+}
+
+/// Inverted dropout with a seeded mask (reproducible across resumes).
+fn dropout(x: &Tensor, p: f64, rng: &mut SplitMix64) -> candle_core::Result<Tensor> {
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..n)
+        .map(|_| if (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 >= p { keep as f32 } else { 0.0 })
+        .collect();
+    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+}

@@ -1,0 +1,305 @@
+//! A differentiable Llama-family causal LM (Llama 2/3, Mistral, Qwen2 with q/k/v bias, Qwen3 with
+//! q/k norm; grouped-query attention; tied embeddings), built for training on packed rows:
+//! positions come from `position_ids`, attention is causal inside each segment only, and logits
+//! are computed only where a label trains, in chunks. candle-transformers' models are
+//! inference-only (last-token logits, fused ops without backward), so this is our own.
+
+use super::config::ModelConfig;
+use super::lora::{Linear, LoraSettings};
+use super::ops::{frozen_linear, rms_norm, rope, segment_attention, MaskCache};
+use super::weights::BaseModel;
+use crate::split::SplitMix64;
+use anyhow::Result;
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+
+pub struct Layer {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    pub input_norm: Tensor,
+    pub post_norm: Tensor,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+impl Layer {
+    pub fn linears(&self) -> [&Linear; 7] {
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    }
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+    }
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    pub device: Device,
+}
+
+/// One packed micro-batch, flattened: all rows' segments back to back.
+pub struct Batch {
+    pub input_ids: Tensor,    // [T] u32
+    pub position_ids: Tensor, // [T] u32
+    pub seq_lengths: Vec<usize>,
+    /// Positions t whose next token is trained, and that token.
+    pub loss_positions: Tensor, // [N] u32
+    pub loss_targets: Tensor, // [N] u32
+    pub tokens: usize,
+    pub trained: usize,
+}
+
+impl Batch {
+    /// From packed rows (labels aligned with input_ids; the loss predicts labels[t+1] from t).
+    pub fn from_rows(rows: &[&crate::pack::rows::PackedRow], device: &Device) -> Result<Batch> {
+        let (mut ids, mut pos, mut lens, mut lp, mut lt) = (vec![], vec![], vec![], vec![], vec![]);
+        for r in rows {
+            let base = ids.len();
+            ids.extend(r.input_ids.iter().map(|&t| t as u32));
+            pos.extend(r.position_ids.iter().map(|&p| p as u32));
+            let mut at = 0usize;
+            for &l in &r.seq_lengths {
+                let l = l as usize;
+                lens.push(l);
+                for t in at..at + l - 1 {
+                    let y = r.labels[t + 1];
+                    if y != -100 {
+                        lp.push((base + t) as u32);
+                        lt.push(y as u32);
+                    }
+                }
+                at += l;
+            }
+        }
+        let (tokens, trained) = (ids.len(), lp.len());
+        Ok(Batch {
+            input_ids: Tensor::from_vec(ids, tokens, device)?,
+            position_ids: Tensor::from_vec(pos, tokens, device)?,
+            seq_lengths: lens,
+            loss_positions: Tensor::from_vec(lp, trained, device)?,
+            loss_targets: Tensor::from_vec(lt, trained, device)?,
+            tokens,
+            trained,
+        })
+    }
+}
+
+impl Model {
+    pub fn from_base(base: &BaseModel, device: &Device) -> Result<Model> {
+        let c = base.config.clone();
+        let get = |n: &str| -> Result<Tensor> { Ok(base.get(n)?.to_device(device)?.to_dtype(DType::F32)?) };
+        let opt = |n: &str| -> Result<Option<Tensor>> {
+            match base.tensors.get(n) {
+                Some(t) => Ok(Some(t.to_device(device)?.to_dtype(DType::F32)?)),
+                None => Ok(None),
+            }
+        };
+        let lin = |p: &str| -> Result<Linear> {
+            let bias = if c.qkv_bias() { opt(&format!("{p}.bias"))? } else { None };
+            Ok(Linear::new(p.to_string(), get(&format!("{p}.weight"))?, bias))
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                q: lin(&format!("{p}.self_attn.q_proj"))?,
+                k: lin(&format!("{p}.self_attn.k_proj"))?,
+                v: lin(&format!("{p}.self_attn.v_proj"))?,
+                o: Linear::new(format!("{p}.self_attn.o_proj"), get(&format!("{p}.self_attn.o_proj.weight"))?, None),
+                gate: Linear::new(format!("{p}.mlp.gate_proj"), get(&format!("{p}.mlp.gate_proj.weight"))?, None),
+                up: Linear::new(format!("{p}.mlp.up_proj"), get(&format!("{p}.mlp.up_proj.weight"))?, None),
+                down: Linear::new(format!("{p}.mlp.down_proj"), get(&format!("{p}.mlp.down_proj.weight"))?, None),
+                input_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                q_norm: if c.qk_norm() { Some(get(&format!("{p}.self_attn.q_norm.weight"))?) } else { None },
+                k_norm: if c.qk_norm() { Some(get(&format!("{p}.self_attn.k_norm.weight"))?) } else { None },
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?;
+        let lm_head = match opt("lm_head.weight")? {
+            Some(w) if !c.tie_word_embeddings => w,
+            _ => embed.clone(),
+        };
+        let inv: Vec<f32> = c.inv_freq().iter().map(|&f| f as f32).collect();
+        let max_pos = c.max_position_embeddings.max(4096);
+        let t = Tensor::arange(0u32, max_pos as u32, device)?.to_dtype(DType::F32)?.reshape((max_pos, 1))?;
+        let freqs = t.broadcast_mul(&Tensor::from_vec(inv.clone(), (1, inv.len()), device)?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        Ok(Model {
+            cos: emb.cos()?,
+            sin: emb.sin()?,
+            config: c,
+            embed,
+            layers,
+            norm: get("model.norm.weight")?,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// Adds LoRA adapters to the target modules of every layer.
+    pub fn add_lora(&mut self, s: &LoraSettings, seed: u64) -> Result<()> {
+        let mut rng = SplitMix64::new(seed);
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                let module = lin.name.rsplit('.').next().unwrap_or_default().to_string();
+                if s.targets.contains(&module) {
+                    lin.add_lora(s, &mut rng)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Trainable variables with their PEFT names, in a fixed order.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            for lin in layer.linears() {
+                if let Some(l) = &lin.lora {
+                    out.push((format!("base_model.model.{}.lora_A.weight", lin.name), l.a.clone()));
+                    out.push((format!("base_model.model.{}.lora_B.weight", lin.name), l.b.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Final hidden states [T, hidden] for a flattened packed batch.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        seq_lengths: &[usize],
+        mut rng: Option<&mut SplitMix64>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (hq, hkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let t = ids.dim(0)?;
+        let cos = self.cos.index_select(positions, 0)?;
+        let sin = self.sin.index_select(positions, 0)?;
+        let mut masks = MaskCache::default();
+        let mut x = self.embed.index_select(ids, 0)?;
+        for layer in &self.layers {
+            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let mut q = layer.q.forward(&h, rng.as_deref_mut())?.reshape((t, hq, hd))?;
+            let mut k = layer.k.forward(&h, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
+            let v = layer.v.forward(&h, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = rms_norm(&q, qn, c.rms_norm_eps)?;
+                k = rms_norm(&k, kn, c.rms_norm_eps)?;
+            }
+            let q = rope(&q, &cos, &sin)?;
+            let k = rope(&k, &cos, &sin)?;
+            let attn = segment_attention(&q, &k, &v, seq_lengths, &mut masks)?;
+            x = (x + layer.o.forward(&attn, rng.as_deref_mut())?)?;
+            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+            let g = layer.gate.forward(&h, rng.as_deref_mut())?.silu()?;
+            let u = layer.up.forward(&h, rng.as_deref_mut())?;
+            x = (x + layer.down.forward(&(g * u)?, rng.as_deref_mut())?)?;
+        }
+        rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// Full logits [T, vocab] (for parity checks and generation).
+    pub fn logits(&self, ids: &Tensor, positions: &Tensor, seq_lengths: &[usize]) -> candle_core::Result<Tensor> {
+        let h = self.hidden(ids, positions, seq_lengths, None)?;
+        frozen_linear(&h, &self.lm_head)
+    }
+
+    /// Sum of token cross-entropies over the trained positions of the batch (divide by the number
+    /// of trained tokens of the whole accumulated batch outside). Logits only where labels train,
+    /// `chunk` rows at a time.
+    pub fn loss_sum(&self, batch: &Batch, rng: Option<&mut SplitMix64>, chunk: usize) -> candle_core::Result<Tensor> {
+        let h = self.hidden(&batch.input_ids, &batch.position_ids, &batch.seq_lengths, rng)?;
+        if batch.trained == 0 {
+            return Tensor::zeros((), DType::F32, &self.device);
+        }
+        let sel = h.index_select(&batch.loss_positions, 0)?;
+        let mut total: Option<Tensor> = None;
+        let mut start = 0;
+        while start < batch.trained {
+            let n = chunk.min(batch.trained - start);
+            let logits = frozen_linear(&sel.narrow(0, start, n)?, &self.lm_head)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let tgt = batch.loss_targets.narrow(0, start, n)?.unsqueeze(1)?;
+            let nll = logp.gather(&tgt, 1)?.sum_all()?.neg()?;
+            total = Some(match total {
+                Some(t) => (t + nll)?,
+                None => nll,
+            });
+            start += n;
+        }
+        Ok(total.expect("at least one chunk"))
+    }
+
+    /// Next-token logits of the last position with a KV cache (generation).
+    pub fn step(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (hq, hkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let t = ids.len();
+        let start = cache.len;
+        let ids_t = Tensor::from_vec(ids.to_vec(), t, &self.device)?;
+        let pos = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let mut q = layer.q.forward(&h, None)?.reshape((t, hq, hd))?;
+            let mut k = layer.k.forward(&h, None)?.reshape((t, hkv, hd))?;
+            let v = layer.v.forward(&h, None)?.reshape((t, hkv, hd))?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = rms_norm(&q, qn, c.rms_norm_eps)?;
+                k = rms_norm(&k, kn, c.rms_norm_eps)?;
+            }
+            let q = rope(&q, &cos, &sin)?.transpose(0, 1)?.contiguous()?; // [Hq, t, hd]
+            let k = rope(&k, &cos, &sin)?.transpose(0, 1)?.contiguous()?; // [Hkv, t, hd]
+            let v = v.transpose(0, 1)?.contiguous()?;
+            let (k, v) = match cache.kv.get(li).cloned().flatten() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+                None => (k, v),
+            };
+            if cache.kv.len() <= li {
+                cache.kv.push(None);
+            }
+            cache.kv[li] = Some((k.clone(), v.clone()));
+            let total = start + t;
+            let ks = super::ops::repeat_kv(&k, hq / hkv)?;
+            let vs = super::ops::repeat_kv(&v, hq / hkv)?;
+            let mut scores = (q.matmul(&ks.t()?)? * scale)?; // [Hq, t, total]
+            if t > 1 {
+                let mask: Vec<f32> = (0..t * total)
+                    .map(|i| if i % total > start + i / total { f32::NEG_INFINITY } else { 0.0 })
+                    .collect();
+                scores = scores.broadcast_add(&Tensor::from_vec(mask, (t, total), &self.device)?)?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = probs.matmul(&vs)?.transpose(0, 1)?.reshape((t, hq * hd))?;
+            x = (x + layer.o.forward(&o, None)?)?;
+            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+            let g = layer.gate.forward(&h, None)?.silu()?;
+            let u = layer.up.forward(&h, None)?;
+            x = (x + layer.down.forward(&(g * u)?, None)?)?;
+        }
+        cache.len += t;
+        let last = rms_norm(&x.i(t - 1..t)?, &self.norm, c.rms_norm_eps)?;
+        frozen_linear(&last, &self.lm_head)?.squeeze(0)
+    }
+}
+
+#[derive(Default)]
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    pub len: usize,
+}

@@ -1,0 +1,306 @@
+//! `tunekit train`: the training loop. Read shards, micro-batch by tokens, accumulate gradients
+//! (the loss is normalised by the trained tokens of the whole accumulated batch), clip, AdamW,
+//! warmup + decay; eval, checkpoints and bit-for-bit resume; metrics.jsonl and a loss curve.
+
+use super::data::{check_manifest, Shards};
+use super::lora::LoraSettings;
+use super::model::{Batch, Model};
+use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Schedule};
+use super::weights::BaseModel;
+use crate::split::SplitMix64;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub optim: AdamWConfig,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    pub batch_tokens: usize,
+    pub grad_accum: usize,
+    pub max_grad_norm: f64,
+    pub lora: LoraSettings,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub seed: u64,
+    pub logits_chunk: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainState {
+    step: u64,
+    micro_done: u64,
+    dropout_rng: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    pub command: &'static str,
+    pub out: String,
+    pub steps: u64,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub trainable_percent: f64,
+    pub first_loss: Option<f64>,
+    pub final_loss: Option<f64>,
+    pub first_eval_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub seconds: f64,
+    pub metrics: String,
+    pub plot: Option<String>,
+}
+
+fn grads_of(vars: &[(String, Var)], store: &candle_core::backprop::GradStore) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|(n, v)| {
+            store
+                .get(v.as_tensor())
+                .cloned()
+                .with_context(|| format!("no gradient reached {n}; the graph is cut somewhere"))
+        })
+        .collect()
+}
+
+/// Mean token loss over a split (no gradients).
+pub fn evaluate(model: &Model, shards: &Shards, budget: usize, chunk: usize) -> Result<(f64, u64)> {
+    let order: Vec<usize> = (0..shards.rows.len()).collect();
+    let (mut sum, mut n) = (0.0f64, 0u64);
+    for mb in shards.micro_batches(&order, budget) {
+        let rows: Vec<_> = mb.iter().map(|&i| &shards.rows[i]).collect();
+        let b = Batch::from_rows(&rows, &model.device)?;
+        if b.trained == 0 {
+            continue;
+        }
+        sum += model.loss_sum(&b, None, chunk)?.detach().to_scalar::<f32>()? as f64;
+        n += b.trained as u64;
+    }
+    Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, n))
+}
+
+fn save_checkpoint(dir: &Path, model: &Model, opts: &TrainOptions, opt: &AdamW, state: &TrainState) -> Result<()> {
+    let tmp = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    super::peft::save(model, &opts.lora, &opts.model.display().to_string(), &tmp)?;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+        t.insert(format!("m.{i}"), m.clone());
+        t.insert(format!("v.{i}"), v.clone());
+    }
+    candle_core::safetensors::save(&t, tmp.join("optimizer.safetensors"))?;
+    std::fs::write(
+        tmp.join("state.json"),
+        serde_json::to_string_pretty(&json!({"state": state, "adam_step": opt.step, "options": opts}))?,
+    )?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir)?;
+    Ok(())
+}
+
+pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
+    run_with_resume(opts, None)
+}
+
+pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
+    let start = Instant::now();
+    let device = Device::Cpu;
+    let base = BaseModel::load(&opts.model, &device)?;
+    check_manifest(&opts.data, base.config.vocab_size)?;
+    let mut model = Model::from_base(&base, &device)?;
+    drop(base);
+    model.add_lora(&opts.lora, opts.seed)?;
+    let vars_named = model.lora_vars();
+    if vars_named.is_empty() {
+        bail!("no LoRA module matched --target {:?}", opts.lora.targets);
+    }
+    let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
+    let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let total_params = model.config.num_params() + trainable;
+    let train = Shards::load(&opts.data, "train")?;
+    if train.rows.is_empty() {
+        bail!("{}: no training rows (train-*.parquet)", opts.data.display());
+    }
+    let eval = Shards::load(&opts.data, "eval")?;
+    let mut optim = AdamW::new(opts.optim.clone(), &vars)?;
+    let mut state = TrainState { step: 0, micro_done: 0, dropout_rng: SplitMix64::new(opts.seed ^ 0xD0).state() };
+    if let Some(dir) = resume {
+        let st: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("state.json")).with_context(|| format!("{}: not a checkpoint", dir.display()))?,
+        )?;
+        state = serde_json::from_value(st["state"].clone())?;
+        optim.step = st["adam_step"].as_u64().unwrap_or(state.step);
+        let (_, tensors) = super::peft::read(dir)?;
+        for (n, v) in &vars_named {
+            v.set(tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?)?;
+        }
+        let ot = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
+        for i in 0..vars.len() {
+            optim.m[i] = ot.get(&format!("m.{i}")).context("optimizer state incomplete")?.clone();
+            optim.v[i] = ot.get(&format!("v.{i}")).context("optimizer state incomplete")?.clone();
+        }
+    }
+    let per_epoch: Vec<Vec<usize>> = train.micro_batches(&train.epoch_order(opts.seed, 0), opts.batch_tokens);
+    let micro_per_epoch = per_epoch.len() as u64;
+    let steps_per_epoch = micro_per_epoch.div_ceil(opts.grad_accum as u64);
+    let total_steps = opts.max_steps.unwrap_or(steps_per_epoch * opts.epochs.max(1));
+    std::fs::create_dir_all(&opts.out)?;
+    let metrics_path = opts.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(resume.is_some())
+        .write(true)
+        .truncate(resume.is_none())
+        .open(&metrics_path)?;
+    let pb = crate::progress::bar("train", total_steps);
+    pb.set_position(state.step);
+    let mut dropout_rng = SplitMix64::from_state(state.dropout_rng);
+    let (mut first_loss, mut last_loss, mut first_eval, mut last_eval) = (None, None, None, None);
+    let mut curve: Vec<(f64, f64)> = Vec::new();
+    let mut eval_curve: Vec<(f64, f64)> = Vec::new();
+    let mut tokens_total = 0u64;
+    let train_start = Instant::now();
+    if resume.is_none() && opts.eval_every > 0 && !eval.rows.is_empty() {
+        let (l, _) = evaluate(&model, &eval, opts.batch_tokens, opts.logits_chunk)?;
+        first_eval = Some(l);
+        eval_curve.push((0.0, l));
+        writeln!(metrics, "{}", json!({"step": 0, "eval_loss": l}))?;
+    }
+    while state.step < total_steps {
+        let t0 = Instant::now();
+        // The micro-batches of this step, continuing across epochs deterministically.
+        let mut micro = Vec::with_capacity(opts.grad_accum);
+        for k in 0..opts.grad_accum as u64 {
+            let g = state.micro_done + k;
+            let (epoch, idx) = (g / micro_per_epoch, g % micro_per_epoch);
+            let order = if epoch == 0 {
+                per_epoch[idx as usize].clone()
+            } else {
+                train.micro_batches(&train.epoch_order(opts.seed, epoch), opts.batch_tokens)[idx as usize].clone()
+            };
+            micro.push(order);
+        }
+        let batches: Vec<Batch> = micro
+            .iter()
+            .map(|mb| Batch::from_rows(&mb.iter().map(|&i| &train.rows[i]).collect::<Vec<_>>(), &device))
+            .collect::<Result<_>>()?;
+        let trained: usize = batches.iter().map(|b| b.trained).sum();
+        let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        let mut acc: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0.0f64;
+        for b in &batches {
+            if b.trained == 0 {
+                continue;
+            }
+            let l = model.loss_sum(b, Some(&mut dropout_rng), opts.logits_chunk)?;
+            loss_sum += l.to_scalar::<f32>()? as f64;
+            let scaled = (l / trained as f64)?;
+            let g = grads_of(&vars_named, &scaled.backward()?)?;
+            acc = Some(match acc {
+                None => g,
+                Some(a) => a.iter().zip(g).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let loss = loss_sum / trained.max(1) as f64;
+        if !loss.is_finite() {
+            bail!(
+                "step {}: the loss is {loss}; stopping. The last good checkpoint is kept in {}",
+                state.step + 1,
+                opts.out.display()
+            );
+        }
+        let mut grads = acc.context("no trained token in this step's batches")?;
+        let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
+        let lr = lr_at(opts.optim.lr, state.step, opts.warmup_steps, total_steps, opts.schedule);
+        optim.update(&vars, &grads, lr)?;
+        state.step += 1;
+        state.micro_done += opts.grad_accum as u64;
+        state.dropout_rng = dropout_rng.state();
+        tokens_total += tokens as u64;
+        let dt = t0.elapsed().as_secs_f64();
+        first_loss.get_or_insert(loss);
+        last_loss = Some(loss);
+        curve.push((state.step as f64, loss));
+        let mut rec = json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "trained_tokens": trained, "tokens_per_s": tokens as f64 / dt});
+        if opts.eval_every > 0
+            && !eval.rows.is_empty()
+            && (state.step % opts.eval_every == 0 || state.step == total_steps)
+        {
+            let (l, _) = evaluate(&model, &eval, opts.batch_tokens, opts.logits_chunk)?;
+            rec["eval_loss"] = json!(l);
+            first_eval.get_or_insert(l);
+            last_eval = Some(l);
+            eval_curve.push((state.step as f64, l));
+        }
+        writeln!(metrics, "{rec}")?;
+        pb.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", tokens as f64 / dt));
+        pb.set_position(state.step);
+        if opts.save_every > 0 && state.step % opts.save_every == 0 && state.step < total_steps {
+            save_checkpoint(&opts.out.join(format!("checkpoint-{}", state.step)), &model, opts, &optim, &state)?;
+        }
+    }
+    pb.finish_and_clear();
+    super::peft::save(&model, &opts.lora, &opts.model.display().to_string(), &opts.out)?;
+    save_checkpoint(&opts.out.join("checkpoint-last"), &model, opts, &optim, &state)?;
+    let plot = if !curve.is_empty() {
+        let p = opts.out.join("loss.png");
+        let mut series: Vec<(&[(f64, f64)], [u8; 3])> = vec![(&curve, crate::plot::BLUE)];
+        if !eval_curve.is_empty() {
+            series.push((&eval_curve, crate::plot::ORANGE));
+        }
+        crate::plot::lines_png(&p, &series)?;
+        Some(p.display().to_string())
+    } else {
+        None
+    };
+    let secs = train_start.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        command: "train",
+        out: opts.out.display().to_string(),
+        steps: state.step,
+        trainable_params: trainable,
+        total_params,
+        trainable_percent: 100.0 * trainable as f64 / total_params as f64,
+        first_loss,
+        final_loss: last_loss,
+        first_eval_loss: first_eval,
+        final_eval_loss: last_eval,
+        tokens: tokens_total,
+        tokens_per_s: tokens_total as f64 / secs.max(1e-9),
+        seconds: start.elapsed().as_secs_f64(),
+        metrics: metrics_path.display().to_string(),
+        plot,
+    })
+}
+
+impl TrainSummary {
+    pub fn print_human(&self) {
+        println!("trained {} step(s) in {:.1}s ({:.0} tokens/s)", self.steps, self.seconds, self.tokens_per_s);
+        println!(
+            "  trainable parameters: {} of {} ({:.3}%)",
+            self.trainable_params, self.total_params, self.trainable_percent
+        );
+        if let (Some(a), Some(b)) = (self.first_loss, self.final_loss) {
+            println!("  train loss: {a:.4} -> {b:.4}");
+        }
+        if let (Some(a), Some(b)) = (self.first_eval_loss, self.final_eval_loss) {
+            println!("  eval loss:  {a:.4} -> {b:.4}");
+        }
+        println!("  adapter:    {}/adapter_model.safetensors (PEFT format)", self.out);
+        println!("  metrics:    {}", self.metrics);
+        if let Some(p) = &self.plot {
+            println!("  loss curve: {p}");
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Base model weights in Hugging Face naming, from a model directory (config.json +
+//! model.safetensors, or shards listed in model.safetensors.index.json) or a GGUF file
+//! (llama.cpp names mapped back, Q/K rows un-permuted, tensors dequantised to f32).
+
+use super::config::ModelConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub struct BaseModel {
+    pub config: ModelConfig,
+    pub tensors: HashMap<String, Tensor>,
+    pub source: PathBuf,
+    /// Tokenizer and chat template from GGUF metadata, when the base is a GGUF file.
+    pub gguf_metadata: Option<HashMap<String, gguf_file::Value>>,
+}
+
+impl BaseModel {
+    pub fn load(path: &Path, device: &Device) -> Result<BaseModel> {
+        if path.is_dir() {
+            load_hf_dir(path, device)
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            load_gguf(path, device)
+        } else if path.exists() {
+            bail!(
+                "{}: expected a Hugging Face model directory (config.json + *.safetensors) or a .gguf file",
+                path.display()
+            )
+        } else {
+            bail!("model {} does not exist", path.display())
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors
+            .get(name)
+            .with_context(|| format!("{}: the weights have no tensor '{name}'", self.source.display()))
+    }
+}
+
+fn load_hf_dir(dir: &Path, device: &Device) -> Result<BaseModel> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let files: Vec<PathBuf> = if dir.join("model.safetensors.index.json").exists() {
+        let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json"))?)?;
+        let mut f: Vec<String> = idx["weight_map"]
+            .as_object()
+            .context("model.safetensors.index.json has no weight_map")?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        f.sort();
+        f.dedup();
+        f.into_iter().map(|n| dir.join(n)).collect()
+    } else if dir.join("model.safetensors").exists() {
+        vec![dir.join("model.safetensors")]
+    } else {
+        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+    };
+    let mut tensors = HashMap::new();
+    for f in files {
+        for (name, t) in
+            candle_core::safetensors::load(&f, device).with_context(|| format!("cannot read {}", f.display()))?
+        {
+            tensors.insert(name, t.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(BaseModel { config, tensors, source: dir.to_path_buf(), gguf_metadata: None })
+}
+
+fn md_u(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<usize> {
+    md.get(key)
+        .with_context(|| format!("GGUF metadata has no '{key}'"))?
+        .to_u32()
+        .map(|v| v as usize)
+        .map_err(Into::into)
+}
+
+fn md_f(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
+    md.get(key).and_then(|v| v.to_f32().ok()).map(|v| v as f64)
+}
+
+/// Undoes llama.cpp's rotary row permutation of q_proj/k_proj.
+fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    Ok(w.reshape((n_head, out / n_head / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
+fn load_gguf(path: &Path, device: &Device) -> Result<BaseModel> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content =
+        gguf_file::Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", path.display()))?;
+    let md = &content.metadata;
+    let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    if arch != "llama" {
+        bail!("{}: GGUF architecture '{arch}' is not supported (llama)", path.display());
+    }
+    let embd = content.tensor(&mut file, "token_embd.weight", device)?.dequantize(device)?;
+    let (vocab, hidden) = embd.dims2()?;
+    let n_head = md_u(md, "llama.attention.head_count")?;
+    let n_kv = md_u(md, "llama.attention.head_count_kv").unwrap_or(n_head);
+    let config = ModelConfig {
+        model_type: "llama".into(),
+        hidden_size: hidden,
+        intermediate_size: md_u(md, "llama.feed_forward_length")?,
+        num_hidden_layers: md_u(md, "llama.block_count")?,
+        num_attention_heads: n_head,
+        num_key_value_heads: Some(n_kv),
+        head_dim: md_u(md, "llama.attention.key_length").ok(),
+        vocab_size: vocab,
+        rms_norm_eps: md_f(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: md_f(md, "llama.rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling: None,
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        attention_bias: Some(false),
+        max_position_embeddings: md_u(md, "llama.context_length").unwrap_or(2048),
+        bos_token_id: md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()).map(serde_json::Value::from),
+        eos_token_id: md.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).map(serde_json::Value::from),
+        hidden_act: Some("silu".into()),
+    };
+    config.check()?;
+    let mut tensors = HashMap::new();
+    tensors.insert("model.embed_tokens.weight".to_string(), embd);
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    for name in names {
+        let hf = match gguf_to_hf(&name) {
+            Some(n) => n,
+            None if name == "token_embd.weight" => continue,
+            None => continue, // rope_freqs and other derived tensors
+        };
+        let mut t = content.tensor(&mut file, &name, device)?.dequantize(device)?;
+        if name.ends_with("attn_q.weight") {
+            t = unpermute(&t, n_head)?;
+        } else if name.ends_with("attn_k.weight") {
+            t = unpermute(&t, n_kv)?;
+        }
+        tensors.insert(hf, t);
+    }
+    Ok(BaseModel { config, tensors, source: path.to_path_buf(), gguf_metadata: Some(content.metadata) })
+}
+
+/// llama.cpp tensor name -> Hugging Face name.
+pub fn gguf_to_hf(name: &str) -> Option<String> {
+    if name == "output_norm.weight" {
+        return Some("model.norm.weight".into());
+    }
+    if name == "output.weight" {
+        return Some("lm_head.weight".into());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, t) = rest.split_once('.')?;
+    let hf = match t {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
