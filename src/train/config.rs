@@ -38,6 +38,10 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
+    /// transformers v5 writes `rope_parameters` {rope_theta, rope_type, factor, ...} instead of
+    /// `rope_theta` + `rope_scaling`; `from_file` folds it into those two.
+    #[serde(default, skip_serializing)]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// q/k/v biases (Qwen2); also `attention_bias` in Llama configs.
@@ -69,8 +73,20 @@ fn default_max_pos() -> usize {
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let c: ModelConfig =
+        let mut c: ModelConfig =
             serde_json::from_str(&text).with_context(|| format!("{}: not a model config.json", path.display()))?;
+        if let Some(rp) = c.rope_parameters.take() {
+            if let Some(theta) = rp.get("rope_theta").and_then(|v| v.as_f64()) {
+                c.rope_theta = theta;
+            }
+            let kind = rp.get("rope_type").and_then(|v| v.as_str()).unwrap_or("default");
+            if kind != "default" {
+                c.rope_scaling = Some(
+                    serde_json::from_value(rp.clone())
+                        .with_context(|| format!("{}: bad rope_parameters", path.display()))?,
+                );
+            }
+        }
         c.check()?;
         Ok(c)
     }

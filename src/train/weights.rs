@@ -112,6 +112,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<BaseModel> {
         rms_norm_eps: md_f(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         rope_theta: md_f(md, "llama.rope.freq_base").unwrap_or(10_000.0),
         rope_scaling: None,
+        rope_parameters: None,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: Some(false),
         max_position_embeddings: md_u(md, "llama.context_length").unwrap_or(2048),

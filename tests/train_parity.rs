@@ -1,0 +1,105 @@
+//! Trainer parity with transformers + PEFT + torch (fixtures from tests/fixtures/train/make_fixtures.py):
+//! base logits, PEFT logits, the packed-row loss, and one AdamW step, for Llama (GQA, tied
+//! embeddings, Llama-3 rope scaling), Qwen2 (q/k/v bias) and Qwen3 (q/k norm).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use tunekit::pack::rows::PackedRow;
+use tunekit::train::model::{Batch, Model};
+use tunekit::train::optim::{AdamW, AdamWConfig};
+use tunekit::train::weights::BaseModel;
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn fixture(arch: &str) -> (std::path::PathBuf, HashMap<String, Tensor>, PackedRow) {
+    let dir = common::root().join("tests/fixtures/train").join(arch);
+    let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let v = |k: &str| -> Vec<i32> {
+        r[k].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as i32).collect()
+    };
+    let row = PackedRow {
+        input_ids: v("input_ids"),
+        labels: v("labels"),
+        position_ids: v("position_ids"),
+        seq_lengths: v("seq_lengths"),
+    };
+    (dir, r, row)
+}
+
+fn check(arch: &str) {
+    let (dir, r, row) = fixture(arch);
+    let dev = Device::Cpu;
+    let base = BaseModel::load(&dir, &dev).unwrap();
+    let mut model = Model::from_base(&base, &dev).unwrap();
+    let batch = Batch::from_rows(&[&row], &dev).unwrap();
+    let lens: Vec<usize> = row.seq_lengths.iter().map(|&l| l as usize).collect();
+
+    let logits = model.logits(&batch.input_ids, &batch.position_ids, &lens).unwrap();
+    let d = max_diff(&logits, &r["base_logits"]);
+    assert!(d < 1e-4, "{arch}: base logits differ from transformers by {d}");
+
+    tunekit::train::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
+    let logits = model.logits(&batch.input_ids, &batch.position_ids, &lens).unwrap();
+    let d = max_diff(&logits, &r["peft_logits"]);
+    assert!(d < 1e-4, "{arch}: logits with the adapter differ from PEFT by {d}");
+
+    let loss = (model.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+    let want = r["loss"].to_vec1::<f32>().unwrap()[0];
+    let got = loss.to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{arch}: packed loss {got} vs transformers {want}");
+
+    let named = model.lora_vars();
+    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let grads = loss.backward().unwrap();
+    let g: Vec<Tensor> = named
+        .iter()
+        .map(|(n, v)| {
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{arch}: no gradient for {n}")).clone();
+            assert!(
+                g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0,
+                "{arch}: zero gradient for {n}"
+            );
+            g
+        })
+        .collect();
+    for ((n, _), g) in named.iter().zip(&g) {
+        let want = &r[&format!("grad.{n}")];
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        let d = max_diff(g, want);
+        assert!(d < 1e-4 * scale, "{arch}: gradient of {n} differs from torch by {d} (max {scale})");
+    }
+    let embed_before = model.embed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut opt =
+        AdamW::new(AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, &vars).unwrap();
+    opt.update(&vars, &g, 1e-2).unwrap();
+    // Adam's first step is lr * g / (|g| + eps): where |g| is near eps, float noise in g moves
+    // the update; compare where the gradient is clearly resolved.
+    for (n, v) in &named {
+        let want = r.get(&format!("after_step.{n}")).unwrap_or_else(|| panic!("{arch}: fixture lacks {n}"));
+        let resolved = r[&format!("grad.{n}")].abs().unwrap().ge(1e-6).unwrap().to_dtype(DType::F32).unwrap();
+        let d =
+            ((v.as_tensor() - want).unwrap().abs().unwrap() * resolved).unwrap().flatten_all().unwrap().max(0).unwrap();
+        let d = d.to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "{arch}: {n} after one AdamW step differs from torch by {d}");
+    }
+    assert_eq!(model.embed.flatten_all().unwrap().to_vec1::<f32>().unwrap(), embed_before, "base weights never change");
+}
+
+#[test]
+fn llama_gqa_tied_rope_scaling() {
+    check("llama");
+}
+
+#[test]
+fn qwen2_qkv_bias() {
+    check("qwen2");
+}
+
+#[test]
+fn qwen3_qk_norm() {
+    check("qwen3");
+}
