@@ -6,7 +6,7 @@
 
 use super::config::ModelConfig;
 use super::lora::{Linear, LoraSettings};
-use super::ops::{frozen_linear, rms_norm, rope, segment_attention, MaskCache};
+use super::ops::{frozen_linear, rms_norm_frozen as rms_norm, rope, segment_attention, MaskCache};
 use super::weights::BaseModel;
 use crate::split::SplitMix64;
 use anyhow::Result;
@@ -230,9 +230,7 @@ impl Model {
         while start < batch.trained {
             let n = chunk.min(batch.trained - start);
             let logits = frozen_linear(&sel.narrow(0, start, n)?, &self.lm_head)?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let tgt = batch.loss_targets.narrow(0, start, n)?.unsqueeze(1)?;
-            let nll = logp.gather(&tgt, 1)?.sum_all()?.neg()?;
+            let nll = super::ops::cross_entropy_sum(&logits, &batch.loss_targets.narrow(0, start, n)?)?;
             total = Some(match total {
                 Some(t) => (t + nll)?,
                 None => nll,

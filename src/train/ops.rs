@@ -54,6 +54,19 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 
 /// RMSNorm from basic ops: `x / sqrt(mean(x^2) + eps) * w`, in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    rms_norm_basic(x, w, eps)
+}
+
+/// RMSNorm with a frozen weight: the fused op on the CPU, basic ops elsewhere.
+pub fn rms_norm_frozen(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() {
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        return x.contiguous()?.apply_op1(RmsNormOp { w: wv, eps: eps as f32 });
+    }
+    rms_norm_basic(x, w, eps)
+}
+
+fn rms_norm_basic(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }
@@ -87,8 +100,7 @@ pub fn segment_attention(
         let qs = q.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?; // [Hq, L, hd]
         let ks = repeat_kv(&k.narrow(0, start, len)?.transpose(0, 1)?, hq / hkv)?; // [Hq, L, hd]
         let vs = repeat_kv(&v.narrow(0, start, len)?.transpose(0, 1)?, hq / hkv)?;
-        let scores = (qs.matmul(&ks.t()?)? * scale)?.broadcast_add(&masks.get(len, q.device())?)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = causal_softmax(&qs.matmul(&ks.t()?)?, scale, masks)?;
         let o = probs.matmul(&vs)?; // [Hq, L, hd]
         outs.push(o.transpose(0, 1)?.reshape((len, hq * hd))?);
         start += len;
@@ -213,5 +225,262 @@ mod tests {
         .unwrap();
         let d = (first - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-6);
+    }
+}
+
+/// Fused cross-entropy over rows of logits with integer targets: forward gives the per-row
+/// negative log-likelihood `logsumexp(l) - l[t]`; backward gives `g * (softmax(l) - onehot(t))`.
+/// Two passes over the [N, vocab] logits instead of the many temporaries of log_softmax + gather.
+pub struct CrossEntropy {
+    pub targets: Vec<u32>,
+}
+
+fn row_lse(row: &[f32]) -> f32 {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
+    m + s.ln()
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (n, v) = l.shape().dims2()?;
+        let Some((o1, o2)) = l.contiguous_offsets() else {
+            candle_core::bail!("cross-entropy: logits must be contiguous")
+        };
+        let data = &s.as_slice::<f32>()?[o1..o2];
+        let out: Vec<f32> =
+            data.par_chunks(v).zip(self.targets.par_iter()).map(|(row, &t)| row_lse(row) - row[t as usize]).collect();
+        debug_assert_eq!(out.len(), n);
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let (n, v) = logits.dims2()?;
+        let l = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.to_vec1::<f32>()?;
+        let mut d = vec![0f32; n * v];
+        d.par_chunks_mut(v).zip(l.par_chunks(v)).enumerate().for_each(|(i, (drow, row))| {
+            let lse = row_lse(row);
+            for (dj, &x) in drow.iter_mut().zip(row) {
+                *dj = g[i] * (x - lse).exp();
+            }
+            drow[self.targets[i] as usize] -= g[i];
+        });
+        Ok(Some(Tensor::from_vec(d, (n, v), logits.device())?))
+    }
+}
+
+/// Sum of the cross-entropies of the rows of `logits` [N, vocab] against `targets`.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if logits.device().is_cpu() {
+        let t = targets.to_vec1::<u32>()?;
+        return logits.contiguous()?.apply_op1(CrossEntropy { targets: t })?.sum_all();
+    }
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
+}
+
+#[cfg(test)]
+mod ce_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_cross_entropy_matches_log_softmax_and_its_gradient() {
+        let mut r = crate::split::SplitMix64::new(5);
+        let v: Vec<f32> =
+            (0..6 * 11).map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(v, (6, 11), &Device::Cpu).unwrap()).unwrap();
+        let t = Tensor::from_vec(vec![0u32, 3, 10, 5, 5, 1], 6, &Device::Cpu).unwrap();
+        let a = cross_entropy_sum(x.as_tensor(), &t).unwrap();
+        let logp = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1).unwrap();
+        let b = logp.gather(&t.unsqueeze(1).unwrap(), 1).unwrap().sum_all().unwrap().neg().unwrap();
+        let (av, bv) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert!((av - bv).abs() < 1e-4, "{av} vs {bv}");
+        let ga = a.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let gb = b.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let d = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "gradient differs by {d}");
+    }
+}
+
+/// Row-wise kernels shared by the fused CPU ops below.
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Causal softmax of scaled attention scores [H, L, L] in one pass (positions after the query get
+/// probability 0), with its backward `dS = scale * P * (dP - sum(P * dP))`.
+pub struct CausalSoftmax {
+    pub scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let len = l.shape().dims()[l.shape().rank() - 1];
+        let x = contiguous_f32(s, l, "causal-softmax")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(r, (o, row))| {
+            let i = r % len; // query position inside the segment
+            let valid = &row[..=i];
+            let m = valid.iter().cloned().fold(f32::NEG_INFINITY, f32::max) * self.scale;
+            let mut sum = 0f32;
+            for (oj, &v) in o[..=i].iter_mut().zip(valid) {
+                *oj = (v * self.scale - m).exp();
+                sum += *oj;
+            }
+            let inv = 1.0 / sum;
+            o[..=i].iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let len = p.dim(D::Minus1)?;
+        let pv = p.flatten_all()?.to_vec1::<f32>()?;
+        let gv = dp.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut d = vec![0f32; pv.len()];
+        d.par_chunks_mut(len).zip(pv.par_chunks(len).zip(gv.par_chunks(len))).enumerate().for_each(
+            |(r, (drow, (prow, grow)))| {
+                let i = r % len;
+                let dot: f32 = prow[..=i].iter().zip(&grow[..=i]).map(|(a, b)| a * b).sum();
+                for j in 0..=i {
+                    drow[j] = self.scale * prow[j] * (grow[j] - dot);
+                }
+            },
+        );
+        Ok(Some(Tensor::from_vec(d, p.shape(), p.device())?))
+    }
+}
+
+/// `softmax(scale * scores + causal mask)` over the last dim of [H, L, L].
+pub fn causal_softmax(scores: &Tensor, scale: f64, masks: &mut MaskCache) -> candle_core::Result<Tensor> {
+    if scores.device().is_cpu() {
+        return scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 });
+    }
+    let len = scores.dim(D::Minus1)?;
+    let s = (scores * scale)?.broadcast_add(&masks.get(len, scores.device())?)?;
+    candle_nn::ops::softmax(&s, D::Minus1)
+}
+
+/// RMSNorm with a frozen weight in one pass, backward to the input only:
+/// `dx = r * (w*dy) - x * r^3 / H * sum(w*dy*x)` with `r = 1/sqrt(mean(x^2) + eps)`.
+pub struct RmsNormOp {
+    pub w: Vec<f32>,
+    pub eps: f32,
+}
+
+impl CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let h = self.w.len();
+        let x = contiguous_f32(s, l, "rms-norm")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h.max(1) * 64).zip(x.par_chunks(h.max(1) * 64)).for_each(|(o, xs)| {
+            for (orow, row) in o.chunks_mut(h).zip(xs.chunks(h)) {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                for ((oj, &v), &w) in orow.iter_mut().zip(row).zip(&self.w) {
+                    *oj = v * r * w;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let h = self.w.len();
+        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let gv = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut d = vec![0f32; xv.len()];
+        d.par_chunks_mut(h * 64).zip(xv.par_chunks(h * 64).zip(gv.par_chunks(h * 64))).for_each(|(dd, (xs, gs))| {
+            for ((drow, row), grow) in dd.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                let dot: f32 = row.iter().zip(grow).zip(&self.w).map(|((x, g), w)| x * g * w).sum();
+                let k = r * r * r * dot / h as f32;
+                for (((dj, &xj), &gj), &wj) in drow.iter_mut().zip(row).zip(grow).zip(&self.w) {
+                    *dj = r * wj * gj - xj * k;
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(d, x.shape(), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod fused_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let mut r = crate::split::SplitMix64::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn grads_match(a: impl Fn(&Tensor) -> Tensor, b: impl Fn(&Tensor) -> Tensor, x0: &Tensor) {
+        let probe = rand(x0.dims(), 77);
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let x = Var::from_tensor(x0).unwrap();
+            let y = f(x.as_tensor());
+            let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            (y, g)
+        };
+        let (ya, ga) = run(&a);
+        let (yb, gb) = run(&b);
+        let dy = (ya - yb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let dg = (ga - gb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(dy < 1e-5 && dg < 1e-5, "value differs by {dy}, gradient by {dg}");
+    }
+
+    #[test]
+    fn causal_softmax_matches_masked_softmax() {
+        let s = rand(&[3, 5, 5], 1);
+        grads_match(
+            |x| x.apply_op1(CausalSoftmax { scale: 0.5 }).unwrap(),
+            |x| {
+                let mut m = MaskCache::default();
+                candle_nn::ops::softmax(
+                    &(x * 0.5).unwrap().broadcast_add(&m.get(5, &Device::Cpu).unwrap()).unwrap(),
+                    D::Minus1,
+                )
+                .unwrap()
+            },
+            &s,
+        );
+    }
+
+    #[test]
+    fn rms_norm_op_matches_basic_ops() {
+        let x = rand(&[6, 8], 2);
+        let w = rand(&[8], 3);
+        let wv = w.to_vec1::<f32>().unwrap();
+        grads_match(
+            |x| x.apply_op1(RmsNormOp { w: wv.clone(), eps: 1e-5 }).unwrap(),
+            |x| rms_norm(x, &w, 1e-5).unwrap(),
+            &x,
+        );
     }
 }

@@ -1,0 +1,54 @@
+"""LoRA training step on CPU: PyTorch + transformers + PEFT, and the same data for tunekit.
+
+Config (issue 6): Llama, hidden 256, 4 layers, 4 heads, intermediate 688, vocab 32,000, seq 512,
+LoRA r=8 on all seven projections, AdamW, batch 1. Rows are 512 tokens whose first half is a
+prompt (labels -100) and second half trained, like SFT data.
+
+  python benches/anchor_train.py OUT_DIR STEPS   # writes OUT_DIR/model, OUT_DIR/shards, times PEFT
+"""
+import json, os, sys, time
+import torch
+import pyarrow as pa, pyarrow.parquet as pq
+from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+
+out, steps = sys.argv[1], int(sys.argv[2])
+hidden = int(os.environ.get("HIDDEN", 256)); layers = int(os.environ.get("LAYERS", 4))
+heads = int(os.environ.get("HEADS", 4)); kv = int(os.environ.get("KV_HEADS", heads))
+inter = int(os.environ.get("INTER", 688)); vocab = int(os.environ.get("VOCAB", 32000))
+seq = int(os.environ.get("SEQ", 512)); tie = os.environ.get("TIE", "0") == "1"
+torch.manual_seed(0)
+torch.set_num_threads(int(os.environ.get("THREADS", 2)))
+cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=max(2048, seq), tie_word_embeddings=tie)
+model = LlamaForCausalLM(cfg).float()
+os.makedirs(out, exist_ok=True)
+model.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
+
+g = torch.Generator().manual_seed(1)
+rows = []
+for _ in range(steps + 2):
+    ids = torch.randint(0, vocab, (seq,), generator=g)
+    labels = ids.clone(); labels[: seq // 2] = -100
+    rows.append((ids, labels))
+sh = os.path.join(out, "shards"); os.makedirs(sh, exist_ok=True)
+table = pa.table({
+    "input_ids": [r[0].tolist() for r in rows], "labels": [r[1].tolist() for r in rows],
+    "position_ids": [list(range(seq)) for _ in rows], "seq_lengths": [[seq] for _ in rows]},
+    schema=pa.schema([(c, pa.list_(pa.int32())) for c in ["input_ids", "labels", "position_ids", "seq_lengths"]]))
+pq.write_table(table, os.path.join(sh, "train-00000-of-00001.parquet"))
+json.dump({"tokenizer": {"vocab_size": vocab, "path": "random"}, "seq_len": seq}, open(os.path.join(sh, "manifest.json"), "w"))
+
+peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+peft_model.train()
+opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-4)
+times = []
+for i, (ids, labels) in enumerate(rows[:steps + 2]):
+    t = time.time()
+    loss = peft_model(input_ids=ids[None], labels=labels[None]).loss
+    loss.backward(); opt.step(); opt.zero_grad()
+    times.append(time.time() - t)
+times = times[2:]  # warm-up
+step = sorted(times)[len(times) // 2]
+print(f"peft steps={len(times)} median_step_s={step:.4f} tokens_per_s={seq / step:.0f} loss={loss.item():.4f}")
