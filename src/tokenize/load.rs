@@ -53,10 +53,7 @@ impl TokenizerInfo {
             (j, Some(path.join("tokenizer_config.json")))
         } else if path.exists() {
             if path.extension().is_some_and(|e| e == "gguf") {
-                bail!(
-                    "{}: reading a tokenizer from GGUF metadata is not supported yet; pass the model's tokenizer.json",
-                    path.display()
-                );
+                return Self::from_gguf(path);
             }
             (path.to_path_buf(), path.parent().map(|d| d.join("tokenizer_config.json")))
         } else {
@@ -113,6 +110,24 @@ impl TokenizerInfo {
             specials,
             chat_template,
             add_bos_token,
+            vocab_size,
+        })
+    }
+
+    fn from_gguf(path: &Path) -> Result<TokenizerInfo> {
+        let g = super::gguf::read(path)?;
+        let tokenizer = Tokenizer::from_bytes(g.json.as_bytes()).map_err(|e| {
+            anyhow::anyhow!("{}: cannot build a tokenizer from the GGUF vocabulary: {e}", path.display())
+        })?;
+        let sha256 = hex(&Sha256::digest(g.json.as_bytes()));
+        let vocab_size = tokenizer.get_vocab_size(true);
+        Ok(TokenizerInfo {
+            tokenizer,
+            path: path.to_path_buf(),
+            sha256,
+            specials: g.specials,
+            chat_template: g.chat_template,
+            add_bos_token: false,
             vocab_size,
         })
     }

@@ -5,6 +5,7 @@
 //! [`load`] reads tokenizer.json (optionally .gz) with its tokenizer_config.json; [`mask`] finds the
 //! trained character spans by rendering conversation prefixes and maps them to tokens by offsets.
 
+pub mod gguf;
 pub mod load;
 pub mod mask;
 
