@@ -222,7 +222,9 @@ enum ValidateTarget {
     /// Format errors with line numbers, token statistics, and the epochs/billing estimate.
     /// Exit 0 when the file would be accepted, 1 when not.
     Openai {
-        file: PathBuf,
+        /// One file, or all the parts of one dataset (export rolls over to OUT-00001.jsonl, ...).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
         #[arg(long, default_value = tunekit::export::tokens::DEFAULT_MODEL)]
         model: String,
         /// Epochs for the billing estimate (default: the platform's rule for this many examples).
@@ -487,9 +489,9 @@ fn run(cli: Cli) -> Result<()> {
             let s = tunekit::export::openai::run(&o)?;
             print(cli.json, &s, |s| s.print_human())
         }
-        Command::Validate { target: ValidateTarget::Openai { file, model, epochs, max_problems } } => {
+        Command::Validate { target: ValidateTarget::Openai { files, model, epochs, max_problems } } => {
             let spec = tunekit::export::tokens::model_spec(&model)?;
-            let r = tunekit::export::validate::validate(&file, &spec, epochs, max_problems)?;
+            let r = tunekit::export::validate::validate_files(&files, &spec, epochs, max_problems)?;
             print(cli.json, &r, |r| r.print_human())?;
             if !r.valid {
                 std::process::exit(1);

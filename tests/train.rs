@@ -28,10 +28,15 @@ fn write_shards(dir: &Path, vocab: usize, rows: usize) {
             let len = 10 + rng.below(10);
             let start = rng.below(100);
             let ids: Vec<u32> = (0..len).map(|k| ((start + k) % 120) as u32).collect();
-            let labels: Vec<i32> = ids.iter().enumerate().map(|(k, &t)| if k >= len / 2 { t as i32 } else { -100 }).collect();
+            let labels: Vec<i32> =
+                ids.iter().enumerate().map(|(k, &t)| if k >= len / 2 { t as i32 } else { -100 }).collect();
             row.push(&tunekit::tokenize::Sample { input_ids: ids, labels });
         }
-        if r % 5 == 4 { e.write(vec![row]).unwrap() } else { w.write(vec![row]).unwrap() }
+        if r % 5 == 4 {
+            e.write(vec![row]).unwrap()
+        } else {
+            w.write(vec![row]).unwrap()
+        }
     }
     w.finish().unwrap();
     e.finish().unwrap();
@@ -52,7 +57,13 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         batch_tokens: 128,
         grad_accum: 2,
         max_grad_norm: 1.0,
-        lora: LoraSettings { r: 4, alpha: 8.0, dropout: 0.1, rslora: false, targets: LoraSettings::parse_targets("all-linear").unwrap() },
+        lora: LoraSettings {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            rslora: false,
+            targets: LoraSettings::parse_targets("all-linear").unwrap(),
+        },
         eval_every: 10,
         save_every: 5,
         seed: 1,
@@ -72,7 +83,8 @@ fn loss_falls_and_the_adapter_is_peft_shaped() {
     assert!(s.final_loss.unwrap() < 0.8 * s.first_loss.unwrap(), "{:?} -> {:?}", s.first_loss, s.final_loss);
     assert!(s.final_eval_loss.unwrap() < s.first_eval_loss.unwrap());
     let out = dir.path().join("out");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
     assert_eq!(cfg["r"], 4);
@@ -123,7 +135,11 @@ fn merged_weights_give_the_adapter_logits() {
     tunekit::train::peft::load_into(&mut m, &adapter).unwrap();
     let dir = tempfile::tempdir().unwrap();
     tunekit::train::merge::write_hf(&m, dir.path()).unwrap();
-    let merged = tunekit::train::model::Model::from_base(&tunekit::train::weights::BaseModel::load(dir.path(), &dev).unwrap(), &dev).unwrap();
+    let merged = tunekit::train::model::Model::from_base(
+        &tunekit::train::weights::BaseModel::load(dir.path(), &dev).unwrap(),
+        &dev,
+    )
+    .unwrap();
     let ids = Tensor::from_vec((0..20u32).collect::<Vec<_>>(), 20, &dev).unwrap();
     let pos = Tensor::arange(0u32, 20, &dev).unwrap();
     let a = m.logits(&ids, &pos, &[20]).unwrap();

@@ -118,6 +118,8 @@ impl Ids {
 }
 
 const NONE: u32 = u32::MAX;
+/// Candidates examined per band chain (newest first).
+const MAX_CHAIN: usize = 64;
 
 pub struct Deduper {
     opts: DedupOptions,
@@ -213,22 +215,25 @@ impl Deduper {
             self.rep.push(me);
             return Verdict::Keep;
         };
-        // Best candidate at or above the threshold; ties go to the earliest row.
+        // The first candidate at or above the threshold decides (chains are newest first, so in a
+        // cluster the latest member matches at once). Each band's chain is walked at most
+        // MAX_CHAIN deep, which bounds the work on corpora where thousands of rows share a band.
         let mut best: Option<(u32, f64)> = None;
-        let mut cands: Vec<u32> = Vec::new();
-        for (b, key) in keys.iter().enumerate() {
+        let mut seen: Vec<u32> = Vec::new();
+        'bands: for (b, key) in keys.iter().enumerate() {
             let mut r = self.tables[b].get(key).copied().unwrap_or(NONE);
-            while r != NONE {
-                cands.push(r);
+            let mut depth = 0;
+            while r != NONE && depth < MAX_CHAIN {
+                if !seen.contains(&r) {
+                    seen.push(r);
+                    let sim = jaccard_bottom_k(&sketch, &self.sketches[r as usize], self.opts.sketch_size);
+                    if sim >= self.opts.threshold {
+                        best = Some((r, sim));
+                        break 'bands;
+                    }
+                }
                 r = self.next[r as usize * self.opts.bands + b];
-            }
-        }
-        cands.sort_unstable();
-        cands.dedup();
-        for c in cands {
-            let sim = jaccard_bottom_k(&sketch, &self.sketches[c as usize], self.opts.sketch_size);
-            if sim >= self.opts.threshold && best.is_none_or(|(_, s)| sim > s) {
-                best = Some((c, sim));
+                depth += 1;
             }
         }
         // Index this row (even as a duplicate) so clusters chain transitively.

@@ -18,6 +18,9 @@ pub const MIN_EXAMPLES: u64 = 10;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
+    /// The file, when several are validated together (export's rolled-over parts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     pub line: u64,
     pub reason: &'static str,
     pub detail: String,
@@ -94,7 +97,7 @@ struct LineResult {
 }
 
 fn check_messages(line: u64, msgs: &Value, out: &mut Vec<Problem>, need_assistant: bool) -> Option<Vec<Value>> {
-    let p = |reason, detail: String| Problem { line, reason, detail };
+    let p = |reason, detail: String| Problem { file: None, line, reason, detail };
     let Some(list) = msgs.as_array() else {
         out.push(p("missing_messages_list", "no 'messages' list".into()));
         return None;
@@ -164,12 +167,22 @@ fn check_line(line: u64, text: &[u8], spec: &ModelSpec) -> LineResult {
     let v: Value = match serde_json::from_slice(text) {
         Ok(v) => v,
         Err(e) => {
-            r.problems.push(Problem { line, reason: "invalid_json", detail: format!("not valid JSON: {e}") });
+            r.problems.push(Problem {
+                file: None,
+                line,
+                reason: "invalid_json",
+                detail: format!("not valid JSON: {e}"),
+            });
             return r;
         }
     };
     let Some(o) = v.as_object() else {
-        r.problems.push(Problem { line, reason: "data_type", detail: "each line must be a JSON object".into() });
+        r.problems.push(Problem {
+            file: None,
+            line,
+            reason: "data_type",
+            detail: "each line must be a JSON object".into(),
+        });
         return r;
     };
     let msgs = if o.contains_key("preferred_output") || o.contains_key("non_preferred_output") {
@@ -187,6 +200,7 @@ fn check_line(line: u64, text: &[u8], spec: &ModelSpec) -> LineResult {
                     }
                 }
                 _ => r.problems.push(Problem {
+                    file: None,
                     line,
                     reason: "invalid_dpo_output",
                     detail: format!("'{side}' must be a list with one assistant message"),
@@ -208,6 +222,7 @@ fn check_line(line: u64, text: &[u8], spec: &ModelSpec) -> LineResult {
     r.assistant_tokens = a;
     if t > spec.max_tokens_per_example {
         r.problems.push(Problem {
+            file: None,
             line,
             reason: "too_many_tokens",
             detail: format!("{t} tokens > {} allowed for {} per example", spec.max_tokens_per_example, spec.model),
@@ -232,64 +247,88 @@ pub fn default_epochs(n: u64) -> u64 {
     }
 }
 
+/// Validates one dataset made of one or more files (line numbers are per file).
+pub fn validate_files(
+    paths: &[std::path::PathBuf],
+    spec: &ModelSpec,
+    epochs: Option<u64>,
+    max_problems: usize,
+) -> Result<ValidationReport> {
+    validate_many(paths, spec, epochs, max_problems)
+}
+
 pub fn validate(path: &Path, spec: &ModelSpec, epochs: Option<u64>, max_problems: usize) -> Result<ValidationReport> {
+    validate_many(&[path.to_path_buf()], spec, epochs, max_problems)
+}
+
+fn validate_many(
+    paths: &[std::path::PathBuf],
+    spec: &ModelSpec,
+    epochs: Option<u64>,
+    max_problems: usize,
+) -> Result<ValidationReport> {
     let start = Instant::now();
-    let mut reader = crate::ingest::read::open_decompressed(path)?;
     let (mut n_msgs, mut toks, mut atoks) = (Vec::new(), Vec::new(), Vec::new());
     let mut problems = Vec::new();
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
     let (mut examples, mut errors, mut missing_system, mut missing_user, mut over, mut dpo_lines) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut billed_per_epoch = 0u64;
-    let mut line_no = 0u64;
     let pb = crate::progress::rows("validate");
-    loop {
-        let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(8192);
-        while batch.len() < 8192 {
-            let mut buf = Vec::new();
-            if reader.read_until(b'\n', &mut buf).with_context(|| format!("cannot read {}", path.display()))? == 0 {
+    for path in paths {
+        let mut reader = crate::ingest::read::open_decompressed(path)?;
+        let mut line_no = 0u64;
+        let file_label = (paths.len() > 1).then(|| path.display().to_string());
+        loop {
+            let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(8192);
+            while batch.len() < 8192 {
+                let mut buf = Vec::new();
+                if reader.read_until(b'\n', &mut buf).with_context(|| format!("cannot read {}", path.display()))? == 0 {
+                    break;
+                }
+                line_no += 1;
+                if buf.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                batch.push((line_no, buf));
+            }
+            if batch.is_empty() {
                 break;
             }
-            line_no += 1;
-            if buf.iter().all(|b| b.is_ascii_whitespace()) {
-                continue;
-            }
-            batch.push((line_no, buf));
-        }
-        if batch.is_empty() {
-            break;
-        }
-        let results: Vec<LineResult> = batch.par_iter().map(|(l, t)| check_line(*l, t, spec)).collect();
-        for r in results {
-            examples += 1;
-            if !r.problems.is_empty() {
-                errors += 1;
-            }
-            for p in r.problems {
-                *by_reason.entry(p.reason.to_string()).or_default() += 1;
-                if p.reason == "too_many_tokens" {
-                    over += 1;
+            let results: Vec<LineResult> = batch.par_iter().map(|(l, t)| check_line(*l, t, spec)).collect();
+            for r in results {
+                examples += 1;
+                if !r.problems.is_empty() {
+                    errors += 1;
                 }
-                if problems.len() < max_problems {
-                    problems.push(p);
+                for mut p in r.problems {
+                    p.file = file_label.clone();
+                    *by_reason.entry(p.reason.to_string()).or_default() += 1;
+                    if p.reason == "too_many_tokens" {
+                        over += 1;
+                    }
+                    if problems.len() < max_problems {
+                        problems.push(p);
+                    }
                 }
+                if r.n_messages > 0 {
+                    n_msgs.push(r.n_messages as f64);
+                    toks.push(r.tokens as f64);
+                    atoks.push(r.assistant_tokens as f64);
+                    missing_system += (!r.has_system) as u64;
+                    missing_user += (!r.has_user) as u64;
+                    billed_per_epoch += r.tokens.min(spec.max_tokens_per_example) as u64;
+                }
+                dpo_lines += r.dpo as u64;
             }
-            if r.n_messages > 0 {
-                n_msgs.push(r.n_messages as f64);
-                toks.push(r.tokens as f64);
-                atoks.push(r.assistant_tokens as f64);
-                missing_system += (!r.has_system) as u64;
-                missing_user += (!r.has_user) as u64;
-                billed_per_epoch += r.tokens.min(spec.max_tokens_per_example) as u64;
-            }
-            dpo_lines += r.dpo as u64;
+            pb.set_position(examples);
         }
-        pb.set_position(examples);
     }
     pb.finish_and_clear();
     if examples < MIN_EXAMPLES {
         *by_reason.entry("too_few_examples".into()).or_default() += 1;
         problems.push(Problem {
+            file: None,
             line: 0,
             reason: "too_few_examples",
             detail: format!("{examples} example(s); at least {MIN_EXAMPLES} are required"),
@@ -299,7 +338,7 @@ pub fn validate(path: &Path, spec: &ModelSpec, epochs: Option<u64>, max_problems
     let seconds = start.elapsed().as_secs_f64();
     Ok(ValidationReport {
         command: "validate",
-        file: path.display().to_string(),
+        file: paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
         model: spec.clone(),
         kind: if dpo_lines > 0 { "dpo" } else { "chat" },
         valid: by_reason.is_empty(),
@@ -341,7 +380,8 @@ impl ValidationReport {
             }
             for p in &self.problems {
                 if p.line > 0 {
-                    println!("  line {}: {} ({})", p.line, p.detail, p.reason);
+                    let at = p.file.as_ref().map(|f| format!("{f} ")).unwrap_or_default();
+                    println!("  {at}line {}: {} ({})", p.line, p.detail, p.reason);
                 } else {
                     println!("  {} ({})", p.detail, p.reason);
                 }
