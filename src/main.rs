@@ -177,7 +177,8 @@ struct TrainArgs {
     resume: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Options from a TOML file with the same keys (flags given on the command line win).
+    /// Options from a TOML file with the same keys as the flags (lr = 1e-3, lora_r = 16,
+    /// target = "all-linear", ...); flags given on the command line win.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -333,6 +334,7 @@ enum Command {
         target: ValidateTarget,
     },
     /// Train a LoRA adapter on prepared shards with the built-in candle trainer (PEFT output).
+    #[command(args_override_self = true)]
     Train(Box<TrainArgs>),
     /// Loss and perplexity of a model (optionally with an adapter) on the eval shards.
     Eval {
@@ -360,8 +362,12 @@ enum Command {
         /// Chat template (default: the tokenizer's own).
         #[arg(long)]
         template: Option<String>,
+        /// One prompt; or use --chat for a conversation on the terminal.
+        #[arg(long, required_unless_present = "chat")]
+        prompt: Option<String>,
+        /// Interactive chat: type a message, get an answer; an empty line ends.
         #[arg(long)]
-        prompt: String,
+        chat: bool,
         #[arg(long)]
         system: Option<String>,
         #[arg(long, default_value_t = 128)]
@@ -391,8 +397,55 @@ enum Command {
     },
 }
 
+/// `train --config FILE.toml`: the file's keys become flags placed before the command line's own,
+/// so flags given on the command line win.
+fn expand_train_config(args: Vec<String>) -> Result<Vec<String>> {
+    let Some(t) = args.iter().position(|a| a == "train") else { return Ok(args) };
+    let cfg_path = args.iter().enumerate().skip(t + 1).find_map(|(i, a)| {
+        if a == "--config" {
+            args.get(i + 1).cloned()
+        } else {
+            a.strip_prefix("--config=").map(str::to_string)
+        }
+    });
+    let Some(path) = cfg_path else { return Ok(args) };
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read --config {path}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("--config {path}: not valid TOML: {e}"))?;
+    let mut extra = Vec::new();
+    for (k, v) in table {
+        if k == "config" {
+            continue;
+        }
+        let flag = format!("--{}", k.replace('_', "-"));
+        match v {
+            toml::Value::Boolean(true) => extra.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => extra.extend([flag, s]),
+            toml::Value::Integer(i) => extra.extend([flag, i.to_string()]),
+            toml::Value::Float(f) => extra.extend([flag, f.to_string()]),
+            toml::Value::Array(a) => {
+                let items: Vec<String> =
+                    a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect();
+                extra.extend([flag, items.join(",")]);
+            }
+            other => anyhow::bail!("--config {path}: key '{k}' has an unsupported value {other}"),
+        }
+    }
+    let mut out = args[..=t].to_vec();
+    out.extend(extra);
+    out.extend(args[t + 1..].iter().cloned());
+    Ok(out)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match expand_train_config(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     tunekit::progress::set_quiet(cli.quiet || cli.json);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -507,9 +560,6 @@ fn run(cli: Cli) -> Result<()> {
             if a.method != "sft" {
                 anyhow::bail!("--method {}: only sft is implemented so far (dpo and reward are planned)", a.method);
             }
-            if a.config.is_some() {
-                anyhow::bail!("--config FILE.toml is not supported yet; pass the options as flags");
-            }
             let opts = tunekit::train::run::TrainOptions {
                 model: a.model,
                 data: a.data,
@@ -557,6 +607,7 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             template,
             prompt,
+            chat,
             system,
             max_tokens,
             temperature,
@@ -571,8 +622,24 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(s) = system {
                 msgs.push(tunekit::record::Message::new("system", s));
             }
-            msgs.push(tunekit::record::Message::new("user", prompt));
             let s = tunekit::train::generate::Sampling { max_tokens, temperature, top_p, seed };
+            if chat {
+                use std::io::{BufRead, Write};
+                let stdin = std::io::stdin();
+                loop {
+                    eprint!("> ");
+                    std::io::stderr().flush()?;
+                    let mut line = String::new();
+                    if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+                        return Ok(());
+                    }
+                    msgs.push(tunekit::record::Message::new("user", line.trim()));
+                    let answer = tunekit::train::generate::generate(&m, &tok, &tpl, &msgs, &s)?;
+                    println!("{answer}");
+                    msgs.push(tunekit::record::Message::new("assistant", answer));
+                }
+            }
+            msgs.push(tunekit::record::Message::new("user", prompt.unwrap_or_default()));
             let text = tunekit::train::generate::generate(&m, &tok, &tpl, &msgs, &s)?;
             let v = serde_json::json!({"command": "generate", "text": text});
             print(cli.json, &v, |_| println!("{text}"))

@@ -147,3 +147,44 @@ fn merged_weights_give_the_adapter_logits() {
     let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-4, "merged model differs by {d}");
 }
+
+#[test]
+fn config_file_keys_with_command_line_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    write_shards(&dir.path().join("shards"), 128, 10);
+    std::fs::write(dir.path().join("cfg.toml"), "lr = 1e-3\nlora_r = 2\ntarget = \"q_proj,v_proj\"\nmax_steps = 3\nbatch_tokens = 128\neval_every = 0\nrslora = true\n").unwrap();
+    let m = model_dir();
+    let out = common::tunekit(
+        &[
+            "--json",
+            "train",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            "shards",
+            "--out",
+            "run",
+            "--config",
+            "cfg.toml",
+            "--max-steps",
+            "2",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(common::stdout_json(&out)["steps"], 2, "the command line wins over the file");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 2);
+    assert_eq!(cfg["use_rslora"], true);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    let eval = common::tunekit(
+        &["--json", "eval", "--model", m.to_str().unwrap(), "--adapter", "run", "--data", "shards"],
+        dir.path(),
+    );
+    let v = common::stdout_json(&eval);
+    assert!(
+        v["loss"].as_f64().unwrap() > 0.0
+            && (v["perplexity"].as_f64().unwrap() - v["loss"].as_f64().unwrap().exp()).abs() < 1e-6
+    );
+}
