@@ -36,7 +36,7 @@ pub struct ConvertSummary {
 /// serialised in parallel and written by a background thread, so writing overlaps the next batch.
 pub enum ConversationSink {
     Jsonl(BackgroundWriter),
-    Parquet(crate::pack::conversations_parquet::ConversationParquet),
+    Parquet(Box<crate::pack::conversations_parquet::ConversationParquet>),
 }
 
 /// A file written by its own thread from a bounded queue of buffers. It is renamed into place
@@ -97,9 +97,9 @@ impl ConversationSink {
         let ext = out.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
         match ext.as_str() {
             "jsonl" | "ndjson" => Ok(ConversationSink::Jsonl(BackgroundWriter::create(out)?)),
-            "parquet" => {
-                Ok(ConversationSink::Parquet(crate::pack::conversations_parquet::ConversationParquet::create(out)?))
-            }
+            "parquet" => Ok(ConversationSink::Parquet(Box::new(
+                crate::pack::conversations_parquet::ConversationParquet::create(out)?,
+            ))),
             _ => bail!("--out {}: write conversations to a .jsonl or .parquet file", out.display()),
         }
     }

@@ -100,7 +100,7 @@ struct DedupArgs {
 
 impl DedupArgs {
     fn options(&self, seed: u64) -> Result<tunekit::dedup::DedupOptions> {
-        if self.bands == 0 || self.num_perm % self.bands != 0 {
+        if self.bands == 0 || !self.num_perm.is_multiple_of(self.bands) {
             anyhow::bail!("--num-perm ({}) must be a multiple of --bands ({})", self.num_perm, self.bands);
         }
         if !(0.0..=1.0).contains(&self.threshold) {

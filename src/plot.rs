@@ -118,8 +118,11 @@ pub fn histogram_png(path: &Path, edges: &[f64], counts: &[u64]) -> Result<()> {
     c.save_png(path)
 }
 
+/// A series of (x, y) points and its colour.
+pub type Series<'a> = (&'a [(f64, f64)], [u8; 3]);
+
 /// Line chart of one or two series over x (e.g. train and eval loss over steps).
-pub fn lines_png(path: &Path, series: &[(&[(f64, f64)], [u8; 3])]) -> Result<()> {
+pub fn lines_png(path: &Path, series: &[Series]) -> Result<()> {
     let (w, h, m) = (800usize, 400usize, 60i64);
     let mut c = Canvas::new(w, h);
     let pts: Vec<(f64, f64)> = series.iter().flat_map(|(s, _)| s.iter().copied()).collect();

@@ -275,7 +275,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                     }
                 }
             }
-            let results: Vec<(Conversation, Result<Sample, (&'static str, String)>)> = kept
+            let results: Vec<(Conversation, Result<Sample, crate::tokenize::mask::SampleError>)> = kept
                 .into_par_iter()
                 .map(|c| {
                     let s = tokenizing.sample(&c);

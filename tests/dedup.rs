@@ -84,7 +84,7 @@ fn planted_duplicates_precision_recall_and_accounting() {
     assert_eq!(read_jsonl(&dir.path().join("out/d.jsonl")).len() as u64, s["rows_kept"].as_u64().unwrap());
     for r in &removed {
         let sim = r["similarity"].as_f64().unwrap();
-        assert!(sim >= 0.8 && sim <= 1.0, "{r}");
+        assert!((0.8..=1.0).contains(&sim), "{r}");
     }
 
     // Deterministic: a second run writes the same bytes.

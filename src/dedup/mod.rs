@@ -142,7 +142,7 @@ struct Prepared {
 
 impl Deduper {
     pub fn new(opts: DedupOptions) -> Self {
-        assert!(opts.bands > 0 && opts.num_perm % opts.bands == 0, "num_perm must be a multiple of bands");
+        assert!(opts.bands > 0 && opts.num_perm.is_multiple_of(opts.bands), "num_perm must be a multiple of bands");
         let hasher = MinHasher::new(opts.num_perm, opts.ngram, opts.seed);
         let tables = (0..opts.bands).map(|_| HashMap::new()).collect();
         Deduper {

@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn quantiles_like_numpy() {
-        let d = Distribution::of(&mut vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        let d = Distribution::of(&mut [1.0, 2.0, 3.0, 4.0, 5.0]);
         assert_eq!((d.min, d.max, d.mean, d.median), (1.0, 5.0, 3.0, 3.0));
         assert!((d.p5 - 1.2).abs() < 1e-9 && (d.p95 - 4.8).abs() < 1e-9);
     }

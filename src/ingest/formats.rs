@@ -630,8 +630,8 @@ fn openai_message(v: &Value, i: usize, field: &str, ctx: &RowCtx) -> Result<Mess
     let w = o.get("weight").or_else(|| o.get("loss_weight")).filter(|w| !w.is_null());
     if let Some(w) = w {
         m.weight = match w.as_f64() {
-            Some(x) if x == 0.0 => Some(0),
-            Some(x) if x == 1.0 => Some(1),
+            Some(0.0) => Some(0),
+            Some(1.0) => Some(1),
             _ => return Err(ctx.reject(Some(&fname), reason::WRONG_TYPE, format!("weight must be 0 or 1, found {w}"))),
         };
         if role != "assistant" {

@@ -100,7 +100,8 @@ pub fn open_rows(path: &Path) -> Result<(Source, RowIter)> {
             let delim = if kind == InputKind::Csv { b',' } else { b'\t' };
             let quotes = Arc::new(AtomicU64::new(0));
             let counted = QuoteCounter { inner: open_decompressed(path)?, quotes: quotes.clone() };
-            let mut rdr = csv::ReaderBuilder::new().flexible(true).delimiter(delim).from_reader(counted);
+            let mut rdr =
+                csv::ReaderBuilder::new().flexible(true).delimiter(delim).buffer_capacity(1 << 20).from_reader(counted);
             let headers = rdr
                 .byte_headers()
                 .with_context(|| format!("{}: cannot read the CSV header line", path.display()))?
@@ -161,7 +162,7 @@ struct QuoteCounter<R> {
 impl<R: Read> Read for QuoteCounter<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        let q = buf[..n].iter().filter(|&&b| b == b'"').count() as u64;
+        let q = memchr::memchr_iter(b'"', &buf[..n]).count() as u64;
         self.quotes.fetch_add(q, Ordering::Relaxed);
         Ok(n)
     }

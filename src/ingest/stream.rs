@@ -14,6 +14,11 @@ use std::sync::mpsc::sync_channel;
 
 pub const BATCH_ROWS: usize = 4096;
 
+/// A parsed row: record number, line, and the object or why it could not be read.
+type Parsed = (u64, Option<u64>, Result<Map<String, Value>, Reject>);
+
+// Rows move by value in batches; boxing the larger variant would cost an allocation per row.
+#[allow(clippy::large_enum_variant)]
 pub enum Item {
     Ok(Conversation),
     Rejected(Reject),
@@ -64,8 +69,7 @@ pub fn stream_conversations(
         let result = (|| -> Result<()> {
             for raw in rx {
                 let raw = raw?;
-                let parsed: Vec<(u64, Option<u64>, Result<Map<String, Value>, Reject>)> =
-                    raw.into_par_iter().map(|r| (r.row, r.line, to_object(&source, r))).collect();
+                let parsed: Vec<Parsed> = raw.into_par_iter().map(|r| (r.row, r.line, to_object(&source, r))).collect();
                 if mapper.is_none() {
                     if let Some(cols) = first_columns(&source, &parsed) {
                         mapper = Some(Mapper::new(opts, &cols, &source.name)?);
@@ -94,10 +98,7 @@ pub fn stream_conversations(
     Ok(())
 }
 
-fn first_columns(
-    source: &Source,
-    parsed: &[(u64, Option<u64>, Result<Map<String, Value>, Reject>)],
-) -> Option<Vec<String>> {
+fn first_columns(source: &Source, parsed: &[Parsed]) -> Option<Vec<String>> {
     if matches!(source.kind, InputKind::Csv | InputKind::Tsv) {
         return source.csv_headers.as_ref().map(|h| h.as_ref().clone());
     }

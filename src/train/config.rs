@@ -100,7 +100,7 @@ impl ModelConfig {
                 bail!("hidden_act '{act}' is not supported (silu)");
             }
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             bail!("num_attention_heads must be a multiple of num_key_value_heads");
         }
         Ok(())

@@ -235,7 +235,7 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         let mut rec = json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "trained_tokens": trained, "tokens_per_s": tokens as f64 / dt});
         if opts.eval_every > 0
             && !eval.rows.is_empty()
-            && (state.step % opts.eval_every == 0 || state.step == total_steps)
+            && (state.step.is_multiple_of(opts.eval_every) || state.step == total_steps)
         {
             let (l, _) = evaluate(&model, &eval, opts.batch_tokens, opts.logits_chunk)?;
             rec["eval_loss"] = json!(l);
@@ -246,7 +246,7 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         writeln!(metrics, "{rec}")?;
         pb.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", tokens as f64 / dt));
         pb.set_position(state.step);
-        if opts.save_every > 0 && state.step % opts.save_every == 0 && state.step < total_steps {
+        if opts.save_every > 0 && state.step.is_multiple_of(opts.save_every) && state.step < total_steps {
             save_checkpoint(&opts.out.join(format!("checkpoint-{}", state.step)), &model, opts, &optim, &state)?;
         }
     }
@@ -255,7 +255,7 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
     save_checkpoint(&opts.out.join("checkpoint-last"), &model, opts, &optim, &state)?;
     let plot = if !curve.is_empty() {
         let p = opts.out.join("loss.png");
-        let mut series: Vec<(&[(f64, f64)], [u8; 3])> = vec![(&curve, crate::plot::BLUE)];
+        let mut series: Vec<crate::plot::Series> = vec![(&curve, crate::plot::BLUE)];
         if !eval_curve.is_empty() {
             series.push((&eval_curve, crate::plot::ORANGE));
         }
