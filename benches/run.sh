@@ -15,8 +15,9 @@ B="$CARGO_TARGET_DIR/release/tunekit"
 T=$(mktemp -d)
 "$PY" benches/make_corpora.py > /dev/null
 TIME() { /usr/bin/time -f "  peak_rss_mb=%M wall_s=%e" "$@" 2>&1 | awk '/peak_rss_mb/ {split($1,a,"="); printf "  peak_rss_mb=%.0f %s\n", a[2]/1024, $2; next} {print}'; }
-best() { # best of 3 runs of a tunekit --json command: prints rows_per_s and seconds
-  for i in 1 2 3; do "$@"; done | python3 -c "
+best() { # best of 3 runs of a tunekit --json command writing under $T/o: prints rows_per_s and seconds
+  # (the previous run's output is deleted first, outside the timing: replacing a 1 GB file frees its page cache)
+  for i in 1 2 3; do rm -rf "$T/o"; sync; "$@"; done | python3 -c "
 import json,sys
 runs=[json.loads(l) for l in sys.stdin if l.startswith('{')]
 b=max(runs,key=lambda r:r['rows_per_s'])
@@ -26,16 +27,16 @@ print('  tunekit best of 3: rows_per_s=%.0f seconds=%.2f' % (b['rows_per_s'], b[
 echo "== convert: 1M alpaca rows"
 for f in alpaca_1m.jsonl alpaca_1m.csv; do
   echo "-- $f"
-  best "$B" -q --json convert "$C/$f" --out "$T/c.jsonl"
-  TIME "$B" -q --json convert "$C/$f" --out "$T/c.jsonl" | grep peak
+  best "$B" -q --json convert "$C/$f" --out "$T/o/c.jsonl"
+  rm -rf "$T/o"; TIME "$B" -q --json convert "$C/$f" --out "$T/o/c.jsonl" | grep peak
   kind=${f##*.}; [ "$kind" = jsonl ] && kind=json
   echo "  anchor datasets load_dataset + map:"; TIME "$PY" benches/anchor_convert.py "$C/$f" "$kind" | grep -E "rows=|peak"
   echo "  anchor + to_json:"; TIME "$PY" benches/anchor_convert.py "$C/$f" "$kind" --write | grep -E "rows=|peak"
 done
 
 echo "== dedup: 31,667 rows with planted duplicates"
-best "$B" -q --json dedup "$C/dedup_31k.jsonl" --out "$T/d/d.jsonl"
-"$PY" benches/score_dedup.py "$C/dedup_31k.jsonl" "$T/d/duplicates.jsonl" "$C/dedup_truth.json"
+best "$B" -q --json dedup "$C/dedup_31k.jsonl" --out "$T/o/d.jsonl"
+"$PY" benches/score_dedup.py "$C/dedup_31k.jsonl" "$T/o/duplicates.jsonl" "$C/dedup_truth.json"
 echo "  anchor datasketch:"; TIME "$PY" benches/anchor_dedup.py "$C/dedup_31k.jsonl" "$C/dedup_truth.json"
 echo "-- dedup 1M rows (memory)"
 TIME "$B" -q --json dedup "$C/dedup_1m.jsonl" --out "$T/d1m/d.jsonl" | python3 -c "
@@ -46,22 +47,22 @@ for l in sys.stdin:
     else: print(l.rstrip())"
 
 echo "== prepare: 20,000 alpaca rows, Qwen3 template, seq 2048, BFD, Parquet"
-best "$B" -q --json prepare "$C/alpaca_20k.json" --tokenizer datasets/tokenizers/qwen3 --out "$T/p" --dedup none --eval-fraction 0
-python3 -c "import json; m=json.load(open('$T/p/manifest.json')); print('  tunekit fill_ratio=%.4f packed_rows=%d' % (m['accounting']['fill_ratio'], m['accounting']['packed_rows']))"
+best "$B" -q --json prepare "$C/alpaca_20k.json" --tokenizer datasets/tokenizers/qwen3 --out "$T/o" --dedup none --eval-fraction 0
+python3 -c "import json; m=json.load(open('$T/o/manifest.json')); print('  tunekit fill_ratio=%.4f packed_rows=%d' % (m['accounting']['fill_ratio'], m['accounting']['packed_rows']))"
 TIME "$B" -q --json prepare "$C/alpaca_20k.json" --tokenizer datasets/tokenizers/qwen3 --out "$T/p" --dedup none --eval-fraction 0 | grep peak
 cargo bench -q --bench prepare_vs_encode -- "$C/alpaca_20k.json" datasets/tokenizers/qwen3 2>/dev/null | grep -E "rows=|tokenizer_load"
 echo "  anchor transformers + datasets.map(num_proc=2) + TRL pack_dataset(bfd) + to_parquet:"
 TIME "$PY" benches/anchor_prepare.py "$C/alpaca_20k.json" datasets/tokenizers/qwen3 2048 | grep -E "rows=|peak"
 
 echo "== export openai + validate: 1M conversations"
-best "$B" -q --json export openai "$C/messages_1m.jsonl" --out "$T/e/train.jsonl" --dedup none
-TIME "$B" -q --json export openai "$C/messages_1m.jsonl" --out "$T/e/train.jsonl" --dedup none | grep peak
-for i in 1 2 3; do "$B" -q --json validate openai "$T/e/train.jsonl"; done | python3 -c "
+best "$B" -q --json export openai "$C/messages_1m.jsonl" --out "$T/o/train.jsonl" --dedup none
+rm -rf "$T/e"; TIME "$B" -q --json export openai "$C/messages_1m.jsonl" --out "$T/e/train.jsonl" --dedup none | grep peak
+for i in 1 2 3; do "$B" -q --json validate openai "$T"/e/train*.jsonl; done | python3 -c "
 import json,sys
 runs=[json.loads(l) for l in sys.stdin if l.startswith('{')]
 b=max(runs,key=lambda r:r['examples_per_s'])
 print('  validate best of 3: examples_per_s=%.0f seconds=%.2f valid=%s' % (b['examples_per_s'], b['seconds'], b['valid']))"
-TIME "$B" -q --json validate openai "$T/e/train.jsonl" | grep peak
+TIME "$B" -q --json validate openai "$T"/e/train*.jsonl | grep peak
 echo "-- export 100k conversations (memory flat in the input size?)"
 head -100000 "$C/messages_1m.jsonl" > "$T/m100k.jsonl"
 TIME "$B" -q --json export openai "$T/m100k.jsonl" --out "$T/e2/train.jsonl" --dedup none | grep peak
