@@ -172,6 +172,9 @@ struct TrainArgs {
     /// Write a checkpoint every N steps (0 = only at the end).
     #[arg(long, default_value_t = 0)]
     save_every: u64,
+    /// QLoRA: keep the frozen projections in 4 bits (nf4: NormalFloat4, blocks of 64, double-quantised scales).
+    #[arg(long)]
+    qlora: Option<String>,
     /// Continue from a checkpoint directory (OUT/checkpoint-N).
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -587,6 +590,7 @@ fn run(cli: Cli) -> Result<()> {
                 save_every: a.save_every,
                 seed: a.seed,
                 logits_chunk: 1024,
+                qlora: a.qlora,
             };
             let s = tunekit::train::run::run_with_resume(&opts, a.resume.as_deref())?;
             print(cli.json, &s, |s| s.print_human())

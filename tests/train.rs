@@ -68,6 +68,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         save_every: 5,
         seed: 1,
         logits_chunk: 16,
+        qlora: None,
     }
 }
 
@@ -187,4 +188,20 @@ fn config_file_keys_with_command_line_overrides() {
         v["loss"].as_f64().unwrap() > 0.0
             && (v["perplexity"].as_f64().unwrap() - v["loss"].as_f64().unwrap().exp()).abs() < 1e-6
     );
+}
+
+#[test]
+fn qlora_nf4_step_lowers_the_loss_and_stores_4_bit_weights() {
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    write_shards(&dir.path().join("shards"), 128, 40);
+    let mut o = options(&dir.path().join("shards"), &dir.path().join("q"), 40);
+    o.optim.lr = 5e-2;
+    o.qlora = Some("nf4".into());
+    let s = run_with_resume(&o, None).unwrap();
+    assert!(s.final_loss.unwrap() < 0.8 * s.first_loss.unwrap(), "{:?} -> {:?}", s.first_loss, s.final_loss);
+    assert!(s.base_bytes_per_param < 0.6, "{}", s.base_bytes_per_param);
+    // The adapter is the same PEFT format as plain LoRA.
+    let t = candle_core::safetensors::load(dir.path().join("q/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(t.len(), 28);
 }

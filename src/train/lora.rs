@@ -53,19 +53,48 @@ pub struct Lora {
 pub struct Linear {
     /// Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
+    /// The dense frozen weight [out, in]; empty when the weight is held in NF4 (`q`).
     pub w: Tensor,
+    pub q: Option<std::sync::Arc<super::quant::Nf4Weight>>,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
 }
 
 impl Linear {
     pub fn new(name: String, w: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { name, w, bias, lora: None }
+        Linear { name, w, bias, q: None, lora: None }
+    }
+
+    /// (out, in) features.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match &self.q {
+            Some(q) => Ok((q.rows, q.cols)),
+            None => self.w.dims2(),
+        }
+    }
+
+    /// Replaces the dense weight by NF4 (QLoRA); returns (parameters, bytes) of the base weight.
+    pub fn quantize_nf4(&mut self) -> Result<(usize, usize)> {
+        let (out, inp) = self.w.dims2()?;
+        let data = self.w.flatten_all()?.to_vec1::<f32>()?;
+        let q = super::quant::Nf4Weight::quantize(&data, out, inp);
+        let bytes = q.bytes();
+        self.q = Some(std::sync::Arc::new(q));
+        self.w = Tensor::zeros(0, DType::F32, self.w.device())?;
+        Ok((out * inp, bytes))
+    }
+
+    /// The frozen weight as a dense tensor (dequantised if needed).
+    pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.q {
+            Some(q) => q.dequantize_tensor(self.w.device()),
+            None => Ok(self.w.clone()),
+        }
     }
 
     /// Adds a fresh adapter (PEFT's initialisation) drawn from `rng`.
     pub fn add_lora(&mut self, s: &LoraSettings, rng: &mut SplitMix64) -> Result<()> {
-        let (out, inp) = self.w.dims2()?;
+        let (out, inp) = self.dims()?;
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..s.r * inp)
             .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * bound as f32)
@@ -78,7 +107,10 @@ impl Linear {
 
     /// x [tokens, in] -> [tokens, out]. `rng` drives dropout when training.
     pub fn forward(&self, x: &Tensor, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
-        let mut y = frozen_linear(x, &self.w)?;
+        let mut y = match &self.q {
+            Some(q) => x.contiguous()?.apply_op1(super::quant::Nf4Matmul { w: q.clone() })?,
+            None => frozen_linear(x, &self.w)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -96,8 +128,8 @@ impl Linear {
     /// W + s * B A, for merging.
     pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
         match &self.lora {
-            Some(l) => self.w.clone() + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?,
-            None => Ok(self.w.clone()),
+            Some(l) => self.dense_weight()? + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?,
+            None => self.dense_weight(),
         }
     }
 }

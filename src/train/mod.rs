@@ -12,5 +12,6 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod peft;
+pub mod quant;
 pub mod run;
 pub mod weights;

@@ -160,6 +160,20 @@ impl Model {
         Ok(())
     }
 
+    /// QLoRA: holds the seven projections of every layer in NF4 (embeddings, norms and lm_head stay
+    /// full precision, as in the paper and PEFT). Returns (quantised parameters, their bytes).
+    pub fn quantize_nf4(&mut self) -> Result<(usize, usize)> {
+        let (mut params, mut bytes) = (0, 0);
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                let (p, b) = lin.quantize_nf4()?;
+                params += p;
+                bytes += b;
+            }
+        }
+        Ok((params, bytes))
+    }
+
     /// Trainable variables with their PEFT names, in a fixed order.
     pub fn lora_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();

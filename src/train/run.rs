@@ -35,6 +35,9 @@ pub struct TrainOptions {
     pub save_every: u64,
     pub seed: u64,
     pub logits_chunk: usize,
+    /// QLoRA: hold the frozen projections in 4 bits ("nf4"); None = full precision.
+    #[serde(default)]
+    pub qlora: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -61,6 +64,21 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub metrics: String,
     pub plot: Option<String>,
+    /// Bytes per parameter of the frozen projection weights (4 for f32, ~0.52 for NF4).
+    pub base_bytes_per_param: f64,
+    /// Peak resident memory of the process.
+    pub peak_memory_mb: f64,
+}
+
+/// Peak resident set size of this process (Linux), in MB.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
 }
 
 fn grads_of(vars: &[(String, Var)], store: &candle_core::backprop::GradStore) -> Result<Vec<Tensor>> {
@@ -120,6 +138,14 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
     check_manifest(&opts.data, base.config.vocab_size)?;
     let mut model = Model::from_base(&base, &device)?;
     drop(base);
+    let base_bytes_per_param = match opts.qlora.as_deref() {
+        None => 4.0,
+        Some("nf4") => {
+            let (params, bytes) = model.quantize_nf4()?;
+            bytes as f64 / params.max(1) as f64
+        }
+        Some(other) => bail!("--qlora {other}: only nf4 is implemented (gguf is planned)"),
+    };
     model.add_lora(&opts.lora, opts.seed)?;
     let vars_named = model.lora_vars();
     if vars_named.is_empty() {
@@ -281,6 +307,8 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         seconds: start.elapsed().as_secs_f64(),
         metrics: metrics_path.display().to_string(),
         plot,
+        base_bytes_per_param,
+        peak_memory_mb: peak_rss_mb(),
     })
 }
 
@@ -290,6 +318,10 @@ impl TrainSummary {
         println!(
             "  trainable parameters: {} of {} ({:.3}%)",
             self.trainable_params, self.total_params, self.trainable_percent
+        );
+        println!(
+            "  base projections: {:.3} bytes/parameter; peak memory {:.0} MB",
+            self.base_bytes_per_param, self.peak_memory_mb
         );
         if let (Some(a), Some(b)) = (self.first_loss, self.final_loss) {
             println!("  train loss: {a:.4} -> {b:.4}");

@@ -1,0 +1,223 @@
+//! 4-bit frozen base weights for QLoRA: NormalFloat4 as the QLoRA paper defines it (16 code values,
+//! blocks of 64 weights with an absmax scale) with double quantisation of the scales (8-bit, blocks
+//! of 256, around their mean), and a matmul custom op that dequantises on the fly in forward and
+//! backward and returns only the input gradient, so the dense weight never stays in memory.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// The 16 NF4 code values (quantiles of N(0, 1) normalised to [-1, 1], with an exact zero).
+pub const NF4: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+pub const BLOCK: usize = 64;
+pub const SCALE_BLOCK: usize = 256;
+
+/// Index of the nearest code value.
+fn nearest(x: f32) -> u8 {
+    let mut lo = 0usize;
+    for i in 0..15 {
+        if x > (NF4[i] + NF4[i + 1]) * 0.5 {
+            lo = i + 1;
+        }
+    }
+    lo as u8
+}
+
+/// A weight matrix [rows, cols] in NF4 with double-quantised block scales.
+pub struct Nf4Weight {
+    pub rows: usize,
+    pub cols: usize,
+    /// Two codes per byte, first element in the low nibble.
+    pub codes: Vec<u8>,
+    /// Block absmax values, 8-bit, relative to `offset`, scaled per 256 blocks by `scale2`.
+    pub absmax_q: Vec<i8>,
+    pub scale2: Vec<f32>,
+    pub offset: f32,
+}
+
+impl Nf4Weight {
+    pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Nf4Weight {
+        let n = w.len();
+        let nblocks = n.div_ceil(BLOCK);
+        let absmax: Vec<f32> = (0..nblocks)
+            .into_par_iter()
+            .map(|b| w[b * BLOCK..((b + 1) * BLOCK).min(n)].iter().fold(0f32, |m, v| m.max(v.abs())))
+            .collect();
+        // Double quantisation of the scales: 8-bit around their mean, per 256 blocks.
+        let offset = absmax.iter().sum::<f32>() / nblocks.max(1) as f32;
+        let scale2: Vec<f32> = absmax
+            .chunks(SCALE_BLOCK)
+            .map(|c| c.iter().fold(0f32, |m, v| m.max((v - offset).abs())).max(1e-12))
+            .collect();
+        let absmax_q: Vec<i8> = absmax
+            .iter()
+            .enumerate()
+            .map(|(i, a)| ((a - offset) / scale2[i / SCALE_BLOCK] * 127.0).round().clamp(-127.0, 127.0) as i8)
+            .collect();
+        let mut codes = vec![0u8; n.div_ceil(2)];
+        let deq_absmax: Vec<f32> =
+            (0..nblocks).map(|b| absmax_q[b] as f32 / 127.0 * scale2[b / SCALE_BLOCK] + offset).collect();
+        codes.par_chunks_mut(BLOCK / 2).enumerate().for_each(|(b, out)| {
+            let scale = deq_absmax[b];
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            for (j, byte) in out.iter_mut().enumerate() {
+                let i = b * BLOCK + 2 * j;
+                let lo = if i < n { nearest(w[i] * inv) } else { 7 };
+                let hi = if i + 1 < n { nearest(w[i + 1] * inv) } else { 7 };
+                *byte = lo | (hi << 4);
+            }
+        });
+        Nf4Weight { rows, cols, codes, absmax_q, scale2, offset }
+    }
+
+    pub fn block_scale(&self, b: usize) -> f32 {
+        self.absmax_q[b] as f32 / 127.0 * self.scale2[b / SCALE_BLOCK] + self.offset
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let n = self.rows * self.cols;
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
+            let s = self.block_scale(b);
+            for (j, v) in o.iter_mut().enumerate() {
+                let i = b * BLOCK + j;
+                let c = self.codes[i / 2];
+                let code = if i % 2 == 0 { c & 15 } else { c >> 4 };
+                *v = NF4[code as usize] * s;
+            }
+        });
+        out
+    }
+
+    pub fn dequantize_tensor(&self, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(self.dequantize(), (self.rows, self.cols), device)
+    }
+
+    /// Storage bytes of the quantised weight.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + self.absmax_q.len() + 4 * self.scale2.len() + 4
+    }
+}
+
+/// `y = x @ dequant(W)^T` for a frozen NF4 `W`; backward `dx = dy @ dequant(W)`, never dW.
+pub struct Nf4Matmul {
+    pub w: Arc<Nf4Weight>,
+}
+
+impl CustomOp1 for Nf4Matmul {
+    fn name(&self) -> &'static str {
+        "nf4-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, k2) = (self.w.rows, self.w.cols);
+        if k != k2 {
+            candle_core::bail!("nf4-matmul: input has {k} features, weight expects {k2}");
+        }
+        let w = CpuStorage::F32(self.w.dequantize());
+        let wl = Layout::contiguous((n, k)).transpose(0, 1)?;
+        let out = x.matmul(&w, (1, m, n, k), xl, &wl)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(dy.matmul(&self.w.dequantize_tensor(x.device())?)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::split::SplitMix64::new(seed);
+        (0..n)
+            .map(|_| {
+                let u1 = ((r.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                let u2 = (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn codes_are_the_papers_and_round_trip_is_bounded() {
+        assert_eq!(NF4.len(), 16);
+        assert_eq!(NF4[7], 0.0);
+        assert!(NF4.windows(2).all(|w| w[0] < w[1]));
+        for (i, &c) in NF4.iter().enumerate() {
+            assert_eq!(nearest(c) as usize, i, "each code value maps to itself");
+        }
+        let w = gaussian(64 * 300, 1);
+        let q = Nf4Weight::quantize(&w, 300, 64);
+        let d = q.dequantize();
+        // Per block the error is at most half the widest code gap times the block absmax
+        // (plus the 8-bit scale error).
+        let max_gap = NF4.windows(2).map(|p| p[1] - p[0]).fold(0f32, f32::max);
+        for b in 0..300 {
+            let blk = &w[b * 64..(b + 1) * 64];
+            let absmax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (x, y) in blk.iter().zip(&d[b * 64..(b + 1) * 64]) {
+                assert!((x - y).abs() <= absmax * (max_gap / 2.0 + 0.02), "block {b}: {x} vs {y}");
+            }
+        }
+        let mse: f32 = w.iter().zip(&d).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / w.len() as f32;
+        let var: f32 = w.iter().map(|a| a * a).sum::<f32>() / w.len() as f32;
+        assert!(mse / var < 0.02, "relative MSE {}", mse / var);
+        assert!((q.bytes() as f64 / w.len() as f64) < 0.6, "bytes per parameter {}", q.bytes() as f64 / w.len() as f64);
+    }
+
+    #[test]
+    fn double_quantised_scales_round_trip() {
+        let w = gaussian(64 * 1000, 2);
+        let q = Nf4Weight::quantize(&w, 1000, 64);
+        for b in 0..1000 {
+            let absmax = w[b * 64..(b + 1) * 64].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = q.block_scale(b);
+            assert!(
+                (s - absmax).abs() <= q.scale2[b / SCALE_BLOCK] / 127.0 * 0.51 + 1e-7,
+                "block {b}: {s} vs {absmax}"
+            );
+        }
+    }
+
+    #[test]
+    fn input_gradient_equals_dequantise_then_matmul() {
+        let w = gaussian(48 * 64, 3);
+        let q = Arc::new(Nf4Weight::quantize(&w, 48, 64));
+        let wd = q.dequantize_tensor(&Device::Cpu).unwrap();
+        let x = Var::from_tensor(&Tensor::from_vec(gaussian(5 * 64, 4), (5, 64), &Device::Cpu).unwrap()).unwrap();
+        let probe = Tensor::from_vec(gaussian(5 * 48, 5), (5, 48), &Device::Cpu).unwrap();
+        let y1 = x.as_tensor().apply_op1(Nf4Matmul { w: q.clone() }).unwrap();
+        let y2 = x.as_tensor().matmul(&wd.t().unwrap()).unwrap();
+        assert_eq!(y1.to_vec2::<f32>().unwrap(), y2.to_vec2::<f32>().unwrap());
+        let g1 = (&y1 * &probe).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let g2 = (&y2 * &probe).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        assert_eq!(
+            g1.to_vec2::<f32>().unwrap(),
+            g2.to_vec2::<f32>().unwrap(),
+            "input gradient equals the dense one exactly"
+        );
+    }
+}
