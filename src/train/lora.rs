@@ -56,17 +56,22 @@ pub struct Linear {
     /// The dense frozen weight [out, in]; empty when the weight is held in NF4 (`q`).
     pub w: Tensor,
     pub q: Option<std::sync::Arc<super::quant::Nf4Weight>>,
+    /// The weight as stored in a GGUF file (QLoRA on a GGUF base, no re-quantisation).
+    pub gq: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
 }
 
 impl Linear {
     pub fn new(name: String, w: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { name, w, bias, q: None, lora: None }
+        Linear { name, w, bias, q: None, gq: None, lora: None }
     }
 
     /// (out, in) features.
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        if let Some(g) = &self.gq {
+            return g.shape().dims2();
+        }
         match &self.q {
             Some(q) => Ok((q.rows, q.cols)),
             None => self.w.dims2(),
@@ -86,6 +91,9 @@ impl Linear {
 
     /// The frozen weight as a dense tensor (dequantised if needed).
     pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
+        if let Some(g) = &self.gq {
+            return g.dequantize(self.w.device());
+        }
         match &self.q {
             Some(q) => q.dequantize_tensor(self.w.device()),
             None => Ok(self.w.clone()),
@@ -107,9 +115,10 @@ impl Linear {
 
     /// x [tokens, in] -> [tokens, out]. `rng` drives dropout when training.
     pub fn forward(&self, x: &Tensor, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
-        let mut y = match &self.q {
-            Some(q) => x.contiguous()?.apply_op1(super::quant::Nf4Matmul { w: q.clone() })?,
-            None => frozen_linear(x, &self.w)?,
+        let mut y = match (&self.q, &self.gq) {
+            (_, Some(g)) => x.contiguous()?.apply_op1(super::quant::GgufMatmul { w: g.clone() })?,
+            (Some(q), None) => x.contiguous()?.apply_op1(super::quant::Nf4Matmul { w: q.clone() })?,
+            (None, None) => frozen_linear(x, &self.w)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

@@ -174,6 +174,25 @@ impl Model {
         Ok((params, bytes))
     }
 
+    /// QLoRA on a GGUF base: use the file's own quantised projections (no re-quantisation).
+    pub fn use_gguf_quantized(&mut self, path: &std::path::Path) -> Result<(usize, usize)> {
+        let q = super::weights::gguf_quantized_projections(path, &self.config)?;
+        let (mut params, mut bytes) = (0, 0);
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                let g = q
+                    .get(&lin.name)
+                    .ok_or_else(|| anyhow::anyhow!("{}: no quantised tensor for {}", path.display(), lin.name))?;
+                let (r, c) = g.shape().dims2()?;
+                params += r * c;
+                bytes += g.storage_size_in_bytes();
+                lin.gq = Some(g.clone());
+                lin.w = Tensor::zeros(0, DType::F32, &self.device)?;
+            }
+        }
+        Ok((params, bytes))
+    }
+
     /// Trainable variables with their PEFT names, in a fixed order.
     pub fn lora_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();

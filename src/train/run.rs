@@ -144,7 +144,14 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
             let (params, bytes) = model.quantize_nf4()?;
             bytes as f64 / params.max(1) as f64
         }
-        Some(other) => bail!("--qlora {other}: only nf4 is implemented (gguf is planned)"),
+        Some("gguf") => {
+            if !opts.model.extension().is_some_and(|e| e == "gguf") {
+                bail!("--qlora gguf needs a .gguf base model; use --qlora nf4 for a safetensors base");
+            }
+            let (params, bytes) = model.use_gguf_quantized(&opts.model)?;
+            bytes as f64 / params.max(1) as f64
+        }
+        Some(other) => bail!("--qlora {other}: use nf4 or gguf"),
     };
     model.add_lora(&opts.lora, opts.seed)?;
     let vars_named = model.lora_vars();
