@@ -265,7 +265,7 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         first_loss.get_or_insert(loss);
         last_loss = Some(loss);
         curve.push((state.step as f64, loss));
-        let mut rec = json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "trained_tokens": trained, "tokens_per_s": tokens as f64 / dt});
+        let mut rec = json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "trained_tokens": trained, "tokens_per_s": tokens as f64 / dt, "peak_memory_mb": peak_rss_mb()});
         if opts.eval_every > 0
             && !eval.rows.is_empty()
             && (state.step.is_multiple_of(opts.eval_every) || state.step == total_steps)
