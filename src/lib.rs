@@ -3,7 +3,7 @@
 //! The pipeline, mirrored by the modules below:
 //!
 //! ```text
-//! raw files ──ingest/convert──▶ conversations ──dedup──▶ conversations ──tokenize+mask──▶ samples ──pack──▶ Parquet shards
+//! raw files ──ingest/convert──▶ conversations ──dedup──▶ conversations ──tokenize+mask──▶ samples ──pack──▶ Parquet shards ──train──▶ PEFT adapter
 //!                                      └──export──▶ OpenAI JSONL (+ validate)
 //! ```
 //!
@@ -14,6 +14,7 @@
 //! * [`tokenize`] renders chat templates exactly as transformers does and derives loss masks.
 //! * [`pack`] bin-packs samples into rows and writes the Parquet shards plus `manifest.json`.
 //! * [`export`] writes and validates OpenAI fine-tuning JSONL.
+//! * [`train`] trains LoRA / QLoRA adapters on the shards (candle) and writes them in PEFT's format.
 //!
 //! Every stage accounts for every input row: kept, removed as a duplicate, or rejected with a reason.
 
