@@ -28,6 +28,7 @@ pub mod output;
 pub mod pack;
 pub mod plot;
 pub mod prepare;
+pub mod prepare_preference;
 pub mod progress;
 pub mod quickstart;
 pub mod record;

@@ -281,6 +281,9 @@ enum Command {
         /// Which tokens are trained.
         #[arg(long, value_enum, default_value = "assistant")]
         loss: tunekit::tokenize::LossMode,
+        /// sft: packed shards; preference: one chosen/rejected pair per row (for DPO / reward models).
+        #[arg(long, value_enum, default_value = "sft")]
+        method: tunekit::prepare::PrepareMethod,
         /// Share of conversations held out for eval (by a hash of the id and seed).
         #[arg(long, default_value_t = 0.02)]
         eval_fraction: f64,
@@ -493,6 +496,7 @@ fn run(cli: Cli) -> Result<()> {
             seq_len,
             pack,
             loss,
+            method,
             eval_fraction,
             seed,
             too_long,
@@ -500,6 +504,7 @@ fn run(cli: Cli) -> Result<()> {
             map,
         } => {
             let mut o = tunekit::prepare::PrepareOptions::new(inputs, out, tokenizer);
+            o.method = method;
             o.map = map.options()?;
             o.strict = map.strict;
             o.template = template;

@@ -30,7 +30,17 @@ pub enum TooLong {
     Truncate,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrepareMethod {
+    /// Packed SFT shards (input_ids, labels, position_ids, seq_lengths).
+    Sft,
+    /// Preference shards for DPO / reward models: one pair per row, answers trained.
+    Preference,
+}
+
 pub struct PrepareOptions {
+    pub method: PrepareMethod,
     pub inputs: Vec<PathBuf>,
     pub out: PathBuf,
     pub map: MapOptions,
@@ -53,6 +63,7 @@ pub struct PrepareOptions {
 impl PrepareOptions {
     pub fn new(inputs: Vec<PathBuf>, out: PathBuf, tokenizer: PathBuf) -> Self {
         PrepareOptions {
+            method: PrepareMethod::Sft,
             inputs,
             out,
             map: MapOptions::default(),
@@ -85,6 +96,7 @@ pub struct SplitStats {
 #[derive(Debug, Serialize)]
 pub struct PrepareSummary {
     pub command: &'static str,
+    pub method: PrepareMethod,
     pub out: String,
     pub manifest: String,
     #[serde(flatten)]
@@ -171,7 +183,7 @@ pub fn chat_template(tok: &TokenizerInfo, template: Option<&str>) -> Result<Chat
     }
 }
 
-fn reject_for(conv: &Conversation, reason: &'static str, detail: String) -> Reject {
+pub(crate) fn reject_for(conv: &Conversation, reason: &'static str, detail: String) -> Reject {
     let (source, row) = match conv.id.rsplit_once(':') {
         Some((s, r)) if r.parse::<u64>().is_ok() => (s.to_string(), r.parse().unwrap_or(0)),
         _ => (conv.id.clone(), 0),
@@ -187,6 +199,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 }
 
 pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
+    if opts.method == PrepareMethod::Preference {
+        return crate::prepare_preference::run(opts);
+    }
     let start = Instant::now();
     if opts.seq_len < 8 {
         bail!("--seq-len {} is too small", opts.seq_len);
@@ -413,6 +428,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let seconds = start.elapsed().as_secs_f64();
     Ok(PrepareSummary {
         command: "prepare",
+        method: PrepareMethod::Sft,
         out: opts.out.display().to_string(),
         manifest: manifest_path.display().to_string(),
         rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
@@ -449,14 +465,18 @@ impl PrepareSummary {
         if self.truncated > 0 {
             println!("  truncated:  {}", self.truncated);
         }
-        println!(
-            "  packed:     {} row(s), {} tokens, {} trained ({:.1}%), fill {:.1}%",
-            self.packed_rows,
-            self.tokens,
-            self.trainable_tokens,
-            100.0 * self.trainable_tokens as f64 / self.tokens.max(1) as f64,
-            100.0 * self.fill_ratio
-        );
+        if self.method == PrepareMethod::Preference {
+            println!("  pairs:      {} ({} tokens, chosen + rejected)", self.samples, self.tokens);
+        } else {
+            println!(
+                "  packed:     {} row(s), {} tokens, {} trained ({:.1}%), fill {:.1}%",
+                self.packed_rows,
+                self.tokens,
+                self.trainable_tokens,
+                100.0 * self.trainable_tokens as f64 / self.tokens.max(1) as f64,
+                100.0 * self.fill_ratio
+            );
+        }
         println!(
             "  shards:     {} -> {}",
             self.out,

@@ -171,3 +171,34 @@ fn bad_tokenizer_and_failing_template_are_clear() {
     assert!(r[0]["detail"].as_str().unwrap().contains("only system, user and assistant"), "{}", r[0]);
     assert!(!dir.path().join("m/train-00000-of-00001.parquet").exists() || s["samples"] == 1);
 }
+
+#[test]
+fn preference_pairs_become_preference_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::root().join("datasets/preferences.jsonl");
+    let (out, s) =
+        prepare(dir.path(), &[src.to_str().unwrap(), "--method", "preference", "--out", "pp", "--eval-fraction", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["samples"], 3);
+    assert_eq!(s["method"], "preference");
+    let pairs = tunekit::pack::preference::read_pairs(&dir.path().join("pp/train-00000-of-00001.parquet")).unwrap();
+    assert_eq!(pairs.len(), 3);
+    for p in &pairs {
+        // The two sides share the prompt and differ in the answer; only the answer is trained,
+        // ending with <|im_end|>.
+        let first_trained = |l: &[i32]| l.iter().position(|&x| x != -100).unwrap();
+        let (c0, r0) = (first_trained(&p.chosen_labels), first_trained(&p.rejected_labels));
+        assert_eq!(c0, r0);
+        assert_eq!(p.chosen_input_ids[..c0], p.rejected_input_ids[..r0]);
+        for (ids, labels) in [(&p.chosen_input_ids, &p.chosen_labels), (&p.rejected_input_ids, &p.rejected_labels)] {
+            let last = labels.iter().rposition(|&x| x != -100).unwrap();
+            assert_eq!(ids[last], 151645);
+            assert!(labels[..c0].iter().all(|&x| x == -100));
+        }
+    }
+    // A row that is not a pair is rejected with a reason.
+    std::fs::write(dir.path().join("sft.jsonl"), "{\"prompt\": \"q\", \"completion\": \"a\"}\n").unwrap();
+    let (out, s) = prepare(dir.path(), &["sft.jsonl", "--method", "preference", "--out", "p2", "--eval-fraction", "0"]);
+    assert!(out.status.success());
+    assert_eq!(s["rejected_by_reason"]["not_a_preference_pair"], 1);
+}

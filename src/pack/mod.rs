@@ -3,5 +3,6 @@
 
 pub mod bfd;
 pub mod conversations_parquet;
+pub mod preference;
 pub mod rows;
 pub mod shards;

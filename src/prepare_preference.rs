@@ -1,0 +1,230 @@
+//! `tunekit prepare --method preference`: preference pairs to preference shards. Each pair's
+//! shared prompt is rendered with the chat template twice, once ending in the chosen answer and
+//! once in the rejected one; only the final answer (and its end-of-turn) is trained. Pairs are
+//! never split or packed; dedup and the train/eval split work on whole pairs; the manifest counts
+//! pairs as prepare counts rows.
+
+use crate::accounting::{reason, Counts, RejectWriter};
+use crate::dedup::{Deduper, DupKind, DuplicateRecord, Verdict};
+use crate::ingest::{stream_conversations, Item};
+use crate::output::AtomicFile;
+use crate::pack::preference::{PreferenceRow, PreferenceWriter};
+use crate::prepare::{chat_template, reject_for, sha256_file, PrepareOptions, PrepareSummary, SplitStats, TooLong};
+use crate::record::Conversation;
+use crate::split::is_eval;
+use crate::tokenize::{LossMode, Sample, TokenizerInfo, Tokenizing};
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::time::Instant;
+
+fn side(conv: &Conversation, answer: &crate::record::Message) -> Conversation {
+    let mut c = Conversation::new(conv.id.clone(), conv.messages.clone());
+    c.tools = conv.tools.clone();
+    c.messages.push(answer.clone());
+    c
+}
+
+fn fit(mut s: Sample, opts: &PrepareOptions) -> Result<Sample, &'static str> {
+    if s.len() <= opts.seq_len {
+        return Ok(s);
+    }
+    if opts.too_long == TooLong::Drop {
+        return Err(reason::TOO_LONG);
+    }
+    s.input_ids.truncate(opts.seq_len);
+    s.labels.truncate(opts.seq_len);
+    if s.trained() == 0 {
+        return Err(reason::PROMPT_TOO_LONG);
+    }
+    Ok(s)
+}
+
+pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
+    let start = Instant::now();
+    let tok = TokenizerInfo::load(&opts.tokenizer)?;
+    let template = chat_template(&tok, opts.template.as_deref())?;
+    let tokenizing = Tokenizing { tok: &tok, template: &template, mode: LossMode::Last };
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let manifest_path = opts.out.join("manifest.json");
+    let _ = std::fs::remove_file(&manifest_path);
+    let mut rejects = RejectWriter::new(opts.out.join("rejects.jsonl"));
+    let dup_path = opts.out.join("duplicates.jsonl");
+    let mut dups: Option<AtomicFile> = None;
+    let mut deduper = Deduper::new(opts.dedup.clone());
+    let mut counts = Counts::default();
+    let (mut train, mut eval) = (PreferenceWriter::new(&opts.out, "train"), PreferenceWriter::new(&opts.out, "eval"));
+    let mut dropped = 0u64;
+    let pb = crate::progress::rows("prepare pairs");
+    stream_conversations(&opts.inputs, &opts.map, |batch| {
+        let mut convs = Vec::with_capacity(batch.items.len());
+        for item in batch.items {
+            counts.rows_read += 1;
+            match item {
+                Item::Ok(c) => convs.push(c),
+                Item::Rejected(r) => {
+                    if opts.strict {
+                        bail!("{r}");
+                    }
+                    counts.reject(&r);
+                    rejects.write(&r)?;
+                }
+            }
+        }
+        let verdicts = deduper.process(&convs);
+        let mut kept = Vec::new();
+        for (c, v) in convs.into_iter().zip(verdicts) {
+            match v {
+                Verdict::Keep => kept.push(c),
+                Verdict::Duplicate { of, kind, similarity } => {
+                    match kind {
+                        DupKind::Exact => counts.duplicates_exact += 1,
+                        DupKind::Near => counts.duplicates_near += 1,
+                    }
+                    let f = match dups.as_mut() {
+                        Some(f) => f,
+                        None => dups.insert(AtomicFile::create(&dup_path)?),
+                    };
+                    serde_json::to_writer(
+                        &mut *f,
+                        &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity },
+                    )?;
+                    f.write_all(b"\n")?;
+                }
+            }
+        }
+        type Pair = Result<(Sample, Sample), (&'static str, String)>;
+        let pairs: Vec<(Conversation, Pair)> = kept
+            .into_par_iter()
+            .map(|c| {
+                let res = match (&c.chosen, &c.rejected) {
+                    (Some(ch), Some(rj)) => {
+                        tokenizing.sample(&side(&c, ch)).and_then(|a| Ok((a, tokenizing.sample(&side(&c, rj))?)))
+                    }
+                    _ => Err((reason::NOT_PREFERENCE, format!("{} has no chosen/rejected pair", c.id))),
+                };
+                (c, res)
+            })
+            .collect();
+        let (mut to_train, mut to_eval) = (Vec::new(), Vec::new());
+        for (c, res) in pairs {
+            let pair = res.and_then(|(a, b)| match (fit(a, opts), fit(b, opts)) {
+                (Ok(a), Ok(b)) => Ok((a, b)),
+                (Err(r), _) | (_, Err(r)) => Err((r, format!("longer than --seq-len {}", opts.seq_len))),
+            });
+            match pair {
+                Ok((a, b)) => {
+                    counts.rows_kept += 1;
+                    let row = PreferenceRow {
+                        chosen_input_ids: a.input_ids.iter().map(|&t| t as i32).collect(),
+                        chosen_labels: a.labels,
+                        rejected_input_ids: b.input_ids.iter().map(|&t| t as i32).collect(),
+                        rejected_labels: b.labels,
+                    };
+                    if is_eval(&c.id, opts.seed, opts.eval_fraction) {
+                        to_eval.push(row)
+                    } else {
+                        to_train.push(row)
+                    }
+                }
+                Err((reason, detail)) => {
+                    dropped += (reason == reason::TOO_LONG) as u64;
+                    let r = reject_for(&c, reason, detail);
+                    if opts.strict {
+                        bail!("{r}");
+                    }
+                    counts.reject(&r);
+                    rejects.write(&r)?;
+                }
+            }
+        }
+        train.write(to_train)?;
+        eval.write(to_eval)?;
+        pb.set_position(counts.rows_read);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let stats = |w: &PreferenceWriter, files: Vec<String>| SplitStats {
+        samples: w.pairs,
+        rows: w.pairs,
+        tokens: w.tokens,
+        trainable_tokens: 0,
+        fill_ratio: 0.0,
+        files,
+    };
+    let (tp, ep) = (stats(&train, vec![]), stats(&eval, vec![]));
+    let train_stats = SplitStats { files: train.finish()?, ..tp };
+    let eval_stats = SplitStats { files: eval.finish()?, ..ep };
+    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
+    let duplicates_file = match dups {
+        Some(f) => {
+            f.commit()?;
+            Some(dup_path.display().to_string())
+        }
+        None => None,
+    };
+    if !counts.balanced() {
+        bail!("internal accounting error: {counts:?}");
+    }
+    let sources: Vec<Value> = opts
+        .inputs
+        .iter()
+        .map(|p| Ok(json!({"path": p.display().to_string(), "sha256": sha256_file(p)?})))
+        .collect::<Result<_>>()?;
+    let pairs = train_stats.samples + eval_stats.samples;
+    let tokens = train_stats.tokens + eval_stats.tokens;
+    let manifest = json!({
+        "format": "tunekit-preference-shards",
+        "format_version": 1,
+        "method": "preference",
+        "tool": {"name": "tunekit", "version": crate::VERSION},
+        "sources": sources,
+        "tokenizer": {"path": tok.path.display().to_string(), "sha256": tok.sha256, "vocab_size": tok.vocab_size, "special_tokens": Value::Object(tok.specials.clone())},
+        "template": {"name": template.name, "sha256": template.sha256},
+        "seq_len": opts.seq_len,
+        "loss": "last",
+        "too_long": opts.too_long,
+        "seed": opts.seed,
+        "eval_fraction": opts.eval_fraction,
+        "dedup": &opts.dedup,
+        "columns": crate::pack::preference::COLUMNS,
+        "accounting": {
+            "rows_read": counts.rows_read,
+            "rejected": counts.rejected,
+            "rejected_by_reason": &counts.rejected_by_reason,
+            "duplicates_exact": counts.duplicates_exact,
+            "duplicates_near": counts.duplicates_near,
+            "dropped_too_long": dropped,
+            "pairs": pairs,
+            "tokens": tokens,
+        },
+        "splits": {"train": &train_stats, "eval": &eval_stats},
+    });
+    let mut mf = AtomicFile::create(&manifest_path)?;
+    serde_json::to_writer_pretty(&mut mf, &manifest)?;
+    mf.write_all(b"\n")?;
+    mf.commit()?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(PrepareSummary {
+        command: "prepare",
+        method: crate::prepare::PrepareMethod::Preference,
+        out: opts.out.display().to_string(),
+        manifest: manifest_path.display().to_string(),
+        rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
+        tokens_per_s: tokens as f64 / seconds.max(1e-9),
+        counts,
+        truncated: 0,
+        dropped_too_long: dropped,
+        samples: pairs,
+        packed_rows: pairs,
+        tokens,
+        trainable_tokens: 0,
+        fill_ratio: 0.0,
+        train: train_stats,
+        eval: eval_stats,
+        rejects_file,
+        duplicates_file,
+        seconds,
+    })
+}
