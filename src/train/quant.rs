@@ -101,7 +101,7 @@ impl Nf4Weight {
             for (j, v) in o.iter_mut().enumerate() {
                 let i = b * BLOCK + j;
                 let c = self.codes[i / 2];
-                let code = if i % 2 == 0 { c & 15 } else { c >> 4 };
+                let code = if i.is_multiple_of(2) { c & 15 } else { c >> 4 };
                 *v = NF4[code as usize] * s;
             }
         });
@@ -143,6 +143,69 @@ impl CustomOp1 for Nf4Matmul {
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(dy.matmul(&self.w.dequantize_tensor(x.device())?)?))
     }
+}
+
+/// A GGUF-quantised frozen weight (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, ... as stored in the file),
+/// used as is: dequantised on the fly in forward and backward, input gradient only.
+pub struct GgufMatmul {
+    pub w: Arc<candle_core::quantized::QTensor>,
+}
+
+impl CustomOp1 for GgufMatmul {
+    fn name(&self) -> &'static str {
+        "gguf-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let wd = self.w.dequantize(&candle_core::Device::Cpu)?;
+        let (n, k2) = wd.dims2()?;
+        if k != k2 {
+            candle_core::bail!("gguf-matmul: input has {k} features, weight expects {k2}");
+        }
+        let (ws, wl) = wd.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*ws else { candle_core::bail!("gguf-matmul: weight is not on the CPU") };
+        let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(dy.matmul(&self.w.dequantize(x.device())?)?))
+    }
+}
+
+/// Reorders whole rows of a quantised matrix (rows are independent runs of blocks), without
+/// re-quantising: `out[r] = in[src[r]]`.
+pub fn permute_rows(
+    q: &candle_core::quantized::QTensor,
+    src: &[usize],
+) -> candle_core::Result<candle_core::quantized::QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let mut out = vec![0u8; rows * row_bytes];
+    for (r, &s) in src.iter().enumerate() {
+        out[r * row_bytes..(r + 1) * row_bytes].copy_from_slice(&data[s * row_bytes..(s + 1) * row_bytes]);
+    }
+    let storage =
+        candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(out), &candle_core::Device::Cpu, dtype)?;
+    candle_core::quantized::QTensor::new(storage, (rows, cols))
+}
+
+/// llama.cpp's rotary row order back to Hugging Face's: HF row `h*hd + b*hd/2 + a` is GGUF row
+/// `h*hd + 2a + b`.
+pub fn unpermute_rows(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head;
+    let mut src = vec![0; rows];
+    for h in 0..n_head {
+        for a in 0..hd / 2 {
+            for b in 0..2 {
+                src[h * hd + b * (hd / 2) + a] = h * hd + 2 * a + b;
+            }
+        }
+    }
+    src
 }
 
 #[cfg(test)]
@@ -220,67 +283,4 @@ mod tests {
             "input gradient equals the dense one exactly"
         );
     }
-}
-
-/// A GGUF-quantised frozen weight (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, ... as stored in the file),
-/// used as is: dequantised on the fly in forward and backward, input gradient only.
-pub struct GgufMatmul {
-    pub w: Arc<candle_core::quantized::QTensor>,
-}
-
-impl CustomOp1 for GgufMatmul {
-    fn name(&self) -> &'static str {
-        "gguf-matmul"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = xl.shape().dims2()?;
-        let wd = self.w.dequantize(&candle_core::Device::Cpu)?;
-        let (n, k2) = wd.dims2()?;
-        if k != k2 {
-            candle_core::bail!("gguf-matmul: input has {k} features, weight expects {k2}");
-        }
-        let (ws, wl) = wd.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*ws else { candle_core::bail!("gguf-matmul: weight is not on the CPU") };
-        let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
-        Ok((out, Shape::from((m, n))))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(dy.matmul(&self.w.dequantize(x.device())?)?))
-    }
-}
-
-/// Reorders whole rows of a quantised matrix (rows are independent runs of blocks), without
-/// re-quantising: `out[r] = in[src[r]]`.
-pub fn permute_rows(
-    q: &candle_core::quantized::QTensor,
-    src: &[usize],
-) -> candle_core::Result<candle_core::quantized::QTensor> {
-    let (rows, cols) = q.shape().dims2()?;
-    let dtype = q.dtype();
-    let row_bytes = cols / dtype.block_size() * dtype.type_size();
-    let data = q.data()?;
-    let mut out = vec![0u8; rows * row_bytes];
-    for (r, &s) in src.iter().enumerate() {
-        out[r * row_bytes..(r + 1) * row_bytes].copy_from_slice(&data[s * row_bytes..(s + 1) * row_bytes]);
-    }
-    let storage =
-        candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(out), &candle_core::Device::Cpu, dtype)?;
-    candle_core::quantized::QTensor::new(storage, (rows, cols))
-}
-
-/// llama.cpp's rotary row order back to Hugging Face's: HF row `h*hd + b*hd/2 + a` is GGUF row
-/// `h*hd + 2a + b`.
-pub fn unpermute_rows(rows: usize, n_head: usize) -> Vec<usize> {
-    let hd = rows / n_head;
-    let mut src = vec![0; rows];
-    for h in 0..n_head {
-        for a in 0..hd / 2 {
-            for b in 0..2 {
-                src[h * hd + b * (hd / 2) + a] = h * hd + 2 * a + b;
-            }
-        }
-    }
-    src
 }

@@ -145,7 +145,7 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
             bytes as f64 / params.max(1) as f64
         }
         Some("gguf") => {
-            if !opts.model.extension().is_some_and(|e| e == "gguf") {
+            if opts.model.extension().is_none_or(|e| e != "gguf") {
                 bail!("--qlora gguf needs a .gguf base model; use --qlora nf4 for a safetensors base");
             }
             let (params, bytes) = model.use_gguf_quantized(&opts.model)?;
