@@ -2,9 +2,10 @@
 //! masks -> split -> pack -> Parquet shards, then `manifest.json` (written last: a directory
 //! without it is incomplete).
 
-use crate::accounting::{reason, Counts, Reject, RejectWriter};
-use crate::dedup::{DedupOptions, Deduper, DuplicateRecord, Verdict};
-use crate::ingest::{stream_conversations, Item, MapOptions};
+use crate::accounting::{reason, Counts, Reject};
+use crate::dedup::front::Front;
+use crate::dedup::DedupOptions;
+use crate::ingest::{stream_conversations, MapOptions};
 use crate::output::AtomicFile;
 use crate::pack::rows::{pack, PackMode};
 use crate::pack::shards::ShardWriter;
@@ -226,11 +227,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         inputs.iter().map(|p| Ok((p.display().to_string(), sha256_file(p)?))).collect()
     });
 
-    let mut rejects = RejectWriter::new(opts.out.join("rejects.jsonl"));
-    let dup_path = opts.out.join("duplicates.jsonl");
-    let mut dups: Option<AtomicFile> = None;
-    let mut deduper = Deduper::new(opts.dedup.clone());
-    let mut counts = Counts::default();
+    let mut front = Front::new(&opts.out, &opts.dedup, opts.strict, true);
     let (mut truncated, mut dropped) = (0u64, 0u64);
     // Packing and Parquet writing run on their own thread, overlapping the next batch's tokenization.
     let (pack_tx, pack_rx) = std::sync::mpsc::sync_channel::<Vec<(bool, Sample)>>(4);
@@ -254,42 +251,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let (packing, streamed) = std::thread::scope(|scope| {
         let packing = scope.spawn(move || packer(pack_rx));
         let streamed = stream_conversations(&opts.inputs, &opts.map, |batch| {
-            let mut convs = Vec::with_capacity(batch.items.len());
-            for item in batch.items {
-                counts.rows_read += 1;
-                match item {
-                    Item::Ok(c) => convs.push(c),
-                    Item::Rejected(r) => {
-                        if opts.strict {
-                            bail!("{r}");
-                        }
-                        counts.reject(&r);
-                        rejects.write(&r)?;
-                    }
-                }
-            }
-            let verdicts = deduper.process(&convs);
-            let mut kept = Vec::with_capacity(convs.len());
-            for (c, v) in convs.into_iter().zip(verdicts) {
-                match v {
-                    Verdict::Keep => kept.push(c),
-                    Verdict::Duplicate { of, kind, similarity } => {
-                        match kind {
-                            crate::dedup::DupKind::Exact => counts.duplicates_exact += 1,
-                            crate::dedup::DupKind::Near => counts.duplicates_near += 1,
-                        }
-                        if dups.is_none() {
-                            dups = Some(AtomicFile::create(&dup_path)?);
-                        }
-                        let f = dups.as_mut().expect("created");
-                        serde_json::to_writer(
-                            &mut *f,
-                            &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity },
-                        )?;
-                        f.write_all(b"\n")?;
-                    }
-                }
-            }
+            let kept = front.admit(batch.items)?;
             let results: Vec<(Conversation, Result<Sample, crate::tokenize::mask::SampleError>)> = kept
                 .into_par_iter()
                 .map(|c| {
@@ -302,12 +264,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                 let mut sample = match res {
                     Ok(s) => s,
                     Err((reason, detail)) => {
-                        let r = reject_for(&c, reason, detail);
-                        if opts.strict {
-                            bail!("{r}");
-                        }
-                        counts.reject(&r);
-                        rejects.write(&r)?;
+                        front.reject(reject_for(&c, reason, detail))?;
                         continue;
                     }
                 };
@@ -325,8 +282,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                                     opts.seq_len
                                 ),
                             );
-                            counts.reject(&r);
-                            rejects.write(&r)?;
+                            front.reject(r)?;
                             continue;
                         }
                         TooLong::Truncate => {
@@ -341,21 +297,20 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                                         opts.seq_len
                                     ),
                                 );
-                                counts.reject(&r);
-                                rejects.write(&r)?;
+                                front.reject(r)?;
                                 continue;
                             }
                             truncated += 1;
                         }
                     }
                 }
-                counts.rows_kept += 1;
+                front.counts.rows_kept += 1;
                 to_pack.push((is_eval(&c.id, opts.seed, opts.eval_fraction), sample));
             }
             if pack_tx.send(to_pack).is_err() {
                 bail!("the packing thread stopped");
             }
-            pb.set_position(counts.rows_read);
+            pb.set_position(front.counts.rows_read);
             pb.set_message(format!("{} tokens", tokens_seen));
             Ok(())
         });
@@ -365,17 +320,8 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     streamed?;
     let (train, eval) = packing.map_err(|_| anyhow::anyhow!("packing thread panicked"))??;
     pb.finish_and_clear();
-    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
-    let duplicates_file = match dups {
-        Some(f) => {
-            f.commit()?;
-            Some(dup_path.display().to_string())
-        }
-        None => {
-            let _ = std::fs::remove_file(&dup_path);
-            None
-        }
-    };
+    let (rejects_file, duplicates_file) = front.finish()?;
+    let counts = front.counts.clone();
     let sources = hashing.join().map_err(|_| anyhow::anyhow!("hashing thread panicked"))??;
     let samples = train.samples + eval.samples;
     let rows = train.rows + eval.rows;

@@ -4,9 +4,9 @@
 //! never split or packed; dedup and the train/eval split work on whole pairs; the manifest counts
 //! pairs as prepare counts rows.
 
-use crate::accounting::{reason, Counts, RejectWriter};
-use crate::dedup::{Deduper, DupKind, DuplicateRecord, Verdict};
-use crate::ingest::{stream_conversations, Item};
+use crate::accounting::reason;
+use crate::dedup::front::Front;
+use crate::ingest::stream_conversations;
 use crate::output::AtomicFile;
 use crate::pack::preference::{PreferenceRow, PreferenceWriter};
 use crate::prepare::{chat_template, reject_for, sha256_file, PrepareOptions, PrepareSummary, SplitStats, TooLong};
@@ -49,51 +49,12 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
     let manifest_path = opts.out.join("manifest.json");
     let _ = std::fs::remove_file(&manifest_path);
-    let mut rejects = RejectWriter::new(opts.out.join("rejects.jsonl"));
-    let dup_path = opts.out.join("duplicates.jsonl");
-    let mut dups: Option<AtomicFile> = None;
-    let mut deduper = Deduper::new(opts.dedup.clone());
-    let mut counts = Counts::default();
+    let mut front = Front::new(&opts.out, &opts.dedup, opts.strict, true);
     let (mut train, mut eval) = (PreferenceWriter::new(&opts.out, "train"), PreferenceWriter::new(&opts.out, "eval"));
     let mut dropped = 0u64;
     let pb = crate::progress::rows("prepare pairs");
     stream_conversations(&opts.inputs, &opts.map, |batch| {
-        let mut convs = Vec::with_capacity(batch.items.len());
-        for item in batch.items {
-            counts.rows_read += 1;
-            match item {
-                Item::Ok(c) => convs.push(c),
-                Item::Rejected(r) => {
-                    if opts.strict {
-                        bail!("{r}");
-                    }
-                    counts.reject(&r);
-                    rejects.write(&r)?;
-                }
-            }
-        }
-        let verdicts = deduper.process(&convs);
-        let mut kept = Vec::new();
-        for (c, v) in convs.into_iter().zip(verdicts) {
-            match v {
-                Verdict::Keep => kept.push(c),
-                Verdict::Duplicate { of, kind, similarity } => {
-                    match kind {
-                        DupKind::Exact => counts.duplicates_exact += 1,
-                        DupKind::Near => counts.duplicates_near += 1,
-                    }
-                    let f = match dups.as_mut() {
-                        Some(f) => f,
-                        None => dups.insert(AtomicFile::create(&dup_path)?),
-                    };
-                    serde_json::to_writer(
-                        &mut *f,
-                        &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity },
-                    )?;
-                    f.write_all(b"\n")?;
-                }
-            }
-        }
+        let kept = front.admit(batch.items)?;
         type Pair = Result<(Sample, Sample), (&'static str, String)>;
         let pairs: Vec<(Conversation, Pair)> = kept
             .into_par_iter()
@@ -115,7 +76,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
             });
             match pair {
                 Ok((a, b)) => {
-                    counts.rows_kept += 1;
+                    front.counts.rows_kept += 1;
                     let row = PreferenceRow {
                         chosen_input_ids: a.input_ids.iter().map(|&t| t as i32).collect(),
                         chosen_labels: a.labels,
@@ -130,18 +91,13 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                 }
                 Err((reason, detail)) => {
                     dropped += (reason == reason::TOO_LONG) as u64;
-                    let r = reject_for(&c, reason, detail);
-                    if opts.strict {
-                        bail!("{r}");
-                    }
-                    counts.reject(&r);
-                    rejects.write(&r)?;
+                    front.reject(reject_for(&c, reason, detail))?;
                 }
             }
         }
         train.write(to_train)?;
         eval.write(to_eval)?;
-        pb.set_position(counts.rows_read);
+        pb.set_position(front.counts.rows_read);
         Ok(())
     })?;
     pb.finish_and_clear();
@@ -156,14 +112,8 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let (tp, ep) = (stats(&train, vec![]), stats(&eval, vec![]));
     let train_stats = SplitStats { files: train.finish()?, ..tp };
     let eval_stats = SplitStats { files: eval.finish()?, ..ep };
-    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
-    let duplicates_file = match dups {
-        Some(f) => {
-            f.commit()?;
-            Some(dup_path.display().to_string())
-        }
-        None => None,
-    };
+    let (rejects_file, duplicates_file) = front.finish()?;
+    let counts = front.counts.clone();
     if !counts.balanced() {
         bail!("internal accounting error: {counts:?}");
     }

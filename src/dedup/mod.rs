@@ -8,6 +8,7 @@
 //! Memory is proportional to the number of rows (ids, band keys, sketches of at most
 //! `sketch_size` hashes), not to the text.
 
+pub mod front;
 pub mod minhash;
 pub mod normalize;
 pub mod run;

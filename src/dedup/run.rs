@@ -1,15 +1,13 @@
 //! `tunekit dedup`: conversations in, deduplicated conversations out, every removal explained
 //! in duplicates.jsonl (id, duplicate_of, kind, similarity).
 
-use super::{DedupOptions, Deduper, DupKind, DuplicateRecord, Verdict};
-use crate::accounting::{Counts, RejectWriter};
+use super::front::Front;
+use super::DedupOptions;
+use crate::accounting::Counts;
 use crate::convert::ConversationSink;
-use crate::ingest::{stream_conversations, Item, MapOptions};
-use crate::output::AtomicFile;
-use anyhow::{bail, Result};
+use crate::ingest::{stream_conversations, MapOptions};
+use anyhow::Result;
 use serde::Serialize;
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -42,86 +40,38 @@ pub struct DedupSummary {
 pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
     let start = Instant::now();
     let mut sink = if opts.dry_run { None } else { Some(ConversationSink::create(&opts.out)?) };
-    let dir =
-        opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).to_path_buf();
-    let dup_path = dir.join("duplicates.jsonl");
-    let mut dups = if opts.dry_run { None } else { Some(AtomicFile::create(&dup_path)?) };
-    let mut rejects = RejectWriter::new(dir.join("rejects.jsonl"));
-    let mut deduper = Deduper::new(opts.dedup.clone());
-    let mut counts = Counts::default();
-    let mut clusters: BTreeMap<String, u64> = BTreeMap::new();
+    let dir = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let mut front = Front::new(dir, &opts.dedup, opts.strict, !opts.dry_run);
     let pb = crate::progress::rows("dedup");
     stream_conversations(&opts.inputs, &opts.map, |batch| {
-        let mut convs = Vec::with_capacity(batch.items.len());
-        for item in batch.items {
-            counts.rows_read += 1;
-            match item {
-                Item::Ok(c) => convs.push(c),
-                Item::Rejected(r) => {
-                    if opts.strict {
-                        bail!("{r}");
-                    }
-                    counts.reject(&r);
-                    if !opts.dry_run {
-                        rejects.write(&r)?;
-                    }
-                }
-            }
-        }
-        let verdicts = deduper.process(&convs);
-        let mut kept = Vec::with_capacity(convs.len());
-        for (c, v) in convs.into_iter().zip(verdicts) {
-            match v {
-                Verdict::Keep => kept.push(c),
-                Verdict::Duplicate { of, kind, similarity } => {
-                    match kind {
-                        DupKind::Exact => counts.duplicates_exact += 1,
-                        DupKind::Near => counts.duplicates_near += 1,
-                    }
-                    if let Some(f) = dups.as_mut() {
-                        serde_json::to_writer(
-                            &mut *f,
-                            &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity },
-                        )?;
-                        f.write_all(b"\n")?;
-                    }
-                    *clusters.entry(of).or_default() += 1;
-                }
-            }
-        }
-        counts.rows_kept += kept.len() as u64;
+        let kept = front.admit(batch.items)?;
+        front.counts.rows_kept += kept.len() as u64;
         if let Some(s) = sink.as_mut() {
             s.write_batch(&kept)?;
         }
-        pb.set_position(counts.rows_read);
+        pb.set_position(front.counts.rows_read);
         Ok(())
     })?;
     pb.finish_and_clear();
-    if counts.rows_read == 0 {
+    if front.counts.rows_read == 0 {
         crate::progress::warn("the input has no rows; the output is empty");
     }
     if let Some(s) = sink {
         s.commit()?;
     }
-    let duplicates_file = match dups {
-        Some(f) => {
-            f.commit()?;
-            Some(dup_path.display().to_string())
-        }
-        None => None,
-    };
-    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
-    let mut largest: Vec<(String, u64)> = clusters.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let (rejects_file, duplicates_file) = front.finish()?;
+    let mut largest: Vec<(String, u64)> = front.clusters.iter().map(|(k, v)| (k.clone(), *v)).collect();
     largest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     largest.truncate(10);
     let seconds = start.elapsed().as_secs_f64();
+    let counts = front.counts.clone();
     Ok(DedupSummary {
         command: "dedup",
         out: (!opts.dry_run).then(|| opts.out.display().to_string()),
         dry_run: opts.dry_run,
         rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
         counts,
-        clusters: clusters.len(),
+        clusters: front.clusters.len(),
         largest_clusters: largest,
         duplicates_file,
         rejects_file,

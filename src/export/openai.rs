@@ -5,13 +5,14 @@
 //! the platform's upload size limit.
 
 use super::tokens::{count_messages, ModelSpec};
-use crate::accounting::{reason, Counts, Reject, RejectWriter};
-use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Verdict};
-use crate::ingest::{stream_conversations, Item, MapOptions};
+use crate::accounting::{reason, Counts, Reject};
+use crate::dedup::front::Front;
+use crate::dedup::DedupOptions;
+use crate::ingest::{stream_conversations, MapOptions};
 use crate::output::AtomicFile;
 use crate::record::{Conversation, Message};
 use crate::split::is_eval;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -235,50 +236,11 @@ pub fn run(opts: &ExportOptions) -> Result<ExportSummary> {
     let dir = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let mut train = RollingJsonl::new(opts.out.clone(), opts.max_file_bytes);
     let mut valid = RollingJsonl::new(validation_path(&opts.out), opts.max_file_bytes);
-    let mut rejects = RejectWriter::new(dir.join("rejects.jsonl"));
-    let dup_path = dir.join("duplicates.jsonl");
-    let mut dups: Option<AtomicFile> = None;
-    let mut deduper = Deduper::new(opts.dedup.clone());
-    let mut counts = Counts::default();
+    let mut front = Front::new(&dir, &opts.dedup, opts.strict, true);
     let (mut truncated, mut tokens) = (0u64, 0u64);
     let pb = crate::progress::rows("export");
     stream_conversations(&opts.inputs, &opts.map, |batch| {
-        let mut convs = Vec::with_capacity(batch.items.len());
-        for item in batch.items {
-            counts.rows_read += 1;
-            match item {
-                Item::Ok(c) => convs.push(c),
-                Item::Rejected(r) => {
-                    if opts.strict {
-                        bail!("{r}");
-                    }
-                    counts.reject(&r);
-                    rejects.write(&r)?;
-                }
-            }
-        }
-        let verdicts = deduper.process(&convs);
-        let mut kept = Vec::with_capacity(convs.len());
-        for (c, v) in convs.into_iter().zip(verdicts) {
-            match v {
-                Verdict::Keep => kept.push(c),
-                Verdict::Duplicate { of, kind, similarity } => {
-                    match kind {
-                        DupKind::Exact => counts.duplicates_exact += 1,
-                        DupKind::Near => counts.duplicates_near += 1,
-                    }
-                    let f = match dups.as_mut() {
-                        Some(f) => f,
-                        None => dups.insert(AtomicFile::create(&dup_path)?),
-                    };
-                    serde_json::to_writer(
-                        &mut *f,
-                        &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity },
-                    )?;
-                    f.write_all(b"\n")?;
-                }
-            }
-        }
+        let kept = front.admit(batch.items)?;
         type Out = Result<(Vec<u8>, usize, bool), (&'static str, String)>;
         let lines: Vec<(Conversation, Out)> = kept
             .into_par_iter()
@@ -311,7 +273,7 @@ pub fn run(opts: &ExportOptions) -> Result<ExportSummary> {
             match res {
                 Ok((mut bytes, n, was_truncated)) => {
                     bytes.push(b'\n');
-                    counts.rows_kept += 1;
+                    front.counts.rows_kept += 1;
                     tokens += n as u64;
                     truncated += was_truncated as u64;
                     if is_eval(&c.id, opts.seed, opts.eval_fraction) {
@@ -320,31 +282,18 @@ pub fn run(opts: &ExportOptions) -> Result<ExportSummary> {
                         train.write(&bytes)?;
                     }
                 }
-                Err((reason, detail)) => {
-                    let r = reject_for(&c, reason, detail);
-                    if opts.strict {
-                        bail!("{r}");
-                    }
-                    counts.reject(&r);
-                    rejects.write(&r)?;
-                }
+                Err((reason, detail)) => front.reject(reject_for(&c, reason, detail))?,
             }
         }
-        pb.set_position(counts.rows_read);
+        pb.set_position(front.counts.rows_read);
         Ok(())
     })?;
     pb.finish_and_clear();
     let (train_examples, validation_examples) = (train.lines, valid.lines);
     let train_files = train.finish()?;
     let validation_files = valid.finish()?;
-    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
-    let duplicates_file = match dups {
-        Some(f) => {
-            f.commit()?;
-            Some(dup_path.display().to_string())
-        }
-        None => None,
-    };
+    let (rejects_file, duplicates_file) = front.finish()?;
+    let counts = front.counts.clone();
     if train_examples < super::validate::MIN_EXAMPLES {
         crate::progress::warn(&format!("only {train_examples} training example(s); OpenAI requires at least 10"));
     }
