@@ -132,9 +132,16 @@ struct TrainArgs {
     /// Output directory: adapter (PEFT format), checkpoints, metrics.jsonl, loss.png.
     #[arg(long)]
     out: PathBuf,
-    /// sft (LoRA on the shards' labels).
+    /// sft: LoRA on the shards' labels; dpo: direct preference optimisation on preference shards
+    /// (`prepare --method preference`), the reference being the base with the adapter off.
     #[arg(long, default_value = "sft")]
     method: String,
+    /// DPO: strength of the KL constraint to the reference.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// DPO loss: sigmoid (DPO), hinge (SLiC), ipo.
+    #[arg(long, value_enum, default_value = "sigmoid")]
+    dpo_loss: tunekit::train::dpo::DpoLoss,
     #[arg(long, default_value_t = 1)]
     epochs: u64,
     #[arg(long)]
@@ -565,8 +572,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(a) => {
             let a = *a;
-            if a.method != "sft" {
-                anyhow::bail!("--method {}: only sft is implemented so far (dpo and reward are planned)", a.method);
+            if a.method != "sft" && a.method != "dpo" {
+                anyhow::bail!("--method {}: sft and dpo are implemented (reward is planned)", a.method);
             }
             let opts = tunekit::train::run::TrainOptions {
                 model: a.model,
@@ -597,6 +604,10 @@ fn run(cli: Cli) -> Result<()> {
                 logits_chunk: 1024,
                 qlora: a.qlora,
             };
+            if a.method == "dpo" {
+                let v = tunekit::train::dpo::run(&opts, a.beta, a.dpo_loss)?;
+                return print(cli.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
+            }
             let s = tunekit::train::run::run_with_resume(&opts, a.resume.as_deref())?;
             print(cli.json, &s, |s| s.print_human())
         }

@@ -224,3 +224,46 @@ fn qlora_gguf_uses_the_files_quantised_weights_exactly() {
     assert!((bpp - 0.625).abs() < 1e-6, "Q4_1 is 20 bytes per 32 weights, got {bpp}");
     assert!(m.layers.iter().all(|l| l.linears().iter().all(|x| x.w.elem_count() == 0)), "no dense projection kept");
 }
+
+#[test]
+fn dpo_raises_held_out_reward_accuracy() {
+    use tunekit::pack::preference::{PreferenceRow, PreferenceWriter};
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs");
+    std::fs::create_dir_all(&data).unwrap();
+    // Chosen answers continue the prompt's count; rejected answers repeat one token.
+    let mut rng = tunekit::split::SplitMix64::new(9);
+    let pair = |rng: &mut tunekit::split::SplitMix64| {
+        let s = rng.below(90);
+        let prompt: Vec<i32> = (0..6).map(|k| (s + k) as i32).collect();
+        let side = |ans: Vec<i32>| {
+            let ids: Vec<i32> = prompt.iter().cloned().chain(ans.iter().cloned()).collect();
+            let labels: Vec<i32> =
+                ids.iter().enumerate().map(|(i, &t)| if i >= prompt.len() { t } else { -100 }).collect();
+            (ids, labels)
+        };
+        let (ci, cl) = side((6..12).map(|k| (s + k) as i32).collect());
+        let (ri, rl) = side(vec![(s as i32 + 50) % 120; 6]);
+        PreferenceRow { chosen_input_ids: ci, chosen_labels: cl, rejected_input_ids: ri, rejected_labels: rl }
+    };
+    let mut w = PreferenceWriter::new(&data, "train");
+    w.write((0..24).map(|_| pair(&mut rng)).collect()).unwrap();
+    w.finish().unwrap();
+    let mut e = PreferenceWriter::new(&data, "eval");
+    e.write((0..8).map(|_| pair(&mut rng)).collect()).unwrap();
+    e.finish().unwrap();
+    std::fs::write(data.join("manifest.json"), serde_json::json!({"tokenizer": {"vocab_size": 128}}).to_string())
+        .unwrap();
+    let mut o = options(&data, &dir.path().join("dpo"), 24);
+    o.grad_accum = 4;
+    o.optim.lr = 2e-2;
+    o.eval_every = 24;
+    let v = tunekit::train::dpo::run(&o, 0.1, tunekit::train::dpo::DpoLoss::Sigmoid).unwrap();
+    let (a0, a1) =
+        (v["first_eval"]["reward_accuracy"].as_f64().unwrap(), v["final_eval"]["reward_accuracy"].as_f64().unwrap());
+    let (m0, m1) =
+        (v["first_eval"]["reward_margin"].as_f64().unwrap(), v["final_eval"]["reward_margin"].as_f64().unwrap());
+    assert!(m1 > m0 && a1 >= a0 && a1 >= 0.75, "accuracy {a0} -> {a1}, margin {m0} -> {m1}");
+    assert!(dir.path().join("dpo/adapter_model.safetensors").exists());
+}

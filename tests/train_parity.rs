@@ -103,3 +103,38 @@ fn qwen2_qkv_bias() {
 fn qwen3_qk_norm() {
     check("qwen3");
 }
+
+/// DPO against the fixture of tests/fixtures/train/make_dpo_fixture.py (TRL's loss formulas, PEFT
+/// adapter disabled for the reference): the three losses and the LoRA gradients of the sigmoid loss.
+#[test]
+fn dpo_losses_and_gradient_match_the_reference() {
+    use tunekit::train::dpo::{pair_loss, DpoLoss};
+    let dir = common::root().join("tests/fixtures/train/llama");
+    let r = candle_core::safetensors::load(dir.join("dpo_reference.safetensors"), &Device::Cpu).unwrap();
+    let v = |k: &str| -> Vec<i32> {
+        r[k].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as i32).collect()
+    };
+    let pair = tunekit::pack::preference::PreferenceRow {
+        chosen_input_ids: v("chosen_input_ids"),
+        chosen_labels: v("chosen_labels"),
+        rejected_input_ids: v("rejected_input_ids"),
+        rejected_labels: v("rejected_labels"),
+    };
+    let base = BaseModel::load(&dir, &Device::Cpu).unwrap();
+    let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
+    tunekit::train::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
+    for (kind, key) in [(DpoLoss::Sigmoid, "loss_sigmoid"), (DpoLoss::Hinge, "loss_hinge"), (DpoLoss::Ipo, "loss_ipo")]
+    {
+        let got = pair_loss(&model, &pair, 0.1, kind).unwrap().loss.to_scalar::<f32>().unwrap();
+        let want = r[key].to_vec1::<f32>().unwrap()[0];
+        assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{key}: {got} vs {want}");
+    }
+    let o = pair_loss(&model, &pair, 0.1, DpoLoss::Sigmoid).unwrap();
+    let grads = o.loss.backward().unwrap();
+    for (n, var) in model.lora_vars() {
+        let want = &r[&format!("grad.{n}")];
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
+        let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
+        assert!(d < 1e-3 * scale, "{n}: DPO gradient differs by {d} (max {scale})");
+    }
+}

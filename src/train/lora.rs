@@ -48,6 +48,8 @@ pub struct Lora {
     pub b: Var,
     pub scale: f64,
     pub dropout: f64,
+    /// Off = the base model alone (DPO's reference model without a second copy in memory).
+    pub enabled: std::cell::Cell<bool>,
 }
 
 pub struct Linear {
@@ -109,7 +111,7 @@ impl Linear {
             .collect();
         let a = Var::from_tensor(&Tensor::from_vec(a, (s.r, inp), self.w.device())?)?;
         let b = Var::from_tensor(&Tensor::zeros((out, s.r), DType::F32, self.w.device())?)?;
-        self.lora = Some(Lora { a, b, scale: s.scale(), dropout: s.dropout });
+        self.lora = Some(Lora { a, b, scale: s.scale(), dropout: s.dropout, enabled: std::cell::Cell::new(true) });
         Ok(())
     }
 
@@ -123,7 +125,7 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        if let Some(l) = &self.lora {
+        if let Some(l) = self.lora.as_ref().filter(|l| l.enabled.get()) {
             let xin = match train_rng {
                 Some(rng) if l.dropout > 0.0 => dropout(x, l.dropout, rng)?,
                 _ => x.clone(),

@@ -193,6 +193,35 @@ impl Model {
         Ok((params, bytes))
     }
 
+    /// Switches every adapter on or off (off: the reference model of DPO).
+    pub fn set_lora_enabled(&self, on: bool) {
+        for layer in &self.layers {
+            for lin in layer.linears() {
+                if let Some(l) = &lin.lora {
+                    l.enabled.set(on);
+                }
+            }
+        }
+    }
+
+    /// Sum of the log-probabilities of the trained tokens of one sequence (labels aligned with ids,
+    /// -100 where not trained): log p(answer | prompt).
+    pub fn sequence_logp(
+        &self,
+        ids: &[i32],
+        labels: &[i32],
+        rng: Option<&mut SplitMix64>,
+    ) -> candle_core::Result<Tensor> {
+        let row = crate::pack::rows::PackedRow {
+            input_ids: ids.to_vec(),
+            labels: labels.to_vec(),
+            position_ids: (0..ids.len() as i32).collect(),
+            seq_lengths: vec![ids.len() as i32],
+        };
+        let b = Batch::from_rows(&[&row], &self.device).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        self.loss_sum(&b, rng, 1024)?.neg()
+    }
+
     /// Trainable variables with their PEFT names, in a fixed order.
     pub fn lora_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();

@@ -131,12 +131,20 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     run_with_resume(opts, None)
 }
 
-pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
-    let start = Instant::now();
-    let device = Device::Cpu;
-    let base = BaseModel::load(&opts.model, &device)?;
+/// The model ready to train: base loaded (quantised for QLoRA), adapters added.
+pub struct Trainable {
+    pub model: Model,
+    pub vars_named: Vec<(String, Var)>,
+    pub vars: Vec<Var>,
+    pub trainable: usize,
+    pub total_params: usize,
+    pub base_bytes_per_param: f64,
+}
+
+pub fn load_trainable(opts: &TrainOptions, device: &Device) -> Result<Trainable> {
+    let base = BaseModel::load(&opts.model, device)?;
     check_manifest(&opts.data, base.config.vocab_size)?;
-    let mut model = Model::from_base(&base, &device)?;
+    let mut model = Model::from_base(&base, device)?;
     drop(base);
     let base_bytes_per_param = match opts.qlora.as_deref() {
         None => 4.0,
@@ -161,6 +169,14 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
     let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
     let total_params = model.config.num_params() + trainable;
+    Ok(Trainable { model, vars_named, vars, trainable, total_params, base_bytes_per_param })
+}
+
+pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
+    let start = Instant::now();
+    let device = Device::Cpu;
+    let Trainable { model, vars_named, vars, trainable, total_params, base_bytes_per_param } =
+        load_trainable(opts, &device)?;
     let train = Shards::load(&opts.data, "train")?;
     if train.rows.is_empty() {
         bail!("{}: no training rows (train-*.parquet)", opts.data.display());
