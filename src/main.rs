@@ -14,11 +14,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "tunekit",
     version,
-    about = "Instruction-tuning data, from raw files to training shards, in one binary.",
-    long_about = "Instruction-tuning data, from raw files to training shards, in one binary.\n\n\
+    about = "Instruction tuning in one binary: raw files to training shards, and LoRA/QLoRA/DPO training on them.",
+    long_about = "Instruction tuning in one binary: raw files to training shards, and LoRA/QLoRA/DPO training on them.\n\n\
     The flow: convert (raw CSV/JSONL/JSON/Parquet -> conversations) -> dedup -> prepare (chat template, \
-    loss masks, tokenize, pack into Parquet shards) -> train; export/validate write and check OpenAI \
-    fine-tuning JSONL.\n\nExit codes: 0 ok, 1 data or IO error, 2 usage error."
+    loss masks, tokenize, pack into Parquet shards) -> train (LoRA, QLoRA, DPO; PEFT adapters) -> eval, \
+    generate, merge; export/validate write and check OpenAI fine-tuning JSONL.\n\nExit codes: 0 ok, 1 data or IO error, 2 usage error."
 )]
 struct Cli {
     /// No progress bars or warnings.
@@ -346,7 +346,7 @@ enum Command {
         #[command(subcommand)]
         target: ValidateTarget,
     },
-    /// Train a LoRA adapter on prepared shards with the built-in candle trainer (PEFT output).
+    /// Train a LoRA/QLoRA adapter on prepared shards (SFT) or preference shards (DPO); PEFT output.
     #[command(args_override_self = true)]
     Train(Box<TrainArgs>),
     /// Loss and perplexity of a model (optionally with an adapter) on the eval shards.
