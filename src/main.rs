@@ -133,7 +133,8 @@ struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// sft: LoRA on the shards' labels; dpo: direct preference optimisation on preference shards
-    /// (`prepare --method preference`), the reference being the base with the adapter off.
+    /// (`prepare --method preference`), the reference being the base with the adapter off; reward: a
+    /// reward model (scalar head on the last token, Bradley-Terry loss, LoRA on the body).
     #[arg(long, default_value = "sft")]
     method: String,
     /// DPO: strength of the KL constraint to the reference.
@@ -393,6 +394,24 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Rewards of conversations under a reward model (`train --method reward`): one JSON line per
+    /// conversation ({"id", "reward"}; preference records get "chosen" and "rejected").
+    Score {
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        model: PathBuf,
+        /// The reward model's adapter directory (with the score head).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// tokenizer.json / directory / GGUF; default: the model.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long)]
+        template: Option<String>,
+        #[command(flatten)]
+        map: MapArgs,
+    },
     /// Merge an adapter into the base weights and write a Hugging Face model directory.
     Merge {
         #[arg(long)]
@@ -572,8 +591,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(a) => {
             let a = *a;
-            if a.method != "sft" && a.method != "dpo" {
-                anyhow::bail!("--method {}: sft and dpo are implemented (reward is planned)", a.method);
+            if !["sft", "dpo", "reward"].contains(&a.method.as_str()) {
+                anyhow::bail!("--method {}: use sft, dpo or reward", a.method);
             }
             let opts = tunekit::train::run::TrainOptions {
                 model: a.model,
@@ -604,8 +623,15 @@ fn run(cli: Cli) -> Result<()> {
                 logits_chunk: 1024,
                 qlora: a.qlora,
             };
+            if a.method == "reward" {
+                let v = tunekit::train::dpo::run(&opts, tunekit::train::dpo::Objective::Reward)?;
+                return print(cli.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
+            }
             if a.method == "dpo" {
-                let v = tunekit::train::dpo::run(&opts, a.beta, a.dpo_loss)?;
+                let v = tunekit::train::dpo::run(
+                    &opts,
+                    tunekit::train::dpo::Objective::Dpo { beta: a.beta, loss: a.dpo_loss },
+                )?;
                 return print(cli.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
             }
             let s = tunekit::train::run::run_with_resume(&opts, a.resume.as_deref())?;
@@ -663,6 +689,55 @@ fn run(cli: Cli) -> Result<()> {
             let text = tunekit::train::generate::generate(&m, &tok, &tpl, &msgs, &s)?;
             let v = serde_json::json!({"command": "generate", "text": text});
             print(cli.json, &v, |_| println!("{text}"))
+        }
+        Command::Score { inputs, model, adapter, tokenizer, template, map } => {
+            let m = load_model(&model, Some(&adapter))?;
+            if m.score.is_none() {
+                anyhow::bail!(
+                    "{}: not a reward model adapter (no score head); train one with --method reward",
+                    adapter.display()
+                );
+            }
+            let tok = tunekit::tokenize::TokenizerInfo::load(&tokenizer.unwrap_or_else(|| model.clone()))?;
+            let tpl = tunekit::prepare::chat_template(&tok, template.as_deref())?;
+            let reward = |msgs: &[tunekit::record::Message]| -> Result<f64> {
+                let text = tpl.render(msgs, None, false).map_err(|e| anyhow::anyhow!("chat template: {e:#}"))?;
+                let ids: Vec<i32> = tok
+                    .tokenizer
+                    .encode(text.as_str(), false)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .get_ids()
+                    .iter()
+                    .map(|&t| t as i32)
+                    .collect();
+                Ok(m.reward(&ids)?.to_scalar::<f32>()? as f64)
+            };
+            let (mut n, mut sum) = (0u64, 0.0);
+            tunekit::ingest::stream_conversations(&inputs, &map.options()?, |batch| {
+                for item in batch.items {
+                    let tunekit::ingest::Item::Ok(c) = item else { continue };
+                    let line = match (&c.chosen, &c.rejected) {
+                        (Some(ch), Some(rj)) => {
+                            let with = |a: &tunekit::record::Message| [c.messages.clone(), vec![a.clone()]].concat();
+                            let (rc, rr) = (reward(&with(ch))?, reward(&with(rj))?);
+                            sum += rc;
+                            serde_json::json!({"id": c.id, "chosen": rc, "rejected": rr, "prefers_chosen": rc > rr})
+                        }
+                        _ => {
+                            let r = reward(&c.messages)?;
+                            sum += r;
+                            serde_json::json!({"id": c.id, "reward": r})
+                        }
+                    };
+                    n += 1;
+                    println!("{line}");
+                }
+                Ok(())
+            })?;
+            if !cli.json {
+                eprintln!("scored {n} conversation(s), mean reward {:.4}", sum / n.max(1) as f64);
+            }
+            Ok(())
         }
         Command::Merge { model, adapter, out } => {
             let m = load_model(&model, Some(&adapter))?;

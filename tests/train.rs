@@ -259,11 +259,67 @@ fn dpo_raises_held_out_reward_accuracy() {
     o.grad_accum = 4;
     o.optim.lr = 2e-2;
     o.eval_every = 24;
-    let v = tunekit::train::dpo::run(&o, 0.1, tunekit::train::dpo::DpoLoss::Sigmoid).unwrap();
+    let v = tunekit::train::dpo::run(
+        &o,
+        tunekit::train::dpo::Objective::Dpo { beta: 0.1, loss: tunekit::train::dpo::DpoLoss::Sigmoid },
+    )
+    .unwrap();
     let (a0, a1) =
         (v["first_eval"]["reward_accuracy"].as_f64().unwrap(), v["final_eval"]["reward_accuracy"].as_f64().unwrap());
     let (m0, m1) =
         (v["first_eval"]["reward_margin"].as_f64().unwrap(), v["final_eval"]["reward_margin"].as_f64().unwrap());
     assert!(m1 > m0 && a1 >= a0 && a1 >= 0.75, "accuracy {a0} -> {a1}, margin {m0} -> {m1}");
     assert!(dir.path().join("dpo/adapter_model.safetensors").exists());
+}
+
+#[test]
+fn reward_model_ranks_held_out_pairs() {
+    use tunekit::pack::preference::{PreferenceRow, PreferenceWriter};
+    use tunekit::train::dpo::Objective;
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut rng = tunekit::split::SplitMix64::new(11);
+    let pair = |rng: &mut tunekit::split::SplitMix64| {
+        let s = rng.below(90);
+        let prompt: Vec<i32> = (0..6).map(|k| (s + k) as i32).collect();
+        let side = |ans: Vec<i32>| {
+            let ids: Vec<i32> = prompt.iter().cloned().chain(ans).collect();
+            let labels: Vec<i32> = ids.iter().enumerate().map(|(i, &t)| if i >= 6 { t } else { -100 }).collect();
+            (ids, labels)
+        };
+        let (ci, cl) = side((6..12).map(|k| (s + k) as i32).collect());
+        let (ri, rl) = side(vec![(s as i32 + 50) % 120; 6]);
+        PreferenceRow { chosen_input_ids: ci, chosen_labels: cl, rejected_input_ids: ri, rejected_labels: rl }
+    };
+    let mut w = PreferenceWriter::new(&data, "train");
+    w.write((0..24).map(|_| pair(&mut rng)).collect()).unwrap();
+    w.finish().unwrap();
+    let mut e = PreferenceWriter::new(&data, "eval");
+    e.write((0..8).map(|_| pair(&mut rng)).collect()).unwrap();
+    e.finish().unwrap();
+    std::fs::write(data.join("manifest.json"), serde_json::json!({"tokenizer": {"vocab_size": 128}}).to_string())
+        .unwrap();
+    let mut o = options(&data, &dir.path().join("rm"), 24);
+    o.grad_accum = 4;
+    o.optim.lr = 2e-2;
+    o.eval_every = 24;
+    let v = tunekit::train::dpo::run(&o, Objective::Reward).unwrap();
+    let a1 = v["final_eval"]["reward_accuracy"].as_f64().unwrap();
+    assert!(a1 >= 0.75, "held-out accuracy {a1}: {v}");
+    // The head is saved as PEFT saves modules_to_save for a sequence classifier, and reloads.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("rm/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
+    let base = tunekit::train::weights::BaseModel::load(&model_dir(), &Device::Cpu).unwrap();
+    let mut m = tunekit::train::model::Model::from_base(&base, &Device::Cpu).unwrap();
+    tunekit::train::peft::load_into(&mut m, &dir.path().join("rm")).unwrap();
+    let p = pair(&mut rng);
+    let (rc, rr) = (m.reward(&p.chosen_input_ids).unwrap(), m.reward(&p.rejected_input_ids).unwrap());
+    let loss = Objective::Reward.pair(&m, &p).unwrap().loss.to_scalar::<f32>().unwrap();
+    let d = (rc.to_scalar::<f32>().unwrap() - rr.to_scalar::<f32>().unwrap()) as f64;
+    let want = -(1.0 / (1.0 + (-d).exp())).ln();
+    assert!((loss as f64 - want).abs() < 1e-5, "Bradley-Terry loss {loss} vs -log sigmoid(rc - rr) = {want}");
 }

@@ -57,16 +57,40 @@ pub fn pair_loss(model: &Model, p: &PreferenceRow, beta: f64, kind: DpoLoss) -> 
     })
 }
 
+/// What a preference run optimises: DPO on the policy, or a Bradley-Terry reward model.
+#[derive(Debug, Clone, Copy)]
+pub enum Objective {
+    Dpo {
+        beta: f64,
+        loss: DpoLoss,
+    },
+    /// `-log sigmoid(r(chosen) - r(rejected))`, as TRL's RewardTrainer.
+    Reward,
+}
+
+impl Objective {
+    pub fn pair(&self, model: &Model, p: &PreferenceRow) -> candle_core::Result<PairOutcome> {
+        match *self {
+            Objective::Dpo { beta, loss } => pair_loss(model, p, beta, loss),
+            Objective::Reward => {
+                let rc = model.reward(&p.chosen_input_ids)?;
+                let rr = model.reward(&p.rejected_input_ids)?;
+                let loss = softplus(&(&rr - &rc)?)?;
+                Ok(PairOutcome {
+                    loss,
+                    reward_chosen: rc.to_scalar::<f32>()? as f64,
+                    reward_rejected: rr.to_scalar::<f32>()? as f64,
+                })
+            }
+        }
+    }
+}
+
 /// Held-out preference metrics: mean loss, reward accuracy (chosen above rejected) and margin.
-pub fn evaluate(
-    model: &Model,
-    pairs: &[PreferenceRow],
-    beta: f64,
-    kind: DpoLoss,
-) -> candle_core::Result<(f64, f64, f64)> {
+pub fn evaluate(model: &Model, pairs: &[PreferenceRow], objective: Objective) -> candle_core::Result<(f64, f64, f64)> {
     let (mut loss, mut acc, mut margin) = (0.0, 0.0, 0.0);
     for p in pairs {
-        let o = pair_loss(model, p, beta, kind)?;
+        let o = objective.pair(model, p)?;
         loss += o.loss.to_scalar::<f32>()? as f64;
         acc += (o.reward_chosen > o.reward_rejected) as u8 as f64;
         margin += o.reward_chosen - o.reward_rejected;
@@ -77,14 +101,20 @@ pub fn evaluate(
 
 /// `tunekit train --method dpo`: AdamW on the adapter over preference pairs (`--grad-accum` pairs per
 /// step, the loss averaged over them), metrics per step, held-out evaluation, PEFT adapter out.
-pub fn run(opts: &super::run::TrainOptions, beta: f64, kind: DpoLoss) -> anyhow::Result<serde_json::Value> {
+pub fn run(opts: &super::run::TrainOptions, objective: Objective) -> anyhow::Result<serde_json::Value> {
     use super::optim::{clip_grad_norm, lr_at, AdamW};
     use anyhow::{bail, Context};
     use serde_json::json;
     use std::io::Write;
     let start = std::time::Instant::now();
     let device = candle_core::Device::Cpu;
-    let t = super::run::load_trainable(opts, &device)?;
+    let mut t = super::run::load_trainable(opts, &device)?;
+    if matches!(objective, Objective::Reward) {
+        t.model.add_score_head(opts.seed)?;
+        let head = t.model.score.clone().expect("just added");
+        t.vars_named.push(("base_model.model.score.weight".into(), head.clone()));
+        t.vars.push(head);
+    }
     let pairs_of = |split: &str| -> anyhow::Result<Vec<PreferenceRow>> {
         let f = opts.data.join(format!("{split}-00000-of-00001.parquet"));
         if !f.exists() {
@@ -103,8 +133,8 @@ pub fn run(opts: &super::run::TrainOptions, beta: f64, kind: DpoLoss) -> anyhow:
     let mut optim = AdamW::new(opts.optim.clone(), &t.vars)?;
     std::fs::create_dir_all(&opts.out)?;
     let mut metrics = std::fs::File::create(opts.out.join("metrics.jsonl"))?;
-    let pb = crate::progress::bar("dpo", total);
-    let first_eval = if eval.is_empty() { None } else { Some(evaluate(&t.model, &eval, beta, kind)?) };
+    let pb = crate::progress::bar(if matches!(objective, Objective::Reward) { "reward" } else { "dpo" }, total);
+    let first_eval = if eval.is_empty() { None } else { Some(evaluate(&t.model, &eval, objective)?) };
     if let Some((l, a, m)) = first_eval {
         writeln!(
             metrics,
@@ -123,7 +153,7 @@ pub fn run(opts: &super::run::TrainOptions, beta: f64, kind: DpoLoss) -> anyhow:
         let (mut loss, mut rc, mut rr, mut acc) = (0.0, 0.0, 0.0, 0.0);
         let mut grads: Option<Vec<Tensor>> = None;
         for &i in &chunk {
-            let o = pair_loss(&t.model, &train[i], beta, kind)?;
+            let o = objective.pair(&t.model, &train[i])?;
             loss += o.loss.to_scalar::<f32>()? as f64;
             rc += o.reward_chosen;
             rr += o.reward_rejected;
@@ -152,11 +182,14 @@ pub fn run(opts: &super::run::TrainOptions, beta: f64, kind: DpoLoss) -> anyhow:
             "rewards/chosen": rc / n, "rewards/rejected": rr / n, "rewards/accuracies": acc / n,
             "rewards/margins": (rc - rr) / n,
             // KL estimate: mean policy-minus-reference log-ratio of the chosen and rejected answers.
-            "kl": (rc + rr) / (2.0 * n * beta),
+            "kl": match objective {
+                Objective::Dpo { beta, .. } => json!((rc + rr) / (2.0 * n * beta)),
+                Objective::Reward => json!(null),
+            },
         });
         curve.push(((step + 1) as f64, loss / n));
         if opts.eval_every > 0 && !eval.is_empty() && ((step + 1) % opts.eval_every == 0 || step + 1 == total) {
-            let (l, a, m) = evaluate(&t.model, &eval, beta, kind)?;
+            let (l, a, m) = evaluate(&t.model, &eval, objective)?;
             rec["eval_loss"] = json!(l);
             rec["eval_reward_accuracy"] = json!(a);
             rec["eval_reward_margin"] = json!(m);
@@ -168,11 +201,16 @@ pub fn run(opts: &super::run::TrainOptions, beta: f64, kind: DpoLoss) -> anyhow:
     }
     pb.finish_and_clear();
     super::peft::save(&t.model, &opts.lora, &opts.model.display().to_string(), &opts.out)?;
+    if let (Objective::Reward, Some(head)) = (objective, &t.model.score) {
+        super::peft::save_reward_head(&opts.out, head.as_tensor())?;
+    }
     if !curve.is_empty() {
         crate::plot::lines_png(&opts.out.join("loss.png"), &[(&curve, crate::plot::BLUE)])?;
     }
     Ok(json!({
-        "command": "train", "method": "dpo", "loss_type": kind, "beta": beta, "steps": total,
+        "command": "train",
+        "method": match objective { Objective::Dpo { .. } => "dpo", Objective::Reward => "reward" },
+        "objective": format!("{objective:?}"), "steps": total,
         "pairs": train.len(), "eval_pairs": eval.len(),
         "trainable_params": t.trainable, "total_params": t.total_params,
         "first_eval": first_eval.map(|(l, a, m)| json!({"loss": l, "reward_accuracy": a, "reward_margin": m})),

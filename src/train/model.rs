@@ -44,6 +44,8 @@ pub struct Model {
     cos: Tensor,
     sin: Tensor,
     pub device: Device,
+    /// Reward-model head [1, hidden] on the last token (trained; PEFT `modules_to_save = ["score"]`).
+    pub score: Option<Var>,
 }
 
 /// One packed micro-batch, flattened: all rows' segments back to back.
@@ -143,7 +145,33 @@ impl Model {
             norm: get("model.norm.weight")?,
             lm_head,
             device: device.clone(),
+            score: None,
         })
+    }
+
+    /// Adds a scalar reward head, initialised as transformers does (normal, std 0.02).
+    pub fn add_score_head(&mut self, seed: u64) -> Result<()> {
+        let h = self.config.hidden_size;
+        let mut rng = SplitMix64::new(seed ^ 0x5C0);
+        let w: Vec<f32> = (0..h)
+            .map(|_| {
+                let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
+            })
+            .collect();
+        self.score = Some(Var::from_tensor(&Tensor::from_vec(w, (1, h), &self.device)?)?);
+        Ok(())
+    }
+
+    /// The reward of one sequence: the score head on the last token's final hidden state.
+    pub fn reward(&self, ids: &[i32]) -> candle_core::Result<Tensor> {
+        let head = self.score.as_ref().ok_or_else(|| candle_core::Error::Msg("the model has no reward head".into()))?;
+        let t = ids.len();
+        let ids_t = Tensor::from_vec(ids.iter().map(|&x| x as u32).collect::<Vec<_>>(), t, &self.device)?;
+        let pos = Tensor::arange(0u32, t as u32, &self.device)?;
+        let h = self.hidden(&ids_t, &pos, &[t], None)?;
+        h.narrow(0, t - 1, 1)?.matmul(&head.as_tensor().t()?)?.squeeze(1)?.squeeze(0)
     }
 
     /// Adds LoRA adapters to the target modules of every layer.

@@ -45,6 +45,21 @@ pub fn save(model: &Model, s: &LoraSettings, base: &str, dir: &Path) -> Result<(
     Ok(())
 }
 
+/// A reward model's head, as PEFT saves `modules_to_save = ["score"]` for a sequence classifier:
+/// `base_model.model.score.weight` [1, hidden] in the adapter file, task_type SEQ_CLS.
+pub fn save_reward_head(dir: &Path, head: &Tensor) -> Result<()> {
+    let file = dir.join("adapter_model.safetensors");
+    let mut t = candle_core::safetensors::load(&file, &candle_core::Device::Cpu)?;
+    t.insert("base_model.model.score.weight".into(), head.clone());
+    candle_core::safetensors::save(&t, &file)?;
+    let p = dir.join("adapter_config.json");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&p)?)?;
+    cfg["task_type"] = json!("SEQ_CLS");
+    cfg["modules_to_save"] = json!(["score"]);
+    std::fs::write(&p, serde_json::to_string_pretty(&cfg)?)?;
+    Ok(())
+}
+
 /// Reads a PEFT LoRA adapter directory: its settings and tensors.
 pub fn read(dir: &Path) -> Result<(LoraSettings, HashMap<String, Tensor>)> {
     let cfg: Value = serde_json::from_slice(
@@ -74,6 +89,10 @@ pub fn read(dir: &Path) -> Result<(LoraSettings, HashMap<String, Tensor>)> {
 pub fn load_into(model: &mut Model, dir: &Path) -> Result<LoraSettings> {
     let (s, tensors) = read(dir)?;
     model.add_lora(&s, 0)?;
+    if let Some(h) = tensors.get("base_model.model.score.weight") {
+        model.score =
+            Some(candle_core::Var::from_tensor(&h.to_device(&model.device)?.to_dtype(candle_core::DType::F32)?)?);
+    }
     for (name, var) in model.lora_vars() {
         let t = tensors.get(&name).with_context(|| format!("{}: adapter has no tensor {name}", dir.display()))?;
         var.set(&t.to_device(&model.device)?.to_dtype(candle_core::DType::F32)?)?;
