@@ -624,13 +624,14 @@ fn run(cli: Cli) -> Result<()> {
                 qlora: a.qlora,
             };
             if a.method == "reward" {
-                let v = tunekit::train::dpo::run(&opts, tunekit::train::dpo::Objective::Reward)?;
+                let v = tunekit::train::dpo::run(&opts, tunekit::train::dpo::Objective::Reward, a.resume.as_deref())?;
                 return print(cli.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
             }
             if a.method == "dpo" {
                 let v = tunekit::train::dpo::run(
                     &opts,
                     tunekit::train::dpo::Objective::Dpo { beta: a.beta, loss: a.dpo_loss },
+                    a.resume.as_deref(),
                 )?;
                 return print(cli.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
             }

@@ -225,63 +225,13 @@ fn qlora_gguf_uses_the_files_quantised_weights_exactly() {
     assert!(m.layers.iter().all(|l| l.linears().iter().all(|x| x.w.elem_count() == 0)), "no dense projection kept");
 }
 
-#[test]
-fn dpo_raises_held_out_reward_accuracy() {
+/// Preference shards of a toy task: chosen answers continue the prompt's count, rejected ones repeat
+/// a token. 24 training and 8 held-out pairs.
+fn write_pairs(data: &Path, seed: u64) -> Vec<tunekit::pack::preference::PreferenceRow> {
     use tunekit::pack::preference::{PreferenceRow, PreferenceWriter};
-    tunekit::progress::set_quiet(true);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("pairs");
-    std::fs::create_dir_all(&data).unwrap();
-    // Chosen answers continue the prompt's count; rejected answers repeat one token.
-    let mut rng = tunekit::split::SplitMix64::new(9);
-    let pair = |rng: &mut tunekit::split::SplitMix64| {
-        let s = rng.below(90);
-        let prompt: Vec<i32> = (0..6).map(|k| (s + k) as i32).collect();
-        let side = |ans: Vec<i32>| {
-            let ids: Vec<i32> = prompt.iter().cloned().chain(ans.iter().cloned()).collect();
-            let labels: Vec<i32> =
-                ids.iter().enumerate().map(|(i, &t)| if i >= prompt.len() { t } else { -100 }).collect();
-            (ids, labels)
-        };
-        let (ci, cl) = side((6..12).map(|k| (s + k) as i32).collect());
-        let (ri, rl) = side(vec![(s as i32 + 50) % 120; 6]);
-        PreferenceRow { chosen_input_ids: ci, chosen_labels: cl, rejected_input_ids: ri, rejected_labels: rl }
-    };
-    let mut w = PreferenceWriter::new(&data, "train");
-    w.write((0..24).map(|_| pair(&mut rng)).collect()).unwrap();
-    w.finish().unwrap();
-    let mut e = PreferenceWriter::new(&data, "eval");
-    e.write((0..8).map(|_| pair(&mut rng)).collect()).unwrap();
-    e.finish().unwrap();
-    std::fs::write(data.join("manifest.json"), serde_json::json!({"tokenizer": {"vocab_size": 128}}).to_string())
-        .unwrap();
-    let mut o = options(&data, &dir.path().join("dpo"), 24);
-    o.grad_accum = 4;
-    o.optim.lr = 2e-2;
-    o.eval_every = 24;
-    let v = tunekit::train::dpo::run(
-        &o,
-        tunekit::train::dpo::Objective::Dpo { beta: 0.1, loss: tunekit::train::dpo::DpoLoss::Sigmoid },
-    )
-    .unwrap();
-    let (a0, a1) =
-        (v["first_eval"]["reward_accuracy"].as_f64().unwrap(), v["final_eval"]["reward_accuracy"].as_f64().unwrap());
-    let (m0, m1) =
-        (v["first_eval"]["reward_margin"].as_f64().unwrap(), v["final_eval"]["reward_margin"].as_f64().unwrap());
-    assert!(m1 > m0 && a1 >= a0 && a1 >= 0.75, "accuracy {a0} -> {a1}, margin {m0} -> {m1}");
-    assert!(dir.path().join("dpo/adapter_model.safetensors").exists());
-}
-
-#[test]
-fn reward_model_ranks_held_out_pairs() {
-    use tunekit::pack::preference::{PreferenceRow, PreferenceWriter};
-    use tunekit::train::dpo::Objective;
-    tunekit::progress::set_quiet(true);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("pairs");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut rng = tunekit::split::SplitMix64::new(11);
-    let pair = |rng: &mut tunekit::split::SplitMix64| {
+    std::fs::create_dir_all(data).unwrap();
+    let mut rng = tunekit::split::SplitMix64::new(seed);
+    let mut pair = || {
         let s = rng.below(90);
         let prompt: Vec<i32> = (0..6).map(|k| (s + k) as i32).collect();
         let side = |ans: Vec<i32>| {
@@ -293,19 +243,50 @@ fn reward_model_ranks_held_out_pairs() {
         let (ri, rl) = side(vec![(s as i32 + 50) % 120; 6]);
         PreferenceRow { chosen_input_ids: ci, chosen_labels: cl, rejected_input_ids: ri, rejected_labels: rl }
     };
-    let mut w = PreferenceWriter::new(&data, "train");
-    w.write((0..24).map(|_| pair(&mut rng)).collect()).unwrap();
+    let pairs: Vec<PreferenceRow> = (0..33).map(|_| pair()).collect();
+    let mut w = PreferenceWriter::new(data, "train");
+    w.write(pairs[..24].to_vec()).unwrap();
     w.finish().unwrap();
-    let mut e = PreferenceWriter::new(&data, "eval");
-    e.write((0..8).map(|_| pair(&mut rng)).collect()).unwrap();
+    let mut e = PreferenceWriter::new(data, "eval");
+    e.write(pairs[24..32].to_vec()).unwrap();
     e.finish().unwrap();
     std::fs::write(data.join("manifest.json"), serde_json::json!({"tokenizer": {"vocab_size": 128}}).to_string())
         .unwrap();
-    let mut o = options(&data, &dir.path().join("rm"), 24);
+    pairs
+}
+
+fn pair_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
+    let mut o = options(data, out, steps);
     o.grad_accum = 4;
     o.optim.lr = 2e-2;
-    o.eval_every = 24;
-    let v = tunekit::train::dpo::run(&o, Objective::Reward).unwrap();
+    o.eval_every = steps;
+    o
+}
+
+#[test]
+fn dpo_raises_held_out_reward_accuracy() {
+    use tunekit::train::dpo::{DpoLoss, Objective};
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    write_pairs(&dir.path().join("pairs"), 9);
+    let o = pair_options(&dir.path().join("pairs"), &dir.path().join("dpo"), 24);
+    let v = tunekit::train::dpo::run(&o, Objective::Dpo { beta: 0.1, loss: DpoLoss::Sigmoid }, None).unwrap();
+    let (a0, a1) =
+        (v["first_eval"]["reward_accuracy"].as_f64().unwrap(), v["final_eval"]["reward_accuracy"].as_f64().unwrap());
+    let (m0, m1) =
+        (v["first_eval"]["reward_margin"].as_f64().unwrap(), v["final_eval"]["reward_margin"].as_f64().unwrap());
+    assert!(m1 > m0 && a1 >= a0 && a1 >= 0.75, "accuracy {a0} -> {a1}, margin {m0} -> {m1}");
+    assert!(dir.path().join("dpo/adapter_model.safetensors").exists());
+}
+
+#[test]
+fn reward_model_ranks_held_out_pairs() {
+    use tunekit::train::dpo::Objective;
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = write_pairs(&dir.path().join("pairs"), 11);
+    let o = pair_options(&dir.path().join("pairs"), &dir.path().join("rm"), 24);
+    let v = tunekit::train::dpo::run(&o, Objective::Reward, None).unwrap();
     let a1 = v["final_eval"]["reward_accuracy"].as_f64().unwrap();
     assert!(a1 >= 0.75, "held-out accuracy {a1}: {v}");
     // The head is saved as PEFT saves modules_to_save for a sequence classifier, and reloads.
@@ -316,10 +297,33 @@ fn reward_model_ranks_held_out_pairs() {
     let base = tunekit::train::weights::BaseModel::load(&model_dir(), &Device::Cpu).unwrap();
     let mut m = tunekit::train::model::Model::from_base(&base, &Device::Cpu).unwrap();
     tunekit::train::peft::load_into(&mut m, &dir.path().join("rm")).unwrap();
-    let p = pair(&mut rng);
+    let p = &pairs[32];
     let (rc, rr) = (m.reward(&p.chosen_input_ids).unwrap(), m.reward(&p.rejected_input_ids).unwrap());
-    let loss = Objective::Reward.pair(&m, &p).unwrap().loss.to_scalar::<f32>().unwrap();
+    let loss = Objective::Reward.pair(&m, p).unwrap().loss.to_scalar::<f32>().unwrap();
     let d = (rc.to_scalar::<f32>().unwrap() - rr.to_scalar::<f32>().unwrap()) as f64;
     let want = -(1.0 / (1.0 + (-d).exp())).ln();
     assert!((loss as f64 - want).abs() < 1e-5, "Bradley-Terry loss {loss} vs -log sigmoid(rc - rr) = {want}");
+}
+
+#[test]
+fn preference_runs_resume_bit_for_bit() {
+    use tunekit::train::dpo::{DpoLoss, Objective};
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs");
+    write_pairs(&data, 13);
+    for (name, obj) in [("dpo", Objective::Dpo { beta: 0.1, loss: DpoLoss::Sigmoid }), ("rm", Objective::Reward)] {
+        let (a, b) = (dir.path().join(format!("{name}-a")), dir.path().join(format!("{name}-b")));
+        let mut o = pair_options(&data, &a, 8);
+        o.save_every = 4;
+        tunekit::train::dpo::run(&o, obj, None).unwrap();
+        let mut o = pair_options(&data, &b, 8);
+        o.save_every = 4;
+        tunekit::train::dpo::run(&o, obj, Some(&a.join("checkpoint-4"))).unwrap();
+        assert_eq!(
+            std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
+            std::fs::read(b.join("adapter_model.safetensors")).unwrap(),
+            "{name}: the resumed run ends with the same adapter bytes"
+        );
+    }
 }

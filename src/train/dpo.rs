@@ -101,7 +101,11 @@ pub fn evaluate(model: &Model, pairs: &[PreferenceRow], objective: Objective) ->
 
 /// `tunekit train --method dpo`: AdamW on the adapter over preference pairs (`--grad-accum` pairs per
 /// step, the loss averaged over them), metrics per step, held-out evaluation, PEFT adapter out.
-pub fn run(opts: &super::run::TrainOptions, objective: Objective) -> anyhow::Result<serde_json::Value> {
+pub fn run(
+    opts: &super::run::TrainOptions,
+    objective: Objective,
+    resume: Option<&std::path::Path>,
+) -> anyhow::Result<serde_json::Value> {
     use super::optim::{clip_grad_norm, lr_at, AdamW};
     use anyhow::{bail, Context};
     use serde_json::json;
@@ -131,10 +135,26 @@ pub fn run(opts: &super::run::TrainOptions, objective: Objective) -> anyhow::Res
     let steps_per_epoch = train.len().div_ceil(per_step) as u64;
     let total = opts.max_steps.unwrap_or(steps_per_epoch * opts.epochs.max(1));
     let mut optim = AdamW::new(opts.optim.clone(), &t.vars)?;
+    let first_step = match resume {
+        Some(dir) => super::run::read_checkpoint(dir, &t.vars_named, &mut optim)?["step"].as_u64().unwrap_or(0),
+        None => 0,
+    };
     std::fs::create_dir_all(&opts.out)?;
-    let mut metrics = std::fs::File::create(opts.out.join("metrics.jsonl"))?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resume.is_some())
+        .truncate(resume.is_none())
+        .open(opts.out.join("metrics.jsonl"))?;
+    let head_writer = |dir: &std::path::Path| -> anyhow::Result<()> {
+        match (&objective, &t.model.score) {
+            (Objective::Reward, Some(h)) => super::peft::save_reward_head(dir, h.as_tensor()),
+            _ => Ok(()),
+        }
+    };
     let pb = crate::progress::bar(if matches!(objective, Objective::Reward) { "reward" } else { "dpo" }, total);
-    let first_eval = if eval.is_empty() { None } else { Some(evaluate(&t.model, &eval, objective)?) };
+    let first_eval =
+        if eval.is_empty() || resume.is_some() { None } else { Some(evaluate(&t.model, &eval, objective)?) };
     if let Some((l, a, m)) = first_eval {
         writeln!(
             metrics,
@@ -144,7 +164,8 @@ pub fn run(opts: &super::run::TrainOptions, objective: Objective) -> anyhow::Res
     }
     let mut curve = Vec::new();
     let mut last_eval = first_eval;
-    for step in 0..total {
+    pb.set_position(first_step);
+    for step in first_step..total {
         let epoch = step / steps_per_epoch;
         let mut order: Vec<usize> = (0..train.len()).collect();
         crate::split::SplitMix64::new(opts.seed ^ epoch.wrapping_mul(0x9E37)).shuffle(&mut order);
@@ -198,6 +219,10 @@ pub fn run(opts: &super::run::TrainOptions, objective: Objective) -> anyhow::Res
         writeln!(metrics, "{rec}")?;
         pb.set_message(format!("loss {:.4} acc {:.2}", loss / n, acc / n));
         pb.inc(1);
+        if opts.save_every > 0 && (step + 1) % opts.save_every == 0 && step + 1 < total {
+            let dir = opts.out.join(format!("checkpoint-{}", step + 1));
+            super::run::write_checkpoint(&dir, &t.model, opts, &optim, json!({"step": step + 1}), &head_writer)?;
+        }
     }
     pb.finish_and_clear();
     super::peft::save(&t.model, &opts.lora, &opts.model.display().to_string(), &opts.out)?;

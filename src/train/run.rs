@@ -108,10 +108,20 @@ pub fn evaluate(model: &Model, shards: &Shards, budget: usize, chunk: usize) -> 
     Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, n))
 }
 
-fn save_checkpoint(dir: &Path, model: &Model, opts: &TrainOptions, opt: &AdamW, state: &TrainState) -> Result<()> {
+/// Writes a checkpoint directory atomically: the adapter (PEFT format; `extra` may add to it), the
+/// optimizer moments, and `state.json` with the caller's state, Adam's step and the options.
+pub fn write_checkpoint(
+    dir: &Path,
+    model: &Model,
+    opts: &TrainOptions,
+    opt: &AdamW,
+    state: serde_json::Value,
+    extra: &dyn Fn(&Path) -> Result<()>,
+) -> Result<()> {
     let tmp = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
     super::peft::save(model, &opts.lora, &opts.model.display().to_string(), &tmp)?;
+    extra(&tmp)?;
     let mut t: HashMap<String, Tensor> = HashMap::new();
     for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
         t.insert(format!("m.{i}"), m.clone());
@@ -125,6 +135,29 @@ fn save_checkpoint(dir: &Path, model: &Model, opts: &TrainOptions, opt: &AdamW, 
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&tmp, dir)?;
     Ok(())
+}
+
+/// Restores the trainable variables (by PEFT name) and the optimizer from a checkpoint; returns the
+/// caller's state.
+pub fn read_checkpoint(dir: &Path, vars_named: &[(String, Var)], opt: &mut AdamW) -> Result<serde_json::Value> {
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("state.json")).with_context(|| format!("{}: not a checkpoint", dir.display()))?,
+    )?;
+    let (_, tensors) = super::peft::read(dir)?;
+    for (n, v) in vars_named {
+        v.set(tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?)?;
+    }
+    let ot = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
+    for i in 0..vars_named.len() {
+        opt.m[i] = ot.get(&format!("m.{i}")).context("optimizer state incomplete")?.clone();
+        opt.v[i] = ot.get(&format!("v.{i}")).context("optimizer state incomplete")?.clone();
+    }
+    opt.step = st["adam_step"].as_u64().unwrap_or(0);
+    Ok(st["state"].clone())
+}
+
+fn save_checkpoint(dir: &Path, model: &Model, opts: &TrainOptions, opt: &AdamW, state: &TrainState) -> Result<()> {
+    write_checkpoint(dir, model, opts, opt, serde_json::to_value(state)?, &|_| Ok(()))
 }
 
 pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
@@ -185,20 +218,7 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
     let mut optim = AdamW::new(opts.optim.clone(), &vars)?;
     let mut state = TrainState { step: 0, micro_done: 0, dropout_rng: SplitMix64::new(opts.seed ^ 0xD0).state() };
     if let Some(dir) = resume {
-        let st: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(dir.join("state.json")).with_context(|| format!("{}: not a checkpoint", dir.display()))?,
-        )?;
-        state = serde_json::from_value(st["state"].clone())?;
-        optim.step = st["adam_step"].as_u64().unwrap_or(state.step);
-        let (_, tensors) = super::peft::read(dir)?;
-        for (n, v) in &vars_named {
-            v.set(tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?)?;
-        }
-        let ot = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
-        for i in 0..vars.len() {
-            optim.m[i] = ot.get(&format!("m.{i}")).context("optimizer state incomplete")?.clone();
-            optim.v[i] = ot.get(&format!("v.{i}")).context("optimizer state incomplete")?.clone();
-        }
+        state = serde_json::from_value(read_checkpoint(dir, &vars_named, &mut optim)?)?;
     }
     let per_epoch: Vec<Vec<usize>> = train.micro_batches(&train.epoch_order(opts.seed, 0), opts.batch_tokens);
     let micro_per_epoch = per_epoch.len() as u64;
