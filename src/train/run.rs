@@ -175,25 +175,12 @@ pub struct Trainable {
 }
 
 pub fn load_trainable(opts: &TrainOptions, device: &Device) -> Result<Trainable> {
-    let base = BaseModel::load(&opts.model, device)?;
+    // QLoRA quantises (or keeps quantised) each projection as it is read.
+    let base = BaseModel::load_with(&opts.model, device, opts.qlora.as_deref())?;
     check_manifest(&opts.data, base.config.vocab_size)?;
     let mut model = Model::from_base(&base, device)?;
     drop(base);
-    let base_bytes_per_param = match opts.qlora.as_deref() {
-        None => 4.0,
-        Some("nf4") => {
-            let (params, bytes) = model.quantize_nf4()?;
-            bytes as f64 / params.max(1) as f64
-        }
-        Some("gguf") => {
-            if opts.model.extension().is_none_or(|e| e != "gguf") {
-                bail!("--qlora gguf needs a .gguf base model; use --qlora nf4 for a safetensors base");
-            }
-            let (params, bytes) = model.use_gguf_quantized(&opts.model)?;
-            bytes as f64 / params.max(1) as f64
-        }
-        Some(other) => bail!("--qlora {other}: use nf4 or gguf"),
-    };
+    let base_bytes_per_param = model.projection_bytes_per_param();
     model.add_lora(&opts.lora, opts.seed)?;
     let vars_named = model.lora_vars();
     if vars_named.is_empty() {

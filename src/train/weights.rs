@@ -11,7 +11,12 @@ use std::path::{Path, PathBuf};
 
 pub struct BaseModel {
     pub config: ModelConfig,
+    /// Full-precision tensors by Hugging Face name (quantised projections are absent).
     pub tensors: HashMap<String, Tensor>,
+    /// QLoRA: projections quantised to NF4 as they were read, by module path.
+    pub nf4: HashMap<String, std::sync::Arc<super::quant::Nf4Weight>>,
+    /// QLoRA on a GGUF base: the file's own quantised projections, by module path.
+    pub quantized: HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
     pub source: PathBuf,
     /// Tokenizer and chat template from GGUF metadata, when the base is a GGUF file.
     pub gguf_metadata: Option<HashMap<String, gguf_file::Value>>,
@@ -19,10 +24,23 @@ pub struct BaseModel {
 
 impl BaseModel {
     pub fn load(path: &Path, device: &Device) -> Result<BaseModel> {
+        Self::load_with(path, device, None)
+    }
+
+    /// Loads the base; with `qlora` ("nf4" or "gguf") the projections are quantised (or kept
+    /// quantised) one tensor at a time as they are read, so the whole base is never in f32.
+    pub fn load_with(path: &Path, device: &Device, qlora: Option<&str>) -> Result<BaseModel> {
+        match qlora {
+            None | Some("nf4") | Some("gguf") => {}
+            Some(other) => bail!("--qlora {other}: use nf4 or gguf"),
+        }
+        if qlora == Some("gguf") && !path.extension().is_some_and(|e| e == "gguf") {
+            bail!("--qlora gguf needs a .gguf base model; use --qlora nf4 for a safetensors base");
+        }
         if path.is_dir() {
-            load_hf_dir(path, device)
+            load_hf_dir(path, device, qlora == Some("nf4"))
         } else if path.extension().is_some_and(|e| e == "gguf") {
-            load_gguf(path, device)
+            load_gguf(path, device, qlora)
         } else if path.exists() {
             bail!(
                 "{}: expected a Hugging Face model directory (config.json + *.safetensors) or a .gguf file",
@@ -40,7 +58,18 @@ impl BaseModel {
     }
 }
 
-fn load_hf_dir(dir: &Path, device: &Device) -> Result<BaseModel> {
+/// Whether a Hugging Face tensor name is one of the seven projections LoRA adapts.
+pub fn is_projection(name: &str) -> bool {
+    (name.contains(".self_attn.") || name.contains(".mlp.")) && name.ends_with("_proj.weight")
+}
+
+fn nf4_of(t: &Tensor) -> Result<std::sync::Arc<super::quant::Nf4Weight>> {
+    let (r, c) = t.dims2()?;
+    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(std::sync::Arc::new(super::quant::Nf4Weight::quantize(&data, r, c)))
+}
+
+fn load_hf_dir(dir: &Path, device: &Device, nf4: bool) -> Result<BaseModel> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let files: Vec<PathBuf> = if dir.join("model.safetensors.index.json").exists() {
         let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json"))?)?;
@@ -59,14 +88,27 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<BaseModel> {
         bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
     };
     let mut tensors = HashMap::new();
-    for f in files {
-        for (name, t) in
-            candle_core::safetensors::load(&f, device).with_context(|| format!("cannot read {}", f.display()))?
-        {
+    let mut nf4_map = HashMap::new();
+    // Memory-mapped: each tensor is materialised (and quantised, for QLoRA) on its own.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .with_context(|| format!("cannot read the safetensors of {}", dir.display()))?;
+    let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    for name in names {
+        let t = st.load(&name, device)?;
+        if nf4 && is_projection(&name) {
+            nf4_map.insert(name.trim_end_matches(".weight").to_string(), nf4_of(&t)?);
+        } else {
             tensors.insert(name, t.to_dtype(DType::F32)?);
         }
     }
-    Ok(BaseModel { config, tensors, source: dir.to_path_buf(), gguf_metadata: None })
+    Ok(BaseModel {
+        config,
+        tensors,
+        nf4: nf4_map,
+        quantized: HashMap::new(),
+        source: dir.to_path_buf(),
+        gguf_metadata: None,
+    })
 }
 
 fn md_u(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<usize> {
@@ -114,7 +156,7 @@ pub fn gguf_quantized_projections(
     Ok(out)
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<BaseModel> {
+fn load_gguf(path: &Path, device: &Device, qlora: Option<&str>) -> Result<BaseModel> {
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let content =
         gguf_file::Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", path.display()))?;
@@ -149,6 +191,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<BaseModel> {
     };
     config.check()?;
     let mut tensors = HashMap::new();
+    let (mut nf4_map, mut quantized) = (HashMap::new(), HashMap::new());
     tensors.insert("model.embed_tokens.weight".to_string(), embd);
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
     for name in names {
@@ -157,15 +200,41 @@ fn load_gguf(path: &Path, device: &Device) -> Result<BaseModel> {
             None if name == "token_embd.weight" => continue,
             None => continue, // rope_freqs and other derived tensors
         };
-        let mut t = content.tensor(&mut file, &name, device)?.dequantize(device)?;
-        if name.ends_with("attn_q.weight") {
-            t = unpermute(&t, n_head)?;
+        let heads = if name.ends_with("attn_q.weight") {
+            Some(n_head)
         } else if name.ends_with("attn_k.weight") {
-            t = unpermute(&t, n_kv)?;
+            Some(n_kv)
+        } else {
+            None
+        };
+        let q = content.tensor(&mut file, &name, device)?;
+        if qlora == Some("gguf") && is_projection(&hf) {
+            // Keep the file's blocks; move whole quantised rows back to Hugging Face order.
+            let q = match heads {
+                Some(h) => super::quant::permute_rows(&q, &super::quant::unpermute_rows(q.shape().dims2()?.0, h))?,
+                None => q,
+            };
+            quantized.insert(hf.trim_end_matches(".weight").to_string(), std::sync::Arc::new(q));
+            continue;
         }
-        tensors.insert(hf, t);
+        let mut t = q.dequantize(device)?;
+        if let Some(h) = heads {
+            t = unpermute(&t, h)?;
+        }
+        if qlora == Some("nf4") && is_projection(&hf) {
+            nf4_map.insert(hf.trim_end_matches(".weight").to_string(), nf4_of(&t)?);
+        } else {
+            tensors.insert(hf, t);
+        }
     }
-    Ok(BaseModel { config, tensors, source: path.to_path_buf(), gguf_metadata: Some(content.metadata) })
+    Ok(BaseModel {
+        config,
+        tensors,
+        nf4: nf4_map,
+        quantized,
+        source: path.to_path_buf(),
+        gguf_metadata: Some(content.metadata),
+    })
 }
 
 /// llama.cpp tensor name -> Hugging Face name.
