@@ -34,7 +34,7 @@ impl BaseModel {
             None | Some("nf4") | Some("gguf") => {}
             Some(other) => bail!("--qlora {other}: use nf4 or gguf"),
         }
-        if qlora == Some("gguf") && !path.extension().is_some_and(|e| e == "gguf") {
+        if qlora == Some("gguf") && path.extension().is_none_or(|e| e != "gguf") {
             bail!("--qlora gguf needs a .gguf base model; use --qlora nf4 for a safetensors base");
         }
         if path.is_dir() {
