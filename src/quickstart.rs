@@ -11,6 +11,11 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
+/// Vocabulary size of the bundled Qwen3 tokenizer (the tiny model's embedding covers it).
+fn tokenizer_vocab(ds: &Path) -> Result<usize> {
+    Ok(crate::tokenize::TokenizerInfo::load(&ds.join("tokenizers").join("qwen3"))?.vocab_size)
+}
+
 /// The bundled sample: `datasets/` in the working directory or in the source tree.
 pub fn datasets_dir() -> Result<PathBuf> {
     let candidates = [PathBuf::from("datasets"), PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets")];
@@ -30,6 +35,7 @@ pub struct QuickstartSummary {
     pub prepare: PrepareSummary,
     pub export: ExportSummary,
     pub validate: ValidationReport,
+    pub train: crate::train::run::TrainSummary,
 }
 
 pub fn run(out: &Path) -> Result<QuickstartSummary> {
@@ -67,7 +73,65 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
         max_file_bytes: 512 << 20,
     })?;
     let validate = validate::validate(&out.join("openai").join("train.jsonl"), &model, None, 20)?;
-    Ok(QuickstartSummary { command: "quickstart", out: out.display().to_string(), convert, prepare, export, validate })
+    // 4. A short LoRA run on those shards. No checkpoint ships with the repository, so the base is a
+    //    tiny randomly initialised Qwen3-shaped model over the same vocabulary: the loss falls as it
+    //    learns the sample's answers, and the adapter comes out in PEFT's format.
+    let tiny = out.join("tiny-qwen3-random");
+    let config = crate::train::config::ModelConfig {
+        model_type: "qwen3".into(),
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        head_dim: Some(16),
+        vocab_size: tokenizer_vocab(&ds)?,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        rope_scaling: None,
+        rope_parameters: None,
+        tie_word_embeddings: true,
+        attention_bias: Some(false),
+        max_position_embeddings: 2048,
+        bos_token_id: None,
+        eos_token_id: None,
+        hidden_act: Some("silu".into()),
+    };
+    crate::train::weights::write_random_model(&config, 0, &tiny)?;
+    let train = crate::train::run::run(&crate::train::run::TrainOptions {
+        model: tiny,
+        data: out.join("shards"),
+        out: out.join("lora"),
+        epochs: 1,
+        max_steps: Some(8),
+        optim: crate::train::optim::AdamWConfig { lr: 3e-2, ..Default::default() },
+        warmup_steps: 1,
+        schedule: crate::train::optim::Schedule::Cosine,
+        batch_tokens: 1024,
+        grad_accum: 1,
+        max_grad_norm: 1.0,
+        lora: crate::train::lora::LoraSettings {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            rslora: false,
+            targets: crate::train::lora::ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
+        },
+        eval_every: 4,
+        save_every: 0,
+        seed: 0,
+        logits_chunk: 256,
+        qlora: None,
+    })?;
+    Ok(QuickstartSummary {
+        command: "quickstart",
+        out: out.display().to_string(),
+        convert,
+        prepare,
+        export,
+        validate,
+        train,
+    })
 }
 
 impl QuickstartSummary {
@@ -79,6 +143,8 @@ impl QuickstartSummary {
         println!("\n== 3. export openai + validate");
         self.export.print_human();
         self.validate.print_human();
+        println!("\n== 4. train: a short LoRA run on the shards (tiny random Qwen3-shaped base, PEFT adapter out)");
+        self.train.print_human();
         println!("\nquickstart outputs are under {}", self.out);
         println!("next: tunekit inspect {}/shards --show 0", self.out);
     }

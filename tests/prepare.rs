@@ -202,3 +202,17 @@ fn preference_pairs_become_preference_shards() {
     assert!(out.status.success());
     assert_eq!(s["rejected_by_reason"]["not_a_preference_pair"], 1);
 }
+
+#[test]
+fn quickstart_runs_the_whole_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tunekit(&["--json", "quickstart", "--out", dir.path().join("qs").to_str().unwrap()], &common::root());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = stdout_json(&out);
+    assert_eq!(s["convert"]["rows_read"], 33);
+    assert!(s["prepare"]["duplicates_near"].as_u64().unwrap() >= 2);
+    assert_eq!(s["validate"]["valid"], true);
+    assert!(s["train"]["final_loss"].as_f64().unwrap() < s["train"]["first_loss"].as_f64().unwrap());
+    assert!(dir.path().join("qs/lora/adapter_model.safetensors").exists());
+    assert!(dir.path().join("qs/shards/manifest.json").exists());
+}

@@ -261,3 +261,54 @@ pub fn gguf_to_hf(name: &str) -> Option<String> {
     };
     Some(format!("model.layers.{layer}.{hf}"))
 }
+
+/// A small randomly initialised model (normal, std 0.02; norms at 1) with the given config, written
+/// as a Hugging Face directory: a stand-in base for demos and tests when no checkpoint is at hand.
+pub fn write_random_model(config: &ModelConfig, seed: u64, out: &Path) -> Result<()> {
+    let device = Device::Cpu;
+    let mut rng = crate::split::SplitMix64::new(seed);
+    let mut normal = |shape: (usize, usize)| -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| {
+                let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &device)?)
+    };
+    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), normal((v, h))?);
+    t.insert("model.norm.weight".into(), Tensor::ones(h, DType::F32, &device)?);
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in [
+            ("self_attn.q_proj", (q, h)),
+            ("self_attn.k_proj", (kv, h)),
+            ("self_attn.v_proj", (kv, h)),
+            ("self_attn.o_proj", (h, q)),
+            ("mlp.gate_proj", (i, h)),
+            ("mlp.up_proj", (i, h)),
+            ("mlp.down_proj", (h, i)),
+        ] {
+            t.insert(format!("{p}.{n}.weight"), normal(shape)?);
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            t.insert(format!("{p}.{n}.weight"), Tensor::ones(h, DType::F32, &device)?);
+        }
+        if config.qk_norm() {
+            for n in ["self_attn.q_norm", "self_attn.k_norm"] {
+                t.insert(format!("{p}.{n}.weight"), Tensor::ones(config.head_dim(), DType::F32, &device)?);
+            }
+        }
+    }
+    if !config.tie_word_embeddings {
+        t.insert("lm_head.weight".into(), normal((v, h))?);
+    }
+    std::fs::create_dir_all(out)?;
+    candle_core::safetensors::save(&t, out.join("model.safetensors"))?;
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(config)?)?;
+    Ok(())
+}
