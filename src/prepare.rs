@@ -192,6 +192,14 @@ pub(crate) fn reject_for(conv: &Conversation, reason: &'static str, detail: Stri
     Reject { source, row, line: None, field: None, reason, detail }
 }
 
+/// Writes `manifest.json` (last, atomically: a shard directory without it is incomplete).
+pub(crate) fn write_manifest(path: &Path, manifest: &Value) -> Result<()> {
+    let mut mf = AtomicFile::create(path)?;
+    serde_json::to_writer_pretty(&mut mf, manifest)?;
+    mf.write_all(b"\n")?;
+    mf.commit()
+}
+
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
@@ -367,10 +375,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         },
         "splits": {"train": &train, "eval": &eval},
     });
-    let mut mf = AtomicFile::create(&manifest_path)?;
-    serde_json::to_writer_pretty(&mut mf, &manifest)?;
-    mf.write_all(b"\n")?;
-    mf.commit()?;
+    write_manifest(&manifest_path, &manifest)?;
     let seconds = start.elapsed().as_secs_f64();
     Ok(PrepareSummary {
         command: "prepare",

@@ -7,16 +7,16 @@
 use crate::accounting::reason;
 use crate::dedup::front::Front;
 use crate::ingest::stream_conversations;
-use crate::output::AtomicFile;
 use crate::pack::preference::{PreferenceRow, PreferenceWriter};
-use crate::prepare::{chat_template, reject_for, sha256_file, PrepareOptions, PrepareSummary, SplitStats, TooLong};
+use crate::prepare::{
+    chat_template, reject_for, sha256_file, write_manifest, PrepareOptions, PrepareSummary, SplitStats, TooLong,
+};
 use crate::record::Conversation;
 use crate::split::is_eval;
 use crate::tokenize::{LossMode, Sample, TokenizerInfo, Tokenizing};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::time::Instant;
 
 fn side(conv: &Conversation, answer: &crate::record::Message) -> Conversation {
@@ -151,10 +151,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         },
         "splits": {"train": &train_stats, "eval": &eval_stats},
     });
-    let mut mf = AtomicFile::create(&manifest_path)?;
-    serde_json::to_writer_pretty(&mut mf, &manifest)?;
-    mf.write_all(b"\n")?;
-    mf.commit()?;
+    write_manifest(&manifest_path, &manifest)?;
     let seconds = start.elapsed().as_secs_f64();
     Ok(PrepareSummary {
         command: "prepare",
