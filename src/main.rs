@@ -332,6 +332,9 @@ enum Command {
         /// Report what would be removed without writing the output.
         #[arg(long)]
         dry_run: bool,
+        /// Which row of a cluster stays: the first seen (streaming), or the longest (two passes).
+        #[arg(long, value_enum, default_value = "first")]
+        keep: tunekit::dedup::run::Keep,
         #[command(flatten)]
         dedup: DedupArgs,
         #[command(flatten)]
@@ -544,11 +547,12 @@ fn run(cli: Cli) -> Result<()> {
             let s = tunekit::prepare::run(&o)?;
             print(cli.json, &s, |s| s.print_human())
         }
-        Command::Dedup { inputs, out, dry_run, dedup, map } => {
+        Command::Dedup { inputs, out, dry_run, keep, dedup, map } => {
             let o = tunekit::dedup::run::DedupRunOptions {
                 inputs,
                 out,
                 dry_run,
+                keep,
                 map: map.options()?,
                 strict: map.strict,
                 dedup: dedup.options(0)?,

@@ -142,3 +142,38 @@ fn empty_input_dry_run_and_exact_mode() {
     assert_eq!(s["duplicates_near"], 0);
     assert_eq!(s["duplicates_exact"], 100);
 }
+
+#[test]
+fn keep_longest_keeps_the_longest_member_of_each_cluster() {
+    let words: Vec<String> = (0..150).map(|i| format!("w{i}")).collect();
+    let short = words[..140].join(" ");
+    let long = words.join(" ");
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [short.as_str(), long.as_str(), "something else entirely, with its own words"]
+        .map(|t| format!("{}\n", json!({"text": t})));
+    std::fs::write(dir.path().join("t.jsonl"), rows.concat()).unwrap();
+    let first = stdout_json(&tunekit(&["--json", "dedup", "t.jsonl", "--out", "f/o.jsonl"], dir.path()));
+    let out = tunekit(&["--json", "dedup", "t.jsonl", "--out", "l/o.jsonl", "--keep", "longest"], dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let longest = stdout_json(&out);
+    assert_eq!(first["rows_kept"], 2);
+    assert_eq!(longest["rows_kept"], 2);
+    assert_eq!(longest["duplicates_near"], 1);
+    let kept: Vec<String> =
+        read_jsonl(&dir.path().join("l/o.jsonl")).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kept, vec!["t.jsonl:2", "t.jsonl:3"], "the longer row of the pair stays, in input order");
+    let d = read_jsonl(&dir.path().join("l/duplicates.jsonl"));
+    assert_eq!(d[0]["id"], "t.jsonl:1");
+    assert_eq!(d[0]["duplicate_of"], "t.jsonl:2");
+
+    // On the planted corpus the accounting still adds up and every duplicate points at a kept row.
+    let (jsonl, _, _) = corpus();
+    std::fs::write(dir.path().join("c.jsonl"), jsonl).unwrap();
+    let s =
+        stdout_json(&tunekit(&["--json", "dedup", "c.jsonl", "--out", "c/o.jsonl", "--keep", "longest"], dir.path()));
+    let kept: std::collections::HashSet<String> =
+        read_jsonl(&dir.path().join("c/o.jsonl")).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let dups = read_jsonl(&dir.path().join("c/duplicates.jsonl"));
+    assert_eq!(s["rows_read"].as_u64().unwrap(), kept.len() as u64 + dups.len() as u64);
+    assert!(dups.iter().all(|r| kept.contains(r["duplicate_of"].as_str().unwrap())));
+}
