@@ -158,24 +158,7 @@ fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
     for (root, n) in sizes.iter().filter(|(_, &n)| n > 1) {
         largest.push((best[*root].0.clone(), n - 1));
     }
-    let clusters = largest.len();
-    largest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    largest.truncate(10);
-    let seconds = start.elapsed().as_secs_f64();
-    let counts = front.counts.clone();
-    Ok(DedupSummary {
-        command: "dedup",
-        out: (!opts.dry_run).then(|| opts.out.display().to_string()),
-        dry_run: opts.dry_run,
-        rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
-        counts,
-        clusters,
-        largest_clusters: largest,
-        duplicates_file,
-        rejects_file,
-        options: opts.dedup.clone(),
-        seconds,
-    })
+    Ok(summary(opts, front.counts.clone(), largest, duplicates_file, rejects_file, start))
 }
 
 pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
@@ -204,24 +187,36 @@ pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
         s.commit()?;
     }
     let (rejects_file, duplicates_file) = front.finish()?;
-    let mut largest: Vec<(String, u64)> = front.clusters.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    largest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    largest.truncate(10);
+    let largest: Vec<(String, u64)> = front.clusters.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    Ok(summary(opts, front.counts.clone(), largest, duplicates_file, rejects_file, start))
+}
+
+/// The summary of a run; `clusters` lists every cluster with a removed row (representative, rows removed).
+fn summary(
+    opts: &DedupRunOptions,
+    counts: Counts,
+    mut clusters: Vec<(String, u64)>,
+    duplicates_file: Option<String>,
+    rejects_file: Option<String>,
+    start: Instant,
+) -> DedupSummary {
+    let n = clusters.len();
+    clusters.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    clusters.truncate(10);
     let seconds = start.elapsed().as_secs_f64();
-    let counts = front.counts.clone();
-    Ok(DedupSummary {
+    DedupSummary {
         command: "dedup",
         out: (!opts.dry_run).then(|| opts.out.display().to_string()),
         dry_run: opts.dry_run,
         rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
         counts,
-        clusters: front.clusters.len(),
-        largest_clusters: largest,
+        clusters: n,
+        largest_clusters: clusters,
         duplicates_file,
         rejects_file,
         options: opts.dedup.clone(),
         seconds,
-    })
+    }
 }
 
 impl DedupSummary {
