@@ -25,6 +25,18 @@ pub struct Reject {
     pub detail: String,
 }
 
+impl Reject {
+    /// A reject for a conversation found bad after it was read (chat template, token limits):
+    /// the source and row come back out of its `<source>:<row>` id.
+    pub fn for_conversation(c: &crate::record::Conversation, reason: &'static str, detail: String) -> Reject {
+        let (source, row) = match c.id.rsplit_once(':').map(|(s, r)| (s, r.parse::<u64>())) {
+            Some((s, Ok(r))) => (s.to_string(), r),
+            _ => (c.id.clone(), 0),
+        };
+        Reject { source, row, line: None, field: None, reason, detail }
+    }
+}
+
 impl fmt::Display for Reject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} row {}", self.source, self.row)?;

@@ -184,14 +184,6 @@ pub fn chat_template(tok: &TokenizerInfo, template: Option<&str>) -> Result<Chat
     }
 }
 
-pub(crate) fn reject_for(conv: &Conversation, reason: &'static str, detail: String) -> Reject {
-    let (source, row) = match conv.id.rsplit_once(':') {
-        Some((s, r)) if r.parse::<u64>().is_ok() => (s.to_string(), r.parse().unwrap_or(0)),
-        _ => (conv.id.clone(), 0),
-    };
-    Reject { source, row, line: None, field: None, reason, detail }
-}
-
 /// Writes `manifest.json` (last, atomically: a shard directory without it is incomplete).
 pub(crate) fn write_manifest(path: &Path, manifest: &Value) -> Result<()> {
     let mut mf = AtomicFile::create(path)?;
@@ -272,7 +264,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                 let mut sample = match res {
                     Ok(s) => s,
                     Err((reason, detail)) => {
-                        front.reject(reject_for(&c, reason, detail))?;
+                        front.reject(Reject::for_conversation(&c, reason, detail))?;
                         continue;
                     }
                 };
@@ -281,7 +273,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                     match opts.too_long {
                         TooLong::Drop => {
                             dropped += 1;
-                            let r = reject_for(
+                            let r = Reject::for_conversation(
                                 &c,
                                 reason::TOO_LONG,
                                 format!(
@@ -297,7 +289,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                             sample.input_ids.truncate(opts.seq_len);
                             sample.labels.truncate(opts.seq_len);
                             if sample.trained() == 0 {
-                                let r = reject_for(
+                                let r = Reject::for_conversation(
                                     &c,
                                     reason::PROMPT_TOO_LONG,
                                     format!(

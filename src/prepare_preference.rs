@@ -8,9 +8,7 @@ use crate::accounting::reason;
 use crate::dedup::front::Front;
 use crate::ingest::stream_conversations;
 use crate::pack::preference::{PreferenceRow, PreferenceWriter};
-use crate::prepare::{
-    chat_template, reject_for, sha256_file, write_manifest, PrepareOptions, PrepareSummary, SplitStats, TooLong,
-};
+use crate::prepare::{chat_template, sha256_file, write_manifest, PrepareOptions, PrepareSummary, SplitStats, TooLong};
 use crate::record::Conversation;
 use crate::split::is_eval;
 use crate::tokenize::{LossMode, Sample, TokenizerInfo, Tokenizing};
@@ -91,7 +89,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                 }
                 Err((reason, detail)) => {
                     dropped += (reason == reason::TOO_LONG) as u64;
-                    front.reject(reject_for(&c, reason, detail))?;
+                    front.reject(crate::accounting::Reject::for_conversation(&c, reason, detail))?;
                 }
             }
         }

@@ -113,9 +113,6 @@ impl Ids {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         &self.buf[start..self.ends[i]]
     }
-    fn len(&self) -> usize {
-        self.ends.len()
-    }
 }
 
 const NONE: u32 = u32::MAX;
@@ -255,11 +252,6 @@ impl Deduper {
                 Verdict::Keep
             }
         }
-    }
-
-    /// Rows indexed so far (kept and near duplicates).
-    pub fn indexed(&self) -> usize {
-        self.ids.len()
     }
 }
 

@@ -218,14 +218,6 @@ fn truncate_to_fit(c: &Conversation, spec: &ModelSpec) -> Option<Conversation> {
     }
 }
 
-fn reject_for(c: &Conversation, reason: &'static str, detail: String) -> Reject {
-    let (source, row) = match c.id.rsplit_once(':') {
-        Some((s, r)) if r.parse::<u64>().is_ok() => (s.to_string(), r.parse().unwrap_or(0)),
-        _ => (c.id.clone(), 0),
-    };
-    Reject { source, row, line: None, field: None, reason, detail }
-}
-
 pub fn validation_path(out: &Path) -> PathBuf {
     let stem = out.file_stem().unwrap_or_default().to_string_lossy();
     out.with_file_name(format!("{stem}_validation.jsonl"))
@@ -282,7 +274,7 @@ pub fn run(opts: &ExportOptions) -> Result<ExportSummary> {
                         train.write(&bytes)?;
                     }
                 }
-                Err((reason, detail)) => front.reject(reject_for(&c, reason, detail))?,
+                Err((reason, detail)) => front.reject(Reject::for_conversation(&c, reason, detail))?,
             }
         }
         pb.set_position(front.counts.rows_read);

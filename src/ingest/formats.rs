@@ -18,7 +18,7 @@ use crate::template;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -720,9 +720,4 @@ fn check_messages(msgs: &[Message], field: &str, ctx: &RowCtx) -> Result<(), Rej
         }
     }
     Ok(())
-}
-
-/// Columns named in a set, for error messages.
-pub fn columns_list(cols: &BTreeSet<String>) -> String {
-    cols.iter().cloned().collect::<Vec<_>>().join(", ")
 }

@@ -165,10 +165,16 @@ pub fn run(
     let mut curve = Vec::new();
     let mut last_eval = first_eval;
     pb.set_position(first_step);
+    // The current epoch's pair order, reshuffled only when the epoch changes.
+    let mut order: (Option<u64>, Vec<usize>) = (None, Vec::new());
     for step in first_step..total {
         let epoch = step / steps_per_epoch;
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        crate::split::SplitMix64::new(opts.seed ^ epoch.wrapping_mul(0x9E37)).shuffle(&mut order);
+        if order.0 != Some(epoch) {
+            let mut o: Vec<usize> = (0..train.len()).collect();
+            crate::split::SplitMix64::new(opts.seed ^ epoch.wrapping_mul(0x9E37)).shuffle(&mut o);
+            order = (Some(epoch), o);
+        }
+        let order = &order.1;
         let at = (step % steps_per_epoch) as usize * per_step;
         let chunk: Vec<usize> = order[at..(at + per_step).min(order.len())].to_vec();
         let (mut loss, mut rc, mut rr, mut acc) = (0.0, 0.0, 0.0, 0.0);

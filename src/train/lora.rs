@@ -80,17 +80,6 @@ impl Linear {
         }
     }
 
-    /// Replaces the dense weight by NF4 (QLoRA); returns (parameters, bytes) of the base weight.
-    pub fn quantize_nf4(&mut self) -> Result<(usize, usize)> {
-        let (out, inp) = self.w.dims2()?;
-        let data = self.w.flatten_all()?.to_vec1::<f32>()?;
-        let q = super::quant::Nf4Weight::quantize(&data, out, inp);
-        let bytes = q.bytes();
-        self.q = Some(std::sync::Arc::new(q));
-        self.w = Tensor::zeros(0, DType::F32, self.w.device())?;
-        Ok((out * inp, bytes))
-    }
-
     /// The frozen weight as a dense tensor (dequantised if needed).
     pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
         if let Some(g) = &self.gq {

@@ -220,23 +220,9 @@ impl Model {
         bytes as f64 / params.max(1) as f64
     }
 
-    /// QLoRA: holds the seven projections of every layer in NF4 (embeddings, norms and lm_head stay
-    /// full precision, as in the paper and PEFT). Returns (quantised parameters, their bytes).
-    pub fn quantize_nf4(&mut self) -> Result<(usize, usize)> {
-        let (mut params, mut bytes) = (0, 0);
-        for layer in &mut self.layers {
-            for lin in layer.linears_mut() {
-                let (p, b) = lin.quantize_nf4()?;
-                params += p;
-                bytes += b;
-            }
-        }
-        Ok((params, bytes))
-    }
-
     /// QLoRA on a GGUF base: use the file's own quantised projections (no re-quantisation).
     pub fn use_gguf_quantized(&mut self, path: &std::path::Path) -> Result<(usize, usize)> {
-        let q = super::weights::gguf_quantized_projections(path, &self.config)?;
+        let q = super::weights::gguf_quantized_projections(path)?;
         let (mut params, mut bytes) = (0, 0);
         for layer in &mut self.layers {
             for lin in layer.linears_mut() {

@@ -233,6 +233,8 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         eval_curve.push((0.0, l));
         writeln!(metrics, "{}", json!({"step": 0, "eval_loss": l}))?;
     }
+    // The current epoch's micro-batches, rebuilt only when the epoch changes.
+    let mut epoch_batches: (u64, Vec<Vec<usize>>) = (0, per_epoch);
     while state.step < total_steps {
         let t0 = Instant::now();
         // The micro-batches of this step, continuing across epochs deterministically.
@@ -240,12 +242,11 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         for k in 0..opts.grad_accum as u64 {
             let g = state.micro_done + k;
             let (epoch, idx) = (g / micro_per_epoch, g % micro_per_epoch);
-            let order = if epoch == 0 {
-                per_epoch[idx as usize].clone()
-            } else {
-                train.micro_batches(&train.epoch_order(opts.seed, epoch), opts.batch_tokens)[idx as usize].clone()
-            };
-            micro.push(order);
+            if epoch_batches.0 != epoch {
+                epoch_batches = (epoch, train.micro_batches(&train.epoch_order(opts.seed, epoch), opts.batch_tokens));
+            }
+            let list = &epoch_batches.1;
+            micro.push(list[idx as usize % list.len()].clone());
         }
         let batches: Vec<Batch> = micro
             .iter()

@@ -133,27 +133,8 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
 /// order by moving whole rows; keyed by Hugging Face module path (`model.layers.0.self_attn.q_proj`).
 pub fn gguf_quantized_projections(
     path: &Path,
-    config: &ModelConfig,
 ) -> Result<HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut file)?;
-    let mut out = HashMap::new();
-    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
-    for name in names {
-        let Some(hf) = gguf_to_hf(&name) else { continue };
-        if !(hf.contains("self_attn.") || hf.contains("mlp.")) {
-            continue;
-        }
-        let mut q = content.tensor(&mut file, &name, &Device::Cpu)?;
-        let rows = q.shape().dims2()?.0;
-        if name.ends_with("attn_q.weight") {
-            q = super::quant::permute_rows(&q, &super::quant::unpermute_rows(rows, config.num_attention_heads))?;
-        } else if name.ends_with("attn_k.weight") {
-            q = super::quant::permute_rows(&q, &super::quant::unpermute_rows(rows, config.kv_heads()))?;
-        }
-        out.insert(hf.trim_end_matches(".weight").to_string(), std::sync::Arc::new(q));
-    }
-    Ok(out)
+    Ok(load_gguf(path, &Device::Cpu, Some("gguf"))?.quantized)
 }
 
 fn load_gguf(path: &Path, device: &Device, qlora: Option<&str>) -> Result<BaseModel> {
