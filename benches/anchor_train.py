@@ -5,6 +5,9 @@ LoRA r=8 on all seven projections, AdamW, batch 1. Rows are 512 tokens whose fir
 prompt (labels -100) and second half trained, like SFT data.
 
   python benches/anchor_train.py OUT_DIR STEPS   # writes OUT_DIR/model, OUT_DIR/shards, times PEFT
+
+On a GPU (benches/gpu_bench.sh): DEVICE=cuda DTYPE=bf16 trains the bf16 model with PEFT's f32
+adapters; QLORA=nf4 loads the base through bitsandbytes (NF4, double quantisation, bf16 compute).
 """
 import json, os, sys, time
 import torch
@@ -24,6 +27,17 @@ cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers
 model = LlamaForCausalLM(cfg).float()
 os.makedirs(out, exist_ok=True)
 model.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
+device = os.environ.get("DEVICE", "cpu")
+dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[os.environ.get("DTYPE", "f32")]
+qlora = os.environ.get("QLORA", "none")
+if qlora == "nf4":
+    from transformers import BitsAndBytesConfig
+    del model
+    model = LlamaForCausalLM.from_pretrained(os.path.join(out, "model"), device_map={"": 0}, dtype=dtype,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+else:
+    model = model.to(device=device, dtype=dtype)
 
 g = torch.Generator().manual_seed(1)
 rows = []
@@ -43,12 +57,15 @@ peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
 peft_model.train()
 opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-4)
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 times = []
 for i, (ids, labels) in enumerate(rows[:steps + 2]):
-    t = time.time()
-    loss = peft_model(input_ids=ids[None], labels=labels[None]).loss
+    sync(); t = time.time()
+    loss = peft_model(input_ids=ids[None].to(device), labels=labels[None].to(device)).loss
     loss.backward(); opt.step(); opt.zero_grad()
+    loss = loss.item()  # waits for the step, as tunekit's per-step loss does
     times.append(time.time() - t)
 times = times[2:]  # warm-up
 step = sorted(times)[len(times) // 2]
-print(f"peft steps={len(times)} median_step_s={step:.4f} tokens_per_s={seq / step:.0f} loss={loss.item():.4f}")
+mem = f" max_allocated_mb={torch.cuda.max_memory_allocated() / 2**20:.0f}" if device == "cuda" else ""
+print(f"peft steps={len(times)} median_step_s={step:.4f} tokens_per_s={seq / step:.0f} loss={loss:.4f}{mem}")

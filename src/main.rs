@@ -183,6 +183,13 @@ struct TrainArgs {
     /// QLoRA: keep the frozen projections in 4 bits (nf4: NormalFloat4, blocks of 64, double-quantised scales).
     #[arg(long)]
     qlora: Option<String>,
+    /// Where to compute: auto (a GPU if this build has CUDA and one is present, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Compute dtype of the frozen base and activations: auto (bf16 on a GPU, f32 on the CPU), f32, bf16.
+    /// Adapters, gradients and optimizer state are f32 always.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Continue from a checkpoint directory (OUT/checkpoint-N).
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -626,6 +633,8 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
                 logits_chunk: 1024,
                 qlora: a.qlora,
+                device: a.device,
+                dtype: a.dtype,
             };
             if a.method == "reward" {
                 let v = tunekit::train::dpo::run(&opts, tunekit::train::dpo::Objective::Reward, a.resume.as_deref())?;

@@ -122,6 +122,8 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
         seed: 0,
         logits_chunk: 256,
         qlora: None,
+        device: "auto".into(),
+        dtype: "auto".into(),
     })?;
     Ok(QuickstartSummary {
         command: "quickstart",

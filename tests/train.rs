@@ -69,6 +69,8 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         seed: 1,
         logits_chunk: 16,
         qlora: None,
+        device: "cpu".into(),
+        dtype: "auto".into(),
     }
 }
 

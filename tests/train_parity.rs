@@ -138,3 +138,36 @@ fn dpo_losses_and_gradient_match_the_reference() {
         assert!(d < 1e-3 * scale, "{n}: DPO gradient differs by {d} (max {scale})");
     }
 }
+
+/// The GPU's precision path (bf16 base and activations, f32 norms/softmax/loss and f32 adapters),
+/// run here on the CPU: the loss stays within bf16's error of transformers' f32 loss and every
+/// adapter gradient points the same way as the f32 one.
+#[test]
+fn bf16_compute_tracks_f32() {
+    let (dir, r, row) = fixture("llama");
+    let dev = Device::Cpu;
+    let base = BaseModel::load(&dir, &dev).unwrap();
+    let mut f32m = Model::from_base(&base, &dev).unwrap();
+    let mut bf16m = Model::from_base_as(&base, &dev, DType::BF16).unwrap();
+    assert_eq!(bf16m.embed.dtype(), DType::BF16);
+    tunekit::train::peft::load_into(&mut f32m, &dir.join("adapter")).unwrap();
+    tunekit::train::peft::load_into(&mut bf16m, &dir.join("adapter")).unwrap();
+    let batch = Batch::from_rows(&[&row], &dev).unwrap();
+    let want = r["loss"].to_vec1::<f32>().unwrap()[0];
+    let l16 = (bf16m.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+    assert_eq!(l16.dtype(), DType::F32);
+    let got = l16.to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() < 0.02 * want.abs(), "bf16 loss {got} vs transformers f32 {want}");
+    let l32 = (f32m.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+    let (g16, g32) = (l16.backward().unwrap(), l32.backward().unwrap());
+    for ((n, v16), (_, v32)) in bf16m.lora_vars().iter().zip(f32m.lora_vars().iter()) {
+        assert_eq!(v16.dtype(), DType::F32, "{n}: adapters stay f32");
+        let a = g16.get(v16.as_tensor()).unwrap_or_else(|| panic!("no bf16 gradient for {n}"));
+        let b = g32.get(v32.as_tensor()).unwrap();
+        assert_eq!(a.dtype(), DType::F32);
+        let dot = (a * b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let na = a.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let nb = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        assert!(dot / (na * nb) > 0.98, "{n}: bf16 gradient's cosine with f32's is {}", dot / (na * nb));
+    }
+}

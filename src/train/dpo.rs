@@ -111,8 +111,7 @@ pub fn run(
     use serde_json::json;
     use std::io::Write;
     let start = std::time::Instant::now();
-    let device = candle_core::Device::Cpu;
-    let mut t = super::run::load_trainable(opts, &device)?;
+    let mut t = super::run::load_trainable(opts)?;
     if matches!(objective, Objective::Reward) {
         t.model.add_score_head(opts.seed)?;
         let head = t.model.score.clone().expect("just added");
@@ -247,5 +246,6 @@ pub fn run(
         "first_eval": first_eval.map(|(l, a, m)| json!({"loss": l, "reward_accuracy": a, "reward_margin": m})),
         "final_eval": last_eval.map(|(l, a, m)| json!({"loss": l, "reward_accuracy": a, "reward_margin": m})),
         "out": opts.out.display().to_string(), "seconds": start.elapsed().as_secs_f64(),
+        "device": super::device::describe(&t.model.device, t.model.dtype),
     }))
 }

@@ -60,13 +60,15 @@ pub struct Linear {
     pub q: Option<std::sync::Arc<super::quant::Nf4Weight>>,
     /// The weight as stored in a GGUF file (QLoRA on a GGUF base, no re-quantisation).
     pub gq: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
+    /// `q` or `gq` uploaded to the GPU when training there.
+    pub dq: Option<super::quant::QuantOnDevice>,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
 }
 
 impl Linear {
     pub fn new(name: String, w: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { name, w, bias, q: None, gq: None, lora: None }
+        Linear { name, w, bias, q: None, gq: None, dq: None, lora: None }
     }
 
     /// (out, in) features.
@@ -107,6 +109,10 @@ impl Linear {
     /// x [tokens, in] -> [tokens, out]. `rng` drives dropout when training.
     pub fn forward(&self, x: &Tensor, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
         let mut y = match (&self.q, &self.gq) {
+            _ if self.dq.is_some() && !x.device().is_cpu() => {
+                let w = self.dq.clone().expect("checked");
+                x.contiguous()?.apply_op1(super::quant::QuantMatmulOnDevice { w })?
+            }
             (_, Some(g)) => x.contiguous()?.apply_op1(super::quant::GgufMatmul { w: g.clone() })?,
             (Some(q), None) => x.contiguous()?.apply_op1(super::quant::Nf4Matmul { w: q.clone() })?,
             (None, None) => frozen_linear(x, &self.w)?,
@@ -119,8 +125,11 @@ impl Linear {
                 Some(rng) if l.dropout > 0.0 => dropout(x, l.dropout, rng)?,
                 _ => x.clone(),
             };
+            // The adapter computes in f32 (its weights' dtype) and adds back in the compute dtype, as PEFT.
+            let xin = xin.to_dtype(DType::F32)?;
             let delta = xin.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)?;
-            y = (y + (delta * l.scale)?)?;
+            let dt = y.dtype();
+            y = (y + (delta * l.scale)?.to_dtype(dt)?)?;
         }
         Ok(y)
     }

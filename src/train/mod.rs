@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod dpo;
 pub mod generate;
 pub mod lora;

@@ -44,6 +44,8 @@ pub struct Model {
     cos: Tensor,
     sin: Tensor,
     pub device: Device,
+    /// Compute dtype of the frozen weights and activations (f32 on the CPU, bf16 on a GPU).
+    pub dtype: DType,
     /// Reward-model head [1, hidden] on the last token (trained; PEFT `modules_to_save = ["score"]`).
     pub score: Option<Var>,
 }
@@ -96,12 +98,19 @@ impl Batch {
 }
 
 impl Model {
+    /// The model in f32 on `device` (the CPU for generation, eval, merge and the tests).
     pub fn from_base(base: &BaseModel, device: &Device) -> Result<Model> {
+        Self::from_base_as(base, device, DType::F32)
+    }
+
+    /// The model on `device` with its frozen weights and activations in `dtype` (bf16 on a GPU);
+    /// adapters stay f32 whatever `dtype` is.
+    pub fn from_base_as(base: &BaseModel, device: &Device, dtype: DType) -> Result<Model> {
         let c = base.config.clone();
-        let get = |n: &str| -> Result<Tensor> { Ok(base.get(n)?.to_device(device)?.to_dtype(DType::F32)?) };
+        let get = |n: &str| -> Result<Tensor> { Ok(base.get(n)?.to_dtype(dtype)?.to_device(device)?) };
         let opt = |n: &str| -> Result<Option<Tensor>> {
             match base.tensors.get(n) {
-                Some(t) => Ok(Some(t.to_device(device)?.to_dtype(DType::F32)?)),
+                Some(t) => Ok(Some(t.to_dtype(dtype)?.to_device(device)?)),
                 None => Ok(None),
             }
         };
@@ -113,6 +122,15 @@ impl Model {
                     let mut l = Linear::new(p.to_string(), Tensor::zeros(0, DType::F32, device)?, None);
                     l.q = q.cloned();
                     l.gq = g.cloned();
+                    if !device.is_cpu() {
+                        l.dq = Some(match (q, g) {
+                            (_, Some(g)) => super::quant::QuantOnDevice::gguf(g, device)?,
+                            (Some(q), None) => super::quant::QuantOnDevice::Nf4(std::sync::Arc::new(
+                                super::quant::Nf4OnDevice::upload(q, device)?,
+                            )),
+                            (None, None) => unreachable!("matched above"),
+                        });
+                    }
                     l
                 }
             };
@@ -152,8 +170,9 @@ impl Model {
         let freqs = t.broadcast_mul(&Tensor::from_vec(inv.clone(), (1, inv.len()), device)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         Ok(Model {
-            cos: emb.cos()?,
-            sin: emb.sin()?,
+            cos: emb.cos()?.to_dtype(dtype)?,
+            sin: emb.sin()?.to_dtype(dtype)?,
+            dtype,
             config: c,
             embed,
             layers,
@@ -186,7 +205,7 @@ impl Model {
         let ids_t = Tensor::from_vec(ids.iter().map(|&x| x as u32).collect::<Vec<_>>(), t, &self.device)?;
         let pos = Tensor::arange(0u32, t as u32, &self.device)?;
         let h = self.hidden(&ids_t, &pos, &[t], None)?;
-        h.narrow(0, t - 1, 1)?.matmul(&head.as_tensor().t()?)?.squeeze(1)?.squeeze(0)
+        h.narrow(0, t - 1, 1)?.to_dtype(DType::F32)?.matmul(&head.as_tensor().t()?)?.squeeze(1)?.squeeze(0)
     }
 
     /// Adds LoRA adapters to the target modules of every layer.
@@ -211,9 +230,10 @@ impl Model {
                 let (r, c) = lin.dims().unwrap_or((0, 0));
                 params += r * c;
                 bytes += match (&lin.q, &lin.gq) {
+                    _ if lin.dq.is_some() => lin.dq.as_ref().map_or(0, |d| d.bytes()),
                     (_, Some(g)) => g.storage_size_in_bytes(),
                     (Some(q), None) => q.bytes(),
-                    (None, None) => 4 * r * c,
+                    (None, None) => self.dtype.size_in_bytes() * r * c,
                 };
             }
         }
@@ -232,6 +252,9 @@ impl Model {
                 let (r, c) = g.shape().dims2()?;
                 params += r * c;
                 bytes += g.storage_size_in_bytes();
+                if !self.device.is_cpu() {
+                    lin.dq = Some(super::quant::QuantOnDevice::gguf(g, &self.device)?);
+                }
                 lin.gq = Some(g.clone());
                 lin.w = Tensor::zeros(0, DType::F32, &self.device)?;
             }
@@ -321,7 +344,7 @@ impl Model {
     /// Full logits [T, vocab] (for parity checks and generation).
     pub fn logits(&self, ids: &Tensor, positions: &Tensor, seq_lengths: &[usize]) -> candle_core::Result<Tensor> {
         let h = self.hidden(ids, positions, seq_lengths, None)?;
-        frozen_linear(&h, &self.lm_head)
+        frozen_linear(&h, &self.lm_head)?.to_dtype(DType::F32)
     }
 
     /// Sum of token cross-entropies over the trained positions of the batch (divide by the number
@@ -383,14 +406,14 @@ impl Model {
             let total = start + t;
             let ks = super::ops::repeat_kv(&k, hq / hkv)?;
             let vs = super::ops::repeat_kv(&v, hq / hkv)?;
-            let mut scores = (q.matmul(&ks.t()?)? * scale)?; // [Hq, t, total]
+            let mut scores = (q.matmul(&ks.t()?)?.to_dtype(DType::F32)? * scale)?; // [Hq, t, total]
             if t > 1 {
                 let mask: Vec<f32> = (0..t * total)
                     .map(|i| if i % total > start + i / total { f32::NEG_INFINITY } else { 0.0 })
                     .collect();
                 scores = scores.broadcast_add(&Tensor::from_vec(mask, (t, total), &self.device)?)?;
             }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
             let o = probs.matmul(&vs)?.transpose(0, 1)?.reshape((t, hq * hd))?;
             x = (x + layer.o.forward(&o, None)?)?;
             let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
@@ -400,7 +423,7 @@ impl Model {
         }
         cache.len += t;
         let last = rms_norm(&x.i(t - 1..t)?, &self.norm, c.rms_norm_eps)?;
-        frozen_linear(&last, &self.lm_head)?.squeeze(0)
+        frozen_linear(&last, &self.lm_head)?.to_dtype(DType::F32)?.squeeze(0)
     }
 }
 

@@ -3,7 +3,7 @@
 //! (candle's fused versions have no backward), and causal attention per packed segment.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 
 /// `y = x @ w^T` for a frozen `w` [out, in]. Forward uses candle's GEMM; backward computes
 /// `dx = dy @ w` and never the weight gradient (candle's matmul backward computes both).
@@ -57,18 +57,20 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
     rms_norm_basic(x, w, eps)
 }
 
-/// RMSNorm with a frozen weight: the fused op on the CPU, basic ops elsewhere.
+/// RMSNorm with a frozen weight: the fused op on the CPU in f32, basic ops elsewhere.
 pub fn rms_norm_frozen(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
         return x.contiguous()?.apply_op1(RmsNormOp { w: wv, eps: eps as f32 });
     }
     rms_norm_basic(x, w, eps)
 }
 
+/// As transformers' LlamaRMSNorm: normalise in f32, cast back to the compute dtype, then scale.
 fn rms_norm_basic(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+    let x32 = x.to_dtype(DType::F32)?;
+    let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    x32.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(x.dtype())?.broadcast_mul(w)
 }
 
 /// Rotary embedding, Hugging Face layout: `x * cos + rotate_half(x) * sin`, with cos/sin already
@@ -100,7 +102,11 @@ pub fn segment_attention(
         let qs = q.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?; // [Hq, L, hd]
         let ks = repeat_kv(&k.narrow(0, start, len)?.transpose(0, 1)?, hq / hkv)?; // [Hq, L, hd]
         let vs = repeat_kv(&v.narrow(0, start, len)?.transpose(0, 1)?, hq / hkv)?;
-        let probs = causal_softmax(&qs.matmul(&ks.t()?)?, scale, masks)?;
+        let probs = if qs.device().is_cuda() {
+            qs.apply_op2(&ks, CausalAttentionProbs { scale: scale as f32 })?
+        } else {
+            causal_softmax(&qs.matmul(&ks.t()?)?, scale, masks)?
+        };
         let o = probs.matmul(&vs)?; // [Hq, L, hd]
         outs.push(o.transpose(0, 1)?.reshape((len, hq * hd))?);
         start += len;
@@ -278,11 +284,11 @@ impl CustomOp1 for CrossEntropy {
 
 /// Sum of the cross-entropies of the rows of `logits` [N, vocab] against `targets`.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    if logits.device().is_cpu() {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
         let t = targets.to_vec1::<u32>()?;
         return logits.contiguous()?.apply_op1(CrossEntropy { targets: t })?.sum_all();
     }
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     logp.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
 }
 
@@ -349,8 +355,20 @@ impl CustomOp1 for CausalSoftmax {
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        gpu::causal_softmax(s, l, self.scale)
+    }
+
     fn bwd(&self, _x: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
         use rayon::prelude::*;
+        if !p.device().is_cpu() {
+            return Ok(Some(p.apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxGrad { scale: self.scale })?));
+        }
         let len = p.dim(D::Minus1)?;
         let pv = p.flatten_all()?.to_vec1::<f32>()?;
         let gv = dp.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -368,14 +386,204 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
+/// The causal softmax's backward on a GPU, `dS = scale * P * (dP - sum(P * dP))`: (P, dP) -> dS.
+pub struct CausalSoftmaxGrad {
+    pub scale: f32,
+}
+
+impl candle_core::CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "causal-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("causal-softmax-grad: the CPU computes this inside CausalSoftmax's backward")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &candle_core::CudaStorage,
+        pl: &Layout,
+        dp: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        gpu::causal_softmax_grad(p, pl, dp, dl, self.scale)
+    }
+}
+
+/// On a GPU, `P = causal_softmax(scale * q k^T)` for q, k [H, L, hd] as one op, so that the
+/// [H, L, L] scores are freed at once instead of being kept for the backward (only q, k and P are).
+pub struct CausalAttentionProbs {
+    pub scale: f32,
+}
+
+impl candle_core::CustomOp2 for CausalAttentionProbs {
+    fn name(&self) -> &'static str {
+        "causal-attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("causal-attention-probs: GPU only; the CPU uses matmul + CausalSoftmax")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (h, l, d) = ql.shape().dims3()?;
+        let scores = q.matmul(k, (h, l, l, d), ql, &kl.transpose(1, 2)?)?;
+        gpu::causal_softmax(&scores, &Layout::contiguous((h, l, l)), self.scale)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxGrad { scale: self.scale })?;
+        Ok((Some(ds.matmul(k)?), Some(ds.t()?.matmul(q)?)))
+    }
+}
+
+/// Launches tunekit's own kernels (src/train/kernels/attention.cu, PTX built by build.rs).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Shape};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+
+    fn rows_len(l: &Layout, what: &str) -> candle_core::Result<(usize, usize, usize)> {
+        let Some((start, _)) = l.contiguous_offsets() else { candle_core::bail!("{what}: input must be contiguous") };
+        let len = *l.dims().last().unwrap_or(&0);
+        Ok((start, l.shape().elem_count() / len.max(1), len))
+    }
+
+    fn config(rows: usize, len: usize) -> LaunchConfig {
+        let threads = len.div_ceil(32).clamp(1, 32) as u32 * 32;
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads.min(1024), 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn fwd<T: DeviceRepr>(
+        dev: &CudaDevice,
+        s: &CudaSlice<T>,
+        start: usize,
+        rows: usize,
+        len: usize,
+        scale: f32,
+        name: &str,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let f = dev.get_or_load_custom_func(name, "tunekit_attention", PTX)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(rows * len)? };
+        let src = s.slice(start..);
+        let mut b = f.builder();
+        let l = len as i32;
+        b.arg(&src);
+        b.arg(&out);
+        b.arg(&l);
+        b.arg(&scale);
+        // SAFETY: the kernel reads rows*len elements of src and writes as many of out.
+        unsafe { b.launch(config(rows, len)) }.w()?;
+        Ok(out)
+    }
+
+    pub fn causal_softmax(s: &CudaStorage, l: &Layout, scale: f32) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (start, rows, len) = rows_len(l, "causal-softmax")?;
+        let dev = s.device();
+        let slice = match &s.slice {
+            CudaStorageSlice::F32(x) => {
+                CudaStorageSlice::F32(fwd(dev, x, start, rows, len, scale, "causal_softmax_fwd_f32")?)
+            }
+            CudaStorageSlice::BF16(x) => {
+                CudaStorageSlice::BF16(fwd(dev, x, start, rows, len, scale, "causal_softmax_fwd_bf16")?)
+            }
+            _ => candle_core::bail!("causal-softmax: f32 or bf16 scores only"),
+        };
+        Ok((CudaStorage { slice, device: dev.clone() }, l.shape().clone()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd<T: DeviceRepr>(
+        dev: &CudaDevice,
+        p: &CudaSlice<T>,
+        ps: usize,
+        dp: &CudaSlice<T>,
+        ds: usize,
+        rows: usize,
+        len: usize,
+        scale: f32,
+        name: &str,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let f = dev.get_or_load_custom_func(name, "tunekit_attention", PTX)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(rows * len)? };
+        let (p, dp) = (p.slice(ps..), dp.slice(ds..));
+        let mut b = f.builder();
+        let l = len as i32;
+        b.arg(&p);
+        b.arg(&dp);
+        b.arg(&out);
+        b.arg(&l);
+        b.arg(&scale);
+        // SAFETY: the kernel reads rows*len elements of p and dp and writes as many of out.
+        unsafe { b.launch(config(rows, len)) }.w()?;
+        Ok(out)
+    }
+
+    pub fn causal_softmax_grad(
+        p: &CudaStorage,
+        pl: &Layout,
+        dp: &CudaStorage,
+        dl: &Layout,
+        scale: f32,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (ps, rows, len) = rows_len(pl, "causal-softmax-grad")?;
+        let (ds, _, _) = rows_len(dl, "causal-softmax-grad")?;
+        let dev = p.device();
+        let slice = match (&p.slice, &dp.slice) {
+            (CudaStorageSlice::F32(a), CudaStorageSlice::F32(g)) => {
+                CudaStorageSlice::F32(bwd(dev, a, ps, g, ds, rows, len, scale, "causal_softmax_bwd_f32")?)
+            }
+            (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(g)) => {
+                CudaStorageSlice::BF16(bwd(dev, a, ps, g, ds, rows, len, scale, "causal_softmax_bwd_bf16")?)
+            }
+            _ => candle_core::bail!("causal-softmax-grad: P and dP must both be f32 or both bf16"),
+        };
+        Ok((CudaStorage { slice, device: dev.clone() }, pl.shape().clone()))
+    }
+}
+
 /// `softmax(scale * scores + causal mask)` over the last dim of [H, L, L].
 pub fn causal_softmax(scores: &Tensor, scale: f64, masks: &mut MaskCache) -> candle_core::Result<Tensor> {
-    if scores.device().is_cpu() {
+    if (scores.device().is_cpu() && scores.dtype() == DType::F32) || scores.device().is_cuda() {
         return scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 });
     }
+    // In f32 whatever the compute dtype, as transformers' eager attention does.
     let len = scores.dim(D::Minus1)?;
-    let s = (scores * scale)?.broadcast_add(&masks.get(len, scores.device())?)?;
-    candle_nn::ops::softmax(&s, D::Minus1)
+    let s = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&masks.get(len, scores.device())?)?;
+    candle_nn::ops::softmax(&s, D::Minus1)?.to_dtype(scores.dtype())
 }
 
 /// RMSNorm with a frozen weight in one pass, backward to the input only:

@@ -42,6 +42,11 @@ fn nearest(x: f32) -> u8 {
     lo as u8
 }
 
+/// A block's absmax back from 8 bits, in the order of operations the GPU form repeats exactly.
+fn dequantize_scale(q: i8, scale2: f32, offset: f32) -> f32 {
+    q as f32 * (1.0 / 127.0f32) * scale2 + offset
+}
+
 /// A weight matrix [rows, cols] in NF4 with double-quantised block scales.
 pub struct Nf4Weight {
     pub rows: usize,
@@ -75,7 +80,7 @@ impl Nf4Weight {
             .collect();
         let mut codes = vec![0u8; n.div_ceil(2)];
         let deq_absmax: Vec<f32> =
-            (0..nblocks).map(|b| absmax_q[b] as f32 / 127.0 * scale2[b / SCALE_BLOCK] + offset).collect();
+            (0..nblocks).map(|b| dequantize_scale(absmax_q[b], scale2[b / SCALE_BLOCK], offset)).collect();
         codes.par_chunks_mut(BLOCK / 2).enumerate().for_each(|(b, out)| {
             let scale = deq_absmax[b];
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
@@ -90,7 +95,7 @@ impl Nf4Weight {
     }
 
     pub fn block_scale(&self, b: usize) -> f32 {
-        self.absmax_q[b] as f32 / 127.0 * self.scale2[b / SCALE_BLOCK] + self.offset
+        dequantize_scale(self.absmax_q[b], self.scale2[b / SCALE_BLOCK], self.offset)
     }
 
     pub fn dequantize(&self) -> Vec<f32> {
@@ -171,6 +176,124 @@ impl CustomOp1 for GgufMatmul {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(dy.matmul(&self.w.dequantize(x.device())?)?))
+    }
+}
+
+/// An NF4 weight held on a GPU as it is on the CPU: packed codes (0.5 byte per weight), 8-bit
+/// block scales with their per-256 f32 scales. Dequantised with tensor ops on the device.
+pub struct Nf4OnDevice {
+    rows: usize,
+    cols: usize,
+    /// [nblocks * BLOCK / 2] u8, two codes per byte (first in the low nibble); padded with zeros' code.
+    codes: Tensor,
+    /// [nsb, SCALE_BLOCK] u8: the i8 block scales + 128, padded to whole scale blocks.
+    absmax_q: Tensor,
+    /// [nsb, 1] f32: each scale block's scale.
+    scale2: Tensor,
+    offset: f32,
+    table: Tensor,
+}
+
+impl Nf4OnDevice {
+    pub fn upload(w: &Nf4Weight, device: &candle_core::Device) -> candle_core::Result<Self> {
+        let nblocks = (w.rows * w.cols).div_ceil(BLOCK);
+        let nsb = nblocks.div_ceil(SCALE_BLOCK);
+        let mut codes = w.codes.clone();
+        codes.resize(nblocks * BLOCK / 2, 0x77);
+        let mut aq: Vec<u8> = w.absmax_q.iter().map(|&a| (a as i16 + 128) as u8).collect();
+        aq.resize(nsb * SCALE_BLOCK, 128);
+        let s2 = w.scale2.clone();
+        Ok(Nf4OnDevice {
+            rows: w.rows,
+            cols: w.cols,
+            codes: Tensor::from_vec(codes, nblocks * BLOCK / 2, device)?,
+            absmax_q: Tensor::from_vec(aq, (nsb, SCALE_BLOCK), device)?,
+            scale2: Tensor::from_vec(s2, (nsb, 1), device)?,
+            offset: w.offset,
+            table: Tensor::new(&NF4, device)?,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.codes.elem_count() + self.absmax_q.elem_count() + 4 * self.scale2.elem_count() + 4
+    }
+
+    /// The dense weight [rows, cols] in `dtype`, on the device.
+    pub fn dense(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+        use candle_core::DType;
+        let n = self.rows * self.cols;
+        let nblocks = n.div_ceil(BLOCK);
+        let centred = ((self.absmax_q.to_dtype(DType::F32)? - 128.0)? * (1.0 / 127.0f32) as f64)?;
+        let absmax = (centred.broadcast_mul(&self.scale2)? + self.offset as f64)?
+            .flatten_all()?
+            .narrow(0, 0, nblocks)?
+            .reshape((nblocks, 1))?;
+        let c = self.codes.to_dtype(DType::F32)?;
+        let hi = (&c / 16.0)?.floor()?;
+        let lo = (c - (&hi * 16.0)?)?;
+        let idx = Tensor::stack(&[lo, hi], 1)?.flatten_all()?.to_dtype(DType::U32)?;
+        let v = self.table.index_select(&idx, 0)?.reshape((nblocks, BLOCK))?.broadcast_mul(&absmax)?;
+        v.flatten_all()?.narrow(0, 0, n)?.reshape((self.rows, self.cols))?.to_dtype(dtype)
+    }
+}
+
+/// A frozen quantised weight on a GPU: NF4 (re-quantised at load) or a GGUF file's own blocks.
+#[derive(Clone)]
+pub enum QuantOnDevice {
+    Nf4(Arc<Nf4OnDevice>),
+    Gguf(Arc<candle_core::quantized::QTensor>),
+}
+
+impl QuantOnDevice {
+    pub fn gguf(q: &candle_core::quantized::QTensor, device: &candle_core::Device) -> candle_core::Result<Self> {
+        let data = q.data()?;
+        let storage = candle_core::quantized::QStorage::from_data(data, device, q.dtype())?;
+        Ok(QuantOnDevice::Gguf(Arc::new(candle_core::quantized::QTensor::new(storage, q.shape().clone())?)))
+    }
+
+    pub fn dense(&self, device: &candle_core::Device, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+        match self {
+            QuantOnDevice::Nf4(w) => w.dense(dtype),
+            QuantOnDevice::Gguf(q) => q.dequantize(device)?.to_dtype(dtype),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            QuantOnDevice::Nf4(w) => w.bytes(),
+            QuantOnDevice::Gguf(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+/// `y = x @ dequant(W)^T` on a GPU: the dense weight exists only for the one matmul (forward) and
+/// again for `dx = dy @ dequant(W)` (backward, no weight gradient).
+pub struct QuantMatmulOnDevice {
+    pub w: QuantOnDevice,
+}
+
+impl CustomOp1 for QuantMatmulOnDevice {
+    fn name(&self) -> &'static str {
+        "quant-matmul-device"
+    }
+
+    fn cpu_fwd(&self, _x: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("quant-matmul-device: the input is on the CPU, the weight on a GPU")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let device = candle_core::Device::Cuda(x.device().clone());
+        let wd = self.w.dense(&device, x.dtype())?;
+        super::ops::FrozenMatmul { w: wd }.cuda_fwd(x, xl)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(dy.matmul(&self.w.dense(x.device(), dy.dtype())?)?))
     }
 }
 
@@ -262,6 +385,19 @@ mod tests {
                 (s - absmax).abs() <= q.scale2[b / SCALE_BLOCK] / 127.0 * 0.51 + 1e-7,
                 "block {b}: {s} vs {absmax}"
             );
+        }
+    }
+
+    #[test]
+    fn the_gpu_form_dequantises_exactly_as_the_cpu() {
+        // Sizes that leave a partial block and a partial scale block (padding on upload).
+        for (rows, cols) in [(48, 64), (300, 64), (7, 100)] {
+            let q = Nf4Weight::quantize(&gaussian(rows * cols, 6), rows, cols);
+            let on = Nf4OnDevice::upload(&q, &Device::Cpu).unwrap();
+            let d = on.dense(candle_core::DType::F32).unwrap();
+            assert_eq!(d.dims(), &[rows, cols]);
+            assert_eq!(d.flatten_all().unwrap().to_vec1::<f32>().unwrap(), q.dequantize(), "{rows}x{cols}");
+            assert!((on.bytes() as f64 / (rows * cols) as f64) < 0.6 || rows * cols < 256 * 64);
         }
     }
 

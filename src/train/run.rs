@@ -38,6 +38,16 @@ pub struct TrainOptions {
     /// QLoRA: hold the frozen projections in 4 bits ("nf4"); None = full precision.
     #[serde(default)]
     pub qlora: Option<String>,
+    /// auto, cpu, cuda or cuda:N (auto: a GPU when built with CUDA and one is present).
+    #[serde(default = "auto")]
+    pub device: String,
+    /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16.
+    #[serde(default = "auto")]
+    pub dtype: String,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +78,10 @@ pub struct TrainSummary {
     pub base_bytes_per_param: f64,
     /// Peak resident memory of the process.
     pub peak_memory_mb: f64,
+    /// Where it computed: "cpu (f32)", "cuda (bf16)".
+    pub device: String,
+    /// Peak GPU memory in use (all processes, sampled every step); None on the CPU.
+    pub peak_gpu_memory_mb: Option<f64>,
 }
 
 /// Peak resident set size of this process (Linux), in MB.
@@ -145,12 +159,12 @@ pub fn read_checkpoint(dir: &Path, vars_named: &[(String, Var)], opt: &mut AdamW
     )?;
     let (_, tensors) = super::peft::read(dir)?;
     for (n, v) in vars_named {
-        v.set(tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?)?;
+        v.set(&tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?.to_device(v.device())?)?;
     }
     let ot = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
-    for i in 0..vars_named.len() {
-        opt.m[i] = ot.get(&format!("m.{i}")).context("optimizer state incomplete")?.clone();
-        opt.v[i] = ot.get(&format!("v.{i}")).context("optimizer state incomplete")?.clone();
+    for (i, (_, var)) in vars_named.iter().enumerate() {
+        opt.m[i] = ot.get(&format!("m.{i}")).context("optimizer state incomplete")?.to_device(var.device())?;
+        opt.v[i] = ot.get(&format!("v.{i}")).context("optimizer state incomplete")?.to_device(var.device())?;
     }
     opt.step = st["adam_step"].as_u64().unwrap_or(0);
     Ok(st["state"].clone())
@@ -174,11 +188,14 @@ pub struct Trainable {
     pub base_bytes_per_param: f64,
 }
 
-pub fn load_trainable(opts: &TrainOptions, device: &Device) -> Result<Trainable> {
-    // QLoRA quantises (or keeps quantised) each projection as it is read.
-    let base = BaseModel::load_with(&opts.model, device, opts.qlora.as_deref())?;
+/// The model ready to train on the device and dtype of `opts`.
+pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
+    let (device, dtype) = super::device::select(&opts.device, &opts.dtype)?;
+    // QLoRA quantises (or keeps quantised) each projection as it is read, on the CPU; the model
+    // then moves to the device.
+    let base = BaseModel::load_with(&opts.model, &Device::Cpu, opts.qlora.as_deref())?;
     check_manifest(&opts.data, base.config.vocab_size)?;
-    let mut model = Model::from_base(&base, device)?;
+    let mut model = Model::from_base_as(&base, &device, dtype)?;
     drop(base);
     let base_bytes_per_param = model.projection_bytes_per_param();
     model.add_lora(&opts.lora, opts.seed)?;
@@ -194,9 +211,11 @@ pub fn load_trainable(opts: &TrainOptions, device: &Device) -> Result<Trainable>
 
 pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     let start = Instant::now();
-    let device = Device::Cpu;
-    let Trainable { model, vars_named, vars, trainable, total_params, base_bytes_per_param } =
-        load_trainable(opts, &device)?;
+    let Trainable { model, vars_named, vars, trainable, total_params, base_bytes_per_param } = load_trainable(opts)?;
+    let device = model.device.clone();
+    // TUNEKIT_PROFILE=1: per-step forward/backward/optimizer seconds in metrics.jsonl (adds syncs).
+    let profile = std::env::var_os("TUNEKIT_PROFILE").is_some();
+    let mut peak_gpu = super::device::gpu_used_mb(&device);
     let train = Shards::load(&opts.data, "train")?;
     if train.rows.is_empty() {
         bail!("{}: no training rows (train-*.parquet)", opts.data.display());
@@ -256,14 +275,22 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         let tokens: usize = batches.iter().map(|b| b.tokens).sum();
         let mut acc: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0f64;
+        let (mut t_fwd, mut t_bwd) = (0.0, 0.0);
         for b in &batches {
             if b.trained == 0 {
                 continue;
             }
+            let tf = Instant::now();
             let l = model.loss_sum(b, Some(&mut dropout_rng), opts.logits_chunk)?;
             loss_sum += l.to_scalar::<f32>()? as f64;
+            t_fwd += tf.elapsed().as_secs_f64();
+            let tb = Instant::now();
             let scaled = (l / trained as f64)?;
             let g = grads_of(&vars_named, &scaled.backward()?)?;
+            if profile {
+                device.synchronize()?;
+            }
+            t_bwd += tb.elapsed().as_secs_f64();
             acc = Some(match acc {
                 None => g,
                 Some(a) => a.iter().zip(g).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
@@ -277,10 +304,15 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
                 opts.out.display()
             );
         }
+        let t_opt = Instant::now();
         let mut grads = acc.context("no trained token in this step's batches")?;
         let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
         let lr = lr_at(opts.optim.lr, state.step, opts.warmup_steps, total_steps, opts.schedule);
         optim.update(&vars, &grads, lr)?;
+        if profile {
+            device.synchronize()?;
+        }
+        let t_opt = t_opt.elapsed().as_secs_f64();
         state.step += 1;
         state.micro_done += opts.grad_accum as u64;
         state.dropout_rng = dropout_rng.state();
@@ -290,6 +322,16 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         last_loss = Some(loss);
         curve.push((state.step as f64, loss));
         let mut rec = json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "trained_tokens": trained, "tokens_per_s": tokens as f64 / dt, "peak_memory_mb": peak_rss_mb()});
+        if profile {
+            rec["seconds_forward"] = json!(t_fwd);
+            rec["seconds_backward"] = json!(t_bwd);
+            rec["seconds_optimizer"] = json!(t_opt);
+        }
+        if let Some(used) = super::device::gpu_used_mb(&device) {
+            let peak = peak_gpu.map_or(used, |p: f64| p.max(used));
+            peak_gpu = Some(peak);
+            rec["gpu_memory_mb"] = json!(used);
+        }
         if opts.eval_every > 0
             && !eval.rows.is_empty()
             && (state.step.is_multiple_of(opts.eval_every) || state.step == total_steps)
@@ -340,6 +382,8 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         plot,
         base_bytes_per_param,
         peak_memory_mb: peak_rss_mb(),
+        device: super::device::describe(&device, model.dtype),
+        peak_gpu_memory_mb: peak_gpu,
     })
 }
 
@@ -351,9 +395,12 @@ impl TrainSummary {
             self.trainable_params, self.total_params, self.trainable_percent
         );
         println!(
-            "  base projections: {:.3} bytes/parameter; peak memory {:.0} MB",
-            self.base_bytes_per_param, self.peak_memory_mb
+            "  base projections: {:.3} bytes/parameter; peak memory {:.0} MB on {}",
+            self.base_bytes_per_param, self.peak_memory_mb, self.device
         );
+        if let Some(g) = self.peak_gpu_memory_mb {
+            println!("  GPU memory in use at most: {g:.0} MB");
+        }
         if let (Some(a), Some(b)) = (self.first_loss, self.final_loss) {
             println!("  train loss: {a:.4} -> {b:.4}");
         }
