@@ -171,3 +171,65 @@ fn bf16_compute_tracks_f32() {
         assert!(dot / (na * nb) > 0.98, "{n}: bf16 gradient's cosine with f32's is {}", dot / (na * nb));
     }
 }
+
+/// Against TRL itself (tests/fixtures/train/make_trl_fixture.py): DPOTrainer.compute_loss on one pair
+/// built by TRL's own tokenisation and collator, for the sigmoid, hinge and ipo losses, and the LoRA
+/// gradients of the sigmoid loss; RewardTrainer.compute_loss of a reward model (LoRA on all linear
+/// layers + the score head as modules_to_save) and the gradients of the adapter and the head.
+#[test]
+fn dpo_and_reward_losses_match_trl() {
+    use tunekit::train::dpo::{pair_loss, DpoLoss, Objective};
+    let dir = common::root().join("tests/fixtures/train");
+    let r = candle_core::safetensors::load(dir.join("trl/reference.safetensors"), &Device::Cpu).unwrap();
+    let v = |k: &str| -> Vec<i32> {
+        r[k].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as i32).collect()
+    };
+    let scalar = |k: &str| r[k].to_vec1::<f32>().unwrap()[0];
+    let base = BaseModel::load(&dir.join("llama"), &Device::Cpu).unwrap();
+
+    let pair = tunekit::pack::preference::PreferenceRow {
+        chosen_input_ids: v("chosen_input_ids"),
+        chosen_labels: v("chosen_labels"),
+        rejected_input_ids: v("rejected_input_ids"),
+        rejected_labels: v("rejected_labels"),
+    };
+    let mut policy = Model::from_base(&base, &Device::Cpu).unwrap();
+    tunekit::train::peft::load_into(&mut policy, &dir.join("llama/adapter")).unwrap();
+    for (kind, key) in
+        [(DpoLoss::Sigmoid, "dpo_loss_sigmoid"), (DpoLoss::Hinge, "dpo_loss_hinge"), (DpoLoss::Ipo, "dpo_loss_ipo")]
+    {
+        let got = pair_loss(&policy, &pair, 0.1, kind).unwrap().loss.to_scalar::<f32>().unwrap();
+        assert!((got - scalar(key)).abs() < 1e-5 * scalar(key).abs().max(1.0), "{key}: {got} vs TRL {}", scalar(key));
+    }
+    let grads = pair_loss(&policy, &pair, 0.1, DpoLoss::Sigmoid).unwrap().loss.backward().unwrap();
+    for (n, var) in policy.lora_vars() {
+        let want = &r[&format!("dpo_grad.{n}")];
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
+        let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
+        assert!(d < 1e-3 * scale, "{n}: DPO gradient differs from TRL's by {d} (max {scale})");
+    }
+
+    let mut rm = Model::from_base(&base, &Device::Cpu).unwrap();
+    tunekit::train::peft::load_into(&mut rm, &dir.join("trl/reward_adapter")).unwrap();
+    assert_eq!(rm.lora_vars().len(), 2 * 7 * 2, "every projection of both layers has an adapter");
+    let ids = |k: &str| v(k);
+    let pair = tunekit::pack::preference::PreferenceRow {
+        chosen_input_ids: ids("reward_chosen_input_ids"),
+        chosen_labels: vec![],
+        rejected_input_ids: ids("reward_rejected_input_ids"),
+        rejected_labels: vec![],
+    };
+    let o = Objective::Reward.pair(&rm, &pair).unwrap();
+    let got = o.loss.to_scalar::<f32>().unwrap();
+    assert!((got - scalar("reward_loss")).abs() < 1e-5, "reward loss {got} vs TRL {}", scalar("reward_loss"));
+    let grads = o.loss.backward().unwrap();
+    let head = rm.score.clone().unwrap();
+    let mut vars = rm.lora_vars();
+    vars.push(("base_model.model.score.weight".into(), head));
+    for (n, var) in vars {
+        let want = &r[&format!("reward_grad.{n}")];
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
+        let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
+        assert!(d < 1e-3 * scale, "{n}: reward gradient differs from TRL's by {d} (max {scale})");
+    }
+}

@@ -213,8 +213,10 @@ impl Model {
         let mut rng = SplitMix64::new(seed);
         for layer in &mut self.layers {
             for lin in layer.linears_mut() {
-                let module = lin.name.rsplit('.').next().unwrap_or_default().to_string();
-                if s.targets.contains(&module) {
+                // As PEFT matches target_modules: the module's name, or its full path or a suffix of it
+                // (PEFT saves "all-linear" resolved to full paths such as model.layers.0.mlp.up_proj).
+                let hit = s.targets.iter().any(|t| lin.name == *t || lin.name.ends_with(&format!(".{t}")));
+                if hit {
                     lin.add_lora(s, &mut rng)?;
                 }
             }
