@@ -166,7 +166,9 @@ pub fn run(
     pb.set_position(first_step);
     // The current epoch's pair order, reshuffled only when the epoch changes.
     let mut order: (Option<u64>, Vec<usize>) = (None, Vec::new());
+    let mut pair_seconds = (0usize, 0.0f64);
     for step in first_step..total {
+        let t0 = std::time::Instant::now();
         let epoch = step / steps_per_epoch;
         if order.0 != Some(epoch) {
             let mut o: Vec<usize> = (0..train.len()).collect();
@@ -203,8 +205,10 @@ pub fn run(
         if !(loss / n).is_finite() {
             bail!("step {}: the DPO loss is not finite; stopping", step + 1);
         }
+        let dt = t0.elapsed().as_secs_f64();
+        pair_seconds = (pair_seconds.0 + chunk.len(), pair_seconds.1 + dt);
         let mut rec = json!({
-            "step": step + 1, "loss": loss / n, "lr": lr, "grad_norm": grad_norm,
+            "step": step + 1, "loss": loss / n, "lr": lr, "grad_norm": grad_norm, "pairs_per_s": n / dt,
             "rewards/chosen": rc / n, "rewards/rejected": rr / n, "rewards/accuracies": acc / n,
             "rewards/margins": (rc - rr) / n,
             // KL estimate: mean policy-minus-reference log-ratio of the chosen and rejected answers.
@@ -246,6 +250,7 @@ pub fn run(
         "first_eval": first_eval.map(|(l, a, m)| json!({"loss": l, "reward_accuracy": a, "reward_margin": m})),
         "final_eval": last_eval.map(|(l, a, m)| json!({"loss": l, "reward_accuracy": a, "reward_margin": m})),
         "out": opts.out.display().to_string(), "seconds": start.elapsed().as_secs_f64(),
+        "pairs_per_s": pair_seconds.0 as f64 / pair_seconds.1.max(1e-9),
         "device": super::device::describe(&t.model.device, t.model.dtype),
     }))
 }
