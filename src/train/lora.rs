@@ -108,6 +108,13 @@ impl Linear {
 
     /// x [tokens, in] -> [tokens, out]. `rng` drives dropout when training.
     pub fn forward(&self, x: &Tensor, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
+        self.forward_shared(&Shared::new(x), train_rng)
+    }
+
+    /// As `forward`, for an input that several projections read (q/k/v, gate/up): the adapters'
+    /// f32 copy of it is made once.
+    pub fn forward_shared(&self, input: &Shared, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
+        let x = input.x;
         let mut y = match (&self.q, &self.gq) {
             _ if self.dq.is_some() && !x.device().is_cpu() => {
                 let w = self.dq.clone().expect("checked");
@@ -121,15 +128,17 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = self.lora.as_ref().filter(|l| l.enabled.get()) {
-            let xin = match train_rng {
-                Some(rng) if l.dropout > 0.0 => dropout(x, l.dropout, rng)?,
-                _ => x.clone(),
-            };
             // The adapter computes in f32 (its weights' dtype) and adds back in the compute dtype, as PEFT.
-            let xin = xin.to_dtype(DType::F32)?;
-            let delta = xin.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)?;
+            let x32 = input.f32()?;
+            let xin = match train_rng {
+                Some(rng) if l.dropout > 0.0 => dropout(x32, l.dropout, rng)?,
+                _ => x32.clone(),
+            };
+            // The scale goes on B^T [r, out], not on the [tokens, out] product: one activation fewer kept.
+            let bt = (l.b.as_tensor().t()? * l.scale)?;
+            let delta = xin.matmul(&l.a.as_tensor().t()?)?.matmul(&bt)?;
             let dt = y.dtype();
-            y = (y + (delta * l.scale)?.to_dtype(dt)?)?;
+            y = (y + delta.to_dtype(dt)?)?;
         }
         Ok(y)
     }
@@ -140,6 +149,25 @@ impl Linear {
             Some(l) => self.dense_weight()? + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?,
             None => self.dense_weight(),
         }
+    }
+}
+
+/// A layer input with its f32 copy for the adapters, made on first use.
+pub struct Shared<'a> {
+    pub x: &'a Tensor,
+    x32: std::cell::OnceCell<Tensor>,
+}
+
+impl<'a> Shared<'a> {
+    pub fn new(x: &'a Tensor) -> Self {
+        Shared { x, x32: std::cell::OnceCell::new() }
+    }
+
+    fn f32(&self) -> candle_core::Result<&Tensor> {
+        if self.x32.get().is_none() {
+            let _ = self.x32.set(self.x.to_dtype(DType::F32)?);
+        }
+        Ok(self.x32.get().expect("just set"))
     }
 }
 

@@ -5,7 +5,7 @@
 //! inference-only (last-token logits, fused ops without backward), so this is our own.
 
 use super::config::ModelConfig;
-use super::lora::{Linear, LoraSettings};
+use super::lora::{Linear, LoraSettings, Shared};
 use super::ops::{frozen_linear, rms_norm_frozen as rms_norm, rope, segment_attention, MaskCache};
 use super::weights::BaseModel;
 use crate::split::SplitMix64;
@@ -324,9 +324,10 @@ impl Model {
         let mut x = self.embed.index_select(ids, 0)?;
         for layer in &self.layers {
             let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let mut q = layer.q.forward(&h, rng.as_deref_mut())?.reshape((t, hq, hd))?;
-            let mut k = layer.k.forward(&h, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
-            let v = layer.v.forward(&h, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
+            let hs = Shared::new(&h);
+            let mut q = layer.q.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hq, hd))?;
+            let mut k = layer.k.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
+            let v = layer.v.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = rms_norm(&q, qn, c.rms_norm_eps)?;
                 k = rms_norm(&k, kn, c.rms_norm_eps)?;
@@ -336,8 +337,9 @@ impl Model {
             let attn = segment_attention(&q, &k, &v, seq_lengths, &mut masks)?;
             x = (x + layer.o.forward(&attn, rng.as_deref_mut())?)?;
             let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let g = layer.gate.forward(&h, rng.as_deref_mut())?.silu()?;
-            let u = layer.up.forward(&h, rng.as_deref_mut())?;
+            let hs = Shared::new(&h);
+            let g = layer.gate.forward_shared(&hs, rng.as_deref_mut())?.silu()?;
+            let u = layer.up.forward_shared(&hs, rng.as_deref_mut())?;
             x = (x + layer.down.forward(&(g * u)?, rng.as_deref_mut())?)?;
         }
         rms_norm(&x, &self.norm, c.rms_norm_eps)

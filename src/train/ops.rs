@@ -102,7 +102,7 @@ pub fn segment_attention(
         let qs = q.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?; // [Hq, L, hd]
         let ks = repeat_kv(&k.narrow(0, start, len)?.transpose(0, 1)?, hq / hkv)?; // [Hq, L, hd]
         let vs = repeat_kv(&v.narrow(0, start, len)?.transpose(0, 1)?, hq / hkv)?;
-        let probs = if qs.device().is_cuda() {
+        let probs = if qs.device().is_cuda() || qs.dtype() == DType::F32 {
             qs.apply_op2(&ks, CausalAttentionProbs { scale: scale as f32 })?
         } else {
             causal_softmax(&qs.matmul(&ks.t()?)?, scale, masks)?
@@ -330,28 +330,32 @@ pub struct CausalSoftmax {
     pub scale: f32,
 }
 
+/// Rows of [.., L, L] scores to causal softmax probabilities, in place (row r is query r % L).
+fn causal_softmax_rows(x: &mut [f32], len: usize, scale: f32) {
+    use rayon::prelude::*;
+    x.par_chunks_mut(len).enumerate().for_each(|(r, row)| {
+        let i = r % len; // query position inside the segment
+        let m = row[..=i].iter().cloned().fold(f32::NEG_INFINITY, f32::max) * scale;
+        let mut sum = 0f32;
+        for v in row[..=i].iter_mut() {
+            *v = (*v * scale - m).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row[..=i].iter_mut().for_each(|v| *v *= inv);
+        row[i + 1..].iter_mut().for_each(|v| *v = 0.0);
+    });
+}
+
 impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "causal-softmax"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let len = l.shape().dims()[l.shape().rank() - 1];
-        let x = contiguous_f32(s, l, "causal-softmax")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(r, (o, row))| {
-            let i = r % len; // query position inside the segment
-            let valid = &row[..=i];
-            let m = valid.iter().cloned().fold(f32::NEG_INFINITY, f32::max) * self.scale;
-            let mut sum = 0f32;
-            for (oj, &v) in o[..=i].iter_mut().zip(valid) {
-                *oj = (v * self.scale - m).exp();
-                sum += *oj;
-            }
-            let inv = 1.0 / sum;
-            o[..=i].iter_mut().for_each(|v| *v *= inv);
-        });
+        let mut out = contiguous_f32(s, l, "causal-softmax")?.to_vec();
+        causal_softmax_rows(&mut out, len, self.scale);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -365,24 +369,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _x: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        use rayon::prelude::*;
-        if !p.device().is_cpu() {
-            return Ok(Some(p.apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxGrad { scale: self.scale })?));
-        }
-        let len = p.dim(D::Minus1)?;
-        let pv = p.flatten_all()?.to_vec1::<f32>()?;
-        let gv = dp.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut d = vec![0f32; pv.len()];
-        d.par_chunks_mut(len).zip(pv.par_chunks(len).zip(gv.par_chunks(len))).enumerate().for_each(
-            |(r, (drow, (prow, grow)))| {
-                let i = r % len;
-                let dot: f32 = prow[..=i].iter().zip(&grow[..=i]).map(|(a, b)| a * b).sum();
-                for j in 0..=i {
-                    drow[j] = self.scale * prow[j] * (grow[j] - dot);
-                }
-            },
-        );
-        Ok(Some(Tensor::from_vec(d, p.shape(), p.device())?))
+        Ok(Some(p.apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxGrad { scale: self.scale })?))
     }
 }
 
@@ -398,12 +385,26 @@ impl candle_core::CustomOp2 for CausalSoftmaxGrad {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        p: &CpuStorage,
+        pl: &Layout,
+        dp: &CpuStorage,
+        dl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("causal-softmax-grad: the CPU computes this inside CausalSoftmax's backward")
+        use rayon::prelude::*;
+        let len = pl.shape().dims()[pl.shape().rank() - 1];
+        let pv = contiguous_f32(p, pl, "causal-softmax-grad")?;
+        let gv = contiguous_f32(dp, dl, "causal-softmax-grad")?;
+        let mut d = vec![0f32; pv.len()];
+        d.par_chunks_mut(len).zip(pv.par_chunks(len).zip(gv.par_chunks(len))).enumerate().for_each(
+            |(r, (drow, (prow, grow)))| {
+                let i = r % len;
+                let dot: f32 = prow[..=i].iter().zip(&grow[..=i]).map(|(a, b)| a * b).sum();
+                for j in 0..=i {
+                    drow[j] = self.scale * prow[j] * (grow[j] - dot);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(d), pl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -418,8 +419,8 @@ impl candle_core::CustomOp2 for CausalSoftmaxGrad {
     }
 }
 
-/// On a GPU, `P = causal_softmax(scale * q k^T)` for q, k [H, L, hd] as one op, so that the
-/// [H, L, L] scores are freed at once instead of being kept for the backward (only q, k and P are).
+/// `P = causal_softmax(scale * q k^T)` for q, k [H, L, hd] as one op, so that the [H, L, L] scores
+/// are freed at once instead of being kept for the backward (only q, k and P are).
 pub struct CausalAttentionProbs {
     pub scale: f32,
 }
@@ -431,12 +432,17 @@ impl candle_core::CustomOp2 for CausalAttentionProbs {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("causal-attention-probs: GPU only; the CPU uses matmul + CausalSoftmax")
+        let (h, l, d) = ql.shape().dims3()?;
+        let CpuStorage::F32(mut scores) = q.matmul(k, (h, l, l, d), ql, &kl.transpose(1, 2)?)? else {
+            candle_core::bail!("causal-attention-probs: f32 only on the CPU")
+        };
+        causal_softmax_rows(&mut scores, l, self.scale);
+        Ok((CpuStorage::F32(scores), Shape::from((h, l, l))))
     }
 
     #[cfg(feature = "cuda")]
@@ -661,6 +667,31 @@ mod fused_tests {
         let dy = (ya - yb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         let dg = (ga - gb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(dy < 1e-5 && dg < 1e-5, "value differs by {dy}, gradient by {dg}");
+    }
+
+    #[test]
+    fn fused_attention_probabilities_match_matmul_then_masked_softmax() {
+        let (q0, k0) = (rand(&[2, 6, 4], 11), rand(&[2, 6, 4], 12));
+        let probe = rand(&[2, 6, 6], 13);
+        let run = |fused: bool| {
+            let (q, k) = (Var::from_tensor(&q0).unwrap(), Var::from_tensor(&k0).unwrap());
+            let p = if fused {
+                q.as_tensor().apply_op2(k.as_tensor(), CausalAttentionProbs { scale: 0.5 }).unwrap()
+            } else {
+                let s = q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap();
+                let mut m = MaskCache::default();
+                let masked = (s * 0.5).unwrap().broadcast_add(&m.get(6, &Device::Cpu).unwrap()).unwrap();
+                candle_nn::ops::softmax(&masked, D::Minus1).unwrap()
+            };
+            let g = (&p * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gq, gk) = (g.get(q.as_tensor()).unwrap().clone(), g.get(k.as_tensor()).unwrap().clone());
+            (p, gq, gk)
+        };
+        let (a, b) = (run(true), run(false));
+        for (x, y, what) in [(&a.0, &b.0, "probabilities"), (&a.1, &b.1, "dq"), (&a.2, &b.2, "dk")] {
+            let d = (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "{what} differ by {d}");
+        }
     }
 
     #[test]
