@@ -103,7 +103,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         samples: w.pairs,
         rows: w.pairs,
         tokens: w.tokens,
-        trainable_tokens: 0,
+        trainable_tokens: w.trained,
         fill_ratio: 0.0,
         files,
     };
@@ -146,6 +146,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
             "dropped_too_long": dropped,
             "pairs": pairs,
             "tokens": tokens,
+            "trainable_tokens": train_stats.trainable_tokens + eval_stats.trainable_tokens,
         },
         "splits": {"train": &train_stats, "eval": &eval_stats},
     });
@@ -164,7 +165,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         samples: pairs,
         packed_rows: pairs,
         tokens,
-        trainable_tokens: 0,
+        trainable_tokens: train_stats.trainable_tokens + eval_stats.trainable_tokens,
         fill_ratio: 0.0,
         train: train_stats,
         eval: eval_stats,

@@ -183,6 +183,9 @@ fn preference_pairs_become_preference_shards() {
     assert_eq!(s["method"], "preference");
     let pairs = tunekit::pack::preference::read_pairs(&dir.path().join("pp/train-00000-of-00001.parquet")).unwrap();
     assert_eq!(pairs.len(), 3);
+    let answers: usize =
+        pairs.iter().map(|p| p.chosen_labels.iter().chain(&p.rejected_labels).filter(|&&l| l != -100).count()).sum();
+    assert_eq!(s["trainable_tokens"], answers, "the summary counts the answer tokens of both sides");
     for p in &pairs {
         // The two sides share the prompt and differ in the answer; only the answer is trained,
         // ending with <|im_end|>.

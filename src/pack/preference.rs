@@ -35,17 +35,28 @@ pub struct PreferenceWriter {
     pending: Vec<PreferenceRow>,
     pub pairs: u64,
     pub tokens: u64,
+    /// Answer tokens (labels other than -100) of both sides.
+    pub trained: u64,
 }
 
 impl PreferenceWriter {
     pub fn new(dir: &Path, split: &'static str) -> Self {
-        PreferenceWriter { dir: dir.to_path_buf(), split, writer: None, pending: Vec::new(), pairs: 0, tokens: 0 }
+        PreferenceWriter {
+            dir: dir.to_path_buf(),
+            split,
+            writer: None,
+            pending: Vec::new(),
+            pairs: 0,
+            tokens: 0,
+            trained: 0,
+        }
     }
 
     pub fn write(&mut self, rows: Vec<PreferenceRow>) -> Result<()> {
         for r in rows {
             self.pairs += 1;
             self.tokens += (r.chosen_input_ids.len() + r.rejected_input_ids.len()) as u64;
+            self.trained += r.chosen_labels.iter().chain(&r.rejected_labels).filter(|&&l| l != -100).count() as u64;
             self.pending.push(r);
         }
         if self.pending.len() >= 512 {
