@@ -183,6 +183,10 @@ struct TrainArgs {
     /// QLoRA: keep the frozen projections in 4 bits (nf4: NormalFloat4, blocks of 64, double-quantised scales).
     #[arg(long)]
     qlora: Option<String>,
+    /// With --qlora: hold the token embedding and lm_head in NF4 too (the QLoRA paper and PEFT keep them
+    /// full precision, the default); saves most on small models, whose embedding is a large share.
+    #[arg(long)]
+    qlora_embeddings: bool,
     /// Where to compute: auto (a GPU if this build has CUDA and one is present, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -633,6 +637,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
                 logits_chunk: 1024,
                 qlora: a.qlora,
+                qlora_embeddings: a.qlora_embeddings,
                 device: a.device,
                 dtype: a.dtype,
             };

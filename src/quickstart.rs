@@ -122,6 +122,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
         seed: 0,
         logits_chunk: 256,
         qlora: None,
+        qlora_embeddings: false,
         device: "auto".into(),
         dtype: "auto".into(),
     })?;

@@ -69,6 +69,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         seed: 1,
         logits_chunk: 16,
         qlora: None,
+        qlora_embeddings: false,
         device: "cpu".into(),
         dtype: "auto".into(),
     }
@@ -202,10 +203,19 @@ fn qlora_nf4_step_lowers_the_loss_and_stores_4_bit_weights() {
     o.qlora = Some("nf4".into());
     let s = run_with_resume(&o, None).unwrap();
     assert!(s.final_loss.unwrap() < 0.8 * s.first_loss.unwrap(), "{:?} -> {:?}", s.first_loss, s.final_loss);
-    assert!(s.base_bytes_per_param < 0.6, "{}", s.base_bytes_per_param);
+    assert!(s.projection_bytes_per_param < 0.6, "{}", s.projection_bytes_per_param);
     // The adapter is the same PEFT format as plain LoRA.
     let t = candle_core::safetensors::load(dir.path().join("q/adapter_model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(t.len(), 28);
+    // The embedding (and tied lm_head) in full precision by default; in NF4 with qlora_embeddings.
+    assert!(s.base_bytes_per_param > 0.6, "{}", s.base_bytes_per_param);
+    o.out = dir.path().join("qe");
+    o.qlora_embeddings = true;
+    let e = run_with_resume(&o, None).unwrap();
+    assert!(e.base_bytes_per_param < 0.6, "{}", e.base_bytes_per_param);
+    assert!(e.final_loss.unwrap() < 0.8 * e.first_loss.unwrap(), "{:?} -> {:?}", e.first_loss, e.final_loss);
+    o.qlora = None;
+    assert!(run_with_resume(&o, None).unwrap_err().to_string().contains("--qlora"));
 }
 
 #[test]

@@ -13,7 +13,7 @@ pub fn write_hf(model: &Model, out: &Path) -> Result<usize> {
     t.insert("model.embed_tokens.weight".into(), model.embed.clone());
     t.insert("model.norm.weight".into(), model.norm.clone());
     if !model.config.tie_word_embeddings {
-        t.insert("lm_head.weight".into(), model.lm_head.clone());
+        t.insert("lm_head.weight".into(), model.lm_head.dense_weight()?);
     }
     let mut merged = 0;
     for (i, l) in model.layers.iter().enumerate() {

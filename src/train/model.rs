@@ -6,7 +6,7 @@
 
 use super::config::ModelConfig;
 use super::lora::{Linear, LoraSettings, Shared};
-use super::ops::{frozen_linear, rms_norm_frozen as rms_norm, rope, segment_attention, MaskCache};
+use super::ops::{rms_norm_frozen as rms_norm, rope, segment_attention, MaskCache};
 use super::weights::BaseModel;
 use crate::split::SplitMix64;
 use anyhow::Result;
@@ -37,10 +37,13 @@ impl Layer {
 
 pub struct Model {
     pub config: ModelConfig,
+    /// The token embedding [vocab, hidden]; empty when held in NF4 (`embed_q`).
     pub embed: Tensor,
+    pub embed_q: Option<QuantEmbedding>,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
-    pub lm_head: Tensor,
+    /// The output projection (the embedding again when tied), frozen, dense or NF4.
+    pub lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     pub device: Device,
@@ -48,6 +51,13 @@ pub struct Model {
     pub dtype: DType,
     /// Reward-model head [1, hidden] on the last token (trained; PEFT `modules_to_save = ["score"]`).
     pub score: Option<Var>,
+}
+
+/// An NF4 token embedding (QLoRA with `--qlora-embeddings`): rows are dequantised as looked up.
+pub struct QuantEmbedding {
+    pub cpu: std::sync::Arc<super::quant::Nf4Weight>,
+    /// The same codes on the GPU, when training there.
+    pub device: Option<super::quant::QuantOnDevice>,
 }
 
 /// One packed micro-batch, flattened: all rows' segments back to back.
@@ -159,10 +169,36 @@ impl Model {
                 k_norm: if c.qk_norm() { Some(get(&format!("{p}.self_attn.k_norm.weight"))?) } else { None },
             });
         }
-        let embed = get("model.embed_tokens.weight")?;
-        let lm_head = match opt("lm_head.weight")? {
-            Some(w) if !c.tie_word_embeddings => w,
-            _ => embed.clone(),
+        let on_device = |q: &std::sync::Arc<super::quant::Nf4Weight>| -> Result<Option<super::quant::QuantOnDevice>> {
+            if device.is_cpu() {
+                return Ok(None);
+            }
+            let up = super::quant::Nf4OnDevice::upload(q, device)?;
+            Ok(Some(super::quant::QuantOnDevice::Nf4(std::sync::Arc::new(up))))
+        };
+        let quantised = |q: &std::sync::Arc<super::quant::Nf4Weight>, name: &str| -> Result<Linear> {
+            let mut l = Linear::new(name.to_string(), Tensor::zeros(0, dtype, device)?, None);
+            l.q = Some(q.clone());
+            l.dq = on_device(q)?;
+            Ok(l)
+        };
+        let (embed, embed_q) = match base.nf4.get("model.embed_tokens") {
+            Some(q) => {
+                (Tensor::zeros(0, dtype, device)?, Some(QuantEmbedding { cpu: q.clone(), device: on_device(q)? }))
+            }
+            None => (get("model.embed_tokens.weight")?, None),
+        };
+        let lm_head = match (c.tie_word_embeddings, base.nf4.get("lm_head"), &embed_q) {
+            (false, Some(q), _) => quantised(q, "lm_head")?,
+            (false, None, _) if base.tensors.contains_key("lm_head.weight") => {
+                Linear::new("lm_head".into(), get("lm_head.weight")?, None)
+            }
+            (_, _, Some(e)) => {
+                let mut l = quantised(&e.cpu, "lm_head")?;
+                l.dq = e.device.clone();
+                l
+            }
+            _ => Linear::new("lm_head".into(), embed.clone(), None),
         };
         let inv: Vec<f32> = c.inv_freq().iter().map(|&f| f as f32).collect();
         let max_pos = c.max_position_embeddings.max(4096);
@@ -175,6 +211,7 @@ impl Model {
             dtype,
             config: c,
             embed,
+            embed_q,
             layers,
             norm: get("model.norm.weight")?,
             lm_head,
@@ -238,6 +275,38 @@ impl Model {
                     (None, None) => self.dtype.size_in_bytes() * r * c,
                 };
             }
+        }
+        bytes as f64 / params.max(1) as f64
+    }
+
+    /// Bytes per parameter of all the frozen weight matrices as held: projections, the embedding
+    /// and an untied lm_head (norms are negligible and left out).
+    pub fn base_bytes_per_param(&self) -> f64 {
+        let held = |l: &Linear| -> (usize, usize) {
+            let (r, c) = l.dims().unwrap_or((0, 0));
+            let bytes = match (&l.q, &l.gq) {
+                (_, Some(g)) => g.storage_size_in_bytes(),
+                (Some(q), None) => q.bytes(),
+                (None, None) => self.dtype.size_in_bytes() * r * c,
+            };
+            (r * c, bytes)
+        };
+        let (mut params, mut bytes) = (0usize, 0usize);
+        for l in self.layers.iter().flat_map(|l| l.linears()) {
+            let (p, b) = held(l);
+            params += p;
+            bytes += b;
+        }
+        let vocab_hidden = self.config.vocab_size * self.config.hidden_size;
+        params += vocab_hidden;
+        bytes += match &self.embed_q {
+            Some(e) => e.cpu.bytes(),
+            None => self.embed.elem_count() * self.dtype.size_in_bytes(),
+        };
+        if !self.config.tie_word_embeddings {
+            let (p, b) = held(&self.lm_head);
+            params += p;
+            bytes += b;
         }
         bytes as f64 / params.max(1) as f64
     }
@@ -307,6 +376,18 @@ impl Model {
         out
     }
 
+    /// Embedding rows of `ids` [T] -> [T, hidden] in the compute dtype.
+    fn embed_rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.embed_q {
+            None => self.embed.index_select(ids, 0),
+            Some(QuantEmbedding { device: Some(d), .. }) => d.dense(&self.device, self.dtype)?.index_select(ids, 0),
+            Some(QuantEmbedding { cpu, device: None }) => {
+                let rows = cpu.dequantize_rows(&ids.to_vec1::<u32>()?);
+                Tensor::from_vec(rows, (ids.dim(0)?, cpu.cols), &self.device)?.to_dtype(self.dtype)
+            }
+        }
+    }
+
     /// Final hidden states [T, hidden] for a flattened packed batch.
     pub fn hidden(
         &self,
@@ -321,7 +402,7 @@ impl Model {
         let cos = self.cos.index_select(positions, 0)?;
         let sin = self.sin.index_select(positions, 0)?;
         let mut masks = MaskCache::default();
-        let mut x = self.embed.index_select(ids, 0)?;
+        let mut x = self.embed_rows(ids)?;
         for layer in &self.layers {
             let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let hs = Shared::new(&h);
@@ -348,7 +429,7 @@ impl Model {
     /// Full logits [T, vocab] (for parity checks and generation).
     pub fn logits(&self, ids: &Tensor, positions: &Tensor, seq_lengths: &[usize]) -> candle_core::Result<Tensor> {
         let h = self.hidden(ids, positions, seq_lengths, None)?;
-        frozen_linear(&h, &self.lm_head)?.to_dtype(DType::F32)
+        self.lm_head.forward(&h, None)?.to_dtype(DType::F32)
     }
 
     /// Sum of token cross-entropies over the trained positions of the batch (divide by the number
@@ -364,7 +445,7 @@ impl Model {
         let mut start = 0;
         while start < batch.trained {
             let n = chunk.min(batch.trained - start);
-            let logits = frozen_linear(&sel.narrow(0, start, n)?, &self.lm_head)?;
+            let logits = self.lm_head.forward(&sel.narrow(0, start, n)?, None)?;
             let nll = super::ops::cross_entropy_sum(&logits, &batch.loss_targets.narrow(0, start, n)?)?;
             total = Some(match total {
                 Some(t) => (t + nll)?,
@@ -385,7 +466,7 @@ impl Model {
         let pos = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let mut x = self.embed_rows(&ids_t)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
@@ -427,7 +508,7 @@ impl Model {
         }
         cache.len += t;
         let last = rms_norm(&x.i(t - 1..t)?, &self.norm, c.rms_norm_eps)?;
-        frozen_linear(&last, &self.lm_head)?.to_dtype(DType::F32)?.squeeze(0)
+        self.lm_head.forward(&last, None)?.to_dtype(DType::F32)?.squeeze(0)
     }
 }
 

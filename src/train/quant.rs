@@ -113,6 +113,21 @@ impl Nf4Weight {
         out
     }
 
+    /// Rows `ids` of the matrix, dequantised ([ids.len(), cols] row-major): an embedding lookup.
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        out.par_chunks_mut(self.cols.max(1)).zip(ids.par_iter()).for_each(|(o, &r)| {
+            let start = r as usize * self.cols;
+            for (j, v) in o.iter_mut().enumerate() {
+                let i = start + j;
+                let c = self.codes[i / 2];
+                let code = if i.is_multiple_of(2) { c & 15 } else { c >> 4 };
+                *v = NF4[code as usize] * self.block_scale(i / BLOCK);
+            }
+        });
+        out
+    }
+
     pub fn dequantize_tensor(&self, device: &candle_core::Device) -> candle_core::Result<Tensor> {
         Tensor::from_vec(self.dequantize(), (self.rows, self.cols), device)
     }
@@ -398,6 +413,17 @@ mod tests {
             assert_eq!(d.dims(), &[rows, cols]);
             assert_eq!(d.flatten_all().unwrap().to_vec1::<f32>().unwrap(), q.dequantize(), "{rows}x{cols}");
             assert!((on.bytes() as f64 / (rows * cols) as f64) < 0.6 || rows * cols < 256 * 64);
+        }
+    }
+
+    #[test]
+    fn row_lookup_equals_the_dense_rows() {
+        let (rows, cols) = (40, 72); // rows straddle 64-blocks
+        let q = Nf4Weight::quantize(&gaussian(rows * cols, 8), rows, cols);
+        let dense = q.dequantize();
+        let got = q.dequantize_rows(&[3, 0, 39, 3]);
+        for (k, &r) in [3usize, 0, 39, 3].iter().enumerate() {
+            assert_eq!(&got[k * cols..(k + 1) * cols], &dense[r * cols..(r + 1) * cols]);
         }
     }
 

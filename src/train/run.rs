@@ -38,6 +38,9 @@ pub struct TrainOptions {
     /// QLoRA: hold the frozen projections in 4 bits ("nf4"); None = full precision.
     #[serde(default)]
     pub qlora: Option<String>,
+    /// QLoRA: also hold the token embedding and lm_head in NF4 (default: full precision).
+    #[serde(default)]
+    pub qlora_embeddings: bool,
     /// auto, cpu, cuda or cuda:N (auto: a GPU when built with CUDA and one is present).
     #[serde(default = "auto")]
     pub device: String,
@@ -74,8 +77,10 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub metrics: String,
     pub plot: Option<String>,
-    /// Bytes per parameter of the frozen projection weights (4 for f32, ~0.52 for NF4).
+    /// Bytes per parameter of all frozen weight matrices (projections, embedding, lm_head).
     pub base_bytes_per_param: f64,
+    /// Bytes per parameter of the seven projections alone (4 for f32, 2 for bf16, ~0.52 for NF4).
+    pub projection_bytes_per_param: f64,
     /// Peak resident memory of the process.
     pub peak_memory_mb: f64,
     /// Where it computed: "cpu (f32)", "cuda (bf16)".
@@ -186,6 +191,7 @@ pub struct Trainable {
     pub trainable: usize,
     pub total_params: usize,
     pub base_bytes_per_param: f64,
+    pub projection_bytes_per_param: f64,
 }
 
 /// The model ready to train on the device and dtype of `opts`.
@@ -193,11 +199,18 @@ pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
     let (device, dtype) = super::device::select(&opts.device, &opts.dtype)?;
     // QLoRA quantises (or keeps quantised) each projection as it is read, on the CPU; the model
     // then moves to the device.
-    let base = BaseModel::load_with(&opts.model, &Device::Cpu, opts.qlora.as_deref())?;
+    let mut base = BaseModel::load_with(&opts.model, &Device::Cpu, opts.qlora.as_deref())?;
+    if opts.qlora_embeddings {
+        if opts.qlora.is_none() {
+            bail!("--qlora-embeddings quantises the embedding along with a 4-bit base: add --qlora nf4 or gguf");
+        }
+        base.quantize_embeddings()?;
+    }
     check_manifest(&opts.data, base.config.vocab_size)?;
     let mut model = Model::from_base_as(&base, &device, dtype)?;
     drop(base);
-    let base_bytes_per_param = model.projection_bytes_per_param();
+    let base_bytes_per_param = model.base_bytes_per_param();
+    let projection_bytes_per_param = model.projection_bytes_per_param();
     model.add_lora(&opts.lora, opts.seed)?;
     let vars_named = model.lora_vars();
     if vars_named.is_empty() {
@@ -206,12 +219,20 @@ pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
     let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
     let total_params = model.config.num_params() + trainable;
-    Ok(Trainable { model, vars_named, vars, trainable, total_params, base_bytes_per_param })
+    Ok(Trainable { model, vars_named, vars, trainable, total_params, base_bytes_per_param, projection_bytes_per_param })
 }
 
 pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     let start = Instant::now();
-    let Trainable { model, vars_named, vars, trainable, total_params, base_bytes_per_param } = load_trainable(opts)?;
+    let Trainable {
+        model,
+        vars_named,
+        vars,
+        trainable,
+        total_params,
+        base_bytes_per_param,
+        projection_bytes_per_param,
+    } = load_trainable(opts)?;
     let device = model.device.clone();
     // TUNEKIT_PROFILE=1: per-step forward/backward/optimizer seconds in metrics.jsonl (adds syncs).
     let profile = std::env::var_os("TUNEKIT_PROFILE").is_some();
@@ -381,6 +402,7 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         metrics: metrics_path.display().to_string(),
         plot,
         base_bytes_per_param,
+        projection_bytes_per_param,
         peak_memory_mb: peak_rss_mb(),
         device: super::device::describe(&device, model.dtype),
         peak_gpu_memory_mb: peak_gpu,
@@ -395,8 +417,8 @@ impl TrainSummary {
             self.trainable_params, self.total_params, self.trainable_percent
         );
         println!(
-            "  base projections: {:.3} bytes/parameter; peak memory {:.0} MB on {}",
-            self.base_bytes_per_param, self.peak_memory_mb, self.device
+            "  base: {:.3} bytes/parameter ({:.3} in the projections); peak memory {:.0} MB on {}",
+            self.base_bytes_per_param, self.projection_bytes_per_param, self.peak_memory_mb, self.device
         );
         if let Some(g) = self.peak_gpu_memory_mb {
             println!("  GPU memory in use at most: {g:.0} MB");

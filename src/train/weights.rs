@@ -51,6 +51,17 @@ impl BaseModel {
         }
     }
 
+    /// QLoRA with `--qlora-embeddings`: the token embedding and an untied lm_head go to NF4 too
+    /// (by default they stay full precision, as the QLoRA paper and PEFT leave them).
+    pub fn quantize_embeddings(&mut self) -> Result<()> {
+        for name in ["model.embed_tokens", "lm_head"] {
+            if let Some(t) = self.tensors.remove(&format!("{name}.weight")) {
+                self.nf4.insert(name.to_string(), nf4_of(&t)?);
+            }
+        }
+        Ok(())
+    }
+
     pub fn get(&self, name: &str) -> Result<&Tensor> {
         self.tensors
             .get(name)
