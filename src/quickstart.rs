@@ -123,6 +123,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
         logits_chunk: 256,
         qlora: None,
         qlora_embeddings: false,
+        gradient_checkpointing: false,
         device: "auto".into(),
         dtype: "auto".into(),
     })?;

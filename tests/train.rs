@@ -70,6 +70,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         logits_chunk: 16,
         qlora: None,
         qlora_embeddings: false,
+        gradient_checkpointing: false,
         device: "cpu".into(),
         dtype: "auto".into(),
     }

@@ -111,6 +111,9 @@ pub fn run(
     use serde_json::json;
     use std::io::Write;
     let start = std::time::Instant::now();
+    if opts.gradient_checkpointing {
+        bail!("--gradient-checkpointing is for --method sft; DPO and reward runs keep the plain backward");
+    }
     let mut t = super::run::load_trainable(opts)?;
     if matches!(objective, Objective::Reward) {
         t.model.add_score_head(opts.seed)?;

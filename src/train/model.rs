@@ -396,34 +396,115 @@ impl Model {
         seq_lengths: &[usize],
         mut rng: Option<&mut SplitMix64>,
     ) -> candle_core::Result<Tensor> {
-        let c = &self.config;
-        let (hq, hkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let t = ids.dim(0)?;
-        let cos = self.cos.index_select(positions, 0)?;
-        let sin = self.sin.index_select(positions, 0)?;
+        let rope = self.rope_at(positions)?;
         let mut masks = MaskCache::default();
         let mut x = self.embed_rows(ids)?;
         for layer in &self.layers {
-            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let hs = Shared::new(&h);
-            let mut q = layer.q.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hq, hd))?;
-            let mut k = layer.k.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
-            let v = layer.v.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(&q, qn, c.rms_norm_eps)?;
-                k = rms_norm(&k, kn, c.rms_norm_eps)?;
-            }
-            let q = rope(&q, &cos, &sin)?;
-            let k = rope(&k, &cos, &sin)?;
-            let attn = segment_attention(&q, &k, &v, seq_lengths, &mut masks)?;
-            x = (x + layer.o.forward(&attn, rng.as_deref_mut())?)?;
-            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let hs = Shared::new(&h);
-            let g = layer.gate.forward_shared(&hs, rng.as_deref_mut())?.silu()?;
-            let u = layer.up.forward_shared(&hs, rng.as_deref_mut())?;
-            x = (x + layer.down.forward(&(g * u)?, rng.as_deref_mut())?)?;
+            x = self.layer_forward(layer, &x, &rope, seq_lengths, &mut masks, rng.as_deref_mut())?;
         }
-        rms_norm(&x, &self.norm, c.rms_norm_eps)
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// cos and sin gathered at the batch's positions.
+    fn rope_at(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((self.cos.index_select(positions, 0)?, self.sin.index_select(positions, 0)?))
+    }
+
+    /// One decoder layer on [T, hidden].
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        seq_lengths: &[usize],
+        masks: &mut MaskCache,
+        mut rng: Option<&mut SplitMix64>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (hq, hkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let t = x.dim(0)?;
+        let h = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
+        let hs = Shared::new(&h);
+        let mut q = layer.q.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hq, hd))?;
+        let mut k = layer.k.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
+        let v = layer.v.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms_norm(&q, qn, c.rms_norm_eps)?;
+            k = rms_norm(&k, kn, c.rms_norm_eps)?;
+        }
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
+        let attn = segment_attention(&q, &k, &v, seq_lengths, masks)?;
+        let x = (x + layer.o.forward(&attn, rng.as_deref_mut())?)?;
+        let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+        let hs = Shared::new(&h);
+        let g = layer.gate.forward_shared(&hs, rng.as_deref_mut())?.silu()?;
+        let u = layer.up.forward_shared(&hs, rng.as_deref_mut())?;
+        x + layer.down.forward(&(g * u)?, rng.as_deref_mut())?
+    }
+
+    /// Gradient checkpointing: the loss sum of `loss_sum` and the gradients of `scale * loss` for
+    /// every adapter variable (in `lora_vars` order), keeping only each layer's input during the forward and recomputing one
+    /// layer at a time in the backward (the same dropout masks replayed). Peak memory is one layer's
+    /// activations instead of all of them, for about one more forward pass.
+    pub fn loss_and_grads_checkpointed(
+        &self,
+        batch: &Batch,
+        rng: Option<&mut SplitMix64>,
+        chunk: usize,
+        scale: f64,
+    ) -> candle_core::Result<(f64, Vec<Tensor>)> {
+        let mut found: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
+        if batch.trained == 0 {
+            let zeros = self.lora_vars().iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<_>>()?;
+            return Ok((0.0, zeros));
+        }
+        let rope = self.rope_at(&batch.position_ids)?;
+        let mut masks = MaskCache::default();
+        let mut rng_states = Vec::with_capacity(self.layers.len());
+        let mut rng = rng;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = self.embed_rows(&batch.input_ids)?;
+        for layer in &self.layers {
+            rng_states.push(rng.as_ref().map(|r| r.state()));
+            let y = self.layer_forward(layer, &x, &rope, &batch.seq_lengths, &mut masks, rng.as_deref_mut())?;
+            inputs.push(x);
+            x = y.detach();
+        }
+        // The head: norm, logits at trained positions, cross-entropy; its gradient flows into x.
+        let top = Var::from_tensor(&x)?;
+        let h = rms_norm(top.as_tensor(), &self.norm, self.config.rms_norm_eps)?;
+        let loss = self.head_loss(&h, batch, chunk)?;
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        let mut upstream = (loss * scale)?.backward()?.remove(top.as_tensor()).expect("the head depends on x");
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let input = Var::from_tensor(&inputs[i])?;
+            let mut replay = rng_states[i].map(SplitMix64::from_state);
+            let y =
+                self.layer_forward(layer, input.as_tensor(), &rope, &batch.seq_lengths, &mut masks, replay.as_mut())?;
+            let mut grads = (y * &upstream)?.sum_all()?.backward()?;
+            for lin in layer.linears() {
+                if let Some(l) = &lin.lora {
+                    for v in [&l.a, &l.b] {
+                        if let Some(g) = grads.remove(v.as_tensor()) {
+                            found.insert(v.as_tensor().id(), g);
+                        }
+                    }
+                }
+            }
+            if i > 0 {
+                upstream = grads.remove(input.as_tensor()).expect("a layer's output depends on its input");
+            }
+        }
+        let grads = self
+            .lora_vars()
+            .iter()
+            .map(|(n, v)| match found.remove(&v.as_tensor().id()) {
+                Some(g) => Ok(g),
+                None => Err(candle_core::Error::Msg(format!("no gradient reached {n}"))),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok((loss_value, grads))
     }
 
     /// Full logits [T, vocab] (for parity checks and generation).
@@ -437,6 +518,11 @@ impl Model {
     /// `chunk` rows at a time.
     pub fn loss_sum(&self, batch: &Batch, rng: Option<&mut SplitMix64>, chunk: usize) -> candle_core::Result<Tensor> {
         let h = self.hidden(&batch.input_ids, &batch.position_ids, &batch.seq_lengths, rng)?;
+        self.head_loss(&h, batch, chunk)
+    }
+
+    /// Cross-entropy summed over the trained positions, from the final hidden states.
+    fn head_loss(&self, h: &Tensor, batch: &Batch, chunk: usize) -> candle_core::Result<Tensor> {
         if batch.trained == 0 {
             return Tensor::zeros((), DType::F32, &self.device);
         }

@@ -41,6 +41,9 @@ pub struct TrainOptions {
     /// QLoRA: also hold the token embedding and lm_head in NF4 (default: full precision).
     #[serde(default)]
     pub qlora_embeddings: bool,
+    /// Keep only each layer's input in the forward and recompute layer by layer in the backward.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// auto, cpu, cuda or cuda:N (auto: a GPU when built with CUDA and one is present).
     #[serde(default = "auto")]
     pub device: String,
@@ -302,12 +305,18 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
                 continue;
             }
             let tf = Instant::now();
-            let l = model.loss_sum(b, Some(&mut dropout_rng), opts.logits_chunk)?;
-            loss_sum += l.to_scalar::<f32>()? as f64;
-            t_fwd += tf.elapsed().as_secs_f64();
+            let g = if opts.gradient_checkpointing {
+                let scale = 1.0 / trained as f64;
+                let (l, g) = model.loss_and_grads_checkpointed(b, Some(&mut dropout_rng), opts.logits_chunk, scale)?;
+                loss_sum += l;
+                g
+            } else {
+                let l = model.loss_sum(b, Some(&mut dropout_rng), opts.logits_chunk)?;
+                loss_sum += l.to_scalar::<f32>()? as f64;
+                t_fwd += tf.elapsed().as_secs_f64();
+                grads_of(&vars_named, &(l / trained as f64)?.backward()?)?
+            };
             let tb = Instant::now();
-            let scaled = (l / trained as f64)?;
-            let g = grads_of(&vars_named, &scaled.backward()?)?;
             if profile {
                 device.synchronize()?;
             }
