@@ -440,7 +440,7 @@ impl Model {
         let hs = Shared::new(&h);
         let g = layer.gate.forward_shared(&hs, rng.as_deref_mut())?.silu()?;
         let u = layer.up.forward_shared(&hs, rng.as_deref_mut())?;
-        x + layer.down.forward(&(g * u)?, rng.as_deref_mut())?
+        x + layer.down.forward(&(g * u)?, rng)?
     }
 
     /// Gradient checkpointing: the loss sum of `loss_sum` and the gradients of `scale * loss` for
