@@ -6,6 +6,7 @@
 #   2. LoRA on the SmolLM2-135M shapes, bf16, seq 2048, r=8 on all seven projections, AdamW,
 #      batch 1: tokens/s and GPU memory, tunekit vs PyTorch + transformers + PEFT;
 #   3. the same with a 4-bit base: tunekit --qlora nf4 vs PEFT + bitsandbytes NF4 (double quant).
+#   (2 also runs tunekit with --gradient-checkpointing.)
 #
 # Build the binary on a machine with Rust (see README "GPU"), then here:
 #   TUNEKIT=path/to/tunekit [BNB=dir-with-bitsandbytes] bash benches/gpu_bench.sh
@@ -78,6 +79,9 @@ peak peft env DEVICE=cuda DTYPE=bf16 python3 benches/anchor_train.py "$S" "$STEP
 peak tunekit "$TK" -q --json train --model "$S/model" --data "$S/shards" --out "$S/lora" --max-steps "$STEPS" \
   --batch-tokens 2048 --lora-r 8 --lora-alpha 16 --eval-every 0 --device cuda > "$OUT/lora.json" 2> "$OUT/lora.err"
 median_tps "$S/lora/metrics.jsonl"; tail -3 "$OUT/lora.err"
+peak tunekit-checkpointed "$TK" -q train --model "$S/model" --data "$S/shards" --out "$S/lora-ckpt" --max-steps "$STEPS" \
+  --batch-tokens 2048 --lora-r 8 --lora-alpha 16 --eval-every 0 --device cuda --gradient-checkpointing > /dev/null 2>&1
+median_tps "$S/lora-ckpt/metrics.jsonl"
 # Where the time goes (adds a sync per phase).
 TUNEKIT_PROFILE=1 "$TK" -q train --model "$S/model" --data "$S/shards" --out "$S/lora-prof" --max-steps 8 \
   --batch-tokens 2048 --eval-every 0 --device cuda > /dev/null 2>&1
