@@ -2,6 +2,7 @@
 # LoRA training step, tunekit vs PyTorch + transformers + PEFT on CPU, same model and data, in one run.
 #   bash benches/train_bench.sh            # the issue's config: hidden 256, 4 layers, vocab 32k, seq 512, r=8 all 7
 #   SMOLLM=1 bash benches/train_bench.sh   # SmolLM2-135M shapes (30 layers, hidden 576, 9/3 heads, vocab 49152, tied)
+#   TUNEKIT_FLAGS=--gradient-checkpointing ... adds flags to the tunekit side
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tunekit-target}"
@@ -16,7 +17,7 @@ T=$(mktemp -d)
 for round in 1 2; do
   /usr/bin/time -f "  peft peak_rss_kb=%M" "$PY" benches/anchor_train.py "$T" "$STEPS" 2>&1 | grep -E "peft|peak" | sed 's/^/  /'
   /usr/bin/time -f "  tunekit peak_rss_kb=%M" "$B" -q train --model "$T/model" --data "$T/shards" --out "$T/out" \
-      --max-steps "$STEPS" --batch-tokens "${SEQ:-512}" --lora-r 8 --lora-alpha 16 --eval-every 0 2>&1 | grep peak
+      --max-steps "$STEPS" --batch-tokens "${SEQ:-512}" --lora-r 8 --lora-alpha 16 --eval-every 0 ${TUNEKIT_FLAGS:-} 2>&1 | grep peak_rss
   python3 -c "
 import json
 m=[json.loads(l) for l in open('$T/out/metrics.jsonl')]
