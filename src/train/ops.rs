@@ -474,7 +474,7 @@ impl candle_core::CustomOp2 for CausalAttentionProbs {
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Shape};
 
@@ -491,26 +491,27 @@ mod gpu {
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads.min(1024), 1, 1), shared_mem_bytes: 0 }
     }
 
-    fn fwd<T: DeviceRepr>(
+    /// Runs kernel `name` with `inputs`, a fresh [rows, len] output, len and scale; one block per row.
+    fn launch<T: DeviceRepr>(
         dev: &CudaDevice,
-        s: &CudaSlice<T>,
-        start: usize,
+        name: &str,
+        inputs: &[CudaView<'_, T>],
         rows: usize,
         len: usize,
         scale: f32,
-        name: &str,
     ) -> candle_core::Result<CudaSlice<T>> {
         let f = dev.get_or_load_custom_func(name, "tunekit_attention", PTX)?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(rows * len)? };
-        let src = s.slice(start..);
         let mut b = f.builder();
+        for v in inputs {
+            b.arg(v);
+        }
         let l = len as i32;
-        b.arg(&src);
         b.arg(&out);
         b.arg(&l);
         b.arg(&scale);
-        // SAFETY: the kernel reads rows*len elements of src and writes as many of out.
+        // SAFETY: the kernel reads rows*len elements of each input and writes as many of out.
         unsafe { b.launch(config(rows, len)) }.w()?;
         Ok(out)
     }
@@ -520,42 +521,14 @@ mod gpu {
         let dev = s.device();
         let slice = match &s.slice {
             CudaStorageSlice::F32(x) => {
-                CudaStorageSlice::F32(fwd(dev, x, start, rows, len, scale, "causal_softmax_fwd_f32")?)
+                CudaStorageSlice::F32(launch(dev, "causal_softmax_fwd_f32", &[x.slice(start..)], rows, len, scale)?)
             }
             CudaStorageSlice::BF16(x) => {
-                CudaStorageSlice::BF16(fwd(dev, x, start, rows, len, scale, "causal_softmax_fwd_bf16")?)
+                CudaStorageSlice::BF16(launch(dev, "causal_softmax_fwd_bf16", &[x.slice(start..)], rows, len, scale)?)
             }
             _ => candle_core::bail!("causal-softmax: f32 or bf16 scores only"),
         };
         Ok((CudaStorage { slice, device: dev.clone() }, l.shape().clone()))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn bwd<T: DeviceRepr>(
-        dev: &CudaDevice,
-        p: &CudaSlice<T>,
-        ps: usize,
-        dp: &CudaSlice<T>,
-        ds: usize,
-        rows: usize,
-        len: usize,
-        scale: f32,
-        name: &str,
-    ) -> candle_core::Result<CudaSlice<T>> {
-        let f = dev.get_or_load_custom_func(name, "tunekit_attention", PTX)?;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(rows * len)? };
-        let (p, dp) = (p.slice(ps..), dp.slice(ds..));
-        let mut b = f.builder();
-        let l = len as i32;
-        b.arg(&p);
-        b.arg(&dp);
-        b.arg(&out);
-        b.arg(&l);
-        b.arg(&scale);
-        // SAFETY: the kernel reads rows*len elements of p and dp and writes as many of out.
-        unsafe { b.launch(config(rows, len)) }.w()?;
-        Ok(out)
     }
 
     pub fn causal_softmax_grad(
@@ -570,10 +543,12 @@ mod gpu {
         let dev = p.device();
         let slice = match (&p.slice, &dp.slice) {
             (CudaStorageSlice::F32(a), CudaStorageSlice::F32(g)) => {
-                CudaStorageSlice::F32(bwd(dev, a, ps, g, ds, rows, len, scale, "causal_softmax_bwd_f32")?)
+                let inputs = [a.slice(ps..), g.slice(ds..)];
+                CudaStorageSlice::F32(launch(dev, "causal_softmax_bwd_f32", &inputs, rows, len, scale)?)
             }
             (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(g)) => {
-                CudaStorageSlice::BF16(bwd(dev, a, ps, g, ds, rows, len, scale, "causal_softmax_bwd_bf16")?)
+                let inputs = [a.slice(ps..), g.slice(ds..)];
+                CudaStorageSlice::BF16(launch(dev, "causal_softmax_bwd_bf16", &inputs, rows, len, scale)?)
             }
             _ => candle_core::bail!("causal-softmax-grad: P and dP must both be f32 or both bf16"),
         };
