@@ -121,6 +121,17 @@ impl DedupArgs {
     }
 }
 
+#[derive(Args, Clone)]
+struct ComputeArgs {
+    /// Where to compute: auto (a GPU if this build has CUDA and one is present, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Compute dtype of the frozen base and activations: auto (bf16 on a GPU, f32 on the CPU), f32, bf16.
+    /// Adapters, gradients and optimizer state are f32 always.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+}
+
 #[derive(Args)]
 struct TrainArgs {
     /// Base model: a Hugging Face directory (config.json + safetensors) or a GGUF file.
@@ -191,13 +202,8 @@ struct TrainArgs {
     /// activation memory of one layer instead of all, for about a third more compute (SFT).
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// Where to compute: auto (a GPU if this build has CUDA and one is present, else the CPU), cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Compute dtype of the frozen base and activations: auto (bf16 on a GPU, f32 on the CPU), f32, bf16.
-    /// Adapters, gradients and optimizer state are f32 always.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Continue from a checkpoint directory (OUT/checkpoint-N).
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -381,6 +387,8 @@ enum Command {
         split: String,
         #[arg(long, default_value_t = 4096)]
         batch_tokens: usize,
+        #[command(flatten)]
+        compute: ComputeArgs,
     },
     /// Generate an answer: renders the chat template and samples with a KV cache.
     Generate {
@@ -411,6 +419,8 @@ enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[command(flatten)]
+        compute: ComputeArgs,
     },
     /// Rewards of conversations under a reward model (`train --method reward`): one JSON line per
     /// conversation ({"id", "reward"}; preference records get "chosen" and "rejected").
@@ -429,6 +439,8 @@ enum Command {
         template: Option<String>,
         #[command(flatten)]
         map: MapArgs,
+        #[command(flatten)]
+        compute: ComputeArgs,
     },
     /// Merge an adapter into the base weights and write a Hugging Face model directory.
     Merge {
@@ -515,10 +527,14 @@ fn print<T: serde::Serialize>(json: bool, summary: &T, human: impl FnOnce(&T)) -
     Ok(())
 }
 
-fn load_model(model: &std::path::Path, adapter: Option<&std::path::Path>) -> Result<tunekit::train::model::Model> {
-    let device = candle_core::Device::Cpu;
-    let base = tunekit::train::weights::BaseModel::load(model, &device)?;
-    let mut m = tunekit::train::model::Model::from_base(&base, &device)?;
+fn load_model(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    compute: &ComputeArgs,
+) -> Result<tunekit::train::model::Model> {
+    let (device, dtype) = tunekit::train::device::select(&compute.device, &compute.dtype)?;
+    let base = tunekit::train::weights::BaseModel::load(model, &candle_core::Device::Cpu)?;
+    let mut m = tunekit::train::model::Model::from_base_as(&base, &device, dtype)?;
     if let Some(a) = adapter {
         tunekit::train::peft::load_into(&mut m, a)?;
     }
@@ -643,8 +659,8 @@ fn run(cli: Cli) -> Result<()> {
                 qlora: a.qlora,
                 qlora_embeddings: a.qlora_embeddings,
                 gradient_checkpointing: a.gradient_checkpointing,
-                device: a.device,
-                dtype: a.dtype,
+                device: a.compute.device,
+                dtype: a.compute.dtype,
             };
             if a.method == "reward" {
                 let v = tunekit::train::dpo::run(&opts, tunekit::train::dpo::Objective::Reward, a.resume.as_deref())?;
@@ -661,8 +677,8 @@ fn run(cli: Cli) -> Result<()> {
             let s = tunekit::train::run::run_with_resume(&opts, a.resume.as_deref())?;
             print(cli.json, &s, |s| s.print_human())
         }
-        Command::Eval { model, adapter, data, split, batch_tokens } => {
-            let m = load_model(&model, adapter.as_deref())?;
+        Command::Eval { model, adapter, data, split, batch_tokens, compute } => {
+            let m = load_model(&model, adapter.as_deref(), &compute)?;
             tunekit::train::data::check_manifest(&data, m.config.vocab_size)?;
             let shards = tunekit::train::data::Shards::load(&data, &split)?;
             let (loss, tokens) = tunekit::train::run::evaluate(&m, &shards, batch_tokens, 1024)?;
@@ -683,8 +699,9 @@ fn run(cli: Cli) -> Result<()> {
             temperature,
             top_p,
             seed,
+            compute,
         } => {
-            let m = load_model(&model, adapter.as_deref())?;
+            let m = load_model(&model, adapter.as_deref(), &compute)?;
             let tok_path = tokenizer.unwrap_or_else(|| model.clone());
             let tok = tunekit::tokenize::TokenizerInfo::load(&tok_path)?;
             let tpl = tunekit::prepare::chat_template(&tok, template.as_deref())?;
@@ -714,8 +731,8 @@ fn run(cli: Cli) -> Result<()> {
             let v = serde_json::json!({"command": "generate", "text": text});
             print(cli.json, &v, |_| println!("{text}"))
         }
-        Command::Score { inputs, model, adapter, tokenizer, template, map } => {
-            let m = load_model(&model, Some(&adapter))?;
+        Command::Score { inputs, model, adapter, tokenizer, template, map, compute } => {
+            let m = load_model(&model, Some(&adapter), &compute)?;
             if m.score.is_none() {
                 anyhow::bail!(
                     "{}: not a reward model adapter (no score head); train one with --method reward",
@@ -764,7 +781,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Merge { model, adapter, out } => {
-            let m = load_model(&model, Some(&adapter))?;
+            // Merging is exact in f32 on the CPU.
+            let cpu = ComputeArgs { device: "cpu".into(), dtype: "f32".into() };
+            let m = load_model(&model, Some(&adapter), &cpu)?;
             let n = tunekit::train::merge::write_hf(&m, &out)?;
             let v = serde_json::json!({"command": "merge", "out": out.display().to_string(), "merged_modules": n});
             print(cli.json, &v, |_| println!("merged {n} LoRA module(s) into {}", out.display()))
