@@ -304,7 +304,9 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
             if b.trained == 0 {
                 continue;
             }
+            // Forward time ends when the loss is read; the rest (with checkpointing: the recompute too) is backward.
             let tf = Instant::now();
+            let mut forward_done = tf;
             let g = if opts.gradient_checkpointing {
                 let scale = 1.0 / trained as f64;
                 let (l, g) = model.loss_and_grads_checkpointed(b, Some(&mut dropout_rng), opts.logits_chunk, scale)?;
@@ -313,14 +315,14 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
             } else {
                 let l = model.loss_sum(b, Some(&mut dropout_rng), opts.logits_chunk)?;
                 loss_sum += l.to_scalar::<f32>()? as f64;
-                t_fwd += tf.elapsed().as_secs_f64();
+                forward_done = Instant::now();
                 grads_of(&vars_named, &(l / trained as f64)?.backward()?)?
             };
-            let tb = Instant::now();
             if profile {
                 device.synchronize()?;
             }
-            t_bwd += tb.elapsed().as_secs_f64();
+            t_fwd += (forward_done - tf).as_secs_f64();
+            t_bwd += forward_done.elapsed().as_secs_f64();
             acc = Some(match acc {
                 None => g,
                 Some(a) => a.iter().zip(g).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
