@@ -122,6 +122,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         .collect::<Result<_>>()?;
     let pairs = train_stats.samples + eval_stats.samples;
     let tokens = train_stats.tokens + eval_stats.tokens;
+    let trainable = train_stats.trainable_tokens + eval_stats.trainable_tokens;
     let manifest = json!({
         "format": "tunekit-preference-shards",
         "format_version": 1,
@@ -146,7 +147,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
             "dropped_too_long": dropped,
             "pairs": pairs,
             "tokens": tokens,
-            "trainable_tokens": train_stats.trainable_tokens + eval_stats.trainable_tokens,
+            "trainable_tokens": trainable,
         },
         "splits": {"train": &train_stats, "eval": &eval_stats},
     });
@@ -165,7 +166,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         samples: pairs,
         packed_rows: pairs,
         tokens,
-        trainable_tokens: train_stats.trainable_tokens + eval_stats.trainable_tokens,
+        trainable_tokens: trainable,
         fill_ratio: 0.0,
         train: train_stats,
         eval: eval_stats,

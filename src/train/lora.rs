@@ -82,6 +82,18 @@ impl Linear {
         }
     }
 
+    /// (parameters, bytes) of the frozen weight as held: on the GPU, as NF4, as GGUF blocks, or dense.
+    pub fn held(&self) -> (usize, usize) {
+        let (r, c) = self.dims().unwrap_or((0, 0));
+        let bytes = match (&self.dq, &self.q, &self.gq) {
+            (Some(d), _, _) => d.bytes(),
+            (None, _, Some(g)) => g.storage_size_in_bytes(),
+            (None, Some(q), None) => q.bytes(),
+            (None, None, None) => self.w.elem_count() * self.w.dtype().size_in_bytes(),
+        };
+        (r * c, bytes)
+    }
+
     /// The frozen weight as a dense tensor (dequantised if needed).
     pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
         if let Some(g) = &self.gq {

@@ -263,48 +263,26 @@ impl Model {
 
     /// Bytes per parameter of the frozen projections as held (4 for f32, ~0.52 NF4, 0.625 Q4_1).
     pub fn projection_bytes_per_param(&self) -> f64 {
-        let (mut params, mut bytes) = (0usize, 0usize);
-        for layer in &self.layers {
-            for lin in layer.linears() {
-                let (r, c) = lin.dims().unwrap_or((0, 0));
-                params += r * c;
-                bytes += match (&lin.q, &lin.gq) {
-                    _ if lin.dq.is_some() => lin.dq.as_ref().map_or(0, |d| d.bytes()),
-                    (_, Some(g)) => g.storage_size_in_bytes(),
-                    (Some(q), None) => q.bytes(),
-                    (None, None) => self.dtype.size_in_bytes() * r * c,
-                };
-            }
-        }
+        let (params, bytes) = self.projections_held();
         bytes as f64 / params.max(1) as f64
+    }
+
+    /// (parameters, bytes) of the seven projections of every layer as held.
+    fn projections_held(&self) -> (usize, usize) {
+        self.layers.iter().flat_map(|l| l.linears()).map(|l| l.held()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     /// Bytes per parameter of all the frozen weight matrices as held: projections, the embedding
     /// and an untied lm_head (norms are negligible and left out).
     pub fn base_bytes_per_param(&self) -> f64 {
-        let held = |l: &Linear| -> (usize, usize) {
-            let (r, c) = l.dims().unwrap_or((0, 0));
-            let bytes = match (&l.q, &l.gq) {
-                (_, Some(g)) => g.storage_size_in_bytes(),
-                (Some(q), None) => q.bytes(),
-                (None, None) => self.dtype.size_in_bytes() * r * c,
-            };
-            (r * c, bytes)
-        };
-        let (mut params, mut bytes) = (0usize, 0usize);
-        for l in self.layers.iter().flat_map(|l| l.linears()) {
-            let (p, b) = held(l);
-            params += p;
-            bytes += b;
-        }
-        let vocab_hidden = self.config.vocab_size * self.config.hidden_size;
-        params += vocab_hidden;
+        let (mut params, mut bytes) = self.projections_held();
+        params += self.config.vocab_size * self.config.hidden_size;
         bytes += match &self.embed_q {
             Some(e) => e.cpu.bytes(),
             None => self.embed.elem_count() * self.dtype.size_in_bytes(),
         };
         if !self.config.tie_word_embeddings {
-            let (p, b) = held(&self.lm_head);
+            let (p, b) = self.lm_head.held();
             params += p;
             bytes += b;
         }

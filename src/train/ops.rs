@@ -373,7 +373,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
-/// The causal softmax's backward on a GPU, `dS = scale * P * (dP - sum(P * dP))`: (P, dP) -> dS.
+/// The causal softmax's backward, `dS = scale * P * (dP - sum(P * dP))`: (P, dP) -> dS.
 pub struct CausalSoftmaxGrad {
     pub scale: f32,
 }

@@ -98,16 +98,19 @@ impl Nf4Weight {
         dequantize_scale(self.absmax_q[b], self.scale2[b / SCALE_BLOCK], self.offset)
     }
 
+    /// The code value of element `i` (before its block's scale).
+    fn value(&self, i: usize) -> f32 {
+        let c = self.codes[i / 2];
+        NF4[if i.is_multiple_of(2) { c & 15 } else { c >> 4 } as usize]
+    }
+
     pub fn dequantize(&self) -> Vec<f32> {
         let n = self.rows * self.cols;
         let mut out = vec![0f32; n];
         out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
             let s = self.block_scale(b);
             for (j, v) in o.iter_mut().enumerate() {
-                let i = b * BLOCK + j;
-                let c = self.codes[i / 2];
-                let code = if i.is_multiple_of(2) { c & 15 } else { c >> 4 };
-                *v = NF4[code as usize] * s;
+                *v = self.value(b * BLOCK + j) * s;
             }
         });
         out
@@ -120,9 +123,7 @@ impl Nf4Weight {
             let start = r as usize * self.cols;
             for (j, v) in o.iter_mut().enumerate() {
                 let i = start + j;
-                let c = self.codes[i / 2];
-                let code = if i.is_multiple_of(2) { c & 15 } else { c >> 4 };
-                *v = NF4[code as usize] * self.block_scale(i / BLOCK);
+                *v = self.value(i) * self.block_scale(i / BLOCK);
             }
         });
         out
