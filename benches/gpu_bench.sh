@@ -6,7 +6,7 @@
 #   2. LoRA on the SmolLM2-135M shapes, bf16, seq 2048, r=8 on all seven projections, AdamW,
 #      batch 1: tokens/s and GPU memory, tunekit vs PyTorch + transformers + PEFT;
 #   3. the same with a 4-bit base: tunekit --qlora nf4 vs PEFT + bitsandbytes NF4 (double quant).
-#   (2 also runs tunekit with --gradient-checkpointing.)
+#   (2 and 3 also run tunekit with --gradient-checkpointing.)
 #
 # Build the binary on a machine with Rust (see README "GPU"), then here:
 #   TUNEKIT=path/to/tunekit [BNB=dir-with-bitsandbytes] bash benches/gpu_bench.sh
@@ -96,6 +96,9 @@ peak peft-bnb-nf4 env DEVICE=cuda DTYPE=bf16 QLORA=nf4 python3 benches/anchor_tr
 peak tunekit-nf4 "$TK" -q --json train --model "$S/model" --data "$S/shards" --out "$S/qlora" --max-steps "$STEPS" \
   --batch-tokens 2048 --lora-r 8 --lora-alpha 16 --eval-every 0 --device cuda --qlora nf4 > "$OUT/qlora.json" 2> "$OUT/qlora.err"
 median_tps "$S/qlora/metrics.jsonl"; tail -3 "$OUT/qlora.err"
+peak tunekit-nf4-checkpointed "$TK" -q train --model "$S/model" --data "$S/shards" --out "$S/qlora-ckpt" --max-steps "$STEPS" \
+  --batch-tokens 2048 --lora-r 8 --lora-alpha 16 --eval-every 0 --device cuda --qlora nf4 --gradient-checkpointing > /dev/null 2>&1
+median_tps "$S/qlora-ckpt/metrics.jsonl"
 python3 -c "
 import json
 for f in ['lora', 'qlora']:

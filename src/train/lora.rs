@@ -2,7 +2,6 @@
 //! with A [r, in] initialised Kaiming-uniform (a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))),
 //! B [out, r] zeros, and s = alpha / r (alpha / sqrt(r) with rsLoRA). Only A and B are variables.
 
-use super::ops::frozen_linear;
 use crate::split::SplitMix64;
 use anyhow::Result;
 use candle_core::{DType, Tensor, Var};
@@ -124,35 +123,39 @@ impl Linear {
     }
 
     /// As `forward`, for an input that several projections read (q/k/v, gate/up): the adapters'
-    /// f32 copy of it is made once.
+    /// f32 copy of it is made once. With an adapter, one graph node over (x, A, B)
+    /// ([`super::fused::lora_linear`]): the adapter computes in f32 (its weights' dtype) and adds
+    /// back in the compute dtype, as PEFT.
     pub fn forward_shared(&self, input: &Shared, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
         let x = input.x;
-        let mut y = match (&self.q, &self.gq) {
-            _ if self.dq.is_some() && !x.device().is_cpu() => {
-                let w = self.dq.clone().expect("checked");
-                x.contiguous()?.apply_op1(super::quant::QuantMatmulOnDevice { w })?
-            }
-            (_, Some(g)) => x.contiguous()?.apply_op1(super::quant::GgufMatmul { w: g.clone() })?,
-            (Some(q), None) => x.contiguous()?.apply_op1(super::quant::Nf4Matmul { w: q.clone() })?,
-            (None, None) => frozen_linear(x, &self.w)?,
-        };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let base = self.base_op(x);
         if let Some(l) = self.lora.as_ref().filter(|l| l.enabled.get()) {
-            // The adapter computes in f32 (its weights' dtype) and adds back in the compute dtype, as PEFT.
-            let x32 = input.f32()?;
-            let xin = match train_rng {
-                Some(rng) if l.dropout > 0.0 => dropout(x32, l.dropout, rng)?,
-                _ => x32.clone(),
+            let mask = match train_rng {
+                Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),
+                _ => None,
             };
-            // The scale goes on B^T [r, out], not on the [tokens, out] product: one activation fewer kept.
-            let bt = (l.b.as_tensor().t()? * l.scale)?;
-            let delta = xin.matmul(&l.a.as_tensor().t()?)?.matmul(&bt)?;
-            let dt = y.dtype();
-            y = (y + delta.to_dtype(dt)?)?;
+            let lora = (l.a.as_tensor(), l.b.as_tensor(), l.scale);
+            return super::fused::lora_linear(x, input.f32()?, base, self.bias.as_ref(), lora, mask);
         }
-        Ok(y)
+        let y = x.contiguous()?.apply_op1_arc(base)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The frozen weight's matmul for an input on `x`'s device: quantised on the GPU, GGUF blocks,
+    /// NF4 or dense.
+    fn base_op(&self, x: &Tensor) -> super::fused::BaseOp {
+        use super::quant::{GgufMatmul, Nf4Matmul, QuantMatmulOnDevice};
+        match (&self.dq, &self.q, &self.gq) {
+            (Some(w), _, _) if !x.device().is_cpu() => {
+                std::sync::Arc::new(Box::new(QuantMatmulOnDevice { w: w.clone() }))
+            }
+            (_, _, Some(g)) => std::sync::Arc::new(Box::new(GgufMatmul { w: g.clone() })),
+            (_, Some(q), None) => std::sync::Arc::new(Box::new(Nf4Matmul { w: q.clone() })),
+            (_, None, None) => std::sync::Arc::new(Box::new(super::ops::FrozenMatmul { w: self.w.clone() })),
+        }
     }
 
     /// W + s * B A, for merging.
@@ -177,18 +180,18 @@ impl<'a> Shared<'a> {
 
     fn f32(&self) -> candle_core::Result<&Tensor> {
         if self.x32.get().is_none() {
-            let _ = self.x32.set(self.x.to_dtype(DType::F32)?);
+            let _ = self.x32.set(self.x.detach().to_dtype(DType::F32)?);
         }
         Ok(self.x32.get().expect("just set"))
     }
 }
 
-/// Inverted dropout with a seeded mask (reproducible across resumes).
-fn dropout(x: &Tensor, p: f64, rng: &mut SplitMix64) -> candle_core::Result<Tensor> {
-    let n = x.elem_count();
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..n)
-        .map(|_| if (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 >= p { keep as f32 } else { 0.0 })
+/// Inverted-dropout mask (0 or 1/(1-p)) shaped as `x`, in f32, drawn from `rng` (reproducible
+/// across resumes).
+fn dropout_mask(x: &Tensor, p: f64, rng: &mut SplitMix64) -> candle_core::Result<Tensor> {
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 >= p { keep } else { 0.0 })
         .collect();
-    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+    Tensor::from_vec(mask, x.shape(), x.device())
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod dpo;
+pub mod fused;
 pub mod generate;
 pub mod lora;
 pub mod merge;

@@ -5,8 +5,9 @@
 //! inference-only (last-token logits, fused ops without backward), so this is our own.
 
 use super::config::ModelConfig;
+use super::fused::{attention, rms_norm, rope, swiglu};
 use super::lora::{Linear, LoraSettings, Shared};
-use super::ops::{rms_norm_frozen as rms_norm, rope, segment_attention, MaskCache};
+use super::ops::MaskCache;
 use super::weights::BaseModel;
 use crate::split::SplitMix64;
 use anyhow::Result;
@@ -412,13 +413,13 @@ impl Model {
         }
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
-        let attn = segment_attention(&q, &k, &v, seq_lengths, masks)?;
+        let attn = attention(&q, &k, &v, seq_lengths, masks)?;
         let x = (x + layer.o.forward(&attn, rng.as_deref_mut())?)?;
         let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
         let hs = Shared::new(&h);
-        let g = layer.gate.forward_shared(&hs, rng.as_deref_mut())?.silu()?;
+        let g = layer.gate.forward_shared(&hs, rng.as_deref_mut())?;
         let u = layer.up.forward_shared(&hs, rng.as_deref_mut())?;
-        x + layer.down.forward(&(g * u)?, rng)?
+        x + layer.down.forward(&swiglu(&g, &u)?, rng)?
     }
 
     /// Gradient checkpointing: the loss sum of `loss_sum` and the gradients of `scale * loss` for
@@ -510,7 +511,7 @@ impl Model {
         while start < batch.trained {
             let n = chunk.min(batch.trained - start);
             let logits = self.lm_head.forward(&sel.narrow(0, start, n)?, None)?;
-            let nll = super::ops::cross_entropy_sum(&logits, &batch.loss_targets.narrow(0, start, n)?)?;
+            let nll = super::fused::cross_entropy_sum(&logits, &batch.loss_targets.narrow(0, start, n)?)?;
             total = Some(match total {
                 Some(t) => (t + nll)?,
                 None => nll,

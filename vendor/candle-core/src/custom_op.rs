@@ -181,6 +181,33 @@ impl Tensor {
     }
 
     /// Applies a unary custom op.
+    /// tunekit patch: `self`, a value computed outside the graph (e.g. from detached inputs), as
+    /// the output of `c` applied to `arg`: the backward calls `c.bwd(arg, self, grad)`, and the
+    /// graph keeps only `arg` (none of the temporaries that computed the value). `c`'s forward is
+    /// never run. The user-land form of a custom autograd function.
+    pub fn with_backward1<C: 'static + CustomOp1 + Send + Sync>(&self, arg: &Self, c: C) -> Self {
+        let c: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(c));
+        self.with_op(BackpropOp::new1(arg, |a| Op::CustomOp1(a, c.clone())))
+    }
+
+    /// As `with_backward1`, with two inputs.
+    pub fn with_backward2<C: 'static + CustomOp2 + Send + Sync>(&self, a1: &Self, a2: &Self, c: C) -> Self {
+        let c: Arc<Box<dyn CustomOp2 + Send + Sync>> = Arc::new(Box::new(c));
+        self.with_op(BackpropOp::new2(a1, a2, |a, b| Op::CustomOp2(a, b, c.clone())))
+    }
+
+    /// As `with_backward1`, with three inputs.
+    pub fn with_backward3<C: 'static + CustomOp3 + Send + Sync>(
+        &self,
+        a1: &Self,
+        a2: &Self,
+        a3: &Self,
+        c: C,
+    ) -> Self {
+        let c: Arc<Box<dyn CustomOp3 + Send + Sync>> = Arc::new(Box::new(c));
+        self.with_op(BackpropOp::new3(a1, a2, a3, |a, b, d| Op::CustomOp3(a, b, d, c.clone())))
+    }
+
     pub fn apply_op1_arc(&self, c: Arc<Box<dyn CustomOp1 + Send + Sync>>) -> Result<Self> {
         let (storage, shape) = self
             .storage()

@@ -2392,6 +2392,20 @@ impl Tensor {
         }
     }
 
+    /// tunekit patch: this tensor's value (shared, not copied) as a new graph node made by `op`.
+    pub(crate) fn with_op(&self, op: BackpropOp) -> Tensor {
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op,
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Tensor(Arc::new(tensor_))
+    }
+
     /// If the target device is the same as the tensor device, only a shallow copy is performed.
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         if self.device().same_device(device) {
