@@ -144,6 +144,12 @@ impl Linear {
         }
     }
 
+    /// `dy W` for the frozen weight alone (the gradient of `x W^T` with respect to x).
+    pub fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        let dx = self.base_op(x).bwd(x, dy, dy)?;
+        Ok(dx.expect("a frozen matmul gives its input gradient"))
+    }
+
     /// The frozen weight's matmul for an input on `x`'s device: quantised on the GPU, GGUF blocks,
     /// NF4 or dense.
     fn base_op(&self, x: &Tensor) -> super::fused::BaseOp {

@@ -500,25 +500,14 @@ impl Model {
         self.head_loss(&h, batch, chunk)
     }
 
-    /// Cross-entropy summed over the trained positions, from the final hidden states.
+    /// Cross-entropy summed over the trained positions, from the final hidden states (logits only
+    /// there, `chunk` rows at a time, none kept: [`super::fused::linear_cross_entropy`]).
     fn head_loss(&self, h: &Tensor, batch: &Batch, chunk: usize) -> candle_core::Result<Tensor> {
         if batch.trained == 0 {
             return Tensor::zeros((), DType::F32, &self.device);
         }
         let sel = h.index_select(&batch.loss_positions, 0)?;
-        let mut total: Option<Tensor> = None;
-        let mut start = 0;
-        while start < batch.trained {
-            let n = chunk.min(batch.trained - start);
-            let logits = self.lm_head.forward(&sel.narrow(0, start, n)?, None)?;
-            let nll = super::fused::cross_entropy_sum(&logits, &batch.loss_targets.narrow(0, start, n)?)?;
-            total = Some(match total {
-                Some(t) => (t + nll)?,
-                None => nll,
-            });
-            start += n;
-        }
-        Ok(total.expect("at least one chunk"))
+        super::fused::linear_cross_entropy(&sel, &self.lm_head, &batch.loss_targets, chunk)
     }
 
     /// Next-token logits of the last position with a KV cache (generation).
