@@ -655,7 +655,7 @@ fn run(cli: Cli) -> Result<()> {
                 eval_every: a.eval_every,
                 save_every: a.save_every,
                 seed: a.seed,
-                logits_chunk: 1024,
+                logits_chunk: tunekit::train::model::LOGITS_CHUNK,
                 qlora: a.qlora,
                 qlora_embeddings: a.qlora_embeddings,
                 gradient_checkpointing: a.gradient_checkpointing,
@@ -681,7 +681,8 @@ fn run(cli: Cli) -> Result<()> {
             let m = load_model(&model, adapter.as_deref(), &compute)?;
             tunekit::train::data::check_manifest(&data, m.config.vocab_size)?;
             let shards = tunekit::train::data::Shards::load(&data, &split)?;
-            let (loss, tokens) = tunekit::train::run::evaluate(&m, &shards, batch_tokens, 1024)?;
+            let (loss, tokens) =
+                tunekit::train::run::evaluate(&m, &shards, batch_tokens, tunekit::train::model::LOGITS_CHUNK)?;
             let v = serde_json::json!({"command": "eval", "split": split, "loss": loss, "perplexity": loss.exp(), "tokens": tokens});
             print(cli.json, &v, |v| {
                 println!("{split}: loss {:.4}, perplexity {:.3} over {} trained tokens", loss, loss.exp(), v["tokens"])

@@ -120,7 +120,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
         eval_every: 4,
         save_every: 0,
         seed: 0,
-        logits_chunk: 256,
+        logits_chunk: crate::train::model::LOGITS_CHUNK,
         qlora: None,
         qlora_embeddings: false,
         gradient_checkpointing: false,

@@ -90,7 +90,7 @@ impl Objective {
 pub fn evaluate(model: &Model, pairs: &[PreferenceRow], objective: Objective) -> candle_core::Result<(f64, f64, f64)> {
     let (mut loss, mut acc, mut margin) = (0.0, 0.0, 0.0);
     for p in pairs {
-        let o = objective.pair(model, p)?;
+        let o = super::fused::no_grad(|| objective.pair(model, p))?;
         loss += o.loss.to_scalar::<f32>()? as f64;
         acc += (o.reward_chosen > o.reward_rejected) as u8 as f64;
         margin += o.reward_chosen - o.reward_rejected;

@@ -10,6 +10,21 @@ use super::ops::{repeat_kv, segment_attention, CausalAttentionProbs, CausalSoftm
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use std::sync::Arc;
 
+thread_local! {
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` without recording a graph (evaluation, generation): the adapters are the only variables
+/// and enter detached, so nothing downstream is recorded either. Without it an eval pass would keep
+/// every activation as training does, and generation would keep the graph of every past token through
+/// its KV cache.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let before = NO_GRAD.with(|g| g.replace(true));
+    let out = f();
+    NO_GRAD.with(|g| g.set(before));
+    out
+}
+
 /// The frozen base of a linear layer: its op (forward `x W^T`, backward the input gradient only).
 pub type BaseOp = Arc<Box<dyn CustomOp1 + Send + Sync>>;
 
@@ -92,6 +107,9 @@ pub fn lora_linear(
     // The scale goes on B^T [r, out], not on the [tokens, out] product.
     let delta = u.matmul(&(b.detach().t()? * scale)?)?;
     let y = (y + delta.to_dtype(x.dtype())?)?;
+    if NO_GRAD.with(|g| g.get()) {
+        return Ok(y);
+    }
     Ok(y.with_backward3(x, a, b, LoraLinearFn { base, scale, mask, u }))
 }
 
@@ -325,7 +343,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
 /// `chunk` rows at a time. When training, each chunk's gradient with respect to its rows,
 /// `(softmax - onehot) W`, is computed right after its logits, so no logits outlive their chunk
 /// (the logits of 2,048 positions over a 49k vocabulary are 400 MB in f32); the backward is then
-/// `g * dh`. The head is frozen (no LoRA on lm_head), so only the input gradient is needed.
+/// `g * dh`. The head is frozen (no LoRA on lm_head), so only the input gradient is needed. An NF4
+/// head on the CPU is dequantised a block of vocabulary rows at a time, never whole.
 pub fn linear_cross_entropy(
     h: &Tensor,
     head: &super::lora::Linear,
@@ -335,16 +354,17 @@ pub fn linear_cross_entropy(
     let n = h.dim(0)?;
     let want_grad = h.track_op();
     let hd = h.detach();
+    let weight = HeadWeight::new(head, &hd)?;
     let (mut total, mut dh): (Option<Tensor>, Vec<Tensor>) = (None, vec![]);
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
         let rows = hd.narrow(0, start, len)?;
-        let logits = head.forward(&rows, None)?;
+        let logits = weight.logits(&rows)?;
         let (nll, dlogits) = cross_entropy_and_grad(&logits, &targets.narrow(0, start, len)?, want_grad)?;
         drop(logits);
         if let Some(d) = dlogits {
-            dh.push(head.input_grad(&rows, &d)?);
+            dh.push(weight.input_grad(&d)?);
         }
         total = Some(match total {
             Some(t) => (t + nll)?,
@@ -361,6 +381,68 @@ pub fn linear_cross_entropy(
     }
     let dh = Tensor::cat(&dh, 0)?;
     Ok(total.with_backward1(h, LinearCrossEntropyFn { dh }))
+}
+
+/// The head's weight [vocab, hidden] for `linear_cross_entropy`: dense (whole), or NF4 rows
+/// dequantised `NF4_ROWS` at a time.
+enum HeadWeight {
+    Dense(Tensor),
+    Nf4 { w: Arc<super::quant::Nf4Weight>, dtype: DType, device: candle_core::Device },
+}
+
+const NF4_ROWS: usize = 4096;
+
+impl HeadWeight {
+    fn new(head: &super::lora::Linear, x: &Tensor) -> candle_core::Result<Self> {
+        Ok(match (&head.q, head.gq.is_none() && x.device().is_cpu()) {
+            (Some(w), true) => HeadWeight::Nf4 { w: w.clone(), dtype: x.dtype(), device: x.device().clone() },
+            _ => HeadWeight::Dense(head.frozen_dense(x)?),
+        })
+    }
+
+    /// Rows `r0..r0+len` of the weight.
+    fn block(&self, r0: usize, len: usize) -> candle_core::Result<Tensor> {
+        match self {
+            HeadWeight::Dense(w) => w.narrow(0, r0, len),
+            HeadWeight::Nf4 { w, dtype, device } => {
+                let ids: Vec<u32> = (r0 as u32..(r0 + len) as u32).collect();
+                Tensor::from_vec(w.dequantize_rows(&ids), (len, w.cols), device)?.to_dtype(*dtype)
+            }
+        }
+    }
+
+    fn blocks(&self) -> Vec<(usize, usize)> {
+        match self {
+            HeadWeight::Dense(w) => vec![(0, w.dim(0).unwrap_or(0))],
+            HeadWeight::Nf4 { w, .. } => (0..w.rows).step_by(NF4_ROWS).map(|r| (r, NF4_ROWS.min(w.rows - r))).collect(),
+        }
+    }
+
+    /// x W^T [rows, vocab].
+    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let parts = self
+            .blocks()
+            .into_iter()
+            .map(|(r0, len)| x.matmul(&self.block(r0, len)?.t()?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one block"));
+        }
+        Tensor::cat(&parts, 1)
+    }
+
+    /// d W [rows, hidden] for d [rows, vocab].
+    fn input_grad(&self, d: &Tensor) -> candle_core::Result<Tensor> {
+        let mut acc: Option<Tensor> = None;
+        for (r0, len) in self.blocks() {
+            let part = d.narrow(1, r0, len)?.contiguous()?.matmul(&self.block(r0, len)?)?;
+            acc = Some(match acc {
+                Some(a) => (a + part)?,
+                None => part,
+            });
+        }
+        acc.ok_or_else(|| candle_core::Error::Msg("lm_head has no rows".into()))
+    }
 }
 
 /// The backward of [`linear_cross_entropy`]: its input gradient, computed in the forward.
@@ -394,7 +476,12 @@ fn cross_entropy_and_grad(
     }
     use rayon::prelude::*;
     let (n, v) = logits.dims2()?;
-    let l = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let logits = logits.contiguous()?;
+    let (storage, layout) = logits.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((o1, o2))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("cross-entropy: contiguous CPU logits expected")
+    };
+    let l = &cpu.as_slice::<f32>()?[o1..o2];
     let t = targets.to_vec1::<u32>()?;
     let mut d = if want_grad { vec![0f32; n * v] } else { vec![] };
     let row_loss = |(row, &ti): (&[f32], &u32), drow: Option<&mut [f32]>| {
@@ -491,6 +578,16 @@ mod tests {
     }
 
     #[test]
+    fn no_grad_records_no_graph() {
+        let (x, a, b) = (rand(&[5, 6], 30), Var::from_tensor(&rand(&[2, 6], 31)).unwrap(), rand(&[3, 2], 32));
+        let base: BaseOp = Arc::new(Box::new(super::super::ops::FrozenMatmul { w: rand(&[3, 6], 33) }));
+        let run = || lora_linear(&x, &x, base.clone(), None, (a.as_tensor(), &b, 2.0), None).unwrap();
+        let (recorded, plain) = (run(), no_grad(run));
+        assert!(recorded.track_op() && !plain.track_op());
+        assert_eq!(max_diff(&recorded, &plain), 0.0);
+    }
+
+    #[test]
     fn swiglu_and_rope_match_the_graph() {
         same_as_graph(
             |t| swiglu(&t[0], &t[1]).unwrap(),
@@ -545,6 +642,27 @@ mod tests {
             |t| linear_cross_entropy(&t[0], &head, &targets, 2).unwrap(),
             |t| plain(&t[0]),
             &[rand(&[5, 6], 19)],
+        );
+        // An NF4 head, dequantised in blocks of rows (2 blocks here), equals its dense dequantisation.
+        let (vocab, cols) = (NF4_ROWS + 4, 64);
+        let wq = Arc::new(super::super::quant::Nf4Weight::quantize(
+            &rand(&[vocab, cols], 21).flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vocab,
+            cols,
+        ));
+        let mut nf4_head = super::super::lora::Linear::new(
+            "lm_head".into(),
+            Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap(),
+            None,
+        );
+        nf4_head.q = Some(wq.clone());
+        let dense_head =
+            super::super::lora::Linear::new("lm_head".into(), wq.dequantize_tensor(&Device::Cpu).unwrap(), None);
+        let t2 = Tensor::new(&[4097u32, 3, 4099], &Device::Cpu).unwrap();
+        same_as_graph(
+            |t| linear_cross_entropy(&t[0], &nf4_head, &t2, 2).unwrap(),
+            |t| linear_cross_entropy(&t[0], &dense_head, &t2, 2).unwrap(),
+            &[rand(&[3, cols], 22)],
         );
         let logits = (rand(&[5, 10], 20) * 4.0).unwrap();
         let (a, da) = cross_entropy_and_grad(&logits, &targets, true).unwrap();

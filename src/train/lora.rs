@@ -144,10 +144,13 @@ impl Linear {
         }
     }
 
-    /// `dy W` for the frozen weight alone (the gradient of `x W^T` with respect to x).
-    pub fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
-        let dx = self.base_op(x).bwd(x, dy, dy)?;
-        Ok(dx.expect("a frozen matmul gives its input gradient"))
+    /// The frozen weight, dense, in `x`'s dtype on `x`'s device (dequantised where it is held
+    /// quantised; the dense weight itself otherwise, no copy).
+    pub fn frozen_dense(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.dq {
+            Some(d) if !x.device().is_cpu() => d.dense(x.device(), x.dtype()),
+            _ => self.dense_weight()?.to_dtype(x.dtype()),
+        }
     }
 
     /// The frozen weight's matmul for an input on `x`'s device: quantised on the GPU, GGUF blocks,

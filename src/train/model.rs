@@ -36,6 +36,10 @@ impl Layer {
     }
 }
 
+/// Rows of logits computed at a time by the loss head ([rows, vocab] in f32, with its gradient:
+/// 2 x 25 MB for a 49k vocabulary); large enough for the GEMM to run at full speed.
+pub const LOGITS_CHUNK: usize = 128;
+
 pub struct Model {
     pub config: ModelConfig,
     /// The token embedding [vocab, hidden]; empty when held in NF4 (`embed_q`).
@@ -338,7 +342,7 @@ impl Model {
             seq_lengths: vec![ids.len() as i32],
         };
         let b = Batch::from_rows(&[&row], &self.device).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        self.loss_sum(&b, rng, 1024)?.neg()
+        self.loss_sum(&b, rng, LOGITS_CHUNK)?.neg()
     }
 
     /// Trainable variables with their PEFT names, in a fixed order.
@@ -512,6 +516,10 @@ impl Model {
 
     /// Next-token logits of the last position with a KV cache (generation).
     pub fn step(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        super::fused::no_grad(|| self.step_recorded(ids, cache))
+    }
+
+    fn step_recorded(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (hq, hkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let t = ids.len();

@@ -124,7 +124,7 @@ pub fn evaluate(model: &Model, shards: &Shards, budget: usize, chunk: usize) -> 
         if b.trained == 0 {
             continue;
         }
-        sum += model.loss_sum(&b, None, chunk)?.detach().to_scalar::<f32>()? as f64;
+        sum += super::fused::no_grad(|| model.loss_sum(&b, None, chunk))?.to_scalar::<f32>()? as f64;
         n += b.trained as u64;
     }
     Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, n))
@@ -197,6 +197,16 @@ pub struct Trainable {
     pub projection_bytes_per_param: f64,
 }
 
+/// Hands the heap's freed pages back to the system (glibc keeps them otherwise: the load's
+/// dequantised temporaries and a step's activations would stay in the process's resident memory).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the OS.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The model ready to train on the device and dtype of `opts`.
 pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
     let (device, dtype) = super::device::select(&opts.device, &opts.dtype)?;
@@ -212,6 +222,7 @@ pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
     check_manifest(&opts.data, base.config.vocab_size)?;
     let mut model = Model::from_base_as(&base, &device, dtype)?;
     drop(base);
+    release_freed_memory();
     let base_bytes_per_param = model.base_bytes_per_param();
     let projection_bytes_per_param = model.projection_bytes_per_param();
     model.add_lora(&opts.lora, opts.seed)?;
@@ -341,6 +352,8 @@ pub fn run_with_resume(opts: &TrainOptions, resume: Option<&Path>) -> Result<Tra
         let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
         let lr = lr_at(opts.optim.lr, state.step, opts.warmup_steps, total_steps, opts.schedule);
         optim.update(&vars, &grads, lr)?;
+        drop(grads);
+        release_freed_memory();
         if profile {
             device.synchronize()?;
         }
