@@ -1,4 +1,5 @@
-//! The built-in trainer: a differentiable Llama-family model on candle ([`model`], [`ops`]),
+//! The built-in trainer: a differentiable Llama-family model on candle ([`model`], [`ops`], and
+//! [`fused`]: layer pieces with hand-written backwards, so the graph keeps only their inputs),
 //! LoRA adapters ([`lora`]) saved in PEFT's format ([`peft`]), AdamW and schedules ([`optim`]),
 //! shards as training data ([`data`]) and the loop ([`run`]). Weights load from a Hugging Face
 //! directory or a GGUF file ([`weights`]).
