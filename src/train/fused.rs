@@ -32,6 +32,33 @@ fn attached_only<T>(name: &str) -> candle_core::Result<T> {
     candle_core::bail!("{name}: computed outside the graph and attached; its forward is not run as an op")
 }
 
+/// The `cpu_fwd` a CustomOp of `n` inputs must have; never called for an attached op.
+macro_rules! attached_forward {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            attached_only(self.name())
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            attached_only(self.name())
+        }
+    };
+    (3) => {
+#[rustfmt::skip]
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout)
+            -> candle_core::Result<(CpuStorage, Shape)> {
+            attached_only(self.name())
+        }
+    };
+}
+
 /// `y = base(x) + s * (mask ⊙ x) A^T B^T` over (x, A, B); `u = (mask ⊙ x) A^T` [T, r] is kept.
 struct LoraLinearFn {
     base: BaseOp,
@@ -45,17 +72,7 @@ impl CustomOp3 for LoraLinearFn {
         "lora-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        attached_only(self.name())
-    }
+    attached_forward!(3);
 
     fn bwd(
         &self,
@@ -121,15 +138,7 @@ impl CustomOp2 for SwiGluFn {
         "swiglu"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        attached_only(self.name())
-    }
+    attached_forward!(2);
 
     fn bwd(
         &self,
@@ -167,9 +176,7 @@ impl CustomOp1 for RopeFn {
         "rope"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        attached_only(self.name())
-    }
+    attached_forward!(1);
 
     /// y = x cos + rot(x) sin with rot([x1, x2]) = [-x2, x1], so dx = dy cos + [z2, -z1], z = dy sin.
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -201,17 +208,7 @@ impl CustomOp3 for AttentionFn {
         "attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        attached_only(self.name())
-    }
+    attached_forward!(3);
 
     fn bwd(
         &self,
@@ -314,9 +311,7 @@ impl CustomOp1 for RmsNormFn {
         "rms-norm"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        attached_only(self.name())
-    }
+    attached_forward!(1);
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let h = x.dim(D::Minus1)? as f64;
@@ -455,9 +450,7 @@ impl CustomOp1 for LinearCrossEntropyFn {
         "linear-cross-entropy"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        attached_only(self.name())
-    }
+    attached_forward!(1);
 
     fn bwd(&self, _h: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(self.dh.broadcast_mul(&g.to_dtype(self.dh.dtype())?)?))
@@ -523,15 +516,9 @@ fn cross_entropy_and_grad_tensors(
 
 #[cfg(test)]
 mod tests {
+    use super::super::ops::fused_tests::rand;
     use super::*;
     use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut r = crate::split::SplitMix64::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()

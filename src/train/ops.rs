@@ -536,11 +536,12 @@ impl CustomOp1 for RmsNormOp {
 }
 
 #[cfg(test)]
-mod fused_tests {
+pub(crate) mod fused_tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
+    /// Uniform values in [-1, 1) from a seed.
+    pub(crate) fn rand(shape: &[usize], seed: u64) -> Tensor {
         let mut r = crate::split::SplitMix64::new(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0).collect();
