@@ -132,6 +132,15 @@ struct ComputeArgs {
     dtype: String,
 }
 
+/// The frozen base as a QLoRA run held it, for commands that use a trained adapter.
+#[derive(Args, Clone)]
+struct BaseQuantArgs {
+    /// Hold the base's projections in 4 bits as `train --qlora` did (nf4, or gguf: a GGUF file's own blocks),
+    /// so that a QLoRA adapter is evaluated over the base it was trained on. Default: full precision.
+    #[arg(long)]
+    qlora: Option<String>,
+}
+
 #[derive(Args)]
 struct TrainArgs {
     /// Base model: a Hugging Face directory (config.json + safetensors) or a GGUF file.
@@ -389,6 +398,8 @@ enum Command {
         batch_tokens: usize,
         #[command(flatten)]
         compute: ComputeArgs,
+        #[command(flatten)]
+        quant: BaseQuantArgs,
     },
     /// Generate an answer: renders the chat template and samples with a KV cache.
     Generate {
@@ -421,6 +432,8 @@ enum Command {
         seed: u64,
         #[command(flatten)]
         compute: ComputeArgs,
+        #[command(flatten)]
+        quant: BaseQuantArgs,
     },
     /// Rewards of conversations under a reward model (`train --method reward`): one JSON line per
     /// conversation ({"id", "reward"}; preference records get "chosen" and "rejected").
@@ -441,6 +454,8 @@ enum Command {
         map: MapArgs,
         #[command(flatten)]
         compute: ComputeArgs,
+        #[command(flatten)]
+        quant: BaseQuantArgs,
     },
     /// Merge an adapter into the base weights and write a Hugging Face model directory.
     Merge {
@@ -531,9 +546,10 @@ fn load_model(
     model: &std::path::Path,
     adapter: Option<&std::path::Path>,
     compute: &ComputeArgs,
+    qlora: Option<&str>,
 ) -> Result<tunekit::train::model::Model> {
     let (device, dtype) = tunekit::train::device::select(&compute.device, &compute.dtype)?;
-    let base = tunekit::train::weights::BaseModel::load(model, &candle_core::Device::Cpu)?;
+    let base = tunekit::train::weights::BaseModel::load_with(model, &candle_core::Device::Cpu, qlora)?;
     let mut m = tunekit::train::model::Model::from_base_as(&base, &device, dtype)?;
     if let Some(a) = adapter {
         tunekit::train::peft::load_into(&mut m, a)?;
@@ -677,8 +693,8 @@ fn run(cli: Cli) -> Result<()> {
             let s = tunekit::train::run::run_with_resume(&opts, a.resume.as_deref())?;
             print(cli.json, &s, |s| s.print_human())
         }
-        Command::Eval { model, adapter, data, split, batch_tokens, compute } => {
-            let m = load_model(&model, adapter.as_deref(), &compute)?;
+        Command::Eval { model, adapter, data, split, batch_tokens, compute, quant } => {
+            let m = load_model(&model, adapter.as_deref(), &compute, quant.qlora.as_deref())?;
             tunekit::train::data::check_manifest(&data, m.config.vocab_size)?;
             let shards = tunekit::train::data::Shards::load(&data, &split)?;
             let (loss, tokens) =
@@ -701,8 +717,9 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             seed,
             compute,
+            quant,
         } => {
-            let m = load_model(&model, adapter.as_deref(), &compute)?;
+            let m = load_model(&model, adapter.as_deref(), &compute, quant.qlora.as_deref())?;
             let tok_path = tokenizer.unwrap_or_else(|| model.clone());
             let tok = tunekit::tokenize::TokenizerInfo::load(&tok_path)?;
             let tpl = tunekit::prepare::chat_template(&tok, template.as_deref())?;
@@ -732,8 +749,8 @@ fn run(cli: Cli) -> Result<()> {
             let v = serde_json::json!({"command": "generate", "text": text});
             print(cli.json, &v, |_| println!("{text}"))
         }
-        Command::Score { inputs, model, adapter, tokenizer, template, map, compute } => {
-            let m = load_model(&model, Some(&adapter), &compute)?;
+        Command::Score { inputs, model, adapter, tokenizer, template, map, compute, quant } => {
+            let m = load_model(&model, Some(&adapter), &compute, quant.qlora.as_deref())?;
             if m.score.is_none() {
                 anyhow::bail!(
                     "{}: not a reward model adapter (no score head); train one with --method reward",
@@ -784,7 +801,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge { model, adapter, out } => {
             // Merging is exact in f32 on the CPU.
             let cpu = ComputeArgs { device: "cpu".into(), dtype: "f32".into() };
-            let m = load_model(&model, Some(&adapter), &cpu)?;
+            let m = load_model(&model, Some(&adapter), &cpu, None)?;
             let n = tunekit::train::merge::write_hf(&m, &out)?;
             let v = serde_json::json!({"command": "merge", "out": out.display().to_string(), "merged_modules": n});
             print(cli.json, &v, |_| println!("merged {n} LoRA module(s) into {}", out.display()))

@@ -208,6 +208,21 @@ fn qlora_nf4_step_lowers_the_loss_and_stores_4_bit_weights() {
     // The adapter is the same PEFT format as plain LoRA.
     let t = candle_core::safetensors::load(dir.path().join("q/adapter_model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(t.len(), 28);
+    // `eval --qlora nf4` evaluates the adapter over the base it was trained on: the run's own final eval loss.
+    let m = model_dir();
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["--json", "eval", "--model", m.to_str().unwrap(), "--adapter", "q", "--data", "shards"];
+        args.extend_from_slice(extra);
+        let out = common::tunekit(&args, dir.path());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        common::stdout_json(&out)["loss"].as_f64().unwrap()
+    };
+    let (on_nf4, on_f32) = (eval(&["--qlora", "nf4"]), eval(&[]));
+    let trained = s.final_eval_loss.unwrap();
+    assert!(
+        (on_nf4 - trained).abs() < 1e-4 * trained && (on_f32 - trained).abs() > 1e-4,
+        "{on_nf4} {on_f32} {trained}"
+    );
     // The embedding (and tied lm_head) in full precision by default; in NF4 with qlora_embeddings.
     assert!(s.base_bytes_per_param > 0.6, "{}", s.base_bytes_per_param);
     o.out = dir.path().join("qe");
