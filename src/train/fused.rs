@@ -6,7 +6,7 @@
 //! copies, no rope or norm intermediates. Candle otherwise keeps every op's inputs alive until the
 //! backward ends, which is most of a training step's memory.
 
-use super::ops::{repeat_kv, segment_attention, CausalAttentionProbs, CausalSoftmaxGrad, MaskCache};
+use super::ops::{segment_attention, segment_heads, CausalAttentionProbs, CausalSoftmaxGrad, MaskCache};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use std::sync::Arc;
 
@@ -51,9 +51,15 @@ macro_rules! attached_forward {
         }
     };
     (3) => {
-#[rustfmt::skip]
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout)
-            -> candle_core::Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
             attached_only(self.name())
         }
     };
@@ -225,10 +231,9 @@ impl CustomOp3 for AttentionFn {
         let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
         let mut start = 0;
         for (i, &len) in self.seq_lengths.iter().enumerate() {
-            let heads = |t: &Tensor| t.narrow(0, start, len)?.transpose(0, 1); // [H, L, hd]
-            let qs = heads(&q)?.contiguous()?;
-            let ks = repeat_kv(&heads(&k)?, n)?;
-            let vs = repeat_kv(&heads(&v)?, n)?;
+            let qs = segment_heads(&q, start, len, 1)?;
+            let ks = segment_heads(&k, start, len, n)?;
+            let vs = segment_heads(&v, start, len, n)?;
             let p = match self.probs.get(i) {
                 Some(p) => p.clone(),
                 None => qs.apply_op2_no_bwd(&ks, &CausalAttentionProbs { scale: self.scale })?,
@@ -284,10 +289,9 @@ fn attention_keeping(
     let (mut outs, mut probs) = (Vec::with_capacity(seq_lengths.len()), vec![]);
     let mut start = 0;
     for &len in seq_lengths {
-        let heads = |t: &Tensor| t.narrow(0, start, len)?.transpose(0, 1); // [H, L, hd]
-        let qs = heads(&qd)?.contiguous()?;
-        let p = qs.apply_op2_no_bwd(&repeat_kv(&heads(&kd)?, n)?, &CausalAttentionProbs { scale })?;
-        let o = p.matmul(&repeat_kv(&heads(&vd)?, n)?)?; // [Hq, L, hd]
+        let qs = segment_heads(&qd, start, len, 1)?;
+        let p = qs.apply_op2_no_bwd(&segment_heads(&kd, start, len, n)?, &CausalAttentionProbs { scale })?;
+        let o = p.matmul(&segment_heads(&vd, start, len, n)?)?; // [Hq, L, hd]
         outs.push(o.transpose(0, 1)?.reshape((len, hq * hd))?);
         if keep {
             probs.push(p);
@@ -328,7 +332,7 @@ impl CustomOp1 for RmsNormFn {
 /// outside the graph and the backward above.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return super::ops::rms_norm_frozen(x, w, eps);
+        return super::ops::rms_norm_frozen_cpu(x, w, eps);
     }
     let y = super::ops::rms_norm(&x.detach(), w, eps)?;
     Ok(y.with_backward1(x, RmsNormFn { w: w.clone(), eps }))
@@ -350,7 +354,7 @@ pub fn linear_cross_entropy(
     let want_grad = h.track_op();
     let hd = h.detach();
     let weight = HeadWeight::new(head, &hd)?;
-    let (mut total, mut dh): (Option<Tensor>, Vec<Tensor>) = (None, vec![]);
+    let (mut total, mut dh) = (Tensor::zeros((), DType::F32, h.device())?, vec![]);
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
@@ -361,16 +365,9 @@ pub fn linear_cross_entropy(
         if let Some(d) = dlogits {
             dh.push(weight.input_grad(&d)?);
         }
-        total = Some(match total {
-            Some(t) => (t + nll)?,
-            None => nll,
-        });
+        total = (total + nll)?;
         start += len;
     }
-    let total = match total {
-        Some(t) => t,
-        None => Tensor::zeros((), DType::F32, h.device())?,
-    };
     if !want_grad {
         return Ok(total);
     }

@@ -57,13 +57,10 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
     rms_norm_basic(x, w, eps)
 }
 
-/// RMSNorm with a frozen weight: the fused op on the CPU in f32, basic ops elsewhere.
-pub fn rms_norm_frozen(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let wv = w.flatten_all()?.to_vec1::<f32>()?;
-        return x.contiguous()?.apply_op1(RmsNormOp { w: wv, eps: eps as f32 });
-    }
-    rms_norm_basic(x, w, eps)
+/// RMSNorm with a frozen weight as the fused CPU op (f32 on the CPU only; `fused::rms_norm` picks).
+pub fn rms_norm_frozen_cpu(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let wv = w.flatten_all()?.to_vec1::<f32>()?;
+    x.contiguous()?.apply_op1(RmsNormOp { w: wv, eps: eps as f32 })
 }
 
 /// As transformers' LlamaRMSNorm: normalise in f32, cast back to the compute dtype, then scale.
@@ -99,9 +96,9 @@ pub fn segment_attention(
     let mut outs = Vec::with_capacity(seq_lengths.len());
     let mut start = 0;
     for &len in seq_lengths {
-        let qs = q.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?; // [Hq, L, hd]
-        let ks = repeat_kv(&k.narrow(0, start, len)?.transpose(0, 1)?, hq / hkv)?; // [Hq, L, hd]
-        let vs = repeat_kv(&v.narrow(0, start, len)?.transpose(0, 1)?, hq / hkv)?;
+        let qs = segment_heads(q, start, len, 1)?;
+        let ks = segment_heads(k, start, len, hq / hkv)?;
+        let vs = segment_heads(v, start, len, hq / hkv)?;
         let probs = if qs.device().is_cuda() || qs.dtype() == DType::F32 {
             qs.apply_op2(&ks, CausalAttentionProbs { scale: scale as f32 })?
         } else {
@@ -112,6 +109,12 @@ pub fn segment_attention(
         start += len;
     }
     Tensor::cat(&outs, 0)
+}
+
+/// Rows `start..start+len` of x [T, H, hd] as contiguous heads [H*n, L, hd], each head repeated n
+/// times (grouped-query attention: n = Hq / Hkv for keys and values, 1 for queries).
+pub fn segment_heads(x: &Tensor, start: usize, len: usize, n: usize) -> candle_core::Result<Tensor> {
+    repeat_kv(&x.narrow(0, start, len)?.transpose(0, 1)?, n)
 }
 
 /// [Hkv, L, hd] -> [Hkv*n, L, hd] for grouped-query attention.

@@ -199,7 +199,7 @@ pub struct Trainable {
 
 /// Hands the heap's freed pages back to the system (glibc keeps them otherwise: the load's
 /// dequantised temporaries and a step's activations would stay in the process's resident memory).
-pub fn release_freed_memory() {
+fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap memory to the OS.
     unsafe {
