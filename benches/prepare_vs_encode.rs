@@ -9,8 +9,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 use std::time::Instant;
+use tunekit::commands::prepare::PrepareOptions;
 use tunekit::ingest::{stream_conversations, Item, MapOptions};
-use tunekit::prepare::{chat_template, PrepareOptions};
+use tunekit::tokenize::chat_template;
 use tunekit::tokenize::TokenizerInfo;
 
 fn main() {
@@ -44,7 +45,7 @@ fn main() {
         o.dedup.mode = tunekit::dedup::DedupMode::None;
         tunekit::progress::set_quiet(true);
         let t = Instant::now();
-        tunekit::prepare::run(&o).expect("prepare");
+        tunekit::commands::prepare::run(&o).expect("prepare");
         prepare_best = prepare_best.min(t.elapsed().as_secs_f64());
     }
     let t = Instant::now();

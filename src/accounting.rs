@@ -1,7 +1,8 @@
 //! Nothing lost: rejected rows with their reasons, and the counts that must add up.
 //!
 //! Every stage reports `rows_read = kept + duplicates + rejected`; rejects go to a
-//! `rejects.jsonl` beside the output with the source file, row, line, field and reason.
+//! `rejects.jsonl` beside the output with the source file, row, line, field and reason. [`Tally`]
+//! is the part of every command's summary that says where its rows went.
 
 use crate::output::AtomicFile;
 use serde::Serialize;
@@ -9,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// Why a row was rejected. The code is stable (used in summaries); the detail is for people.
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +49,30 @@ impl fmt::Display for Reject {
             write!(f, ", field '{field}'")?;
         }
         write!(f, ": {} ({})", self.detail, self.reason)
+    }
+}
+
+/// Where a row came from, to build its rejects and its id.
+pub struct RowCtx<'a> {
+    pub source: &'a str,
+    pub row: u64,
+    pub line: Option<u64>,
+}
+
+impl RowCtx<'_> {
+    pub fn reject(&self, field: Option<&str>, reason: &'static str, detail: impl Into<String>) -> Reject {
+        Reject {
+            source: self.source.to_string(),
+            row: self.row,
+            line: self.line,
+            field: field.map(str::to_string),
+            reason,
+            detail: detail.into(),
+        }
+    }
+    /// The canonical record id, `<source>:<row>`.
+    pub fn id(&self) -> String {
+        format!("{}:{}", self.source, self.row)
     }
 }
 
@@ -91,6 +117,59 @@ impl Counts {
     /// The invariant every stage keeps.
     pub fn balanced(&self) -> bool {
         self.rows_read == self.rows_kept + self.rejected + self.duplicates_exact + self.duplicates_near
+    }
+}
+
+/// Where a command's rows went, how long it took and the files that say why rows were dropped: the
+/// header of every row-reading command's summary (flattened into its JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct Tally {
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub rejects_file: Option<String>,
+    pub duplicates_file: Option<String>,
+    pub seconds: f64,
+    pub rows_per_s: f64,
+}
+
+impl Tally {
+    /// The tally of a run that started at `start`, with the side files it wrote.
+    pub fn new(
+        counts: Counts,
+        (rejects_file, duplicates_file): (Option<String>, Option<String>),
+        start: Instant,
+    ) -> Tally {
+        let seconds = start.elapsed().as_secs_f64();
+        Tally {
+            rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
+            counts,
+            rejects_file,
+            duplicates_file,
+            seconds,
+        }
+    }
+
+    /// "N row(s) in S s (R rows/s)", for a command's first line.
+    pub fn rate(&self) -> String {
+        format!("{} row(s) in {:.2}s ({:.0} rows/s)", self.counts.rows_read, self.seconds, self.rows_per_s)
+    }
+
+    /// The lines on duplicates and rejects, with their reasons and files.
+    pub fn print_human(&self) {
+        let c = &self.counts;
+        if c.duplicates_exact + c.duplicates_near > 0 {
+            println!("  duplicates: {} exact, {} near", c.duplicates_exact, c.duplicates_near);
+        }
+        println!("  rejected:   {}", c.rejected);
+        for (r, n) in &c.rejected_by_reason {
+            println!("    {r}: {n}");
+        }
+        if let Some(f) = &self.rejects_file {
+            println!("  rejects:    {f}");
+        }
+        if let Some(f) = &self.duplicates_file {
+            println!("  duplicates: {f}");
+        }
     }
 }
 

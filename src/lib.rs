@@ -1,37 +1,44 @@
-//! tunekit: raw corpora to instruction-tuning data, in one binary.
+//! tunekit: raw corpora to instruction-tuning data, and adapters trained on it, in one binary.
 //!
 //! The pipeline, mirrored by the modules below:
 //!
 //! ```text
-//! raw files ──ingest/convert──▶ conversations ──dedup──▶ conversations ──tokenize+mask──▶ samples ──pack──▶ Parquet shards ──train──▶ PEFT adapter
-//!                                      └──export──▶ OpenAI JSONL (+ validate)
+//! raw files ──ingest──▶ conversations ──admit (rejects, dedup)──▶ tokenize+mask ──▶ samples ──pack──▶ Parquet shards ──train──▶ PEFT adapter
+//!                            └──export──▶ OpenAI JSONL (+ validate)
 //! ```
 //!
+//! Stages, each a library room that knows nothing of the command line:
 //! * [`ingest`] reads CSV/TSV, JSONL, JSON arrays and Parquet (optionally gzip/zstd) as rows and maps
-//!   each row to a canonical [`record::Conversation`] according to a [`ingest::Format`].
-//! * [`convert`] streams rows through a format mapping into conversation files, with rejects.
-//! * [`dedup`] removes exact and near duplicates (MinHash-LSH) and says which row each one duplicates.
-//! * [`tokenize`] renders chat templates exactly as transformers does and derives loss masks.
-//! * [`pack`] bin-packs samples into rows and writes the Parquet shards plus `manifest.json`.
+//!   each row to a canonical [`record::Conversation`] according to a [`ingest::Format`]; [`record`]
+//!   also writes conversations back out.
+//! * [`admit`] is the front every stage shares after reading: counts, rejects, and [`dedup`]
+//!   (exact and MinHash-LSH near duplicates).
+//! * [`template`] renders prompt templates and chat templates exactly as transformers does;
+//!   [`tokenize`] turns conversations into token ids with loss masks.
+//! * [`pack`] bin-packs samples into rows and writes the Parquet shards plus the typed manifest.
 //! * [`export`] writes and validates OpenAI fine-tuning JSONL.
-//! * [`train`] trains LoRA / QLoRA adapters on the shards (candle) and writes them in PEFT's format.
+//! * [`train`] trains LoRA / QLoRA adapters on the shards (candle): SFT, DPO, reward models.
+//! * [`report`] charts and statistics.
 //!
-//! Every stage accounts for every input row: kept, removed as a duplicate, or rejected with a reason.
+//! Around them: [`commands`] (one file per subcommand: options, run, summary) and [`cli`] (all
+//! flags, turned into those options once); [`accounting`] (rejects and the counts that add up:
+//! every input row is kept, removed as a duplicate, or rejected with a reason), [`output`] (files
+//! that appear only when complete), [`progress`], [`split`] (seeded randomness and the train/eval
+//! split) and [`digest`].
 
 pub mod accounting;
-pub mod convert;
+pub mod admit;
+pub mod cli;
+pub mod commands;
 pub mod dedup;
+pub mod digest;
 pub mod export;
 pub mod ingest;
-pub mod inspect;
 pub mod output;
 pub mod pack;
-pub mod plot;
-pub mod prepare;
-pub mod prepare_preference;
 pub mod progress;
-pub mod quickstart;
 pub mod record;
+pub mod report;
 pub mod split;
 pub mod template;
 pub mod tokenize;

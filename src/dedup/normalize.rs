@@ -1,10 +1,11 @@
 //! Text normalisation for deduplication: Unicode NFKC, lower-case, whitespace collapsed, and
 //! optionally punctuation removed. Recorded in the manifest so a run can be reproduced.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use unicode_normalization::UnicodeNormalization;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Normalization {
     pub nfkc: bool,
     pub lowercase: bool,

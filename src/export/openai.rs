@@ -1,24 +1,18 @@
-//! `tunekit export openai`: canonical conversations (or any raw input) to OpenAI fine-tuning JSONL.
-//! SFT lines are `{"messages": [...], "tools"?: [...]}`; DPO lines are `{"input": {"messages": [...]},
-//! "preferred_output": [...], "non_preferred_output": [...]}`. Examples over the model's token limit
-//! are dropped or shortened (whole trailing turns removed), and counted. Files roll over before
-//! the platform's upload size limit.
+//! OpenAI fine-tuning JSONL lines from canonical conversations. SFT lines are
+//! `{"messages": [...], "tools"?: [...]}`; DPO lines are `{"input": {"messages": [...]},
+//! "preferred_output": [...], "non_preferred_output": [...]}`. [`fit_example`] makes the line of a
+//! conversation within the model's token limit (dropping it, or removing whole trailing turns);
+//! [`RollingJsonl`] rolls files over before the platform's upload size limit.
 
 use super::tokens::{count_messages, ModelSpec};
-use crate::accounting::{reason, Counts, Reject};
-use crate::dedup::front::Front;
-use crate::dedup::DedupOptions;
-use crate::ingest::{stream_conversations, MapOptions};
+use crate::accounting::reason;
 use crate::output::AtomicFile;
 use crate::record::{Conversation, Message};
-use crate::split::is_eval;
 use anyhow::Result;
-use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -36,42 +30,8 @@ pub enum OverLimit {
     Truncate,
 }
 
-pub struct ExportOptions {
-    pub inputs: Vec<PathBuf>,
-    pub out: PathBuf,
-    pub map: MapOptions,
-    pub strict: bool,
-    pub method: ExportMethod,
-    pub model: ModelSpec,
-    pub over_limit: OverLimit,
-    pub eval_fraction: f64,
-    pub seed: u64,
-    pub dedup: DedupOptions,
-    /// Largest file written; the platform accepts up to 512 MB per upload.
-    pub max_file_bytes: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ExportSummary {
-    pub command: &'static str,
-    pub method: ExportMethod,
-    pub model: ModelSpec,
-    #[serde(flatten)]
-    pub counts: Counts,
-    pub truncated: u64,
-    pub train_examples: u64,
-    pub validation_examples: u64,
-    pub train_files: Vec<String>,
-    pub validation_files: Vec<String>,
-    pub tokens: u64,
-    pub rejects_file: Option<String>,
-    pub duplicates_file: Option<String>,
-    pub seconds: f64,
-    pub rows_per_s: f64,
-}
-
 /// A JSONL output that rolls over to `stem-00001.jsonl`, ... before `max` bytes.
-struct RollingJsonl {
+pub struct RollingJsonl {
     base: PathBuf,
     max: u64,
     current: Option<(AtomicFile, u64)>,
@@ -80,7 +40,7 @@ struct RollingJsonl {
 }
 
 impl RollingJsonl {
-    fn new(base: PathBuf, max: u64) -> Self {
+    pub fn new(base: PathBuf, max: u64) -> Self {
         RollingJsonl { base, max, current: None, files: Vec::new(), lines: 0 }
     }
     fn path(&self, i: usize) -> PathBuf {
@@ -91,7 +51,7 @@ impl RollingJsonl {
         let ext = self.base.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_else(|| "jsonl".into());
         self.base.with_file_name(format!("{stem}-{i:05}.{ext}"))
     }
-    fn write(&mut self, line: &[u8]) -> Result<()> {
+    pub fn write(&mut self, line: &[u8]) -> Result<()> {
         if let Some((_, n)) = &self.current {
             if n + line.len() as u64 > self.max {
                 let (f, _) = self.current.take().expect("checked");
@@ -109,7 +69,7 @@ impl RollingJsonl {
         self.lines += 1;
         Ok(())
     }
-    fn finish(mut self) -> Result<Vec<String>> {
+    pub fn finish(mut self) -> Result<Vec<String>> {
         if let Some((f, _)) = self.current.take() {
             f.commit()?;
         }
@@ -218,118 +178,31 @@ fn truncate_to_fit(c: &Conversation, spec: &ModelSpec) -> Option<Conversation> {
     }
 }
 
+/// `train.jsonl` -> `train_validation.jsonl`.
 pub fn validation_path(out: &Path) -> PathBuf {
     let stem = out.file_stem().unwrap_or_default().to_string_lossy();
     out.with_file_name(format!("{stem}_validation.jsonl"))
 }
 
-pub fn run(opts: &ExportOptions) -> Result<ExportSummary> {
-    let start = Instant::now();
-    let dir = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    let mut train = RollingJsonl::new(opts.out.clone(), opts.max_file_bytes);
-    let mut valid = RollingJsonl::new(validation_path(&opts.out), opts.max_file_bytes);
-    let mut front = Front::new(&dir, &opts.dedup, opts.strict, true);
-    let (mut truncated, mut tokens) = (0u64, 0u64);
-    let pb = crate::progress::rows("export");
-    stream_conversations(&opts.inputs, &opts.map, |batch| {
-        let kept = front.admit(batch.items)?;
-        type Out = Result<(Vec<u8>, usize, bool), (&'static str, String)>;
-        let lines: Vec<(Conversation, Out)> = kept
-            .into_par_iter()
-            .map(|c| {
-                let res = (|| {
-                    let (line, counted) = example(&c, opts.method)?;
-                    let n = count_messages(opts.model.encoding, &counted).0;
-                    if n <= opts.model.max_tokens_per_example {
-                        return Ok((serde_json::to_vec(&line).expect("json"), n, false));
-                    }
-                    let over = (
-                        reason::OVER_TOKEN_LIMIT,
-                        format!("{n} tokens > {} allowed for {}", opts.model.max_tokens_per_example, opts.model.model),
-                    );
-                    if opts.over_limit == OverLimit::Drop || opts.method == ExportMethod::Dpo {
-                        return Err(over);
-                    }
-                    let short = truncate_to_fit(&c, &opts.model).ok_or(over)?;
-                    let (line, counted) = example(&short, opts.method)?;
-                    Ok((
-                        serde_json::to_vec(&line).expect("json"),
-                        count_messages(opts.model.encoding, &counted).0,
-                        true,
-                    ))
-                })();
-                (c, res)
-            })
-            .collect();
-        for (c, res) in lines {
-            match res {
-                Ok((mut bytes, n, was_truncated)) => {
-                    bytes.push(b'\n');
-                    front.counts.rows_kept += 1;
-                    tokens += n as u64;
-                    truncated += was_truncated as u64;
-                    if is_eval(&c.id, opts.seed, opts.eval_fraction) {
-                        valid.write(&bytes)?;
-                    } else {
-                        train.write(&bytes)?;
-                    }
-                }
-                Err((reason, detail)) => front.reject(Reject::for_conversation(&c, reason, detail))?,
-            }
-        }
-        pb.set_position(front.counts.rows_read);
-        Ok(())
-    })?;
-    pb.finish_and_clear();
-    let (train_examples, validation_examples) = (train.lines, valid.lines);
-    let train_files = train.finish()?;
-    let validation_files = valid.finish()?;
-    let (rejects_file, duplicates_file) = front.finish()?;
-    let counts = front.counts.clone();
-    if train_examples < super::validate::MIN_EXAMPLES {
-        crate::progress::warn(&format!("only {train_examples} training example(s); OpenAI requires at least 10"));
+/// The JSONL line (without its newline) of a conversation within the model's token limit, its
+/// token count and whether turns were removed to fit; or why it cannot be exported.
+pub fn fit_example(
+    c: &Conversation,
+    method: ExportMethod,
+    spec: &ModelSpec,
+    over_limit: OverLimit,
+) -> Result<(Vec<u8>, usize, bool), (&'static str, String)> {
+    let (line, counted) = example(c, method)?;
+    let n = count_messages(spec.encoding, &counted).0;
+    if n <= spec.max_tokens_per_example {
+        return Ok((serde_json::to_vec(&line).expect("json"), n, false));
     }
-    let seconds = start.elapsed().as_secs_f64();
-    Ok(ExportSummary {
-        command: "export",
-        method: opts.method,
-        model: opts.model.clone(),
-        rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
-        counts,
-        truncated,
-        train_examples,
-        validation_examples,
-        train_files,
-        validation_files,
-        tokens,
-        rejects_file,
-        duplicates_file,
-        seconds,
-    })
-}
-
-impl ExportSummary {
-    pub fn print_human(&self) {
-        let c = &self.counts;
-        println!(
-            "exported {} row(s) for {} ({:?}) in {:.2}s ({:.0} rows/s)",
-            c.rows_read, self.model.model, self.method, self.seconds, self.rows_per_s
-        );
-        println!("  train:      {} example(s) -> {}", self.train_examples, self.train_files.join(", "));
-        if self.validation_examples > 0 {
-            println!("  validation: {} example(s) -> {}", self.validation_examples, self.validation_files.join(", "));
-        }
-        println!("  tokens:     {} ({:?})", self.tokens, self.model.encoding);
-        println!("  duplicates: {} exact, {} near", c.duplicates_exact, c.duplicates_near);
-        println!("  rejected:   {}", c.rejected);
-        for (r, n) in &c.rejected_by_reason {
-            println!("    {r}: {n}");
-        }
-        if self.truncated > 0 {
-            println!("  truncated:  {}", self.truncated);
-        }
-        if let Some(f) = &self.rejects_file {
-            println!("  rejects:    {f}");
-        }
+    let over =
+        (reason::OVER_TOKEN_LIMIT, format!("{n} tokens > {} allowed for {}", spec.max_tokens_per_example, spec.model));
+    if over_limit == OverLimit::Drop || method == ExportMethod::Dpo {
+        return Err(over);
     }
+    let short = truncate_to_fit(c, spec).ok_or(over)?;
+    let (line, counted) = example(&short, method)?;
+    Ok((serde_json::to_vec(&line).expect("json"), count_messages(spec.encoding, &counted).0, true))
 }

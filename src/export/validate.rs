@@ -1,8 +1,9 @@
-//! `tunekit validate openai`: the checks of OpenAI's fine-tuning data-preparation recipe, each
-//! problem with its line number, then the recipe's statistics and the billing estimate. Streams
-//! the file (memory flat in its size). Handles chat SFT files and DPO preference files.
+//! The checks of OpenAI's fine-tuning data-preparation recipe, each problem with its line number,
+//! then the recipe's statistics and the billing estimate. Streams the file (memory flat in its
+//! size). Handles chat SFT files and DPO preference files.
 
 use super::tokens::{count_messages, ModelSpec};
+use crate::report::stats::Distribution;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -24,39 +25,6 @@ pub struct Problem {
     pub line: u64,
     pub reason: &'static str,
     pub detail: String,
-}
-
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Distribution {
-    pub min: f64,
-    pub max: f64,
-    pub mean: f64,
-    pub median: f64,
-    pub p5: f64,
-    pub p95: f64,
-}
-
-impl Distribution {
-    /// numpy-style linear-interpolated quantiles.
-    pub fn of(values: &mut [f64]) -> Distribution {
-        if values.is_empty() {
-            return Distribution::default();
-        }
-        values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-        let q = |p: f64| {
-            let pos = p * (values.len() - 1) as f64;
-            let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-            values[lo] + (values[hi] - values[lo]) * (pos - lo as f64)
-        };
-        Distribution {
-            min: values[0],
-            max: values[values.len() - 1],
-            mean: values.iter().sum::<f64>() / values.len() as f64,
-            median: q(0.5),
-            p5: q(0.05),
-            p95: q(0.95),
-        }
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -358,54 +326,6 @@ fn validate_many(
         seconds,
         examples_per_s: examples as f64 / seconds.max(1e-9),
     })
-}
-
-impl ValidationReport {
-    pub fn print_human(&self) {
-        println!(
-            "{}: {} example(s) ({} format), model {} ({:?}, {} tokens per example)",
-            self.file,
-            self.examples,
-            self.kind,
-            self.model.model,
-            self.model.encoding,
-            self.model.max_tokens_per_example
-        );
-        if self.valid {
-            println!("  no errors found");
-        } else {
-            println!("  {} example(s) with errors:", self.errors);
-            for (r, n) in &self.errors_by_reason {
-                println!("    {r}: {n}");
-            }
-            for p in &self.problems {
-                if p.line > 0 {
-                    let at = p.file.as_ref().map(|f| format!("{f} ")).unwrap_or_default();
-                    println!("  {at}line {}: {} ({})", p.line, p.detail, p.reason);
-                } else {
-                    println!("  {} ({})", p.detail, p.reason);
-                }
-            }
-        }
-        println!("  examples missing a system message: {}", self.missing_system);
-        println!("  examples missing a user message:   {}", self.missing_user);
-        for (name, d) in [
-            ("messages per example", &self.messages_per_example),
-            ("total tokens per example", &self.tokens_per_example),
-            ("assistant tokens per example", &self.assistant_tokens_per_example),
-        ] {
-            println!(
-                "  {name}: min/max {}/{}, mean/median {:.1}/{}, p5/p95 {:.1}/{:.1}",
-                d.min, d.max, d.mean, d.median, d.p5, d.p95
-            );
-        }
-        println!("  {} example(s) over the token limit", self.over_token_limit);
-        println!(
-            "  ~{} billed tokens per epoch; {} epochs -> ~{} billed tokens",
-            self.billed_tokens_per_epoch, self.epochs, self.billed_tokens
-        );
-        println!("  {}", if self.valid { "OK: the file would be accepted" } else { "NOT OK: fix the problems above" });
-    }
 }
 
 #[cfg(test)]

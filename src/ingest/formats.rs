@@ -12,7 +12,7 @@
 //! | columns | any columns, through `--prompt` / `--completion` templates or a template file |
 
 use super::rows::json_kind;
-use crate::accounting::{reason, Reject};
+use crate::accounting::{reason, Reject, RowCtx};
 use crate::record::{Conversation, Message};
 use crate::template;
 use anyhow::{bail, Result};
@@ -54,7 +54,7 @@ impl Format {
 pub const FORMAT_HELP: &str = "alpaca: instruction + output (input, system, history optional); \
 dolly: instruction + response (context optional); sharegpt: conversations; messages: messages; \
 prompt-completion: prompt + completion; preference: chosen + rejected (with prompt, messages or conversations); \
-text: text; columns: any columns, with --prompt '{{ column }}' --completion '{{ column }}' or --template FILE";
+text: text; columns: any columns, with --prompt '{{ column }}' --completion '{{ column }}' or --prompt-template NAME|FILE";
 
 /// User options that shape the mapping.
 #[derive(Debug, Clone, Default)]
@@ -98,29 +98,6 @@ pub struct Mapper {
     columns: Option<template::ColumnTemplates>,
 }
 
-/// The context of a row for rejects.
-pub struct RowCtx<'a> {
-    pub source: &'a str,
-    pub row: u64,
-    pub line: Option<u64>,
-}
-
-impl RowCtx<'_> {
-    pub fn reject(&self, field: Option<&str>, reason: &'static str, detail: impl Into<String>) -> Reject {
-        Reject {
-            source: self.source.to_string(),
-            row: self.row,
-            line: self.line,
-            field: field.map(str::to_string),
-            reason,
-            detail: detail.into(),
-        }
-    }
-    pub fn id(&self) -> String {
-        format!("{}:{}", self.source, self.row)
-    }
-}
-
 impl Mapper {
     /// Builds the mapper for a source whose (first row's) columns are `columns`.
     pub fn new(opts: &MapOptions, columns: &[String], source: &str) -> Result<Mapper> {
@@ -143,7 +120,11 @@ impl Mapper {
             f => f,
         };
         let columns_tpl = if format == Format::Columns {
-            let t = template::ColumnTemplates::new(opts)?;
+            let t = template::ColumnTemplates::new(
+                opts.prompt.as_deref(),
+                opts.completion.as_deref(),
+                opts.template.as_deref(),
+            )?;
             t.check_columns(columns, source)?;
             Some(t)
         } else {

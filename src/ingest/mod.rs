@@ -5,7 +5,6 @@
 //! [`stream`] function ties them together: batches of conversations or rejects, in input order.
 
 pub mod formats;
-pub mod parquet_rows;
 pub mod read;
 pub mod rows;
 pub mod stream;

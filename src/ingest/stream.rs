@@ -1,10 +1,11 @@
 //! Files to batches of conversations: a reader thread splits rows, rayon parses and maps them,
 //! and the caller receives batches in input order (so output order and ids are deterministic).
 
-use super::formats::{Format, MapOptions, Mapper, RowCtx};
+use super::formats::{Format, MapOptions, Mapper};
 use super::read::{open_rows, InputKind, Source};
 use super::rows::to_object;
 use crate::accounting::Reject;
+use crate::accounting::RowCtx;
 use crate::record::Conversation;
 use anyhow::Result;
 use rayon::prelude::*;

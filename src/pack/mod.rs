@@ -1,8 +1,10 @@
-//! Packing samples into training rows ([`bfd`], [`rows`]) and the Parquet files tunekit writes
-//! ([`shards`] for training data, [`conversations_parquet`] for conversation tables).
+//! Samples into training shards: packing whole samples into rows ([`bfd`], [`rows`]), fitting
+//! over-long samples ([`fit`]), the Parquet shard files of SFT rows ([`shards`]) and of preference
+//! pairs ([`preference`]), and the directory's [`manifest`], written last.
 
 pub mod bfd;
-pub mod conversations_parquet;
+pub mod fit;
+pub mod manifest;
 pub mod preference;
 pub mod rows;
 pub mod shards;

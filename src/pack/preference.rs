@@ -2,7 +2,6 @@
 //! `chosen_input_ids`, `chosen_labels`, `rejected_input_ids`, `rejected_labels` (list<int32>), each side
 //! the shared prompt plus one answer rendered with the chat template, labels only on the answer.
 
-use super::conversations_parquet::zstd_props;
 use crate::output::AtomicFile;
 use anyhow::{Context, Result};
 use arrow_array::builder::{Int32Builder, ListBuilder};
@@ -71,7 +70,7 @@ impl PreferenceWriter {
         }
         if self.writer.is_none() {
             let f = AtomicFile::create(&self.dir.join(format!("{}-00000-of-00001.parquet", self.split)))?;
-            self.writer = Some(ArrowWriter::try_new(f, schema(), Some(zstd_props()))?);
+            self.writer = Some(ArrowWriter::try_new(f, schema(), Some(crate::output::parquet_props()))?);
         }
         let rows = std::mem::take(&mut self.pending);
         let col = |get: &dyn Fn(&PreferenceRow) -> &[i32]| -> ArrayRef {

@@ -3,9 +3,9 @@
 
 use super::bfd::best_fit_decreasing;
 use crate::tokenize::Sample;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PackMode {
     /// Best-fit-decreasing bin packing of whole samples into rows of --seq-len tokens.

@@ -2,7 +2,6 @@
 //! columns input_ids, labels, position_ids, seq_lengths (list<int32>), zstd-compressed. Files are
 //! written under temporary names and renamed once the total count is known.
 
-use super::conversations_parquet::zstd_props;
 use super::rows::PackedRow;
 use crate::output::AtomicFile;
 use anyhow::{Context, Result};
@@ -22,7 +21,7 @@ pub fn schema() -> Arc<Schema> {
 }
 
 fn props() -> WriterProperties {
-    let p = zstd_props();
+    let p = crate::output::parquet_props();
     WriterProperties::builder()
         .set_compression(p.compression(&parquet::schema::types::ColumnPath::from("input_ids")))
         .set_created_by(p.created_by().to_string())

@@ -10,7 +10,6 @@ use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value as JValue};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 /// Built-in chat templates for tokenizers that ship none (`--template NAME`).
 pub const CHAT_TEMPLATES: &[(&str, &str)] = &[
@@ -72,7 +71,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", |fmt: String| -> String { chrono::Local::now().format(&fmt).to_string() });
         env.add_template_owned("chat".to_string(), strip_generation_tags(source))
             .with_context(|| format!("chat template {name} does not parse"))?;
-        let sha256 = hex(&Sha256::digest(source.as_bytes()));
+        let sha256 = crate::digest::sha256(source.as_bytes());
         Ok(ChatTemplate { env, name: name.to_string(), sha256, specials, vars: Map::new() })
     }
 
@@ -90,10 +89,6 @@ impl ChatTemplate {
         let ctx = Ctx { messages, tools, add_generation_prompt, specials: &self.specials, vars: &self.vars };
         self.env.get_template("chat").expect("added in new").render(JValue::from_serialize(&ctx))
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=.., separators=.., sort_keys=..)`.

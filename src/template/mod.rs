@@ -1,19 +1,20 @@
 //! Templates: minijinja environments for prompt templates over a row's columns (convert) and for
 //! Hugging Face chat templates rendered exactly as transformers renders them (prepare).
 //!
-//! Built-in templates live in `templates/` and are compiled into the binary, so `--template NAME`
-//! works anywhere; a path to a `.jinja` file works too.
+//! Built-in templates live in `templates/` and are compiled into the binary, so
+//! `--prompt-template NAME` (convert) and `--template NAME` (prepare) work anywhere; a path to a
+//! `.jinja` file works too.
 
 pub mod chat;
 
+use crate::accounting::RowCtx;
 use crate::accounting::{reason, Reject};
-use crate::ingest::formats::{MapOptions, RowCtx};
 use anyhow::{bail, Context, Result};
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::{Map, Value};
 use std::collections::BTreeSet;
 
-/// Built-in prompt templates (convert --template NAME): blocks `system` (optional), `prompt`, `completion`.
+/// Built-in prompt templates (convert --prompt-template NAME): blocks `system` (optional), `prompt`, `completion`.
 pub const PROMPT_TEMPLATES: &[(&str, &str)] = &[
     ("alpaca", include_str!("../../templates/prompts/alpaca.jinja")),
     ("question-answer", include_str!("../../templates/prompts/question-answer.jinja")),
@@ -60,11 +61,12 @@ pub struct ColumnTemplates {
 }
 
 impl ColumnTemplates {
-    pub fn new(opts: &MapOptions) -> Result<Self> {
+    /// From `--prompt-template NAME|FILE`, or the `--prompt` and `--completion` templates.
+    pub fn new(prompt: Option<&str>, completion: Option<&str>, template: Option<&str>) -> Result<Self> {
         let mut env = prompt_env();
         let mut vars = BTreeSet::new();
         let (from_file, has_system);
-        if let Some(t) = &opts.template {
+        if let Some(t) = template {
             let (name, src) = load_named(t, PROMPT_TEMPLATES, "prompt template")?;
             env.add_template_owned("file".to_string(), src.clone())
                 .with_context(|| format!("template {name} does not parse"))?;
@@ -75,12 +77,12 @@ impl ColumnTemplates {
             from_file = true;
             vars.extend(env.get_template("file")?.undeclared_variables(false));
         } else {
-            let (Some(p), Some(c)) = (&opts.prompt, &opts.completion) else {
-                bail!("the columns format needs --prompt and --completion templates (or --template NAME|FILE), e.g. \
+            let (Some(p), Some(c)) = (prompt, completion) else {
+                bail!("the columns format needs --prompt and --completion templates (or --prompt-template NAME|FILE), e.g. \
                        --prompt \"Translate into {{{{ lang }}}}: {{{{ text }}}}\" --completion \"{{{{ translation }}}}\"");
             };
-            env.add_template_owned("prompt".to_string(), p.clone()).context("--prompt template does not parse")?;
-            env.add_template_owned("completion".to_string(), c.clone())
+            env.add_template_owned("prompt".to_string(), p.to_string()).context("--prompt template does not parse")?;
+            env.add_template_owned("completion".to_string(), c.to_string())
                 .context("--completion template does not parse")?;
             for n in ["prompt", "completion"] {
                 vars.extend(env.get_template(n)?.undeclared_variables(false));

@@ -1,10 +1,8 @@
 //! Loading a tokenizer: `tokenizer.json` (or `.json.gz`), or a directory holding it and
 //! `tokenizer_config.json` (special tokens, `chat_template`).
 
-use crate::template::chat::hex;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -66,7 +64,7 @@ impl TokenizerInfo {
                 json_path.display()
             )
         })?;
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = crate::digest::sha256(&bytes);
         let mut specials = Map::new();
         let mut chat_template = None;
         let mut add_bos_token = false;
@@ -119,7 +117,7 @@ impl TokenizerInfo {
         let tokenizer = Tokenizer::from_bytes(g.json.as_bytes()).map_err(|e| {
             anyhow::anyhow!("{}: cannot build a tokenizer from the GGUF vocabulary: {e}", path.display())
         })?;
-        let sha256 = hex(&Sha256::digest(g.json.as_bytes()));
+        let sha256 = crate::digest::sha256(g.json.as_bytes());
         let vocab_size = tokenizer.get_vocab_size(true);
         Ok(TokenizerInfo {
             tokenizer,

@@ -11,12 +11,13 @@ use super::load::TokenizerInfo;
 use crate::accounting::reason;
 use crate::record::{Conversation, Message};
 use crate::template::chat::ChatTemplate;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LossMode {
     /// Every assistant message (content + end-of-turn), except those with weight 0.
+    #[default]
     Assistant,
     /// Only the final assistant message.
     Last,

@@ -1,7 +1,9 @@
-//! Training data from shards: rows read from the Parquet files of a split, shuffled by seed with a
-//! buffered shuffle, grouped into micro-batches by a token budget. The position (epoch, rows
-//! consumed) is part of checkpoints, so a resumed run sees exactly the same batches.
+//! Training data from shards: packed rows read from the Parquet files of a split, shuffled by seed per
+//! epoch and grouped into micro-batches by a token budget; preference pairs, likewise by epoch. The
+//! order depends only on the seed and the epoch, so a resumed run sees exactly the same batches.
 
+use crate::pack::manifest::Manifest;
+use crate::pack::preference::{read_pairs, PreferenceRow};
 use crate::pack::rows::PackedRow;
 use crate::pack::shards::{list_shards, read_rows};
 use crate::split::SplitMix64;
@@ -54,20 +56,32 @@ impl Shards {
     }
 }
 
-/// Refuses shards made with another vocabulary than the model's.
-pub fn check_manifest(dir: &Path, model_vocab: usize) -> Result<serde_json::Value> {
-    let p = dir.join("manifest.json");
-    if !p.exists() {
-        bail!("{}: no manifest.json; prepare writes it last, so these shards are incomplete", dir.display());
+/// The preference pairs of a split (`{split}-00000-of-00001.parquet`; none when it is absent).
+pub fn load_pairs(dir: &Path, split: &str) -> Result<Vec<PreferenceRow>> {
+    let f = dir.join(format!("{split}-00000-of-00001.parquet"));
+    if !f.exists() {
+        return Ok(vec![]);
     }
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p)?)?;
-    let tok_vocab = m["tokenizer"]["vocab_size"].as_u64().unwrap_or(0) as usize;
+    read_pairs(&f)
+}
+
+/// The order of `n` pairs in an epoch: a seeded shuffle.
+pub fn pair_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut o: Vec<usize> = (0..n).collect();
+    SplitMix64::new(seed ^ epoch.wrapping_mul(0x9E37)).shuffle(&mut o);
+    o
+}
+
+/// Refuses shards made with another vocabulary than the model's.
+pub fn check_manifest(dir: &Path, model_vocab: usize) -> Result<Manifest> {
+    let m = Manifest::read(dir)?;
+    let tok_vocab = m.tokenizer.vocab_size;
     if tok_vocab > model_vocab {
         bail!(
             "{}: the shards were tokenized with {} (vocabulary {tok_vocab}), larger than the model's vocabulary {model_vocab}; \
              prepare them with the model's own tokenizer",
             dir.display(),
-            m["tokenizer"]["path"].as_str().unwrap_or("?")
+            m.tokenizer.path
         );
     }
     Ok(m)

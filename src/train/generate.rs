@@ -1,7 +1,8 @@
 //! `tunekit generate`: render the chat template, then sample with a KV cache (greedy,
 //! temperature, top-p), stopping at end-of-turn or end-of-sequence tokens.
 
-use super::model::{KvCache, Model};
+use super::model::kv_cache::KvCache;
+use super::model::Model;
 use crate::record::Message;
 use crate::split::SplitMix64;
 use crate::template::chat::ChatTemplate;

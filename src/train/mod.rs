@@ -1,21 +1,27 @@
-//! The built-in trainer: a differentiable Llama-family model on candle ([`model`], [`ops`], and
-//! [`fused`]: layer pieces with hand-written backwards, so the graph keeps only their inputs),
-//! LoRA adapters ([`lora`]) saved in PEFT's format ([`peft`]), AdamW and schedules ([`optim`]),
-//! shards as training data ([`data`]) and the loop ([`run`]). Weights load from a Hugging Face
-//! directory or a GGUF file ([`weights`]).
+//! The built-in trainer, on candle.
+//!
+//! * [`options`] what a run is told; [`recipes`] one file per method (sft, dpo, reward) over the
+//!   shared loop; [`objectives`] the losses, as values.
+//! * [`model`] a differentiable Llama-family model, one file per piece, each piece a graph node
+//!   with a hand-written backward ([`graph`]); [`adapters`] what training adds to it (LoRA, a reward
+//!   head).
+//! * [`data`] shards as training data; [`optim`] AdamW, clipping and the schedule; [`device`] where
+//!   it computes.
+//! * [`io`] weights in and out: Hugging Face and GGUF bases, PEFT adapters, merged models,
+//!   checkpoints.
+//! * [`generate`] sampling with a KV cache.
 
-pub mod config;
+pub mod adapters;
 pub mod data;
 pub mod device;
-pub mod dpo;
-pub mod fused;
 pub mod generate;
-pub mod lora;
-pub mod merge;
+pub mod graph;
+pub mod io;
 pub mod model;
-pub mod ops;
+pub mod objectives;
 pub mod optim;
-pub mod peft;
-pub mod quant;
-pub mod run;
-pub mod weights;
+pub mod options;
+pub mod recipes;
+
+pub use options::{Method, TrainOptions};
+pub use recipes::{run, TrainSummary};

@@ -1,0 +1,111 @@
+//! Admission: the front every stage shares after reading (prepare, dedup, export). It counts each
+//! row, writes bad rows to rejects.jsonl (or stops at the first with --strict), and drops
+//! duplicates, writing each to duplicates.jsonl with the row it duplicates; what comes out is the
+//! batch's kept conversations, in order. Later stages report their own rejects through it, so one
+//! set of counts and side files covers the whole run. The steps themselves (the [`crate::dedup`]
+//! index) live apart from the front that applies them.
+
+use crate::accounting::{Counts, RejectWriter};
+use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Verdict};
+use crate::ingest::Item;
+use crate::output::AtomicFile;
+use crate::record::Conversation;
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub struct Front {
+    pub counts: Counts,
+    rejects: Option<RejectWriter>,
+    dup_path: PathBuf,
+    dups: Option<AtomicFile>,
+    write_files: bool,
+    strict: bool,
+    deduper: Deduper,
+    /// Representative id -> rows removed as its duplicates.
+    pub clusters: BTreeMap<String, u64>,
+}
+
+impl Front {
+    /// `dir` receives rejects.jsonl and duplicates.jsonl; `write_files = false` only counts (dry run).
+    pub fn new(dir: &Path, dedup: &DedupOptions, strict: bool, write_files: bool) -> Front {
+        Front {
+            counts: Counts::default(),
+            rejects: Some(RejectWriter::new(dir.join("rejects.jsonl"))),
+            dup_path: dir.join("duplicates.jsonl"),
+            dups: None,
+            write_files,
+            strict,
+            deduper: Deduper::new(dedup.clone()),
+            clusters: BTreeMap::new(),
+        }
+    }
+
+    /// Records a reject found after the front (tokenizing, token limits); stops under --strict.
+    pub fn reject(&mut self, r: crate::accounting::Reject) -> Result<()> {
+        if self.strict {
+            bail!("{r}");
+        }
+        self.counts.reject(&r);
+        if self.write_files {
+            self.rejects.as_mut().expect("open until finish").write(&r)?;
+        }
+        Ok(())
+    }
+
+    /// Counts a batch, rejects its bad rows, removes duplicates; returns the kept conversations.
+    pub fn admit(&mut self, items: Vec<Item>) -> Result<Vec<Conversation>> {
+        let mut convs = Vec::with_capacity(items.len());
+        for item in items {
+            self.counts.rows_read += 1;
+            match item {
+                Item::Ok(c) => convs.push(c),
+                Item::Rejected(r) => self.reject(r)?,
+            }
+        }
+        let verdicts = self.deduper.process(&convs);
+        let mut kept = Vec::with_capacity(convs.len());
+        for (c, v) in convs.into_iter().zip(verdicts) {
+            let Verdict::Duplicate { of, kind, similarity } = v else {
+                kept.push(c);
+                continue;
+            };
+            match kind {
+                DupKind::Exact => self.counts.duplicates_exact += 1,
+                DupKind::Near => self.counts.duplicates_near += 1,
+            }
+            if self.write_files {
+                if self.dups.is_none() {
+                    self.dups = Some(AtomicFile::create(&self.dup_path)?);
+                }
+                let f = self.dups.as_mut().expect("created above");
+                serde_json::to_writer(&mut *f, &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity })?;
+                f.write_all(b"\n")?;
+            }
+            *self.clusters.entry(of).or_default() += 1;
+        }
+        Ok(kept)
+    }
+
+    /// Commits the side files; returns (rejects file, duplicates file) when they were written.
+    pub fn finish(&mut self) -> Result<(Option<String>, Option<String>)> {
+        let rejects = match self.rejects.take() {
+            Some(r) if self.write_files => r.finish()?.map(|p| p.display().to_string()),
+            _ => None,
+        };
+        let dups = match self.dups.take() {
+            Some(f) => {
+                f.commit()?;
+                Some(self.dup_path.display().to_string())
+            }
+            None => {
+                if self.write_files {
+                    let _ = std::fs::remove_file(&self.dup_path);
+                }
+                None
+            }
+        };
+        Ok((rejects, dups))
+    }
+}

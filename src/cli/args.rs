@@ -1,0 +1,131 @@
+//! Argument groups several commands share: how raw rows become conversations ([`MapArgs`]),
+//! deduplication ([`DedupArgs`]), where a model computes ([`ComputeArgs`]) and how a QLoRA base is
+//! held ([`BaseQuantArgs`]).
+
+use crate::ingest::{Format, MapOptions};
+use crate::train::io::Placement;
+use anyhow::Result;
+use clap::Args;
+
+/// How raw rows become conversations (shared by convert, dedup, prepare and export).
+#[derive(Args, Clone)]
+pub struct MapArgs {
+    /// Input format; `auto` detects it from the columns.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: Format,
+    /// Add this system message to every conversation that has none.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Rename columns: `field=column[,field=column]`, e.g. `instruction=question,output=answer`.
+    #[arg(long = "map", value_name = "FIELD=COLUMN")]
+    pub renames: Vec<String>,
+    /// Prompt template over the row's columns (minijinja), e.g. "Translate into {{ lang }}: {{ text }}".
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Completion template over the row's columns, e.g. "{{ translation }}".
+    #[arg(long)]
+    pub completion: Option<String>,
+    /// Prompt template file with `prompt`/`completion` (and optional `system`) blocks, or a built-in:
+    /// alpaca, question-answer, translation, summarization, classification.
+    #[arg(long = "prompt-template", value_name = "NAME|FILE")]
+    pub prompt_template: Option<String>,
+    /// Stop at the first bad row (exit 1) instead of writing it to rejects.jsonl.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+impl MapArgs {
+    pub fn options(&self) -> Result<MapOptions> {
+        Ok(MapOptions {
+            format: Some(self.format),
+            system: self.system.clone(),
+            renames: MapOptions::parse_renames(&self.renames)?,
+            prompt: self.prompt.clone(),
+            completion: self.completion.clone(),
+            template: self.prompt_template.clone(),
+        })
+    }
+}
+
+/// Deduplication options (shared by dedup, prepare and export).
+#[derive(Args, Clone)]
+pub struct DedupArgs {
+    /// near: exact + MinHash-LSH near duplicates; exact: normalised exact matches; none: keep all.
+    #[arg(long = "dedup", value_enum, default_value = "near")]
+    pub mode: crate::dedup::DedupMode,
+    /// Text compared: the whole conversation, the prompt side, or the answers.
+    #[arg(long = "dedup-key", value_enum, default_value = "conversation")]
+    pub key: crate::dedup::DedupKey,
+    /// Estimated Jaccard similarity at or above which two rows are near duplicates.
+    #[arg(long, default_value_t = 0.8)]
+    pub threshold: f64,
+    /// Words per shingle.
+    #[arg(long, default_value_t = 5)]
+    pub ngram: usize,
+    /// MinHash permutations (a multiple of --bands).
+    #[arg(long, default_value_t = 126)]
+    pub num_perm: usize,
+    /// LSH bands (126 permutations in 21 bands of 6 rows: a pair at similarity 0.8 becomes a
+    /// candidate with probability 0.998).
+    #[arg(long, default_value_t = 21)]
+    pub bands: usize,
+    /// Also ignore punctuation when comparing exactly.
+    #[arg(long)]
+    pub strip_punctuation: bool,
+}
+
+impl DedupArgs {
+    pub fn options(&self, seed: u64) -> Result<crate::dedup::DedupOptions> {
+        if self.bands == 0 || !self.num_perm.is_multiple_of(self.bands) {
+            anyhow::bail!("--num-perm ({}) must be a multiple of --bands ({})", self.num_perm, self.bands);
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            anyhow::bail!("--threshold must be between 0 and 1");
+        }
+        let mut o = crate::dedup::DedupOptions {
+            mode: self.mode,
+            key: self.key,
+            threshold: self.threshold,
+            ngram: self.ngram,
+            num_perm: self.num_perm,
+            bands: self.bands,
+            seed: seed.wrapping_add(1),
+            ..Default::default()
+        };
+        o.normalization.strip_punctuation = self.strip_punctuation;
+        Ok(o)
+    }
+}
+
+/// Where a model computes and in what precision (train, eval, generate, score).
+#[derive(Args, Clone)]
+pub struct ComputeArgs {
+    /// Where to compute: auto (a GPU if this build has CUDA and one is present, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute dtype of the frozen base and activations: auto (bf16 on a GPU, f32 on the CPU), f32, bf16.
+    /// Adapters, gradients and optimizer state are f32 always.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+/// The frozen base as a QLoRA run held it, for commands that use a trained adapter.
+#[derive(Args, Clone)]
+pub struct BaseQuantArgs {
+    /// Hold the base's projections in 4 bits as `train --qlora` did (nf4, or gguf: a GGUF file's own blocks),
+    /// so that a QLoRA adapter is evaluated over the base it was trained on. Default: full precision.
+    #[arg(long)]
+    pub qlora: Option<String>,
+}
+
+impl ComputeArgs {
+    /// How a command that runs a trained adapter holds its base.
+    pub fn placement(&self, quant: &BaseQuantArgs) -> Placement {
+        Placement {
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            qlora: quant.qlora.clone(),
+            qlora_embeddings: false,
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! `train --config FILE.toml`: the file's keys become flags placed before the command line's own,
+//! so flags given on the command line win.
+
+use anyhow::Result;
+
+/// `train --config FILE.toml`: the file's keys become flags placed before the command line's own,
+/// so flags given on the command line win.
+pub fn expand_train_config(args: Vec<String>) -> Result<Vec<String>> {
+    let Some(t) = args.iter().position(|a| a == "train") else { return Ok(args) };
+    let cfg_path = args.iter().enumerate().skip(t + 1).find_map(|(i, a)| {
+        if a == "--config" {
+            args.get(i + 1).cloned()
+        } else {
+            a.strip_prefix("--config=").map(str::to_string)
+        }
+    });
+    let Some(path) = cfg_path else { return Ok(args) };
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read --config {path}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("--config {path}: not valid TOML: {e}"))?;
+    let mut extra = Vec::new();
+    for (k, v) in table {
+        if k == "config" {
+            continue;
+        }
+        let flag = format!("--{}", k.replace('_', "-"));
+        match v {
+            toml::Value::Boolean(true) => extra.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => extra.extend([flag, s]),
+            toml::Value::Integer(i) => extra.extend([flag, i.to_string()]),
+            toml::Value::Float(f) => extra.extend([flag, f.to_string()]),
+            toml::Value::Array(a) => {
+                let items: Vec<String> =
+                    a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect();
+                extra.extend([flag, items.join(",")]);
+            }
+            other => anyhow::bail!("--config {path}: key '{k}' has an unsupported value {other}"),
+        }
+    }
+    let mut out = args[..=t].to_vec();
+    out.extend(extra);
+    out.extend(args[t + 1..].iter().cloned());
+    Ok(out)
+}

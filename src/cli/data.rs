@@ -1,0 +1,213 @@
+//! The flags of the data commands (convert, prepare, dedup, inspect, export, validate), each turned
+//! into its command's options once.
+
+use super::args::{DedupArgs, MapArgs};
+use crate::commands::{
+    convert::ConvertOptions, dedup::DedupRunOptions, export::ExportOptions, prepare::PrepareOptions,
+};
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Output file: .jsonl or .parquet.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub map: MapArgs,
+}
+
+impl ConvertArgs {
+    pub fn options(self) -> Result<ConvertOptions> {
+        Ok(ConvertOptions { map: self.map.options()?, strict: self.map.strict, inputs: self.inputs, out: self.out })
+    }
+}
+
+#[derive(Args)]
+pub struct PrepareArgs {
+    /// Raw files (any format convert reads) or canonical conversations.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Output directory for the shards and manifest.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// tokenizer.json (or .json.gz), or a directory with tokenizer.json and tokenizer_config.json.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Chat template: the tokenizer's own by default; or a built-in (chatml, llama3, mistral,
+    /// gemma, phi3, zephyr, alpaca) or a .jinja file.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Tokens per packed row.
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    #[arg(long, value_enum, default_value = "bfd")]
+    pub pack: crate::pack::rows::PackMode,
+    /// Which tokens are trained.
+    #[arg(long, value_enum, default_value = "assistant")]
+    pub loss: crate::tokenize::LossMode,
+    /// sft: packed shards; preference: one chosen/rejected pair per row (for DPO / reward models).
+    #[arg(long, value_enum, default_value = "sft")]
+    pub method: crate::commands::prepare::PrepareMethod,
+    /// Share of conversations held out for eval (by a hash of the id and seed).
+    #[arg(long, default_value_t = 0.02)]
+    pub eval_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// What to do with samples longer than --seq-len.
+    #[arg(long, value_enum, default_value = "drop")]
+    pub too_long: crate::pack::fit::TooLong,
+    #[command(flatten)]
+    pub dedup: DedupArgs,
+    #[command(flatten)]
+    pub map: MapArgs,
+}
+
+impl PrepareArgs {
+    pub fn options(self) -> Result<PrepareOptions> {
+        let mut o = PrepareOptions::new(self.inputs, self.out, self.tokenizer);
+        o.method = self.method;
+        o.map = self.map.options()?;
+        o.strict = self.map.strict;
+        o.template = self.template;
+        o.seq_len = self.seq_len;
+        o.pack = self.pack;
+        o.loss = self.loss;
+        o.eval_fraction = self.eval_fraction;
+        o.seed = self.seed;
+        o.too_long = self.too_long;
+        o.dedup = self.dedup.options(self.seed)?;
+        Ok(o)
+    }
+}
+
+#[derive(Args)]
+pub struct DedupCommandArgs {
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Output file: .jsonl or .parquet.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Report what would be removed without writing the output.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Which row of a cluster stays: the first seen (streaming), or the longest (two passes).
+    #[arg(long, value_enum, default_value = "first")]
+    pub keep: crate::commands::dedup::Keep,
+    #[command(flatten)]
+    pub dedup: DedupArgs,
+    #[command(flatten)]
+    pub map: MapArgs,
+}
+
+impl DedupCommandArgs {
+    pub fn options(self) -> Result<DedupRunOptions> {
+        Ok(DedupRunOptions {
+            map: self.map.options()?,
+            strict: self.map.strict,
+            dedup: self.dedup.options(0)?,
+            inputs: self.inputs,
+            out: self.out,
+            dry_run: self.dry_run,
+            keep: self.keep,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    pub dir: PathBuf,
+    /// Decode this row (0-based) with trained spans marked.
+    #[arg(long)]
+    pub show: Option<usize>,
+    /// Split for --show.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Tokenizer for --show (default: the one recorded in the manifest).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Where to write the length histogram PNG (default DIR/lengths.png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum ExportTarget {
+    /// OpenAI chat fine-tuning JSONL (SFT) or preference JSONL (DPO).
+    ///
+    /// Writes OUT (rolling over to OUT-00001.jsonl... under --max-file-mb), OUT_validation.jsonl
+    /// with --eval-fraction, rejects.jsonl and duplicates.jsonl beside it.
+    Openai(OpenaiExportArgs),
+}
+
+#[derive(Args)]
+pub struct OpenaiExportArgs {
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// sft: {"messages": ...}; dpo: {"input", "preferred_output", "non_preferred_output"}.
+    #[arg(long, value_enum, default_value = "sft")]
+    pub method: crate::export::openai::ExportMethod,
+    /// Target model: picks the token encoding and the per-example token limit.
+    #[arg(long, default_value = crate::export::tokens::DEFAULT_MODEL)]
+    pub model: String,
+    /// Examples over the model's token limit: drop them or remove trailing turns.
+    #[arg(long, value_enum, default_value = "drop")]
+    pub too_long: crate::export::openai::OverLimit,
+    /// Share of examples written to the validation file (no near duplicates across the two).
+    #[arg(long, default_value_t = 0.0)]
+    pub eval_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Largest output file in MB (the platform accepts up to 512 MB per file).
+    #[arg(long, default_value_t = 512)]
+    pub max_file_mb: u64,
+    #[command(flatten)]
+    pub dedup: DedupArgs,
+    #[command(flatten)]
+    pub map: MapArgs,
+}
+
+impl OpenaiExportArgs {
+    pub fn options(self) -> Result<ExportOptions> {
+        Ok(ExportOptions {
+            map: self.map.options()?,
+            strict: self.map.strict,
+            model: crate::export::tokens::model_spec(&self.model)?,
+            dedup: self.dedup.options(self.seed)?,
+            inputs: self.inputs,
+            out: self.out,
+            method: self.method,
+            over_limit: self.too_long,
+            eval_fraction: self.eval_fraction,
+            seed: self.seed,
+            max_file_bytes: self.max_file_mb.max(1) << 20,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+pub enum ValidateTarget {
+    /// Format errors with line numbers, token statistics, and the epochs/billing estimate.
+    /// Exit 0 when the file would be accepted, 1 when not.
+    Openai(OpenaiValidateArgs),
+}
+
+#[derive(Args)]
+pub struct OpenaiValidateArgs {
+    /// One file, or all the parts of one dataset (export rolls over to OUT-00001.jsonl, ...).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    #[arg(long, default_value = crate::export::tokens::DEFAULT_MODEL)]
+    pub model: String,
+    /// Epochs for the billing estimate (default: the platform's rule for this many examples).
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// How many problems to list (all are counted).
+    #[arg(long, default_value_t = 50)]
+    pub max_problems: usize,
+}

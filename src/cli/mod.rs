@@ -1,0 +1,83 @@
+//! The command line, all flags in one place: the top-level [`Cli`] and its [`Command`]s; the
+//! flags of each command in [`data`] (convert, prepare, dedup, inspect, export, validate),
+//! [`train`] and [`model`] (eval, generate, score, merge), the groups they share in [`args`],
+//! and the `--config` expansion in [`config`]. Each command's flags become its options once
+//! (`options()`); the commands themselves are in `crate::commands`.
+
+pub mod args;
+pub mod config;
+pub mod data;
+pub mod model;
+pub mod train;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "tunekit",
+    version,
+    about = "Instruction tuning in one binary: raw files to training shards, and LoRA/QLoRA/DPO training on them.",
+    long_about = "Instruction tuning in one binary: raw files to training shards, and LoRA/QLoRA/DPO training on them.\n\n\
+    The flow: convert (raw CSV/JSONL/JSON/Parquet -> conversations) -> dedup -> prepare (chat template, \
+    loss masks, tokenize, pack into Parquet shards) -> train (LoRA, QLoRA, DPO, reward models; PEFT adapters) -> eval, \
+    generate, score, merge; export/validate write and check OpenAI fine-tuning JSONL.\n\nExit codes: 0 ok, 1 data or IO error, 2 usage error."
+)]
+pub struct Cli {
+    /// No progress bars or warnings.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Print one JSON object with counts, paths and figures on stdout (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Raw CSV/TSV/JSONL/JSON/Parquet (optionally .gz/.zst) to canonical conversations (.jsonl or .parquet).
+    ///
+    /// Formats: alpaca, dolly, sharegpt, messages, prompt-completion, preference, text, or your own
+    /// columns through --prompt/--completion templates. Bad rows go to rejects.jsonl beside the output.
+    Convert(data::ConvertArgs),
+    /// The main job: convert -> dedup -> chat template + loss masks -> tokenize -> pack into Parquet shards.
+    ///
+    /// Writes train-*.parquet / eval-*.parquet (input_ids, labels, position_ids, seq_lengths),
+    /// rejects.jsonl, duplicates.jsonl and, last, manifest.json with the accounting.
+    Prepare(data::PrepareArgs),
+    /// Show what a shard directory holds: accounting, length histogram (terminal + PNG), fill
+    /// ratio, trainable share; --show N decodes row N with the trained text highlighted.
+    Inspect(data::InspectArgs),
+    /// Remove exact and near-duplicate conversations (MinHash-LSH); removed rows go to duplicates.jsonl.
+    Dedup(data::DedupCommandArgs),
+    /// Export conversations as OpenAI fine-tuning JSONL (`export openai INPUT... --out train.jsonl`).
+    Export {
+        #[command(subcommand)]
+        target: data::ExportTarget,
+    },
+    /// Check a fine-tuning file the way the platform does (`validate openai FILE.jsonl`).
+    Validate {
+        #[command(subcommand)]
+        target: data::ValidateTarget,
+    },
+    /// Train a LoRA/QLoRA adapter on prepared shards (SFT), or DPO / a reward model on preference
+    /// shards; PEFT output.
+    #[command(args_override_self = true)]
+    Train(Box<train::TrainArgs>),
+    /// Loss and perplexity of a model (optionally with an adapter) on the eval shards.
+    Eval(model::EvalArgs),
+    /// Generate an answer: renders the chat template and samples with a KV cache.
+    Generate(model::GenerateArgs),
+    /// Rewards of conversations under a reward model (`train --method reward`): one JSON line per
+    /// conversation ({"id", "reward"}; preference records get "chosen" and "rejected").
+    Score(model::ScoreArgs),
+    /// Merge an adapter into the base weights and write a Hugging Face model directory.
+    Merge(model::MergeArgs),
+    /// Run the main job on the bundled sample and print where the outputs are.
+    Quickstart {
+        /// Output directory.
+        #[arg(long, default_value = "out/quickstart")]
+        out: PathBuf,
+    },
+}

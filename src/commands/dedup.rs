@@ -1,0 +1,231 @@
+//! `tunekit dedup`: conversations in, deduplicated conversations out, every removal explained
+//! in duplicates.jsonl (id, duplicate_of, kind, similarity).
+
+use super::Summary;
+use crate::accounting::{Counts, Tally};
+use crate::admit::Front;
+use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Verdict};
+use crate::ingest::{stream_conversations, MapOptions};
+use crate::record::sink::ConversationSink;
+use anyhow::Result;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Which row of a cluster stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// The first row seen (one streaming pass).
+    First,
+    /// The longest row of the cluster (ties: the first); reads the input twice.
+    Longest,
+}
+
+pub struct DedupRunOptions {
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub dry_run: bool,
+    pub keep: Keep,
+    pub map: MapOptions,
+    pub strict: bool,
+    pub dedup: DedupOptions,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DedupSummary {
+    pub command: &'static str,
+    pub out: Option<String>,
+    pub dry_run: bool,
+    #[serde(flatten)]
+    pub tally: Tally,
+    /// Clusters with at least one removed row: representative id -> number of rows removed.
+    pub clusters: usize,
+    pub largest_clusters: Vec<(String, u64)>,
+    pub options: DedupOptions,
+}
+
+/// `--keep longest`: pass 1 finds the clusters (every row's first-seen representative) and the
+/// longest member of each; pass 2 writes that member and records every other row as its duplicate.
+fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
+    use std::collections::HashMap;
+    use std::io::Write;
+    let start = Instant::now();
+    let dir = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let mut front = Front::new(dir, &opts.dedup, opts.strict, false);
+    // id -> (cluster root id, length, kind and similarity against the root)
+    let mut member: HashMap<String, (String, usize, Option<DupKind>, f64)> = HashMap::new();
+    let mut best: HashMap<String, (String, usize)> = HashMap::new();
+    let mut deduper = Deduper::new(opts.dedup.clone());
+    let pb = crate::progress::rows("dedup (pass 1 of 2)");
+    stream_conversations(&opts.inputs, &opts.map, |batch| {
+        let mut convs = Vec::new();
+        for item in batch.items {
+            front.counts.rows_read += 1;
+            match item {
+                crate::ingest::Item::Ok(c) => convs.push(c),
+                crate::ingest::Item::Rejected(r) => front.reject(r)?,
+            }
+        }
+        for (c, v) in convs.iter().zip(deduper.process(&convs)) {
+            let len = c.full_text().len();
+            let (root, kind, sim) = match v {
+                Verdict::Keep => (c.id.clone(), None, 1.0),
+                Verdict::Duplicate { of, kind, similarity } => {
+                    match kind {
+                        DupKind::Exact => front.counts.duplicates_exact += 1,
+                        DupKind::Near => front.counts.duplicates_near += 1,
+                    }
+                    (of, Some(kind), similarity)
+                }
+            };
+            let e = best.entry(root.clone()).or_insert_with(|| (c.id.clone(), len));
+            if len > e.1 {
+                *e = (c.id.clone(), len);
+            }
+            member.insert(c.id.clone(), (root, len, kind, sim));
+        }
+        pb.set_position(front.counts.rows_read);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let mut sink = if opts.dry_run { None } else { Some(ConversationSink::create(&opts.out)?) };
+    let dup_path = dir.join("duplicates.jsonl");
+    let mut dups = if opts.dry_run { None } else { Some(crate::output::AtomicFile::create(&dup_path)?) };
+    let mut rejects = crate::accounting::RejectWriter::new(dir.join("rejects.jsonl"));
+    let pb = crate::progress::rows("dedup (pass 2 of 2)");
+    let mut seen = 0u64;
+    stream_conversations(&opts.inputs, &opts.map, |batch| {
+        let mut kept = Vec::new();
+        for item in batch.items {
+            seen += 1;
+            let c = match item {
+                crate::ingest::Item::Ok(c) => c,
+                crate::ingest::Item::Rejected(r) => {
+                    if !opts.dry_run {
+                        rejects.write(&r)?;
+                    }
+                    continue;
+                }
+            };
+            let (root, _, kind, sim) = member.get(&c.id).cloned().expect("seen in pass 1");
+            let chosen = &best[&root].0;
+            if *chosen == c.id {
+                kept.push(c);
+            } else if let Some(f) = dups.as_mut() {
+                // Similarity is against the cluster's first row; the first row itself reports the chosen one's.
+                let (kind, sim) = match kind {
+                    Some(k) => (k, sim),
+                    None => {
+                        let m = &member[chosen];
+                        (m.2.unwrap_or(DupKind::Near), m.3)
+                    }
+                };
+                serde_json::to_writer(
+                    &mut *f,
+                    &DuplicateRecord { id: &c.id, duplicate_of: chosen, kind, similarity: sim },
+                )?;
+                f.write_all(b"\n")?;
+            }
+        }
+        front.counts.rows_kept += kept.len() as u64;
+        if let Some(s) = sink.as_mut() {
+            s.write_batch(&kept)?;
+        }
+        pb.set_position(seen);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    if let Some(s) = sink {
+        s.commit()?;
+    }
+    let duplicates_file = match dups {
+        Some(f) => {
+            f.commit()?;
+            Some(dup_path.display().to_string())
+        }
+        None => None,
+    };
+    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
+    let mut largest: Vec<(String, u64)> = Vec::new();
+    let mut sizes: HashMap<&str, u64> = HashMap::new();
+    for (root, ..) in member.values() {
+        *sizes.entry(root.as_str()).or_default() += 1;
+    }
+    for (root, n) in sizes.iter().filter(|(_, &n)| n > 1) {
+        largest.push((best[*root].0.clone(), n - 1));
+    }
+    Ok(summary(opts, front.counts.clone(), largest, duplicates_file, rejects_file, start))
+}
+
+pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
+    if opts.keep == Keep::Longest {
+        return run_keep_longest(opts);
+    }
+    let start = Instant::now();
+    let mut sink = if opts.dry_run { None } else { Some(ConversationSink::create(&opts.out)?) };
+    let dir = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let mut front = Front::new(dir, &opts.dedup, opts.strict, !opts.dry_run);
+    let pb = crate::progress::rows("dedup");
+    stream_conversations(&opts.inputs, &opts.map, |batch| {
+        let kept = front.admit(batch.items)?;
+        front.counts.rows_kept += kept.len() as u64;
+        if let Some(s) = sink.as_mut() {
+            s.write_batch(&kept)?;
+        }
+        pb.set_position(front.counts.rows_read);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    if front.counts.rows_read == 0 {
+        crate::progress::warn("the input has no rows; the output is empty");
+    }
+    if let Some(s) = sink {
+        s.commit()?;
+    }
+    let (rejects_file, duplicates_file) = front.finish()?;
+    let largest: Vec<(String, u64)> = front.clusters.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    Ok(summary(opts, front.counts.clone(), largest, duplicates_file, rejects_file, start))
+}
+
+/// The summary of a run; `clusters` lists every cluster with a removed row (representative, rows removed).
+fn summary(
+    opts: &DedupRunOptions,
+    counts: Counts,
+    mut clusters: Vec<(String, u64)>,
+    duplicates_file: Option<String>,
+    rejects_file: Option<String>,
+    start: Instant,
+) -> DedupSummary {
+    let n = clusters.len();
+    clusters.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    clusters.truncate(10);
+    DedupSummary {
+        command: "dedup",
+        out: (!opts.dry_run).then(|| opts.out.display().to_string()),
+        dry_run: opts.dry_run,
+        tally: Tally::new(counts, (rejects_file, duplicates_file), start),
+        clusters: n,
+        largest_clusters: clusters,
+        options: opts.dedup.clone(),
+    }
+}
+
+impl Summary for DedupSummary {
+    fn print_human(&self) {
+        let c = &self.tally.counts;
+        println!("deduplicated {}{}", self.tally.rate(), if self.dry_run { " [dry run]" } else { "" });
+        println!("  kept:       {}", c.rows_kept);
+        println!(
+            "  duplicates: {} exact, {} near, in {} cluster(s)",
+            c.duplicates_exact, c.duplicates_near, self.clusters
+        );
+        for (id, n) in self.largest_clusters.iter().take(5) {
+            println!("    {id}: {n} removed");
+        }
+        if let Some(o) = &self.out {
+            println!("  output:     {o}");
+        }
+        self.tally.print_human();
+    }
+}

@@ -1,0 +1,202 @@
+//! `tunekit prepare`: the main job. One streaming pass of convert -> admit (count, reject, dedup) ->
+//! tokenize with loss masks -> split -> pack -> Parquet shards, then `manifest.json` (written last: a
+//! directory without it is incomplete). [`sft`] packs samples into rows; [`preference`] writes one
+//! chosen/rejected pair per row.
+
+pub mod preference;
+pub mod sft;
+
+use super::Summary;
+use crate::accounting::Tally;
+use crate::dedup::DedupOptions;
+use crate::ingest::MapOptions;
+use crate::pack::fit::TooLong;
+use crate::pack::manifest::{
+    Manifest, ManifestAccounting, SourceFile, SplitStats, Splits, TemplateRecord, TokenizerRecord, Tool,
+};
+use crate::pack::rows::PackMode;
+use crate::template::chat::ChatTemplate;
+use crate::tokenize::{LossMode, TokenizerInfo};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrepareMethod {
+    /// Packed SFT shards (input_ids, labels, position_ids, seq_lengths).
+    Sft,
+    /// Preference shards for DPO / reward models: one pair per row, answers trained.
+    Preference,
+}
+
+pub struct PrepareOptions {
+    pub method: PrepareMethod,
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub map: MapOptions,
+    pub strict: bool,
+    pub tokenizer: PathBuf,
+    pub template: Option<String>,
+    pub seq_len: usize,
+    pub pack: PackMode,
+    pub loss: LossMode,
+    pub eval_fraction: f64,
+    pub seed: u64,
+    pub too_long: TooLong,
+    pub dedup: DedupOptions,
+    /// Tokens buffered per split before packing (the packer's window).
+    pub window_tokens: usize,
+    /// Uncompressed bytes per shard file before a new one starts.
+    pub shard_bytes: usize,
+}
+
+impl PrepareOptions {
+    pub fn new(inputs: Vec<PathBuf>, out: PathBuf, tokenizer: PathBuf) -> Self {
+        PrepareOptions {
+            method: PrepareMethod::Sft,
+            inputs,
+            out,
+            map: MapOptions::default(),
+            strict: false,
+            tokenizer,
+            template: None,
+            seq_len: 2048,
+            pack: PackMode::Bfd,
+            loss: LossMode::Assistant,
+            eval_fraction: 0.02,
+            seed: 0,
+            too_long: TooLong::Drop,
+            dedup: DedupOptions::default(),
+            window_tokens: 2 << 20,
+            shard_bytes: 256 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct PrepareSummary {
+    pub command: &'static str,
+    pub method: PrepareMethod,
+    pub out: String,
+    pub manifest: String,
+    #[serde(flatten)]
+    pub tally: Tally,
+    pub truncated: u64,
+    pub dropped_too_long: u64,
+    pub samples: u64,
+    pub packed_rows: u64,
+    pub tokens: u64,
+    pub trainable_tokens: u64,
+    pub fill_ratio: f64,
+    pub train: SplitStats,
+    pub eval: SplitStats,
+    pub tokens_per_s: f64,
+}
+
+pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
+    match opts.method {
+        PrepareMethod::Sft => sft::run(opts),
+        PrepareMethod::Preference => preference::run(opts),
+    }
+}
+
+/// What both methods set up first: the options checked, the tokenizer and chat template loaded, the
+/// output directory made and cleared of an earlier run's manifest.
+struct Setup {
+    tok: TokenizerInfo,
+    template: ChatTemplate,
+}
+
+impl Setup {
+    fn new(opts: &PrepareOptions) -> Result<Setup> {
+        if opts.seq_len < 8 {
+            bail!("--seq-len {} is too small", opts.seq_len);
+        }
+        if !(0.0..1.0).contains(&opts.eval_fraction) {
+            bail!("--eval-fraction must be in [0, 1), got {}", opts.eval_fraction);
+        }
+        let tok = TokenizerInfo::load(&opts.tokenizer)?;
+        let template = crate::tokenize::chat_template(&tok, opts.template.as_deref())?;
+        std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+        // A re-run must not leave an old manifest that vouches for new, partial shards.
+        Manifest::remove(&opts.out);
+        Ok(Setup { tok, template })
+    }
+
+    /// The manifest of a finished run: the parts every kind shares, filled from the options.
+    fn manifest(&self, opts: &PrepareOptions, sources: Vec<SourceFile>, accounting: ManifestAccounting) -> Manifest {
+        Manifest {
+            format: String::new(),
+            format_version: 1,
+            method: None,
+            tool: Tool::this(),
+            sources,
+            tokenizer: TokenizerRecord::of(&self.tok),
+            template: TemplateRecord { name: self.template.name.clone(), sha256: self.template.sha256.clone() },
+            seq_len: opts.seq_len,
+            packing: None,
+            loss: opts.loss,
+            too_long: opts.too_long,
+            seed: opts.seed,
+            eval_fraction: opts.eval_fraction,
+            dedup: opts.dedup.clone(),
+            columns: vec![],
+            accounting,
+            splits: Splits::default(),
+        }
+    }
+}
+
+/// The sha256 of every input, on a thread of its own (the inputs are read again meanwhile).
+fn hash_sources(inputs: &[PathBuf]) -> std::thread::JoinHandle<Result<Vec<SourceFile>>> {
+    let inputs = inputs.to_vec();
+    std::thread::spawn(move || {
+        inputs
+            .iter()
+            .map(|p| Ok(SourceFile { path: p.display().to_string(), sha256: crate::digest::sha256_file(p)? }))
+            .collect()
+    })
+}
+
+fn joined<T>(h: std::thread::JoinHandle<Result<T>>, what: &str) -> Result<T> {
+    h.join().map_err(|_| anyhow::anyhow!("{what} thread panicked"))?
+}
+
+fn file_names(files: &[PathBuf]) -> Vec<String> {
+    files.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()).collect()
+}
+
+fn manifest_path(out: &Path) -> String {
+    out.join(crate::pack::manifest::FILE).display().to_string()
+}
+
+impl Summary for PrepareSummary {
+    fn print_human(&self) {
+        let t = &self.tally;
+        println!("prepared {}, {:.0} tokens/s", t.rate(), self.tokens_per_s);
+        println!("  samples:    {} ({} train, {} eval)", self.samples, self.train.samples, self.eval.samples);
+        t.print_human();
+        if self.truncated > 0 {
+            println!("  truncated:  {}", self.truncated);
+        }
+        if self.method == PrepareMethod::Preference {
+            println!("  pairs:      {} ({} tokens, chosen + rejected)", self.samples, self.tokens);
+        } else {
+            println!(
+                "  packed:     {} row(s), {} tokens, {} trained ({:.1}%), fill {:.1}%",
+                self.packed_rows,
+                self.tokens,
+                self.trainable_tokens,
+                100.0 * self.trainable_tokens as f64 / self.tokens.max(1) as f64,
+                100.0 * self.fill_ratio
+            );
+        }
+        println!(
+            "  shards:     {} -> {}",
+            self.out,
+            [self.train.files.clone(), self.eval.files.clone()].concat().join(", ")
+        );
+        println!("  manifest:   {}", self.manifest);
+    }
+}

@@ -1,0 +1,178 @@
+//! `manifest.json`, the record of a shard directory (../shared/DESIGN.md): the tool, the sources
+//! with their sha256, the tokenizer and template, the options, the accounting and each split's
+//! statistics. Written last and atomically, so a directory without it is incomplete; read back by
+//! train, eval and inspect. One type for every kind of shard directory; what a kind lacks is left
+//! out of the file.
+
+use super::fit::TooLong;
+use super::rows::PackMode;
+use crate::accounting::Counts;
+use crate::dedup::DedupOptions;
+use crate::output::AtomicFile;
+use crate::tokenize::{LossMode, TokenizerInfo};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+pub const FILE: &str = "manifest.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Manifest {
+    /// "tunekit-shards" (packed SFT rows) or "tunekit-preference-shards".
+    pub format: String,
+    pub format_version: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    pub tool: Tool,
+    pub sources: Vec<SourceFile>,
+    pub tokenizer: TokenizerRecord,
+    pub template: TemplateRecord,
+    pub seq_len: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packing: Option<PackMode>,
+    pub loss: LossMode,
+    pub too_long: TooLong,
+    pub seed: u64,
+    pub eval_fraction: f64,
+    pub dedup: DedupOptions,
+    pub columns: Vec<String>,
+    pub accounting: ManifestAccounting,
+    pub splits: Splits,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Tool {
+    pub name: String,
+    pub version: String,
+}
+
+impl Tool {
+    pub fn this() -> Tool {
+        Tool { name: "tunekit".into(), version: crate::VERSION.into() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SourceFile {
+    pub path: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenizerRecord {
+    pub path: String,
+    pub sha256: String,
+    pub vocab_size: usize,
+    pub special_tokens: Map<String, Value>,
+}
+
+impl TokenizerRecord {
+    pub fn of(tok: &TokenizerInfo) -> Self {
+        TokenizerRecord {
+            path: tok.path.display().to_string(),
+            sha256: tok.sha256.clone(),
+            vocab_size: tok.vocab_size,
+            special_tokens: tok.specials.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TemplateRecord {
+    pub name: String,
+    pub sha256: String,
+}
+
+/// Where every input row went, and what the shards hold (../shared/DESIGN.md, "Nothing lost").
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ManifestAccounting {
+    pub rows_read: u64,
+    pub rejected: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub duplicates_exact: u64,
+    pub duplicates_near: u64,
+    pub dropped_too_long: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pairs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packed_rows: Option<u64>,
+    pub tokens: u64,
+    pub trainable_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fill_ratio: Option<f64>,
+}
+
+impl ManifestAccounting {
+    /// The counts every kind shares, from a run's counts; the kind fills in what its shards hold.
+    pub fn of(c: &Counts, dropped_too_long: u64) -> Self {
+        ManifestAccounting {
+            rows_read: c.rows_read,
+            rejected: c.rejected,
+            rejected_by_reason: c.rejected_by_reason.clone(),
+            duplicates_exact: c.duplicates_exact,
+            duplicates_near: c.duplicates_near,
+            dropped_too_long,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Splits {
+    pub train: SplitStats,
+    pub eval: SplitStats,
+}
+
+/// One split's shards: samples (or pairs), rows, tokens, trained tokens, fill and file names.
+#[derive(Debug, Serialize, Deserialize, Clone, Default)]
+#[serde(default)]
+pub struct SplitStats {
+    pub samples: u64,
+    pub rows: u64,
+    pub tokens: u64,
+    pub trainable_tokens: u64,
+    pub fill_ratio: f64,
+    pub files: Vec<String>,
+}
+
+impl Manifest {
+    /// Writes `dir/manifest.json` atomically (last: a shard directory without it is incomplete).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let mut f = AtomicFile::create(&dir.join(FILE))?;
+        serde_json::to_writer_pretty(&mut f, self)?;
+        f.write_all(b"\n")?;
+        f.commit()
+    }
+
+    /// Reads `dir/manifest.json`; its absence means the directory is incomplete.
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let p = dir.join(FILE);
+        if !p.exists() {
+            bail!(
+                "{}: no manifest.json; this is not a complete tunekit shard directory (prepare writes the manifest last)",
+                dir.display()
+            );
+        }
+        let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a tunekit manifest", p.display()))
+    }
+
+    /// Removes an earlier run's manifest, so that it never vouches for new, partial shards.
+    pub fn remove(dir: &Path) {
+        let _ = std::fs::remove_file(dir.join(FILE));
+    }
+}

@@ -1,0 +1,180 @@
+//! LoRA as PEFT defines it: `y = x W^T (+ b) + (dropout(x) A^T B^T) * s` with A [r, in] initialised
+//! Kaiming-uniform (a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B [out, r] zeros, and
+//! s = alpha / r (alpha / sqrt(r) with rsLoRA). Only A and B are variables. The adapted layer is one
+//! graph node over (x, A, B) with a hand-written backward ([`lora_linear`]); the frozen base it
+//! adapts is an op given to it ([`BaseOp`]).
+
+use crate::split::SplitMix64;
+use crate::train::graph::{attached_forward, recording, BaseOp};
+use anyhow::Result;
+use candle_core::{CustomOp3, DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub rslora: bool,
+    /// Module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+    pub targets: Vec<String>,
+}
+
+pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+impl LoraSettings {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+    /// `all-linear` or a comma list.
+    pub fn parse_targets(spec: &str) -> Result<Vec<String>> {
+        if spec == "all-linear" || spec == "all" {
+            return Ok(ALL_LINEAR.iter().map(|s| s.to_string()).collect());
+        }
+        let t: Vec<String> = spec.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        for x in &t {
+            if !ALL_LINEAR.contains(&x.as_str()) {
+                anyhow::bail!("--target: unknown module '{x}' (use {} or all-linear)", ALL_LINEAR.join(","));
+            }
+        }
+        Ok(t)
+    }
+}
+
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+    /// Off = the base model alone (DPO's reference model without a second copy in memory).
+    pub enabled: std::cell::Cell<bool>,
+}
+
+impl Lora {
+    /// A fresh adapter for a layer of `inp` -> `out` features (PEFT's initialisation), drawn from `rng`.
+    pub fn new(out: usize, inp: usize, s: &LoraSettings, rng: &mut SplitMix64, device: &Device) -> Result<Self> {
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a: Vec<f32> = (0..s.r * inp).map(|_| (rng.uniform() * 2.0 - 1.0) as f32 * bound as f32).collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (s.r, inp), device)?)?;
+        let b = Var::from_tensor(&Tensor::zeros((out, s.r), DType::F32, device)?)?;
+        Ok(Lora { a, b, scale: s.scale(), dropout: s.dropout, enabled: std::cell::Cell::new(true) })
+    }
+}
+
+/// `y = base(x) + s * (mask ⊙ x) A^T B^T` over (x, A, B); `u = (mask ⊙ x) A^T` [T, r] is kept.
+struct LoraLinearFn {
+    base: BaseOp,
+    scale: f64,
+    mask: Option<Tensor>,
+    u: Tensor,
+}
+
+impl CustomOp3 for LoraLinearFn {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    attached_forward!(3);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Inputs are graph nodes: detached, so that no gradient carries the forward graph along.
+        let (x, a, b) = (&x.detach(), a.detach(), b.detach());
+        let dx_base = self.base.bwd(x, y, dy)?.expect("a base op gives the input gradient");
+        let dy32 = dy.to_dtype(DType::F32)?;
+        let du = dy32.matmul(&(b * self.scale)?)?; // [T, r]
+        let db = (dy32.t()?.matmul(&self.u)? * self.scale)?; // [out, r]
+        let mut xin = x.to_dtype(DType::F32)?;
+        if let Some(m) = &self.mask {
+            xin = (xin * m)?;
+        }
+        let da = du.t()?.matmul(&xin)?; // [r, in]
+        let mut dx = du.matmul(&a)?; // [T, in]
+        if let Some(m) = &self.mask {
+            dx = (dx * m)?;
+        }
+        Ok((Some((dx_base + dx.to_dtype(x.dtype())?)?), Some(da), Some(db)))
+    }
+}
+
+/// A LoRA linear layer as one graph node over (x, A, B). `x32` is x in f32 (shared by the
+/// projections that read the same input), `mask` the inverted-dropout mask of the adapter's input.
+pub fn lora_linear(
+    x: &Tensor,
+    x32: &Tensor,
+    base: BaseOp,
+    bias: Option<&Tensor>,
+    (a, b, scale): (&Tensor, &Tensor, f64),
+    mask: Option<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let xd = x.detach().contiguous()?;
+    let mut y = xd.apply_op1_arc(base.clone())?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    let xin = match &mask {
+        Some(m) => (x32.detach() * m)?,
+        None => x32.detach(),
+    };
+    let u = xin.matmul(&a.detach().t()?)?;
+    // The scale goes on B^T [r, out], not on the [tokens, out] product.
+    let delta = u.matmul(&(b.detach().t()? * scale)?)?;
+    let y = (y + delta.to_dtype(x.dtype())?)?;
+    if !recording() {
+        return Ok(y);
+    }
+    Ok(y.with_backward3(x, a, b, LoraLinearFn { base, scale, mask, u }))
+}
+
+/// Inverted-dropout mask (0 or 1/(1-p)) shaped as `x`, in f32, drawn from `rng` (reproducible
+/// across resumes).
+pub fn dropout_mask(x: &Tensor, p: f64, rng: &mut SplitMix64) -> candle_core::Result<Tensor> {
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.uniform() >= p { keep } else { 0.0 }).collect();
+    Tensor::from_vec(mask, x.shape(), x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::graph::no_grad;
+    use crate::train::graph::testing::{max_diff, rand, same_as_graph};
+    use std::sync::Arc;
+
+    #[test]
+    fn lora_linear_with_dropout_and_bias_matches_the_graph() {
+        let (w, bias) = (rand(&[3, 6], 1), rand(&[3], 2));
+        let mask = (rand(&[5, 6], 3).ge(0.0).unwrap().to_dtype(DType::F32).unwrap() * 2.0).unwrap();
+        let base: BaseOp = Arc::new(Box::new(crate::train::graph::FrozenMatmul { w: w.clone() }));
+        same_as_graph(
+            |t| lora_linear(&t[0], &t[0], base.clone(), Some(&bias), (&t[1], &t[2], 0.7), Some(mask.clone())).unwrap(),
+            |t| {
+                let y = t[0].matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+                let d =
+                    (&t[0] * &mask).unwrap().matmul(&t[1].t().unwrap()).unwrap().matmul(&t[2].t().unwrap()).unwrap();
+                (y + (d * 0.7).unwrap()).unwrap()
+            },
+            &[rand(&[5, 6], 4), rand(&[2, 6], 5), rand(&[3, 2], 6)],
+        );
+    }
+
+    #[test]
+    fn no_grad_records_no_graph() {
+        let (x, a, b) = (rand(&[5, 6], 30), Var::from_tensor(&rand(&[2, 6], 31)).unwrap(), rand(&[3, 2], 32));
+        let base: BaseOp = Arc::new(Box::new(crate::train::graph::FrozenMatmul { w: rand(&[3, 6], 33) }));
+        let run = || lora_linear(&x, &x, base.clone(), None, (a.as_tensor(), &b, 2.0), None).unwrap();
+        let (recorded, plain) = (run(), no_grad(run));
+        assert!(recorded.track_op() && !plain.track_op());
+        assert_eq!(max_diff(&recorded, &plain), 0.0);
+    }
+}

@@ -1,0 +1,61 @@
+//! Training checkpoints: a directory with the adapter (PEFT format, plus what the recipe adds, such
+//! as a reward head), AdamW's moments and `state.json` (the recipe's position in its data and RNG
+//! streams, Adam's step, the options). Written under a temporary name and renamed, so a checkpoint
+//! directory that exists is complete; `--resume` from it continues bit for bit.
+
+use crate::train::model::Model;
+use crate::train::optim::AdamW;
+use crate::train::options::TrainOptions;
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor, Var};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Writes a checkpoint directory atomically: the adapter (PEFT format; `extra` may add to it), the
+/// optimizer moments, and `state.json` with the caller's state, Adam's step and the options.
+pub fn write(
+    dir: &Path,
+    model: &Model,
+    opts: &TrainOptions,
+    opt: &AdamW,
+    state: serde_json::Value,
+    extra: &dyn Fn(&Path) -> Result<()>,
+) -> Result<()> {
+    let tmp = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    super::peft::save(model, &opts.lora, &opts.model.display().to_string(), &tmp)?;
+    extra(&tmp)?;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+        t.insert(format!("m.{i}"), m.clone());
+        t.insert(format!("v.{i}"), v.clone());
+    }
+    candle_core::safetensors::save(&t, tmp.join("optimizer.safetensors"))?;
+    std::fs::write(
+        tmp.join("state.json"),
+        serde_json::to_string_pretty(&json!({"state": state, "adam_step": opt.step, "options": opts}))?,
+    )?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir)?;
+    Ok(())
+}
+
+/// Restores the trainable variables (by PEFT name) and the optimizer from a checkpoint; returns the
+/// caller's state.
+pub fn read(dir: &Path, vars_named: &[(String, Var)], opt: &mut AdamW) -> Result<serde_json::Value> {
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("state.json")).with_context(|| format!("{}: not a checkpoint", dir.display()))?,
+    )?;
+    let (_, tensors) = super::peft::read(dir)?;
+    for (n, v) in vars_named {
+        v.set(&tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?.to_device(v.device())?)?;
+    }
+    let ot = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
+    for (i, (_, var)) in vars_named.iter().enumerate() {
+        opt.m[i] = ot.get(&format!("m.{i}")).context("optimizer state incomplete")?.to_device(var.device())?;
+        opt.v[i] = ot.get(&format!("v.{i}")).context("optimizer state incomplete")?.to_device(var.device())?;
+    }
+    opt.step = st["adam_step"].as_u64().unwrap_or(0);
+    Ok(st["state"].clone())
+}

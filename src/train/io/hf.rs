@@ -1,0 +1,97 @@
+//! Hugging Face model directories: config.json with model.safetensors or shards listed in
+//! model.safetensors.index.json, read tensor by tensor (QLoRA quantises each projection as it is
+//! read); and a small random model written in the same form, a stand-in base for demos and tests.
+
+use crate::train::model::base::{is_projection, nf4_of, BaseModel};
+use crate::train::model::config::ModelConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn load_hf_dir(dir: &Path, device: &Device, nf4: bool) -> Result<BaseModel> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let files: Vec<PathBuf> = if dir.join("model.safetensors.index.json").exists() {
+        let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json"))?)?;
+        let mut f: Vec<String> = idx["weight_map"]
+            .as_object()
+            .context("model.safetensors.index.json has no weight_map")?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        f.sort();
+        f.dedup();
+        f.into_iter().map(|n| dir.join(n)).collect()
+    } else if dir.join("model.safetensors").exists() {
+        vec![dir.join("model.safetensors")]
+    } else {
+        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+    };
+    let mut tensors = HashMap::new();
+    let mut nf4_map = HashMap::new();
+    // Memory-mapped: each tensor is materialised (and quantised, for QLoRA) on its own.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .with_context(|| format!("cannot read the safetensors of {}", dir.display()))?;
+    let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    for name in names {
+        let t = st.load(&name, device)?;
+        if nf4 && is_projection(&name) {
+            nf4_map.insert(name.trim_end_matches(".weight").to_string(), nf4_of(&t)?);
+        } else {
+            tensors.insert(name, t.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(BaseModel {
+        config,
+        tensors,
+        nf4: nf4_map,
+        quantized: HashMap::new(),
+        source: dir.to_path_buf(),
+        gguf_metadata: None,
+    })
+}
+
+/// A small randomly initialised model (normal, std 0.02; norms at 1) with the given config, written
+/// as a Hugging Face directory: a stand-in base for demos and tests when no checkpoint is at hand.
+pub fn write_random_model(config: &ModelConfig, seed: u64, out: &Path) -> Result<()> {
+    let device = Device::Cpu;
+    let mut rng = crate::split::SplitMix64::new(seed);
+    let mut normal = |shape: (usize, usize)| -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.normal() * 0.02) as f32).collect();
+        Ok(Tensor::from_vec(v, shape, &device)?)
+    };
+    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), normal((v, h))?);
+    t.insert("model.norm.weight".into(), Tensor::ones(h, DType::F32, &device)?);
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in [
+            ("self_attn.q_proj", (q, h)),
+            ("self_attn.k_proj", (kv, h)),
+            ("self_attn.v_proj", (kv, h)),
+            ("self_attn.o_proj", (h, q)),
+            ("mlp.gate_proj", (i, h)),
+            ("mlp.up_proj", (i, h)),
+            ("mlp.down_proj", (h, i)),
+        ] {
+            t.insert(format!("{p}.{n}.weight"), normal(shape)?);
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            t.insert(format!("{p}.{n}.weight"), Tensor::ones(h, DType::F32, &device)?);
+        }
+        if config.qk_norm() {
+            for n in ["self_attn.q_norm", "self_attn.k_norm"] {
+                t.insert(format!("{p}.{n}.weight"), Tensor::ones(config.head_dim(), DType::F32, &device)?);
+            }
+        }
+    }
+    if !config.tie_word_embeddings {
+        t.insert("lm_head.weight".into(), normal((v, h))?);
+    }
+    std::fs::create_dir_all(out)?;
+    candle_core::safetensors::save(&t, out.join("model.safetensors"))?;
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(config)?)?;
+    Ok(())
+}

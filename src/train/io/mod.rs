@@ -1,0 +1,82 @@
+//! Weights in and out of the trainer: base models from Hugging Face directories ([`hf`]) and GGUF
+//! files ([`gguf`]), adapters in PEFT's format ([`peft`]), merged models ([`merge`]) and training
+//! checkpoints ([`checkpoint`]). [`load_model`] is the one way a command gets a model to run.
+
+pub mod checkpoint;
+pub mod gguf;
+pub mod hf;
+pub mod merge;
+pub mod peft;
+
+use crate::train::model::base::BaseModel;
+use crate::train::model::Model;
+use anyhow::{bail, Result};
+use candle_core::Device;
+use std::path::Path;
+
+/// Loads a base; with `qlora` ("nf4" or "gguf") the projections are quantised (or kept quantised)
+/// one tensor at a time as they are read, so the whole base is never in f32.
+pub fn load_base(path: &Path, device: &Device, qlora: Option<&str>) -> Result<BaseModel> {
+    match qlora {
+        None | Some("nf4") | Some("gguf") => {}
+        Some(other) => bail!("--qlora {other}: use nf4 or gguf"),
+    }
+    if qlora == Some("gguf") && path.extension().is_none_or(|e| e != "gguf") {
+        bail!("--qlora gguf needs a .gguf base model; use --qlora nf4 for a safetensors base");
+    }
+    if path.is_dir() {
+        hf::load_hf_dir(path, device, qlora == Some("nf4"))
+    } else if path.extension().is_some_and(|e| e == "gguf") {
+        gguf::load_gguf(path, device, qlora)
+    } else if path.exists() {
+        bail!(
+            "{}: expected a Hugging Face model directory (config.json + *.safetensors) or a .gguf file",
+            path.display()
+        )
+    } else {
+        bail!("model {} does not exist", path.display())
+    }
+}
+
+/// How to hold and run a base model.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// `--device`: auto, cpu, cuda or cuda:N.
+    pub device: String,
+    /// `--dtype`: auto, f32 or bf16.
+    pub dtype: String,
+    /// `--qlora`: nf4 or gguf (the projections in 4 bits), or full precision.
+    pub qlora: Option<String>,
+    /// `--qlora-embeddings`: the embedding and lm_head in NF4 too.
+    pub qlora_embeddings: bool,
+}
+
+/// The model on its device, base read (and quantised) on the CPU first, optionally with a PEFT
+/// adapter from `adapter`. The heap the load's temporaries used is handed back afterwards.
+pub fn load_model(path: &Path, adapter: Option<&Path>, place: &Placement) -> Result<Model> {
+    let (device, dtype) = crate::train::device::select(&place.device, &place.dtype)?;
+    let mut base = load_base(path, &Device::Cpu, place.qlora.as_deref())?;
+    if place.qlora_embeddings {
+        if place.qlora.is_none() {
+            bail!("--qlora-embeddings quantises the embedding along with a 4-bit base: add --qlora nf4 or gguf");
+        }
+        base.quantize_embeddings()?;
+    }
+    let mut model = Model::from_base_as(&base, &device, dtype)?;
+    drop(base);
+    release_freed_memory();
+    if let Some(a) = adapter {
+        peft::load_into(&mut model, a)?;
+    }
+    Ok(model)
+}
+
+/// Hands the heap's freed pages back to the system (glibc keeps them otherwise: the load's
+/// dequantised temporaries and a step's activations would stay in the process's resident memory).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the OS.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

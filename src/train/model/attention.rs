@@ -1,0 +1,231 @@
+//! Causal self-attention over packed rows: each segment attends only to itself (block-diagonal),
+//! causally, with grouped-query heads. [`attention`] is one graph node over q, k and v; the
+//! probabilities of each segment are kept for the backward on the CPU (compute is what limits there)
+//! and recomputed in it on a GPU, as flash attention does (memory is what limits there).
+
+use super::softmax::{causal_softmax, CausalAttentionProbs, CausalSoftmaxGrad, MaskCache};
+use crate::train::graph::attached_forward;
+use candle_core::{CustomOp3, DType, Tensor};
+
+/// Causal attention inside each packed segment, q [T, Hq, hd], k/v [T, Hkv, hd] -> [T, Hq*hd].
+/// Where the fused probabilities op does not run (the CPU in bf16), the plain graph.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seq_lengths: &[usize],
+    masks: &mut MaskCache,
+) -> candle_core::Result<Tensor> {
+    let keep = q.device().is_cpu();
+    if keep && q.dtype() != DType::F32 {
+        return segment_attention(q, k, v, seq_lengths, masks);
+    }
+    attention_keeping(q, k, v, seq_lengths, keep)
+}
+
+/// `attention`, keeping the probabilities for the backward or not.
+fn attention_keeping(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seq_lengths: &[usize],
+    keep: bool,
+) -> candle_core::Result<Tensor> {
+    let (_, hq, hd) = q.dims3()?;
+    let n = hq / k.dim(1)?;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let (mut outs, mut probs) = (Vec::with_capacity(seq_lengths.len()), vec![]);
+    let mut start = 0;
+    for &len in seq_lengths {
+        let qs = segment_heads(&qd, start, len, 1)?;
+        let p = qs.apply_op2_no_bwd(&segment_heads(&kd, start, len, n)?, &CausalAttentionProbs { scale })?;
+        let o = p.matmul(&segment_heads(&vd, start, len, n)?)?; // [Hq, L, hd]
+        outs.push(o.transpose(0, 1)?.reshape((len, hq * hd))?);
+        if keep {
+            probs.push(p);
+        }
+        start += len;
+    }
+    let y = Tensor::cat(&outs, 0)?;
+    Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale, probs }))
+}
+
+/// The backward of [`attention`]: per segment, from the kept probabilities or recomputed ones.
+struct AttentionFn {
+    seq_lengths: Vec<usize>,
+    scale: f32,
+    probs: Vec<Tensor>,
+}
+
+impl CustomOp3 for AttentionFn {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    attached_forward!(3);
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (_, hq, hd) = q.dims3()?;
+        let hkv = k.dim(1)?;
+        let n = hq / hkv;
+        let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
+        let mut start = 0;
+        for (i, &len) in self.seq_lengths.iter().enumerate() {
+            let qs = segment_heads(&q, start, len, 1)?;
+            let ks = segment_heads(&k, start, len, n)?;
+            let vs = segment_heads(&v, start, len, n)?;
+            let p = match self.probs.get(i) {
+                Some(p) => p.clone(),
+                None => qs.apply_op2_no_bwd(&ks, &CausalAttentionProbs { scale: self.scale })?,
+            };
+            let dos = dy.narrow(0, start, len)?.reshape((len, hq, hd))?.transpose(0, 1)?.contiguous()?;
+            let dv = p.t()?.matmul(&dos)?;
+            let dp = dos.matmul(&vs.t()?)?;
+            let ds = p.apply_op2_no_bwd(&dp, &CausalSoftmaxGrad { scale: self.scale })?;
+            let dq = ds.matmul(&ks)?;
+            let dk = ds.t()?.matmul(&qs)?;
+            // Heads that share a key/value head add up their gradients: [Hq] -> [Hkv].
+            let fold =
+                |t: Tensor| -> candle_core::Result<Tensor> { t.reshape((hkv, n, len, hd))?.sum(1)?.transpose(0, 1) };
+            dqs.push(dq.transpose(0, 1)?);
+            dks.push(fold(dk)?);
+            dvs.push(fold(dv)?);
+            start += len;
+        }
+        Ok((Some(Tensor::cat(&dqs, 0)?), Some(Tensor::cat(&dks, 0)?), Some(Tensor::cat(&dvs, 0)?)))
+    }
+}
+
+/// The same attention as plain graph ops (the CPU in bf16; the reference of the tests).
+fn segment_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seq_lengths: &[usize],
+    masks: &mut MaskCache,
+) -> candle_core::Result<Tensor> {
+    let (_, hq, hd) = q.dims3()?;
+    let hkv = k.dim(1)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::with_capacity(seq_lengths.len());
+    let mut start = 0;
+    for &len in seq_lengths {
+        let qs = segment_heads(q, start, len, 1)?;
+        let ks = segment_heads(k, start, len, hq / hkv)?;
+        let vs = segment_heads(v, start, len, hq / hkv)?;
+        let probs = if qs.device().is_cuda() || qs.dtype() == DType::F32 {
+            qs.apply_op2(&ks, CausalAttentionProbs { scale: scale as f32 })?
+        } else {
+            causal_softmax(&qs.matmul(&ks.t()?)?, scale, masks)?
+        };
+        let o = probs.matmul(&vs)?; // [Hq, L, hd]
+        outs.push(o.transpose(0, 1)?.reshape((len, hq * hd))?);
+        start += len;
+    }
+    Tensor::cat(&outs, 0)
+}
+
+/// Rows `start..start+len` of x [T, H, hd] as contiguous heads [H*n, L, hd], each head repeated n
+/// times (grouped-query attention: n = Hq / Hkv for keys and values, 1 for queries).
+fn segment_heads(x: &Tensor, start: usize, len: usize, n: usize) -> candle_core::Result<Tensor> {
+    repeat_kv(&x.narrow(0, start, len)?.transpose(0, 1)?, n)
+}
+
+/// [Hkv, L, hd] -> [Hkv*n, L, hd] for grouped-query attention.
+pub fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return x.contiguous();
+    }
+    let (h, l, d) = x.dims3()?;
+    x.unsqueeze(1)?.expand((h, n, l, d))?.reshape((h * n, l, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::graph::testing::{max_diff, rand, same_as_graph};
+    use candle_core::{Device, Var, D};
+
+    #[test]
+    fn segments_do_not_attend_to_each_other() {
+        // Changing the second segment's values must not change the first segment's output.
+        let half = |s: &[usize], seed| (rand(s, seed) * 0.5).unwrap();
+        let q = half(&[6, 8], 8).reshape((6, 2, 4)).unwrap();
+        let k = half(&[6, 4], 9).reshape((6, 1, 4)).unwrap();
+        let v1 = half(&[6, 4], 10).reshape((6, 1, 4)).unwrap();
+        let v2 = Tensor::cat(&[v1.narrow(0, 0, 2).unwrap(), (v1.narrow(0, 2, 4).unwrap() * 5.0).unwrap()], 0).unwrap();
+        let mut m = MaskCache::default();
+        let a = segment_attention(&q, &k, &v1, &[2, 4], &mut m).unwrap();
+        let b = segment_attention(&q, &k, &v2, &[2, 4], &mut m).unwrap();
+        let d = (a.narrow(0, 0, 2).unwrap() - b.narrow(0, 0, 2).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        // And causality inside a segment: the first token sees only itself.
+        let first = a.narrow(0, 0, 1).unwrap().reshape((2, 4)).unwrap();
+        let v0 = v1.narrow(0, 0, 1).unwrap().reshape((1, 4)).unwrap();
+        let want = Tensor::cat(&[&v0, &v0], 0).unwrap();
+        let d = (first - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6);
+    }
+
+    #[test]
+    fn fused_attention_probabilities_match_matmul_then_masked_softmax() {
+        let (q0, k0) = (rand(&[2, 6, 4], 11), rand(&[2, 6, 4], 12));
+        let probe = rand(&[2, 6, 6], 13);
+        let run = |fused: bool| {
+            let (q, k) = (Var::from_tensor(&q0).unwrap(), Var::from_tensor(&k0).unwrap());
+            let p = if fused {
+                q.as_tensor().apply_op2(k.as_tensor(), CausalAttentionProbs { scale: 0.5 }).unwrap()
+            } else {
+                let s = q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap();
+                let mut m = MaskCache::default();
+                let masked = (s * 0.5).unwrap().broadcast_add(&m.get(6, &Device::Cpu).unwrap()).unwrap();
+                candle_nn::ops::softmax(&masked, D::Minus1).unwrap()
+            };
+            let g = (&p * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gq, gk) = (g.get(q.as_tensor()).unwrap().clone(), g.get(k.as_tensor()).unwrap().clone());
+            (p, gq, gk)
+        };
+        let (a, b) = (run(true), run(false));
+        for (x, y, what) in [(&a.0, &b.0, "probabilities"), (&a.1, &b.1, "dq"), (&a.2, &b.2, "dk")] {
+            let d = max_diff(x, y);
+            assert!(d < 1e-5, "{what} differ by {d}");
+        }
+    }
+
+    #[test]
+    fn causal_softmax_matches_masked_softmax() {
+        same_as_graph(
+            |t| t[0].apply_op1(super::super::softmax::CausalSoftmax { scale: 0.5 }).unwrap(),
+            |t| {
+                let mut m = MaskCache::default();
+                candle_nn::ops::softmax(
+                    &(&t[0] * 0.5).unwrap().broadcast_add(&m.get(5, &Device::Cpu).unwrap()).unwrap(),
+                    D::Minus1,
+                )
+                .unwrap()
+            },
+            &[rand(&[3, 5, 5], 1)],
+        );
+    }
+
+    #[test]
+    fn attention_recomputing_probabilities_matches_the_graph_across_segments_and_gqa() {
+        for keep in [true, false] {
+            let m = std::cell::RefCell::new(MaskCache::default());
+            same_as_graph(
+                |t| attention_keeping(&t[0], &t[1], &t[2], &[2, 4, 1], keep).unwrap(),
+                |t| segment_attention(&t[0], &t[1], &t[2], &[2, 4, 1], &mut m.borrow_mut()).unwrap(),
+                &[rand(&[7, 4, 4], 12), rand(&[7, 2, 4], 13), rand(&[7, 2, 4], 14)],
+            );
+        }
+    }
+}

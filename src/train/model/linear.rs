@@ -1,0 +1,176 @@
+//! A frozen linear layer (`y = x W^T + b`) with an optional LoRA adapter. The frozen weight is held
+//! one of three ways ([`Weight`]): dense, NF4 (QLoRA) or a GGUF file's own quantised blocks, the two
+//! quantised forms with a copy on the GPU when training there. Whatever the form, its matmul is an op
+//! whose backward returns only the input gradient (`graph::FrozenMatmul` and the quantised ones
+//! in [`super::quant`]): the base never gets a weight gradient.
+
+use super::quant::{GgufMatmul, Nf4Matmul, Nf4Weight, QuantMatmulOnDevice, QuantOnDevice};
+use crate::split::SplitMix64;
+use crate::train::adapters::lora::{dropout_mask, lora_linear, Lora, LoraSettings};
+use crate::train::graph::{BaseOp, FrozenMatmul};
+use anyhow::Result;
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+/// How a frozen weight [out, in] is held.
+pub enum Weight {
+    Dense(Tensor),
+    /// NormalFloat4 (QLoRA), with its codes on the GPU when training there.
+    Nf4 {
+        cpu: Arc<Nf4Weight>,
+        gpu: Option<QuantOnDevice>,
+    },
+    /// A GGUF file's blocks as stored (QLoRA on a GGUF base, no re-quantisation).
+    Gguf {
+        cpu: Arc<QTensor>,
+        gpu: Option<QuantOnDevice>,
+    },
+}
+
+pub struct Linear {
+    /// Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    pub weight: Weight,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+    /// Where the layer computes (a quantised weight's CPU form may live elsewhere).
+    pub device: Device,
+}
+
+impl Linear {
+    /// A dense frozen layer.
+    pub fn new(name: String, w: Tensor, bias: Option<Tensor>) -> Self {
+        let device = w.device().clone();
+        Linear { name, weight: Weight::Dense(w), bias, lora: None, device }
+    }
+
+    /// A layer over a weight held quantised, computing on `device`.
+    pub fn quantised(name: String, weight: Weight, device: &Device) -> Self {
+        Linear { name, weight, bias: None, lora: None, device: device.clone() }
+    }
+
+    /// (out, in) features.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match &self.weight {
+            Weight::Dense(w) => w.dims2(),
+            Weight::Nf4 { cpu, .. } => Ok((cpu.rows, cpu.cols)),
+            Weight::Gguf { cpu, .. } => cpu.shape().dims2(),
+        }
+    }
+
+    /// (parameters, bytes) of the frozen weight as held: on the GPU, as NF4, as GGUF blocks, or dense.
+    pub fn held(&self) -> (usize, usize) {
+        let (r, c) = self.dims().unwrap_or((0, 0));
+        let bytes = match &self.weight {
+            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Nf4 { gpu: Some(d), .. } | Weight::Gguf { gpu: Some(d), .. } => d.bytes(),
+            Weight::Nf4 { cpu, gpu: None } => cpu.bytes(),
+            Weight::Gguf { cpu, gpu: None } => cpu.storage_size_in_bytes(),
+        };
+        (r * c, bytes)
+    }
+
+    /// The frozen weight as a dense tensor on the layer's device (dequantised if needed).
+    pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Nf4 { cpu, .. } => cpu.dequantize_tensor(&self.device),
+            Weight::Gguf { cpu, .. } => cpu.dequantize(&self.device),
+        }
+    }
+
+    /// The frozen weight, dense, in `x`'s dtype on `x`'s device (dequantised where it is held
+    /// quantised; the dense weight itself otherwise, no copy).
+    pub fn frozen_dense(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.on_device() {
+            Some(d) if !x.device().is_cpu() => d.dense(x.device(), x.dtype()),
+            _ => self.dense_weight()?.to_dtype(x.dtype()),
+        }
+    }
+
+    fn on_device(&self) -> Option<&QuantOnDevice> {
+        match &self.weight {
+            Weight::Nf4 { gpu, .. } | Weight::Gguf { gpu, .. } => gpu.as_ref(),
+            Weight::Dense(_) => None,
+        }
+    }
+
+    /// Adds a fresh adapter (PEFT's initialisation) drawn from `rng`.
+    pub fn add_lora(&mut self, s: &LoraSettings, rng: &mut SplitMix64) -> Result<()> {
+        let (out, inp) = self.dims()?;
+        self.lora = Some(Lora::new(out, inp, s, rng, &self.device)?);
+        Ok(())
+    }
+
+    /// x [tokens, in] -> [tokens, out]. `rng` drives dropout when training.
+    pub fn forward(&self, x: &Tensor, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
+        self.forward_shared(&Shared::new(x), train_rng)
+    }
+
+    /// As `forward`, for an input that several projections read (q/k/v, gate/up): the adapters'
+    /// f32 copy of it is made once. With an adapter, one graph node over (x, A, B)
+    /// ([`lora_linear`]): the adapter computes in f32 (its weights' dtype) and adds back in the
+    /// compute dtype, as PEFT.
+    pub fn forward_shared(&self, input: &Shared, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
+        let x = input.x;
+        let base = self.base_op(x);
+        if let Some(l) = self.lora.as_ref().filter(|l| l.enabled.get()) {
+            let mask = match train_rng {
+                Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),
+                _ => None,
+            };
+            return lora_linear(
+                x,
+                input.f32()?,
+                base,
+                self.bias.as_ref(),
+                (l.a.as_tensor(), l.b.as_tensor(), l.scale),
+                mask,
+            );
+        }
+        let y = x.contiguous()?.apply_op1_arc(base)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The frozen weight's matmul for an input on `x`'s device: quantised on the GPU, GGUF blocks,
+    /// NF4 or dense.
+    fn base_op(&self, x: &Tensor) -> BaseOp {
+        match (&self.weight, self.on_device()) {
+            (_, Some(w)) if !x.device().is_cpu() => Arc::new(Box::new(QuantMatmulOnDevice { w: w.clone() })),
+            (Weight::Gguf { cpu, .. }, _) => Arc::new(Box::new(GgufMatmul { w: cpu.clone() })),
+            (Weight::Nf4 { cpu, .. }, _) => Arc::new(Box::new(Nf4Matmul { w: cpu.clone() })),
+            (Weight::Dense(w), _) => Arc::new(Box::new(FrozenMatmul { w: w.clone() })),
+        }
+    }
+
+    /// W + s * B A, for merging.
+    pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.lora {
+            Some(l) => self.dense_weight()? + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?,
+            None => self.dense_weight(),
+        }
+    }
+}
+
+/// A layer input with its f32 copy for the adapters, made on first use.
+pub struct Shared<'a> {
+    pub x: &'a Tensor,
+    x32: std::cell::OnceCell<Tensor>,
+}
+
+impl<'a> Shared<'a> {
+    pub fn new(x: &'a Tensor) -> Self {
+        Shared { x, x32: std::cell::OnceCell::new() }
+    }
+
+    fn f32(&self) -> candle_core::Result<&Tensor> {
+        if self.x32.get().is_none() {
+            let _ = self.x32.set(self.x.detach().to_dtype(DType::F32)?);
+        }
+        Ok(self.x32.get().expect("just set"))
+    }
+}

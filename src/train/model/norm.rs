@@ -1,0 +1,135 @@
+//! RMSNorm with a frozen weight, as transformers' LlamaRMSNorm computes it (normalise in f32, cast to
+//! the compute dtype, scale), keeping only its input for the backward
+//! `dx = r * (w*dy) - x * r^3 / H * sum(w*dy*x)` with `r = 1/sqrt(mean(x^2) + eps)`.
+//! On the CPU in f32 one fused pass forward and backward; elsewhere basic ops outside the graph and
+//! the same backward attached.
+
+use crate::train::graph::{attached_forward, contiguous_f32};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+
+/// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        return x.contiguous()?.apply_op1(RmsNormOp { w: wv, eps: eps as f32 });
+    }
+    let y = rms_norm_graph(&x.detach(), w, eps)?;
+    Ok(y.with_backward1(x, RmsNormFn { w: w.clone(), eps }))
+}
+
+/// RMSNorm from basic ops (candle's graph records each of them).
+fn rms_norm_graph(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    x32.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(x.dtype())?.broadcast_mul(w)
+}
+
+/// The backward of RMSNorm attached to a value computed outside the graph.
+struct RmsNormFn {
+    w: Tensor,
+    eps: f64,
+}
+
+impl CustomOp1 for RmsNormFn {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    attached_forward!(1);
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let h = x.dim(D::Minus1)? as f64;
+        let x32 = x.detach().to_dtype(DType::F32)?;
+        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let gw = dy.to_dtype(DType::F32)?.broadcast_mul(&self.w.to_dtype(DType::F32)?)?;
+        let k = ((r.powf(3.0)? * (&gw * &x32)?.sum_keepdim(D::Minus1)?)? / h)?;
+        let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&k)?)?;
+        Ok(Some(dx.to_dtype(x.dtype())?))
+    }
+}
+
+/// RMSNorm on the CPU in f32, forward and backward each one pass over rows in parallel.
+struct RmsNormOp {
+    w: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let h = self.w.len();
+        let x = contiguous_f32(s, l, "rms-norm")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h.max(1) * 64).zip(x.par_chunks(h.max(1) * 64)).for_each(|(o, xs)| {
+            for (orow, row) in o.chunks_mut(h).zip(xs.chunks(h)) {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                for ((oj, &v), &w) in orow.iter_mut().zip(row).zip(&self.w) {
+                    *oj = v * r * w;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let h = self.w.len();
+        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let gv = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut d = vec![0f32; xv.len()];
+        d.par_chunks_mut(h * 64).zip(xv.par_chunks(h * 64).zip(gv.par_chunks(h * 64))).for_each(|(dd, (xs, gs))| {
+            for ((drow, row), grow) in dd.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                let dot: f32 = row.iter().zip(grow).zip(&self.w).map(|((x, g), w)| x * g * w).sum();
+                let k = r * r * r * dot / h as f32;
+                for (((dj, &xj), &gj), &wj) in drow.iter_mut().zip(row).zip(grow).zip(&self.w) {
+                    *dj = r * wj * gj - xj * k;
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(d, x.shape(), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::graph::testing::{check_grad, rand, same_as_graph};
+
+    #[test]
+    fn the_graph_form_has_correct_gradients() {
+        let w = ((rand(&[1, 8], 3) * 0.5).unwrap() + 1.0).unwrap().squeeze(0).unwrap();
+        check_grad(|x| rms_norm_graph(x, &w, 1e-5), &(rand(&[4, 8], 4) * 0.5).unwrap(), 2e-2);
+    }
+
+    #[test]
+    fn fused_cpu_op_matches_basic_ops() {
+        let w = rand(&[8], 3);
+        let wv = w.to_vec1::<f32>().unwrap();
+        same_as_graph(
+            |t| t[0].apply_op1(RmsNormOp { w: wv.clone(), eps: 1e-5 }).unwrap(),
+            |t| rms_norm_graph(&t[0], &w, 1e-5).unwrap(),
+            &[rand(&[6, 8], 2)],
+        );
+    }
+
+    #[test]
+    fn attached_backward_matches_the_graph() {
+        let w = rand(&[8], 15);
+        same_as_graph(
+            |t| {
+                rms_norm_graph(&t[0].detach(), &w, 1e-5)
+                    .unwrap()
+                    .with_backward1(&t[0], RmsNormFn { w: w.clone(), eps: 1e-5 })
+            },
+            |t| rms_norm_graph(&t[0], &w, 1e-5).unwrap(),
+            &[rand(&[6, 8], 16)],
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! Rotary position embeddings in Hugging Face's layout (`x * cos + rotate_half(x) * sin`): the
+//! cos/sin table of a model ([`RopeTable`], Llama-3 scaling included through the config's inverse
+//! frequencies) and the rotation as one graph node over x ([`rope`]).
+
+use crate::train::graph::attached_forward;
+use candle_core::{CustomOp1, DType, Device, Tensor, D};
+
+/// cos and sin of every position up to the table's length, [positions, head_dim].
+pub struct RopeTable {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTable {
+    /// The table for inverse frequencies `inv_freq` over `max_pos` positions, in `dtype`.
+    pub fn new(inv_freq: &[f64], max_pos: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let inv: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
+        let t = Tensor::arange(0u32, max_pos as u32, device)?.to_dtype(DType::F32)?.reshape((max_pos, 1))?;
+        let freqs = t.broadcast_mul(&Tensor::from_vec(inv.clone(), (1, inv.len()), device)?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        Ok(RopeTable { cos: emb.cos()?.to_dtype(dtype)?, sin: emb.sin()?.to_dtype(dtype)? })
+    }
+
+    /// cos and sin gathered at `positions` [T] (u32).
+    pub fn at(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((self.cos.index_select(positions, 0)?, self.sin.index_select(positions, 0)?))
+    }
+}
+
+/// Rotates x [T, heads, hd] with cos/sin [T, hd] gathered by position; keeps nothing but cos/sin
+/// for the backward.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let y = rope_graph(&x.detach(), cos, sin)?;
+    Ok(y.with_backward1(x, RopeFn { cos: cos.clone(), sin: sin.clone() }))
+}
+
+/// The rotation from basic ops.
+fn rope_graph(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+struct RopeFn {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl CustomOp1 for RopeFn {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    attached_forward!(1);
+
+    /// y = x cos + rot(x) sin with rot([x1, x2]) = [-x2, x1], so dx = dy cos + [z2, -z1], z = dy sin.
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let hd = dy.dim(D::Minus1)?;
+        let (cos, sin) = (self.cos.unsqueeze(1)?, self.sin.unsqueeze(1)?);
+        let z = dy.broadcast_mul(&sin)?;
+        let back =
+            Tensor::cat(&[&z.narrow(D::Minus1, hd / 2, hd / 2)?, &z.narrow(D::Minus1, 0, hd / 2)?.neg()?], D::Minus1)?;
+        Ok(Some((dy.broadcast_mul(&cos)? + back)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::graph::testing::{check_grad, rand, same_as_graph};
+
+    #[test]
+    fn the_graph_form_has_correct_gradients() {
+        let half = |s: &[usize], seed| (rand(s, seed) * 0.5).unwrap();
+        let cos = half(&[4, 8], 5).cos().unwrap();
+        let sin = half(&[4, 8], 6).sin().unwrap();
+        check_grad(|x| rope_graph(&x.reshape((4, 1, 8))?, &cos, &sin)?.reshape((4, 8)), &half(&[4, 8], 7), 2e-2);
+    }
+
+    #[test]
+    fn attached_rope_matches_the_graph() {
+        let (cos, sin) = (rand(&[5, 8], 9), rand(&[5, 8], 10));
+        same_as_graph(
+            |t| rope(&t[0], &cos, &sin).unwrap(),
+            |t| rope_graph(&t[0], &cos, &sin).unwrap(),
+            &[rand(&[5, 3, 8], 11)],
+        );
+    }
+}

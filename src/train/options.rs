@@ -1,0 +1,75 @@
+//! What a training run is told: the base and data, the method and its objective's parameters, the
+//! optimizer, batch and adapter settings, and where to compute. The same options, serialised, go
+//! into every checkpoint.
+
+use crate::train::adapters::lora::LoraSettings;
+use crate::train::objectives::dpo::Dpo;
+use crate::train::optim::{AdamWConfig, Schedule};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The training method, with its objective's parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "name")]
+pub enum Method {
+    /// Token cross-entropy on the shards' labels.
+    #[default]
+    Sft,
+    /// Direct preference optimisation on preference shards, the reference being the base with the
+    /// adapter off.
+    Dpo(Dpo),
+    /// A reward model: scalar head on the last token, Bradley-Terry loss, LoRA on the body.
+    Reward,
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Sft => "sft",
+            Method::Dpo(_) => "dpo",
+            Method::Reward => "reward",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// What to optimise: sft, dpo (with its beta and loss) or reward.
+    #[serde(default)]
+    pub method: Method,
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub optim: AdamWConfig,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    pub batch_tokens: usize,
+    pub grad_accum: usize,
+    pub max_grad_norm: f64,
+    pub lora: LoraSettings,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub seed: u64,
+    pub logits_chunk: usize,
+    /// QLoRA: hold the frozen projections in 4 bits ("nf4"); None = full precision.
+    #[serde(default)]
+    pub qlora: Option<String>,
+    /// QLoRA: also hold the token embedding and lm_head in NF4 (default: full precision).
+    #[serde(default)]
+    pub qlora_embeddings: bool,
+    /// Keep only each layer's input in the forward and recompute layer by layer in the backward.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// auto, cpu, cuda or cuda:N (auto: a GPU when built with CUDA and one is present).
+    #[serde(default = "auto")]
+    pub device: String,
+    /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16.
+    #[serde(default = "auto")]
+    pub dtype: String,
+}
+
+fn auto() -> String {
+    "auto".into()
+}

@@ -1,0 +1,369 @@
+//! The loop every training method shares, and its pieces. A method is a [`Recipe`]: it owns its data
+//! and its position in it, and each optimizer step it hands back the accumulated adapter gradients
+//! and its metrics. [`drive`] does the rest, the same way for every method: resume from a
+//! checkpoint, clip, the learning-rate schedule, AdamW, metrics.jsonl, held-out evaluation and
+//! checkpoints on their cadence, the final adapter and loss plot, and the summary.
+
+use crate::train::device::{describe, gpu_used_mb, peak_rss_mb};
+use crate::train::io::{checkpoint, load_model, peft, release_freed_memory, Placement};
+use crate::train::model::Model;
+use crate::train::optim::{clip_grad_norm, lr_at, AdamW};
+use crate::train::options::TrainOptions;
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// Held-out metrics by name; `loss` is always one of them.
+pub type Metrics = BTreeMap<String, f64>;
+
+/// (step, value) points of a curve.
+type Curve = Vec<(f64, f64)>;
+
+/// The model ready to train: base loaded (quantised for QLoRA), adapters added, the variables in
+/// a fixed order with their PEFT names.
+pub struct Trainable {
+    pub model: Model,
+    pub vars_named: Vec<(String, Var)>,
+    pub vars: Vec<Var>,
+    pub base_params: usize,
+    pub base_bytes_per_param: f64,
+    pub projection_bytes_per_param: f64,
+}
+
+impl Trainable {
+    /// Adds a variable trained beside the adapters (a reward model's head).
+    pub fn add_var(&mut self, name: &str, var: Var) {
+        self.vars_named.push((name.to_string(), var.clone()));
+        self.vars.push(var);
+    }
+
+    pub fn trainable_params(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+}
+
+/// Where and how `opts` holds the base.
+pub fn placement(opts: &TrainOptions) -> Placement {
+    Placement {
+        device: opts.device.clone(),
+        dtype: opts.dtype.clone(),
+        qlora: opts.qlora.clone(),
+        qlora_embeddings: opts.qlora_embeddings,
+    }
+}
+
+/// The model ready to train on the device and dtype of `opts`, checked against the data's manifest.
+pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
+    let mut model = load_model(&opts.model, None, &placement(opts))?;
+    crate::train::data::check_manifest(&opts.data, model.config.vocab_size)?;
+    let base_bytes_per_param = model.base_bytes_per_param();
+    let projection_bytes_per_param = model.projection_bytes_per_param();
+    model.add_lora(&opts.lora, opts.seed)?;
+    let vars_named = model.lora_vars();
+    if vars_named.is_empty() {
+        bail!("no LoRA module matched --target {:?}", opts.lora.targets);
+    }
+    let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
+    let base_params = model.config.num_params();
+    Ok(Trainable { model, vars_named, vars, base_params, base_bytes_per_param, projection_bytes_per_param })
+}
+
+/// The gradient of every variable in `vars` order from a backward pass.
+pub fn grads_of(vars: &[(String, Var)], store: &GradStore) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|(n, v)| {
+            store
+                .get(v.as_tensor())
+                .cloned()
+                .with_context(|| format!("no gradient reached {n}; the graph is cut somewhere"))
+        })
+        .collect()
+}
+
+/// Gradients summed over the micro-batches (or pairs) of one step, in the variables' order.
+#[derive(Default)]
+pub struct GradSum(Option<Vec<Tensor>>);
+
+impl GradSum {
+    pub fn add(&mut self, g: Vec<Tensor>) -> Result<()> {
+        self.0 = Some(match self.0.take() {
+            None => g,
+            Some(a) => a.iter().zip(g).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
+        });
+        Ok(())
+    }
+
+    pub fn take(self) -> Option<Vec<Tensor>> {
+        self.0
+    }
+}
+
+/// One optimizer step's work, as a recipe hands it to the loop.
+pub struct Step {
+    /// The step's loss (what the gradients are of).
+    pub loss: f64,
+    /// The accumulated gradients, in the variables' order.
+    pub grads: Vec<Tensor>,
+    pub tokens: usize,
+    /// Rows or pairs seen.
+    pub examples: usize,
+    /// The method's own metrics for metrics.jsonl.
+    pub metrics: Map<String, Value>,
+}
+
+/// A training method's part of the loop.
+pub trait Recipe {
+    /// What one example is ("rows", "pairs"): names the rate in metrics.jsonl and the summary.
+    const EXAMPLES: &'static str;
+    /// The method's name (progress bar, summary).
+    fn name(&self) -> &'static str;
+    /// Training and held-out examples.
+    fn examples(&self) -> (usize, usize);
+    fn steps_per_epoch(&self) -> u64;
+    /// The accumulated gradients of optimizer step `step` (0-based).
+    fn step(&mut self, t: &Trainable, step: u64) -> Result<Step>;
+    /// Held-out metrics, or None without held-out data.
+    fn evaluate(&self, model: &Model) -> Result<Option<Metrics>>;
+    /// What a checkpoint must keep to continue bit for bit, beyond the step and the optimizer.
+    fn state(&self) -> Map<String, Value> {
+        Map::new()
+    }
+    fn restore(&mut self, _state: &Value) -> Result<()> {
+        Ok(())
+    }
+    /// Adds to an adapter directory what the method trains beside the adapters (a reward head).
+    fn save_extra(&self, _model: &Model, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a training run reports, whatever its method.
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    pub command: &'static str,
+    pub method: &'static str,
+    pub out: String,
+    pub steps: u64,
+    /// Training and held-out examples (rows or pairs, as `unit` says).
+    pub examples: usize,
+    pub eval_examples: usize,
+    pub unit: &'static str,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub trainable_percent: f64,
+    pub first_loss: Option<f64>,
+    pub final_loss: Option<f64>,
+    pub first_eval_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    /// Every held-out metric before the first step and after the last.
+    pub first_eval: Option<Metrics>,
+    pub final_eval: Option<Metrics>,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub examples_per_s: f64,
+    pub seconds: f64,
+    pub metrics: String,
+    pub plot: Option<String>,
+    /// Bytes per parameter of all frozen weight matrices (projections, embedding, lm_head).
+    pub base_bytes_per_param: f64,
+    /// Bytes per parameter of the seven projections alone (4 for f32, 2 for bf16, ~0.52 for NF4).
+    pub projection_bytes_per_param: f64,
+    /// Peak resident memory of the process.
+    pub peak_memory_mb: f64,
+    /// Where it computed: "cpu (f32)", "cuda (bf16)".
+    pub device: String,
+    /// Peak GPU memory in use (all processes, sampled every step); None on the CPU.
+    pub peak_gpu_memory_mb: Option<f64>,
+}
+
+/// metrics.jsonl: one JSON object per line, appended to on resume.
+struct MetricsLog(std::fs::File);
+
+impl MetricsLog {
+    fn open(path: &Path, append: bool) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(MetricsLog(f))
+    }
+
+    fn write(&mut self, rec: &Value) -> Result<()> {
+        writeln!(self.0, "{rec}")?;
+        Ok(())
+    }
+}
+
+/// A metrics record with each held-out metric as `eval_<name>`.
+fn add_eval(rec: &mut Value, m: &Metrics) {
+    for (k, v) in m {
+        rec[format!("eval_{k}")] = json!(v);
+    }
+}
+
+/// Runs `recipe` to the end of its steps with the options' optimizer, schedule and cadences.
+pub fn drive<R: Recipe>(
+    opts: &TrainOptions,
+    t: Trainable,
+    mut recipe: R,
+    resume: Option<&Path>,
+) -> Result<TrainSummary> {
+    let start = Instant::now();
+    // TUNEKIT_PROFILE=1: per-step optimizer seconds in metrics.jsonl (the recipes add theirs; adds syncs).
+    let profile = std::env::var_os("TUNEKIT_PROFILE").is_some();
+    let device = t.model.device.clone();
+    let mut peak_gpu = gpu_used_mb(&device);
+    let mut optim = AdamW::new(opts.optim.clone(), &t.vars)?;
+    let mut step = 0u64;
+    if let Some(dir) = resume {
+        let state = checkpoint::read(dir, &t.vars_named, &mut optim)?;
+        step = state["step"].as_u64().with_context(|| format!("{}: state.json has no step", dir.display()))?;
+        recipe.restore(&state)?;
+    }
+    let total = opts.max_steps.unwrap_or(recipe.steps_per_epoch() * opts.epochs.max(1));
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let metrics_path = opts.out.join("metrics.jsonl");
+    let mut metrics = MetricsLog::open(&metrics_path, resume.is_some())?;
+    let pb = crate::progress::bar(recipe.name(), total);
+    pb.set_position(step);
+    let (mut first_loss, mut last_loss) = (None, None);
+    let (mut first_eval, mut last_eval): (Option<Metrics>, Option<Metrics>) = (None, None);
+    let (mut curve, mut eval_curve): (Curve, Curve) = (vec![], vec![]);
+    let (mut tokens_total, mut examples_total, mut step_seconds) = (0u64, 0usize, 0f64);
+    let checkpoint_state = |recipe: &R, step: u64| {
+        let mut s = recipe.state();
+        s.insert("step".into(), json!(step));
+        Value::Object(s)
+    };
+    let save_checkpoint = |dir: &Path, recipe: &R, optim: &AdamW, step: u64| -> Result<()> {
+        checkpoint::write(dir, &t.model, opts, optim, checkpoint_state(recipe, step), &|d| {
+            recipe.save_extra(&t.model, d)
+        })
+    };
+    let train_start = Instant::now();
+    if resume.is_none() && opts.eval_every > 0 {
+        if let Some(m) = recipe.evaluate(&t.model)? {
+            let mut rec = json!({"step": 0});
+            add_eval(&mut rec, &m);
+            metrics.write(&rec)?;
+            eval_curve.push((0.0, m["loss"]));
+            first_eval = Some(m);
+        }
+    }
+    while step < total {
+        let t0 = Instant::now();
+        let s = recipe.step(&t, step)?;
+        if !s.loss.is_finite() {
+            bail!(
+                "step {}: the loss is {}; stopping. The last good checkpoint is kept in {}",
+                step + 1,
+                s.loss,
+                opts.out.display()
+            );
+        }
+        let t_opt = Instant::now();
+        let mut grads = s.grads;
+        let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
+        let lr = lr_at(opts.optim.lr, step, opts.warmup_steps, total, opts.schedule);
+        optim.update(&t.vars, &grads, lr)?;
+        drop(grads);
+        release_freed_memory();
+        if profile {
+            device.synchronize()?;
+        }
+        let t_opt = t_opt.elapsed().as_secs_f64();
+        step += 1;
+        let dt = t0.elapsed().as_secs_f64();
+        tokens_total += s.tokens as u64;
+        examples_total += s.examples;
+        step_seconds += dt;
+        first_loss.get_or_insert(s.loss);
+        last_loss = Some(s.loss);
+        curve.push((step as f64, s.loss));
+        let mut rec = json!({"step": step, "loss": s.loss, "lr": lr, "grad_norm": grad_norm, "tokens": s.tokens});
+        for (k, v) in s.metrics {
+            rec[k] = v;
+        }
+        rec["tokens_per_s"] = json!(s.tokens as f64 / dt);
+        rec[format!("{}_per_s", R::EXAMPLES)] = json!(s.examples as f64 / dt);
+        rec["peak_memory_mb"] = json!(peak_rss_mb());
+        if profile {
+            rec["seconds_optimizer"] = json!(t_opt);
+        }
+        if let Some(used) = gpu_used_mb(&device) {
+            peak_gpu = Some(peak_gpu.map_or(used, |p: f64| p.max(used)));
+            rec["gpu_memory_mb"] = json!(used);
+        }
+        if opts.eval_every > 0 && (step.is_multiple_of(opts.eval_every) || step == total) {
+            if let Some(m) = recipe.evaluate(&t.model)? {
+                add_eval(&mut rec, &m);
+                eval_curve.push((step as f64, m["loss"]));
+                first_eval.get_or_insert_with(|| m.clone());
+                last_eval = Some(m);
+            }
+        }
+        metrics.write(&rec)?;
+        pb.set_message(format!("loss {:.4} lr {lr:.2e} {:.0} tok/s", s.loss, s.tokens as f64 / dt));
+        pb.set_position(step);
+        if opts.save_every > 0 && step.is_multiple_of(opts.save_every) && step < total {
+            save_checkpoint(&opts.out.join(format!("checkpoint-{step}")), &recipe, &optim, step)?;
+        }
+    }
+    pb.finish_and_clear();
+    peft::save(&t.model, &opts.lora, &opts.model.display().to_string(), &opts.out)?;
+    recipe.save_extra(&t.model, &opts.out)?;
+    save_checkpoint(&opts.out.join("checkpoint-last"), &recipe, &optim, step)?;
+    let plot = if curve.is_empty() {
+        None
+    } else {
+        let p = opts.out.join("loss.png");
+        let mut series: Vec<crate::report::plot::Series> = vec![(&curve, crate::report::plot::BLUE)];
+        if !eval_curve.is_empty() {
+            series.push((&eval_curve, crate::report::plot::ORANGE));
+        }
+        crate::report::plot::lines_png(&p, &series)?;
+        Some(p.display().to_string())
+    };
+    let secs = train_start.elapsed().as_secs_f64();
+    let trainable = t.trainable_params();
+    let total_params = t.base_params + trainable;
+    let (examples, eval_examples) = recipe.examples();
+    Ok(TrainSummary {
+        command: "train",
+        method: opts.method.name(),
+        out: opts.out.display().to_string(),
+        steps: step,
+        examples,
+        eval_examples,
+        unit: R::EXAMPLES,
+        trainable_params: trainable,
+        total_params,
+        trainable_percent: 100.0 * trainable as f64 / total_params as f64,
+        first_loss,
+        final_loss: last_loss,
+        first_eval_loss: first_eval.as_ref().map(|m| m["loss"]),
+        final_eval_loss: last_eval.as_ref().map(|m| m["loss"]),
+        first_eval,
+        final_eval: last_eval,
+        tokens: tokens_total,
+        tokens_per_s: tokens_total as f64 / secs.max(1e-9),
+        examples_per_s: examples_total as f64 / step_seconds.max(1e-9),
+        seconds: start.elapsed().as_secs_f64(),
+        metrics: metrics_path.display().to_string(),
+        plot,
+        base_bytes_per_param: t.base_bytes_per_param,
+        projection_bytes_per_param: t.projection_bytes_per_param,
+        peak_memory_mb: peak_rss_mb(),
+        device: describe(&device, t.model.dtype),
+        peak_gpu_memory_mb: peak_gpu,
+    })
+}

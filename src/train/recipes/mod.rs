@@ -1,0 +1,23 @@
+//! Training recipes: one file per method over the shared loop of [`common`] ([`sft`], [`dpo`],
+//! [`reward`]; the preference-pair loop of the last two in [`pairs`]). [`run`] picks the recipe of
+//! the options' method.
+
+pub mod common;
+pub mod dpo;
+pub mod pairs;
+pub mod reward;
+pub mod sft;
+
+use crate::train::options::{Method, TrainOptions};
+use anyhow::Result;
+pub use common::TrainSummary;
+use std::path::Path;
+
+/// Trains as `opts` says, from the start or from the checkpoint `resume`.
+pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
+    match opts.method {
+        Method::Sft => sft::run(opts, resume),
+        Method::Dpo(d) => dpo::run(opts, d, resume),
+        Method::Reward => reward::run(opts, resume),
+    }
+}

@@ -1,0 +1,118 @@
+//! The preference-pair loop shared by DPO and reward models: `--grad-accum` pairs per step in a
+//! seeded order per epoch, the loss averaged over them, with the rewards of both sides, their
+//! accuracy and margin as metrics and held-out.
+
+use super::common::{grads_of, GradSum, Metrics, Recipe, Step, Trainable};
+use crate::pack::preference::PreferenceRow;
+use crate::train::data::{load_pairs, pair_order};
+use crate::train::io::peft::save_reward_head;
+use crate::train::model::Model;
+use crate::train::objectives::{evaluate_pairs, PairObjective};
+use crate::train::options::TrainOptions;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+/// A pair recipe: the objective, the data, and what the method adds to the loop.
+pub struct Pairs<'a> {
+    pub name: &'static str,
+    pub objective: Box<dyn PairObjective + 'a>,
+    /// DPO's beta, for the KL estimate in the metrics (none for a reward model).
+    pub kl_beta: Option<f64>,
+    train: Vec<PreferenceRow>,
+    eval: Vec<PreferenceRow>,
+    per_step: usize,
+    seed: u64,
+    /// The current epoch's pair order, reshuffled only when the epoch changes.
+    order: (Option<u64>, Vec<usize>),
+}
+
+impl<'a> Pairs<'a> {
+    pub fn new(
+        opts: &TrainOptions,
+        name: &'static str,
+        objective: Box<dyn PairObjective + 'a>,
+        kl_beta: Option<f64>,
+    ) -> Result<Self> {
+        if opts.gradient_checkpointing {
+            bail!("--gradient-checkpointing is for --method sft; DPO and reward runs keep the plain backward");
+        }
+        let train = load_pairs(&opts.data, "train")?;
+        if train.is_empty() {
+            bail!(
+                "{}: no preference pairs; prepare them with `tunekit prepare --method preference`",
+                opts.data.display()
+            );
+        }
+        let eval = load_pairs(&opts.data, "eval")?;
+        let per_step = opts.grad_accum.max(1);
+        Ok(Pairs { name, objective, kl_beta, train, eval, per_step, seed: opts.seed, order: (None, vec![]) })
+    }
+}
+
+impl Recipe for Pairs<'_> {
+    const EXAMPLES: &'static str = "pairs";
+
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn examples(&self) -> (usize, usize) {
+        (self.train.len(), self.eval.len())
+    }
+
+    fn steps_per_epoch(&self) -> u64 {
+        self.train.len().div_ceil(self.per_step) as u64
+    }
+
+    fn step(&mut self, t: &Trainable, step: u64) -> Result<Step> {
+        let epoch = step / self.steps_per_epoch();
+        if self.order.0 != Some(epoch) {
+            self.order = (Some(epoch), pair_order(self.train.len(), self.seed, epoch));
+        }
+        let order = &self.order.1;
+        let at = (step % self.steps_per_epoch()) as usize * self.per_step;
+        let chunk: Vec<usize> = order[at..(at + self.per_step).min(order.len())].to_vec();
+        let (mut loss, mut rc, mut rr, mut acc) = (0.0, 0.0, 0.0, 0.0);
+        let (mut sum, mut tokens) = (GradSum::default(), 0);
+        for &i in &chunk {
+            let p = &self.train[i];
+            let o = self.objective.pair(&t.model, p)?;
+            loss += o.loss.to_scalar::<f32>()? as f64;
+            rc += o.reward_chosen;
+            rr += o.reward_rejected;
+            acc += (o.reward_chosen > o.reward_rejected) as u8 as f64;
+            tokens += p.chosen_input_ids.len() + p.rejected_input_ids.len();
+            sum.add(grads_of(&t.vars_named, &(o.loss / chunk.len() as f64)?.backward()?)?)?;
+        }
+        let n = chunk.len() as f64;
+        let mut metrics = Map::new();
+        for (k, v) in [
+            ("rewards/chosen", rc / n),
+            ("rewards/rejected", rr / n),
+            ("rewards/accuracies", acc / n),
+            ("rewards/margins", (rc - rr) / n),
+        ] {
+            metrics.insert(k.into(), json!(v));
+        }
+        // KL estimate: mean policy-minus-reference log-ratio of the chosen and rejected answers.
+        metrics.insert("kl".into(), self.kl_beta.map_or(Value::Null, |beta| json!((rc + rr) / (2.0 * n * beta))));
+        let grads = sum.take().context("empty step")?;
+        Ok(Step { loss: loss / n, grads, tokens, examples: chunk.len(), metrics })
+    }
+
+    fn evaluate(&self, model: &Model) -> Result<Option<Metrics>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(evaluate_pairs(model, &self.eval, self.objective.as_ref())?))
+    }
+
+    /// A reward model's score head, as PEFT saves `modules_to_save = ["score"]`.
+    fn save_extra(&self, model: &Model, dir: &Path) -> Result<()> {
+        match &model.score {
+            Some(h) => save_reward_head(dir, h.as_tensor()),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! `train --method sft`: LoRA on packed shards. Micro-batches of at most `--batch-tokens` tokens in
+//! a seeded order per epoch, `--grad-accum` of them per step (continuing across epochs), the loss
+//! normalised by the trained tokens of the whole accumulated batch; LoRA dropout from a stream kept
+//! in checkpoints; optionally gradient checkpointing.
+
+use super::common::{drive, grads_of, load_trainable, GradSum, Metrics, Recipe, Step, TrainSummary, Trainable};
+use crate::split::SplitMix64;
+use crate::train::data::Shards;
+use crate::train::model::batch::Batch;
+use crate::train::model::Model;
+use crate::train::objectives::sft::evaluate;
+use crate::train::options::TrainOptions;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+use std::time::Instant;
+
+pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
+    let t = load_trainable(opts)?;
+    let recipe = Sft::new(opts)?;
+    drive(opts, t, recipe, resume)
+}
+
+struct Sft<'a> {
+    opts: &'a TrainOptions,
+    train: Shards,
+    eval: Shards,
+    micro_per_epoch: u64,
+    /// The current epoch's micro-batches, rebuilt only when the epoch changes.
+    epoch_batches: (u64, Vec<Vec<usize>>),
+    dropout_rng: SplitMix64,
+    /// TUNEKIT_PROFILE=1: forward and backward seconds in metrics.jsonl (adds syncs).
+    profile: bool,
+}
+
+impl<'a> Sft<'a> {
+    fn new(opts: &'a TrainOptions) -> Result<Self> {
+        let train = Shards::load(&opts.data, "train")?;
+        if train.rows.is_empty() {
+            bail!("{}: no training rows (train-*.parquet)", opts.data.display());
+        }
+        let eval = Shards::load(&opts.data, "eval")?;
+        let first = train.micro_batches(&train.epoch_order(opts.seed, 0), opts.batch_tokens);
+        Ok(Sft {
+            opts,
+            micro_per_epoch: first.len() as u64,
+            epoch_batches: (0, first),
+            train,
+            eval,
+            dropout_rng: SplitMix64::new(opts.seed ^ 0xD0),
+            profile: std::env::var_os("TUNEKIT_PROFILE").is_some(),
+        })
+    }
+
+    /// The rows of the step's micro-batches, continuing across epochs deterministically.
+    fn micro_batches(&mut self, step: u64) -> Vec<Vec<usize>> {
+        let accum = self.opts.grad_accum as u64;
+        (0..accum)
+            .map(|k| {
+                let g = step * accum + k;
+                let (epoch, idx) = (g / self.micro_per_epoch, g % self.micro_per_epoch);
+                if self.epoch_batches.0 != epoch {
+                    let order = self.train.epoch_order(self.opts.seed, epoch);
+                    self.epoch_batches = (epoch, self.train.micro_batches(&order, self.opts.batch_tokens));
+                }
+                let list = &self.epoch_batches.1;
+                list[idx as usize % list.len()].clone()
+            })
+            .collect()
+    }
+}
+
+impl Recipe for Sft<'_> {
+    const EXAMPLES: &'static str = "rows";
+
+    fn name(&self) -> &'static str {
+        "train"
+    }
+
+    fn examples(&self) -> (usize, usize) {
+        (self.train.rows.len(), self.eval.rows.len())
+    }
+
+    fn steps_per_epoch(&self) -> u64 {
+        self.micro_per_epoch.div_ceil(self.opts.grad_accum as u64)
+    }
+
+    fn step(&mut self, t: &Trainable, step: u64) -> Result<Step> {
+        let (opts, model) = (self.opts, &t.model);
+        let micro = self.micro_batches(step);
+        let batches: Vec<Batch> = micro
+            .iter()
+            .map(|mb| Batch::from_rows(&mb.iter().map(|&i| &self.train.rows[i]).collect::<Vec<_>>(), &model.device))
+            .collect::<Result<_>>()?;
+        let trained: usize = batches.iter().map(|b| b.trained).sum();
+        let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        let mut sum = GradSum::default();
+        let mut loss_sum = 0.0f64;
+        let (mut t_fwd, mut t_bwd) = (0.0, 0.0);
+        for b in &batches {
+            if b.trained == 0 {
+                continue;
+            }
+            // Forward time ends when the loss is read; the rest (with checkpointing: the recompute too) is backward.
+            let tf = Instant::now();
+            let mut forward_done = tf;
+            let g = if opts.gradient_checkpointing {
+                let scale = 1.0 / trained as f64;
+                let (l, g) =
+                    model.loss_and_grads_checkpointed(b, Some(&mut self.dropout_rng), opts.logits_chunk, scale)?;
+                loss_sum += l;
+                g
+            } else {
+                let l = model.loss_sum(b, Some(&mut self.dropout_rng), opts.logits_chunk)?;
+                loss_sum += l.to_scalar::<f32>()? as f64;
+                forward_done = Instant::now();
+                grads_of(&t.vars_named, &(l / trained as f64)?.backward()?)?
+            };
+            if self.profile {
+                model.device.synchronize()?;
+            }
+            t_fwd += (forward_done - tf).as_secs_f64();
+            t_bwd += forward_done.elapsed().as_secs_f64();
+            sum.add(g)?;
+        }
+        let loss = loss_sum / trained.max(1) as f64;
+        let grads = if loss.is_finite() {
+            sum.take().context("no trained token in this step's batches")?
+        } else {
+            vec![] // the loop stops at a non-finite loss
+        };
+        let mut metrics = Map::new();
+        metrics.insert("trained_tokens".into(), json!(trained));
+        if self.profile {
+            metrics.insert("seconds_forward".into(), json!(t_fwd));
+            metrics.insert("seconds_backward".into(), json!(t_bwd));
+        }
+        Ok(Step { loss, grads, tokens, examples: micro.iter().map(Vec::len).sum(), metrics })
+    }
+
+    fn evaluate(&self, model: &Model) -> Result<Option<Metrics>> {
+        if self.eval.rows.is_empty() {
+            return Ok(None);
+        }
+        let (l, _) = evaluate(model, &self.eval, self.opts.batch_tokens, self.opts.logits_chunk)?;
+        Ok(Some(Metrics::from([("loss".to_string(), l)])))
+    }
+
+    fn state(&self) -> Map<String, Value> {
+        Map::from_iter([("dropout_rng".to_string(), json!(self.dropout_rng.state()))])
+    }
+
+    fn restore(&mut self, state: &Value) -> Result<()> {
+        let s = state["dropout_rng"].as_u64().context("the checkpoint's state has no dropout_rng")?;
+        self.dropout_rng = SplitMix64::from_state(s);
+        Ok(())
+    }
+}
