@@ -96,6 +96,7 @@ pub mod reason {
     pub const PROMPT_TOO_LONG: &str = "prompt_too_long";
     pub const OVER_TOKEN_LIMIT: &str = "over_token_limit";
     pub const NOT_PREFERENCE: &str = "not_a_preference_pair";
+    pub const NO_USER: &str = "no_user_message";
 }
 
 /// Counts of one run. `read == kept + rejected + duplicates` (+ too-long drops where they apply).

@@ -1,6 +1,7 @@
 //! The source tree's rooms import each other in one direction only: among the top-level rooms of
 //! `src/` and among the rooms of `src/train/`, no module reaches back into a room that reaches it.
-//! Read from the source text (`crate::` and `super::` paths), so a new circle fails here.
+//! Read from the source text (`crate::` and `super::` paths, unit-test modules left out: tests may
+//! build on any room), so a new circle fails here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ fn modules(dir: &Path, prefix: Vec<String>, out: &mut Vec<(Vec<String>, PathBuf)
 fn references(module: &[String], text: &str) -> Vec<Vec<String>> {
     let ident = |s: &str| s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>();
     let mut out = vec![];
+    // Unit tests (the `#[cfg(test)]` module at the end of a file) may build on any room.
+    let text = text.split("\n#[cfg(test)]").next().unwrap_or(text);
     for line in text.lines() {
         let code = line.split("//").next().unwrap_or("");
         for (i, _) in code.match_indices("crate::") {

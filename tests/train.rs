@@ -74,6 +74,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         gradient_checkpointing: false,
         device: "cpu".into(),
         dtype: "auto".into(),
+        rl: Default::default(),
     }
 }
 

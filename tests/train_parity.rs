@@ -271,3 +271,186 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         assert!(d <= 1e-5 * scale, "{n}: checkpointed gradient differs by {d} (max {scale})");
     }
 }
+
+/// Against TRL's GRPOTrainer (tests/fixtures/train/make_grpo_fixture.py): `_compute_loss` on a fixed
+/// batch of 2 prompts x 2 completions with the fixture adapter, for the dapo and grpo loss types with
+/// beta 0 (ratio 1) and beta 0.04 (given old log-probs, some ratios clipped; the reference computed here
+/// with the adapter off, as TRL does): the loss and every LoRA gradient.
+#[test]
+fn grpo_loss_and_gradients_match_trl() {
+    use tunekit::pack::rows::PackedRow;
+    use tunekit::train::objectives::grpo::{Grpo, GrpoLoss, ScaleRewards, TokenBatch};
+    let dir = common::root().join("tests/fixtures/train");
+    let r = candle_core::safetensors::load(dir.join("trl/grpo_reference.safetensors"), &Device::Cpu).unwrap();
+    let ints = |k: &str| -> Vec<usize> {
+        r[k].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as usize).collect()
+    };
+    let (plens, pids, which, clens, cids) = (
+        ints("prompt_lengths"),
+        ints("prompt_ids"),
+        ints("completion_prompt"),
+        ints("completion_lengths"),
+        ints("completion_ids"),
+    );
+    let prompts: Vec<&[usize]> = vec![&pids[..plens[0]], &pids[plens[0]..]];
+    // The four sequences packed: prompt + completion each, labels on the completion.
+    let mut row = PackedRow::default();
+    let mut at = 0;
+    for (i, &n) in clens.iter().enumerate() {
+        let p = prompts[which[i]];
+        let c = &cids[at..at + n];
+        at += n;
+        row.input_ids.extend(p.iter().chain(c).map(|&t| t as i32));
+        row.labels.extend(std::iter::repeat_n(-100, p.len()).chain(c.iter().map(|&t| t as i32)));
+        row.position_ids.extend(0..(p.len() + n) as i32);
+        row.seq_lengths.push((p.len() + n) as i32);
+    }
+    let base = load_base(&dir.join("llama"), &Device::Cpu, None).unwrap();
+    let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
+    tunekit::train::io::peft::load_into(&mut model, &dir.join("llama/adapter")).unwrap();
+    let batch = Batch::from_rows(&[&row], &Device::Cpu).unwrap();
+    let adv: Vec<f32> = r["advantages"].to_vec1::<f32>().unwrap();
+    let adv_tokens: Vec<f32> = clens.iter().enumerate().flat_map(|(i, &n)| std::iter::repeat_n(adv[i], n)).collect();
+    let adv_t = Tensor::from_vec(adv_tokens.clone(), adv_tokens.len(), &Device::Cpu).unwrap();
+    for loss in [GrpoLoss::Dapo, GrpoLoss::Grpo] {
+        for beta in [0.0, 0.04] {
+            let key = format!("{}_beta{beta:?}", if loss == GrpoLoss::Dapo { "dapo" } else { "grpo" });
+            let g = Grpo {
+                epsilon: 0.2,
+                epsilon_high: 0.28,
+                beta,
+                loss,
+                scale_rewards: ScaleRewards::Group,
+                num_iterations: 1,
+                kl_bias_correction: true,
+            };
+            let w = g.token_weights(&clens, &[vec![0, 1, 2, 3]], 6).remove(0);
+            let w = Tensor::from_vec(w.clone(), w.len(), &Device::Cpu).unwrap();
+            let (logps, _) = model.token_log_probs(&batch, 0.7).unwrap();
+            let (old, refs) = if beta != 0.0 {
+                model.set_lora_enabled(false);
+                let (rl, _) = tunekit::train::graph::no_grad(|| model.token_log_probs(&batch, 0.7)).unwrap();
+                model.set_lora_enabled(true);
+                let want = &r[&format!("{key}_ref_logps")];
+                assert!(
+                    max_diff(&rl, want) < 1e-5,
+                    "{key}: reference log-probs differ from TRL's by {}",
+                    max_diff(&rl, want)
+                );
+                (Some(r[&format!("{key}_old_logps")].clone()), Some(rl))
+            } else {
+                (None, None)
+            };
+            let tb = TokenBatch {
+                logps: &logps,
+                old_logps: old.as_ref(),
+                ref_logps: refs.as_ref(),
+                advantages: &adv_t,
+                weights: &w,
+            };
+            let (l, _) = g.loss(&tb).unwrap();
+            let (got, want) = (l.to_scalar::<f32>().unwrap(), r[&format!("{key}_loss")].to_vec1::<f32>().unwrap()[0]);
+            assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{key}: loss {got} vs TRL {want}");
+            let grads = l.backward().unwrap();
+            for (n, var) in model.lora_vars() {
+                let want = &r[&format!("{key}_grad.{n}")];
+                let scale =
+                    want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
+                let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
+                assert!(d < 1e-3 * scale, "{key} {n}: gradient differs from TRL's by {d} (max {scale})");
+            }
+        }
+    }
+}
+
+/// Against TRL's PPO code (tests/fixtures/train/make_ppo_fixture.py runs TRL 0.29.0's own lines of
+/// `PPOTrainer.train` on a fixed batch): per-token rewards, GAE advantages and returns for the k1 and k3
+/// KL estimators with and without whitened rewards, then the policy, value and total losses of a
+/// micro-batch and their gradients with respect to the new log-probabilities and value predictions.
+#[test]
+fn ppo_rewards_advantages_and_losses_match_trl() {
+    use tunekit::train::objectives::ppo::{KlEstimator, Ppo};
+    let r = candle_core::safetensors::load(
+        common::root().join("tests/fixtures/train/trl/ppo_reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let v = |k: &str| -> Vec<f64> { r[k].to_vec1::<f32>().unwrap().into_iter().map(|x| x as f64).collect() };
+    let lengths: Vec<usize> =
+        r["lengths"].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as usize).collect();
+    let width = *lengths.iter().max().unwrap();
+    // Per completion: its tokens, and its value positions (one more when it is shorter than the width).
+    let split = |flat: &[f64], per: &dyn Fn(usize) -> usize| -> Vec<Vec<f64>> {
+        let mut at = 0;
+        lengths
+            .iter()
+            .map(|&n| {
+                let m = per(n);
+                at += m;
+                flat[at - m..at].to_vec()
+            })
+            .collect()
+    };
+    let tokens = |n: usize| n;
+    let positions = |n: usize| if n < width { n + 1 } else { n };
+    let (logps, refs, values) =
+        (split(&v("logprobs"), &tokens), split(&v("ref_logprobs"), &tokens), split(&v("values"), &positions));
+    let close = |a: &[f64], b: &[f64], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() < 1e-5 * y.abs().max(1.0), "{what}[{i}]: {x} vs TRL {y}");
+        }
+    };
+    for (est, whiten) in
+        [(KlEstimator::K1, false), (KlEstimator::K1, true), (KlEstimator::K3, false), (KlEstimator::K3, true)]
+    {
+        let key =
+            format!("{}_{}", if est == KlEstimator::K1 { "k1" } else { "k3" }, if whiten { "whiten" } else { "plain" });
+        let ppo = Ppo {
+            kl_coef: 0.05,
+            kl_estimator: est,
+            gamma: 1.0,
+            lam: 0.95,
+            cliprange: 0.2,
+            cliprange_value: 0.2,
+            vf_coef: 0.1,
+            ppo_epochs: 1,
+            num_mini_batches: 1,
+            missing_eos_penalty: None,
+            whiten_rewards: whiten,
+        };
+        let p = ppo.process(&logps, &refs, &values, &v("scores"));
+        let flat = |x: &[Vec<f64>]| -> Vec<f64> { x.iter().flatten().copied().collect() };
+        close(&flat(&p.rewards), &v(&format!("{key}_rewards")), &format!("{key} rewards"));
+        close(&flat(&p.advantages), &v(&format!("{key}_advantages")), &format!("{key} advantages"));
+        close(&flat(&p.returns), &v(&format!("{key}_returns")), &format!("{key} returns"));
+        let t = |x: Vec<f64>| {
+            let x: Vec<f32> = x.into_iter().map(|x| x as f32).collect();
+            Tensor::from_vec(x.clone(), x.len(), &Device::Cpu).unwrap()
+        };
+        let new = candle_core::Var::from_tensor(&r[&format!("{key}_new_logprobs")]).unwrap();
+        let vpred = candle_core::Var::from_tensor(&r[&format!("{key}_vpred")]).unwrap();
+        let (loss, stats) = ppo
+            .loss(
+                new.as_tensor(),
+                &t(v("logprobs")),
+                &t(flat(&p.advantages)),
+                vpred.as_tensor(),
+                &t(v("values")),
+                &t(flat(&p.returns)),
+            )
+            .unwrap();
+        let scalar = |k: &str| r[&format!("{key}_{k}")].to_vec1::<f32>().unwrap()[0] as f64;
+        close(
+            &[stats[0], stats[1], loss.to_scalar::<f32>().unwrap() as f64],
+            &[scalar("pg_loss"), scalar("vf_loss"), scalar("loss")],
+            &format!("{key} losses"),
+        );
+        let g = loss.backward().unwrap();
+        let grad = |x: &candle_core::Var| -> Vec<f64> {
+            g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap().into_iter().map(|x| x as f64).collect()
+        };
+        close(&grad(&new), &v(&format!("{key}_grad_new_logprobs")), &format!("{key} d loss / d logprobs"));
+        close(&grad(&vpred), &v(&format!("{key}_grad_vpred")), &format!("{key} d loss / d values"));
+    }
+}

@@ -43,6 +43,7 @@ impl MapArgs {
             prompt: self.prompt.clone(),
             completion: self.completion.clone(),
             template: self.prompt_template.clone(),
+            prompts: false,
         })
     }
 }

@@ -3,6 +3,10 @@
 
 use anyhow::Result;
 
+/// Keys whose flag is given once per value (`reward = ["match:answer", "length:20*0.1"]`); the other
+/// lists become one comma-separated value (`target = ["q_proj", "v_proj"]`).
+const REPEATABLE: &[&str] = &["reward"];
+
 /// `train --config FILE.toml`: the file's keys become flags placed before the command line's own,
 /// so flags given on the command line win.
 pub fn expand_train_config(args: Vec<String>) -> Result<Vec<String>> {
@@ -32,7 +36,14 @@ pub fn expand_train_config(args: Vec<String>) -> Result<Vec<String>> {
             toml::Value::Array(a) => {
                 let items: Vec<String> =
                     a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect();
-                extra.extend([flag, items.join(",")]);
+                if REPEATABLE.contains(&k.as_str()) {
+                    // One flag per item: a reward spec may itself hold commas.
+                    for i in items {
+                        extra.extend([flag.clone(), i]);
+                    }
+                } else {
+                    extra.extend([flag, items.join(",")]);
+                }
             }
             other => anyhow::bail!("--config {path}: key '{k}' has an unsupported value {other}"),
         }

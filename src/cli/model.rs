@@ -3,7 +3,7 @@
 
 use super::args::{BaseQuantArgs, ComputeArgs, MapArgs};
 use crate::commands::{eval::EvalOptions, generate::GenerateOptions, merge::MergeOptions, score::ScoreOptions};
-use crate::train::generate::Sampling;
+use crate::train::rollout::SamplingParams;
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -67,6 +67,9 @@ pub struct GenerateArgs {
     pub temperature: f64,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Sample only among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -84,12 +87,13 @@ impl GenerateArgs {
             tokenizer: self.tokenizer.clone(),
             template: self.template.clone(),
             system: self.system.clone(),
-            sampling: Sampling {
-                max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                max_new_tokens: self.max_tokens,
                 temperature: self.temperature,
                 top_p: self.top_p,
-                seed: self.seed,
+                top_k: self.top_k,
             },
+            seed: self.seed,
         }
     }
 }

@@ -3,7 +3,11 @@
 use super::args::ComputeArgs;
 use crate::train::adapters::lora::LoraSettings;
 use crate::train::objectives::dpo::Dpo;
+use crate::train::objectives::grpo::Grpo;
+use crate::train::objectives::ppo::Ppo;
 use crate::train::optim::AdamWConfig;
+use crate::train::options::RlOptions;
+use crate::train::rollout::SamplingParams;
 use crate::train::{Method, TrainOptions};
 use anyhow::Result;
 use clap::Args;
@@ -18,6 +22,10 @@ pub enum TrainMethod {
     Dpo,
     /// A reward model on preference shards.
     Reward,
+    /// Group relative policy optimisation on prompt shards.
+    Grpo,
+    /// RLHF: PPO against a reward model, with a KL penalty to the reference.
+    Ppo,
 }
 
 #[derive(Args)]
@@ -33,12 +41,14 @@ pub struct TrainArgs {
     pub out: PathBuf,
     /// sft: LoRA on the shards' labels; dpo: direct preference optimisation on preference shards
     /// (`prepare --method preference`), the reference being the base with the adapter off; reward: a
-    /// reward model (scalar head on the last token, Bradley-Terry loss, LoRA on the body).
+    /// reward model (scalar head on the last token, Bradley-Terry loss, LoRA on the body); grpo and
+    /// ppo: online RL on prompt shards (`prepare --method prompts`) with --reward functions.
     #[arg(long, value_enum, default_value = "sft")]
     pub method: TrainMethod,
-    /// DPO: strength of the KL constraint to the reference.
-    #[arg(long, default_value_t = 0.1)]
-    pub beta: f64,
+    /// Strength of the KL constraint to the reference: DPO (default 0.1), GRPO (default 0: no
+    /// reference pass).
+    #[arg(long)]
+    pub beta: Option<f64>,
     /// DPO loss: sigmoid (DPO), hinge (SLiC), ipo.
     #[arg(long, value_enum, default_value = "sigmoid")]
     pub dpo_loss: crate::train::objectives::dpo::DpoLoss,
@@ -97,18 +107,152 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub rl: RlArgs,
+    #[command(flatten)]
+    pub grpo: GrpoArgs,
+    #[command(flatten)]
+    pub ppo: PpoArgs,
     /// Options from a TOML file with the same keys as the flags (lr = 1e-3, lora_r = 16,
     /// target = "all-linear", ...); flags given on the command line win.
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
 
+/// Online RL (grpo, ppo): what a rollout samples and how it is scored.
+#[derive(Args)]
+#[command(next_help_heading = "Online RL (grpo, ppo)")]
+pub struct RlArgs {
+    /// Reward of each completion, repeatable, weighted with a trailing *W: match:COLUMN (the final
+    /// answer equals the prompt row's COLUMN, number-aware), regex:PATTERN, json, length:N (closer to
+    /// N words is higher), model:DIR (a reward model from --method reward), command:CMD (a program
+    /// reading one JSON object per line on stdin, writing one number per line).
+    #[arg(long = "reward", value_name = "SPEC")]
+    pub rewards: Vec<String>,
+    /// Seconds a reward command may take for one rollout.
+    #[arg(long, default_value_t = 60.0)]
+    pub reward_timeout: f64,
+    /// Prompts sampled per rollout.
+    #[arg(long, default_value_t = 4)]
+    pub prompts_per_step: usize,
+    /// Completions sampled per prompt (GRPO's group).
+    #[arg(long, default_value_t = 8)]
+    pub num_generations: usize,
+    /// Longest completion; one that reaches it without an end-of-turn token is truncated.
+    #[arg(long, default_value_t = 256)]
+    pub max_completion_tokens: usize,
+    /// Sampling temperature (also the one the log-probabilities are taken at, as TRL does).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// The tokenizer the prompts were prepared with (default: the one their manifest records).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// GRPO's objective.
+#[derive(Args)]
+#[command(next_help_heading = "GRPO")]
+pub struct GrpoArgs {
+    /// Clipping of the probability ratio (lower side; the upper too unless --epsilon-high).
+    #[arg(long, default_value_t = 0.2)]
+    pub epsilon: f64,
+    #[arg(long)]
+    pub epsilon_high: Option<f64>,
+    /// How the loss is aggregated over tokens and completions, as TRL defines each.
+    #[arg(long, value_enum, default_value = "dapo")]
+    pub loss_type: crate::train::objectives::grpo::GrpoLoss,
+    /// Advantages divided by the group's reward std, the batch's, or not at all.
+    #[arg(long, value_enum, default_value = "group")]
+    pub scale_rewards: crate::train::objectives::grpo::ScaleRewards,
+    /// Optimizer steps per rollout (the rollout's log-probabilities kept for the ratio).
+    #[arg(long, default_value_t = 1)]
+    pub num_iterations: usize,
+    /// With --beta: multiply the KL term by the probability ratio (its gradient is then the unbiased
+    /// reverse-KL gradient), as TRL does by default.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub kl_bias_correction: bool,
+}
+
+/// PPO's objective.
+#[derive(Args)]
+#[command(next_help_heading = "PPO")]
+pub struct PpoArgs {
+    /// Per-token KL penalty in the reward.
+    #[arg(long, default_value_t = 0.05)]
+    pub kl_coef: f64,
+    #[arg(long, value_enum, default_value = "k1")]
+    pub kl_estimator: crate::train::objectives::ppo::KlEstimator,
+    #[arg(long, default_value_t = 1.0)]
+    pub gamma: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub lam: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub cliprange: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub cliprange_value: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub vf_coef: f64,
+    /// Passes over each rollout.
+    #[arg(long, default_value_t = 4)]
+    pub ppo_epochs: usize,
+    /// Optimizer steps per pass.
+    #[arg(long, default_value_t = 1)]
+    pub num_mini_batches: usize,
+    /// Subtracted from the score of a completion without an end-of-turn token.
+    #[arg(long)]
+    pub missing_eos_penalty: Option<f64>,
+    #[arg(long)]
+    pub whiten_rewards: bool,
+}
+
 impl TrainArgs {
     pub fn options(self) -> Result<TrainOptions> {
+        let (g, p) = (&self.grpo, &self.ppo);
         let method = match self.method {
             TrainMethod::Sft => Method::Sft,
-            TrainMethod::Dpo => Method::Dpo(Dpo { beta: self.beta, loss: self.dpo_loss }),
+            TrainMethod::Dpo => Method::Dpo(Dpo { beta: self.beta.unwrap_or(0.1), loss: self.dpo_loss }),
             TrainMethod::Reward => Method::Reward,
+            TrainMethod::Grpo => Method::Grpo(Grpo {
+                epsilon: g.epsilon,
+                epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+                beta: self.beta.unwrap_or(0.0),
+                loss: g.loss_type,
+                scale_rewards: g.scale_rewards,
+                num_iterations: g.num_iterations.max(1),
+                kl_bias_correction: g.kl_bias_correction,
+            }),
+            TrainMethod::Ppo => Method::Ppo(Ppo {
+                kl_coef: p.kl_coef,
+                kl_estimator: p.kl_estimator,
+                gamma: p.gamma,
+                lam: p.lam,
+                cliprange: p.cliprange,
+                cliprange_value: p.cliprange_value,
+                vf_coef: p.vf_coef,
+                ppo_epochs: p.ppo_epochs.max(1),
+                num_mini_batches: p.num_mini_batches.max(1),
+                missing_eos_penalty: p.missing_eos_penalty,
+                whiten_rewards: p.whiten_rewards,
+            }),
+        };
+        let r = &self.rl;
+        let rl = RlOptions {
+            prompts_per_step: r.prompts_per_step,
+            num_generations: r.num_generations,
+            sampling: SamplingParams {
+                temperature: r.temperature,
+                top_p: r.top_p,
+                top_k: r.top_k,
+                max_new_tokens: r.max_completion_tokens,
+            },
+            rewards: r.rewards.clone(),
+            reward_timeout: r.reward_timeout,
+            tokenizer: r.tokenizer.clone(),
         };
         Ok(TrainOptions {
             method,
@@ -139,6 +283,7 @@ impl TrainArgs {
             gradient_checkpointing: self.gradient_checkpointing,
             device: self.compute.device,
             dtype: self.compute.dtype,
+            rl,
         })
     }
 }

@@ -5,9 +5,10 @@ use super::Summary;
 use crate::record::Message;
 use crate::template::chat::ChatTemplate;
 use crate::tokenize::TokenizerInfo;
-use crate::train::generate::{generate, Sampling};
 use crate::train::io::{load_model, Placement};
 use crate::train::model::Model;
+use crate::train::rollout::chat::generate;
+use crate::train::rollout::SamplingParams;
 use anyhow::Result;
 use serde::Serialize;
 use std::io::{BufRead, Write};
@@ -20,7 +21,8 @@ pub struct GenerateOptions {
     pub tokenizer: Option<PathBuf>,
     pub template: Option<String>,
     pub system: Option<String>,
-    pub sampling: Sampling,
+    pub sampling: SamplingParams,
+    pub seed: u64,
     pub placement: Placement,
 }
 
@@ -47,9 +49,9 @@ impl Session {
         Ok(Session { model, tok, template, messages })
     }
 
-    fn answer(&mut self, user: &str, s: &Sampling) -> Result<String> {
+    fn answer(&mut self, user: &str, s: &SamplingParams, seed: u64) -> Result<String> {
         self.messages.push(Message::new("user", user));
-        let answer = generate(&self.model, &self.tok, &self.template, &self.messages, s)?;
+        let answer = generate(&self.model, &self.tok, &self.template, &self.messages, s, seed)?;
         self.messages.push(Message::new("assistant", answer.clone()));
         Ok(answer)
     }
@@ -57,7 +59,7 @@ impl Session {
 
 /// The answer to one prompt.
 pub fn run(o: &GenerateOptions, prompt: &str) -> Result<GenerateSummary> {
-    let text = Session::open(o)?.answer(prompt, &o.sampling)?;
+    let text = Session::open(o)?.answer(prompt, &o.sampling, o.seed)?;
     Ok(GenerateSummary { command: "generate", text })
 }
 
@@ -73,7 +75,7 @@ pub fn chat(o: &GenerateOptions) -> Result<()> {
         if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
             return Ok(());
         }
-        println!("{}", session.answer(line.trim(), &o.sampling)?);
+        println!("{}", session.answer(line.trim(), &o.sampling, o.seed)?);
     }
 }
 

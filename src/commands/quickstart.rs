@@ -131,6 +131,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
             gradient_checkpointing: false,
             device: "auto".into(),
             dtype: "auto".into(),
+            rl: Default::default(),
         },
         None,
     )?;

@@ -69,6 +69,9 @@ pub struct MapOptions {
     pub completion: Option<String>,
     /// A built-in prompt template name or a path to a `.jinja` file with prompt/completion blocks.
     pub template: Option<String>,
+    /// Rows become prompts for online RL (`prepare --method prompts`): the answer is optional, and
+    /// every column of the row is kept, as text, in `meta.columns` for reward functions.
+    pub prompts: bool,
 }
 
 impl MapOptions {
@@ -96,6 +99,7 @@ pub struct Mapper {
     system: Option<String>,
     renames: HashMap<String, String>,
     columns: Option<template::ColumnTemplates>,
+    prompts: bool,
 }
 
 impl Mapper {
@@ -109,7 +113,7 @@ impl Mapper {
         let templated = opts.prompt.is_some() || opts.completion.is_some() || opts.template.is_some();
         let format = match opts.format.unwrap_or(Format::Auto) {
             Format::Auto if templated => Format::Columns,
-            Format::Auto => detect(&has).ok_or_else(|| {
+            Format::Auto => detect(&has, opts.prompts).ok_or_else(|| {
                 anyhow::anyhow!(
                     "{source}: cannot tell the format from its columns [{}].\nFormats need: {FORMAT_HELP}.\n\
                      Pick one with --format, rename columns with --map field=column, or map your own columns with \
@@ -124,11 +128,12 @@ impl Mapper {
                 opts.prompt.as_deref(),
                 opts.completion.as_deref(),
                 opts.template.as_deref(),
+                opts.prompts,
             )?;
             t.check_columns(columns, source)?;
             Some(t)
         } else {
-            let needed = required(format);
+            let needed = required(format, opts.prompts);
             let missing: Vec<_> = needed.iter().filter(|f| !has(f)).collect();
             if !missing.is_empty() && opts.format.unwrap_or(Format::Auto) != Format::Auto {
                 bail!(
@@ -140,7 +145,7 @@ impl Mapper {
             }
             None
         };
-        Ok(Mapper { format, system: opts.system.clone(), renames, columns: columns_tpl })
+        Ok(Mapper { format, system: opts.system.clone(), renames, columns: columns_tpl, prompts: opts.prompts })
     }
 
     fn get<'a>(&self, row: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
@@ -169,6 +174,15 @@ impl Mapper {
         }
     }
 
+    /// The answer field: required text, or optional for prompts ("" when absent).
+    fn answer(&self, row: &Map<String, Value>, field: &str, ctx: &RowCtx) -> Result<String, Reject> {
+        if self.prompts {
+            self.opt_text(row, field, ctx)
+        } else {
+            self.text(row, field, ctx)
+        }
+    }
+
     /// Optional text field: missing/null/empty give "".
     fn opt_text(&self, row: &Map<String, Value>, field: &str, ctx: &RowCtx) -> Result<String, Reject> {
         match self.get(row, field) {
@@ -180,6 +194,7 @@ impl Mapper {
 
     /// Maps one row. Errors are rejects naming the row and field.
     pub fn map(&self, row: Map<String, Value>, ctx: &RowCtx) -> Result<Conversation, Reject> {
+        let columns = self.prompts.then(|| row_columns(&row));
         let mut conv = match self.format {
             Format::Alpaca => self.alpaca(&row, ctx, "output")?,
             Format::Dolly => self.dolly(&row, ctx)?,
@@ -187,8 +202,8 @@ impl Mapper {
             Format::Messages => self.messages(row, ctx)?,
             Format::PromptCompletion => {
                 let p = self.text(&row, "prompt", ctx)?;
-                let c = self.text(&row, "completion", ctx)?;
-                Conversation::new(ctx.id(), vec![Message::new("user", p), Message::new("assistant", c)])
+                let c = self.answer(&row, "completion", ctx)?;
+                Conversation::new(ctx.id(), with_answer(vec![Message::new("user", p)], c))
             }
             Format::Preference => self.preference(&row, ctx)?,
             Format::Text => {
@@ -205,8 +220,7 @@ impl Mapper {
                     msgs.push(Message::new("system", system));
                 }
                 msgs.push(Message::new("user", prompt));
-                msgs.push(Message::new("assistant", completion));
-                Conversation::new(ctx.id(), msgs)
+                Conversation::new(ctx.id(), with_answer(msgs, completion))
             }
             Format::Auto => unreachable!("auto is resolved in Mapper::new"),
         };
@@ -214,6 +228,11 @@ impl Mapper {
             if conv.messages.first().map(|m| m.role.as_str()) != Some("system") {
                 conv.messages.insert(0, Message::new("system", sys.clone()));
             }
+        }
+        if let Some(cols) = columns {
+            let kept = conv.meta.remove("columns").and_then(|v| v.as_object().cloned()).unwrap_or_default();
+            conv.meta.insert("columns".into(), Value::Object(kept.into_iter().chain(cols).collect()));
+            return Ok(conv);
         }
         if !conv.is_preference() && !conv.messages.iter().any(|m| m.role == "assistant") {
             return Err(ctx.reject(
@@ -228,7 +247,7 @@ impl Mapper {
     fn alpaca(&self, row: &Map<String, Value>, ctx: &RowCtx, answer: &str) -> Result<Conversation, Reject> {
         let instruction = self.text(row, "instruction", ctx)?;
         let input = self.opt_text(row, "input", ctx)?;
-        let output = self.text(row, answer, ctx)?;
+        let output = self.answer(row, answer, ctx)?;
         let mut msgs = Vec::with_capacity(4);
         let system = self.opt_text(row, "system", ctx)?;
         if !system.trim().is_empty() {
@@ -253,16 +272,15 @@ impl Mapper {
         }
         let user = if input.trim().is_empty() { instruction } else { format!("{instruction}\n{input}") };
         msgs.push(Message::new("user", user));
-        msgs.push(Message::new("assistant", output));
-        Ok(Conversation::new(ctx.id(), msgs))
+        Ok(Conversation::new(ctx.id(), with_answer(msgs, output)))
     }
 
     fn dolly(&self, row: &Map<String, Value>, ctx: &RowCtx) -> Result<Conversation, Reject> {
         let instruction = self.text(row, "instruction", ctx)?;
         let context = self.opt_text(row, "context", ctx)?;
-        let response = self.text(row, "response", ctx)?;
+        let response = self.answer(row, "response", ctx)?;
         let user = if context.trim().is_empty() { instruction } else { format!("{instruction}\n\n{context}") };
-        Ok(Conversation::new(ctx.id(), vec![Message::new("user", user), Message::new("assistant", response)]))
+        Ok(Conversation::new(ctx.id(), with_answer(vec![Message::new("user", user)], response)))
     }
 
     fn sharegpt(&self, row: &Map<String, Value>, ctx: &RowCtx) -> Result<Conversation, Reject> {
@@ -453,7 +471,29 @@ impl Mapper {
     }
 }
 
-fn detect(has: &dyn Fn(&str) -> bool) -> Option<Format> {
+/// Messages followed by the assistant's answer, unless it is empty (a prompt without an answer).
+fn with_answer(mut msgs: Vec<Message>, answer: String) -> Vec<Message> {
+    if !answer.is_empty() {
+        msgs.push(Message::new("assistant", answer));
+    }
+    msgs
+}
+
+/// Every column of a row as text (lists and objects as JSON), for reward functions of prompts.
+fn row_columns(row: &Map<String, Value>) -> Map<String, Value> {
+    row.iter()
+        .filter(|(k, v)| !v.is_null() && !matches!(k.as_str(), "messages" | "conversations" | "conversation" | "meta"))
+        .map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), Value::String(text))
+        })
+        .collect()
+}
+
+fn detect(has: &dyn Fn(&str) -> bool, prompts: bool) -> Option<Format> {
     let pref = (has("chosen") && has("rejected")) || (has("chosen_messages") && has("rejected_messages"));
     Some(if pref {
         Format::Preference
@@ -465,8 +505,10 @@ fn detect(has: &dyn Fn(&str) -> bool) -> Option<Format> {
         Format::Alpaca
     } else if has("instruction") && has("response") {
         Format::Dolly
-    } else if has("prompt") && has("completion") {
+    } else if has("prompt") && (has("completion") || prompts) {
         Format::PromptCompletion
+    } else if prompts && has("instruction") {
+        Format::Alpaca
     } else if has("text") {
         Format::Text
     } else {
@@ -474,8 +516,10 @@ fn detect(has: &dyn Fn(&str) -> bool) -> Option<Format> {
     })
 }
 
-fn required(f: Format) -> &'static [&'static str] {
+fn required(f: Format, prompts: bool) -> &'static [&'static str] {
     match f {
+        Format::Alpaca | Format::Dolly if prompts => &["instruction"],
+        Format::PromptCompletion if prompts => &["prompt"],
         Format::Alpaca => &["instruction", "output"],
         Format::Dolly => &["instruction", "response"],
         Format::Messages => &["messages"],

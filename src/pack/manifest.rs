@@ -22,7 +22,7 @@ pub const FILE: &str = "manifest.json";
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Manifest {
-    /// "tunekit-shards" (packed SFT rows) or "tunekit-preference-shards".
+    /// "tunekit-shards" (packed SFT rows), "tunekit-preference-shards" or "tunekit-prompt-shards".
     pub format: String,
     pub format_version: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,6 +107,8 @@ pub struct ManifestAccounting {
     pub samples: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pairs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packed_rows: Option<u64>,
     pub tokens: u64,

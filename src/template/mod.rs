@@ -54,6 +54,8 @@ pub struct ColumnTemplates {
     env: Environment<'static>,
     from_file: bool,
     has_system: bool,
+    /// A completion template was given (prompts for RL may have none).
+    has_completion: bool,
     /// Columns the templates refer to.
     pub vars: BTreeSet<String>,
     /// Columns the template tests (`{% if col %}`, `col is defined`): they may be empty.
@@ -61,31 +63,35 @@ pub struct ColumnTemplates {
 }
 
 impl ColumnTemplates {
-    /// From `--prompt-template NAME|FILE`, or the `--prompt` and `--completion` templates.
-    pub fn new(prompt: Option<&str>, completion: Option<&str>, template: Option<&str>) -> Result<Self> {
+    /// From `--prompt-template NAME|FILE`, or the `--prompt` and `--completion` templates; the
+    /// completion is optional for `prompts` (RL prompts need no answer).
+    pub fn new(prompt: Option<&str>, completion: Option<&str>, template: Option<&str>, prompts: bool) -> Result<Self> {
         let mut env = prompt_env();
         let mut vars = BTreeSet::new();
-        let (from_file, has_system);
+        let (from_file, has_system, has_completion);
         if let Some(t) = template {
             let (name, src) = load_named(t, PROMPT_TEMPLATES, "prompt template")?;
             env.add_template_owned("file".to_string(), src.clone())
                 .with_context(|| format!("template {name} does not parse"))?;
-            if !src.contains("{% block prompt %}") || !src.contains("{% block completion %}") {
+            has_completion = src.contains("{% block completion %}");
+            if !src.contains("{% block prompt %}") || (!has_completion && !prompts) {
                 bail!("template {name} must define {{% block prompt %}} and {{% block completion %}} (and optionally {{% block system %}})");
             }
             has_system = src.contains("{% block system %}");
             from_file = true;
             vars.extend(env.get_template("file")?.undeclared_variables(false));
         } else {
-            let (Some(p), Some(c)) = (prompt, completion) else {
+            let (Some(p), Some(_)) = (prompt, completion.or(prompts.then_some(""))) else {
                 bail!("the columns format needs --prompt and --completion templates (or --prompt-template NAME|FILE), e.g. \
                        --prompt \"Translate into {{{{ lang }}}}: {{{{ text }}}}\" --completion \"{{{{ translation }}}}\"");
             };
             env.add_template_owned("prompt".to_string(), p.to_string()).context("--prompt template does not parse")?;
-            env.add_template_owned("completion".to_string(), c.to_string())
-                .context("--completion template does not parse")?;
-            for n in ["prompt", "completion"] {
-                vars.extend(env.get_template(n)?.undeclared_variables(false));
+            vars.extend(env.get_template("prompt")?.undeclared_variables(false));
+            has_completion = completion.is_some();
+            if let Some(c) = completion {
+                env.add_template_owned("completion".to_string(), c.to_string())
+                    .context("--completion template does not parse")?;
+                vars.extend(env.get_template("completion")?.undeclared_variables(false));
             }
             has_system = false;
             from_file = false;
@@ -104,7 +110,7 @@ impl ColumnTemplates {
             })
             .cloned()
             .collect();
-        Ok(ColumnTemplates { env, from_file, has_system, vars, optional })
+        Ok(ColumnTemplates { env, from_file, has_system, has_completion, vars, optional })
     }
 
     /// Fails early when a fixed-schema source (CSV, Parquet) lacks columns the template needs.
@@ -165,19 +171,30 @@ impl ColumnTemplates {
                     String::new()
                 };
                 let p = state.render_block("prompt").map_err(|e| err("prompt", e))?;
-                let c = state.render_block("completion").map_err(|e| err("completion", e))?;
+                let c = if self.has_completion {
+                    state.render_block("completion").map_err(|e| err("completion", e))?
+                } else {
+                    String::new()
+                };
                 Ok((system, p, c))
             })?
         } else {
             let p = self.env.get_template("prompt").expect("added").render(&value).map_err(|e| err("prompt", e))?;
-            let c =
-                self.env.get_template("completion").expect("added").render(&value).map_err(|e| err("completion", e))?;
+            let c = match self.has_completion {
+                true => self
+                    .env
+                    .get_template("completion")
+                    .expect("added")
+                    .render(&value)
+                    .map_err(|e| err("completion", e))?,
+                false => String::new(),
+            };
             (String::new(), p, c)
         };
         if prompt.trim().is_empty() {
             return Err(ctx.reject(Some("prompt"), reason::EMPTY_FIELD, "the prompt template rendered to empty text"));
         }
-        if completion.trim().is_empty() {
+        if self.has_completion && completion.trim().is_empty() {
             return Err(ctx.reject(
                 Some("completion"),
                 reason::EMPTY_FIELD,

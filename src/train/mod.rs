@@ -9,12 +9,12 @@
 //!   it computes.
 //! * [`io`] weights in and out: Hugging Face and GGUF bases, PEFT adapters, merged models,
 //!   checkpoints.
-//! * [`generate`] sampling with a KV cache.
+//! * [`rollout`] the rollout engine: batched sampling with a KV cache (RL, and `generate`);
+//!   [`rewards`] the reward functions of online RL.
 
 pub mod adapters;
 pub mod data;
 pub mod device;
-pub mod generate;
 pub mod graph;
 pub mod io;
 pub mod model;
@@ -22,6 +22,8 @@ pub mod objectives;
 pub mod optim;
 pub mod options;
 pub mod recipes;
+pub mod rewards;
+pub mod rollout;
 
 pub use options::{Method, TrainOptions};
 pub use recipes::{run, TrainSummary};

@@ -4,7 +4,10 @@
 
 use crate::train::adapters::lora::LoraSettings;
 use crate::train::objectives::dpo::Dpo;
+use crate::train::objectives::grpo::Grpo;
+use crate::train::objectives::ppo::Ppo;
 use crate::train::optim::{AdamWConfig, Schedule};
+use crate::train::rollout::SamplingParams;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -20,6 +23,10 @@ pub enum Method {
     Dpo(Dpo),
     /// A reward model: scalar head on the last token, Bradley-Terry loss, LoRA on the body.
     Reward,
+    /// Group relative policy optimisation on prompt shards, with rule or model rewards.
+    Grpo(Grpo),
+    /// RLHF: PPO against a reward, with a per-token KL penalty to the reference and a value head.
+    Ppo(Ppo),
 }
 
 impl Method {
@@ -28,6 +35,39 @@ impl Method {
             Method::Sft => "sft",
             Method::Dpo(_) => "dpo",
             Method::Reward => "reward",
+            Method::Grpo(_) => "grpo",
+            Method::Ppo(_) => "ppo",
+        }
+    }
+}
+
+/// What online RL (GRPO, PPO) samples and how it scores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RlOptions {
+    /// Prompts of one rollout (one optimizer step for GRPO).
+    pub prompts_per_step: usize,
+    /// Completions sampled per prompt.
+    pub num_generations: usize,
+    pub sampling: SamplingParams,
+    /// `--reward` specs (`match:COLUMN`, `regex:PATTERN`, `json`, `length:N`, `model:DIR`,
+    /// `command:CMD`, each optionally `*W`).
+    pub rewards: Vec<String>,
+    /// Seconds a reward command may take for one batch.
+    pub reward_timeout: f64,
+    /// The tokenizer the prompts were prepared with (default: the one the manifest records).
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl Default for RlOptions {
+    fn default() -> Self {
+        RlOptions {
+            prompts_per_step: 4,
+            num_generations: 8,
+            sampling: SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 256 },
+            rewards: vec![],
+            reward_timeout: 60.0,
+            tokenizer: None,
         }
     }
 }
@@ -68,6 +108,9 @@ pub struct TrainOptions {
     /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16.
     #[serde(default = "auto")]
     pub dtype: String,
+    /// Online RL: sampling and rewards.
+    #[serde(default)]
+    pub rl: RlOptions,
 }
 
 fn auto() -> String {

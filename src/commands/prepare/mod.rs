@@ -1,9 +1,10 @@
 //! `tunekit prepare`: the main job. One streaming pass of convert -> admit (count, reject, dedup) ->
 //! tokenize with loss masks -> split -> pack -> Parquet shards, then `manifest.json` (written last: a
 //! directory without it is incomplete). [`sft`] packs samples into rows; [`preference`] writes one
-//! chosen/rejected pair per row.
+//! chosen/rejected pair per row; [`prompts`] writes prompts for online RL.
 
 pub mod preference;
+pub mod prompts;
 pub mod sft;
 
 use super::Summary;
@@ -28,6 +29,9 @@ pub enum PrepareMethod {
     Sft,
     /// Preference shards for DPO / reward models: one pair per row, answers trained.
     Preference,
+    /// Prompt shards for online RL (GRPO, PPO): the conversation up to its last user turn with the
+    /// generation prompt, and the row's other columns for reward functions.
+    Prompts,
 }
 
 pub struct PrepareOptions {
@@ -98,6 +102,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     match opts.method {
         PrepareMethod::Sft => sft::run(opts),
         PrepareMethod::Preference => preference::run(opts),
+        PrepareMethod::Prompts => prompts::run(opts),
     }
 }
 
@@ -182,6 +187,8 @@ impl Summary for PrepareSummary {
         }
         if self.method == PrepareMethod::Preference {
             println!("  pairs:      {} ({} tokens, chosen + rejected)", self.samples, self.tokens);
+        } else if self.method == PrepareMethod::Prompts {
+            println!("  prompts:    {} ({} tokens)", self.samples, self.tokens);
         } else {
             println!(
                 "  packed:     {} row(s), {} tokens, {} trained ({:.1}%), fill {:.1}%",

@@ -12,6 +12,10 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Variables a recipe trains beside the adapter that PEFT's format has no place for (PPO's value
+/// head), saved by the recipe into a checkpoint under this name.
+pub const EXTRA_VARS: &str = "extra_vars.safetensors";
+
 /// Writes a checkpoint directory atomically: the adapter (PEFT format; `extra` may add to it), the
 /// optimizer moments, and `state.json` with the caller's state, Adam's step and the options.
 pub fn write(
@@ -47,7 +51,11 @@ pub fn read(dir: &Path, vars_named: &[(String, Var)], opt: &mut AdamW) -> Result
     let st: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.join("state.json")).with_context(|| format!("{}: not a checkpoint", dir.display()))?,
     )?;
-    let (_, tensors) = super::peft::read(dir)?;
+    let (_, mut tensors) = super::peft::read(dir)?;
+    let extra = dir.join(EXTRA_VARS);
+    if extra.exists() {
+        tensors.extend(candle_core::safetensors::load(&extra, &Device::Cpu)?);
+    }
     for (n, v) in vars_named {
         v.set(&tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?.to_device(v.device())?)?;
     }

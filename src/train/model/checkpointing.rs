@@ -33,7 +33,7 @@ impl Model {
         let mut x = self.embed_rows(&batch.input_ids)?;
         for layer in &self.layers {
             rng_states.push(rng.as_ref().map(|r| r.state()));
-            let y = self.layer_forward(layer, &x, &rope, &batch.seq_lengths, &mut masks, rng.as_deref_mut())?;
+            let y = self.layer_forward(layer, &x, &rope, &batch.seq_lengths, &mut masks, rng.as_deref_mut(), None)?;
             inputs.push(x);
             x = y.detach();
         }
@@ -46,8 +46,15 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let input = Var::from_tensor(&inputs[i])?;
             let mut replay = rng_states[i].map(SplitMix64::from_state);
-            let y =
-                self.layer_forward(layer, input.as_tensor(), &rope, &batch.seq_lengths, &mut masks, replay.as_mut())?;
+            let y = self.layer_forward(
+                layer,
+                input.as_tensor(),
+                &rope,
+                &batch.seq_lengths,
+                &mut masks,
+                replay.as_mut(),
+                None,
+            )?;
             let mut grads = (y * &upstream)?.sum_all()?.backward()?;
             for lin in layer.linears() {
                 if let Some(l) = &lin.lora {

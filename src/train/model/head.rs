@@ -1,7 +1,9 @@
-//! The loss head: the cross-entropy of `h W^T` against the next tokens at the trained positions,
-//! `chunk` rows of logits at a time. Each chunk's input gradient is computed with its logits, so no
-//! logits outlive their chunk and none are kept for the backward; an NF4 head on the CPU is
-//! dequantised a block of vocabulary rows at a time, never whole.
+//! The loss head: scores of `h W^T` against the next tokens at the trained positions, `chunk` rows of
+//! logits at a time, as the summed cross-entropy of SFT ([`linear_cross_entropy`]) or per-token
+//! log-probabilities at a sampling temperature with their entropies, for RL ([`linear_log_probs`]).
+//! Each chunk's input gradient is computed with its logits, so no logits outlive their chunk and
+//! none are kept for the backward; an NF4 head on the CPU is dequantised a block of vocabulary rows
+//! at a time, never whole.
 
 use super::linear::{Linear, Weight};
 use crate::train::graph::attached_forward;
@@ -12,35 +14,87 @@ use std::sync::Arc;
 /// `chunk` rows at a time. When training, each chunk's gradient with respect to its rows,
 /// `(softmax - onehot) W`, is computed right after its logits, so no logits outlive their chunk
 /// (the logits of 2,048 positions over a 49k vocabulary are 400 MB in f32); the backward is then
-/// `g * dh`. The head is frozen (no LoRA on lm_head), so only the input gradient is needed. An NF4
-/// head on the CPU is dequantised a block of vocabulary rows at a time, never whole.
+/// `g * dh`. The head is frozen (no LoRA on lm_head), so only the input gradient is needed.
 pub fn linear_cross_entropy(h: &Tensor, head: &Linear, targets: &Tensor, chunk: usize) -> candle_core::Result<Tensor> {
-    let n = h.dim(0)?;
     let want_grad = h.track_op();
+    let s = score_rows(h, head, targets, 1.0, chunk, want_grad, false)?;
+    let total = s.nll.sum_all()?;
+    match s.dh {
+        Some(dh) => Ok(total.with_backward1(h, InputGradFn { dh, per_row: false })),
+        None => Ok(total),
+    }
+}
+
+/// Per-token log-probabilities `log softmax(h_i W^T / temperature)[t_i]` [N] (differentiable in h),
+/// and the entropies of those distributions [N] (values only), as TRL scores completions.
+pub fn linear_log_probs(
+    h: &Tensor,
+    head: &Linear,
+    targets: &Tensor,
+    temperature: f64,
+    chunk: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let want_grad = h.track_op();
+    let s = score_rows(h, head, targets, temperature, chunk, want_grad, true)?;
+    let logp = s.nll.neg()?;
+    let entropy = s.entropy.expect("asked for");
+    match s.dh {
+        // d logp / d h = -(d nll / d h), per row.
+        Some(dh) => Ok((logp.with_backward1(h, InputGradFn { dh: dh.neg()?, per_row: true }), entropy)),
+        None => Ok((logp, entropy)),
+    }
+}
+
+/// Row scores of one pass over the head: negative log-likelihoods [N], their input gradient
+/// `d nll_i / d h_i` [N, hidden] and entropies [N] when asked.
+struct RowScores {
+    nll: Tensor,
+    dh: Option<Tensor>,
+    entropy: Option<Tensor>,
+}
+
+fn score_rows(
+    h: &Tensor,
+    head: &Linear,
+    targets: &Tensor,
+    temperature: f64,
+    chunk: usize,
+    want_grad: bool,
+    want_entropy: bool,
+) -> candle_core::Result<RowScores> {
+    let n = h.dim(0)?;
     let hd = h.detach();
     let weight = HeadWeight::new(head, &hd)?;
-    let (mut total, mut dh) = (Tensor::zeros((), DType::F32, h.device())?, vec![]);
+    let (mut nll, mut dh, mut entropy) = (vec![], vec![], vec![]);
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
         let rows = hd.narrow(0, start, len)?;
         let logits = weight.logits(&rows)?;
-        let (nll, dlogits) = cross_entropy_and_grad(&logits, &targets.narrow(0, start, len)?, want_grad)?;
+        let s = token_scores(&logits, &targets.narrow(0, start, len)?, temperature, want_grad, want_entropy)?;
         drop(logits);
-        if let Some(d) = dlogits {
+        if let Some(d) = s.grad {
             dh.push(weight.input_grad(&d)?);
         }
-        total = (total + nll)?;
+        nll.push(s.nll);
+        entropy.extend(s.entropy);
         start += len;
     }
-    if !want_grad {
-        return Ok(total);
-    }
-    let dh = Tensor::cat(&dh, 0)?;
-    Ok(total.with_backward1(h, LinearCrossEntropyFn { dh }))
+    let cat = |v: Vec<Tensor>| -> candle_core::Result<Tensor> {
+        if v.is_empty() {
+            Tensor::zeros(0, DType::F32, h.device())
+        } else {
+            Tensor::cat(&v, 0)
+        }
+    };
+    Ok(RowScores {
+        nll: cat(nll)?,
+        dh: if want_grad && n > 0 { Some(cat(dh)?) } else { None },
+        entropy: if want_entropy { Some(cat(entropy)?) } else { None },
+    })
 }
 
-/// The head's weight [vocab, hidden] for `linear_cross_entropy`: dense (whole), or NF4 rows
+/// The head's weight [vocab, hidden] for the scores: dense (whole), or NF4 rows
 /// dequantised `NF4_ROWS` at a time.
 enum HeadWeight {
     Dense(Tensor),
@@ -104,32 +158,46 @@ impl HeadWeight {
     }
 }
 
-/// The backward of [`linear_cross_entropy`]: its input gradient, computed in the forward.
-struct LinearCrossEntropyFn {
+/// The backward of the head's scores: their input gradient, computed in the forward. A scalar
+/// total (`per_row: false`) scales every row by its gradient; per-row scores scale each row by its own.
+struct InputGradFn {
     dh: Tensor,
+    per_row: bool,
 }
 
-impl CustomOp1 for LinearCrossEntropyFn {
+impl CustomOp1 for InputGradFn {
     fn name(&self) -> &'static str {
-        "linear-cross-entropy"
+        "linear-head-scores"
     }
 
     attached_forward!(1);
 
     fn bwd(&self, _h: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.dh.broadcast_mul(&g.to_dtype(self.dh.dtype())?)?))
+        let g = g.to_dtype(self.dh.dtype())?;
+        let g = if self.per_row { g.unsqueeze(1)? } else { g };
+        Ok(Some(self.dh.broadcast_mul(&g)?))
     }
 }
 
-/// Summed cross-entropy of logits [N, vocab] against targets [N] (f32 scalar) and, if asked, its
-/// gradient `softmax - onehot` in the logits' dtype. Rows in parallel in one pass on the CPU in f32.
-fn cross_entropy_and_grad(
+/// Scores of logits [N, vocab] at `temperature` against targets [N]: negative log-likelihoods,
+/// their gradient `(softmax - onehot) / temperature` in the logits' dtype and the entropies, as
+/// asked.
+struct TokenScores {
+    nll: Tensor,
+    grad: Option<Tensor>,
+    entropy: Option<Tensor>,
+}
+
+/// `TokenScores` of a chunk: rows in parallel in one pass on the CPU in f32, tensor ops elsewhere.
+fn token_scores(
     logits: &Tensor,
     targets: &Tensor,
+    temperature: f64,
     want_grad: bool,
-) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    want_entropy: bool,
+) -> candle_core::Result<TokenScores> {
     if !(logits.device().is_cpu() && logits.dtype() == DType::F32) {
-        return cross_entropy_and_grad_tensors(logits, targets, want_grad);
+        return token_scores_tensors(logits, targets, temperature, want_grad, want_entropy);
     }
     use rayon::prelude::*;
     let (n, v) = logits.dims2()?;
@@ -140,42 +208,64 @@ fn cross_entropy_and_grad(
     };
     let l = &cpu.as_slice::<f32>()?[o1..o2];
     let t = targets.to_vec1::<u32>()?;
+    let inv_t = (1.0 / temperature) as f32;
+    let scaled = temperature != 1.0;
     let mut d = if want_grad { vec![0f32; n * v] } else { vec![] };
-    let row_loss = |(row, &ti): (&[f32], &u32), drow: Option<&mut [f32]>| {
-        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let lse = m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
+    // (nll, entropy) of one row; its gradient into `drow`.
+    let row_scores = |(row, &ti): (&[f32], &u32), drow: Option<&mut [f32]>| -> (f32, f32) {
+        let z = |x: f32| if scaled { x * inv_t } else { x };
+        let m = row.iter().map(|&x| z(x)).fold(f32::NEG_INFINITY, f32::max);
+        let lse = m + row.iter().map(|&x| (z(x) - m).exp()).sum::<f32>().ln();
         if let Some(drow) = drow {
             for (dj, &x) in drow.iter_mut().zip(row) {
-                *dj = (x - lse).exp();
+                *dj = (z(x) - lse).exp();
             }
             drow[ti as usize] -= 1.0;
+            if scaled {
+                drow.iter_mut().for_each(|dj| *dj *= inv_t);
+            }
         }
-        (lse - row[ti as usize]) as f64
+        let entropy =
+            if want_entropy { lse - row.iter().map(|&x| (z(x) - lse).exp() * z(x)).sum::<f32>() } else { 0.0 };
+        (lse - z(row[ti as usize]), entropy)
     };
-    let sum: f64 = if want_grad {
-        l.par_chunks(v).zip(t.par_iter()).zip(d.par_chunks_mut(v)).map(|(r, dr)| row_loss(r, Some(dr))).sum()
+    let rows: Vec<(f32, f32)> = if want_grad {
+        l.par_chunks(v).zip(t.par_iter()).zip(d.par_chunks_mut(v)).map(|(r, dr)| row_scores(r, Some(dr))).collect()
     } else {
-        l.par_chunks(v).zip(t.par_iter()).map(|r| row_loss(r, None)).sum()
+        l.par_chunks(v).zip(t.par_iter()).map(|r| row_scores(r, None)).collect()
     };
-    let grad = if want_grad { Some(Tensor::from_vec(d, (n, v), logits.device())?) } else { None };
-    Ok((Tensor::new(sum as f32, logits.device())?, grad))
+    let dev = logits.device();
+    Ok(TokenScores {
+        nll: Tensor::from_vec(rows.iter().map(|r| r.0).collect::<Vec<_>>(), n, dev)?,
+        grad: if want_grad { Some(Tensor::from_vec(d, (n, v), dev)?) } else { None },
+        entropy: if want_entropy {
+            Some(Tensor::from_vec(rows.iter().map(|r| r.1).collect::<Vec<_>>(), n, dev)?)
+        } else {
+            None
+        },
+    })
 }
 
-/// `cross_entropy_and_grad` from tensor ops (the GPU, bf16), in f32.
-fn cross_entropy_and_grad_tensors(
+/// `token_scores` from tensor ops (the GPU, bf16), in f32.
+fn token_scores_tensors(
     logits: &Tensor,
     targets: &Tensor,
+    temperature: f64,
     want_grad: bool,
-) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    want_entropy: bool,
+) -> candle_core::Result<TokenScores> {
+    let logp = candle_nn::ops::log_softmax(&(logits.to_dtype(DType::F32)? / temperature)?, D::Minus1)?;
     let idx = targets.unsqueeze(1)?;
-    let nll = logp.gather(&idx, 1)?.sum_all()?.neg()?;
-    if !want_grad {
-        return Ok((nll, None));
-    }
-    let minus_one = Tensor::full(-1f32, (targets.dim(0)?, 1), logits.device())?;
-    let d = logp.exp()?.scatter_add(&idx, &minus_one, 1)?;
-    Ok((nll, Some(d.to_dtype(logits.dtype())?)))
+    let nll = logp.gather(&idx, 1)?.squeeze(1)?.neg()?;
+    let entropy = if want_entropy { Some((logp.exp()? * &logp)?.sum(1)?.neg()?) } else { None };
+    let grad = if want_grad {
+        let minus_one = Tensor::full(-1f32, (targets.dim(0)?, 1), logits.device())?;
+        let d = (logp.exp()?.scatter_add(&idx, &minus_one, 1)? / temperature)?;
+        Some(d.to_dtype(logits.dtype())?)
+    } else {
+        None
+    };
+    Ok(TokenScores { nll, grad, entropy })
 }
 
 #[cfg(test)]
@@ -215,8 +305,38 @@ mod tests {
             &[rand(&[3, cols], 22)],
         );
         let logits = (rand(&[5, 10], 20) * 4.0).unwrap();
-        let (a, da) = cross_entropy_and_grad(&logits, &targets, true).unwrap();
-        let (b, db) = cross_entropy_and_grad_tensors(&logits, &targets, true).unwrap();
-        assert!(max_diff(&a, &b) < 1e-4 && max_diff(&da.unwrap(), &db.unwrap()) < 1e-6);
+        let a = token_scores(&logits, &targets, 1.0, true, false).unwrap();
+        let b = token_scores_tensors(&logits, &targets, 1.0, true, false).unwrap();
+        let (sa, sb) = (a.nll.sum_all().unwrap(), b.nll.sum_all().unwrap());
+        assert!(max_diff(&sa, &sb) < 1e-4 && max_diff(&a.grad.unwrap(), &b.grad.unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn per_token_log_probs_at_a_temperature_match_log_softmax_and_its_entropy() {
+        let w = rand(&[10, 6], 28);
+        let head = Linear::new("lm_head".into(), w.clone(), None);
+        let targets = Tensor::new(&[3u32, 0, 9, 4, 9], &Device::Cpu).unwrap();
+        let temp = 0.7;
+        let logp_of = |h: &Tensor| {
+            let z = (h.matmul(&w.t().unwrap()).unwrap() / temp).unwrap();
+            candle_nn::ops::log_softmax(&z, D::Minus1).unwrap()
+        };
+        // Values and per-row gradients, chunks of 2 rows over 5.
+        same_as_graph(
+            |t| linear_log_probs(&t[0], &head, &targets, temp, 2).unwrap().0,
+            |t| logp_of(&t[0]).gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap(),
+            &[rand(&[5, 6], 29)],
+        );
+        let h = rand(&[5, 6], 29);
+        let (_, entropy) = linear_log_probs(&h, &head, &targets, temp, 2).unwrap();
+        let lp = logp_of(&h);
+        let want = (lp.exp().unwrap() * &lp).unwrap().sum(1).unwrap().neg().unwrap();
+        assert!(max_diff(&entropy, &want) < 1e-5, "entropy differs by {}", max_diff(&entropy, &want));
+        // The CPU rows and the tensor-op form (the GPU's) agree at a temperature too.
+        let logits = (rand(&[5, 10], 30) * 4.0).unwrap();
+        let a = token_scores(&logits, &targets, temp, true, true).unwrap();
+        let b = token_scores_tensors(&logits, &targets, temp, true, true).unwrap();
+        assert!(max_diff(&a.nll, &b.nll) < 1e-5 && max_diff(&a.grad.unwrap(), &b.grad.unwrap()) < 1e-6);
+        assert!(max_diff(&a.entropy.unwrap(), &b.entropy.unwrap()) < 1e-5);
     }
 }

@@ -1,76 +1,251 @@
-//! Generation with a KV cache: each layer's keys and values of the tokens seen so far are kept, so a
-//! new token costs one forward over itself. No graph is recorded.
+//! Generation with a KV cache over a batch of sequences. [`Model::prefill`] runs the prompts as one
+//! packed forward (each prompt its own segment) and keeps every layer's keys and values;
+//! [`BatchCache::new`] lays them out left-padded, so that every row's next token goes into the same
+//! column; [`Model::decode`] then runs one forward over all live rows per token, each row attending
+//! to its own columns only. Rows that finish leave the batch ([`BatchCache::retain`]). No graph is
+//! recorded.
 
-use super::attention::repeat_kv;
-use super::norm::rms_norm;
-use super::rope::rope;
+use super::softmax::MaskCache;
 use super::Model;
 use crate::train::graph::no_grad;
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, Tensor};
 
-/// Keys and values per layer, [Hkv, tokens, hd] each, and how many tokens they cover.
-#[derive(Default)]
-pub struct KvCache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+/// Per layer the keys and values of every row, [B, Hkv, capacity, hd], left-padded.
+pub struct BatchCache {
+    layers: Vec<(Tensor, Tensor)>,
+    /// Columns in use (the same for every row).
     pub len: usize,
+    capacity: usize,
+    /// Per row: its padding columns (its first token sits at this column).
+    pad: Vec<usize>,
+    /// [B, capacity]: 0 where a row has a token, -inf at its padding.
+    mask: Tensor,
+}
+
+/// The keys and values of prompts from [`Model::prefill`]: per layer, all prompts' tokens back to
+/// back ([T, Hkv, hd] each), with each prompt's length.
+pub struct Prefilled {
+    kv: Vec<(Tensor, Tensor)>,
+    lengths: Vec<usize>,
+    /// Next-token logits at the end of each prompt, [P, vocab] f32.
+    pub logits: Tensor,
 }
 
 impl Model {
-    /// Next-token logits of the last position with a KV cache (generation).
-    pub fn step(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        no_grad(|| self.step_recorded(ids, cache))
+    /// Runs the prompts through the model as one packed batch, keeping every layer's keys and values.
+    pub fn prefill(&self, prompts: &[&[u32]]) -> candle_core::Result<Prefilled> {
+        no_grad(|| {
+            let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+            if lengths.contains(&0) {
+                candle_core::bail!("an empty prompt cannot be continued");
+            }
+            let ids: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
+            let pos: Vec<u32> = lengths.iter().flat_map(|&l| 0..l as u32).collect();
+            let t = ids.len();
+            let ids = Tensor::from_vec(ids, t, &self.device)?;
+            let rope = self.rope.at(&Tensor::from_vec(pos, t, &self.device)?)?;
+            let mut masks = MaskCache::default();
+            let mut kv = Vec::with_capacity(self.layers.len());
+            let mut x = self.embed_rows(&ids)?;
+            for layer in &self.layers {
+                x = self.layer_forward(layer, &x, &rope, &lengths, &mut masks, None, Some(&mut kv))?;
+            }
+            let last: Vec<u32> = lengths
+                .iter()
+                .scan(0, |end, &l| {
+                    *end += l;
+                    Some(*end as u32 - 1)
+                })
+                .collect();
+            let last = x.index_select(&Tensor::from_vec(last, prompts.len(), &self.device)?, 0)?;
+            let h = super::norm::rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
+            let logits = self.lm_head.forward(&h, None)?.to_dtype(DType::F32)?;
+            Ok(Prefilled { kv, lengths, logits })
+        })
     }
 
-    fn step_recorded(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    /// One token for every row of the cache (`tokens[b]` continues row b): next-token logits
+    /// [B, vocab] f32.
+    pub fn decode(&self, tokens: &[u32], cache: &mut BatchCache) -> candle_core::Result<Tensor> {
+        no_grad(|| self.decode_recorded(tokens, cache))
+    }
+
+    fn decode_recorded(&self, tokens: &[u32], cache: &mut BatchCache) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (hq, hkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let t = ids.len();
-        let start = cache.len;
-        let ids_t = Tensor::from_vec(ids.to_vec(), t, &self.device)?;
-        let pos = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
-        let (cos, sin) = self.rope.at(&pos)?;
-        let mut x = self.embed_rows(&ids_t)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let mut q = layer.q.forward(&h, None)?.reshape((t, hq, hd))?;
-            let mut k = layer.k.forward(&h, None)?.reshape((t, hkv, hd))?;
-            let v = layer.v.forward(&h, None)?.reshape((t, hkv, hd))?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(&q, qn, c.rms_norm_eps)?;
-                k = rms_norm(&k, kn, c.rms_norm_eps)?;
-            }
-            let q = rope(&q, &cos, &sin)?.transpose(0, 1)?.contiguous()?; // [Hq, t, hd]
-            let k = rope(&k, &cos, &sin)?.transpose(0, 1)?.contiguous()?; // [Hkv, t, hd]
-            let v = v.transpose(0, 1)?.contiguous()?;
-            let (k, v) = match cache.kv.get(li).cloned().flatten() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-                None => (k, v),
-            };
-            if cache.kv.len() <= li {
-                cache.kv.push(None);
-            }
-            cache.kv[li] = Some((k.clone(), v.clone()));
-            let total = start + t;
-            let ks = repeat_kv(&k, hq / hkv)?;
-            let vs = repeat_kv(&v, hq / hkv)?;
-            let mut scores = (q.matmul(&ks.t()?)?.to_dtype(DType::F32)? * scale)?; // [Hq, t, total]
-            if t > 1 {
-                let mask: Vec<f32> = (0..t * total)
-                    .map(|i| if i % total > start + i / total { f32::NEG_INFINITY } else { 0.0 })
-                    .collect();
-                scores = scores.broadcast_add(&Tensor::from_vec(mask, (t, total), &self.device)?)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-            let o = probs.matmul(&vs)?.transpose(0, 1)?.reshape((t, hq * hd))?;
-            x = (x + layer.o.forward(&o, None)?)?;
-            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let g = layer.gate.forward(&h, None)?.silu()?;
-            let u = layer.up.forward(&h, None)?;
-            x = (x + layer.down.forward(&(g * u)?, None)?)?;
+        let b = tokens.len();
+        if b != cache.pad.len() {
+            candle_core::bail!("decode: {b} tokens for {} cached rows", cache.pad.len());
         }
-        cache.len += t;
-        let last = rms_norm(&x.i(t - 1..t)?, &self.norm, c.rms_norm_eps)?;
-        self.lm_head.forward(&last, None)?.to_dtype(DType::F32)?.squeeze(0)
+        if cache.len >= cache.capacity {
+            candle_core::bail!("decode: the cache is full ({} columns)", cache.capacity);
+        }
+        let col = cache.len;
+        let pos: Vec<u32> = cache.pad.iter().map(|&p| (col - p) as u32).collect();
+        let rope = self.rope.at(&Tensor::from_vec(pos, b, &self.device)?)?;
+        let mask = cache.mask.narrow(1, 0, col + 1)?.reshape((b, 1, 1, col + 1))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.embed_rows(&Tensor::from_vec(tokens.to_vec(), b, &self.device)?)?;
+        for (layer, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
+            let (q, k, v) = self.attention_inputs(layer, &x, &rope, None)?;
+            // This token's key and value go into column `col` of every row.
+            kc.slice_set(&k.unsqueeze(2)?.contiguous()?, 2, col)?;
+            vc.slice_set(&v.unsqueeze(2)?.contiguous()?, 2, col)?;
+            let (ks, vs) = (kc.narrow(2, 0, col + 1)?, vc.narrow(2, 0, col + 1)?);
+            // Grouped-query heads: the n query heads of a key/value head attend to it together.
+            let q = q.reshape((b, hkv, hq / hkv, hd))?;
+            let scores = (q.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            let o = probs.matmul(&vs)?.reshape((b, hq * hd))?;
+            x = (&x + layer.o.forward(&o, None)?)?;
+            x = self.mlp_block(layer, &x, None)?;
+        }
+        cache.len += 1;
+        let h = super::norm::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        self.lm_head.forward(&h, None)?.to_dtype(DType::F32)
+    }
+}
+
+impl BatchCache {
+    /// A cache whose row `b` starts from prompt `rows[b]` of `pre`, with room for `new_tokens` more.
+    pub fn new(pre: &Prefilled, rows: &[usize], new_tokens: usize) -> candle_core::Result<BatchCache> {
+        let width = pre.lengths.iter().copied().max().unwrap_or(0);
+        let capacity = width + new_tokens;
+        let starts: Vec<usize> = pre
+            .lengths
+            .iter()
+            .scan(0, |s, &l| {
+                *s += l;
+                Some(*s - l)
+            })
+            .collect();
+        let pad: Vec<usize> = rows.iter().map(|&p| width - pre.lengths[p]).collect();
+        let mut layers = Vec::with_capacity(pre.kv.len());
+        for (k, v) in &pre.kv {
+            // One prompt's [L, Hkv, hd] at the right end of a [Hkv, capacity, hd] row.
+            let place = |t: &Tensor, p: usize| -> candle_core::Result<Tensor> {
+                let (_, h, d) = t.dims3()?;
+                let row = Tensor::zeros((h, capacity, d), t.dtype(), t.device())?;
+                let seg = t.narrow(0, starts[p], pre.lengths[p])?.transpose(0, 1)?.contiguous()?;
+                row.slice_set(&seg, 1, width - pre.lengths[p])?;
+                Ok(row)
+            };
+            let ks = rows.iter().map(|&p| place(k, p)).collect::<candle_core::Result<Vec<_>>>()?;
+            let vs = rows.iter().map(|&p| place(v, p)).collect::<candle_core::Result<Vec<_>>>()?;
+            layers.push((Tensor::stack(&ks, 0)?, Tensor::stack(&vs, 0)?));
+        }
+        let mask: Vec<f32> =
+            pad.iter().flat_map(|&p| (0..capacity).map(move |c| if c < p { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let device = pre.logits.device();
+        Ok(BatchCache {
+            layers,
+            len: width,
+            capacity,
+            mask: Tensor::from_vec(mask, (rows.len(), capacity), device)?,
+            pad,
+        })
+    }
+
+    /// Rows in the cache.
+    pub fn rows(&self) -> usize {
+        self.pad.len()
+    }
+
+    /// Keeps only the rows `keep` (in that order): finished rows leave the batch.
+    pub fn retain(&mut self, keep: &[usize]) -> candle_core::Result<()> {
+        let idx = Tensor::from_vec(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), keep.len(), self.mask.device())?;
+        for (k, v) in self.layers.iter_mut() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        self.mask = self.mask.index_select(&idx, 0)?;
+        self.pad = keep.iter().map(|&r| self.pad[r]).collect();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::model::config::ModelConfig;
+    use candle_core::Device;
+
+    fn tiny(qk_norm: bool) -> Model {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ModelConfig {
+            model_type: if qk_norm { "qwen3".into() } else { "llama".into() },
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: Some(8),
+            vocab_size: 50,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rope_parameters: None,
+            tie_word_embeddings: true,
+            attention_bias: Some(false),
+            max_position_embeddings: 128,
+            bos_token_id: None,
+            eos_token_id: None,
+            hidden_act: Some("silu".into()),
+        };
+        crate::train::io::hf::write_random_model(&config, 7, dir.path()).unwrap();
+        let base = crate::train::io::load_base(dir.path(), &Device::Cpu, None).unwrap();
+        let mut m = Model::from_base(&base, &Device::Cpu).unwrap();
+        // A nonzero adapter, so that decoding is checked with LoRA on.
+        let s = crate::train::adapters::lora::LoraSettings::parse_targets("all-linear").unwrap();
+        let s =
+            crate::train::adapters::lora::LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, rslora: false, targets: s };
+        m.add_lora(&s, 3).unwrap();
+        for (i, (_, v)) in m.lora_vars().iter().enumerate() {
+            let t = crate::train::graph::testing::rand(v.dims(), 100 + i as u64);
+            v.set(&(t * 0.3).unwrap()).unwrap();
+        }
+        m
+    }
+
+    /// The full forward's logits at the last position of `ids`.
+    fn last_logits(m: &Model, ids: &[u32]) -> Tensor {
+        let t = ids.len();
+        let x = Tensor::from_vec(ids.to_vec(), t, &Device::Cpu).unwrap();
+        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap();
+        m.logits(&x, &pos, &[t]).unwrap().get(t - 1).unwrap()
+    }
+
+    #[test]
+    fn batched_decoding_with_uneven_prompts_equals_the_full_forward_of_each_row() {
+        for qk_norm in [false, true] {
+            let m = tiny(qk_norm);
+            let prompts: Vec<Vec<u32>> = vec![vec![3, 9, 27, 4, 8], vec![11, 2], vec![40, 41, 42]];
+            let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+            let pre = m.prefill(&refs).unwrap();
+            // Rows 0 and 3 continue prompt 0, as the completions of one GRPO group do.
+            let rows = [0usize, 1, 2, 0];
+            let mut cache = BatchCache::new(&pre, &rows, 6).unwrap();
+            let mut seqs: Vec<Vec<u32>> = rows.iter().map(|&p| prompts[p].clone()).collect();
+            for (i, s) in seqs.iter().enumerate() {
+                let d = (pre.logits.get(rows[i]).unwrap() - last_logits(&m, s)).unwrap().abs().unwrap();
+                assert!(d.max(0).unwrap().to_scalar::<f32>().unwrap() < 1e-4, "prefill logits of row {i}");
+            }
+            let mut live: Vec<usize> = (0..rows.len()).collect();
+            for step in 0..5 {
+                let tokens: Vec<u32> = live.iter().map(|&r| ((r * 7 + step * 13) % 50) as u32).collect();
+                let logits = m.decode(&tokens, &mut cache).unwrap();
+                for (i, &r) in live.iter().enumerate() {
+                    seqs[r].push(tokens[i]);
+                    let d = (logits.get(i).unwrap() - last_logits(&m, &seqs[r])).unwrap().abs().unwrap();
+                    let d = d.max(0).unwrap().to_scalar::<f32>().unwrap();
+                    assert!(d < 1e-4, "qk_norm {qk_norm}, step {step}, row {r}: {d}");
+                }
+                if step == 2 {
+                    // Row 1 finishes and leaves the batch.
+                    live = vec![0, 2, 3];
+                    cache.retain(&[0, 2, 3]).unwrap();
+                }
+            }
+        }
     }
 }

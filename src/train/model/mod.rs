@@ -197,6 +197,32 @@ impl Model {
         h.narrow(0, t - 1, 1)?.to_dtype(DType::F32)?.matmul(&head.as_tensor().t()?)?.squeeze(1)?.squeeze(0)
     }
 
+    /// The rewards of several sequences under the score head, as one packed batch (no graph).
+    pub fn rewards(&self, seqs: &[&[u32]]) -> candle_core::Result<Vec<f32>> {
+        let head = self.score.as_ref().ok_or_else(|| candle_core::Error::Msg("the model has no reward head".into()))?;
+        crate::train::graph::no_grad(|| {
+            let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+            let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+            let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+            let t = ids.len();
+            let h = self.hidden(
+                &Tensor::from_vec(ids, t, &self.device)?,
+                &Tensor::from_vec(pos, t, &self.device)?,
+                &lens,
+                None,
+            )?;
+            let last: Vec<u32> = lens
+                .iter()
+                .scan(0usize, |end, &l| {
+                    *end += l;
+                    Some(*end as u32 - 1)
+                })
+                .collect();
+            let last = h.index_select(&Tensor::from_vec(last, seqs.len(), &self.device)?, 0)?;
+            last.to_dtype(DType::F32)?.matmul(&head.as_tensor().t()?)?.squeeze(1)?.to_vec1::<f32>()
+        })
+    }
+
     /// Adds LoRA adapters to the target modules of every layer.
     pub fn add_lora(&mut self, s: &LoraSettings, seed: u64) -> Result<()> {
         let mut rng = SplitMix64::new(seed);
@@ -308,21 +334,41 @@ impl Model {
         let mut masks = MaskCache::default();
         let mut x = self.embed_rows(ids)?;
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &rope, seq_lengths, &mut masks, rng.as_deref_mut())?;
+            x = self.layer_forward(layer, &x, &rope, seq_lengths, &mut masks, rng.as_deref_mut(), None)?;
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
-    /// One decoder layer on [T, hidden].
+    /// One decoder layer on [T, hidden]; `kv` receives the layer's keys (after rope) and values.
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         layer: &Layer,
         x: &Tensor,
-        (cos, sin): &(Tensor, Tensor),
+        rope: &(Tensor, Tensor),
         seq_lengths: &[usize],
         masks: &mut MaskCache,
         mut rng: Option<&mut SplitMix64>,
+        kv: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
+        let (q, k, v) = self.attention_inputs(layer, x, rope, rng.as_deref_mut())?;
+        let attn = attention(&q, &k, &v, seq_lengths, masks)?;
+        if let Some(kv) = kv {
+            kv.push((k, v));
+        }
+        let x = (x + layer.o.forward(&attn, rng.as_deref_mut())?)?;
+        self.mlp_block(layer, &x, rng)
+    }
+
+    /// q [T, Hq, hd], k and v [T, Hkv, hd] of a layer's input x [T, hidden]: norm, projections,
+    /// q/k norms (Qwen3), rotary embeddings at the positions of `cos`/`sin`.
+    fn attention_inputs(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        mut rng: Option<&mut SplitMix64>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let (hq, hkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let t = x.dim(0)?;
@@ -330,16 +376,17 @@ impl Model {
         let hs = Shared::new(&h);
         let mut q = layer.q.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hq, hd))?;
         let mut k = layer.k.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
-        let v = layer.v.forward_shared(&hs, rng.as_deref_mut())?.reshape((t, hkv, hd))?;
+        let v = layer.v.forward_shared(&hs, rng)?.reshape((t, hkv, hd))?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             q = rms_norm(&q, qn, c.rms_norm_eps)?;
             k = rms_norm(&k, kn, c.rms_norm_eps)?;
         }
-        let q = rope(&q, cos, sin)?;
-        let k = rope(&k, cos, sin)?;
-        let attn = attention(&q, &k, &v, seq_lengths, masks)?;
-        let x = (x + layer.o.forward(&attn, rng.as_deref_mut())?)?;
-        let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+        Ok((rope(&q, cos, sin)?, rope(&k, cos, sin)?, v))
+    }
+
+    /// The second half of a layer: `x + down(swiglu(gate(n), up(n)))` with `n = norm(x)`.
+    fn mlp_block(&self, layer: &Layer, x: &Tensor, mut rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
+        let h = rms_norm(x, &layer.post_norm, self.config.rms_norm_eps)?;
         let hs = Shared::new(&h);
         let g = layer.gate.forward_shared(&hs, rng.as_deref_mut())?;
         let u = layer.up.forward_shared(&hs, rng.as_deref_mut())?;
@@ -358,6 +405,20 @@ impl Model {
     pub fn loss_sum(&self, batch: &Batch, rng: Option<&mut SplitMix64>, chunk: usize) -> candle_core::Result<Tensor> {
         let h = self.hidden(&batch.input_ids, &batch.position_ids, &batch.seq_lengths, rng)?;
         self.head_loss(&h, batch, chunk)
+    }
+
+    /// Per-token log-probabilities at `temperature` and entropies of the batch's trained tokens (the
+    /// completion tokens of RL rollouts), differentiable in the adapters.
+    pub fn token_log_probs(&self, batch: &Batch, temperature: f64) -> candle_core::Result<(Tensor, Tensor)> {
+        let h = self.hidden(&batch.input_ids, &batch.position_ids, &batch.seq_lengths, None)?;
+        self.log_probs_at(&h, batch, temperature)
+    }
+
+    /// `token_log_probs` from final hidden states already computed.
+    pub fn log_probs_at(&self, h: &Tensor, batch: &Batch, temperature: f64) -> candle_core::Result<(Tensor, Tensor)> {
+        let sel = h.index_select(&batch.loss_positions, 0)?;
+        let chunk = if self.device.is_cpu() { LOGITS_CHUNK } else { LOGITS_CHUNK * 8 };
+        head::linear_log_probs(&sel, &self.lm_head, &batch.loss_targets, temperature, chunk)
     }
 
     /// Cross-entropy summed over the trained positions, from the final hidden states (logits only

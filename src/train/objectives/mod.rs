@@ -1,9 +1,11 @@
 //! What each training method optimises, as values: token cross-entropy on packed rows ([`sft`]),
-//! and over preference pairs the DPO family ([`dpo`]) and the Bradley-Terry loss of a reward model
-//! ([`reward`]). An objective computes a loss (differentiable in the adapter) and its metrics; the
+//! over preference pairs the DPO family ([`dpo`]) and the Bradley-Terry loss of a reward model
+//! ([`reward`]), and over sampled completions GRPO ([`grpo`]) and PPO ([`ppo`]). An objective computes a loss (differentiable in the adapter) and its metrics; the
 //! recipes in `train::recipes` decide what data it sees and when.
 
 pub mod dpo;
+pub mod grpo;
+pub mod ppo;
 pub mod reward;
 pub mod sft;
 

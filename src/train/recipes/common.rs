@@ -129,7 +129,11 @@ pub trait Recipe {
     /// The accumulated gradients of optimizer step `step` (0-based).
     fn step(&mut self, t: &Trainable, step: u64) -> Result<Step>;
     /// Held-out metrics, or None without held-out data.
-    fn evaluate(&self, model: &Model) -> Result<Option<Metrics>>;
+    fn evaluate(&mut self, model: &Model) -> Result<Option<Metrics>>;
+    /// The held-out metric that tracks progress (the eval curve, the summary's first and final).
+    fn eval_key(&self) -> &'static str {
+        "loss"
+    }
     /// What a checkpoint must keep to continue bit for bit, beyond the step and the optimizer.
     fn state(&self) -> Map<String, Value> {
         Map::new()
@@ -255,7 +259,7 @@ pub fn drive<R: Recipe>(
             let mut rec = json!({"step": 0});
             add_eval(&mut rec, &m);
             metrics.write(&rec)?;
-            eval_curve.push((0.0, m["loss"]));
+            eval_curve.push((0.0, m.get(recipe.eval_key()).copied().unwrap_or(f64::NAN)));
             first_eval = Some(m);
         }
     }
@@ -289,7 +293,7 @@ pub fn drive<R: Recipe>(
         first_loss.get_or_insert(s.loss);
         last_loss = Some(s.loss);
         curve.push((step as f64, s.loss));
-        let mut rec = json!({"step": step, "loss": s.loss, "lr": lr, "grad_norm": grad_norm, "tokens": s.tokens});
+        let mut rec = json!({"step": step, "loss": s.loss, "lr": lr, "grad_norm": grad_norm, "tokens": s.tokens, "step_time": dt});
         for (k, v) in s.metrics {
             rec[k] = v;
         }
@@ -306,7 +310,7 @@ pub fn drive<R: Recipe>(
         if opts.eval_every > 0 && (step.is_multiple_of(opts.eval_every) || step == total) {
             if let Some(m) = recipe.evaluate(&t.model)? {
                 add_eval(&mut rec, &m);
-                eval_curve.push((step as f64, m["loss"]));
+                eval_curve.push((step as f64, m.get(recipe.eval_key()).copied().unwrap_or(f64::NAN)));
                 first_eval.get_or_insert_with(|| m.clone());
                 last_eval = Some(m);
             }
@@ -350,8 +354,8 @@ pub fn drive<R: Recipe>(
         trainable_percent: 100.0 * trainable as f64 / total_params as f64,
         first_loss,
         final_loss: last_loss,
-        first_eval_loss: first_eval.as_ref().map(|m| m["loss"]),
-        final_eval_loss: last_eval.as_ref().map(|m| m["loss"]),
+        first_eval_loss: first_eval.as_ref().and_then(|m| m.get("loss").copied()),
+        final_eval_loss: last_eval.as_ref().and_then(|m| m.get("loss").copied()),
         first_eval,
         final_eval: last_eval,
         tokens: tokens_total,

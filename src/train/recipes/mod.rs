@@ -1,11 +1,14 @@
 //! Training recipes: one file per method over the shared loop of [`common`] ([`sft`], [`dpo`],
-//! [`reward`]; the preference-pair loop of the last two in [`pairs`]). [`run`] picks the recipe of
-//! the options' method.
+//! [`reward`], [`grpo`], [`ppo`]; the preference-pair loop of dpo and reward in [`pairs`], the
+//! rollouts and rewards of grpo and ppo in [`rl`]). [`run`] picks the recipe of the options' method.
 
 pub mod common;
 pub mod dpo;
+pub mod grpo;
 pub mod pairs;
+pub mod ppo;
 pub mod reward;
+pub mod rl;
 pub mod sft;
 
 use crate::train::options::{Method, TrainOptions};
@@ -19,5 +22,7 @@ pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         Method::Sft => sft::run(opts, resume),
         Method::Dpo(d) => dpo::run(opts, d, resume),
         Method::Reward => reward::run(opts, resume),
+        Method::Grpo(g) => grpo::run(opts, g, resume),
+        Method::Ppo(p) => ppo::run(opts, p, resume),
     }
 }

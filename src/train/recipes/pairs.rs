@@ -101,7 +101,7 @@ impl Recipe for Pairs<'_> {
         Ok(Step { loss: loss / n, grads, tokens, examples: chunk.len(), metrics })
     }
 
-    fn evaluate(&self, model: &Model) -> Result<Option<Metrics>> {
+    fn evaluate(&mut self, model: &Model) -> Result<Option<Metrics>> {
         if self.eval.is_empty() {
             return Ok(None);
         }

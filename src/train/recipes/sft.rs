@@ -138,7 +138,7 @@ impl Recipe for Sft<'_> {
         Ok(Step { loss, grads, tokens, examples: micro.iter().map(Vec::len).sum(), metrics })
     }
 
-    fn evaluate(&self, model: &Model) -> Result<Option<Metrics>> {
+    fn evaluate(&mut self, model: &Model) -> Result<Option<Metrics>> {
         if self.eval.rows.is_empty() {
             return Ok(None);
         }
