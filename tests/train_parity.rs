@@ -326,10 +326,10 @@ fn grpo_loss_and_gradients_match_trl() {
             };
             let w = g.token_weights(&clens, &[vec![0, 1, 2, 3]], 6).remove(0);
             let w = Tensor::from_vec(w.clone(), w.len(), &Device::Cpu).unwrap();
-            let (logps, _) = model.token_log_probs(&batch, 0.7).unwrap();
+            let (logps, _) = model.token_log_probs(&batch, 0.7, false).unwrap();
             let (old, refs) = if beta != 0.0 {
                 model.set_lora_enabled(false);
-                let (rl, _) = tunekit::train::graph::no_grad(|| model.token_log_probs(&batch, 0.7)).unwrap();
+                let (rl, _) = tunekit::train::graph::no_grad(|| model.token_log_probs(&batch, 0.7, false)).unwrap();
                 model.set_lora_enabled(true);
                 let want = &r[&format!("{key}_ref_logps")];
                 assert!(

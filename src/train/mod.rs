@@ -6,13 +6,14 @@
 //!   with a hand-written backward ([`graph`]); [`adapters`] what training adds to it (LoRA, a reward
 //!   head).
 //! * [`data`] shards as training data; [`optim`] AdamW, clipping and the schedule; [`device`] where
-//!   it computes.
+//!   it computes; [`cpu`] the CPU kernels of our own.
 //! * [`io`] weights in and out: Hugging Face and GGUF bases, PEFT adapters, merged models,
 //!   checkpoints.
 //! * [`rollout`] the rollout engine: batched sampling with a KV cache (RL, and `generate`);
 //!   [`rewards`] the reward functions of online RL.
 
 pub mod adapters;
+pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod graph;

@@ -5,6 +5,7 @@
 //! adapts is an op given to it ([`BaseOp`]).
 
 use crate::split::SplitMix64;
+use crate::train::cpu::few_rows;
 use crate::train::graph::{attached_forward, recording, BaseOp};
 use anyhow::Result;
 use candle_core::{CustomOp3, DType, Device, Tensor, Var};
@@ -114,7 +115,7 @@ pub fn lora_linear(
     x32: &Tensor,
     base: BaseOp,
     bias: Option<&Tensor>,
-    (a, b, scale): (&Tensor, &Tensor, f64),
+    (a_var, b_var, scale): (&Tensor, &Tensor, f64),
     mask: Option<Tensor>,
 ) -> candle_core::Result<Tensor> {
     let xd = x.detach().contiguous()?;
@@ -126,14 +127,22 @@ pub fn lora_linear(
         Some(m) => (x32.detach() * m)?,
         None => x32.detach(),
     };
-    let u = xin.matmul(&a.detach().t()?)?;
-    // The scale goes on B^T [r, out], not on the [tokens, out] product.
-    let delta = u.matmul(&(b.detach().t()? * scale)?)?;
+    let (a, b) = (a_var.detach(), b_var.detach());
+    // A few rows (decoding): the adapter's two small products as dot products, no GEMM calls.
+    let u = match few_rows::linear(&xin, &a)? {
+        Some(u) => u,
+        None => xin.matmul(&a.t()?)?,
+    };
+    let delta = match few_rows::linear(&u, &b)? {
+        Some(d) => (d * scale)?,
+        // The scale goes on B^T [r, out], not on the [tokens, out] product.
+        None => u.matmul(&(b.t()? * scale)?)?,
+    };
     let y = (y + delta.to_dtype(x.dtype())?)?;
     if !recording() {
         return Ok(y);
     }
-    Ok(y.with_backward3(x, a, b, LoraLinearFn { base, scale, mask, u }))
+    Ok(y.with_backward3(x, a_var, b_var, LoraLinearFn { base, scale, mask, u }))
 }
 
 /// Inverted-dropout mask (0 or 1/(1-p)) shaped as `x`, in f32, drawn from `rng` (reproducible

@@ -26,18 +26,19 @@ pub fn linear_cross_entropy(h: &Tensor, head: &Linear, targets: &Tensor, chunk: 
 }
 
 /// Per-token log-probabilities `log softmax(h_i W^T / temperature)[t_i]` [N] (differentiable in h),
-/// and the entropies of those distributions [N] (values only), as TRL scores completions.
+/// and, when asked, the entropies of those distributions [N] (values only), as TRL scores completions.
 pub fn linear_log_probs(
     h: &Tensor,
     head: &Linear,
     targets: &Tensor,
     temperature: f64,
     chunk: usize,
-) -> candle_core::Result<(Tensor, Tensor)> {
+    want_entropy: bool,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let want_grad = h.track_op();
-    let s = score_rows(h, head, targets, temperature, chunk, want_grad, true)?;
+    let s = score_rows(h, head, targets, temperature, chunk, want_grad, want_entropy)?;
     let logp = s.nll.neg()?;
-    let entropy = s.entropy.expect("asked for");
+    let entropy = s.entropy;
     match s.dh {
         // d logp / d h = -(d nll / d h), per row.
         Some(dh) => Ok((logp.with_backward1(h, InputGradFn { dh: dh.neg()?, per_row: true }), entropy)),
@@ -211,22 +212,30 @@ fn token_scores(
     let inv_t = (1.0 / temperature) as f32;
     let scaled = temperature != 1.0;
     let mut d = if want_grad { vec![0f32; n * v] } else { vec![] };
-    // (nll, entropy) of one row; its gradient into `drow`.
+    // (nll, entropy) of one row; its gradient into `drow`. The probabilities are computed once, for
+    // the gradient and the entropy `lse - sum p z` alike.
     let row_scores = |(row, &ti): (&[f32], &u32), drow: Option<&mut [f32]>| -> (f32, f32) {
         let z = |x: f32| if scaled { x * inv_t } else { x };
         let m = row.iter().map(|&x| z(x)).fold(f32::NEG_INFINITY, f32::max);
         let lse = m + row.iter().map(|&x| (z(x) - m).exp()).sum::<f32>().ln();
-        if let Some(drow) = drow {
-            for (dj, &x) in drow.iter_mut().zip(row) {
-                *dj = (z(x) - lse).exp();
+        let mut pz = 0f32;
+        match drow {
+            Some(drow) => {
+                for (dj, &x) in drow.iter_mut().zip(row) {
+                    *dj = (z(x) - lse).exp();
+                    if want_entropy {
+                        pz += *dj * z(x);
+                    }
+                }
+                drow[ti as usize] -= 1.0;
+                if scaled {
+                    drow.iter_mut().for_each(|dj| *dj *= inv_t);
+                }
             }
-            drow[ti as usize] -= 1.0;
-            if scaled {
-                drow.iter_mut().for_each(|dj| *dj *= inv_t);
-            }
+            None if want_entropy => pz = row.iter().map(|&x| (z(x) - lse).exp() * z(x)).sum::<f32>(),
+            None => {}
         }
-        let entropy =
-            if want_entropy { lse - row.iter().map(|&x| (z(x) - lse).exp() * z(x)).sum::<f32>() } else { 0.0 };
+        let entropy = if want_entropy { lse - pz } else { 0.0 };
         (lse - z(row[ti as usize]), entropy)
     };
     let rows: Vec<(f32, f32)> = if want_grad {
@@ -323,12 +332,12 @@ mod tests {
         };
         // Values and per-row gradients, chunks of 2 rows over 5.
         same_as_graph(
-            |t| linear_log_probs(&t[0], &head, &targets, temp, 2).unwrap().0,
+            |t| linear_log_probs(&t[0], &head, &targets, temp, 2, false).unwrap().0,
             |t| logp_of(&t[0]).gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap(),
             &[rand(&[5, 6], 29)],
         );
         let h = rand(&[5, 6], 29);
-        let (_, entropy) = linear_log_probs(&h, &head, &targets, temp, 2).unwrap();
+        let entropy = linear_log_probs(&h, &head, &targets, temp, 2, true).unwrap().1.unwrap();
         let lp = logp_of(&h);
         let want = (lp.exp().unwrap() * &lp).unwrap().sum(1).unwrap().neg().unwrap();
         assert!(max_diff(&entropy, &want) < 1e-5, "entropy differs by {}", max_diff(&entropy, &want));

@@ -407,18 +407,29 @@ impl Model {
         self.head_loss(&h, batch, chunk)
     }
 
-    /// Per-token log-probabilities at `temperature` and entropies of the batch's trained tokens (the
-    /// completion tokens of RL rollouts), differentiable in the adapters.
-    pub fn token_log_probs(&self, batch: &Batch, temperature: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    /// Per-token log-probabilities at `temperature` of the batch's trained tokens (the completion
+    /// tokens of RL rollouts), differentiable in the adapters, and their entropies when asked.
+    pub fn token_log_probs(
+        &self,
+        batch: &Batch,
+        temperature: f64,
+        entropy: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let h = self.hidden(&batch.input_ids, &batch.position_ids, &batch.seq_lengths, None)?;
-        self.log_probs_at(&h, batch, temperature)
+        self.log_probs_at(&h, batch, temperature, entropy)
     }
 
     /// `token_log_probs` from final hidden states already computed.
-    pub fn log_probs_at(&self, h: &Tensor, batch: &Batch, temperature: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    pub fn log_probs_at(
+        &self,
+        h: &Tensor,
+        batch: &Batch,
+        temperature: f64,
+        entropy: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let sel = h.index_select(&batch.loss_positions, 0)?;
         let chunk = if self.device.is_cpu() { LOGITS_CHUNK } else { LOGITS_CHUNK * 8 };
-        head::linear_log_probs(&sel, &self.lm_head, &batch.loss_targets, temperature, chunk)
+        head::linear_log_probs(&sel, &self.lm_head, &batch.loss_targets, temperature, chunk, entropy)
     }
 
     /// Cross-entropy summed over the trained positions, from the final hidden states (logits only

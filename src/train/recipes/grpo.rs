@@ -49,7 +49,7 @@ fn logps_of(rl: &Rl, model: &Model, seqs: &[Seq]) -> Result<Vec<Vec<f32>>> {
     let mut out = vec![vec![]; seqs.len()];
     for mb in rl.micro_batches(seqs) {
         let batch = rl.batch_of(seqs, &mb, &model.device)?;
-        let (lp, _) = no_grad(|| model.token_log_probs(&batch, rl.opts.rl.sampling.temperature))?;
+        let (lp, _) = no_grad(|| model.token_log_probs(&batch, rl.opts.rl.sampling.temperature, false))?;
         let lp = lp.to_vec1::<f32>()?;
         let mut at = 0;
         for &i in &mb {
@@ -134,7 +134,8 @@ impl Recipe for GrpoRecipe<'_> {
         for (mb, w) in micro.iter().zip(&weights) {
             let batch = self.rl.batch_of(&r.seqs, mb, dev)?;
             tokens += batch.tokens;
-            let (logps, ent) = model.token_log_probs(&batch, self.rl.opts.rl.sampling.temperature)?;
+            let (logps, ent) = model.token_log_probs(&batch, self.rl.opts.rl.sampling.temperature, true)?;
+            let ent = ent.context("entropies were asked for")?;
             let adv = per_token(&|i| vec![r.advantages[i] as f32; lengths[i]], mb)?;
             let old = match &r.old_logps {
                 Some(o) => Some(per_token(&|i| o[i].clone(), mb)?),

@@ -83,15 +83,17 @@ fn value_positions(rl: &Rl, seqs: &[Seq], idx: &[usize], width: usize) -> Vec<u3
 }
 
 impl PpoRecipe<'_> {
-    /// Log-probabilities and values of `idx` from one forward (differentiable unless in no_grad).
+    /// Log-probabilities (with their entropies when asked) and values of a batch from one forward,
+    /// differentiable unless in no_grad.
     fn forward(
         &self,
         model: &Model,
         batch: &Batch,
         positions: &[u32],
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        entropy: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
         let h = model.hidden(&batch.input_ids, &batch.position_ids, &batch.seq_lengths, None)?;
-        let (logps, entropy) = model.log_probs_at(&h, batch, self.rl.opts.rl.sampling.temperature)?;
+        let (logps, entropy) = model.log_probs_at(&h, batch, self.rl.opts.rl.sampling.temperature, entropy)?;
         let at = Tensor::from_vec(positions.to_vec(), positions.len(), &model.device)?;
         let v = h.index_select(&at, 0)?.to_dtype(DType::F32)?.matmul(&self.value_head.as_tensor().t()?)?.squeeze(1)?;
         Ok((logps, entropy, v))
@@ -118,9 +120,9 @@ impl PpoRecipe<'_> {
         for mb in self.rl.micro_batches(&seqs) {
             let batch = self.rl.batch_of(&seqs, &mb, &model.device)?;
             let pos = value_positions(&self.rl, &seqs, &mb, width);
-            let (lp, _, v) = no_grad(|| self.forward(model, &batch, &pos))?;
+            let (lp, _, v) = no_grad(|| self.forward(model, &batch, &pos, false))?;
             model.set_lora_enabled(false);
-            let rp = no_grad(|| model.token_log_probs(&batch, self.rl.opts.rl.sampling.temperature));
+            let rp = no_grad(|| model.token_log_probs(&batch, self.rl.opts.rl.sampling.temperature, false));
             model.set_lora_enabled(true);
             let (lp, rp, v) = (lp.to_vec1::<f32>()?, rp?.0.to_vec1::<f32>()?, v.to_vec1::<f32>()?);
             let (mut a, mut b) = (0, 0);
@@ -209,12 +211,13 @@ impl Recipe for PpoRecipe<'_> {
             Tensor::from_vec(f.clone(), f.len(), dev)
         };
         let (mut sum, mut loss, mut tokens, mut stats, mut entropy, mut ent_n) =
-            (GradSum::default(), 0.0, 0, [0.0; 5], 0.0, 0.0);
+            (GradSum::default(), 0.0, 0, [0.0; 5], 0.0, 0.0f64);
         for mb in &micro {
             let batch = self.rl.batch_of(&sub, mb, dev)?;
             tokens += batch.tokens;
             let pos = value_positions(&self.rl, &sub, mb, width);
-            let (logps, ent, vpred) = self.forward(model, &batch, &pos)?;
+            let (logps, ent, vpred) = self.forward(model, &batch, &pos, true)?;
+            let ent = ent.context("entropies were asked for")?;
             let old = flat(&|i| r.old_logps[i].clone(), mb)?;
             let adv = flat(&|i| r.processed.advantages[i].clone(), mb)?;
             let values = flat(&|i| r.values[i].clone(), mb)?;

@@ -12,6 +12,7 @@ use crate::train::model::kv_cache::BatchCache;
 use crate::train::model::Model;
 use anyhow::Result;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// How tokens are drawn.
@@ -79,10 +80,19 @@ pub fn complete(
         0,
     )?;
     loop {
+        // Each live row draws from its own sampler, the rows in parallel.
+        let rows_logits: Vec<candle_core::Tensor> =
+            (0..live.len()).map(|i| logits.get(i)).collect::<candle_core::Result<_>>()?;
+        let mut mine: Vec<(usize, &mut LogitsProcessor)> =
+            samplers.iter_mut().enumerate().filter(|(r, _)| live.binary_search(r).is_ok()).collect();
+        let drawn: Vec<u32> = mine
+            .par_iter_mut()
+            .zip(rows_logits.par_iter())
+            .map(|((_, s), l)| s.sample(l))
+            .collect::<candle_core::Result<_>>()?;
         let mut next = Vec::with_capacity(live.len());
         let mut keep = Vec::with_capacity(live.len());
-        for (i, &r) in live.iter().enumerate() {
-            let t = samplers[r].sample(&logits.get(i)?)?;
+        for (i, (&r, &t)) in live.iter().zip(&drawn).enumerate() {
             let c = &mut out[r];
             c.tokens.push(t);
             if stops.contains(&t) {

@@ -417,8 +417,10 @@ fn candle_num_threads() -> usize {
 }
 
 pub fn get_num_threads() -> usize {
-    // Respond to the same environment variable as rayon.
-    rayon_num_threads()
+    // Respond to the same environment variable as rayon. Decided once (tunekit patch): every matmul
+    // asks, and on a machine without a preferred-CPU list the answer reads /proc/cpuinfo.
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(rayon_num_threads)
 }
 
 /// On Apple Silicon: P-core count via `hw.perflevel0.logicalcpu`.

@@ -1,0 +1,164 @@
+//! `y = x W^T` for a few rows of x (decoding: one row per live sequence) with W [n, k] row-major, as
+//! n dot products of contiguous rows, spread over the threads by blocks of W's rows. Each element
+//! of W is read once per call and nothing is packed or allocated besides y; a GEMM instead packs
+//! all of W first, which for a 32k x 256 vocabulary projection costs more than the product.
+
+use rayon::prelude::*;
+
+/// At most this many rows go through the dot-product kernel; more go to the GEMM.
+pub const MAX_ROWS: usize = 16;
+
+/// Dot products of one row of W with four rows of x at once: four independent 8-lane accumulators,
+/// so that the multiply-adds do not wait on each other, and W's row read once for the four (the sums
+/// are reassociated across lanes: results differ from a sequential dot product in the last bits).
+#[inline(always)]
+fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let mut acc = [[0f32; 8]; 4];
+    let k8 = w.len() / 8 * 8;
+    let mut c = 0;
+    while c < k8 {
+        let wv = &w[c..c + 8];
+        for (a, xr) in acc.iter_mut().zip(&x) {
+            let xv = &xr[c..c + 8];
+            for l in 0..8 {
+                a[l] += xv[l] * wv[l];
+            }
+        }
+        c += 8;
+    }
+    let mut out = [0f32; 4];
+    for ((o, a), xr) in out.iter_mut().zip(&acc).zip(&x) {
+        let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+        for t in k8..w.len() {
+            s += xr[t] * w[t];
+        }
+        *o = s;
+    }
+    out
+}
+
+/// Rows `n0..` of W (as many as `out` holds for m rows of x) into the tile `out` [m, rows].
+#[inline(always)]
+fn block(x: &[f32], m: usize, k: usize, w: &[f32], n0: usize, out: &mut [f32]) {
+    let rows = out.len() / m.max(1);
+    let row = |i: usize| &x[i.min(m - 1) * k..(i.min(m - 1) + 1) * k];
+    for j in 0..rows {
+        let wr = &w[(n0 + j) * k..(n0 + j + 1) * k];
+        for i in (0..m).step_by(4) {
+            // A short last group repeats the last row; its extra results are dropped.
+            let d = dot4([row(i), row(i + 1), row(i + 2), row(i + 3)], wr);
+            for (t, v) in d.iter().enumerate().take(m - i) {
+                out[(i + t) * rows + j] = *v;
+            }
+        }
+    }
+}
+
+/// `block` with AVX2 + FMA intrinsics: up to eight rows of x against one row of W per pass, eight
+/// accumulators in registers, W's row loaded once per eight rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2(x: &[f32], m: usize, k: usize, w: &[f32], n0: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let rows = out.len() / m.max(1);
+    let k8 = k / 8 * 8;
+    let hsum = |v: __m256| -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    };
+    for j in 0..rows {
+        let wr = &w[(n0 + j) * k..(n0 + j + 1) * k];
+        for i0 in (0..m).step_by(8) {
+            let g = (m - i0).min(8);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut c = 0;
+            while c < k8 {
+                let wv = _mm256_loadu_ps(wr.as_ptr().add(c));
+                for (t, a) in acc.iter_mut().enumerate().take(g) {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add((i0 + t) * k + c));
+                    *a = _mm256_fmadd_ps(xv, wv, *a);
+                }
+                c += 8;
+            }
+            for (t, a) in acc.iter().enumerate().take(g) {
+                let xr = &x[(i0 + t) * k..(i0 + t + 1) * k];
+                let mut s = hsum(*a);
+                for q in k8..k {
+                    s += xr[q] * wr[q];
+                }
+                out[(i0 + t) * rows + j] = s;
+            }
+        }
+    }
+}
+
+/// `x W^T` for tensors, when x has at most [`MAX_ROWS`] rows and both are contiguous f32 on the CPU;
+/// None otherwise (the caller takes the general path).
+pub fn linear(x: &candle_core::Tensor, w: &candle_core::Tensor) -> candle_core::Result<Option<candle_core::Tensor>> {
+    use candle_core::{DType, Storage};
+    let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else { return Ok(None) };
+    if m > MAX_ROWS || k != k2 || !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else { return Ok(None) };
+    let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let y = matmul_t(&xc.as_slice::<f32>()?[x0..x1], m, k, &wc.as_slice::<f32>()?[w0..w1], n);
+    Ok(Some(candle_core::Tensor::from_vec(y, (m, n), x.device())?))
+}
+
+/// `x` [m, k] times `w` [n, k] transposed: [m, n] row-major.
+pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    const BLOCK: usize = 64;
+    let blocks = n.div_ceil(BLOCK);
+    // Each block of W's rows fills its own [m, block] tile, gathered into [m, n] after.
+    let tiles: Vec<Vec<f32>> = (0..blocks)
+        .into_par_iter()
+        .map(|b| {
+            let n0 = b * BLOCK;
+            let rows = BLOCK.min(n - n0);
+            let mut tile = vec![0f32; m * rows];
+            #[cfg(target_arch = "x86_64")]
+            if super::has_avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+                unsafe { block_avx2(x, m, k, w, n0, &mut tile) };
+                return tile;
+            }
+            block(x, m, k, w, n0, &mut tile);
+            tile
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (b, tile) in tiles.iter().enumerate() {
+        let n0 = b * BLOCK;
+        let rows = tile.len() / m.max(1);
+        for i in 0..m {
+            y[i * n + n0..i * n + n0 + rows].copy_from_slice(&tile[i * rows..(i + 1) * rows]);
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equals_the_naive_product() {
+        let (m, k, n) = (3, 37, 150);
+        let mut r = crate::split::SplitMix64::new(4);
+        let mut v = |len: usize| -> Vec<f32> { (0..len).map(|_| r.uniform() as f32 - 0.5).collect() };
+        let (x, w) = (v(m * k), v(n * k));
+        let y = matmul_t(&x, m, k, &w, n);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+                assert!((y[i * n + j] - want).abs() < 1e-5, "({i}, {j}): {} vs {want}", y[i * n + j]);
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! CPU kernels tunekit writes itself where candle's general ones lose time: today the product of a
+//! few rows with a frozen weight ([`few_rows`]), which decoding calls once per token for every layer
+//! and the vocabulary projection (a GEMM packs the whole weight on every such call). Kernels are
+//! compiled for AVX2 + FMA and chosen at run time when the CPU has them; portable code otherwise.
+
+pub mod few_rows;
+
+/// Whether the CPU has AVX2 and FMA (checked once).
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
