@@ -9,7 +9,7 @@ use crate::train::optim::AdamWConfig;
 use crate::train::options::RlOptions;
 use crate::train::rollout::SamplingParams;
 use crate::train::{Method, TrainOptions};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -213,6 +213,12 @@ pub struct PpoArgs {
 impl TrainArgs {
     pub fn options(self) -> Result<TrainOptions> {
         let (g, p) = (&self.grpo, &self.ppo);
+        if self.lora_dropout > 0.0 && !matches!(self.method, TrainMethod::Sft) {
+            // The preference and RL objectives compare the policy with itself (the reference, the
+            // sampling policy, old log-probs): they are computed without dropout, as the parity checks are.
+            let name = clap::ValueEnum::to_possible_value(&self.method).map(|v| v.get_name().to_string());
+            bail!("--lora-dropout applies to SFT runs only; leave it at 0 for --method {}", name.unwrap_or_default());
+        }
         let method = match self.method {
             TrainMethod::Sft => Method::Sft,
             TrainMethod::Dpo => Method::Dpo(Dpo { beta: self.beta.unwrap_or(0.1), loss: self.dpo_loss }),

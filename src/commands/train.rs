@@ -10,7 +10,7 @@ impl Summary for TrainSummary {
             "trained {} step(s) ({}) in {:.1}s ({:.0} tokens/s, {:.1} {}/s)",
             self.steps, self.method, self.seconds, self.tokens_per_s, self.examples_per_s, self.unit
         );
-        println!("  data:       {} {} for training, {} held out", self.examples, self.unit, self.eval_examples);
+        println!("  data:       {} {} for training, {} held out", self.examples, self.data_unit, self.eval_examples);
         println!(
             "  trainable parameters: {} of {} ({:.3}%)",
             self.trainable_params, self.total_params, self.trainable_percent

@@ -121,6 +121,8 @@ pub struct Step {
 pub trait Recipe {
     /// What one example is ("rows", "pairs"): names the rate in metrics.jsonl and the summary.
     const EXAMPLES: &'static str;
+    /// What the data holds ("rows", "pairs", "prompts"), counted by `examples`.
+    const DATA: &'static str = Self::EXAMPLES;
     /// The method's name (progress bar, summary).
     fn name(&self) -> &'static str;
     /// Training and held-out examples.
@@ -154,9 +156,11 @@ pub struct TrainSummary {
     pub method: &'static str,
     pub out: String,
     pub steps: u64,
-    /// Training and held-out examples (rows or pairs, as `unit` says).
+    /// Training and held-out examples of the data (rows, pairs or prompts, as `data_unit` says).
     pub examples: usize,
     pub eval_examples: usize,
+    pub data_unit: &'static str,
+    /// What `examples_per_s` counts (rows, pairs, completions).
     pub unit: &'static str,
     pub trainable_params: usize,
     pub total_params: usize,
@@ -348,6 +352,7 @@ pub fn drive<R: Recipe>(
         steps: step,
         examples,
         eval_examples,
+        data_unit: R::DATA,
         unit: R::EXAMPLES,
         trainable_params: trainable,
         total_params,

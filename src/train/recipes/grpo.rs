@@ -96,6 +96,7 @@ impl GrpoRecipe<'_> {
 
 impl Recipe for GrpoRecipe<'_> {
     const EXAMPLES: &'static str = "completions";
+    const DATA: &'static str = "prompts";
 
     fn name(&self) -> &'static str {
         "grpo"

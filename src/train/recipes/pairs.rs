@@ -10,7 +10,7 @@ use crate::train::model::Model;
 use crate::train::objectives::{evaluate_pairs, PairObjective};
 use crate::train::options::TrainOptions;
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Map};
 use std::path::Path;
 
 /// A pair recipe: the objective, the data, and what the method adds to the loop.
@@ -96,7 +96,9 @@ impl Recipe for Pairs<'_> {
             metrics.insert(k.into(), json!(v));
         }
         // KL estimate: mean policy-minus-reference log-ratio of the chosen and rejected answers.
-        metrics.insert("kl".into(), self.kl_beta.map_or(Value::Null, |beta| json!((rc + rr) / (2.0 * n * beta))));
+        if let Some(beta) = self.kl_beta {
+            metrics.insert("kl".into(), json!((rc + rr) / (2.0 * n * beta)));
+        }
         let grads = sum.take().context("empty step")?;
         Ok(Step { loss: loss / n, grads, tokens, examples: chunk.len(), metrics })
     }

@@ -171,6 +171,7 @@ impl PpoRecipe<'_> {
 
 impl Recipe for PpoRecipe<'_> {
     const EXAMPLES: &'static str = "completions";
+    const DATA: &'static str = "prompts";
 
     fn name(&self) -> &'static str {
         "ppo"
