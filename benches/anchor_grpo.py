@@ -10,7 +10,8 @@ plain text, so TRL's tokenisation and tunekit's give the same ids.
   python benches/anchor_grpo.py OUT_DIR STEPS   # writes OUT_DIR/{model,tokenizer,prompts.jsonl,prompt.jinja}, times TRL
 
 Prints the median seconds of an optimizer step after two warm-up steps, and the generation's tokens/s
-(TRL's `_generate` timed). BF16=1 runs TRL with its default bf16 autocast (slower on this CPU).
+(TRL's `_generate` timed). Gradient checkpointing off (TRL's GRPO default is on; tunekit's GRPO does
+not checkpoint). BF16=1 runs TRL with its default bf16 autocast (slower on this CPU).
 """
 import json, os, sys, time
 import torch
@@ -69,7 +70,9 @@ class Clock(TrainerCallback):
 args = GRPOConfig(output_dir=os.path.join(out, "trl"), report_to=[], use_cpu=True, bf16=os.environ.get("BF16") == "1",
                   per_device_train_batch_size=prompts_per_step * gens, num_generations=gens,
                   max_completion_length=max_new, temperature=1.0, beta=0.04, loss_type="dapo", learning_rate=1e-4,
-                  max_steps=steps, logging_steps=1000, save_strategy="no", seed=0, shuffle_dataset=False)
+                  max_steps=steps, logging_steps=1000, save_strategy="no", seed=0, shuffle_dataset=False,
+                  # TRL's GRPO default is True; recomputing the activations only costs time at this size.
+                  gradient_checkpointing=False)
 trainer = GRPOTrainer(model=model, reward_funcs=words_reward, args=args,
                       train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer,
                       peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",

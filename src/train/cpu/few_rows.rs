@@ -8,6 +8,10 @@ use rayon::prelude::*;
 /// At most this many rows go through the dot-product kernel; more go to the GEMM.
 pub const MAX_ROWS: usize = 16;
 
+/// Products of fewer multiply-adds than this run on the calling thread (up to ~70 us of work: below
+/// it, measured by `cargo bench --bench kernels`, the hand-off to the pool cost more than it saved).
+const SERIAL_MACS: usize = 1 << 21;
+
 /// Dot products of one row of W with four rows of x at once: four independent 8-lane accumulators,
 /// so that the multiply-adds do not wait on each other, and W's row read once for the four (the sums
 /// are reassociated across lanes: results differ from a sequential dot product in the last bits).
@@ -54,42 +58,52 @@ fn block(x: &[f32], m: usize, k: usize, w: &[f32], n0: usize, out: &mut [f32]) {
     }
 }
 
-/// `block` with AVX2 + FMA intrinsics: up to eight rows of x against one row of W per pass, eight
-/// accumulators in registers, W's row loaded once per eight rows.
+/// `block` with AVX2 + FMA intrinsics: a register tile of two rows of W against four rows of x (eight
+/// accumulators; six loads per eight multiply-adds, where one row of W against eight rows of x took
+/// nine), the eight sums reduced together by horizontal adds into one vector. A short last group of
+/// x repeats its last row; an odd last row of W goes alone.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2(x: &[f32], m: usize, k: usize, w: &[f32], n0: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let rows = out.len() / m.max(1);
     let k8 = k / 8 * 8;
-    let hsum = |v: __m256| -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    };
-    for j in 0..rows {
-        let wr = &w[(n0 + j) * k..(n0 + j + 1) * k];
-        for i0 in (0..m).step_by(8) {
-            let g = (m - i0).min(8);
-            let mut acc = [_mm256_setzero_ps(); 8];
+    let xrow = |i: usize| x.as_ptr().add(i.min(m - 1) * k);
+    let mut j = 0;
+    while j < rows {
+        let pair = rows - j >= 2;
+        let w0 = w.as_ptr().add((n0 + j) * k);
+        let w1 = if pair { w0.add(k) } else { w0 };
+        for i0 in (0..m).step_by(4) {
+            let xs = [xrow(i0), xrow(i0 + 1), xrow(i0 + 2), xrow(i0 + 3)];
+            let mut a = [_mm256_setzero_ps(); 8];
             let mut c = 0;
             while c < k8 {
-                let wv = _mm256_loadu_ps(wr.as_ptr().add(c));
-                for (t, a) in acc.iter_mut().enumerate().take(g) {
-                    let xv = _mm256_loadu_ps(x.as_ptr().add((i0 + t) * k + c));
-                    *a = _mm256_fmadd_ps(xv, wv, *a);
+                let (v0, v1) = (_mm256_loadu_ps(w0.add(c)), _mm256_loadu_ps(w1.add(c)));
+                for (t, xp) in xs.iter().enumerate() {
+                    let xv = _mm256_loadu_ps(xp.add(c));
+                    a[t] = _mm256_fmadd_ps(xv, v0, a[t]);
+                    a[4 + t] = _mm256_fmadd_ps(xv, v1, a[4 + t]);
                 }
                 c += 8;
             }
-            for (t, a) in acc.iter().enumerate().take(g) {
-                let xr = &x[(i0 + t) * k..(i0 + t + 1) * k];
-                let mut s = hsum(*a);
-                for q in k8..k {
-                    s += xr[q] * wr[q];
+            // Lane l of the reduced vector is the sum of accumulator l.
+            let h03 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            let h47 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+            let sums = _mm256_add_ps(_mm256_permute2f128_ps(h03, h47, 0x20), _mm256_permute2f128_ps(h03, h47, 0x31));
+            let mut s = [0f32; 8];
+            _mm256_storeu_ps(s.as_mut_ptr(), sums);
+            for (t, xp) in xs.iter().enumerate().take(m - i0) {
+                for (r, wp) in [w0, w1].iter().enumerate().take(1 + pair as usize) {
+                    let mut v = s[4 * r + t];
+                    for q in k8..k {
+                        v += *xp.add(q) * *wp.add(q);
+                    }
+                    out[(i0 + t) * rows + j + r] = v;
                 }
-                out[(i0 + t) * rows + j] = s;
             }
         }
+        j += 1 + pair as usize;
     }
 }
 
@@ -116,22 +130,26 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> 
     const BLOCK: usize = 64;
     let blocks = n.div_ceil(BLOCK);
     // Each block of W's rows fills its own [m, block] tile, gathered into [m, n] after.
-    let tiles: Vec<Vec<f32>> = (0..blocks)
-        .into_par_iter()
-        .map(|b| {
-            let n0 = b * BLOCK;
-            let rows = BLOCK.min(n - n0);
-            let mut tile = vec![0f32; m * rows];
-            #[cfg(target_arch = "x86_64")]
-            if super::has_avx2_fma() {
-                // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-                unsafe { block_avx2(x, m, k, w, n0, &mut tile) };
-                return tile;
-            }
-            block(x, m, k, w, n0, &mut tile);
-            tile
-        })
-        .collect();
+    let tile = |b: usize| {
+        let n0 = b * BLOCK;
+        let rows = BLOCK.min(n - n0);
+        let mut tile = vec![0f32; m * rows];
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            unsafe { block_avx2(x, m, k, w, n0, &mut tile) };
+            return tile;
+        }
+        block(x, m, k, w, n0, &mut tile);
+        tile
+    };
+    // A small product (an adapter's, an attention projection's while decoding) costs less than
+    // handing it to the thread pool and waking a worker for it: it runs on the calling thread.
+    let tiles: Vec<Vec<f32>> = if m * n * k < SERIAL_MACS {
+        (0..blocks).map(tile).collect()
+    } else {
+        (0..blocks).into_par_iter().map(tile).collect()
+    };
     let mut y = vec![0f32; m * n];
     for (b, tile) in tiles.iter().enumerate() {
         let n0 = b * BLOCK;
@@ -149,15 +167,17 @@ mod tests {
 
     #[test]
     fn equals_the_naive_product() {
-        let (m, k, n) = (3, 37, 150);
+        // Every row count up to MAX_ROWS, tails in k (37, 64 + 3) and odd blocks of W's rows (151).
         let mut r = crate::split::SplitMix64::new(4);
         let mut v = |len: usize| -> Vec<f32> { (0..len).map(|_| r.uniform() as f32 - 0.5).collect() };
-        let (x, w) = (v(m * k), v(n * k));
-        let y = matmul_t(&x, m, k, &w, n);
-        for i in 0..m {
-            for j in 0..n {
-                let want: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
-                assert!((y[i * n + j] - want).abs() < 1e-5, "({i}, {j}): {} vs {want}", y[i * n + j]);
+        for (m, k, n) in (1..=MAX_ROWS).map(|m| (m, 37, 151)).chain([(8, 67, 130), (5, 256, 64)]) {
+            let (x, w) = (v(m * k), v(n * k));
+            let y = matmul_t(&x, m, k, &w, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+                    assert!((y[i * n + j] - want).abs() < 1e-5, "m={m} ({i}, {j}): {} vs {want}", y[i * n + j]);
+                }
             }
         }
     }

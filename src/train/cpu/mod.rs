@@ -1,9 +1,12 @@
-//! CPU kernels tunekit writes itself where candle's general ones lose time: today the product of a
+//! CPU kernels tunekit writes itself where candle's general ones lose time: the product of a
 //! few rows with a frozen weight ([`few_rows`]), which decoding calls once per token for every layer
-//! and the vocabulary projection (a GEMM packs the whole weight on every such call). Kernels are
-//! compiled for AVX2 + FMA and chosen at run time when the CPU has them; portable code otherwise.
+//! and the vocabulary projection (a GEMM packs the whole weight on every such call), and the
+//! softmax statistics of the loss head's rows over the vocabulary ([`softmax`]; libm's scalar
+//! `expf` took a tenth of a GRPO step). Kernels are compiled for AVX2 + FMA and chosen at run time
+//! when the CPU has them; portable code otherwise.
 
 pub mod few_rows;
+pub mod softmax;
 
 /// Whether the CPU has AVX2 and FMA (checked once).
 pub fn has_avx2_fma() -> bool {

@@ -6,6 +6,7 @@
 //! at a time, never whole.
 
 use super::linear::{Linear, Weight};
+use crate::train::cpu::softmax;
 use crate::train::graph::attached_forward;
 use candle_core::{CustomOp1, DType, Tensor, D};
 use std::sync::Arc;
@@ -214,29 +215,19 @@ fn token_scores(
     let mut d = if want_grad { vec![0f32; n * v] } else { vec![] };
     // (nll, entropy) of one row; its gradient into `drow`. The probabilities are computed once, for
     // the gradient and the entropy `lse - sum p z` alike.
-    let row_scores = |(row, &ti): (&[f32], &u32), drow: Option<&mut [f32]>| -> (f32, f32) {
-        let z = |x: f32| if scaled { x * inv_t } else { x };
-        let m = row.iter().map(|&x| z(x)).fold(f32::NEG_INFINITY, f32::max);
-        let lse = m + row.iter().map(|&x| (z(x) - m).exp()).sum::<f32>().ln();
-        let mut pz = 0f32;
-        match drow {
-            Some(drow) => {
-                for (dj, &x) in drow.iter_mut().zip(row) {
-                    *dj = (z(x) - lse).exp();
-                    if want_entropy {
-                        pz += *dj * z(x);
-                    }
-                }
-                drow[ti as usize] -= 1.0;
-                if scaled {
-                    drow.iter_mut().for_each(|dj| *dj *= inv_t);
-                }
-            }
-            None if want_entropy => pz = row.iter().map(|&x| (z(x) - lse).exp() * z(x)).sum::<f32>(),
-            None => {}
+    let row_scores = |(row, &ti): (&[f32], &u32), mut drow: Option<&mut [f32]>| -> (f32, f32) {
+        let s = if scaled { inv_t } else { 1.0 };
+        let m = softmax::max_scaled(row, s);
+        let (sum, wsum) = softmax::exp_sums(row, s, m, drow.as_deref_mut(), want_entropy);
+        let lse = m + sum.ln();
+        if let Some(drow) = drow {
+            // exp(z - m) / sum = softmax; minus the one-hot; divided by the temperature.
+            let r = s / sum;
+            drow.iter_mut().for_each(|dj| *dj *= r);
+            drow[ti as usize] -= s;
         }
-        let entropy = if want_entropy { lse - pz } else { 0.0 };
-        (lse - z(row[ti as usize]), entropy)
+        let entropy = if want_entropy { lse - wsum / sum } else { 0.0 };
+        (lse - row[ti as usize] * s, entropy)
     };
     let rows: Vec<(f32, f32)> = if want_grad {
         l.par_chunks(v).zip(t.par_iter()).zip(d.par_chunks_mut(v)).map(|(r, dr)| row_scores(r, Some(dr))).collect()

@@ -1,0 +1,164 @@
+//! Softmax statistics of one row of logits over a large vocabulary, one exponential per element:
+//! the max, `sum exp(s x - m)` (and `sum exp(s x - m) * s x` for the entropy), and the
+//! exponentials written out for a gradient. The exponential is Cephes' single-precision polynomial
+//! (the one in avx_mathfun and most SIMD libraries, within 2 ulp of libm's `expf`), eight lanes at
+//! a time with AVX2 + FMA; libm's `expf` element by element elsewhere.
+
+/// `max_j s * x_j`.
+pub fn max_scaled(x: &[f32], s: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { avx2::max_scaled(x, s) };
+    }
+    x.iter().map(|&v| v * s).fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `e_j = exp(s x_j - m)` into `out` (when given); returns `(sum_j e_j, sum_j e_j * s x_j)`, the
+/// second only when `weighted` (0 otherwise).
+pub fn exp_sums(x: &[f32], s: f32, m: f32, out: Option<&mut [f32]>, weighted: bool) -> (f32, f32) {
+    if let Some(o) = &out {
+        assert_eq!(o.len(), x.len(), "one output per element");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time); `out` has x's length.
+        return unsafe { avx2::exp_sums(x, s, m, out, weighted) };
+    }
+    let (mut sum, mut wsum) = (0f32, 0f32);
+    let mut put = out;
+    for (j, &v) in x.iter().enumerate() {
+        let z = v * s;
+        let e = (z - m).exp();
+        sum += e;
+        if weighted {
+            wsum += e * z;
+        }
+        if let Some(o) = put.as_deref_mut() {
+            o[j] = e;
+        }
+    }
+    (sum, wsum)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hmax(v: __m256) -> f32 {
+        let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// exp of eight lanes: `x = n ln2 + r`, |r| <= ln2 / 2, `exp(r)` by a degree-5 polynomial,
+    /// `2^n` built in the exponent bits. Inputs below -87.3 give 0 (or a denormal), above 88.4 +inf-ish
+    /// clamps to the largest finite power.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_54)), _mm256_set1_ps(88.376_26));
+        let n = _mm256_round_ps(
+            _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)),
+            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC,
+        );
+        // r = x - n ln2, ln2 split in a part exact in f32 and the rest.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_2e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166_666_65));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+        let pow2n =
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+        _mm256_mul_ps(y, pow2n)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn max_scaled(x: &[f32], s: f32) -> f32 {
+        let n8 = x.len() / 8 * 8;
+        let sv = _mm256_set1_ps(s);
+        let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut j = 0;
+        while j < n8 {
+            acc = _mm256_max_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(j)), sv));
+            j += 8;
+        }
+        x[n8..].iter().map(|&v| v * s).fold(hmax(acc), f32::max)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_sums(x: &[f32], s: f32, m: f32, mut out: Option<&mut [f32]>, weighted: bool) -> (f32, f32) {
+        let n8 = x.len() / 8 * 8;
+        let (sv, mv) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
+        let (mut sum, mut wsum) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut j = 0;
+        while j < n8 {
+            let z = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(j)), sv);
+            let e = exp8(_mm256_sub_ps(z, mv));
+            sum = _mm256_add_ps(sum, e);
+            if weighted {
+                wsum = _mm256_fmadd_ps(e, z, wsum);
+            }
+            if let Some(o) = out.as_deref_mut() {
+                _mm256_storeu_ps(o.as_mut_ptr().add(j), e);
+            }
+            j += 8;
+        }
+        let (mut sum, mut wsum) = (hsum(sum), hsum(wsum));
+        for (j, &v) in x.iter().enumerate().skip(n8) {
+            let z = v * s;
+            let e = (z - m).exp();
+            sum += e;
+            if weighted {
+                wsum += e * z;
+            }
+            if let Some(o) = out.as_deref_mut() {
+                o[j] = e;
+            }
+        }
+        (sum, wsum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exponentials_and_sums_match_libm() {
+        // A vocabulary-sized row with a tail that is not a multiple of eight, extremes included.
+        let mut x: Vec<f32> = (0..32_003).map(|i| ((i as f32) * 0.37).sin() * 30.0 - 5.0).collect();
+        x[7] = -1e30;
+        x[100] = 80.0;
+        for s in [1.0f32, 1.0 / 0.7] {
+            let m = max_scaled(&x, s);
+            let want_m = x.iter().map(|&v| v * s).fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(m, want_m);
+            let mut e = vec![0f32; x.len()];
+            let (sum, wsum) = exp_sums(&x, s, m, Some(&mut e), true);
+            let (mut ws, mut ww) = (0f64, 0f64);
+            for (j, &v) in x.iter().enumerate() {
+                // libm's expf of the same f32 argument.
+                let want = ((v * s) - m).exp() as f64;
+                let z = (v * s) as f64;
+                assert!((e[j] as f64 - want).abs() <= 3e-7 * want + 1e-37, "exp at {j}: {} vs {want}", e[j]);
+                ws += want;
+                ww += want * z;
+            }
+            assert!((sum as f64 - ws).abs() <= 1e-5 * ws, "{sum} vs {ws}");
+            assert!((wsum as f64 - ww).abs() <= 1e-4 * ww.abs() + 1e-3, "{wsum} vs {ww}");
+            assert_eq!(exp_sums(&x, s, m, None, false), (sum, 0.0));
+        }
+    }
+}
