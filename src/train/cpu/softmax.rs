@@ -25,16 +25,20 @@ pub fn exp_sums(x: &[f32], s: f32, m: f32, out: Option<&mut [f32]>, weighted: bo
         // SAFETY: the CPU has AVX2 and FMA (checked at run time); `out` has x's length.
         return unsafe { avx2::exp_sums(x, s, m, out, weighted) };
     }
+    exp_sums_from(x, 0, s, m, out, weighted)
+}
+
+/// `exp_sums` of the elements from `start` on, one at a time with libm's `expf`.
+fn exp_sums_from(x: &[f32], start: usize, s: f32, m: f32, mut out: Option<&mut [f32]>, weighted: bool) -> (f32, f32) {
     let (mut sum, mut wsum) = (0f32, 0f32);
-    let mut put = out;
-    for (j, &v) in x.iter().enumerate() {
+    for (j, &v) in x.iter().enumerate().skip(start) {
         let z = v * s;
         let e = (z - m).exp();
         sum += e;
         if weighted {
             wsum += e * z;
         }
-        if let Some(o) = put.as_deref_mut() {
+        if let Some(o) = out.as_deref_mut() {
             o[j] = e;
         }
     }
@@ -115,19 +119,8 @@ mod avx2 {
             }
             j += 8;
         }
-        let (mut sum, mut wsum) = (hsum(sum), hsum(wsum));
-        for (j, &v) in x.iter().enumerate().skip(n8) {
-            let z = v * s;
-            let e = (z - m).exp();
-            sum += e;
-            if weighted {
-                wsum += e * z;
-            }
-            if let Some(o) = out.as_deref_mut() {
-                o[j] = e;
-            }
-        }
-        (sum, wsum)
+        let (tail, wtail) = super::exp_sums_from(x, n8, s, m, out, weighted);
+        (hsum(sum) + tail, hsum(wsum) + wtail)
     }
 }
 
