@@ -3,7 +3,7 @@
 # machine, in one run. Figures go to benches/RESULTS.md by hand, with this command:
 #   bash benches/run.sh 2>&1 | tee /tmp/bench.log
 # Needs: .ci/fetch-assets (real data), a venv with the anchors:
-#   python3 -m venv ~/.cache/tk-venv && ~/.cache/tk-venv/bin/pip install transformers tokenizers jinja2 datasets datasketch
+#   python3 -m venv ~/.cache/tk-venv && ~/.cache/tk-venv/bin/pip install transformers tokenizers jinja2 datasets datasketch polars
 #   ~/.cache/tk-venv/bin/pip install --no-deps trl
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,10 @@ for f in alpaca_1m.jsonl alpaca_1m.csv; do
   kind=${f##*.}; [ "$kind" = jsonl ] && kind=json
   echo "  anchor datasets load_dataset + map:"; TIME "$PY" benches/anchor_convert.py "$C/$f" "$kind" | grep -E "rows=|peak"
   echo "  anchor + to_json:"; TIME "$PY" benches/anchor_convert.py "$C/$f" "$kind" --write | grep -E "rows=|peak"
+  if [ "$kind" = csv ]; then
+    echo "  anchor polars read_csv + expressions + write_ndjson:"
+    TIME "$PY" benches/anchor_polars_convert.py "$C/$f" "$T/polars.jsonl" | grep -E "rows=|peak"; rm -f "$T/polars.jsonl"
+  fi
 done
 
 echo "== dedup: 31,667 rows with planted duplicates"

@@ -108,12 +108,31 @@ pub struct Counts {
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub duplicates_exact: u64,
     pub duplicates_near: u64,
+    /// The first reject of each reason, as it reads (for the message of a run that keeps nothing).
+    #[serde(skip)]
+    pub examples: BTreeMap<String, String>,
 }
 
 impl Counts {
     pub fn reject(&mut self, r: &Reject) {
         self.rejected += 1;
         *self.rejected_by_reason.entry(r.reason.to_string()).or_default() += 1;
+        if !self.examples.contains_key(r.reason) {
+            self.examples.insert(r.reason.to_string(), r.to_string());
+        }
+    }
+
+    /// The `n` most common reject reasons with their counts and first example, one per line.
+    pub fn top_reasons(&self, n: usize) -> Vec<String> {
+        let mut by: Vec<(&String, &u64)> = self.rejected_by_reason.iter().collect();
+        by.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        by.into_iter()
+            .take(n)
+            .map(|(reason, k)| match self.examples.get(reason) {
+                Some(e) => format!("{reason}: {k} (e.g. {e})"),
+                None => format!("{reason}: {k}"),
+            })
+            .collect()
     }
     /// The invariant every stage keeps.
     pub fn balanced(&self) -> bool {
@@ -148,6 +167,49 @@ impl Tally {
             duplicates_file,
             seconds,
         }
+    }
+
+    /// A run that keeps no row is an error (exit 1) that says where the rows went and why, with the
+    /// most common reject reasons and an example of each; more than half rejected is a warning.
+    pub fn verdict(&self, command: &str) -> anyhow::Result<()> {
+        let c = &self.counts;
+        let files = || {
+            [&self.rejects_file, &self.duplicates_file]
+                .into_iter()
+                .flatten()
+                .map(|f| format!("\n  see {f}"))
+                .collect::<String>()
+        };
+        if c.rows_kept == 0 {
+            if c.rows_read == 0 {
+                anyhow::bail!("{command} kept no rows: the input has none");
+            }
+            let mut msg = format!(
+                "{command} kept none of the {} row(s) read: {} rejected, {} duplicate(s)",
+                c.rows_read,
+                c.rejected,
+                c.duplicates_exact + c.duplicates_near
+            );
+            let top = c.top_reasons(3);
+            if !top.is_empty() {
+                msg.push_str("\nmost common reasons:");
+                for t in top {
+                    msg.push_str(&format!("\n  {t}"));
+                }
+            }
+            msg.push_str(&files());
+            anyhow::bail!(msg);
+        }
+        if c.rejected * 2 > c.rows_read {
+            let top = c.top_reasons(1).into_iter().next().unwrap_or_default();
+            crate::progress::warn(&format!(
+                "{command} rejected {} of {} rows (more than half); most common: {top}{}",
+                c.rejected,
+                c.rows_read,
+                files()
+            ));
+        }
+        Ok(())
     }
 
     /// "N row(s) in S s (R rows/s)", for a command's first line.

@@ -45,18 +45,38 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(if e.downcast_ref::<Usage>().is_some() { 2 } else { 1 })
         }
     }
+}
+
+/// An error in how a command was asked for (a flag's value, flags that do not go together): exit
+/// code 2, as clap's own usage errors; data and IO errors exit 1.
+#[derive(Debug)]
+struct Usage(anyhow::Error);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A command's options, their errors marked as usage errors.
+fn usage<T>(options: Result<T>) -> Result<T> {
+    options.map_err(|e| Usage(e).into())
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let json = cli.json;
     match cli.command {
-        Command::Convert(a) => print(json, &commands::convert::run(&a.options()?)?)?,
-        Command::Prepare(a) => print(json, &commands::prepare::run(&a.options()?)?)?,
-        Command::Dedup(a) => print(json, &commands::dedup::run(&a.options()?)?)?,
-        Command::Export { target: ExportTarget::Openai(a) } => print(json, &commands::export::run(&a.options()?)?)?,
+        Command::Convert(a) => print(json, &commands::convert::run(&usage(a.options())?)?)?,
+        Command::Prepare(a) => print(json, &commands::prepare::run(&usage(a.options())?)?)?,
+        Command::Dedup(a) => print(json, &commands::dedup::run(&usage(a.options())?)?)?,
+        Command::Export { target: ExportTarget::Openai(a) } => {
+            print(json, &commands::export::run(&usage(a.options())?)?)?
+        }
         Command::Validate { target: ValidateTarget::Openai(a) } => {
             let spec = tunekit::export::tokens::model_spec(&a.model)?;
             let r = tunekit::export::validate::validate_files(&a.files, &spec, a.epochs, a.max_problems)?;
@@ -70,7 +90,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Train(a) => {
             let resume = a.resume.clone();
-            print(json, &tunekit::train::run(&a.options()?, resume.as_deref())?)?
+            print(json, &tunekit::train::run(&usage(a.options())?, resume.as_deref())?)?
         }
         Command::Eval(a) => print(json, &commands::eval::run(&a.options())?)?,
         Command::Generate(a) => match &a.prompt {
@@ -78,7 +98,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             _ => commands::generate::chat(&a.options())?,
         },
         Command::Score(a) => {
-            let s = commands::score::run(&a.options()?, &mut std::io::stdout().lock())?;
+            let s = commands::score::run(&usage(a.options())?, &mut std::io::stdout().lock())?;
             if !json {
                 s.print_human();
             }

@@ -191,29 +191,31 @@ fn malformed_csv_unbalanced_quote_and_template_errors() {
     assert!(out.status.success());
     assert_eq!(s["rows_read"], 2);
     assert_eq!(s["rejected_by_reason"]["malformed_csv"], 1);
-    // A template naming a column the file lacks: every row rejected with the column named.
-    let (out, s) =
+    // A template naming a column the file lacks: every row rejected with the column named; a run
+    // that keeps nothing exits 1 and says why, with the most common reasons and an example of each.
+    let (out, _) =
         convert(dir.path(), &["q.csv", "--out", "o2.jsonl", "--prompt", "{{ a }} {{ c }}", "--completion", "{{ b }}"]);
-    assert!(out.status.success());
-    assert_eq!(s["rejected_by_reason"]["template_error"], 1);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("convert kept none of the 2 row(s) read: 2 rejected"), "{err}");
+    assert!(err.contains("template_error: 1 (e.g. q.csv row 1") && err.contains("malformed_csv: 1"), "{err}");
+    assert!(err.contains("rejects.jsonl"), "{err}");
     let r = read_jsonl(&dir.path().join("rejects.jsonl"));
     assert!(r[0]["detail"].as_str().unwrap().contains("'c'"), "{}", r[0]);
     // A template that fails to render (a filter on the wrong type).
-    let (out, s) = convert(
+    let (out, _) = convert(
         dir.path(),
         &["q.csv", "--out", "o3.jsonl", "--prompt", "{{ a | batch(0) }}", "--completion", "{{ b }}"],
     );
-    assert!(out.status.success());
-    assert_eq!(s["rejected_by_reason"]["template_error"], 1, "{s}");
+    assert_eq!(out.status.code(), Some(1));
+    let r = read_jsonl(&dir.path().join("rejects.jsonl"));
+    assert_eq!(r.iter().filter(|x| x["reason"] == "template_error").count(), 1, "{r:?}");
 }
 
 #[test]
 fn errors_for_files_and_formats_have_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("x.csv"), "foo,bar\n1,2\n").unwrap();
-    let (out, _) = convert(dir.path(), &["x.csv", "--out", "o.jsonl"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = convert_error(dir.path(), "x.csv", "foo,bar\n1,2\n");
     assert!(err.contains("[foo, bar]") && err.contains("alpaca: instruction + output"), "{err}");
     let (out, _) = convert(dir.path(), &["missing.jsonl", "--out", "o.jsonl"]);
     assert_eq!(out.status.code(), Some(1));
@@ -284,4 +286,126 @@ fn llamafactory_preference_and_sharegpt_tool_data() {
     let t = read_jsonl(&dir.path().join("t.jsonl"));
     assert!(t.iter().any(|r| r["messages"].as_array().unwrap().iter().any(|m| m.get("tool_calls").is_some())));
     assert!(t[0]["tools"].is_array());
+}
+
+/// Rows with accents, a comma and a semicolon inside fields, and a quoted answer over two lines.
+const FRENCH: [(&str, &str); 3] = [
+    ("Quelle est la capitale de la France ?", "Paris, bien sûr.\nC'est aussi la plus grande ville."),
+    ("Combien font 2,5 + 2,5 ?", "5,0"),
+    ("Qu'est-ce qu'un café crème ?", "Un café avec de la crème; très apprécié."),
+];
+
+fn quoted(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The file as a spreadsheet exports it: `header`, then FRENCH joined by `delim`, CRLF line ends.
+fn spreadsheet_text(header: &str, delim: &str) -> String {
+    let mut t = format!("{header}\r\n");
+    for (q, a) in FRENCH {
+        t.push_str(&format!("{}{delim}{}\r\n", quoted(q), quoted(a)));
+    }
+    t
+}
+
+fn assert_french(dir: &Path, out: &str) {
+    let kept = read_jsonl(&dir.join(out));
+    assert_eq!(kept.len(), 3);
+    for (row, (q, a)) in kept.iter().zip(FRENCH) {
+        assert_eq!(row["messages"][0]["content"], q);
+        assert_eq!(row["messages"][1]["content"], a);
+    }
+}
+
+#[test]
+fn excel_semicolon_csv_with_bom_crlf_and_multiline_cells_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("\u{feff}{}", spreadsheet_text("instruction;output", ";"));
+    std::fs::write(dir.path().join("excel.csv"), text).unwrap();
+    let (out, s) = convert(dir.path(), &["excel.csv", "--out", "o.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rows_kept"], 3, "{s}");
+    assert_eq!(s["formats"]["excel.csv"], "alpaca; delimiter ';'");
+    assert_french(dir.path(), "o.jsonl");
+    // Forcing the wrong delimiter reads one column, which no format fits: an error, exit 1.
+    let (out, _) = convert(dir.path(), &["excel.csv", "--out", "o2.jsonl", "--delimiter", ","]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[instruction;output]"));
+    // Rejects name the line as an editor shows it, after CRLF, CR-only and multi-line cells alike.
+    for (name, nl) in [("crlf.csv", "\r\n"), ("cr.csv", "\r"), ("lf.csv", "\n")] {
+        let text = format!("instruction;output{nl}\"two{nl}lines\";x{nl}q;{nl}r;y{nl}");
+        std::fs::write(dir.path().join(name), text).unwrap();
+        let (out, s) = convert(dir.path(), &[name, "--out", "g.jsonl"]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(s["rows_kept"], 2, "{name}: {s}");
+        let r = read_jsonl(&dir.path().join("rejects.jsonl"));
+        assert_eq!((r[0]["row"].as_u64(), r[0]["line"].as_u64()), (Some(2), Some(4)), "{name}: {}", r[0]);
+    }
+    // A pipe file, with its delimiter given; a bad --delimiter is a usage error (exit 2).
+    std::fs::write(dir.path().join("p.csv"), spreadsheet_text("instruction|output", "|")).unwrap();
+    let (out, s) = convert(dir.path(), &["p.csv", "--out", "p.jsonl", "--delimiter", "|"]);
+    assert!(out.status.success());
+    assert_eq!(s["rows_kept"], 3);
+    let (out, _) = convert(dir.path(), &["p.csv", "--out", "p.jsonl", "--delimiter", "||"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn windows_1252_and_utf16_files_decode_and_question_answer_columns_map() {
+    let dir = tempfile::tempdir().unwrap();
+    // Windows-1252: every accented character is one byte that is not UTF-8.
+    let text = spreadsheet_text("question,answer", ",");
+    let (bytes, _, lossy) = encoding_rs::WINDOWS_1252.encode(&text);
+    assert!(!lossy);
+    std::fs::write(dir.path().join("latin.csv"), &bytes).unwrap();
+    // Without --encoding the accented rows are rejected, and the reason says what to do.
+    let (out, s) = convert(dir.path(), &["latin.csv", "--out", "o.jsonl"]);
+    assert!(out.status.success());
+    assert_eq!(s["rejected_by_reason"]["invalid_utf8"], 2, "{s}");
+    let r = read_jsonl(&dir.path().join("rejects.jsonl"));
+    assert!(r[0]["detail"].as_str().unwrap().contains("--encoding windows-1252"), "{}", r[0]);
+    let out = tunekit(&["convert", "latin.csv", "--out", "o.jsonl"], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("rejected 2 of 3 rows (more than half)"), "{err}");
+    for label in ["windows-1252", "latin-1", "cp1252"] {
+        let (out, s) = convert(dir.path(), &["latin.csv", "--out", "l.jsonl", "--encoding", label]);
+        assert!(out.status.success(), "{label}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(s["rows_kept"], 3);
+        assert_eq!(
+            s["formats"]["latin.csv"],
+            "prompt-completion (prompt <- question, completion <- answer); encoding windows-1252"
+        );
+        assert_french(dir.path(), "l.jsonl");
+    }
+    let (out, _) = convert(dir.path(), &["latin.csv", "--out", "l.jsonl", "--encoding", "klingon"]);
+    assert_eq!(out.status.code(), Some(2));
+    // UTF-16 LE with its BOM, tab-separated, capitalised Query/Response: found without any flag.
+    let text = spreadsheet_text("Query\tResponse", "\t");
+    let mut bytes = vec![0xFF, 0xFE];
+    bytes.extend(text.encode_utf16().flat_map(|u| u.to_le_bytes()));
+    std::fs::write(dir.path().join("u16.csv"), &bytes).unwrap();
+    let (out, s) = convert(dir.path(), &["u16.csv", "--out", "u.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        s["formats"]["u16.csv"],
+        "prompt-completion (prompt <- Query, completion <- Response); delimiter tab, encoding UTF-16LE"
+    );
+    assert_french(dir.path(), "u.jsonl");
+}
+
+#[test]
+fn duplicate_and_unnamed_header_columns_are_errors_that_name_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = convert_error(dir.path(), "d.csv", "instruction,output,output\na,b,c\n");
+    assert!(err.contains("'output' (columns 2 and 3)"), "{err}");
+    let err = convert_error(dir.path(), "e.csv", "instruction,,output\na,b,c\n");
+    assert!(err.contains("no name for column(s) 2"), "{err}");
+}
+
+/// Converts a file with `text` that must fail with exit code 1; its stderr.
+fn convert_error(dir: &Path, name: &str, text: &str) -> String {
+    std::fs::write(dir.join(name), text).unwrap();
+    let (out, _) = convert(dir, &[name, "--out", "o.jsonl"]);
+    assert_eq!(out.status.code(), Some(1));
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

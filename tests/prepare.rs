@@ -199,11 +199,12 @@ fn preference_pairs_become_preference_shards() {
             assert!(labels[..c0].iter().all(|&x| x == -100));
         }
     }
-    // A row that is not a pair is rejected with a reason.
+    // A row that is not a pair is rejected with a reason (and a run that keeps none exits 1 saying so).
     std::fs::write(dir.path().join("sft.jsonl"), "{\"prompt\": \"q\", \"completion\": \"a\"}\n").unwrap();
-    let (out, s) = prepare(dir.path(), &["sft.jsonl", "--method", "preference", "--out", "p2", "--eval-fraction", "0"]);
-    assert!(out.status.success());
-    assert_eq!(s["rejected_by_reason"]["not_a_preference_pair"], 1);
+    let (out, _) = prepare(dir.path(), &["sft.jsonl", "--method", "preference", "--out", "p2", "--eval-fraction", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("prepare kept none of the 1 row(s)") && err.contains("not_a_preference_pair: 1"), "{err}");
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! deduplication ([`DedupArgs`]), where a model computes ([`ComputeArgs`]) and how a QLoRA base is
 //! held ([`BaseQuantArgs`]).
 
+use crate::ingest::read::ReadOptions;
 use crate::ingest::{Format, MapOptions};
 use crate::train::io::Placement;
 use anyhow::Result;
@@ -32,6 +33,14 @@ pub struct MapArgs {
     /// Stop at the first bad row (exit 1) instead of writing it to rejects.jsonl.
     #[arg(long)]
     pub strict: bool,
+    /// CSV/TSV field delimiter (one character, or `tab`). Default: detected from the first records
+    /// among comma, semicolon, tab and pipe (.tsv files: tab).
+    #[arg(long, value_name = "CHAR")]
+    pub delimiter: Option<String>,
+    /// Text encoding of the inputs, e.g. windows-1252, latin-1, iso-8859-15, utf-16le, shift_jis.
+    /// Default: UTF-8, or UTF-16 when a file starts with its byte-order mark.
+    #[arg(long, value_name = "NAME")]
+    pub encoding: Option<String>,
 }
 
 impl MapArgs {
@@ -44,6 +53,10 @@ impl MapArgs {
             completion: self.completion.clone(),
             template: self.prompt_template.clone(),
             prompts: false,
+            read: ReadOptions {
+                delimiter: self.delimiter.as_deref().map(ReadOptions::parse_delimiter).transpose()?,
+                encoding: self.encoding.as_deref().map(ReadOptions::parse_encoding).transpose()?,
+            },
         })
     }
 }

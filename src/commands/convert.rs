@@ -35,8 +35,12 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let mut formats = BTreeMap::new();
     let pb = crate::progress::rows("convert");
     stream_conversations(&opts.inputs, &opts.map, |batch| {
-        if let Some(f) = batch.format {
-            formats.insert(batch.source.to_string(), f.name().to_string());
+        if let Some(f) = &batch.label {
+            let f = match &batch.read_notes {
+                Some(n) => format!("{f}; {n}"),
+                None => f.clone(),
+            };
+            formats.insert(batch.source.to_string(), f);
         }
         let mut good = Vec::with_capacity(batch.items.len());
         for item in batch.items {
@@ -60,12 +64,14 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     pb.finish_and_clear();
     sink.commit()?;
     let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
+    let tally = Tally::new(counts, (rejects_file, None), start);
+    tally.verdict("convert")?;
     Ok(ConvertSummary {
         command: "convert",
         inputs: opts.inputs.iter().map(|p| p.display().to_string()).collect(),
         out: opts.out.display().to_string(),
         formats,
-        tally: Tally::new(counts, (rejects_file, None), start),
+        tally,
     })
 }
 

@@ -90,6 +90,8 @@ pub fn run(opts: &ExportOptions) -> Result<ExportSummary> {
     let train_files = train.finish()?;
     let validation_files = valid.finish()?;
     let files = front.finish()?;
+    let tally = Tally::new(front.counts.clone(), files, start);
+    tally.verdict("export")?;
     if train_examples < crate::export::validate::MIN_EXAMPLES {
         crate::progress::warn(&format!("only {train_examples} training example(s); OpenAI requires at least 10"));
     }
@@ -97,7 +99,7 @@ pub fn run(opts: &ExportOptions) -> Result<ExportSummary> {
         command: "export",
         method: opts.method,
         model: opts.model.clone(),
-        tally: Tally::new(front.counts.clone(), files, start),
+        tally,
         truncated,
         train_examples,
         validation_examples,

@@ -72,7 +72,19 @@ pub struct MapOptions {
     /// Rows become prompts for online RL (`prepare --method prompts`): the answer is optional, and
     /// every column of the row is kept, as text, in `meta.columns` for reward functions.
     pub prompts: bool,
+    /// How files' bytes are read (delimiter, encoding).
+    pub read: crate::ingest::read::ReadOptions,
 }
+
+/// Column pairs `--format auto` reads as a prompt and its answer when no format's own names fit,
+/// in this order; matched without regard to case.
+const SYNONYMS: [(&str, &str); 5] = [
+    ("question", "answer"),
+    ("query", "response"),
+    ("prompt", "response"),
+    ("input", "output"),
+    ("question", "response"),
+];
 
 impl MapOptions {
     pub fn parse_renames(spec: &[String]) -> Result<Vec<(String, String)>> {
@@ -100,6 +112,8 @@ pub struct Mapper {
     renames: HashMap<String, String>,
     columns: Option<template::ColumnTemplates>,
     prompts: bool,
+    /// The (prompt, answer) columns `--format auto` read by synonym, when it did.
+    synonym: Option<(String, String)>,
 }
 
 impl Mapper {
@@ -111,13 +125,27 @@ impl Mapper {
             columns.iter().any(|x| x == c)
         };
         let templated = opts.prompt.is_some() || opts.completion.is_some() || opts.template.is_some();
+        let auto = opts.format.unwrap_or(Format::Auto) == Format::Auto;
+        let synonym =
+            if !templated && auto && detect(&has, opts.prompts).is_none() { synonym_pair(columns) } else { None };
+        let mut renames = renames;
+        if let Some((p, c)) = &synonym {
+            renames.insert("prompt".into(), p.clone());
+            renames.insert("completion".into(), c.clone());
+        }
+        let has = |f: &str| {
+            let c = renames.get(f).map(String::as_str).unwrap_or(f);
+            columns.iter().any(|x| x == c)
+        };
         let format = match opts.format.unwrap_or(Format::Auto) {
             Format::Auto if templated => Format::Columns,
+            Format::Auto if synonym.is_some() => Format::PromptCompletion,
             Format::Auto => detect(&has, opts.prompts).ok_or_else(|| {
                 anyhow::anyhow!(
                     "{source}: cannot tell the format from its columns [{}].\nFormats need: {FORMAT_HELP}.\n\
+                     Also read as prompt + answer: question/answer, query/response, prompt/response, input/output.\n\
                      Pick one with --format, rename columns with --map field=column, or map your own columns with \
-                     --prompt/--completion templates.",
+                     --prompt/--completion templates or --prompt-template NAME|FILE.",
                     columns.join(", ")
                 )
             })?,
@@ -145,7 +173,22 @@ impl Mapper {
             }
             None
         };
-        Ok(Mapper { format, system: opts.system.clone(), renames, columns: columns_tpl, prompts: opts.prompts })
+        Ok(Mapper {
+            format,
+            system: opts.system.clone(),
+            renames,
+            columns: columns_tpl,
+            prompts: opts.prompts,
+            synonym,
+        })
+    }
+
+    /// The format as a summary shows it, with the columns a synonym mapping chose.
+    pub fn label(&self) -> String {
+        match &self.synonym {
+            Some((p, c)) => format!("{} (prompt <- {p}, completion <- {c})", self.format.name()),
+            None => self.format.name().to_string(),
+        }
     }
 
     fn get<'a>(&self, row: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
@@ -491,6 +534,12 @@ fn row_columns(row: &Map<String, Value>) -> Map<String, Value> {
             (k.clone(), Value::String(text))
         })
         .collect()
+}
+
+/// The first synonym pair the columns have (their own spelling), if any.
+fn synonym_pair(columns: &[String]) -> Option<(String, String)> {
+    let find = |name: &str| columns.iter().find(|c| c.trim().eq_ignore_ascii_case(name)).cloned();
+    SYNONYMS.iter().find_map(|(p, c)| Some((find(p)?, find(c)?)))
 }
 
 fn detect(has: &dyn Fn(&str) -> bool, prompts: bool) -> Option<Format> {

@@ -28,6 +28,11 @@ pub enum Item {
 pub struct Batch {
     pub source: std::sync::Arc<str>,
     pub format: Option<Format>,
+    /// The format as summaries show it (with a synonym mapping when `--format auto` chose one).
+    pub label: Option<String>,
+    /// How the file was read when it was not plain UTF-8 with its extension's delimiter: "delimiter
+    /// ';'", "encoding windows-1252".
+    pub read_notes: Option<String>,
     pub items: Vec<Item>,
 }
 
@@ -39,7 +44,8 @@ pub fn stream_conversations(
     mut on_batch: impl FnMut(Batch) -> Result<()>,
 ) -> Result<()> {
     for path in inputs {
-        let (source, rows) = open_rows(path)?;
+        let (source, rows) = open_rows(path, &opts.read)?;
+        let read_notes = read_notes(&source);
         let (tx, rx) = sync_channel::<Result<Vec<super::read::RawRow>>>(4);
         let reader = std::thread::spawn(move || {
             let mut rows = rows;
@@ -89,7 +95,13 @@ pub fn stream_conversations(
                         }
                     })
                     .collect();
-                on_batch(Batch { source: source.name.clone(), format: mapper.as_ref().map(|m| m.format), items })?;
+                on_batch(Batch {
+                    source: source.name.clone(),
+                    format: mapper.as_ref().map(|m| m.format),
+                    label: mapper.as_ref().map(Mapper::label),
+                    read_notes: read_notes.clone(),
+                    items,
+                })?;
             }
             Ok(())
         })();
@@ -97,6 +109,19 @@ pub fn stream_conversations(
         result?;
     }
     Ok(())
+}
+
+/// What a summary should say about how a file was read, when it was not the default.
+fn read_notes(source: &Source) -> Option<String> {
+    let mut notes = vec![];
+    let default = if source.kind == InputKind::Tsv { b'\t' } else { b',' };
+    if let Some(d) = source.delimiter.filter(|&d| d != default) {
+        notes.push(format!("delimiter {}", super::read::delimiter_name(d)));
+    }
+    if let Some(e) = source.encoding {
+        notes.push(format!("encoding {}", e.name()));
+    }
+    (!notes.is_empty()).then(|| notes.join(", "))
 }
 
 fn first_columns(source: &Source, parsed: &[Parsed]) -> Option<Vec<String>> {

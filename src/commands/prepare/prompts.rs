@@ -118,6 +118,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     manifest.splits = Splits { train: train_stats.clone(), eval: eval_stats.clone() };
     manifest.write(&opts.out)?;
     let tally = Tally::new(counts, files, start);
+    tally.verdict("prepare")?;
     Ok(PrepareSummary {
         command: "prepare",
         method: PrepareMethod::Prompts,

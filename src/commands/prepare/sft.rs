@@ -169,6 +169,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     manifest.splits = Splits { train: train.clone(), eval: eval.clone() };
     manifest.write(&opts.out)?;
     let tally = Tally::new(counts, files, start);
+    tally.verdict("prepare")?;
     Ok(PrepareSummary {
         command: "prepare",
         method: super::PrepareMethod::Sft,
