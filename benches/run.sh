@@ -35,6 +35,11 @@ for f in alpaca_1m.jsonl alpaca_1m.csv; do
   if [ "$kind" = csv ]; then
     echo "  anchor polars read_csv + expressions + write_ndjson:"
     TIME "$PY" benches/anchor_polars_convert.py "$C/$f" "$T/polars.jsonl" | grep -E "rows=|peak"; rm -f "$T/polars.jsonl"
+    Q="SELECT * FROM data WHERE length(output) > 500"
+    echo "-- $f --sql \"$Q\""
+    best "$B" -q --json convert "$C/$f" --out "$T/o/c.jsonl" --sql "$Q"
+    echo "  anchor polars SQLContext, same query:"
+    TIME "$PY" benches/anchor_polars_convert.py "$C/$f" "$T/polars.jsonl" "$Q" | grep -E "rows=|peak"; rm -f "$T/polars.jsonl"
   fi
 done
 

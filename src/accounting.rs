@@ -99,7 +99,8 @@ pub mod reason {
     pub const NO_USER: &str = "no_user_message";
 }
 
-/// Counts of one run. `read == kept + rejected + duplicates` (+ too-long drops where they apply).
+/// Counts of one run. `read == kept + rejected + filtered + duplicates` (+ too-long drops where they
+/// apply).
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Counts {
     pub rows_read: u64,
@@ -108,6 +109,9 @@ pub struct Counts {
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub duplicates_exact: u64,
     pub duplicates_near: u64,
+    /// Rows a `--sql` query, `--limit` or `--sample` left out.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub filtered: u64,
     /// The first reject of each reason, as it reads (for the message of a run that keeps nothing).
     #[serde(skip)]
     pub examples: BTreeMap<String, String>,
@@ -136,7 +140,7 @@ impl Counts {
     }
     /// The invariant every stage keeps.
     pub fn balanced(&self) -> bool {
-        self.rows_read == self.rows_kept + self.rejected + self.duplicates_exact + self.duplicates_near
+        self.rows_read == self.rows_kept + self.rejected + self.filtered + self.duplicates_exact + self.duplicates_near
     }
 }
 
@@ -185,9 +189,10 @@ impl Tally {
                 anyhow::bail!("{command} kept no rows: the input has none");
             }
             let mut msg = format!(
-                "{command} kept none of the {} row(s) read: {} rejected, {} duplicate(s)",
+                "{command} kept none of the {} row(s) read: {} rejected, {} filtered, {} duplicate(s)",
                 c.rows_read,
                 c.rejected,
+                c.filtered,
                 c.duplicates_exact + c.duplicates_near
             );
             let top = c.top_reasons(3);
@@ -220,6 +225,9 @@ impl Tally {
     /// The lines on duplicates and rejects, with their reasons and files.
     pub fn print_human(&self) {
         let c = &self.counts;
+        if c.filtered > 0 {
+            println!("  filtered:   {} (left out by --sql, --limit or --sample)", c.filtered);
+        }
         if c.duplicates_exact + c.duplicates_near > 0 {
             println!("  duplicates: {} exact, {} near", c.duplicates_exact, c.duplicates_near);
         }
@@ -278,4 +286,8 @@ impl RejectWriter {
             }
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -17,11 +17,11 @@ extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
-/// Freed memory stays with the allocator instead of going back to the OS after 10 ms: a training
-/// step frees and reallocates the same large buffers (logits chunks, activations) every few
-/// milliseconds, and each return made the kernel zero fresh pages for the next step (a sixth of a
-/// GRPO step went to page faults). The peak is the same; the resident size no longer dips between
-/// steps. `MIMALLOC_PURGE_DELAY` in the environment still decides when it is set.
+/// Freed memory stays with the allocator instead of going back to the OS after its purge delay: a
+/// training step frees and reallocates the same large buffers every few milliseconds, and each
+/// return made the kernel zero fresh pages for the next step (page faults of a 10-step GRPO run
+/// 51,464 -> 1,747). The peak is the same; the resident size no longer dips between steps.
+/// `MIMALLOC_PURGE_DELAY` in the environment still decides when it is set.
 fn keep_freed_memory() {
     const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15; // mimalloc v3's mi_option_purge_delay
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {

@@ -409,3 +409,126 @@ fn convert_error(dir: &Path, name: &str, text: &str) -> String {
     assert_eq!(out.status.code(), Some(1));
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+#[test]
+fn xlsx_sheets_read_as_the_spreadsheet_shows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let book = common::root().join("tests/fixtures/spreadsheets/two_sheets.xlsx");
+    let b = book.to_str().unwrap();
+    let (out, s) = convert(dir.path(), &[b, "--out", "faq.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Five rows of data (the empty row 6 is no row), one without an answer.
+    assert_eq!((s["rows_read"].as_u64(), s["rows_kept"].as_u64()), (Some(5), Some(4)), "{s}");
+    let kept = read_jsonl(&dir.path().join("faq.jsonl"));
+    let answers: Vec<&str> = kept.iter().map(|r| r["messages"][1]["content"].as_str().unwrap()).collect();
+    assert_eq!(answers, ["8", "42", "1969-07-20", "TRUE"]);
+    assert_eq!(kept[0]["messages"][0]["content"], "Combien de pattes a une araignée ?");
+    assert!(kept[0]["id"].as_str().unwrap().ends_with("two_sheets.xlsx:3"), "ids are spreadsheet rows: {}", kept[0]);
+    let r = read_jsonl(&dir.path().join("rejects.jsonl"));
+    assert_eq!((r[0]["row"].as_u64(), r[0]["reason"].as_str()), (Some(8), Some("missing_field")), "{}", r[0]);
+    // The second sheet by name, through a template; a sheet that is not there is named with the others.
+    let (out, s) = convert(
+        dir.path(),
+        &[
+            b,
+            "--sheet",
+            "glossary",
+            "--out",
+            "g.jsonl",
+            "--prompt",
+            "What is {{ term }}?",
+            "--completion",
+            "{{ definition }}",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rows_kept"], 2);
+    let (out, _) = convert(dir.path(), &[b, "--sheet", "nope", "--out", "n.jsonl"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sheet named \"nope\"; its sheets are: faq, glossary"));
+}
+
+#[test]
+fn sql_filters_and_joins_count_what_they_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = String::from("id,question,lang,score\n");
+    let mut a = String::from("id,answer\n");
+    for i in 1..=10 {
+        let lang = if i % 2 == 0 { "fr" } else { "en" };
+        q.push_str(&format!("{i},question {i},{lang},{}\n", i * 10));
+        if i != 4 {
+            a.push_str(&format!("{i},answer {i}\n"));
+        }
+    }
+    std::fs::write(dir.path().join("questions.csv"), &q).unwrap();
+    std::fs::write(dir.path().join("answers.csv"), &a).unwrap();
+    // A filter on one file (its table is `data`; numbers compare as numbers): ids stay the file's rows.
+    let (out, s) = convert(
+        dir.path(),
+        &[
+            "questions.csv",
+            "--out",
+            "f.jsonl",
+            "--sql",
+            "SELECT *, question || '?' AS prompt, 'yes' AS completion FROM data WHERE lang = 'fr' AND score >= 40",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        (s["rows_read"].as_u64(), s["rows_kept"].as_u64(), s["filtered"].as_u64()),
+        (Some(10), Some(4), Some(6))
+    );
+    assert_balanced_with_filtered(&s);
+    let kept = read_jsonl(&dir.path().join("f.jsonl"));
+    let ids: Vec<&str> = kept.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["questions.csv:4", "questions.csv:6", "questions.csv:8", "questions.csv:10"]);
+    assert_eq!(kept[0]["messages"][0]["content"], "question 4?");
+    // A join of two files, each a table named by its stem: question 4 has no answer.
+    let (out, s) = convert(
+        dir.path(),
+        &[
+            "questions.csv",
+            "answers.csv",
+            "--out",
+            "j.jsonl",
+            "--sql",
+            "SELECT q.question AS prompt, a.answer AS completion FROM questions q JOIN answers a ON q.id = a.id",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        (s["rows_read"].as_u64(), s["rows_kept"].as_u64(), s["filtered"].as_u64()),
+        (Some(19), Some(9), Some(10))
+    );
+    assert_balanced_with_filtered(&s);
+    let kept = read_jsonl(&dir.path().join("j.jsonl"));
+    assert!(kept.iter().all(|r| r["messages"][0]["content"] != "question 4"));
+    // --limit and a seeded --sample; the same seed draws the same rows.
+    let (_, s) = convert(
+        dir.path(),
+        &["questions.csv", "--out", "l.jsonl", "--limit", "3", "--map", "prompt=question,completion=lang"],
+    );
+    assert_eq!((s["rows_kept"].as_u64(), s["filtered"].as_u64()), (Some(3), Some(7)), "{s}");
+    let sample = |out: &str| {
+        let args =
+            ["questions.csv", "--out", out, "--sample", "4", "--seed", "3", "--map", "prompt=question,completion=lang"];
+        assert!(convert(dir.path(), &args).0.status.success());
+        read_jsonl(&dir.path().join(out)).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    let (s1, s2) = (sample("s1.jsonl"), sample("s2.jsonl"));
+    assert_eq!(s1.len(), 4);
+    assert_eq!(s1, s2);
+    // A query that does not parse or names no table: exit 1 naming the tables.
+    let (out, _) = convert(dir.path(), &["questions.csv", "--out", "x.jsonl", "--sql", "SELECT * FROM nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("its tables are: data"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn assert_balanced_with_filtered(s: &Value) {
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    assert_eq!(n("rows_read"), n("rows_kept") + n("rejected") + n("filtered"), "{s}");
+}

@@ -62,6 +62,7 @@ impl Front {
             match item {
                 Item::Ok(c) => convs.push(c),
                 Item::Rejected(r) => self.reject(r)?,
+                Item::Filtered => self.counts.filtered += 1,
             }
         }
         let verdicts = self.deduper.process(&convs);

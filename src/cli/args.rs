@@ -3,6 +3,7 @@
 //! held ([`BaseQuantArgs`]).
 
 use crate::ingest::read::ReadOptions;
+use crate::ingest::table::Selection;
 use crate::ingest::{Format, MapOptions};
 use crate::train::io::Placement;
 use anyhow::Result;
@@ -41,6 +42,20 @@ pub struct MapArgs {
     /// Default: UTF-8, or UTF-16 when a file starts with its byte-order mark.
     #[arg(long, value_name = "NAME")]
     pub encoding: Option<String>,
+    /// The sheet of .xlsx/.xls/.ods inputs to read. Default: the first.
+    #[arg(long, value_name = "NAME")]
+    pub sheet: Option<String>,
+    /// A polars SQL query over the inputs before templating: each input is a table named by its file
+    /// stem (`data` when there is one), e.g. "SELECT * FROM data WHERE lang = 'fr'" or a JOIN of two
+    /// files. Rows it leaves out are counted as filtered. Reads the inputs into memory.
+    #[arg(long, value_name = "QUERY")]
+    pub sql: Option<String>,
+    /// Keep only the first N rows (after --sql).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Keep N rows drawn at random (after --sql), in their order; seeded by --seed.
+    #[arg(long, value_name = "N")]
+    pub sample: Option<usize>,
 }
 
 impl MapArgs {
@@ -53,7 +68,9 @@ impl MapArgs {
             completion: self.completion.clone(),
             template: self.prompt_template.clone(),
             prompts: false,
+            select: Selection { sql: self.sql.clone(), limit: self.limit, sample: self.sample, seed: 0 },
             read: ReadOptions {
+                sheet: self.sheet.clone(),
                 delimiter: self.delimiter.as_deref().map(ReadOptions::parse_delimiter).transpose()?,
                 encoding: self.encoding.as_deref().map(ReadOptions::parse_encoding).transpose()?,
             },

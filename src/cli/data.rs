@@ -16,13 +16,18 @@ pub struct ConvertArgs {
     /// Output file: .jsonl or .parquet.
     #[arg(long)]
     pub out: PathBuf,
+    /// Seed of --sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     #[command(flatten)]
     pub map: MapArgs,
 }
 
 impl ConvertArgs {
     pub fn options(self) -> Result<ConvertOptions> {
-        Ok(ConvertOptions { map: self.map.options()?, strict: self.map.strict, inputs: self.inputs, out: self.out })
+        let mut map = self.map.options()?;
+        map.select.seed = self.seed;
+        Ok(ConvertOptions { map, strict: self.map.strict, inputs: self.inputs, out: self.out })
     }
 }
 
@@ -72,6 +77,7 @@ impl PrepareArgs {
         let mut o = PrepareOptions::new(self.inputs, self.out, self.tokenizer);
         o.method = self.method;
         o.map = self.map.options()?;
+        o.map.select.seed = self.seed;
         o.strict = self.map.strict;
         o.template = self.template;
         o.seq_len = self.seq_len;
@@ -175,8 +181,10 @@ pub struct OpenaiExportArgs {
 
 impl OpenaiExportArgs {
     pub fn options(self) -> Result<ExportOptions> {
+        let mut map = self.map.options()?;
+        map.select.seed = self.seed;
         Ok(ExportOptions {
-            map: self.map.options()?,
+            map,
             strict: self.map.strict,
             model: crate::export::tokens::model_spec(&self.model)?,
             dedup: self.dedup.options(self.seed)?,

@@ -47,6 +47,7 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
             counts.rows_read += 1;
             match item {
                 Item::Ok(c) => good.push(c),
+                Item::Filtered => counts.filtered += 1,
                 Item::Rejected(r) => {
                     if opts.strict {
                         bail!("{r}\n(--strict stops at the first bad row; without it, bad rows go to rejects.jsonl)");

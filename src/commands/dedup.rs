@@ -65,6 +65,7 @@ fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
             match item {
                 crate::ingest::Item::Ok(c) => convs.push(c),
                 crate::ingest::Item::Rejected(r) => front.reject(r)?,
+                crate::ingest::Item::Filtered => front.counts.filtered += 1,
             }
         }
         for (c, v) in convs.iter().zip(deduper.process(&convs)) {
@@ -107,6 +108,7 @@ fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
                     }
                     continue;
                 }
+                crate::ingest::Item::Filtered => continue,
             };
             let (root, _, kind, sim) = member.get(&c.id).cloned().expect("seen in pass 1");
             let chosen = &best[&root].0;

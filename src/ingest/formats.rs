@@ -72,8 +72,10 @@ pub struct MapOptions {
     /// Rows become prompts for online RL (`prepare --method prompts`): the answer is optional, and
     /// every column of the row is kept, as text, in `meta.columns` for reward functions.
     pub prompts: bool,
-    /// How files' bytes are read (delimiter, encoding).
+    /// How files' bytes are read (delimiter, encoding, sheet).
     pub read: crate::ingest::read::ReadOptions,
+    /// Which rows: a `--sql` query, `--limit`, `--sample` (the table path when any is set).
+    pub select: crate::ingest::table::Selection,
 }
 
 /// Column pairs `--format auto` reads as a prompt and its answer when no format's own names fit,

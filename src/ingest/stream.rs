@@ -23,6 +23,8 @@ type Parsed = (u64, Option<u64>, Result<Map<String, Value>, Reject>);
 pub enum Item {
     Ok(Conversation),
     Rejected(Reject),
+    /// A row a `--sql` query, `--limit` or `--sample` left out.
+    Filtered,
 }
 
 pub struct Batch {
@@ -43,6 +45,9 @@ pub fn stream_conversations(
     opts: &MapOptions,
     mut on_batch: impl FnMut(Batch) -> Result<()>,
 ) -> Result<()> {
+    if opts.select.is_active() {
+        return super::table::select_conversations(inputs, opts, &opts.select, &mut on_batch);
+    }
     for path in inputs {
         let (source, rows) = open_rows(path, &opts.read)?;
         let read_notes = read_notes(&source);
@@ -125,7 +130,7 @@ fn read_notes(source: &Source) -> Option<String> {
 }
 
 fn first_columns(source: &Source, parsed: &[Parsed]) -> Option<Vec<String>> {
-    if matches!(source.kind, InputKind::Csv | InputKind::Tsv) {
+    if matches!(source.kind, InputKind::Csv | InputKind::Tsv | InputKind::Spreadsheet) {
         return source.csv_headers.as_ref().map(|h| h.as_ref().clone());
     }
     parsed.iter().find_map(|(_, _, o)| {

@@ -100,6 +100,8 @@ pub struct ManifestAccounting {
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub duplicates_exact: u64,
     pub duplicates_near: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub filtered: u64,
     pub dropped_too_long: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated: Option<u64>,
@@ -126,6 +128,7 @@ impl ManifestAccounting {
             rejected_by_reason: c.rejected_by_reason.clone(),
             duplicates_exact: c.duplicates_exact,
             duplicates_near: c.duplicates_near,
+            filtered: c.filtered,
             dropped_too_long,
             ..Default::default()
         }
@@ -177,4 +180,8 @@ impl Manifest {
     pub fn remove(dir: &Path) {
         let _ = std::fs::remove_file(dir.join(FILE));
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

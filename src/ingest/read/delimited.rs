@@ -75,7 +75,7 @@ pub fn open(path: &Path, text: Box<dyn BufRead + Send>, delim: Option<u8>) -> Re
         bail!("{}: empty CSV header; the first line must name the columns", path.display());
     }
     let headers: Vec<String> = headers.into_iter().map(|h| h.trim_start_matches('\u{feff}').to_string()).collect();
-    check_header(path, &headers, delim)?;
+    check_header(path, &headers, &format!("delimiter {}", super::delimiter_name(delim)))?;
     let n = headers.len();
     let name: Arc<str> = Arc::from(path.to_string_lossy().as_ref());
     Ok((headers, delim, Box::new(CsvRows { rdr, n_fields: n, row: 0, name, quotes, lines, held: None })))
@@ -83,7 +83,7 @@ pub fn open(path: &Path, text: Box<dyn BufRead + Send>, delim: Option<u8>) -> Re
 
 /// Two columns of one name would leave one of them unreadable, and an unnamed column cannot be
 /// mapped: both are errors that name the columns.
-fn check_header(path: &Path, headers: &[String], delim: u8) -> Result<()> {
+pub(super) fn check_header(path: &Path, headers: &[String], read_as: &str) -> Result<()> {
     let mut seen = std::collections::HashMap::new();
     let mut dups = vec![];
     for (i, h) in headers.iter().enumerate() {
@@ -93,17 +93,16 @@ fn check_header(path: &Path, headers: &[String], delim: u8) -> Result<()> {
     }
     let empty: Vec<String> =
         headers.iter().enumerate().filter(|(_, h)| h.trim().is_empty()).map(|(i, _)| (i + 1).to_string()).collect();
-    let d = super::delimiter_name(delim);
     if !empty.is_empty() {
         bail!(
-            "{}: the header has no name for column(s) {} (delimiter {d}); name every column in the first line",
+            "{}: the header has no name for column(s) {} ({read_as}); name every column in the first line",
             path.display(),
             empty.join(", ")
         );
     }
     if !dups.is_empty() {
         bail!(
-            "{}: the header names a column twice: {} (delimiter {d}); rename one of them in the file's first line",
+            "{}: the header names a column twice: {} ({read_as}); rename one of them in the first line",
             path.display(),
             dups.join(", ")
         );

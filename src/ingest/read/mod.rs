@@ -10,6 +10,7 @@ pub mod delimited;
 pub mod json_array;
 pub mod lines;
 pub mod parquet_table;
+pub mod spreadsheet;
 
 use lines::LineRows;
 
@@ -29,6 +30,7 @@ pub enum InputKind {
     Json,
     Text,
     Parquet,
+    Spreadsheet,
 }
 
 impl InputKind {
@@ -43,9 +45,10 @@ impl InputKind {
             "json" => InputKind::Json,
             "txt" | "text" => InputKind::Text,
             "parquet" | "pq" => InputKind::Parquet,
+            "xlsx" | "xlsm" | "xlsb" | "xls" | "ods" if base == name => InputKind::Spreadsheet,
             _ => bail!(
                 "{}: unknown file type '.{ext}'; tunekit reads .csv, .tsv, .jsonl/.ndjson, .json, .txt \
-                 and .parquet (optionally .gz or .zst compressed)",
+                 and .parquet (optionally .gz or .zst compressed), and spreadsheets (.xlsx, .xls, .ods)",
                 path.display()
             ),
         })
@@ -87,8 +90,10 @@ pub struct Source {
 }
 
 /// How a file's bytes become text rows.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ReadOptions {
+    /// The sheet of a spreadsheet input; None: the first.
+    pub sheet: Option<String>,
     /// CSV/TSV field delimiter; None: detected from the first records (comma, semicolon, tab, pipe).
     pub delimiter: Option<u8>,
     /// Text encoding; None: UTF-8, or UTF-16 when the file starts with its byte-order mark.
@@ -193,6 +198,11 @@ pub fn open_rows(path: &Path, read: &ReadOptions) -> Result<(Source, RowIter)> {
             }
         }
         InputKind::Parquet => Box::new(parquet_table::ParquetRows::open(path)?),
+        InputKind::Spreadsheet => {
+            let (headers, rows) = spreadsheet::open(path, read.sheet.as_deref())?;
+            source.csv_headers = Some(Arc::new(headers));
+            rows
+        }
     };
     Ok((source, rows))
 }
