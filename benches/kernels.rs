@@ -1,7 +1,9 @@
 //! CPU kernels at the shapes training and decoding call them with, against their limits: the
 //! few-row product (decoding: 8 live rows against the vocabulary projection and a layer's weights)
-//! in GFLOP/s and the bandwidth it streams the weight at, and candle's GEMM at a training step's
-//! shapes in GFLOP/s. Run: `cargo bench --bench kernels`.
+//! in GFLOP/s and the bandwidth it streams the weight at, candle's GEMM at a training step's
+//! shapes in GFLOP/s, and the GEMM-only bound of one LoRA SFT step at SmolLM2-135M shapes (every
+//! product of the forward and the input-gradient backward, 512 tokens, timed alone and summed).
+//! Run: `cargo bench --bench kernels`.
 
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -69,4 +71,54 @@ fn main() {
         });
         println!("  {what:14} {m}x{k} . {k}x{n}: {:.2} ms  {:.1} GFLOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
     }
+    gemm_bound_smollm2(&dev);
+}
+
+/// Seconds of every GEMM of one SmolLM2-135M LoRA step (frozen base, 512 tokens, no checkpointing)
+/// when each runs alone at candle's speed, and the tokens/s that bound allows.
+fn gemm_bound_smollm2(dev: &Device) {
+    let (t, h, kv, inter, vocab, layers, heads, hd) = (512usize, 576, 192, 1536, 49_152, 30, 9, 64);
+    // (m, k, n, count per layer): y[m, n] = a[m, k] b[k, n].
+    let per_layer = [
+        // forward projections: q, o (576 -> 576), k, v (576 -> 192), gate, up (576 -> 1536), down
+        (t, h, h, 2),
+        (t, h, kv, 2),
+        (t, h, inter, 2),
+        (t, inter, h, 1),
+        // input gradients of the same (dY W)
+        (t, h, h, 2),
+        (t, kv, h, 2),
+        (t, inter, h, 2),
+        (t, h, inter, 1),
+    ];
+    let attention = [
+        // per head: scores, probs x V; backward dP, dV, dQ, dK
+        (t, hd, t, 1),
+        (t, t, hd, 1),
+        (t, hd, t, 1),
+        (t, t, hd, 3),
+    ];
+    let head = [(t, h, vocab, 1), (t, vocab, h, 1)];
+    let time_of = |(m, k, n, c): (usize, usize, usize, usize)| -> (f64, f64) {
+        let a = Tensor::randn(0f32, 1.0, (m, k), dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (k, n), dev).unwrap();
+        let s = time(5, || {
+            std::hint::black_box(a.matmul(&b).unwrap());
+        });
+        (s * c as f64, 2.0 * (m * k * n * c) as f64)
+    };
+    let sum = |v: &[(usize, usize, usize, usize)]| {
+        v.iter().map(|&x| time_of(x)).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    let (lin_s, lin_f) = sum(&per_layer);
+    let (att_s, att_f) = sum(&attention);
+    let (head_s, head_f) = sum(&head);
+    let (lin_s, lin_f) = (lin_s * layers as f64, lin_f * layers as f64);
+    let (att_s, att_f) = (att_s * (layers * heads) as f64, att_f * (layers * heads) as f64);
+    let total = lin_s + att_s + head_s;
+    println!("GEMM-only bound of one SmolLM2-135M LoRA step (512 tokens; LoRA's rank-8 products left out)");
+    println!("  projections {:.2} s ({:.0} GFLOP/s)", lin_s, lin_f / lin_s / 1e9);
+    println!("  attention   {:.2} s ({:.0} GFLOP/s)", att_s, att_f / att_s / 1e9);
+    println!("  loss head   {:.2} s ({:.0} GFLOP/s)", head_s, head_f / head_s / 1e9);
+    println!("  total       {:.2} s = {:.0} tokens/s at most", total, t as f64 / total);
 }
