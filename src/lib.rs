@@ -9,8 +9,8 @@
 //!
 //! Stages, each a library room that knows nothing of the command line:
 //! * [`ingest`] reads CSV/TSV, JSONL, JSON arrays and Parquet (optionally gzip/zstd) as rows and maps
-//!   each row to a canonical [`record::Conversation`] according to a [`ingest::Format`]; [`record`]
-//!   also writes conversations back out.
+//!   each row to a canonical [`record::Conversation`] according to a [`ingest::Format`], then through
+//!   the [`quality`] filters; [`record`] also writes conversations back out.
 //! * [`admit`] is the front every stage shares after reading: counts, rejects, and [`dedup`]
 //!   (exact and MinHash-LSH near duplicates).
 //! * [`template`] renders prompt templates and chat templates exactly as transformers does;
@@ -37,6 +37,7 @@ pub mod ingest;
 pub mod output;
 pub mod pack;
 pub mod progress;
+pub mod quality;
 pub mod record;
 pub mod report;
 pub mod split;

@@ -532,3 +532,54 @@ fn assert_balanced_with_filtered(s: &Value) {
     let n = |k: &str| s[k].as_u64().unwrap_or(0);
     assert_eq!(n("rows_read"), n("rows_kept") + n("rejected") + n("filtered"), "{s}");
 }
+
+#[test]
+fn quality_filters_reject_with_their_reasons_and_the_counts_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        ("What is the capital of France?", "Paris is the capital of France."), // passes every rule
+        ("Hi", "Hello there, how can I help you today?"),                      // prompt too short
+        ("Name a fruit that is yellow.", "Banana"),                            // answer too short
+        ("Tell me a story.", "As an AI language model, I cannot tell stories."), // refusal
+        ("Say it again and again.", "again and again and again and again and again and again"), // loop
+        ("What is two plus two?", "   "),                                      // empty answer
+    ];
+    let mut f = std::fs::File::create(dir.path().join("q.jsonl")).unwrap();
+    for (p, a) in rows {
+        writeln!(f, "{}", serde_json::json!({"prompt": p, "completion": a})).unwrap();
+    }
+    let (out, s) = convert(
+        dir.path(),
+        &[
+            "q.jsonl",
+            "--out",
+            "o.jsonl",
+            "--min-prompt-words",
+            "2",
+            "--min-answer-words",
+            "2",
+            "--refusals",
+            "default",
+            "--max-repeated-share",
+            "0.5",
+            "--drop-empty-answers",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_balanced(&s);
+    assert_eq!(s["rows_kept"], 1, "{s}");
+    let by = &s["rejected_by_reason"];
+    // The whitespace answer is an empty field before any filter sees it.
+    for (reason, n) in
+        [("prompt_length", 1), ("answer_length", 1), ("refusal", 1), ("repetitive", 1), ("empty_field", 1)]
+    {
+        assert_eq!(by[reason], n, "{reason}: {s}");
+    }
+    let r = read_jsonl(&dir.path().join("rejects.jsonl"));
+    let refusal = r.iter().find(|x| x["reason"] == "refusal").unwrap();
+    assert_eq!(refusal["row"], 4);
+    assert!(refusal["detail"].as_str().unwrap().contains("as an ai language model"), "{refusal}");
+    // A bad share is a usage error.
+    let (out, _) = convert(dir.path(), &["q.jsonl", "--out", "o.jsonl", "--max-repeated-share", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+}

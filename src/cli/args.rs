@@ -56,6 +56,74 @@ pub struct MapArgs {
     /// Keep N rows drawn at random (after --sql), in their order; seeded by --seed.
     #[arg(long, value_name = "N")]
     pub sample: Option<usize>,
+    #[command(flatten)]
+    pub quality: QualityArgs,
+}
+
+/// Quality filters: a conversation that fails one is rejected with the rule's reason.
+#[derive(Args, Clone, Default)]
+pub struct QualityArgs {
+    /// Fewest words in the prompt side (system + user turns).
+    #[arg(long, value_name = "N")]
+    pub min_prompt_words: Option<usize>,
+    /// Most words in the prompt side.
+    #[arg(long, value_name = "N")]
+    pub max_prompt_words: Option<usize>,
+    /// Fewest words in the answers (assistant turns, the chosen answer).
+    #[arg(long, value_name = "N")]
+    pub min_answer_words: Option<usize>,
+    /// Most words in the answers.
+    #[arg(long, value_name = "N")]
+    pub max_answer_words: Option<usize>,
+    /// Smallest answer/prompt word ratio.
+    #[arg(long, value_name = "R")]
+    pub min_answer_ratio: Option<f64>,
+    /// Largest answer/prompt word ratio.
+    #[arg(long, value_name = "R")]
+    pub max_answer_ratio: Option<f64>,
+    /// Largest share (0-1) of the answer's characters inside repeated word n-grams (Gopher's duplicate
+    /// n-gram rule; 0.2 is a common setting), n = --repeated-ngram.
+    #[arg(long, value_name = "SHARE")]
+    pub max_repeated_share: Option<f64>,
+    /// The n of --max-repeated-share.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub repeated_ngram: usize,
+    /// Reject answers containing a refusal phrase: `default` (a built-in English list, e.g. "as an AI
+    /// language model") or a file with one phrase per line. Matched without regard to case.
+    #[arg(long, value_name = "default|FILE")]
+    pub refusals: Option<String>,
+    /// Reject conversations with an empty or whitespace-only answer turn.
+    #[arg(long)]
+    pub drop_empty_answers: bool,
+}
+
+impl QualityArgs {
+    pub fn options(&self) -> Result<crate::quality::Quality> {
+        let refusals = match self.refusals.as_deref() {
+            None => vec![],
+            Some("default") => crate::quality::DEFAULT_REFUSALS.iter().map(|s| s.to_string()).collect(),
+            Some(f) => std::fs::read_to_string(f)
+                .map_err(|e| {
+                    anyhow::anyhow!("--refusals {f}: {e} (give `default` or a file of phrases, one per line)")
+                })?
+                .lines()
+                .map(|l| l.trim().to_lowercase())
+                .filter(|l| !l.is_empty())
+                .collect(),
+        };
+        if let Some(s) = self.max_repeated_share.filter(|s| !(0.0..=1.0).contains(s)) {
+            anyhow::bail!("--max-repeated-share {s}: give a share between 0 and 1");
+        }
+        Ok(crate::quality::Quality {
+            prompt_words: (self.min_prompt_words, self.max_prompt_words),
+            answer_words: (self.min_answer_words, self.max_answer_words),
+            answer_ratio: (self.min_answer_ratio, self.max_answer_ratio),
+            max_repeated: self.max_repeated_share,
+            repeated_n: self.repeated_ngram,
+            refusals,
+            drop_empty_answers: self.drop_empty_answers,
+        })
+    }
 }
 
 impl MapArgs {
@@ -69,6 +137,7 @@ impl MapArgs {
             template: self.prompt_template.clone(),
             prompts: false,
             select: Selection { sql: self.sql.clone(), limit: self.limit, sample: self.sample, seed: 0 },
+            quality: self.quality.options()?,
             read: ReadOptions {
                 sheet: self.sheet.clone(),
                 delimiter: self.delimiter.as_deref().map(ReadOptions::parse_delimiter).transpose()?,

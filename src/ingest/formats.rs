@@ -76,6 +76,8 @@ pub struct MapOptions {
     pub read: crate::ingest::read::ReadOptions,
     /// Which rows: a `--sql` query, `--limit`, `--sample` (the table path when any is set).
     pub select: crate::ingest::table::Selection,
+    /// Quality filters every mapped conversation must pass.
+    pub quality: crate::quality::Quality,
 }
 
 /// Column pairs `--format auto` reads as a prompt and its answer when no format's own names fit,
@@ -116,6 +118,7 @@ pub struct Mapper {
     prompts: bool,
     /// The (prompt, answer) columns `--format auto` read by synonym, when it did.
     synonym: Option<(String, String)>,
+    quality: crate::quality::Quality,
 }
 
 impl Mapper {
@@ -182,6 +185,7 @@ impl Mapper {
             columns: columns_tpl,
             prompts: opts.prompts,
             synonym,
+            quality: opts.quality.clone(),
         })
     }
 
@@ -285,6 +289,9 @@ impl Mapper {
                 reason::NO_ASSISTANT,
                 "the conversation has no assistant message to train on",
             ));
+        }
+        if let Err((why, detail)) = self.quality.check(&conv) {
+            return Err(ctx.reject(None, why, detail));
         }
         Ok(conv)
     }
