@@ -36,25 +36,25 @@ pub struct MapArgs {
     pub strict: bool,
     /// CSV/TSV field delimiter (one character, or `tab`). Default: detected from the first records
     /// among comma, semicolon, tab and pipe (.tsv files: tab).
-    #[arg(long, value_name = "CHAR")]
+    #[arg(long, value_name = "CHAR", help_heading = "Reading files")]
     pub delimiter: Option<String>,
     /// Text encoding of the inputs, e.g. windows-1252, latin-1, iso-8859-15, utf-16le, shift_jis.
     /// Default: UTF-8, or UTF-16 when a file starts with its byte-order mark.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help_heading = "Reading files")]
     pub encoding: Option<String>,
     /// The sheet of .xlsx/.xls/.ods inputs to read. Default: the first.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help_heading = "Reading files")]
     pub sheet: Option<String>,
     /// A polars SQL query over the inputs before templating: each input is a table named by its file
     /// stem (`data` when there is one), e.g. "SELECT * FROM data WHERE lang = 'fr'" or a JOIN of two
     /// files. Rows it leaves out are counted as filtered. Reads the inputs into memory.
-    #[arg(long, value_name = "QUERY")]
+    #[arg(long, value_name = "QUERY", help_heading = "Selecting rows")]
     pub sql: Option<String>,
     /// Keep only the first N rows (after --sql).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = "Selecting rows")]
     pub limit: Option<usize>,
     /// Keep N rows drawn at random (after --sql), in their order; seeded by --seed.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = "Selecting rows")]
     pub sample: Option<usize>,
     #[command(flatten)]
     pub quality: QualityArgs,
@@ -62,6 +62,7 @@ pub struct MapArgs {
 
 /// Quality filters: a conversation that fails one is rejected with the rule's reason.
 #[derive(Args, Clone, Default)]
+#[command(next_help_heading = "Quality filters")]
 pub struct QualityArgs {
     /// Fewest words in the prompt side (system + user turns).
     #[arg(long, value_name = "N")]
