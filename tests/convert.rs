@@ -583,3 +583,49 @@ fn quality_filters_reject_with_their_reasons_and_the_counts_add_up() {
     let (out, _) = convert(dir.path(), &["q.jsonl", "--out", "o.jsonl", "--max-repeated-share", "2"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Evaluation questions planted in a training set, copied or lightly edited (case, punctuation, a
+/// word changed near the end, wrapped in more text): each is found, naming its evaluation row, and
+/// no other row is.
+#[test]
+fn decontamination_finds_planted_evaluation_questions_and_nothing_else() {
+    let Some(src) = common::asset("llamafactory-0.9.5/data/alpaca_en_demo.json") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&src).unwrap()).unwrap();
+    // The evaluation set: 20 instructions of at least 16 words taken out of the training data.
+    let long: Vec<&Value> =
+        rows.iter().filter(|r| r["instruction"].as_str().unwrap().split_whitespace().count() >= 16).collect();
+    let eval: Vec<&str> = long.iter().take(20).map(|r| r["instruction"].as_str().unwrap()).collect();
+    assert_eq!(eval.len(), 20, "the demo data has enough long instructions");
+    let mut f = std::fs::File::create(dir.path().join("eval.jsonl")).unwrap();
+    for q in &eval {
+        writeln!(f, "{}", serde_json::json!({"question": q, "id": "x"})).unwrap();
+    }
+    // The training set: every demo row whose instruction is not an eval question, then the planted rows.
+    let mut train: Vec<Value> =
+        rows.iter().filter(|r| !eval.contains(&r["instruction"].as_str().unwrap())).cloned().collect();
+    let clean = train.len();
+    for (i, q) in eval.iter().enumerate() {
+        let edited = match i % 4 {
+            0 => q.to_string(),
+            1 => q.to_uppercase().replace(',', ""),
+            2 => format!("Answer carefully. {q} Explain your reasoning."),
+            _ => {
+                let mut w: Vec<&str> = q.split_whitespace().collect();
+                let last = w.len() - 1;
+                w[last] = "something";
+                w.join(" ")
+            }
+        };
+        train.push(serde_json::json!({"instruction": edited, "input": "", "output": "planted answer"}));
+    }
+    std::fs::write(dir.path().join("train.json"), serde_json::to_string(&train).unwrap()).unwrap();
+    let (out, s) = convert(dir.path(), &["train.json", "--out", "o.jsonl", "--decontaminate", "eval.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["rejected_by_reason"]["contaminated"], 20, "recall and precision 1: {s}");
+    assert_eq!(s["rows_kept"].as_u64().unwrap() as usize, clean);
+    let r = read_jsonl(&dir.path().join("rejects.jsonl"));
+    let planted: Vec<&Value> = r.iter().filter(|x| x["reason"] == "contaminated").collect();
+    assert!(planted.iter().all(|x| x["row"].as_u64().unwrap() as usize > clean), "only planted rows");
+    assert!(planted[0]["detail"].as_str().unwrap().contains("with evaluation row eval.jsonl:1"), "{}", planted[0]);
+}

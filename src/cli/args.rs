@@ -96,6 +96,19 @@ pub struct QualityArgs {
     /// Reject conversations with an empty or whitespace-only answer turn.
     #[arg(long)]
     pub drop_empty_answers: bool,
+    /// Evaluation sets (JSONL, JSON, Parquet, CSV, ...) no training row may share word n-grams with;
+    /// such rows are rejected as `contaminated`, naming the evaluation row. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub decontaminate: Vec<std::path::PathBuf>,
+    /// The evaluation sets' text columns (comma-separated). Default: every text column.
+    #[arg(long, value_name = "COLS", value_delimiter = ',')]
+    pub decontaminate_columns: Vec<String>,
+    /// Words per n-gram of --decontaminate (13, as GPT-3 and lighteval).
+    #[arg(long, value_name = "N", default_value_t = 13)]
+    pub decontaminate_ngram: usize,
+    /// Share (0-1) of a side's n-grams that must be shared to reject it; 0: any shared n-gram.
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0)]
+    pub decontaminate_min_share: f64,
 }
 
 impl QualityArgs {
@@ -115,7 +128,22 @@ impl QualityArgs {
         if let Some(s) = self.max_repeated_share.filter(|s| !(0.0..=1.0).contains(s)) {
             anyhow::bail!("--max-repeated-share {s}: give a share between 0 and 1");
         }
+        let decontaminate = if self.decontaminate.is_empty() {
+            None
+        } else {
+            let mut texts = vec![];
+            for f in &self.decontaminate {
+                texts.extend(crate::ingest::read::row_texts(f, &self.decontaminate_columns)?);
+            }
+            let n = self.decontaminate_ngram.max(1);
+            Some(std::sync::Arc::new(crate::quality::decontaminate::EvalIndex::new(
+                &texts,
+                n,
+                self.decontaminate_min_share,
+            )))
+        };
         Ok(crate::quality::Quality {
+            decontaminate,
             prompt_words: (self.min_prompt_words, self.max_prompt_words),
             answer_words: (self.min_answer_words, self.max_answer_words),
             answer_ratio: (self.min_answer_ratio, self.max_answer_ratio),

@@ -2,10 +2,15 @@
 //! bounds on the prompt and the answer, the answer/prompt length ratio, the share of the answer's
 //! characters inside repeated word n-grams (Gopher's duplicate n-gram rule), refusal phrases, and
 //! answers that are empty or whitespace. A conversation that fails one is rejected with the rule's
-//! reason and what it measured, so it lands in rejects.jsonl like every other bad row.
+//! reason and what it measured, so it lands in rejects.jsonl like every other bad row. A row whose
+//! prompt or answer shares n-grams with an evaluation set ([`decontaminate`]) is rejected the same
+//! way, as `contaminated`, naming the evaluation row and the overlap.
+
+pub mod decontaminate;
 
 use crate::record::Conversation;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Reject reasons of the filters.
 pub mod reason {
@@ -15,6 +20,7 @@ pub mod reason {
     pub const REPETITIVE: &str = "repetitive";
     pub const REFUSAL: &str = "refusal";
     pub const EMPTY_ANSWER: &str = "empty_answer";
+    pub const CONTAMINATED: &str = "contaminated";
 }
 
 /// The refusal phrases `--refusals default` looks for (matched without regard to case).
@@ -49,6 +55,8 @@ pub struct Quality {
     pub refusals: Vec<String>,
     /// Reject conversations with an empty or whitespace-only answer turn.
     pub drop_empty_answers: bool,
+    /// Evaluation sets no training row may overlap.
+    pub decontaminate: Option<Arc<decontaminate::EvalIndex>>,
 }
 
 impl Quality {
@@ -61,6 +69,7 @@ impl Quality {
             || self.max_repeated.is_some()
             || !self.refusals.is_empty()
             || self.drop_empty_answers
+            || self.decontaminate.is_some()
     }
 
     /// The first rule the conversation fails: its reason and what was measured.
@@ -76,6 +85,23 @@ impl Quality {
             return Err((reason::EMPTY_ANSWER, "an answer turn is empty or only whitespace".into()));
         }
         let (prompt, answer) = (c.prompt_text(), c.completion_text());
+        if let Some(idx) = &self.decontaminate {
+            for (side, text) in [("prompt", &prompt), ("answer", &answer)] {
+                if let Some(o) = idx.check(text) {
+                    return Err((
+                        reason::CONTAMINATED,
+                        format!(
+                            "the {side} shares {} of its {} word {}-grams ({:.0}%) with evaluation row {}",
+                            o.matched,
+                            o.total,
+                            idx.n(),
+                            o.share() * 100.0,
+                            o.eval_row
+                        ),
+                    ));
+                }
+            }
+        }
         let (pw, aw) = (words(&prompt), words(&answer));
         within(pw, self.prompt_words)
             .map_err(|b| (reason::PROMPT_LENGTH, format!("the prompt has {pw} words; {b}")))?;
