@@ -1,10 +1,13 @@
 //! Decontamination: training rows that share word n-grams (13 by default, as GPT-3's and lighteval's
 //! decontamination) with evaluation texts. The evaluation side is indexed once, every n-gram's hash
 //! with the evaluation row it first came from, so a training row costs one hash lookup per n-gram.
-//! Words are lower-cased runs of letters and digits (punctuation and spacing do not hide a copy).
-//! A side (prompt or answer) of a training row is contaminated when it shares at least one n-gram
-//! and the shared share of its n-grams is at least `min_share`; texts shorter than n words have no
-//! n-gram and cannot match.
+//! Words are whitespace-separated tokens, lower-cased, with everything but letters and digits taken
+//! out ("Two-factor," and "TWOFACTOR" are one word: punctuation, case and spacing do not hide a
+//! copy). An evaluation text shorter than 2n words is also indexed by its m-grams, m = max(8, half
+//! its words), so that one edited word does not hide a short question (GPT-3's rule alone misses
+//! those); a training row is checked at every length the index holds. A side (prompt or answer) of
+//! a training row is contaminated when it shares at least one n-gram and the shared share of its
+//! n-grams is at least `min_share`. Texts shorter than 8 words cannot match.
 
 use std::collections::HashMap;
 use xxhash_rust::xxh3::xxh3_64;
@@ -16,6 +19,8 @@ pub struct EvalIndex {
     min_share: f64,
     /// n-gram hash -> the evaluation row it first appeared in.
     grams: HashMap<u64, u32>,
+    /// The gram lengths indexed (n, and the shorter ones of short texts).
+    lengths: Vec<usize>,
     /// Evaluation row names ("file:row").
     rows: Vec<String>,
 }
@@ -36,29 +41,58 @@ impl Overlap {
     }
 }
 
-/// Hashes of the text's word n-grams, in order.
-fn grams(text: &str, n: usize) -> Vec<u64> {
-    let words: Vec<u64> = text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(|w| xxh3_64(w.to_lowercase().as_bytes()))
-        .collect();
+/// Hashes of the text's normalised words.
+fn words(text: &str) -> Vec<u64> {
+    let mut buf = String::new();
+    let mut out = vec![];
+    for w in text.split_whitespace() {
+        buf.clear();
+        buf.extend(w.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase));
+        if !buf.is_empty() {
+            out.push(xxh3_64(buf.as_bytes()));
+        }
+    }
+    out
+}
+
+/// Hashes of the word n-grams: an order-sensitive mix of the words' hashes with the length mixed
+/// in, so grams of two lengths never collide.
+fn grams_of(words: &[u64], n: usize) -> Vec<u64> {
     if words.len() < n {
         return vec![];
     }
-    words.windows(n).map(|g| xxh3_64(&g.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>())).collect()
+    let mix = |g: &[u64]| {
+        let h = g.iter().fold(n as u64 ^ 0x243F_6A88_85A3_08D3, |h, &w| {
+            (h.rotate_left(23) ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        });
+        h ^ (h >> 29)
+    };
+    words.windows(n).map(mix).collect()
+}
+
+/// The shorter gram length an evaluation text of `len` words is also indexed by, if any.
+fn short_len(len: usize, n: usize) -> Option<usize> {
+    let m = len.div_ceil(2).max(8);
+    (len < 2 * n && m < n && len >= m).then_some(m)
 }
 
 impl EvalIndex {
     /// Indexes `(row name, text)` pairs.
     pub fn new(texts: &[(String, String)], n: usize, min_share: f64) -> EvalIndex {
-        let mut grams_of = HashMap::new();
+        let (mut grams, mut lengths) = (HashMap::new(), vec![n]);
         for (i, (_, text)) in texts.iter().enumerate() {
-            for g in grams(text, n) {
-                grams_of.entry(g).or_insert(i as u32);
+            let w = words(text);
+            let short = short_len(w.len(), n);
+            for len in std::iter::once(n).chain(short) {
+                if !lengths.contains(&len) {
+                    lengths.push(len);
+                }
+                for g in grams_of(&w, len) {
+                    grams.entry(g).or_insert(i as u32);
+                }
             }
         }
-        EvalIndex { n, min_share, grams: grams_of, rows: texts.iter().map(|(r, _)| r.clone()).collect() }
+        EvalIndex { n, min_share, grams, lengths, rows: texts.iter().map(|(r, _)| r.clone()).collect() }
     }
 
     pub fn n(&self) -> usize {
@@ -72,7 +106,10 @@ impl EvalIndex {
 
     /// The overlap of `text` with the evaluation set, when it is contaminated.
     pub fn check(&self, text: &str) -> Option<Overlap> {
-        let gs = grams(text, self.n);
+        let w = words(text);
+        // The side's n-grams set the share; a match at any indexed length counts.
+        let total = grams_of(&w, self.n).len().max(usize::from(!w.is_empty()));
+        let gs: Vec<u64> = self.lengths.iter().flat_map(|&len| grams_of(&w, len)).collect();
         let mut by_row: HashMap<u32, usize> = HashMap::new();
         let mut matched = 0;
         for g in &gs {
@@ -81,11 +118,12 @@ impl EvalIndex {
                 *by_row.entry(r).or_default() += 1;
             }
         }
-        if matched == 0 || (matched as f64) < self.min_share * gs.len() as f64 {
+        let matched = matched.min(total.max(1));
+        if matched == 0 || (matched as f64) < self.min_share * total as f64 {
             return None;
         }
         let (&row, _) = by_row.iter().max_by_key(|(r, c)| (**c, std::cmp::Reverse(**r)))?;
-        Some(Overlap { eval_row: self.rows[row as usize].clone(), matched, total: gs.len() })
+        Some(Overlap { eval_row: self.rows[row as usize].clone(), matched, total })
     }
 }
 
@@ -105,6 +143,11 @@ mod tests {
         assert!(o.matched >= 5, "{o:?}");
         // One word changed near the end leaves the first 13-grams intact.
         assert!(idx.check(&Q.replace("input", "an argument")).is_some());
+        // A short question with a word changed in the middle still matches through its 8-grams.
+        let short = "Write a short story that takes place in the city of Paris France.";
+        let idx2 = EvalIndex::new(&[("e:2".into(), short.into())], 13, 0.0);
+        assert!(idx2.check("Write a short story that takes place in the town of Paris France.").is_some());
+        assert!(idx2.check("WRITE A SHORT STORY THAT TAKES PLACE IN THE CITY OF PARIS FRANCE").is_some());
         // Unrelated text, and text shorter than 13 words, do not match.
         assert!(idx
             .check("Write a poem about the sea in the style of a sailor who has been away for years.")
