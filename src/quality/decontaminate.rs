@@ -5,7 +5,9 @@
 //! out ("Two-factor," and "TWOFACTOR" are one word: punctuation, case and spacing do not hide a
 //! copy). An evaluation text shorter than 2n words is also indexed by its m-grams, m = max(8, half
 //! its words), so that one edited word does not hide a short question (GPT-3's rule alone misses
-//! those); a training row is checked at every length the index holds. A side (prompt or answer) of
+//! those, and counts only when at least half of the text's m-grams are shared, so a common opening
+//! such as "create a story that starts with the line" is no copy); a training row is checked at
+//! every length the index holds. A side (prompt or answer) of
 //! a training row is contaminated when it shares at least one n-gram and the shared share of its
 //! n-grams is at least `min_share`. Texts shorter than 8 words cannot match.
 
@@ -17,8 +19,10 @@ use xxhash_rust::xxh3::xxh3_64;
 pub struct EvalIndex {
     n: usize,
     min_share: f64,
-    /// n-gram hash -> the evaluation row it first appeared in.
-    grams: HashMap<u64, u32>,
+    /// n-gram hash -> the evaluation row it first appeared in, and whether it is a short m-gram.
+    grams: HashMap<u64, (u32, bool)>,
+    /// Evaluation row -> how many m-grams it was indexed by (short texts only).
+    short_grams: HashMap<u32, usize>,
     /// The gram lengths indexed (n, and the shorter ones of short texts).
     lengths: Vec<usize>,
     /// Evaluation row names ("file:row").
@@ -79,7 +83,7 @@ fn short_len(len: usize, n: usize) -> Option<usize> {
 impl EvalIndex {
     /// Indexes `(row name, text)` pairs.
     pub fn new(texts: &[(String, String)], n: usize, min_share: f64) -> EvalIndex {
-        let (mut grams, mut lengths) = (HashMap::new(), vec![n]);
+        let (mut grams, mut lengths, mut short_grams) = (HashMap::new(), vec![n], HashMap::new());
         for (i, (_, text)) in texts.iter().enumerate() {
             let w = words(text);
             let short = short_len(w.len(), n);
@@ -87,12 +91,17 @@ impl EvalIndex {
                 if !lengths.contains(&len) {
                     lengths.push(len);
                 }
-                for g in grams_of(&w, len) {
-                    grams.entry(g).or_insert(i as u32);
+                let gs = grams_of(&w, len);
+                if len != n {
+                    short_grams.insert(i as u32, gs.len());
+                }
+                for g in gs {
+                    grams.entry(g).or_insert((i as u32, len != n));
                 }
             }
         }
-        EvalIndex { n, min_share, grams, lengths, rows: texts.iter().map(|(r, _)| r.clone()).collect() }
+        let rows = texts.iter().map(|(r, _)| r.clone()).collect();
+        EvalIndex { n, min_share, grams, short_grams, lengths, rows }
     }
 
     pub fn n(&self) -> usize {
@@ -110,19 +119,29 @@ impl EvalIndex {
         // The side's n-grams set the share; a match at any indexed length counts.
         let total = grams_of(&w, self.n).len().max(usize::from(!w.is_empty()));
         let gs: Vec<u64> = self.lengths.iter().flat_map(|&len| grams_of(&w, len)).collect();
-        let mut by_row: HashMap<u32, usize> = HashMap::new();
-        let mut matched = 0;
+        // Per evaluation row: shared n-grams, and shared m-grams of a short text.
+        let mut by_row: HashMap<u32, (usize, usize)> = HashMap::new();
         for g in &gs {
-            if let Some(&r) = self.grams.get(g) {
-                matched += 1;
-                *by_row.entry(r).or_default() += 1;
+            if let Some(&(r, short)) = self.grams.get(g) {
+                let e = by_row.entry(r).or_default();
+                if short {
+                    e.1 += 1;
+                } else {
+                    e.0 += 1;
+                }
             }
         }
-        let matched = matched.min(total.max(1));
-        if matched == 0 || (matched as f64) < self.min_share * total as f64 {
+        // A shared n-gram counts (GPT-3's rule); a short text counts when most of its m-grams are
+        // shared (a template's opening words are not a copy of the question).
+        let hit = |r: &u32, &(full, short): &(usize, usize)| {
+            full > 0 || 2 * short >= self.short_grams.get(r).copied().unwrap_or(usize::MAX)
+        };
+        let (&row, &(full, short)) =
+            by_row.iter().filter(|(r, c)| hit(r, c)).max_by_key(|(r, c)| (c.0 + c.1, std::cmp::Reverse(**r)))?;
+        let matched = (full + short).min(total.max(1));
+        if (matched as f64) < self.min_share * total as f64 {
             return None;
         }
-        let (&row, _) = by_row.iter().max_by_key(|(r, c)| (**c, std::cmp::Reverse(**r)))?;
         Some(Overlap { eval_row: self.rows[row as usize].clone(), matched, total })
     }
 }
@@ -143,10 +162,12 @@ mod tests {
         assert!(o.matched >= 5, "{o:?}");
         // One word changed near the end leaves the first 13-grams intact.
         assert!(idx.check(&Q.replace("input", "an argument")).is_some());
-        // A short question with a word changed in the middle still matches through its 8-grams.
+        // A short question with a word changed near its end still matches through its 8-grams; a
+        // shared opening alone does not.
         let short = "Write a short story that takes place in the city of Paris France.";
         let idx2 = EvalIndex::new(&[("e:2".into(), short.into())], 13, 0.0);
-        assert!(idx2.check("Write a short story that takes place in the town of Paris France.").is_some());
+        assert!(idx2.check("Write a short story that takes place in the city of Paris Italy.").is_some());
+        assert!(idx2.check("Write a short story that takes place on a ship during a storm at sea.").is_none());
         assert!(idx2.check("WRITE A SHORT STORY THAT TAKES PLACE IN THE CITY OF PARIS FRANCE").is_some());
         // Unrelated text, and text shorter than 13 words, do not match.
         assert!(idx
