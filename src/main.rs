@@ -32,7 +32,7 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    let args = match tunekit::cli::config::expand_train_config(std::env::args().collect()) {
+    let args = match tunekit::cli::config::expand_config(std::env::args().collect()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -629,3 +629,19 @@ fn decontamination_finds_planted_evaluation_questions_and_nothing_else() {
     assert!(planted.iter().all(|x| x["row"].as_u64().unwrap() as usize > clean), "only planted rows");
     assert!(planted[0]["detail"].as_str().unwrap().contains("with evaluation row eval.jsonl:1"), "{}", planted[0]);
 }
+
+#[test]
+fn filters_can_come_from_a_config_file_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("q.toml"), "min_answer_words = 2\nrefusals = \"default\"\n").unwrap();
+    std::fs::write(dir.path().join("c.csv"), "instruction,output\na,b c\nd,e\nf,As an AI language model I refuse\n")
+        .unwrap();
+    let (out, s) = convert(dir.path(), &["c.csv", "--out", "o.jsonl", "--config", "q.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        (s["rejected_by_reason"]["answer_length"].as_u64(), s["rejected_by_reason"]["refusal"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let (_, s) = convert(dir.path(), &["c.csv", "--out", "o.jsonl", "--config", "q.toml", "--min-answer-words", "1"]);
+    assert_eq!(s["rows_kept"], 2, "{s}");
+}

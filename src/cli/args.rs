@@ -58,6 +58,10 @@ pub struct MapArgs {
     pub sample: Option<usize>,
     #[command(flatten)]
     pub quality: QualityArgs,
+    /// A TOML file of these flags (`max_answer_words = 400`, `refusals = "default"`, `decontaminate =
+    /// ["eval.jsonl"]`, ...); flags on the command line win.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// Quality filters: a conversation that fails one is rejected with the rule's reason.

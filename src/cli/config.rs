@@ -1,16 +1,25 @@
-//! `train --config FILE.toml`: the file's keys become flags placed before the command line's own,
-//! so flags given on the command line win.
+//! `--config FILE.toml` (train, and the commands that read raw rows: convert, dedup, prepare, export
+//! openai, score): the file's keys become flags placed before the command line's own, so flags given
+//! on the command line win.
 
 use anyhow::Result;
 
 /// Keys whose flag is given once per value (`reward = ["match:answer", "length:20*0.1"]`); the other
 /// lists become one comma-separated value (`target = ["q_proj", "v_proj"]`).
-const REPEATABLE: &[&str] = &["reward"];
+const REPEATABLE: &[&str] = &["reward", "decontaminate"];
 
-/// `train --config FILE.toml`: the file's keys become flags placed before the command line's own,
-/// so flags given on the command line win.
-pub fn expand_train_config(args: Vec<String>) -> Result<Vec<String>> {
-    let Some(t) = args.iter().position(|a| a == "train") else { return Ok(args) };
+/// The commands that take `--config` (`export` through its `openai` target).
+const COMMANDS: &[&str] = &["train", "convert", "dedup", "prepare", "export", "score"];
+
+/// `COMMAND --config FILE.toml`: the file's keys become flags placed right after the command (after
+/// `export openai` for export), before the command line's own, so flags given on the command line win.
+pub fn expand_config(args: Vec<String>) -> Result<Vec<String>> {
+    let Some(mut t) = args.iter().skip(1).position(|a| COMMANDS.contains(&a.as_str())).map(|i| i + 1) else {
+        return Ok(args);
+    };
+    if args[t] == "export" && args.get(t + 1).is_some_and(|a| a == "openai") {
+        t += 1;
+    }
     let cfg_path = args.iter().enumerate().skip(t + 1).find_map(|(i, a)| {
         if a == "--config" {
             args.get(i + 1).cloned()

@@ -147,6 +147,7 @@ pub enum ExportTarget {
     ///
     /// Writes OUT (rolling over to OUT-00001.jsonl... under --max-file-mb), OUT_validation.jsonl
     /// with --eval-fraction, rejects.jsonl and duplicates.jsonl beside it.
+    #[command(args_override_self = true)]
     Openai(OpenaiExportArgs),
 }
 

@@ -40,16 +40,19 @@ pub enum Command {
     ///
     /// Formats: alpaca, dolly, sharegpt, messages, prompt-completion, preference, text, or your own
     /// columns through --prompt/--completion templates. Bad rows go to rejects.jsonl beside the output.
+    #[command(args_override_self = true)]
     Convert(data::ConvertArgs),
     /// The main job: convert -> dedup -> chat template + loss masks -> tokenize -> pack into Parquet shards.
     ///
     /// Writes train-*.parquet / eval-*.parquet (input_ids, labels, position_ids, seq_lengths),
     /// rejects.jsonl, duplicates.jsonl and, last, manifest.json with the accounting.
+    #[command(args_override_self = true)]
     Prepare(data::PrepareArgs),
     /// Show what a shard directory holds: accounting, length histogram (terminal + PNG), fill
     /// ratio, trainable share; --show N decodes row N with the trained text highlighted.
     Inspect(data::InspectArgs),
     /// Remove exact and near-duplicate conversations (MinHash-LSH); removed rows go to duplicates.jsonl.
+    #[command(args_override_self = true)]
     Dedup(data::DedupCommandArgs),
     /// Export conversations as OpenAI fine-tuning JSONL (`export openai INPUT... --out train.jsonl`).
     Export {
@@ -71,6 +74,7 @@ pub enum Command {
     Generate(model::GenerateArgs),
     /// Rewards of conversations under a reward model (`train --method reward`): one JSON line per
     /// conversation ({"id", "reward"}; preference records get "chosen" and "rejected").
+    #[command(args_override_self = true)]
     Score(model::ScoreArgs),
     /// Merge an adapter into the base weights and write a Hugging Face model directory.
     Merge(model::MergeArgs),
