@@ -12,29 +12,16 @@ import torch
 import pyarrow as pa, pyarrow.parquet as pq
 from datasets import Dataset
 from peft import LoraConfig
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from transformers import TrainerCallback
+from tiny_llama import save_model, word_tokenizer
 from trl import DPOConfig, DPOTrainer
 
 out, steps = sys.argv[1], int(sys.argv[2])
 vocab, per_step, plen, alen = 32000, 4, 128, 128
-torch.manual_seed(0)
 torch.set_num_threads(int(os.environ.get("THREADS", 2)))
-cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=2048, eos_token_id=2)
-model = LlamaForCausalLM(cfg).float()
-os.makedirs(out, exist_ok=True)
-model.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
+model = save_model(out)
 
-# Word-level tokenizer "t3".."t31999" -> ids, so TRL's text pipeline yields exactly these ids (the special
-# tokens get names that cannot occur inside a word: special tokens are split out of the text first).
-words = {f"t{i}": i for i in range(vocab)}
-words.update({"<pad>": 0, "<unk>": 1, "</s>": 2})
-for i in range(3):
-    del words[f"t{i}"]
-tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+tok, tokenizer = word_tokenizer()
 g = torch.Generator().manual_seed(1)
 n_pairs = per_step * (steps + 2)
 rows, text = [], []

@@ -17,33 +17,22 @@ import json, os, sys, time
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from transformers import TrainerCallback
+from tiny_llama import save_model, word_tokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 out, steps = sys.argv[1], int(sys.argv[2])
 vocab, prompts_per_step, gens, plen, max_new = 32000, 2, 4, 32, 64
-torch.manual_seed(0)
 torch.set_num_threads(int(os.environ.get("THREADS", 2)))
-cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=2048, eos_token_id=2)
-model = LlamaForCausalLM(cfg).float()
-os.makedirs(out, exist_ok=True)
-model.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
+model = save_model(out)
 
-words = {f"t{i}": i for i in range(vocab)}
-words.update({"<pad>": 0, "<unk>": 1, "</s>": 2})
-for i in range(3):
-    del words[f"t{i}"]
-tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+tok, tokenizer = word_tokenizer()
 os.makedirs(os.path.join(out, "tokenizer"), exist_ok=True)
 tok.save(os.path.join(out, "tokenizer", "tokenizer.json"))
 json.dump({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
           open(os.path.join(out, "tokenizer", "tokenizer_config.json"), "w"))
 # tunekit renders the prompt as the plain text TRL tokenises.
 open(os.path.join(out, "prompt.jinja"), "w").write("{{ messages[-1]['content'] }}")
-tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 g = torch.Generator().manual_seed(1)
 n_prompts = prompts_per_step * (steps + 2)
 prompts = [" ".join(f"t{int(i)}" for i in torch.randint(3, vocab, (plen,), generator=g)) for _ in range(n_prompts)]

@@ -288,6 +288,7 @@ impl RejectWriter {
     }
 }
 
-fn is_zero(n: &u64) -> bool {
+/// For `skip_serializing_if`: counts that are zero are left out of summaries and manifests.
+pub(crate) fn is_zero(n: &u64) -> bool {
     *n == 0
 }

@@ -125,10 +125,7 @@ impl Mapper {
     /// Builds the mapper for a source whose (first row's) columns are `columns`.
     pub fn new(opts: &MapOptions, columns: &[String], source: &str) -> Result<Mapper> {
         let renames: HashMap<String, String> = opts.renames.iter().cloned().collect();
-        let has = |f: &str| {
-            let c = renames.get(f).map(String::as_str).unwrap_or(f);
-            columns.iter().any(|x| x == c)
-        };
+        let has = |f: &str| has_column(&renames, columns, f);
         let templated = opts.prompt.is_some() || opts.completion.is_some() || opts.template.is_some();
         let auto = opts.format.unwrap_or(Format::Auto) == Format::Auto;
         let synonym =
@@ -138,10 +135,7 @@ impl Mapper {
             renames.insert("prompt".into(), p.clone());
             renames.insert("completion".into(), c.clone());
         }
-        let has = |f: &str| {
-            let c = renames.get(f).map(String::as_str).unwrap_or(f);
-            columns.iter().any(|x| x == c)
-        };
+        let has = |f: &str| has_column(&renames, columns, f);
         let format = match opts.format.unwrap_or(Format::Auto) {
             Format::Auto if templated => Format::Columns,
             Format::Auto if synonym.is_some() => Format::PromptCompletion,
@@ -543,6 +537,12 @@ fn row_columns(row: &Map<String, Value>) -> Map<String, Value> {
             (k.clone(), Value::String(text))
         })
         .collect()
+}
+
+/// Whether the columns hold the format's field `f` (under its `--map` name when renamed).
+fn has_column(renames: &HashMap<String, String>, columns: &[String], f: &str) -> bool {
+    let c = renames.get(f).map(String::as_str).unwrap_or(f);
+    columns.iter().any(|x| x == c)
 }
 
 /// The first synonym pair the columns have (their own spelling), if any.

@@ -102,16 +102,21 @@ fn load_delimited(source: Source, rows: super::read::RowIter) -> Result<Loaded> 
             }
             continue;
         };
-        let bad = headers.iter().zip(rec.iter()).find_map(|(h, f)| std::str::from_utf8(f).err().map(|e| (h, e)));
-        if let Some((h, e)) = bad {
-            let r = reject(&source, raw.row, raw.line, Some(h), reason::INVALID_UTF8, utf8_detail(e));
-            rejects.push(Item::Rejected(r));
-            continue;
-        }
-        for (b, f) in cols.iter_mut().zip(rec.iter()) {
-            match std::str::from_utf8(f) {
-                Ok("") | Err(_) => b.append_null(),
-                Ok(s) => b.append_value(s),
+        // Each field checked once; the row goes in only when all of them are text.
+        let fields: Result<Vec<&str>, _> =
+            headers.iter().zip(rec.iter()).map(|(h, f)| std::str::from_utf8(f).map_err(|e| (h, e))).collect();
+        let fields = match fields {
+            Ok(f) => f,
+            Err((h, e)) => {
+                let r = reject(&source, raw.row, raw.line, Some(h), reason::INVALID_UTF8, utf8_detail(e));
+                rejects.push(Item::Rejected(r));
+                continue;
+            }
+        };
+        for (b, f) in cols.iter_mut().zip(fields) {
+            match f {
+                "" => b.append_null(),
+                s => b.append_value(s),
             }
         }
         ids.push(raw.row as i64);

@@ -100,7 +100,7 @@ pub struct ManifestAccounting {
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub duplicates_exact: u64,
     pub duplicates_near: u64,
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(skip_serializing_if = "crate::accounting::is_zero")]
     pub filtered: u64,
     pub dropped_too_long: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -180,8 +180,4 @@ impl Manifest {
     pub fn remove(dir: &Path) {
         let _ = std::fs::remove_file(dir.join(FILE));
     }
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
