@@ -5,7 +5,7 @@ contaminated. Words are lower-cased runs of letters and digits, as tunekit's. Re
 rejects.jsonl instead.
 
   python benches/anchor_decontaminate.py DIR              # DIR from make_contaminated.py
-  python benches/anchor_decontaminate.py DIR --tunekit DIR/out/rejects.jsonl
+  python benches/anchor_decontaminate.py DIR --tunekit DIR/out/contaminated.jsonl
 """
 import json, re, sys, time
 
@@ -21,7 +21,7 @@ def score(found, label, seconds=None, rows=None):
 
 if "--tunekit" in sys.argv:
     rej = [json.loads(l) for l in open(sys.argv[sys.argv.index("--tunekit") + 1])]
-    score({r["row"] for r in rej if r["reason"] == "contaminated"}, "tunekit")
+    score({r["row"] for r in rej}, "tunekit")
     sys.exit()
 
 N = 13

@@ -1,7 +1,8 @@
 //! Nothing lost: rejected rows with their reasons, and the counts that must add up.
 //!
-//! Every stage reports `rows_read = kept + duplicates + rejected`; rejects go to a
-//! `rejects.jsonl` beside the output with the source file, row, line, field and reason. [`Tally`]
+//! Every stage reports `rows_read = kept + duplicates + filtered + contaminated + rejected`; rejects
+//! go to a `rejects.jsonl` beside the output with the source file, row, line, field and reason, and
+//! rows overlapping an evaluation set to `contaminated.jsonl` with what they overlap. [`Tally`]
 //! is the part of every command's summary that says where its rows went.
 
 use crate::output::AtomicFile;
@@ -99,8 +100,8 @@ pub mod reason {
     pub const NO_USER: &str = "no_user_message";
 }
 
-/// Counts of one run. `read == kept + rejected + filtered + duplicates` (+ too-long drops where they
-/// apply).
+/// Counts of one run. `read == kept + rejected + filtered + contaminated + duplicates` (+ too-long
+/// drops where they apply).
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Counts {
     pub rows_read: u64,
@@ -112,6 +113,9 @@ pub struct Counts {
     /// Rows a `--sql` query, `--limit` or `--sample` left out.
     #[serde(skip_serializing_if = "is_zero")]
     pub filtered: u64,
+    /// Rows that overlap an evaluation set of `--decontaminate` (in contaminated.jsonl).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub contaminated: u64,
     /// The first reject of each reason, as it reads (for the message of a run that keeps nothing).
     #[serde(skip)]
     pub examples: BTreeMap<String, String>,
@@ -140,7 +144,13 @@ impl Counts {
     }
     /// The invariant every stage keeps.
     pub fn balanced(&self) -> bool {
-        self.rows_read == self.rows_kept + self.rejected + self.filtered + self.duplicates_exact + self.duplicates_near
+        self.rows_read
+            == self.rows_kept
+                + self.rejected
+                + self.filtered
+                + self.contaminated
+                + self.duplicates_exact
+                + self.duplicates_near
     }
 }
 
@@ -150,27 +160,17 @@ impl Counts {
 pub struct Tally {
     #[serde(flatten)]
     pub counts: Counts,
-    pub rejects_file: Option<String>,
-    pub duplicates_file: Option<String>,
+    #[serde(flatten)]
+    pub files: SideFiles,
     pub seconds: f64,
     pub rows_per_s: f64,
 }
 
 impl Tally {
     /// The tally of a run that started at `start`, with the side files it wrote.
-    pub fn new(
-        counts: Counts,
-        (rejects_file, duplicates_file): (Option<String>, Option<String>),
-        start: Instant,
-    ) -> Tally {
+    pub fn new(counts: Counts, files: SideFiles, start: Instant) -> Tally {
         let seconds = start.elapsed().as_secs_f64();
-        Tally {
-            rows_per_s: counts.rows_read as f64 / seconds.max(1e-9),
-            counts,
-            rejects_file,
-            duplicates_file,
-            seconds,
-        }
+        Tally { rows_per_s: counts.rows_read as f64 / seconds.max(1e-9), counts, files, seconds }
     }
 
     /// A run that keeps no row is an error (exit 1) that says where the rows went and why, with the
@@ -178,7 +178,7 @@ impl Tally {
     pub fn verdict(&self, command: &str) -> anyhow::Result<()> {
         let c = &self.counts;
         let files = || {
-            [&self.rejects_file, &self.duplicates_file]
+            [&self.files.rejects, &self.files.duplicates, &self.files.contaminated]
                 .into_iter()
                 .flatten()
                 .map(|f| format!("\n  see {f}"))
@@ -189,10 +189,11 @@ impl Tally {
                 anyhow::bail!("{command} kept no rows: the input has none");
             }
             let mut msg = format!(
-                "{command} kept none of the {} row(s) read: {} rejected, {} filtered, {} duplicate(s)",
+                "{command} kept none of the {} row(s) read: {} rejected, {} filtered, {} contaminated, {} duplicate(s)",
                 c.rows_read,
                 c.rejected,
                 c.filtered,
+                c.contaminated,
                 c.duplicates_exact + c.duplicates_near
             );
             let top = c.top_reasons(3);
@@ -228,6 +229,9 @@ impl Tally {
         if c.filtered > 0 {
             println!("  filtered:   {} (left out by --sql, --limit or --sample)", c.filtered);
         }
+        if c.contaminated > 0 {
+            println!("  contaminated: {} (overlap an evaluation set of --decontaminate)", c.contaminated);
+        }
         if c.duplicates_exact + c.duplicates_near > 0 {
             println!("  duplicates: {} exact, {} near", c.duplicates_exact, c.duplicates_near);
         }
@@ -235,50 +239,55 @@ impl Tally {
         for (r, n) in &c.rejected_by_reason {
             println!("    {r}: {n}");
         }
-        if let Some(f) = &self.rejects_file {
+        if let Some(f) = &self.files.rejects {
             println!("  rejects:    {f}");
         }
-        if let Some(f) = &self.duplicates_file {
+        if let Some(f) = &self.files.duplicates {
             println!("  duplicates: {f}");
+        }
+        if let Some(f) = &self.files.contaminated {
+            println!("  contaminated: {f}");
         }
     }
 }
 
-/// Writes `rejects.jsonl` (atomically, created only when a reject happens).
-pub struct RejectWriter {
+/// A JSONL side file beside an output (`rejects.jsonl`, `contaminated.jsonl`): written atomically,
+/// created only when its first record comes, and a stale one from an earlier run removed when none
+/// does.
+pub struct SideFile {
     path: PathBuf,
     file: Option<AtomicFile>,
     pub count: u64,
 }
 
-impl RejectWriter {
+impl SideFile {
     pub fn new(path: PathBuf) -> Self {
-        RejectWriter { path, file: None, count: 0 }
+        SideFile { path, file: None, count: 0 }
     }
-    /// `rejects.jsonl` next to `out` (or inside `out` if it is a directory-like output).
-    pub fn beside(out: &Path) -> Self {
+    /// `name` next to `out` (a file output; a directory output keeps its side files inside).
+    pub fn beside(out: &Path, name: &str) -> Self {
         let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        Self::new(dir.join("rejects.jsonl"))
+        Self::new(dir.join(name))
     }
     pub fn path(&self) -> &Path {
         &self.path
     }
-    pub fn write(&mut self, r: &Reject) -> anyhow::Result<()> {
+    pub fn write<T: Serialize>(&mut self, record: &T) -> anyhow::Result<()> {
         if self.file.is_none() {
             self.file = Some(AtomicFile::create(&self.path)?);
         }
         let f = self.file.as_mut().expect("just created");
-        serde_json::to_writer(&mut *f, r)?;
+        serde_json::to_writer(&mut *f, record)?;
         f.write_all(b"\n")?;
         self.count += 1;
         Ok(())
     }
-    /// Commits the file; removes a stale rejects file from an earlier run when nothing was rejected.
-    pub fn finish(self) -> anyhow::Result<Option<PathBuf>> {
+    /// Commits the file and returns its path; without records, removes an earlier run's file.
+    pub fn finish(self) -> anyhow::Result<Option<String>> {
         match self.file {
             Some(f) => {
                 f.commit()?;
-                Ok(Some(self.path))
+                Ok(Some(self.path.display().to_string()))
             }
             None => {
                 let _ = std::fs::remove_file(&self.path);
@@ -286,6 +295,17 @@ impl RejectWriter {
             }
         }
     }
+}
+
+/// The side files a run wrote, each when it had something to say.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SideFiles {
+    #[serde(rename = "rejects_file")]
+    pub rejects: Option<String>,
+    #[serde(rename = "duplicates_file")]
+    pub duplicates: Option<String>,
+    #[serde(rename = "contaminated_file", skip_serializing_if = "Option::is_none")]
+    pub contaminated: Option<String>,
 }
 
 /// For `skip_serializing_if`: counts that are zero are left out of summaries and manifests.

@@ -622,12 +622,20 @@ fn decontamination_finds_planted_evaluation_questions_and_nothing_else() {
     std::fs::write(dir.path().join("train.json"), serde_json::to_string(&train).unwrap()).unwrap();
     let (out, s) = convert(dir.path(), &["train.json", "--out", "o.jsonl", "--decontaminate", "eval.jsonl"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(s["rejected_by_reason"]["contaminated"], 20, "recall and precision 1: {s}");
+    assert_eq!(s["contaminated"], 20, "recall and precision 1: {s}");
     assert_eq!(s["rows_kept"].as_u64().unwrap() as usize, clean);
-    let r = read_jsonl(&dir.path().join("rejects.jsonl"));
-    let planted: Vec<&Value> = r.iter().filter(|x| x["reason"] == "contaminated").collect();
+    assert_eq!(s["rows_read"].as_u64().unwrap() as usize, clean + 20, "the counts add up: {s}");
+    assert!(!dir.path().join("rejects.jsonl").exists(), "contaminated rows are not rejects");
+    let planted = read_jsonl(&dir.path().join("contaminated.jsonl"));
+    assert_eq!(planted.len(), 20);
     assert!(planted.iter().all(|x| x["row"].as_u64().unwrap() as usize > clean), "only planted rows");
-    assert!(planted[0]["detail"].as_str().unwrap().contains("with evaluation row eval.jsonl:1"), "{}", planted[0]);
+    assert_eq!((planted[0]["eval_row"].as_str(), planted[0]["side"].as_str()), (Some("eval.jsonl:1"), Some("prompt")));
+    assert!(planted[0]["share"].as_f64().unwrap() > 0.5, "{}", planted[0]);
+    assert_eq!(
+        planted[0]["record"]["messages"][1]["content"], "planted answer",
+        "the row itself is kept: {}",
+        planted[0]
+    );
 }
 
 #[test]

@@ -1,14 +1,15 @@
 //! Admission: the front every stage shares after reading (prepare, dedup, export). It counts each
-//! row, writes bad rows to rejects.jsonl (or stops at the first with --strict), and drops
-//! duplicates, writing each to duplicates.jsonl with the row it duplicates; what comes out is the
+//! row, writes bad rows to rejects.jsonl (or stops at the first with --strict), rows overlapping an
+//! evaluation set to contaminated.jsonl, and drops duplicates, writing each to duplicates.jsonl with the row it duplicates; what comes out is the
 //! batch's kept conversations, in order. Later stages report their own rejects through it, so one
 //! set of counts and side files covers the whole run. The steps themselves (the [`crate::dedup`]
 //! index) live apart from the front that applies them.
 
-use crate::accounting::{Counts, RejectWriter};
+use crate::accounting::{Counts, SideFile, SideFiles};
 use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Verdict};
 use crate::ingest::Item;
 use crate::output::AtomicFile;
+use crate::quality::decontaminate::Contamination;
 use crate::record::Conversation;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
@@ -17,7 +18,8 @@ use std::path::{Path, PathBuf};
 
 pub struct Front {
     pub counts: Counts,
-    rejects: Option<RejectWriter>,
+    rejects: Option<SideFile>,
+    contaminated: Option<SideFile>,
     dup_path: PathBuf,
     dups: Option<AtomicFile>,
     write_files: bool,
@@ -32,7 +34,8 @@ impl Front {
     pub fn new(dir: &Path, dedup: &DedupOptions, strict: bool, write_files: bool) -> Front {
         Front {
             counts: Counts::default(),
-            rejects: Some(RejectWriter::new(dir.join("rejects.jsonl"))),
+            rejects: Some(SideFile::new(dir.join("rejects.jsonl"))),
+            contaminated: Some(SideFile::new(dir.join("contaminated.jsonl"))),
             dup_path: dir.join("duplicates.jsonl"),
             dups: None,
             write_files,
@@ -54,6 +57,15 @@ impl Front {
         Ok(())
     }
 
+    /// Records a row that overlaps an evaluation set.
+    pub fn contaminated(&mut self, c: &Contamination) -> Result<()> {
+        self.counts.contaminated += 1;
+        if self.write_files {
+            self.contaminated.as_mut().expect("open until finish").write(c)?;
+        }
+        Ok(())
+    }
+
     /// Counts a batch, rejects its bad rows, removes duplicates; returns the kept conversations.
     pub fn admit(&mut self, items: Vec<Item>) -> Result<Vec<Conversation>> {
         let mut convs = Vec::with_capacity(items.len());
@@ -63,6 +75,7 @@ impl Front {
                 Item::Ok(c) => convs.push(c),
                 Item::Rejected(r) => self.reject(r)?,
                 Item::Filtered => self.counts.filtered += 1,
+                Item::Contaminated(c) => self.contaminated(&c)?,
             }
         }
         let verdicts = self.deduper.process(&convs);
@@ -89,12 +102,14 @@ impl Front {
         Ok(kept)
     }
 
-    /// Commits the side files; returns (rejects file, duplicates file) when they were written.
-    pub fn finish(&mut self) -> Result<(Option<String>, Option<String>)> {
-        let rejects = match self.rejects.take() {
-            Some(r) if self.write_files => r.finish()?.map(|p| p.display().to_string()),
-            _ => None,
+    /// Commits the side files; returns those that were written.
+    pub fn finish(&mut self) -> Result<SideFiles> {
+        let side = |f: Option<SideFile>| match f {
+            Some(f) if self.write_files => f.finish(),
+            _ => Ok(None),
         };
+        let rejects = side(self.rejects.take())?;
+        let contaminated = side(self.contaminated.take())?;
         let dups = match self.dups.take() {
             Some(f) => {
                 f.commit()?;
@@ -107,6 +122,6 @@ impl Front {
                 None
             }
         };
-        Ok((rejects, dups))
+        Ok(SideFiles { rejects, duplicates: dups, contaminated })
     }
 }

@@ -1,7 +1,7 @@
 //! `tunekit convert`: raw files to canonical conversations (JSONL or Parquet), with rejects.
 
 use super::Summary;
-use crate::accounting::{Counts, RejectWriter, Tally};
+use crate::accounting::{Counts, SideFile, SideFiles, Tally};
 use crate::ingest::{stream_conversations, Item, MapOptions};
 use crate::record::sink::ConversationSink;
 use anyhow::{bail, Result};
@@ -30,7 +30,8 @@ pub struct ConvertSummary {
 pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let start = Instant::now();
     let mut sink = ConversationSink::create(&opts.out)?;
-    let mut rejects = RejectWriter::beside(&opts.out);
+    let mut rejects = SideFile::beside(&opts.out, "rejects.jsonl");
+    let mut contaminated = SideFile::beside(&opts.out, "contaminated.jsonl");
     let mut counts = Counts::default();
     let mut formats = BTreeMap::new();
     let pb = crate::progress::rows("convert");
@@ -48,6 +49,10 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
             match item {
                 Item::Ok(c) => good.push(c),
                 Item::Filtered => counts.filtered += 1,
+                Item::Contaminated(c) => {
+                    counts.contaminated += 1;
+                    contaminated.write(&c)?;
+                }
                 Item::Rejected(r) => {
                     if opts.strict {
                         bail!("{r}\n(--strict stops at the first bad row; without it, bad rows go to rejects.jsonl)");
@@ -64,8 +69,8 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     })?;
     pb.finish_and_clear();
     sink.commit()?;
-    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
-    let tally = Tally::new(counts, (rejects_file, None), start);
+    let files = SideFiles { rejects: rejects.finish()?, duplicates: None, contaminated: contaminated.finish()? };
+    let tally = Tally::new(counts, files, start);
     tally.verdict("convert")?;
     Ok(ConvertSummary {
         command: "convert",

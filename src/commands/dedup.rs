@@ -2,7 +2,7 @@
 //! in duplicates.jsonl (id, duplicate_of, kind, similarity).
 
 use super::Summary;
-use crate::accounting::{Counts, Tally};
+use crate::accounting::{Counts, SideFile, SideFiles, Tally};
 use crate::admit::Front;
 use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Verdict};
 use crate::ingest::{stream_conversations, MapOptions};
@@ -66,6 +66,7 @@ fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
                 crate::ingest::Item::Ok(c) => convs.push(c),
                 crate::ingest::Item::Rejected(r) => front.reject(r)?,
                 crate::ingest::Item::Filtered => front.counts.filtered += 1,
+                crate::ingest::Item::Contaminated(_) => front.counts.contaminated += 1,
             }
         }
         for (c, v) in convs.iter().zip(deduper.process(&convs)) {
@@ -93,7 +94,8 @@ fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
     let mut sink = if opts.dry_run { None } else { Some(ConversationSink::create(&opts.out)?) };
     let dup_path = dir.join("duplicates.jsonl");
     let mut dups = if opts.dry_run { None } else { Some(crate::output::AtomicFile::create(&dup_path)?) };
-    let mut rejects = crate::accounting::RejectWriter::new(dir.join("rejects.jsonl"));
+    let mut rejects = SideFile::new(dir.join("rejects.jsonl"));
+    let mut contaminated = SideFile::new(dir.join("contaminated.jsonl"));
     let pb = crate::progress::rows("dedup (pass 2 of 2)");
     let mut seen = 0u64;
     stream_conversations(&opts.inputs, &opts.map, |batch| {
@@ -109,6 +111,12 @@ fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
                     continue;
                 }
                 crate::ingest::Item::Filtered => continue,
+                crate::ingest::Item::Contaminated(c) => {
+                    if !opts.dry_run {
+                        contaminated.write(&c)?;
+                    }
+                    continue;
+                }
             };
             let (root, _, kind, sim) = member.get(&c.id).cloned().expect("seen in pass 1");
             let chosen = &best[&root].0;
@@ -148,7 +156,8 @@ fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
         }
         None => None,
     };
-    let rejects_file = rejects.finish()?.map(|p| p.display().to_string());
+    let files =
+        SideFiles { rejects: rejects.finish()?, duplicates: duplicates_file, contaminated: contaminated.finish()? };
     let mut largest: Vec<(String, u64)> = Vec::new();
     let mut sizes: HashMap<&str, u64> = HashMap::new();
     for (root, ..) in member.values() {
@@ -157,7 +166,7 @@ fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
     for (root, n) in sizes.iter().filter(|(_, &n)| n > 1) {
         largest.push((best[*root].0.clone(), n - 1));
     }
-    Ok(summary(opts, front.counts.clone(), largest, duplicates_file, rejects_file, start))
+    Ok(summary(opts, front.counts.clone(), largest, files, start))
 }
 
 pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
@@ -185,9 +194,9 @@ pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
     if let Some(s) = sink {
         s.commit()?;
     }
-    let (rejects_file, duplicates_file) = front.finish()?;
+    let files = front.finish()?;
     let largest: Vec<(String, u64)> = front.clusters.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    Ok(summary(opts, front.counts.clone(), largest, duplicates_file, rejects_file, start))
+    Ok(summary(opts, front.counts.clone(), largest, files, start))
 }
 
 /// The summary of a run; `clusters` lists every cluster with a removed row (representative, rows removed).
@@ -195,8 +204,7 @@ fn summary(
     opts: &DedupRunOptions,
     counts: Counts,
     mut clusters: Vec<(String, u64)>,
-    duplicates_file: Option<String>,
-    rejects_file: Option<String>,
+    files: SideFiles,
     start: Instant,
 ) -> DedupSummary {
     let n = clusters.len();
@@ -206,7 +214,7 @@ fn summary(
         command: "dedup",
         out: (!opts.dry_run).then(|| opts.out.display().to_string()),
         dry_run: opts.dry_run,
-        tally: Tally::new(counts, (rejects_file, duplicates_file), start),
+        tally: Tally::new(counts, files, start),
         clusters: n,
         largest_clusters: clusters,
         options: opts.dedup.clone(),

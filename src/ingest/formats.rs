@@ -12,7 +12,9 @@
 //! | columns | any columns, through `--prompt` / `--completion` templates or a template file |
 
 use super::rows::json_kind;
+use super::Item;
 use crate::accounting::{reason, Reject, RowCtx};
+use crate::quality::decontaminate::Contamination;
 use crate::record::{Conversation, Message};
 use crate::template;
 use anyhow::{bail, Result};
@@ -284,10 +286,27 @@ impl Mapper {
                 "the conversation has no assistant message to train on",
             ));
         }
-        if let Err((why, detail)) = self.quality.check(&conv) {
-            return Err(ctx.reject(None, why, detail));
-        }
         Ok(conv)
+    }
+
+    /// Maps one row and decides its fate: rejected (unreadable, or failing a quality filter),
+    /// contaminated (overlapping an evaluation set), or kept.
+    pub fn item(&self, row: Map<String, Value>, ctx: &RowCtx) -> Item {
+        let conv = match self.map(row, ctx) {
+            Ok(c) => c,
+            Err(r) => return Item::Rejected(r),
+        };
+        if let Some((side, o)) = self.quality.contamination(&conv) {
+            let n = self.quality.decontaminate.as_ref().map_or(0, |i| i.n());
+            return Item::Contaminated(Box::new(Contamination::new(ctx, side, o, n, conv)));
+        }
+        // Prompts for online RL have no answers to filter on.
+        if !self.prompts {
+            if let Err((why, detail)) = self.quality.check(&conv) {
+                return Item::Rejected(ctx.reject(None, why, detail));
+            }
+        }
+        Item::Ok(conv)
     }
 
     fn alpaca(&self, row: &Map<String, Value>, ctx: &RowCtx, answer: &str) -> Result<Conversation, Reject> {

@@ -25,6 +25,8 @@ pub enum Item {
     Rejected(Reject),
     /// A row a `--sql` query, `--limit` or `--sample` left out.
     Filtered,
+    /// A row overlapping an evaluation set of `--decontaminate` (rare: boxed).
+    Contaminated(Box<crate::quality::decontaminate::Contamination>),
 }
 
 pub struct Batch {
@@ -93,10 +95,7 @@ pub fn stream_conversations(
                         Err(r) => Item::Rejected(r),
                         Ok(obj) => {
                             let ctx = RowCtx { source: &source.name, row, line };
-                            match mapper.as_ref().expect("built at the first parsed row").map(obj, &ctx) {
-                                Ok(c) => Item::Ok(c),
-                                Err(r) => Item::Rejected(r),
-                            }
+                            mapper.as_ref().expect("built at the first parsed row").item(obj, &ctx)
                         }
                     })
                     .collect();

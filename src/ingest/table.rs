@@ -359,10 +359,7 @@ pub fn select_conversations(
             .map(|(j, (row, obj))| {
                 let n = row.unwrap_or((kept + j + 1) as u64);
                 let ctx = RowCtx { source: &source, row: n, line: None };
-                match mapper.map(obj, &ctx) {
-                    Ok(c) => Item::Ok(c),
-                    Err(r) => Item::Rejected(r),
-                }
+                mapper.item(obj, &ctx)
             })
             .collect();
         kept += items.len();

@@ -102,6 +102,8 @@ pub struct ManifestAccounting {
     pub duplicates_near: u64,
     #[serde(skip_serializing_if = "crate::accounting::is_zero")]
     pub filtered: u64,
+    #[serde(skip_serializing_if = "crate::accounting::is_zero")]
+    pub contaminated: u64,
     pub dropped_too_long: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated: Option<u64>,
@@ -129,6 +131,7 @@ impl ManifestAccounting {
             duplicates_exact: c.duplicates_exact,
             duplicates_near: c.duplicates_near,
             filtered: c.filtered,
+            contaminated: c.contaminated,
             dropped_too_long,
             ..Default::default()
         }

@@ -11,6 +11,9 @@
 //! a training row is contaminated when it shares at least one n-gram and the shared share of its
 //! n-grams is at least `min_share`. Texts shorter than 8 words cannot match.
 
+use crate::accounting::RowCtx;
+use crate::record::Conversation;
+use serde::Serialize;
 use std::collections::HashMap;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -42,6 +45,59 @@ pub struct Overlap {
 impl Overlap {
     pub fn share(&self) -> f64 {
         self.matched as f64 / self.total.max(1) as f64
+    }
+}
+
+/// A training row removed as contaminated: a line of contaminated.jsonl.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contamination {
+    pub source: String,
+    pub row: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    /// "prompt" or "answer": the side that overlaps.
+    pub side: &'static str,
+    pub eval_row: String,
+    /// Shared word n-grams, the side's n-grams in all, and their share.
+    pub matched: usize,
+    pub total: usize,
+    pub share: f64,
+    pub ngram: usize,
+    /// The training row as it was mapped.
+    pub record: Conversation,
+}
+
+impl Contamination {
+    pub fn new(ctx: &RowCtx, side: &'static str, o: Overlap, ngram: usize, record: Conversation) -> Self {
+        Contamination {
+            source: ctx.source.to_string(),
+            row: ctx.row,
+            line: ctx.line,
+            side,
+            share: o.share(),
+            eval_row: o.eval_row,
+            matched: o.matched,
+            total: o.total,
+            ngram,
+            record,
+        }
+    }
+}
+
+impl std::fmt::Display for Contamination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} row {}: the {} shares {} of its {} word {}-grams ({:.0}%) with evaluation row {}",
+            self.source,
+            self.row,
+            self.side,
+            self.matched,
+            self.total,
+            self.ngram,
+            self.share * 100.0,
+            self.eval_row
+        )
     }
 }
 

@@ -3,8 +3,8 @@
 //! characters inside repeated word n-grams (Gopher's duplicate n-gram rule), refusal phrases, and
 //! answers that are empty or whitespace. A conversation that fails one is rejected with the rule's
 //! reason and what it measured, so it lands in rejects.jsonl like every other bad row. A row whose
-//! prompt or answer shares n-grams with an evaluation set ([`decontaminate`]) is rejected the same
-//! way, as `contaminated`, naming the evaluation row and the overlap.
+//! prompt or answer shares n-grams with an evaluation set ([`decontaminate`]) has a fate of its own:
+//! it goes to contaminated.jsonl with the evaluation row it overlaps and the overlap.
 
 pub mod decontaminate;
 
@@ -20,7 +20,6 @@ pub mod reason {
     pub const REPETITIVE: &str = "repetitive";
     pub const REFUSAL: &str = "refusal";
     pub const EMPTY_ANSWER: &str = "empty_answer";
-    pub const CONTAMINATED: &str = "contaminated";
 }
 
 /// The refusal phrases `--refusals default` looks for (matched without regard to case).
@@ -72,7 +71,15 @@ impl Quality {
             || self.decontaminate.is_some()
     }
 
-    /// The first rule the conversation fails: its reason and what was measured.
+    /// The side (prompt or answer) of the conversation that overlaps the evaluation sets, and how.
+    pub fn contamination(&self, c: &Conversation) -> Option<(&'static str, decontaminate::Overlap)> {
+        let idx = self.decontaminate.as_ref()?;
+        [("prompt", c.prompt_text()), ("answer", c.completion_text())]
+            .into_iter()
+            .find_map(|(side, text)| idx.check(&text).map(|o| (side, o)))
+    }
+
+    /// The first filter rule the conversation fails: its reason and what was measured.
     pub fn check(&self, c: &Conversation) -> Result<(), (&'static str, String)> {
         let answers: Vec<&str> = c
             .messages
@@ -85,23 +92,6 @@ impl Quality {
             return Err((reason::EMPTY_ANSWER, "an answer turn is empty or only whitespace".into()));
         }
         let (prompt, answer) = (c.prompt_text(), c.completion_text());
-        if let Some(idx) = &self.decontaminate {
-            for (side, text) in [("prompt", &prompt), ("answer", &answer)] {
-                if let Some(o) = idx.check(text) {
-                    return Err((
-                        reason::CONTAMINATED,
-                        format!(
-                            "the {side} shares {} of its {} word {}-grams ({:.0}%) with evaluation row {}",
-                            o.matched,
-                            o.total,
-                            idx.n(),
-                            o.share() * 100.0,
-                            o.eval_row
-                        ),
-                    ));
-                }
-            }
-        }
         let (pw, aw) = (words(&prompt), words(&answer));
         within(pw, self.prompt_words)
             .map_err(|b| (reason::PROMPT_LENGTH, format!("the prompt has {pw} words; {b}")))?;
