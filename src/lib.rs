@@ -18,7 +18,8 @@
 //! * [`pack`] bin-packs samples into rows and writes the Parquet shards plus the typed manifest.
 //! * [`export`] writes and validates OpenAI fine-tuning JSONL.
 //! * [`train`] trains LoRA / QLoRA adapters on the shards (candle): SFT, DPO, reward models.
-//! * [`report`] charts and statistics.
+//! * [`report`] charts and statistics; [`doctor`] checks shards before training (end-of-turn
+//!   tokens, BOS, special-token text, vocabulary, truncation, the model's tokenizer and template).
 //!
 //! Around them: [`commands`] (one file per subcommand: options, run, summary) and [`cli`] (all
 //! flags, turned into those options once); [`accounting`] (rejects and the counts that add up:
@@ -32,6 +33,7 @@ pub mod cli;
 pub mod commands;
 pub mod dedup;
 pub mod digest;
+pub mod doctor;
 pub mod export;
 pub mod ingest;
 pub mod output;

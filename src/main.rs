@@ -88,6 +88,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => {
             print(json, &commands::inspect::run(&a.dir, a.show, &a.split, a.tokenizer.as_deref(), a.plot)?)?
         }
+        Command::Doctor(a) => {
+            let report = commands::doctor::run(&a.options())?;
+            print(json, &report)?;
+            report.verdict()?
+        }
         Command::Train(a) => {
             let resume = a.resume.clone();
             print(json, &tunekit::train::run(&usage(a.options())?, resume.as_deref())?)?

@@ -43,6 +43,13 @@ pub fn bar(what: &str, len: u64) -> ProgressBar {
     pb
 }
 
+/// A line of information on stderr (not under --quiet).
+pub fn note(msg: &str) {
+    if !quiet() {
+        eprintln!("{msg}");
+    }
+}
+
 pub fn warn(msg: &str) {
     if !quiet() {
         eprintln!("warning: {msg}");

@@ -3,6 +3,7 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+#[derive(Clone)]
 pub struct SplitMix64(u64);
 
 impl SplitMix64 {

@@ -72,6 +72,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         qlora: None,
         qlora_embeddings: false,
         gradient_checkpointing: false,
+        probe_memory: false,
         device: "cpu".into(),
         dtype: "auto".into(),
         rl: Default::default(),
@@ -122,6 +123,25 @@ fn resume_continues_bit_for_bit() {
     let a = std::fs::read(dir.path().join("a/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(dir.path().join("b/adapter_model.safetensors")).unwrap();
     assert_eq!(a, b, "a resumed run must end with the same adapter bytes");
+}
+
+/// `--probe-memory` runs the largest micro-batch before step 1 and reports the peak; the run itself
+/// is unchanged (the probe draws dropout from a copy of the stream).
+#[test]
+fn probing_memory_leaves_the_run_unchanged() {
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("shards");
+    write_shards(&data, 128, 30);
+    let o = options(&data, &dir.path().join("a"), 4);
+    run(&o, None).unwrap();
+    let probed = TrainOptions { probe_memory: true, out: dir.path().join("b"), ..o };
+    let s = run(&probed, None).unwrap();
+    let p = s.probe.expect("the SFT probe ran");
+    assert!(p.peak_memory_mb > 0.0 && p.micro_batch.contains("tokens"), "{p:?}");
+    let a = std::fs::read(dir.path().join("a/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(dir.path().join("b/adapter_model.safetensors")).unwrap();
+    assert_eq!(a, b, "the probe must not change the run");
 }
 
 #[test]

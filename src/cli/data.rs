@@ -3,7 +3,8 @@
 
 use super::args::{DedupArgs, MapArgs};
 use crate::commands::{
-    convert::ConvertOptions, dedup::DedupRunOptions, export::ExportOptions, prepare::PrepareOptions,
+    convert::ConvertOptions, dedup::DedupRunOptions, doctor::DoctorOptions, export::ExportOptions,
+    prepare::PrepareOptions,
 };
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -121,6 +122,50 @@ impl DedupCommandArgs {
             dry_run: self.dry_run,
             keep: self.keep,
         })
+    }
+}
+
+#[derive(Args)]
+pub struct DoctorArgs {
+    /// The shard directory (prepare's --out).
+    pub dir: PathBuf,
+    /// The base model the shards will train (Hugging Face directory or GGUF file): the vocabulary
+    /// checked against its size, its tokenizer and chat template compared, and the memory estimated.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The tokenizer the shards were prepared with (default: the one the manifest names).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The memory estimate's training settings: train's flags of the same names.
+    #[arg(long, default_value_t = 4096, help_heading = "Memory estimate (with --model)")]
+    pub batch_tokens: usize,
+    #[arg(long, default_value_t = 0, help_heading = "Memory estimate (with --model)")]
+    pub seed: u64,
+    #[arg(long, default_value_t = 8, help_heading = "Memory estimate (with --model)")]
+    pub lora_r: usize,
+    #[arg(long, help_heading = "Memory estimate (with --model)")]
+    pub gradient_checkpointing: bool,
+    /// f32 (the CPU) or bf16 (a GPU).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"], help_heading = "Memory estimate (with --model)")]
+    pub dtype: String,
+    /// The frozen projections in 4 bits (train --qlora).
+    #[arg(long, help_heading = "Memory estimate (with --model)")]
+    pub qlora: bool,
+}
+
+impl DoctorArgs {
+    pub fn options(self) -> DoctorOptions {
+        DoctorOptions {
+            dir: self.dir,
+            model: self.model,
+            tokenizer: self.tokenizer,
+            batch_tokens: self.batch_tokens,
+            seed: self.seed,
+            lora_r: self.lora_r,
+            gradient_checkpointing: self.gradient_checkpointing,
+            dtype: self.dtype,
+            qlora: self.qlora,
+        }
     }
 }
 

@@ -51,6 +51,12 @@ pub enum Command {
     /// Show what a shard directory holds: accounting, length histogram (terminal + PNG), fill
     /// ratio, trainable share; --show N decodes row N with the trained text highlighted.
     Inspect(data::InspectArgs),
+    /// Check shards before training: untrained end-of-turn tokens, doubled or missing BOS,
+    /// special-token text in answers, ids beyond the vocabulary, truncated answers; with --model,
+    /// its tokenizer and template compared and the memory of the largest micro-batch.
+    ///
+    /// Exit 1 when it finds errors, 0 with warnings only.
+    Doctor(data::DoctorArgs),
     /// Remove exact and near-duplicate conversations (MinHash-LSH); removed rows go to duplicates.jsonl.
     #[command(args_override_self = true)]
     Dedup(data::DedupCommandArgs),

@@ -100,6 +100,11 @@ pub struct TrainArgs {
     /// activation memory of one layer instead of all, for about a third more compute (SFT).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Before step 1, run the largest micro-batch of the epoch (forward and backward, gradients
+    /// dropped; the run is unchanged), so an out-of-memory comes at once rather than at step 5,000;
+    /// the summary reports the peak memory after it.
+    #[arg(long)]
+    pub probe_memory: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
     /// Continue from a checkpoint directory (OUT/checkpoint-N).
@@ -287,6 +292,7 @@ impl TrainArgs {
             qlora: self.qlora,
             qlora_embeddings: self.qlora_embeddings,
             gradient_checkpointing: self.gradient_checkpointing,
+            probe_memory: self.probe_memory,
             device: self.compute.device,
             dtype: self.compute.dtype,
             rl,

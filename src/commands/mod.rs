@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod dedup;
+pub mod doctor;
 pub mod eval;
 pub mod export;
 pub mod generate;

@@ -129,6 +129,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
             qlora: None,
             qlora_embeddings: false,
             gradient_checkpointing: false,
+            probe_memory: false,
             device: "auto".into(),
             dtype: "auto".into(),
             rl: Default::default(),

@@ -130,6 +130,19 @@ impl TokenizerInfo {
         })
     }
 
+    /// Token ids that end a turn: the eos token, and the end-of-turn markers the vocabulary has.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let markers = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>"];
+        let mut ids: Vec<u32> = markers
+            .into_iter()
+            .chain(self.special("eos_token"))
+            .filter_map(|n| self.tokenizer.token_to_id(n))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     pub fn special(&self, name: &str) -> Option<&str> {
         self.specials.get(name).and_then(Value::as_str)
     }

@@ -30,30 +30,41 @@ impl Shards {
 
     /// Row order for an epoch: a seeded shuffle (the whole split fits; shards are small per token).
     pub fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.rows.len()).collect();
-        SplitMix64::new(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut order);
-        order
+        epoch_order(self.rows.len(), seed, epoch)
     }
 
     /// Micro-batches of row indices, each at most `budget` tokens (a longer row is alone).
     pub fn micro_batches(&self, order: &[usize], budget: usize) -> Vec<Vec<usize>> {
-        let mut out = Vec::new();
-        let mut cur = Vec::new();
-        let mut tokens = 0;
-        for &i in order {
-            let n = self.rows[i].input_ids.len();
-            if !cur.is_empty() && tokens + n > budget {
-                out.push(std::mem::take(&mut cur));
-                tokens = 0;
-            }
-            cur.push(i);
-            tokens += n;
-        }
-        if !cur.is_empty() {
-            out.push(cur);
-        }
-        out
+        micro_batches(order, budget, |i| self.rows[i].input_ids.len())
     }
+}
+
+/// The order of `n` rows in an epoch: a seeded shuffle.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    SplitMix64::new(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut order);
+    order
+}
+
+/// Rows in `order` grouped into micro-batches of at most `budget` tokens (`len` of a row; a longer
+/// row is alone).
+pub fn micro_batches(order: &[usize], budget: usize, len: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut tokens = 0;
+    for &i in order {
+        let n = len(i);
+        if !cur.is_empty() && tokens + n > budget {
+            out.push(std::mem::take(&mut cur));
+            tokens = 0;
+        }
+        cur.push(i);
+        tokens += n;
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 /// The preference pairs of a split (`{split}-00000-of-00001.parquet`; none when it is absent).

@@ -102,6 +102,9 @@ pub struct TrainOptions {
     /// Keep only each layer's input in the forward and recompute layer by layer in the backward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Run the most memory-hungry micro-batch once before step 1 (an out-of-memory comes at once).
+    #[serde(default)]
+    pub probe_memory: bool,
     /// auto, cpu, cuda or cuda:N (auto: a GPU when built with CUDA and one is present).
     #[serde(default = "auto")]
     pub device: String,

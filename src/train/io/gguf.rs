@@ -29,17 +29,17 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     Ok(w.reshape((n_head, out / n_head / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
-pub fn load_gguf(path: &Path, device: &Device, qlora: Option<&str>) -> Result<BaseModel> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content =
-        gguf_file::Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", path.display()))?;
+/// The model's shape from a GGUF file's metadata (llama.cpp names), without reading its tensors.
+pub fn config_of(content: &gguf_file::Content, path: &Path) -> Result<ModelConfig> {
     let md = &content.metadata;
     let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
     if arch != "llama" {
         bail!("{}: GGUF architecture '{arch}' is not supported (llama)", path.display());
     }
-    let embd = content.tensor(&mut file, "token_embd.weight", device)?.dequantize(device)?;
-    let (vocab, hidden) = embd.dims2()?;
+    let Some(embd) = content.tensor_infos.get("token_embd.weight") else {
+        bail!("{}: no token_embd.weight tensor", path.display());
+    };
+    let (vocab, hidden) = embd.shape.dims2()?;
     let n_head = md_u(md, "llama.attention.head_count")?;
     let n_kv = md_u(md, "llama.attention.head_count_kv").unwrap_or(n_head);
     let config = ModelConfig {
@@ -63,6 +63,24 @@ pub fn load_gguf(path: &Path, device: &Device, qlora: Option<&str>) -> Result<Ba
         hidden_act: Some("silu".into()),
     };
     config.check()?;
+    Ok(config)
+}
+
+/// The shape of the GGUF model at `path`, reading only its header.
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content =
+        gguf_file::Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", path.display()))?;
+    config_of(&content, path)
+}
+
+pub fn load_gguf(path: &Path, device: &Device, qlora: Option<&str>) -> Result<BaseModel> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content =
+        gguf_file::Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", path.display()))?;
+    let config = config_of(&content, path)?;
+    let (n_head, n_kv) = (config.num_attention_heads, config.kv_heads());
+    let embd = content.tensor(&mut file, "token_embd.weight", device)?.dequantize(device)?;
     let mut tensors = HashMap::new();
     let (mut nf4_map, mut quantized) = (HashMap::new(), HashMap::new());
     tensors.insert("model.embed_tokens.weight".to_string(), embd);

@@ -38,6 +38,21 @@ pub fn load_base(path: &Path, device: &Device, qlora: Option<&str>) -> Result<Ba
     }
 }
 
+/// The shape of the base at `path` (a Hugging Face directory's config.json or a GGUF header),
+/// without loading its weights.
+pub fn read_config(path: &Path) -> Result<crate::train::model::config::ModelConfig> {
+    if path.is_dir() {
+        crate::train::model::config::ModelConfig::from_file(&path.join("config.json"))
+    } else if path.extension().is_some_and(|e| e == "gguf") {
+        gguf::read_config(path)
+    } else {
+        bail!(
+            "{}: expected a Hugging Face model directory (config.json + *.safetensors) or a .gguf file",
+            path.display()
+        )
+    }
+}
+
 /// How to hold and run a base model.
 #[derive(Debug, Clone, Default)]
 pub struct Placement {

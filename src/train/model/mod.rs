@@ -19,6 +19,7 @@ pub mod config;
 pub mod head;
 pub mod kv_cache;
 pub mod linear;
+pub mod memory;
 pub mod mlp;
 pub mod norm;
 pub mod quant;

@@ -128,6 +128,11 @@ pub trait Recipe {
     /// Training and held-out examples.
     fn examples(&self) -> (usize, usize);
     fn steps_per_epoch(&self) -> u64;
+    /// `--probe-memory`: runs the step's most memory-hungry work once before training, leaving the
+    /// run unchanged; says what it ran, or None when the method has no probe.
+    fn probe(&mut self, _t: &Trainable) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// The accumulated gradients of optimizer step `step` (0-based).
     fn step(&mut self, t: &Trainable, step: u64) -> Result<Step>;
     /// Held-out metrics, or None without held-out data.
@@ -147,6 +152,14 @@ pub trait Recipe {
     fn save_extra(&self, _model: &Model, _dir: &Path) -> Result<()> {
         Ok(())
     }
+}
+
+/// The `--probe-memory` run: the micro-batch and the peak memory after it.
+#[derive(Debug, Serialize)]
+pub struct Probe {
+    pub micro_batch: String,
+    pub peak_memory_mb: f64,
+    pub peak_gpu_memory_mb: Option<f64>,
 }
 
 /// What a training run reports, whatever its method.
@@ -184,6 +197,9 @@ pub struct TrainSummary {
     pub projection_bytes_per_param: f64,
     /// Peak resident memory of the process.
     pub peak_memory_mb: f64,
+    /// What `--probe-memory` ran before step 1, and the peak memory then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
     /// Where it computed: "cpu (f32)", "cuda (bf16)".
     pub device: String,
     /// Peak GPU memory in use (all processes, sampled every step); None on the CPU.
@@ -257,6 +273,29 @@ pub fn drive<R: Recipe>(
             recipe.save_extra(&t.model, d)
         })
     };
+    let mut probe = None;
+    if opts.probe_memory {
+        match recipe.probe(&t)? {
+            Some(what) => {
+                release_freed_memory();
+                let p = Probe {
+                    micro_batch: what,
+                    peak_memory_mb: peak_rss_mb(),
+                    peak_gpu_memory_mb: gpu_used_mb(&device),
+                };
+                crate::progress::note(&format!(
+                    "--probe-memory: the largest micro-batch ({}) fits: peak memory {:.0} MB{}",
+                    p.micro_batch,
+                    p.peak_memory_mb,
+                    p.peak_gpu_memory_mb.map(|g| format!(", GPU {g:.0} MB")).unwrap_or_default()
+                ));
+                probe = Some(p);
+            }
+            None => {
+                crate::progress::warn(&format!("--probe-memory: {} has no probe yet; training as usual", recipe.name()))
+            }
+        }
+    }
     let train_start = Instant::now();
     if resume.is_none() && opts.eval_every > 0 {
         if let Some(m) = recipe.evaluate(&t.model)? {
@@ -372,6 +411,7 @@ pub fn drive<R: Recipe>(
         base_bytes_per_param: t.base_bytes_per_param,
         projection_bytes_per_param: t.projection_bytes_per_param,
         peak_memory_mb: peak_rss_mb(),
+        probe,
         device: describe(&device, t.model.dtype),
         peak_gpu_memory_mb: peak_gpu,
     })

@@ -14,7 +14,6 @@ use crate::train::model::batch::Batch;
 use crate::train::model::Model;
 use crate::train::options::TrainOptions;
 use crate::train::rewards::{RewardContext, Rewards, Sample};
-use crate::train::rollout::chat::stop_ids;
 use crate::train::rollout::{complete, SamplingParams};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -88,7 +87,7 @@ impl<'a> Rl<'a> {
                 manifest.tokenizer.sha256
             );
         }
-        let stops = stop_ids(&tok);
+        let stops = tok.stop_ids();
         if stops.is_empty() {
             bail!("{}: the tokenizer has no end-of-sequence or end-of-turn token to stop at", tok_path.display());
         }

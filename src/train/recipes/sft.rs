@@ -21,6 +21,34 @@ pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     drive(opts, t, recipe, resume)
 }
 
+/// The summed loss of one micro-batch and its adapter gradients scaled by 1 / `trained` (the
+/// trained tokens of the whole step), with the forward and backward seconds.
+fn loss_and_grads(
+    opts: &TrainOptions,
+    t: &Trainable,
+    b: &Batch,
+    trained: usize,
+    rng: &mut SplitMix64,
+    profile: bool,
+) -> Result<(f64, Vec<candle_core::Tensor>, (f64, f64))> {
+    let model = &t.model;
+    // Forward time ends when the loss is read; the rest (with checkpointing: the recompute too) is backward.
+    let tf = Instant::now();
+    let mut forward_done = tf;
+    let (loss, g) = if opts.gradient_checkpointing {
+        model.loss_and_grads_checkpointed(b, Some(rng), opts.logits_chunk, 1.0 / trained as f64)?
+    } else {
+        let l = model.loss_sum(b, Some(rng), opts.logits_chunk)?;
+        let loss = l.to_scalar::<f32>()? as f64;
+        forward_done = Instant::now();
+        (loss, grads_of(&t.vars_named, &(l / trained as f64)?.backward()?)?)
+    };
+    if profile {
+        model.device.synchronize()?;
+    }
+    Ok((loss, g, ((forward_done - tf).as_secs_f64(), forward_done.elapsed().as_secs_f64())))
+}
+
 struct Sft<'a> {
     opts: &'a TrainOptions,
     train: Shards,
@@ -73,6 +101,41 @@ impl<'a> Sft<'a> {
 impl Recipe for Sft<'_> {
     const EXAMPLES: &'static str = "rows";
 
+    /// The largest micro-batch of the current epoch (by the memory it needs), forward and backward
+    /// once with a copy of the dropout stream; the gradients are dropped, so the run is unchanged.
+    fn probe(&mut self, t: &Trainable) -> Result<Option<String>> {
+        use crate::train::model::memory::{estimate, MicroBatch, StepSettings};
+        let settings = StepSettings {
+            weight_bytes: 4.0,
+            activation_bytes: 4,
+            lora_r: self.opts.lora.r,
+            targets: self.opts.lora.targets.len(),
+            gradient_checkpointing: self.opts.gradient_checkpointing,
+            logits_chunk: self.opts.logits_chunk,
+        };
+        let shape = |mb: &Vec<usize>| {
+            let segs = || mb.iter().flat_map(|&i| self.train.rows[i].seq_lengths.iter().map(|&l| l as usize));
+            MicroBatch {
+                rows: mb.len(),
+                tokens: segs().sum(),
+                longest_segment: segs().max().unwrap_or(0),
+                segment_square_sum: segs().map(|l| (l * l) as u64).sum(),
+            }
+        };
+        let cost = |mb: &Vec<usize>| estimate(&t.model.config, &shape(mb), &settings).total_mb;
+        let Some(largest) = self.epoch_batches.1.iter().max_by(|a, b| cost(a).total_cmp(&cost(b))) else {
+            return Ok(None);
+        };
+        let rows: Vec<_> = largest.iter().map(|&i| &self.train.rows[i]).collect();
+        let b = Batch::from_rows(&rows, &t.model.device)?;
+        if b.trained == 0 {
+            return Ok(None);
+        }
+        loss_and_grads(self.opts, t, &b, b.trained, &mut self.dropout_rng.clone(), false)?;
+        let s = shape(largest);
+        Ok(Some(format!("{} rows, {} tokens, longest segment {}", s.rows, s.tokens, s.longest_segment)))
+    }
+
     fn name(&self) -> &'static str {
         "train"
     }
@@ -101,26 +164,10 @@ impl Recipe for Sft<'_> {
             if b.trained == 0 {
                 continue;
             }
-            // Forward time ends when the loss is read; the rest (with checkpointing: the recompute too) is backward.
-            let tf = Instant::now();
-            let mut forward_done = tf;
-            let g = if opts.gradient_checkpointing {
-                let scale = 1.0 / trained as f64;
-                let (l, g) =
-                    model.loss_and_grads_checkpointed(b, Some(&mut self.dropout_rng), opts.logits_chunk, scale)?;
-                loss_sum += l;
-                g
-            } else {
-                let l = model.loss_sum(b, Some(&mut self.dropout_rng), opts.logits_chunk)?;
-                loss_sum += l.to_scalar::<f32>()? as f64;
-                forward_done = Instant::now();
-                grads_of(&t.vars_named, &(l / trained as f64)?.backward()?)?
-            };
-            if self.profile {
-                model.device.synchronize()?;
-            }
-            t_fwd += (forward_done - tf).as_secs_f64();
-            t_bwd += forward_done.elapsed().as_secs_f64();
+            let (l, g, (f, bw)) = loss_and_grads(opts, t, b, trained, &mut self.dropout_rng, self.profile)?;
+            loss_sum += l;
+            t_fwd += f;
+            t_bwd += bw;
             sum.add(g)?;
         }
         let loss = loss_sum / trained.max(1) as f64;

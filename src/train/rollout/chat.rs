@@ -8,21 +8,6 @@ use crate::tokenize::TokenizerInfo;
 use crate::train::model::Model;
 use anyhow::Result;
 
-/// Token ids that end a turn: the eos token, and end-of-turn markers the vocabulary has.
-pub fn stop_ids(tok: &TokenizerInfo) -> Vec<u32> {
-    let mut names: Vec<String> = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    if let Some(e) = tok.special("eos_token") {
-        names.push(e.to_string());
-    }
-    let mut ids: Vec<u32> = names.iter().filter_map(|n| tok.tokenizer.token_to_id(n)).collect();
-    ids.sort();
-    ids.dedup();
-    ids
-}
-
 /// The model's answer to `messages`, sampled with `params` from `seed`.
 pub fn generate(
     model: &Model,
@@ -35,7 +20,7 @@ pub fn generate(
     let prompt = tpl.render(messages, None, true).map_err(|e| anyhow::anyhow!("chat template: {e:#}"))?;
     let ids =
         tok.tokenizer.encode(prompt.as_str(), false).map_err(|e| anyhow::anyhow!("tokenize: {e}"))?.get_ids().to_vec();
-    let stops = stop_ids(tok);
+    let stops = tok.stop_ids();
     let mut c = complete(model, &[&ids], &[0], &[seed], params, &stops)?.remove(0);
     if c.finished {
         c.tokens.pop();

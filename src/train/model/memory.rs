@@ -1,0 +1,134 @@
+//! What one training micro-batch holds in memory at a model's shapes, estimated before training
+//! (`tunekit doctor`): the frozen weights, the adapters with their gradients and AdamW moments, the
+//! activations the backward keeps per layer (all layers, or only each layer's input with gradient
+//! checkpointing, plus one layer recomputed), attention scores per packed segment, and the loss
+//! head's chunk of logits. An estimate for planning; `train --probe-memory` measures the real peak.
+
+use super::config::ModelConfig;
+use serde::Serialize;
+
+/// How the trainer will hold the model and run the step.
+#[derive(Debug, Clone)]
+pub struct StepSettings {
+    /// Bytes per frozen weight: 4 (f32, the CPU), 2 (bf16), about 0.56 (4-bit QLoRA blocks).
+    pub weight_bytes: f64,
+    /// Bytes per activation: 4 (f32) or 2 (bf16).
+    pub activation_bytes: usize,
+    pub lora_r: usize,
+    /// Adapted projections per layer (7 for q, k, v, o, gate, up, down).
+    pub targets: usize,
+    pub gradient_checkpointing: bool,
+    pub logits_chunk: usize,
+}
+
+/// The packed segments of one micro-batch, by length.
+#[derive(Debug, Clone, Serialize)]
+pub struct MicroBatch {
+    pub rows: usize,
+    pub tokens: usize,
+    pub longest_segment: usize,
+    /// Sum of squared segment lengths (attention is per segment).
+    pub segment_square_sum: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryEstimate {
+    /// The process itself: tokenizer, shards, allocator and buffers (measured at SmolLM2 shapes).
+    pub runtime_mb: f64,
+    pub weights_mb: f64,
+    pub adapters_mb: f64,
+    pub activations_mb: f64,
+    pub loss_head_mb: f64,
+    pub total_mb: f64,
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+/// What a training process holds beside the model and the step, measured on the CPU with SmolLM2
+/// (peak after the probe minus the rest at three batch sizes).
+const RUNTIME_MB: f64 = 250.0;
+
+/// Frozen parameters of the base: embeddings (and an untied output layer), projections, norms.
+pub fn base_parameters(c: &ModelConfig) -> u64 {
+    let (h, i, hd) = (c.hidden_size as u64, c.intermediate_size as u64, c.head_dim() as u64);
+    let (q, kv) = (c.num_attention_heads as u64 * hd, c.kv_heads() as u64 * hd);
+    let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+    let embed = c.vocab_size as u64 * h * if c.tie_word_embeddings { 1 } else { 2 };
+    embed + c.num_hidden_layers as u64 * layer + h
+}
+
+/// The memory of a step over `mb` at the model's shapes.
+pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEstimate {
+    let (h, i, hd) = (c.hidden_size as f64, c.intermediate_size as f64, c.head_dim() as f64);
+    let (q, kv) = (c.num_attention_heads as f64 * hd, c.kv_heads() as f64 * hd);
+    let layers = c.num_hidden_layers as f64;
+    let weights = base_parameters(c) as f64 * s.weight_bytes;
+    // A and B per adapted projection (in f32), with their gradients and two AdamW moments.
+    let ins_outs = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)];
+    let per_layer: f64 = ins_outs.iter().take(s.targets.min(7)).map(|(a, b)| (a + b) * s.lora_r as f64).sum();
+    let adapters = per_layer * layers * 4.0 * 4.0;
+    // Kept for the backward, per token and layer (the fused norms, softmax and SwiGLU keep their
+    // inputs or outputs only; residual sums keep nothing): both norms' inputs, q/k/v before and
+    // after rope, the attention output, gate, up, SiLU(gate) and their product, the adapters'
+    // r-wide middles; and the attention probabilities per head over each segment.
+    let t = mb.tokens as f64;
+    let dense = t * (2.0 * h + 2.0 * (q + 2.0 * kv) + q + 4.0 * i + 2.0 * s.targets as f64 * s.lora_r as f64);
+    let attention = c.num_attention_heads as f64 * mb.segment_square_sum as f64;
+    let one_layer = (dense + attention) * s.activation_bytes as f64;
+    let activations = if s.gradient_checkpointing {
+        // Each layer's input, and one layer's activations recomputed (twice: forward and gradients).
+        layers * t * h * s.activation_bytes as f64 + 2.0 * one_layer
+    } else {
+        // All layers, and one layer's gradients in flight during the backward.
+        (layers + 1.0) * one_layer
+    };
+    // A chunk of logits and its gradient (the head is fused: one chunk at a time), in f32, and the
+    // final hidden states with their gradient.
+    let head = 2.0 * s.logits_chunk.min(mb.tokens.max(1)) as f64 * c.vocab_size as f64 * 4.0 + 2.0 * t * h * 4.0;
+    let total = weights + adapters + activations + head + RUNTIME_MB * MB;
+    MemoryEstimate {
+        runtime_mb: RUNTIME_MB,
+        weights_mb: weights / MB,
+        adapters_mb: adapters / MB,
+        activations_mb: activations / MB,
+        loss_head_mb: head / MB,
+        total_mb: total / MB,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> ModelConfig {
+        serde_json::from_value(serde_json::json!({
+            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+            "tie_word_embeddings": true
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn parameters_match_the_published_count_and_memory_grows_with_the_batch() {
+        // SmolLM2-135M: 134,515,008 parameters.
+        assert_eq!(base_parameters(&smollm2()), 134_515_008);
+        let s = StepSettings {
+            weight_bytes: 4.0,
+            activation_bytes: 4,
+            lora_r: 8,
+            targets: 7,
+            gradient_checkpointing: false,
+            logits_chunk: 128,
+        };
+        let mb = |rows: usize, len: usize| MicroBatch {
+            rows,
+            tokens: rows * len,
+            longest_segment: len,
+            segment_square_sum: (rows * len * len) as u64,
+        };
+        let (one, two) = (estimate(&smollm2(), &mb(1, 512), &s), estimate(&smollm2(), &mb(2, 512), &s));
+        assert!(two.activations_mb > 1.9 * one.activations_mb && two.weights_mb == one.weights_mb);
+        let ck = estimate(&smollm2(), &mb(2, 512), &StepSettings { gradient_checkpointing: true, ..s });
+        assert!(ck.activations_mb < two.activations_mb / 5.0, "{ck:?} vs {two:?}");
+    }
+}
