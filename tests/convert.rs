@@ -543,6 +543,7 @@ fn quality_filters_reject_with_their_reasons_and_the_counts_add_up() {
         ("Tell me a story.", "As an AI language model, I cannot tell stories."), // refusal
         ("Say it again and again.", "again and again and again and again and again and again"), // loop
         ("What is two plus two?", "   "),                                      // empty answer
+        ("Was ist die Hauptstadt von Frankreich?", "Paris ist die Hauptstadt von Frankreich."), // German
     ];
     let mut f = std::fs::File::create(dir.path().join("q.jsonl")).unwrap();
     for (p, a) in rows {
@@ -563,6 +564,10 @@ fn quality_filters_reject_with_their_reasons_and_the_counts_add_up() {
             "--max-repeated-share",
             "0.5",
             "--drop-empty-answers",
+            "--language",
+            "eng",
+            "--min-language-confidence",
+            "0.1",
         ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -570,9 +575,14 @@ fn quality_filters_reject_with_their_reasons_and_the_counts_add_up() {
     assert_eq!(s["rows_kept"], 1, "{s}");
     let by = &s["rejected_by_reason"];
     // The whitespace answer is an empty field before any filter sees it.
-    for (reason, n) in
-        [("prompt_length", 1), ("answer_length", 1), ("refusal", 1), ("repetitive", 1), ("empty_field", 1)]
-    {
+    for (reason, n) in [
+        ("prompt_length", 1),
+        ("answer_length", 1),
+        ("refusal", 1),
+        ("repetitive", 1),
+        ("empty_field", 1),
+        ("language", 1),
+    ] {
         assert_eq!(by[reason], n, "{reason}: {s}");
     }
     let r = read_jsonl(&dir.path().join("rejects.jsonl"));

@@ -100,6 +100,13 @@ pub struct QualityArgs {
     /// Reject conversations with an empty or whitespace-only answer turn.
     #[arg(long)]
     pub drop_empty_answers: bool,
+    /// Keep only conversations in these languages (comma-separated ISO 639-3 codes: eng, deu, fra,
+    /// cmn, spa, ...), identified by whatlang over the prompt and answers together.
+    #[arg(long, value_name = "CODES", value_delimiter = ',')]
+    pub language: Vec<String>,
+    /// Lowest identification confidence (0-1) for --language; a row identified less surely is rejected.
+    #[arg(long, value_name = "C", default_value_t = 0.5)]
+    pub min_language_confidence: f64,
     /// Evaluation sets (JSONL, JSON, Parquet, CSV, ...) no training row may share word n-grams with;
     /// such rows are rejected as `contaminated`, naming the evaluation row. Repeatable.
     #[arg(long, value_name = "FILE")]
@@ -155,6 +162,8 @@ impl QualityArgs {
             repeated_n: self.repeated_ngram,
             refusals,
             drop_empty_answers: self.drop_empty_answers,
+            languages: crate::quality::language::parse(&self.language)?,
+            min_language_confidence: self.min_language_confidence,
         })
     }
 }

@@ -1,12 +1,13 @@
 //! Quality filters over mapped conversations, as declared by flags or the config file: word-count
 //! bounds on the prompt and the answer, the answer/prompt length ratio, the share of the answer's
-//! characters inside repeated word n-grams (Gopher's duplicate n-gram rule), refusal phrases, and
-//! answers that are empty or whitespace. A conversation that fails one is rejected with the rule's
-//! reason and what it measured, so it lands in rejects.jsonl like every other bad row. A row whose
+//! characters inside repeated word n-grams (Gopher's duplicate n-gram rule), the language
+//! ([`language`]), refusal phrases, and answers that are empty or whitespace. A conversation that
+//! fails one is rejected with the rule's reason and what it measured, so it lands in rejects.jsonl like every other bad row. A row whose
 //! prompt or answer shares n-grams with an evaluation set ([`decontaminate`]) has a fate of its own:
 //! it goes to contaminated.jsonl with the evaluation row it overlaps and the overlap.
 
 pub mod decontaminate;
+pub mod language;
 
 use crate::record::Conversation;
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ pub mod reason {
     pub const REPETITIVE: &str = "repetitive";
     pub const REFUSAL: &str = "refusal";
     pub const EMPTY_ANSWER: &str = "empty_answer";
+    pub const LANGUAGE: &str = "language";
 }
 
 /// The refusal phrases `--refusals default` looks for (matched without regard to case).
@@ -56,6 +58,9 @@ pub struct Quality {
     pub drop_empty_answers: bool,
     /// Evaluation sets no training row may overlap.
     pub decontaminate: Option<Arc<decontaminate::EvalIndex>>,
+    /// Languages a conversation must be identified as (none: any).
+    pub languages: Vec<whatlang::Lang>,
+    pub min_language_confidence: f64,
 }
 
 impl Quality {
@@ -69,6 +74,7 @@ impl Quality {
             || !self.refusals.is_empty()
             || self.drop_empty_answers
             || self.decontaminate.is_some()
+            || !self.languages.is_empty()
     }
 
     /// The side (prompt or answer) of the conversation that overlaps the evaluation sets, and how.
@@ -124,6 +130,10 @@ impl Quality {
             if let Some(p) = self.refusals.iter().find(|p| lower.contains(p.as_str())) {
                 return Err((reason::REFUSAL, format!("the answer contains the refusal phrase {p:?}")));
             }
+        }
+        if !self.languages.is_empty() {
+            language::check(&format!("{prompt}\n{answer}"), &self.languages, self.min_language_confidence)
+                .map_err(|d| (reason::LANGUAGE, d))?;
         }
         Ok(())
     }
