@@ -63,9 +63,9 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
-/// A command's options, their errors marked as usage errors.
+/// A command's options, their errors marked as usage errors (except those about the data).
 fn usage<T>(options: Result<T>) -> Result<T> {
-    options.map_err(|e| Usage(e).into())
+    options.map_err(|e| if e.is::<tunekit::cli::InputError>() { e } else { Usage(e).into() })
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

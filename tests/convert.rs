@@ -228,6 +228,10 @@ fn errors_for_files_and_formats_have_exit_codes() {
     assert_eq!(out.status.code(), Some(2), "usage error");
     let (out, _) = convert(dir.path(), &["x.csv", "--out", "o.jsonl", "--format", "nope"]);
     assert_eq!(out.status.code(), Some(2));
+    // An evaluation set that cannot be read is a data error, named with its flag.
+    let (out, _) = convert(dir.path(), &["x.csv", "--out", "o.jsonl", "--decontaminate", "gone.jsonl"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--decontaminate gone.jsonl"));
 }
 
 #[test]

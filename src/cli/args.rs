@@ -144,7 +144,10 @@ impl QualityArgs {
         } else {
             let mut texts = vec![];
             for f in &self.decontaminate {
-                texts.extend(crate::ingest::read::row_texts(f, &self.decontaminate_columns)?);
+                let read = crate::ingest::read::row_texts(f, &self.decontaminate_columns);
+                texts.extend(
+                    read.map_err(|e| super::InputError(e.context(format!("--decontaminate {}", f.display()))))?,
+                );
             }
             let n = self.decontaminate_ngram.max(1);
             Some(std::sync::Arc::new(crate::quality::decontaminate::EvalIndex::new(

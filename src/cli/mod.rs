@@ -13,6 +13,19 @@ pub mod train;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// An error found while the options are built that is about the data, not the flags (an
+/// evaluation set that cannot be read): exit 1, not the usage error's 2.
+#[derive(Debug)]
+pub struct InputError(pub anyhow::Error);
+
+impl std::fmt::Display for InputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for InputError {}
+
 #[derive(Parser)]
 #[command(
     name = "tunekit",
