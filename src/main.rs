@@ -75,8 +75,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Prepare(a) => print(json, &commands::prepare::run(&usage(a.options())?)?)?,
         Command::Dedup(a) => print(json, &commands::dedup::run(&usage(a.options())?)?)?,
         Command::Export { target: ExportTarget::Openai(a) } => {
-            print(json, &commands::export::run(&usage(a.options())?)?)?
+            print(json, &commands::export::openai::run(&usage(a.options())?)?)?
         }
+        Command::Export { target: ExportTarget::Gguf(a) } => print(json, &commands::export::gguf::run(&a.options())?)?,
         Command::Validate { target: ValidateTarget::Openai(a) } => {
             let spec = tunekit::export::tokens::model_spec(&a.model)?;
             let r = tunekit::export::validate::validate_files(&a.files, &spec, a.epochs, a.max_problems)?;

@@ -3,7 +3,7 @@
 
 use super::args::{DedupArgs, MapArgs};
 use crate::commands::{
-    convert::ConvertOptions, dedup::DedupRunOptions, doctor::DoctorOptions, export::ExportOptions,
+    convert::ConvertOptions, dedup::DedupRunOptions, doctor::DoctorOptions, export::openai::ExportOptions,
     prepare::PrepareOptions,
 };
 use anyhow::Result;
@@ -194,6 +194,39 @@ pub enum ExportTarget {
     /// with --eval-fraction, rejects.jsonl and duplicates.jsonl beside it.
     #[command(args_override_self = true)]
     Openai(OpenaiExportArgs),
+    /// A trained LoRA adapter as llama.cpp's LoRA adapter GGUF (llama-cli --lora, Ollama ADAPTER).
+    ///
+    /// Names and shapes as llama.cpp checks them against the base; Llama/Mistral q/k rows in
+    /// llama.cpp's rotary order; an rsLoRA alpha rescaled to llama.cpp's alpha / r.
+    Gguf(GgufExportArgs),
+}
+
+#[derive(Args)]
+pub struct GgufExportArgs {
+    /// The training run (or checkpoint) directory with adapter_config.json + adapter_model.safetensors.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The base the adapter was trained on (Hugging Face directory or GGUF file): shapes and
+    /// architecture are checked against it.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output file (.gguf); written under a temporary name and renamed when complete.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Tensor type of the LoRA matrices.
+    #[arg(long = "type", value_enum, default_value = "f16")]
+    pub ty: crate::export::gguf::adapter::AdapterType,
+}
+
+impl GgufExportArgs {
+    pub fn options(self) -> crate::commands::export::gguf::GgufOptions {
+        crate::commands::export::gguf::GgufOptions {
+            adapter: self.adapter,
+            model: self.model,
+            out: self.out,
+            ty: self.ty,
+        }
+    }
 }
 
 #[derive(Args)]

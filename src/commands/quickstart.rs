@@ -4,7 +4,7 @@
 //! LoRA run on the shards.
 
 use super::convert::{self, ConvertOptions, ConvertSummary};
-use super::export::{self, ExportOptions, ExportSummary};
+use super::export::openai::{self as export, ExportOptions, ExportSummary};
 use super::prepare::{self, PrepareOptions, PrepareSummary};
 use super::Summary;
 use crate::export::openai::{ExportMethod, OverLimit};

@@ -128,6 +128,24 @@ pub fn load_gguf(path: &Path, device: &Device, qlora: Option<&str>) -> Result<Ba
     })
 }
 
+/// A layer's tensors: Hugging Face module path -> llama.cpp name (both before `.weight`).
+const LAYER_TENSORS: [(&str, &str); 9] = [
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// Hugging Face module path within a layer (`self_attn.q_proj`) -> llama.cpp's (`attn_q`).
+pub fn hf_module_to_gguf(module: &str) -> Option<&'static str> {
+    LAYER_TENSORS.iter().find(|(h, _)| *h == module).map(|(_, g)| *g)
+}
+
 /// llama.cpp tensor name -> Hugging Face name.
 pub fn gguf_to_hf(name: &str) -> Option<String> {
     if name == "output_norm.weight" {
@@ -138,19 +156,9 @@ pub fn gguf_to_hf(name: &str) -> Option<String> {
     }
     let rest = name.strip_prefix("blk.")?;
     let (layer, t) = rest.split_once('.')?;
-    let hf = match t {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
+    let gguf = t.strip_suffix(".weight")?;
+    let hf = LAYER_TENSORS.iter().find(|(_, g)| *g == gguf)?.0;
+    Some(format!("model.layers.{layer}.{hf}.weight"))
 }
 
 /// Reorders whole rows of a quantised matrix (rows are independent runs of blocks), without

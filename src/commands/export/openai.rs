@@ -3,9 +3,9 @@
 //! over the model's token limit are dropped or shortened and counted; files roll over before the
 //! platform's upload size limit.
 
-use super::Summary;
 use crate::accounting::{Reject, Tally};
 use crate::admit::Front;
+use crate::commands::Summary;
 use crate::dedup::DedupOptions;
 use crate::export::openai::{fit_example, validation_path, ExportMethod, OverLimit, RollingJsonl};
 use crate::export::tokens::ModelSpec;

@@ -1,0 +1,211 @@
+//! A PEFT LoRA adapter as llama.cpp's LoRA adapter GGUF (what `convert_lora_to_gguf.py` writes
+//! and `llama-cli --lora`, Ollama's ADAPTER and LM Studio load): `general.type = adapter`,
+//! `adapter.type = lora`, `adapter.lora.alpha`, the base's `general.architecture`, and per adapted
+//! projection `blk.N.attn_q.weight.lora_a` (r x in) and `.lora_b` (out x r), named as llama.cpp
+//! names the base weight. llama.cpp keeps Llama/Mistral q and k rows in its own rotary order, so
+//! their B rows are put in that order; it scales by alpha / r, so an rsLoRA adapter (alpha /
+//! sqrt(r)) is written with the alpha that gives the same scale.
+
+use super::writer::{write, TensorSpec};
+use crate::train::adapters::score::SCORE_WEIGHT;
+use crate::train::io::gguf::{hf_module_to_gguf, unpermute_rows};
+use crate::train::model::config::ModelConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+use std::path::Path;
+
+/// The tensor type of the exported matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterType {
+    F32,
+    F16,
+    /// 8-bit blocks of 32 along each row; a matrix whose rows are shorter (B, with r under 32)
+    /// falls back to f16.
+    Q8_0,
+}
+
+impl AdapterType {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            AdapterType::F32 => GgmlDType::F32,
+            AdapterType::F16 => GgmlDType::F16,
+            AdapterType::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AdapterExport {
+    pub architecture: String,
+    pub r: usize,
+    /// The alpha written (alpha * sqrt(r) for an rsLoRA adapter: llama.cpp scales by alpha / r).
+    pub alpha: f64,
+    pub scale: f64,
+    pub tensors: usize,
+    /// Matrices written as f16 because their rows do not fill q8_0 blocks.
+    pub f16_fallbacks: usize,
+    pub bytes: u64,
+}
+
+/// llama.cpp's architecture name for the base, and whether it keeps q/k rows in rotary order.
+pub fn architecture(c: &ModelConfig) -> Result<(&'static str, bool)> {
+    Ok(match c.model_type.as_str() {
+        "llama" | "mistral" => ("llama", true),
+        "qwen2" => ("qwen2", false),
+        "qwen3" => ("qwen3", false),
+        other => bail!("model_type '{other}': llama.cpp export supports llama, mistral, qwen2 and qwen3"),
+    })
+}
+
+/// Inputs and outputs of a projection at the base's shapes.
+fn projection_shape(c: &ModelConfig, module: &str) -> Option<(usize, usize)> {
+    let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+    let (q, kv) = (c.num_attention_heads * hd, c.kv_heads() * hd);
+    Some(match module {
+        "self_attn.q_proj" => (h, q),
+        "self_attn.k_proj" | "self_attn.v_proj" => (h, kv),
+        "self_attn.o_proj" => (q, h),
+        "mlp.gate_proj" | "mlp.up_proj" => (h, i),
+        "mlp.down_proj" => (i, h),
+        _ => return None,
+    })
+}
+
+/// Writes the adapter in `adapter_dir` (PEFT) for the base of shape `base` to `out`.
+pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Path) -> Result<AdapterExport> {
+    let (settings, tensors) = crate::train::io::peft::read(adapter_dir)?;
+    if tensors.contains_key(SCORE_WEIGHT) {
+        bail!(
+            "{}: a reward model's score head cannot go into a llama.cpp adapter (llama.cpp runs language models); \
+             score with `tunekit score` instead",
+            adapter_dir.display()
+        );
+    }
+    let (arch, rotary_order) = architecture(base)?;
+    let r = settings.r;
+    let mut specs = vec![];
+    let mut mats: Vec<Tensor> = vec![];
+    let mut fallbacks = 0;
+    for layer in 0..base.num_hidden_layers {
+        for module in crate::train::adapters::lora::ALL_LINEAR.iter().map(|m| module_path(m)) {
+            let key = |ab: &str| format!("base_model.model.model.layers.{layer}.{module}.lora_{ab}.weight");
+            let (Some(a), Some(b)) = (tensors.get(&key("A")), tensors.get(&key("B"))) else { continue };
+            let (inp, outp) = projection_shape(base, module).expect("a known projection");
+            if a.dims() != [r, inp] || b.dims() != [outp, r] {
+                bail!(
+                    "{}: the adapter does not fit the base: {} is {:?} and {} is {:?}, the base's {module} of layer \
+                     {layer} takes {inp} inputs to {outp} outputs (r {r}); export against the base the adapter was trained on",
+                    adapter_dir.display(),
+                    key("A"),
+                    a.dims(),
+                    key("B"),
+                    b.dims()
+                );
+            }
+            let b = match (rotary_order, module) {
+                (true, "self_attn.q_proj") => to_rotary_order(b, base.num_attention_heads)?,
+                (true, "self_attn.k_proj") => to_rotary_order(b, base.kv_heads())?,
+                _ => b.clone(),
+            };
+            let weight = format!("blk.{layer}.{}.weight", hf_module_to_gguf(module).expect("a known projection"));
+            for (suffix, m) in [("lora_a", a.clone()), ("lora_b", b)] {
+                let mut dtype = ty.ggml();
+                if !m.dims()[1].is_multiple_of(dtype.block_size()) {
+                    dtype = GgmlDType::F16;
+                    fallbacks += 1;
+                }
+                specs.push(TensorSpec { name: format!("{weight}.{suffix}"), shape: m.dims().to_vec(), dtype });
+                mats.push(m);
+            }
+        }
+    }
+    let highest = tensors.keys().filter_map(|k| layer_of(k)).max();
+    if let Some(l) = highest.filter(|&l| l >= base.num_hidden_layers) {
+        bail!(
+            "{}: the adapter has layer {l}, the base only {} layers; export against the base it was trained on",
+            adapter_dir.display(),
+            base.num_hidden_layers
+        );
+    }
+    if specs.is_empty() {
+        bail!("{}: no LoRA matrices of the base's projections in the adapter", adapter_dir.display());
+    }
+    let alpha = if settings.rslora { settings.alpha * (r as f64).sqrt() } else { settings.alpha };
+    let metadata = vec![
+        ("general.architecture".to_string(), Value::String(arch.into())),
+        ("general.type".to_string(), Value::String("adapter".into())),
+        ("general.name".to_string(), Value::String(name_of(adapter_dir))),
+        ("adapter.type".to_string(), Value::String("lora".into())),
+        ("adapter.lora.alpha".to_string(), Value::F32(alpha as f32)),
+    ];
+    let bytes = write(out, &metadata, &specs, |i| {
+        let q = QTensor::quantize(&mats[i].to_dtype(DType::F32)?, specs[i].dtype)?;
+        Ok(q.data()?.to_vec())
+    })
+    .with_context(|| format!("writing {}", out.display()))?;
+    Ok(AdapterExport {
+        architecture: arch.into(),
+        r,
+        alpha,
+        scale: alpha / r as f64,
+        tensors: specs.len(),
+        f16_fallbacks: fallbacks,
+        bytes,
+    })
+}
+
+/// `q_proj` -> `self_attn.q_proj`, `gate_proj` -> `mlp.gate_proj`.
+fn module_path(m: &str) -> &'static str {
+    match m {
+        "q_proj" => "self_attn.q_proj",
+        "k_proj" => "self_attn.k_proj",
+        "v_proj" => "self_attn.v_proj",
+        "o_proj" => "self_attn.o_proj",
+        "gate_proj" => "mlp.gate_proj",
+        "up_proj" => "mlp.up_proj",
+        _ => "mlp.down_proj",
+    }
+}
+
+fn layer_of(key: &str) -> Option<usize> {
+    key.split(".layers.").nth(1)?.split('.').next()?.parse().ok()
+}
+
+fn name_of(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+        .unwrap_or_else(|| "adapter".into())
+}
+
+/// Rows of a q or k output (B of LoRA) in llama.cpp's rotary order: GGUF row `src[i]` is HF row `i`.
+fn to_rotary_order(b: &Tensor, n_head: usize) -> Result<Tensor> {
+    let rows = b.dims()[0];
+    let src = unpermute_rows(rows, n_head);
+    let mut dst = vec![0u32; rows];
+    for (hf, &g) in src.iter().enumerate() {
+        dst[g] = hf as u32;
+    }
+    let idx = Tensor::from_vec(dst, rows, b.device())?;
+    Ok(b.index_select(&idx, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_order_is_the_inverse_of_the_loaders_unpermutation() {
+        // 2 heads of head_dim 4: llama.cpp interleaves the two halves of each head.
+        let b = Tensor::arange(0f32, 8.0, &candle_core::Device::Cpu).unwrap().reshape((8, 1)).unwrap();
+        let g = to_rotary_order(&b, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+        let src = unpermute_rows(8, 2);
+        let back: Vec<f32> = src.iter().map(|&s| g[s]).collect();
+        assert_eq!(back, (0..8).map(|x| x as f32).collect::<Vec<_>>());
+    }
+}
