@@ -191,3 +191,119 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     assert!(worst < 2.0 * worst_base, "the adapter adds error: {worst} with it, {worst_base} without");
     assert!(effect > 5.0 * worst, "the adapter's effect ({effect}) must dwarf the runtimes' difference ({worst})");
 }
+
+/// A Python with the `gguf` package (TUNEKIT_PYTHON, else python3), or None with a note.
+fn gguf_python() -> Option<String> {
+    let py = std::env::var("TUNEKIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&py).args(["-c", "import gguf"]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(py);
+    }
+    if std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!("{py} has no `gguf` package; run .ci/run (it installs gguf from PyPI)");
+    }
+    eprintln!("SKIPPED: {py} has no `gguf` package (pip install gguf)");
+    None
+}
+
+/// The adapter GGUF as llama.cpp's own Python reader sees it: the keys with their types, every
+/// projection of every layer with A as (in, r) and B as (r, out) in ggml order, q8_0 where rows
+/// fill its blocks and f16 where they do not (B, r = 4).
+#[test]
+fn the_gguf_package_reads_the_adapter_as_llama_cpp_names_it() {
+    let Some(py) = gguf_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = root().join("tests/fixtures/train/llama");
+    let (a, m) = (fixture.join("adapter"), fixture.clone());
+    let out = tunekit(
+        &[
+            "export",
+            "gguf",
+            "--adapter",
+            a.to_str().unwrap(),
+            "--model",
+            m.to_str().unwrap(),
+            "--out",
+            "a.gguf",
+            "--type",
+            "q8_0",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let o = std::process::Command::new(&py)
+        .args([
+            root().join("tests/llama_cpp/read_gguf.py").to_str().unwrap(),
+            dir.path().join("a.gguf").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let md = &g["metadata"];
+    assert_eq!(md["general.type"], json!({"type": "STRING", "value": "adapter"}));
+    assert_eq!(md["adapter.type"], json!({"type": "STRING", "value": "lora"}));
+    assert_eq!(md["general.architecture"], json!({"type": "STRING", "value": "llama"}));
+    assert_eq!(md["adapter.lora.alpha"], json!({"type": "FLOAT32", "value": 8.0}));
+    let tensors = g["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 2 * 7 * 2, "2 layers x 7 projections x A, B");
+    let find = |n: &str| tensors.iter().find(|t| t["name"] == n).unwrap_or_else(|| panic!("no {n}: {g}"));
+    // hidden 64, 4 heads of 16 (q 64), 2 kv heads (k, v 32), intermediate 96, r 4.
+    for (name, inp, outp) in [("attn_q", 64, 64), ("attn_k", 64, 32), ("attn_output", 64, 64), ("ffn_down", 96, 64)] {
+        assert_eq!(
+            find(&format!("blk.1.{name}.weight.lora_a")),
+            &json!({"name": format!("blk.1.{name}.weight.lora_a"), "shape": [inp, 4], "type": "Q8_0"})
+        );
+        assert_eq!(
+            find(&format!("blk.1.{name}.weight.lora_b")),
+            &json!({"name": format!("blk.1.{name}.weight.lora_b"), "shape": [4, outp], "type": "F16"})
+        );
+    }
+}
+
+#[test]
+fn adapters_that_cannot_go_to_llama_cpp_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = root().join("tests/fixtures/train/llama");
+    let export = |adapter: &Path, model: &Path| {
+        let o = tunekit(
+            &[
+                "export",
+                "gguf",
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--model",
+                model.to_str().unwrap(),
+                "--out",
+                "x.gguf",
+            ],
+            dir.path(),
+        );
+        assert_eq!(o.status.code(), Some(1));
+        assert!(!dir.path().join("x.gguf").exists(), "no output on failure");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    // A reward model: the score head has no place in a llama.cpp adapter.
+    let reward = dir.path().join("reward");
+    std::fs::create_dir_all(&reward).unwrap();
+    std::fs::copy(fixture.join("adapter/adapter_config.json"), reward.join("adapter_config.json")).unwrap();
+    let mut t =
+        candle_core::safetensors::load(fixture.join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    t.insert("base_model.model.score.weight".into(), Tensor::zeros((1, 64), DType::F32, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&t, reward.join("adapter_model.safetensors")).unwrap();
+    assert!(export(&reward, &fixture).contains("reward model's score head"));
+    // A base of other shapes.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let cfg: Value = serde_json::from_slice(&std::fs::read(fixture.join("config.json")).unwrap()).unwrap();
+    let mut wide = cfg.clone();
+    wide["hidden_size"] = json!(128);
+    std::fs::write(other.join("config.json"), wide.to_string()).unwrap();
+    let e = export(&fixture.join("adapter"), &other);
+    assert!(e.contains("does not fit the base") && e.contains("q_proj"), "{e}");
+    // An architecture llama.cpp export does not know.
+    let mut gemma = cfg;
+    gemma["model_type"] = json!("gemma");
+    std::fs::write(other.join("config.json"), gemma.to_string()).unwrap();
+    assert!(export(&fixture.join("adapter"), &other).contains("gemma"));
+}

@@ -30,6 +30,8 @@ pub struct GenerateOptions {
 pub struct GenerateSummary {
     pub command: &'static str,
     pub text: String,
+    /// The answer's token ids (without the end-of-turn token), to compare runtimes token for token.
+    pub tokens: Vec<u32>,
 }
 
 /// The model, its tokenizer and chat template, and the opening system message.
@@ -49,18 +51,18 @@ impl Session {
         Ok(Session { model, tok, template, messages })
     }
 
-    fn answer(&mut self, user: &str, s: &SamplingParams, seed: u64) -> Result<String> {
+    fn answer(&mut self, user: &str, s: &SamplingParams, seed: u64) -> Result<(String, Vec<u32>)> {
         self.messages.push(Message::new("user", user));
-        let answer = generate(&self.model, &self.tok, &self.template, &self.messages, s, seed)?;
+        let (answer, tokens) = generate(&self.model, &self.tok, &self.template, &self.messages, s, seed)?;
         self.messages.push(Message::new("assistant", answer.clone()));
-        Ok(answer)
+        Ok((answer, tokens))
     }
 }
 
 /// The answer to one prompt.
 pub fn run(o: &GenerateOptions, prompt: &str) -> Result<GenerateSummary> {
-    let text = Session::open(o)?.answer(prompt, &o.sampling, o.seed)?;
-    Ok(GenerateSummary { command: "generate", text })
+    let (text, tokens) = Session::open(o)?.answer(prompt, &o.sampling, o.seed)?;
+    Ok(GenerateSummary { command: "generate", text, tokens })
 }
 
 /// A conversation on the terminal: a message per line on stdin, each answer on stdout; an empty
@@ -75,7 +77,7 @@ pub fn chat(o: &GenerateOptions) -> Result<()> {
         if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
             return Ok(());
         }
-        println!("{}", session.answer(line.trim(), &o.sampling, o.seed)?);
+        println!("{}", session.answer(line.trim(), &o.sampling, o.seed)?.0);
     }
 }
 

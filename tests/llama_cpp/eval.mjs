@@ -5,6 +5,7 @@
 //
 //   node eval.mjs MODEL.gguf [ADAPTER.gguf|-] REQUESTS.json > RESULTS.json
 //   REQUESTS.json: [{"text": "<|im_start|>user...", "ids": [1, 2, ...], "max_tokens": 24, "top": 20}]
+//   (without "ids", the prompt is llama.cpp's own tokenization of "text")
 // NODE_LLAMA_CPP_DIR: the directory where `npm i -E node-llama-cpp@3.21.1` was run.
 import {readFileSync} from "node:fs";
 import {join} from "node:path";
@@ -24,13 +25,14 @@ const results = [];
 for (const r of requests) {
     const sequence = context.getSequence();
     const llamaIds = r.text === undefined ? null : Array.from(model.tokenize(r.text, true));
-    const input = r.ids.map((t, i) => i === r.ids.length - 1 ? [t, {generateNext: {probabilities: true}}] : t);
+    const ids = r.ids ?? llamaIds;
+    const input = ids.map((t, i) => i === ids.length - 1 ? [t, {generateNext: {probabilities: true}}] : t);
     const out = await sequence.controlledEvaluate(input);
-    const probs = out[r.ids.length - 1].next.probabilities;
+    const probs = out[ids.length - 1].next.probabilities;
     const top = [...probs.entries()].slice(0, r.top ?? 20).map(([t, p]) => [t, Math.log(p)]);
     await sequence.clearHistory();
     const greedy = [];
-    for await (const t of sequence.evaluate(r.ids, {temperature: 0, yieldEogToken: true})) {
+    for await (const t of sequence.evaluate(ids, {temperature: 0, yieldEogToken: true})) {
         greedy.push(t);
         if (model.isEogToken(t) || greedy.length >= (r.max_tokens ?? 24)) break;
     }

@@ -25,6 +25,8 @@ pub enum AdapterType {
     F16,
     /// 8-bit blocks of 32 along each row; a matrix whose rows are shorter (B, with r under 32)
     /// falls back to f16.
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
     Q8_0,
 }
 

@@ -8,7 +8,8 @@ use crate::tokenize::TokenizerInfo;
 use crate::train::model::Model;
 use anyhow::Result;
 
-/// The model's answer to `messages`, sampled with `params` from `seed`.
+/// The model's answer to `messages`, sampled with `params` from `seed`: its text and token ids
+/// (without the end-of-turn token).
 pub fn generate(
     model: &Model,
     tok: &TokenizerInfo,
@@ -16,7 +17,7 @@ pub fn generate(
     messages: &[Message],
     params: &SamplingParams,
     seed: u64,
-) -> Result<String> {
+) -> Result<(String, Vec<u32>)> {
     let prompt = tpl.render(messages, None, true).map_err(|e| anyhow::anyhow!("chat template: {e:#}"))?;
     let ids =
         tok.tokenizer.encode(prompt.as_str(), false).map_err(|e| anyhow::anyhow!("tokenize: {e}"))?.get_ids().to_vec();
@@ -25,5 +26,6 @@ pub fn generate(
     if c.finished {
         c.tokens.pop();
     }
-    tok.tokenizer.decode(&c.tokens, true).map_err(|e| anyhow::anyhow!("decode: {e}"))
+    let text = tok.tokenizer.decode(&c.tokens, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+    Ok((text, c.tokens))
 }
