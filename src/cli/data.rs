@@ -193,7 +193,7 @@ pub enum ExportTarget {
     /// Writes OUT (rolling over to OUT-00001.jsonl... under --max-file-mb), OUT_validation.jsonl
     /// with --eval-fraction, rejects.jsonl and duplicates.jsonl beside it.
     #[command(args_override_self = true)]
-    Openai(OpenaiExportArgs),
+    Openai(Box<OpenaiExportArgs>),
     /// A trained LoRA adapter as llama.cpp's LoRA adapter GGUF (llama-cli --lora, Ollama ADAPTER).
     ///
     /// Names and shapes as llama.cpp checks them against the base; Llama/Mistral q/k rows in
