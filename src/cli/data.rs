@@ -194,10 +194,12 @@ pub enum ExportTarget {
     /// with --eval-fraction, rejects.jsonl and duplicates.jsonl beside it.
     #[command(args_override_self = true)]
     Openai(Box<OpenaiExportArgs>),
-    /// A trained LoRA adapter as llama.cpp's LoRA adapter GGUF (llama-cli --lora, Ollama ADAPTER).
+    /// A trained LoRA adapter as llama.cpp's LoRA adapter GGUF (llama-cli --lora, Ollama ADAPTER),
+    /// or with --merge one model GGUF with the adapter folded in.
     ///
     /// Names and shapes as llama.cpp checks them against the base; Llama/Mistral q/k rows in
-    /// llama.cpp's rotary order; an rsLoRA alpha rescaled to llama.cpp's alpha / r.
+    /// llama.cpp's rotary order; an rsLoRA alpha rescaled to llama.cpp's alpha / r. --merge keeps
+    /// the GGUF base's metadata and tokenizer and sets the training shards' chat template.
     Gguf(GgufExportArgs),
 }
 
@@ -213,9 +215,17 @@ pub struct GgufExportArgs {
     /// Output file (.gguf); written under a temporary name and renamed when complete.
     #[arg(long)]
     pub out: PathBuf,
-    /// Tensor type of the LoRA matrices.
+    /// Tensor type: of the LoRA matrices (f32, f16, q8_0), or with --merge of the model (also bf16
+    /// and q4_k_m, llama.cpp's mix).
     #[arg(long = "type", value_enum, default_value = "f16")]
-    pub ty: crate::export::gguf::adapter::AdapterType,
+    pub ty: crate::export::gguf::merged::ModelType,
+    /// Write one merged model GGUF (the GGUF base with the adapter folded in, the training shards'
+    /// chat template) instead of an adapter.
+    #[arg(long)]
+    pub merge: bool,
+    /// The shards the adapter was trained on, for --merge's chat template (default: the run's recorded --data).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
 }
 
 impl GgufExportArgs {
@@ -225,6 +235,8 @@ impl GgufExportArgs {
             model: self.model,
             out: self.out,
             ty: self.ty,
+            merge: self.merge,
+            data: self.data,
         }
     }
 }

@@ -75,7 +75,7 @@ pub fn run(o: &DoctorOptions) -> Result<DoctorReport> {
         );
     };
     let vocab = config.as_ref().map_or(manifest.tokenizer.vocab_size.max(tok.vocab_size), |c| c.vocab_size);
-    let template = template_source(&manifest, tok);
+    let template = manifest.template_source(|| tok.chat_template.clone());
     let mut facts = TokenFacts::new(tok, &tok.stop_ids(), template.as_deref(), vocab);
     facts.trains_prompts = manifest.loss == LossMode::All;
     let mut findings = Findings::default();
@@ -99,19 +99,6 @@ pub fn run(o: &DoctorOptions) -> Result<DoctorReport> {
         memory,
         notes,
     })
-}
-
-/// The chat template the shards were rendered with, when it can be had: the tokenizer's own, a
-/// built-in by name, or the file the manifest names.
-fn template_source(m: &Manifest, tok: &TokenizerInfo) -> Option<String> {
-    if m.template.name == "tokenizer" {
-        return tok.chat_template.clone();
-    }
-    crate::template::chat::CHAT_TEMPLATES
-        .iter()
-        .find(|(n, _)| *n == m.template.name)
-        .map(|(_, s)| s.to_string())
-        .or_else(|| std::fs::read_to_string(&m.template.name).ok())
 }
 
 /// The first epoch's micro-batches as train groups them; the estimate of the largest.

@@ -179,6 +179,19 @@ impl Manifest {
         serde_json::from_slice(&bytes).with_context(|| format!("{}: not a tunekit manifest", p.display()))
     }
 
+    /// The source of the chat template the shards were rendered with, when it can be had: the
+    /// tokenizer's own (from `tokenizer_template`), a built-in by name, or the file the manifest names.
+    pub fn template_source(&self, tokenizer_template: impl FnOnce() -> Option<String>) -> Option<String> {
+        if self.template.name == "tokenizer" {
+            return tokenizer_template();
+        }
+        crate::template::chat::CHAT_TEMPLATES
+            .iter()
+            .find(|(n, _)| *n == self.template.name)
+            .map(|(_, s)| s.to_string())
+            .or_else(|| std::fs::read_to_string(&self.template.name).ok())
+    }
+
     /// Removes an earlier run's manifest, so that it never vouches for new, partial shards.
     pub fn remove(dir: &Path) {
         let _ = std::fs::remove_file(dir.join(FILE));

@@ -1,18 +1,31 @@
-//! `tunekit export gguf --adapter RUN --model BASE --out adapter.gguf`: a trained LoRA adapter as
-//! llama.cpp's LoRA GGUF, checked against the base it will be loaded with.
+//! `tunekit export gguf --adapter RUN --model BASE --out FILE.gguf [--merge]`: a trained LoRA
+//! adapter as llama.cpp's LoRA GGUF, checked against the base it will be loaded with; with
+//! `--merge`, the GGUF base with the adapter folded in, its chat template the training shards'.
 
 use crate::commands::Summary;
-use crate::export::gguf::adapter::{export, AdapterExport, AdapterType};
-use anyhow::Result;
+use crate::export::gguf::adapter::{self, AdapterExport, AdapterType};
+use crate::export::gguf::merged::{self, MergedExport, ModelType};
+use crate::pack::manifest::Manifest;
+use anyhow::{bail, Result};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub struct GgufOptions {
     pub adapter: PathBuf,
     pub model: PathBuf,
     pub out: PathBuf,
-    pub ty: AdapterType,
+    pub ty: ModelType,
+    pub merge: bool,
+    /// The shards the adapter was trained on (default: the run's recorded --data).
+    pub data: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Written {
+    Adapter(AdapterExport),
+    Merged(MergedExport),
 }
 
 #[derive(Debug, Serialize)]
@@ -20,45 +33,115 @@ pub struct GgufSummary {
     pub command: &'static str,
     pub out: String,
     #[serde(rename = "type")]
-    pub ty: AdapterType,
+    pub ty: ModelType,
     #[serde(flatten)]
-    pub export: AdapterExport,
+    pub written: Written,
     pub seconds: f64,
+}
+
+/// The shards a run trained on, from its last checkpoint's options.
+fn recorded_data(run: &Path) -> Option<PathBuf> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("checkpoint-last/state.json")).ok()?).ok()?;
+    state["options"]["data"].as_str().map(PathBuf::from)
+}
+
+/// The chat template the training shards were rendered with, if the shards can be found.
+fn training_template(o: &GgufOptions) -> Result<Option<String>> {
+    let Some(data) = o.data.clone().or_else(|| recorded_data(&o.adapter)) else { return Ok(None) };
+    let m = match Manifest::read(&data) {
+        Ok(m) => m,
+        Err(e) if o.data.is_some() => return Err(e),
+        Err(_) => return Ok(None),
+    };
+    let tok = || crate::tokenize::TokenizerInfo::load(Path::new(&m.tokenizer.path)).ok().and_then(|t| t.chat_template);
+    Ok(m.template_source(tok))
 }
 
 pub fn run(o: &GgufOptions) -> Result<GgufSummary> {
     let start = Instant::now();
-    let base = crate::train::io::read_config(&o.model)?;
-    let export = export(&o.adapter, &base, o.ty, &o.out)?;
+    let written = if o.merge {
+        let template = training_template(o)?;
+        if template.is_none() {
+            crate::progress::warn(
+                "the training shards' chat template was not found (pass --data SHARDS); the base's own template is kept",
+            );
+        }
+        Written::Merged(merged::export(Some(&o.adapter), &o.model, o.ty, template, &o.out)?)
+    } else {
+        let ty = match o.ty {
+            ModelType::F32 => AdapterType::F32,
+            ModelType::F16 => AdapterType::F16,
+            ModelType::Q8_0 => AdapterType::Q8_0,
+            other => {
+                bail!("--type {other:?}: an adapter is written as f32, f16 or q8_0 (bf16 and q4_k_m are for --merge)")
+            }
+        };
+        let base = crate::train::io::read_config(&o.model)?;
+        Written::Adapter(adapter::export(&o.adapter, &base, ty, &o.out)?)
+    };
     Ok(GgufSummary {
         command: "export gguf",
         out: o.out.display().to_string(),
         ty: o.ty,
-        export,
+        written,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
 
 impl Summary for GgufSummary {
     fn print_human(&self) {
-        let e = &self.export;
-        println!(
-            "wrote {} ({} tensors, {:.1} MB, {:?}{}) in {:.2}s",
-            self.out,
-            e.tensors,
-            e.bytes as f64 / 1e6,
-            self.ty,
-            if e.f16_fallbacks > 0 {
-                format!("; {} with rows under a q8_0 block in f16", e.f16_fallbacks)
-            } else {
-                String::new()
-            },
-            self.seconds
-        );
-        println!(
-            "  llama.cpp LoRA adapter for architecture {}: r {}, alpha {} (scale {:.4})",
-            e.architecture, e.r, e.alpha, e.scale
-        );
-        println!("  run it: llama-cli -m BASE.gguf --lora {}", self.out);
+        match &self.written {
+            Written::Adapter(e) => {
+                println!(
+                    "wrote {} ({} tensors, {:.1} MB, {:?}{}) in {:.2}s",
+                    self.out,
+                    e.tensors,
+                    e.bytes as f64 / 1e6,
+                    self.ty,
+                    if e.f16_fallbacks > 0 {
+                        format!("; {} with rows under a q8_0 block in f16", e.f16_fallbacks)
+                    } else {
+                        String::new()
+                    },
+                    self.seconds
+                );
+                println!(
+                    "  llama.cpp LoRA adapter for architecture {}: r {}, alpha {} (scale {:.4})",
+                    e.architecture, e.r, e.alpha, e.scale
+                );
+                println!("  run it: llama-cli -m BASE.gguf --lora {}", self.out);
+            }
+            Written::Merged(e) => {
+                println!(
+                    "wrote {} ({} tensors, {} with the adapter merged, {:.1} MB) in {:.2}s",
+                    self.out,
+                    e.tensors,
+                    e.merged_projections,
+                    e.bytes as f64 / 1e6,
+                    self.seconds
+                );
+                let types: Vec<String> = e.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+                println!("  types: {}", types.join(", "));
+                if e.fallbacks > 0 {
+                    println!(
+                        "  {} tensor(s) in a fall-back type: rows not a multiple of the type's block",
+                        e.fallbacks
+                    );
+                }
+                if e.requantized > 0 {
+                    println!(
+                        "  {} quantised base tensor(s) dequantised and requantised (rounding twice costs accuracy; \
+                         an f16 or f32 base avoids it)",
+                        e.requantized
+                    );
+                }
+                println!(
+                    "  chat template: {}",
+                    if e.chat_template_from_shards { "the training shards'" } else { "the base's (shards not found)" }
+                );
+                println!("  run it: llama-cli -m {}", self.out);
+            }
+        }
     }
 }

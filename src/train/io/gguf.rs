@@ -146,6 +146,15 @@ pub fn hf_module_to_gguf(module: &str) -> Option<&'static str> {
     LAYER_TENSORS.iter().find(|(h, _)| *h == module).map(|(_, g)| *g)
 }
 
+/// Hugging Face name of a layer tensor (`model.layers.3.self_attn.q_proj.weight`) -> llama.cpp's
+/// (`blk.3.attn_q.weight`).
+pub fn hf_to_gguf(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, t) = rest.split_once('.')?;
+    let g = hf_module_to_gguf(t.strip_suffix(".weight")?)?;
+    Some(format!("blk.{layer}.{g}.weight"))
+}
+
 /// llama.cpp tensor name -> Hugging Face name.
 pub fn gguf_to_hf(name: &str) -> Option<String> {
     if name == "output_norm.weight" {

@@ -1,0 +1,295 @@
+//! A merged model GGUF from a GGUF base: each projection W + s·B·A in the base's own row order (q/k
+//! B rows put in llama.cpp's rotary order), every other tensor as the base has it, written tensor
+//! by tensor in the chosen type: f32, f16, bf16, q8_0, or q4_k_m mixed as llama.cpp's quantizer mixes
+//! it (Q4_K; Q6_K for the output layer and for attn_v and ffn_down in the layers llama.cpp gives
+//! more bits; norms f32; Q5_0 / Q8_0 where a row is not a multiple of the 256-value K block). The
+//! base's metadata is kept (its tokenizer among it), with `tokenizer.chat_template` set to the
+//! template the training shards were rendered with. A quantised base is dequantised, added to and
+//! requantised, which the summary counts.
+
+use super::adapter::architecture;
+use super::writer::{write, TensorSpec};
+use crate::train::io::gguf::{config_of, unpermute_rows};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelType {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// llama.cpp's Q4_K_M mix.
+    #[value(name = "q4_k_m")]
+    #[serde(rename = "q4_k_m")]
+    Q4KM,
+}
+
+impl ModelType {
+    /// llama.cpp's `general.file_type` (llama_ftype).
+    fn file_type(self) -> u32 {
+        match self {
+            ModelType::F32 => 0,
+            ModelType::F16 => 1,
+            ModelType::Q8_0 => 7,
+            ModelType::Q4KM => 15,
+            ModelType::Bf16 => 32,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct MergedExport {
+    pub architecture: String,
+    pub tensors: usize,
+    pub merged_projections: usize,
+    /// Tensors by the type written.
+    pub types: BTreeMap<String, usize>,
+    /// The base's quantised tensors that were dequantised and written in another type.
+    pub requantized: usize,
+    /// Tensors written in a fall-back type because their rows do not fill the type's blocks.
+    pub fallbacks: usize,
+    pub chat_template_from_shards: bool,
+    pub bytes: u64,
+}
+
+/// llama.cpp's rule for the layers that get more bits in the K-quant mixes.
+fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i as isize - (n / 8) as isize) % 3 == 2
+}
+
+/// The type of tensor `name` (row length `row`, layer count `layers`) in the mix `ty`, and whether
+/// it is a fall-back.
+fn target_type(
+    name: &str,
+    dims: usize,
+    row: usize,
+    layers: usize,
+    has_output: bool,
+    ty: ModelType,
+) -> (GgmlDType, bool) {
+    if dims == 1 {
+        return (GgmlDType::F32, false);
+    }
+    let want = match ty {
+        ModelType::F32 => GgmlDType::F32,
+        ModelType::F16 => GgmlDType::F16,
+        ModelType::Bf16 => GgmlDType::BF16,
+        ModelType::Q8_0 => GgmlDType::Q8_0,
+        ModelType::Q4KM => {
+            let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok());
+            let output = name == "output.weight" || (!has_output && name == "token_embd.weight");
+            match layer {
+                _ if output => GgmlDType::Q6K,
+                Some(i)
+                    if (name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight"))
+                        && use_more_bits(i, layers) =>
+                {
+                    GgmlDType::Q6K
+                }
+                _ => GgmlDType::Q4K,
+            }
+        }
+    };
+    if row.is_multiple_of(want.block_size()) {
+        return (want, false);
+    }
+    let fallback = match want {
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q6K => GgmlDType::Q8_0,
+        _ => GgmlDType::F16,
+    };
+    if row.is_multiple_of(fallback.block_size()) {
+        (fallback, true)
+    } else {
+        (GgmlDType::F16, true)
+    }
+}
+
+/// llama.cpp's order: the embedding, the layers in order, then the output norm and layer.
+fn order_key(name: &str) -> (usize, usize, String) {
+    match name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+        Some((l, rest)) => (1, l.parse().unwrap_or(0), rest.to_string()),
+        None if name.starts_with("token_embd") => (0, 0, name.to_string()),
+        None => (2, 0, name.to_string()),
+    }
+}
+
+/// An adapted projection's LoRA: B (rows in the base's order), A and the scale; its delta s·B·A is
+/// made only when the tensor is written.
+struct Lora {
+    b: Tensor,
+    a: Tensor,
+    scale: f64,
+}
+
+impl Lora {
+    fn dims(&self) -> [usize; 2] {
+        [self.b.dims()[0], self.a.dims()[1]]
+    }
+    fn delta(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(&self.a)? * self.scale)?)
+    }
+}
+
+/// The LoRA of every adapted projection, by llama.cpp tensor name.
+fn deltas(adapter_dir: &Path, c: &crate::train::model::config::ModelConfig) -> Result<HashMap<String, Lora>> {
+    let (s, tensors) = crate::train::io::peft::read(adapter_dir)?;
+    if tensors.contains_key(crate::train::adapters::score::SCORE_WEIGHT) {
+        bail!("{}: a reward model's score head cannot be merged into a language model GGUF", adapter_dir.display());
+    }
+    let scale = if s.rslora { s.alpha / (s.r as f64).sqrt() } else { s.alpha / s.r as f64 };
+    let mut out = HashMap::new();
+    for (key, a) in &tensors {
+        let Some(stem) = key.strip_suffix(".lora_A.weight") else { continue };
+        let b = tensors.get(&format!("{stem}.lora_B.weight")).with_context(|| format!("{key} has no lora_B"))?;
+        let hf = format!("{}.weight", stem.strip_prefix("base_model.model.").unwrap_or(stem));
+        let gguf = crate::train::io::gguf::hf_to_gguf(&hf)
+            .with_context(|| format!("{}: {key} is not a projection llama.cpp has", adapter_dir.display()))?;
+        let b = if hf.ends_with("q_proj.weight") {
+            rotary_rows(b, c.num_attention_heads)?
+        } else if hf.ends_with("k_proj.weight") {
+            rotary_rows(b, c.kv_heads())?
+        } else {
+            b.clone()
+        };
+        out.insert(gguf, Lora { b: b.to_dtype(DType::F32)?, a: a.to_dtype(DType::F32)?, scale });
+    }
+    Ok(out)
+}
+
+fn rotary_rows(b: &Tensor, n_head: usize) -> Result<Tensor> {
+    let rows = b.dims()[0];
+    let mut dst = vec![0u32; rows];
+    for (hf, &g) in unpermute_rows(rows, n_head).iter().enumerate() {
+        dst[g] = hf as u32;
+    }
+    Ok(b.index_select(&Tensor::from_vec(dst, rows, b.device())?, 0)?)
+}
+
+/// Writes the base GGUF at `base` with the adapter (if any) merged, in `ty`, to `out`.
+pub fn export(
+    adapter_dir: Option<&Path>,
+    base: &Path,
+    ty: ModelType,
+    chat_template: Option<String>,
+    out: &Path,
+) -> Result<MergedExport> {
+    if base.extension().is_none_or(|e| e != "gguf") {
+        bail!(
+            "{}: --merge writes a GGUF from a GGUF base; for a Hugging Face base, `tunekit merge` writes the merged \
+             Hugging Face directory (llama.cpp's convert_hf_to_gguf.py turns it into a GGUF)",
+            base.display()
+        );
+    }
+    let mut file = std::fs::File::open(base).with_context(|| format!("cannot open {}", base.display()))?;
+    let content = Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", base.display()))?;
+    let config = config_of(&content, base)?;
+    let (arch, _) = architecture(&config)?;
+    let mut deltas = match adapter_dir {
+        Some(d) => deltas(d, &config)?,
+        None => HashMap::new(),
+    };
+    let merged_projections = deltas.len();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort_by_key(|n| order_key(n));
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    let (mut types, mut fallbacks, mut requantized) = (BTreeMap::new(), 0, 0);
+    let mut specs = vec![];
+    for n in &names {
+        let info = &content.tensor_infos[*n];
+        let dims = info.shape.dims().to_vec();
+        if let Some(d) = deltas.get(*n) {
+            if d.dims() != dims.as_slice() {
+                bail!(
+                    "the adapter's {n} is {:?}, the base's {:?}: merge into the base it was trained on",
+                    d.dims(),
+                    dims
+                );
+            }
+        }
+        let (dtype, fell_back) =
+            target_type(n, dims.len(), *dims.last().unwrap_or(&1), config.num_hidden_layers, has_output, ty);
+        fallbacks += usize::from(fell_back);
+        let quantized_base = !matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        requantized += usize::from(quantized_base && info.ggml_dtype != dtype);
+        *types.entry(format!("{dtype:?}")).or_insert(0) += 1;
+        specs.push(TensorSpec { name: n.to_string(), shape: dims, dtype });
+    }
+    let unused: Vec<&String> = deltas.keys().filter(|k| !content.tensor_infos.contains_key(*k)).collect();
+    if !unused.is_empty() {
+        bail!(
+            "the adapter has {} the base lacks (e.g. {}): merge into the base it was trained on",
+            unused.len(),
+            unused[0]
+        );
+    }
+    let mut metadata: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "general.file_type" | "general.quantization_version" | "general.alignment")
+        })
+        .filter(|(k, _)| !(chat_template.is_some() && k.as_str() == "tokenizer.chat_template"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.push(("general.file_type".into(), Value::U32(ty.file_type())));
+    metadata.push(("general.quantization_version".into(), Value::U32(2)));
+    let from_shards = chat_template.is_some();
+    if let Some(t) = chat_template {
+        metadata.push(("tokenizer.chat_template".into(), Value::String(t)));
+    }
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes = write(out, &metadata, &specs, |i| {
+        let name = &specs[i].name;
+        let q = content.tensor(&mut file, name, &Device::Cpu)?;
+        let delta = deltas.remove(name);
+        if delta.is_none() && q.dtype() == specs[i].dtype {
+            return Ok(q.data()?.to_vec());
+        }
+        let mut w = q.dequantize(&Device::Cpu)?;
+        if let Some(d) = delta {
+            w = (w + d.delta()?)?;
+        }
+        Ok(QTensor::quantize(&w, specs[i].dtype)?.data()?.to_vec())
+    })
+    .with_context(|| format!("writing {}", out.display()))?;
+    Ok(MergedExport {
+        architecture: arch.into(),
+        tensors: specs.len(),
+        merged_projections,
+        types,
+        requantized,
+        fallbacks,
+        chat_template_from_shards: from_shards,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_k_m_mixes_as_llama_cpp_with_fall_backs_for_short_rows() {
+        let t = |name: &str, row: usize| target_type(name, 2, row, 32, true, ModelType::Q4KM).0;
+        assert_eq!(t("output.weight", 4096), GgmlDType::Q6K);
+        assert_eq!(t("blk.0.attn_v.weight", 4096), GgmlDType::Q6K, "the first eighth of layers");
+        assert_eq!(t("blk.5.attn_v.weight", 4096), GgmlDType::Q4K);
+        assert_eq!(t("blk.6.ffn_down.weight", 4096), GgmlDType::Q6K, "(6 - 4) % 3 == 2");
+        assert_eq!(t("blk.6.attn_q.weight", 4096), GgmlDType::Q4K);
+        assert_eq!(t("blk.6.attn_q.weight", 576), GgmlDType::Q5_0, "576 is not a multiple of 256");
+        assert_eq!(t("output.weight", 576), GgmlDType::Q8_0);
+        assert_eq!(target_type("blk.0.attn_norm.weight", 1, 576, 32, true, ModelType::Q4KM).0, GgmlDType::F32);
+        // Tied embeddings: token_embd is the output layer.
+        assert_eq!(target_type("token_embd.weight", 2, 4096, 32, false, ModelType::Q4KM).0, GgmlDType::Q6K);
+    }
+}
