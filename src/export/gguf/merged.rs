@@ -278,6 +278,32 @@ pub fn export(
 mod tests {
     use super::*;
 
+    /// candle's quantisers on Gaussian rows: each type's relative RMS error in the order of its bits.
+    #[test]
+    fn quantisers_lose_less_with_more_bits() {
+        let dev = Device::Cpu;
+        let mut rng = crate::split::SplitMix64::new(5);
+        let v: Vec<f32> = (0..64 * 512)
+            .map(|_| {
+                let (u, w) = (
+                    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64,
+                    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64,
+                );
+                ((-2.0 * (u + 1e-12).ln()).sqrt() * (std::f64::consts::TAU * w).cos()) as f32
+            })
+            .collect();
+        let x = Tensor::from_vec(v, (64, 512), &dev).unwrap();
+        let err = |t: GgmlDType| {
+            let q = QTensor::quantize(&x, t).unwrap().dequantize(&dev).unwrap();
+            let e = (q - &x).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+            e.sqrt()
+        };
+        let e: Vec<f32> =
+            [GgmlDType::Q4K, GgmlDType::Q5_0, GgmlDType::Q6K, GgmlDType::Q8_0].into_iter().map(err).collect();
+        eprintln!("relative RMS error Q4_K {:.4} Q5_0 {:.4} Q6_K {:.4} Q8_0 {:.4}", e[0], e[1], e[2], e[3]);
+        assert!(e[0] > e[1] && e[1] > e[2] && e[2] > e[3], "{e:?}");
+    }
+
     #[test]
     fn q4_k_m_mixes_as_llama_cpp_with_fall_backs_for_short_rows() {
         let t = |name: &str, row: usize| target_type(name, 2, row, 32, true, ModelType::Q4KM).0;
