@@ -77,6 +77,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { target: ExportTarget::Openai(a) } => {
             print(json, &commands::export::openai::run(&usage(a.options())?)?)?
         }
+        Command::Export { target: ExportTarget::Ollama(a) } => {
+            print(json, &commands::export::ollama::run(&a.options())?)?
+        }
         Command::Export { target: ExportTarget::Gguf(a) } => print(json, &commands::export::gguf::run(&a.options())?)?,
         Command::Validate { target: ValidateTarget::Openai(a) } => {
             let spec = tunekit::export::tokens::model_spec(&a.model)?;

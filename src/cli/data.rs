@@ -201,6 +201,46 @@ pub enum ExportTarget {
     /// llama.cpp's rotary order; an rsLoRA alpha rescaled to llama.cpp's alpha / r. --merge keeps
     /// the GGUF base's metadata and tokenizer and sets the training shards' chat template.
     Gguf(GgufExportArgs),
+    /// The adapter GGUF (or with --merge the merged model) and an Ollama Modelfile: FROM, ADAPTER,
+    /// the training chat template as Ollama's Go TEMPLATE, its stop tokens, SYSTEM.
+    ///
+    /// `ollama create NAME -f OUT/Modelfile`. A chat template tunekit cannot translate is an error.
+    Ollama(OllamaExportArgs),
+}
+
+#[derive(Args)]
+pub struct OllamaExportArgs {
+    /// The training run directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The GGUF base the adapter was trained on.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory: adapter.gguf (or model.gguf) and Modelfile.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// One merged model.gguf instead of the base + adapter.gguf.
+    #[arg(long)]
+    pub merge: bool,
+    /// Tensor type (see `export gguf --type`).
+    #[arg(long = "type", value_enum, default_value = "f16")]
+    pub ty: crate::export::gguf::merged::ModelType,
+    /// The training shards (default: the run's recorded --data): their chat template and system prompts.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+impl OllamaExportArgs {
+    pub fn options(self) -> crate::commands::export::ollama::OllamaOptions {
+        crate::commands::export::ollama::OllamaOptions {
+            adapter: self.adapter,
+            model: self.model,
+            out: self.out,
+            merge: self.merge,
+            ty: self.ty,
+            data: self.data,
+        }
+    }
 }
 
 #[derive(Args)]

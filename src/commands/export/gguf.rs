@@ -46,22 +46,24 @@ fn recorded_data(run: &Path) -> Option<PathBuf> {
     state["options"]["data"].as_str().map(PathBuf::from)
 }
 
-/// The chat template the training shards were rendered with, if the shards can be found.
-fn training_template(o: &GgufOptions) -> Result<Option<String>> {
-    let Some(data) = o.data.clone().or_else(|| recorded_data(&o.adapter)) else { return Ok(None) };
-    let m = match Manifest::read(&data) {
+/// The training shards (`data`, or the run's recorded --data) with their manifest and the chat
+/// template they were rendered with, if they can be found.
+pub fn training_shards(run: &Path, data: Option<&Path>) -> Result<Option<(PathBuf, Manifest, Option<String>)>> {
+    let Some(dir) = data.map(Path::to_path_buf).or_else(|| recorded_data(run)) else { return Ok(None) };
+    let m = match Manifest::read(&dir) {
         Ok(m) => m,
-        Err(e) if o.data.is_some() => return Err(e),
+        Err(e) if data.is_some() => return Err(e),
         Err(_) => return Ok(None),
     };
     let tok = || crate::tokenize::TokenizerInfo::load(Path::new(&m.tokenizer.path)).ok().and_then(|t| t.chat_template);
-    Ok(m.template_source(tok))
+    let template = m.template_source(tok);
+    Ok(Some((dir, m, template)))
 }
 
 pub fn run(o: &GgufOptions) -> Result<GgufSummary> {
     let start = Instant::now();
     let written = if o.merge {
-        let template = training_template(o)?;
+        let template = training_shards(&o.adapter, o.data.as_deref())?.and_then(|(_, _, t)| t);
         if template.is_none() {
             crate::progress::warn(
                 "the training shards' chat template was not found (pass --data SHARDS); the base's own template is kept",
