@@ -35,8 +35,9 @@ pub struct ChatTemplate {
 #[derive(Serialize)]
 struct Ctx<'a> {
     messages: &'a [Message],
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// None renders as `none`, as transformers passes `tools=None` and `documents=None`.
     tools: Option<&'a Value>,
+    documents: Option<&'a Value>,
     add_generation_prompt: bool,
     #[serde(flatten)]
     specials: &'a Map<String, Value>,
@@ -68,7 +69,17 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<JValue, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| -> String { chrono::Local::now().format(&fmt).to_string() });
+        env.add_function("strftime_now", strftime_now);
+        // Python's iter(): strings, lists and dicts are iterable; None (transformers' `tools=None`) is not.
+        env.add_test("iterable", |v: JValue| {
+            matches!(
+                v.kind(),
+                minijinja::value::ValueKind::Seq
+                    | minijinja::value::ValueKind::Map
+                    | minijinja::value::ValueKind::String
+                    | minijinja::value::ValueKind::Iterable
+            )
+        });
         env.add_template_owned("chat".to_string(), strip_generation_tags(source))
             .with_context(|| format!("chat template {name} does not parse"))?;
         let sha256 = crate::digest::sha256(source.as_bytes());
@@ -86,8 +97,18 @@ impl ChatTemplate {
         tools: Option<&Value>,
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
-        let ctx = Ctx { messages, tools, add_generation_prompt, specials: &self.specials, vars: &self.vars };
+        let ctx =
+            Ctx { messages, tools, documents: None, add_generation_prompt, specials: &self.specials, vars: &self.vars };
         self.env.get_template("chat").expect("added in new").render(JValue::from_serialize(&ctx))
+    }
+}
+
+/// transformers' `strftime_now`: the current local time formatted, or the time of
+/// `SOURCE_DATE_EPOCH` (UTC) when it is set, so renders that print a date can be reproduced.
+fn strftime_now(fmt: String) -> String {
+    match std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.trim().parse::<i64>().ok()) {
+        Some(t) => chrono::DateTime::from_timestamp(t, 0).unwrap_or_default().format(&fmt).to_string(),
+        None => chrono::Local::now().format(&fmt).to_string(),
     }
 }
 
