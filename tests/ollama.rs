@@ -37,7 +37,7 @@ fn go_render(template: &str, cases: &[Vec<Message>]) -> Vec<String> {
 }
 
 fn conv(turns: &[(&str, &str)]) -> Vec<Message> {
-    turns.iter().map(|(r, c)| Message::new(*r, c.to_string())).collect()
+    turns.iter().map(|(r, c)| Message::new(r, c.to_string())).collect()
 }
 
 /// Conversations as Ollama renders them (ending with a user turn: the generation prompt follows).

@@ -79,7 +79,7 @@ impl Family {
 }
 
 fn conv(turns: &[(&str, &str)]) -> Vec<Message> {
-    turns.iter().map(|(r, c)| Message::new(*r, c.to_string())).collect()
+    turns.iter().map(|(r, c)| Message::new(r, c.to_string())).collect()
 }
 
 /// Conversations that tell the families apart (all end with a user turn: Ollama renders them with

@@ -63,13 +63,19 @@ pub fn training_shards(run: &Path, data: Option<&Path>) -> Result<Option<(PathBu
 pub fn run(o: &GgufOptions) -> Result<GgufSummary> {
     let start = Instant::now();
     let written = if o.merge {
-        let template = training_shards(&o.adapter, o.data.as_deref())?.and_then(|(_, _, t)| t);
+        let shards = training_shards(&o.adapter, o.data.as_deref())?;
+        // A Hugging Face base without a tokenizer of its own: the one the shards were made with.
+        let tokenizer = shards
+            .as_ref()
+            .filter(|_| o.model.is_dir() && !o.model.join("tokenizer.json").exists())
+            .map(|(_, m, _)| PathBuf::from(&m.tokenizer.path));
+        let template = shards.and_then(|(_, _, t)| t);
         if template.is_none() {
             crate::progress::warn(
                 "the training shards' chat template was not found (pass --data SHARDS); the base's own template is kept",
             );
         }
-        Written::Merged(merged::export(Some(&o.adapter), &o.model, o.ty, template, &o.out)?)
+        Written::Merged(merged::export(Some(&o.adapter), &o.model, o.ty, template, tokenizer.as_deref(), &o.out)?)
     } else {
         let ty = match o.ty {
             ModelType::F32 => AdapterType::F32,

@@ -8,6 +8,7 @@
 //! requantised, which the summary counts.
 
 use super::adapter::architecture;
+use super::hf_base::HfBase;
 use super::writer::{write, TensorSpec};
 use crate::train::io::gguf::{config_of, unpermute_rows};
 use anyhow::{bail, Context, Result};
@@ -166,7 +167,8 @@ fn deltas(adapter_dir: &Path, c: &crate::train::model::config::ModelConfig) -> R
     Ok(out)
 }
 
-fn rotary_rows(b: &Tensor, n_head: usize) -> Result<Tensor> {
+/// Rows of a q or k matrix (or its LoRA B) in llama.cpp's rotary order.
+pub fn rotary_rows(b: &Tensor, n_head: usize) -> Result<Tensor> {
     let rows = b.dims()[0];
     let mut dst = vec![0u32; rows];
     for (hf, &g) in unpermute_rows(rows, n_head).iter().enumerate() {
@@ -175,39 +177,73 @@ fn rotary_rows(b: &Tensor, n_head: usize) -> Result<Tensor> {
     Ok(b.index_select(&Tensor::from_vec(dst, rows, b.device())?, 0)?)
 }
 
-/// Writes the base GGUF at `base` with the adapter (if any) merged, in `ty`, to `out`.
+/// Where the base's tensors come from.
+enum Source {
+    Gguf(std::fs::File, Content),
+    Hf(Box<HfBase>),
+}
+
+/// Writes the base (a GGUF file, or a Hugging Face directory with `tokenizer`) with the adapter (if
+/// any) merged, in `ty`, to `out`.
 pub fn export(
     adapter_dir: Option<&Path>,
     base: &Path,
     ty: ModelType,
     chat_template: Option<String>,
+    tokenizer: Option<&Path>,
     out: &Path,
 ) -> Result<MergedExport> {
-    if base.extension().is_none_or(|e| e != "gguf") {
-        bail!(
-            "{}: --merge writes a GGUF from a GGUF base; for a Hugging Face base, `tunekit merge` writes the merged \
-             Hugging Face directory (llama.cpp's convert_hf_to_gguf.py turns it into a GGUF)",
-            base.display()
-        );
-    }
-    let mut file = std::fs::File::open(base).with_context(|| format!("cannot open {}", base.display()))?;
-    let content = Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", base.display()))?;
-    let config = config_of(&content, base)?;
+    let from_shards = chat_template.is_some();
+    let (source, config, mut metadata) = if base.is_dir() {
+        let config = crate::train::model::config::ModelConfig::from_file(&base.join("config.json"))?;
+        let (arch, rotary) = architecture(&config)?;
+        let hf = HfBase::open(base, rotary)?;
+        let tok_path = tokenizer.unwrap_or(base);
+        let tok = crate::tokenize::TokenizerInfo::load(tok_path).with_context(|| {
+            format!(
+                "the GGUF needs the model's tokenizer: {} has none; pass --data SHARDS (their tokenizer)",
+                tok_path.display()
+            )
+        })?;
+        let md = hf.metadata(arch, &tok, chat_template.as_deref())?;
+        (Source::Hf(Box::new(hf)), config, md)
+    } else if base.extension().is_some_and(|e| e == "gguf") {
+        let mut file = std::fs::File::open(base).with_context(|| format!("cannot open {}", base.display()))?;
+        let content = Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", base.display()))?;
+        let config = config_of(&content, base)?;
+        let md: Vec<(String, Value)> = content
+            .metadata
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(k.as_str(), "general.file_type" | "general.quantization_version" | "general.alignment")
+            })
+            .filter(|(k, _)| !(from_shards && k.as_str() == "tokenizer.chat_template"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(chat_template.map(|t| ("tokenizer.chat_template".to_string(), Value::String(t))))
+            .collect();
+        (Source::Gguf(file, content), config, md)
+    } else {
+        bail!("{}: expected a GGUF file or a Hugging Face model directory", base.display());
+    };
     let (arch, _) = architecture(&config)?;
     let mut deltas = match adapter_dir {
         Some(d) => deltas(d, &config)?,
         None => HashMap::new(),
     };
     let merged_projections = deltas.len();
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort_by_key(|n| order_key(n));
-    let has_output = content.tensor_infos.contains_key("output.weight");
+    // Name, shape and (for a GGUF base) the type the base holds it in.
+    let mut list: Vec<(String, Vec<usize>, Option<GgmlDType>)> = match &source {
+        Source::Gguf(_, c) => {
+            c.tensor_infos.iter().map(|(n, i)| (n.clone(), i.shape.dims().to_vec(), Some(i.ggml_dtype))).collect()
+        }
+        Source::Hf(h) => h.tensors.iter().map(|(g, _, s)| (g.clone(), s.clone(), None)).collect(),
+    };
+    list.sort_by_key(|(n, ..)| order_key(n));
+    let has_output = list.iter().any(|(n, ..)| n == "output.weight");
     let (mut types, mut fallbacks, mut requantized) = (BTreeMap::new(), 0, 0);
     let mut specs = vec![];
-    for n in &names {
-        let info = &content.tensor_infos[*n];
-        let dims = info.shape.dims().to_vec();
-        if let Some(d) = deltas.get(*n) {
+    for (n, dims, held) in &list {
+        if let Some(d) = deltas.get(n) {
             if d.dims() != dims.as_slice() {
                 bail!(
                     "the adapter's {n} is {:?}, the base's {:?}: merge into the base it was trained on",
@@ -219,12 +255,12 @@ pub fn export(
         let (dtype, fell_back) =
             target_type(n, dims.len(), *dims.last().unwrap_or(&1), config.num_hidden_layers, has_output, ty);
         fallbacks += usize::from(fell_back);
-        let quantized_base = !matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        requantized += usize::from(quantized_base && info.ggml_dtype != dtype);
+        let quantized_base = held.is_some_and(|h| !matches!(h, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
+        requantized += usize::from(quantized_base && *held != Some(dtype));
         *types.entry(format!("{dtype:?}")).or_insert(0) += 1;
-        specs.push(TensorSpec { name: n.to_string(), shape: dims, dtype });
+        specs.push(TensorSpec { name: n.clone(), shape: dims.clone(), dtype });
     }
-    let unused: Vec<&String> = deltas.keys().filter(|k| !content.tensor_infos.contains_key(*k)).collect();
+    let unused: Vec<&String> = deltas.keys().filter(|k| !list.iter().any(|(n, ..)| n == *k)).collect();
     if !unused.is_empty() {
         bail!(
             "the adapter has {} the base lacks (e.g. {}): merge into the base it was trained on",
@@ -232,30 +268,24 @@ pub fn export(
             unused[0]
         );
     }
-    let mut metadata: Vec<(String, Value)> = content
-        .metadata
-        .iter()
-        .filter(|(k, _)| {
-            !matches!(k.as_str(), "general.file_type" | "general.quantization_version" | "general.alignment")
-        })
-        .filter(|(k, _)| !(chat_template.is_some() && k.as_str() == "tokenizer.chat_template"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    metadata.retain(|(k, _)| !matches!(k.as_str(), "general.file_type" | "general.quantization_version"));
     metadata.push(("general.file_type".into(), Value::U32(ty.file_type())));
     metadata.push(("general.quantization_version".into(), Value::U32(2)));
-    let from_shards = chat_template.is_some();
-    if let Some(t) = chat_template {
-        metadata.push(("tokenizer.chat_template".into(), Value::String(t)));
-    }
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut source = source;
     let bytes = write(out, &metadata, &specs, |i| {
         let name = &specs[i].name;
-        let q = content.tensor(&mut file, name, &Device::Cpu)?;
         let delta = deltas.remove(name);
-        if delta.is_none() && q.dtype() == specs[i].dtype {
-            return Ok(q.data()?.to_vec());
-        }
-        let mut w = q.dequantize(&Device::Cpu)?;
+        let mut w = match &mut source {
+            Source::Gguf(file, content) => {
+                let q = content.tensor(file, name, &Device::Cpu)?;
+                if delta.is_none() && q.dtype() == specs[i].dtype {
+                    return Ok(q.data()?.to_vec());
+                }
+                q.dequantize(&Device::Cpu)?
+            }
+            Source::Hf(h) => h.load(name)?,
+        };
         if let Some(d) = delta {
             w = (w + d.delta()?)?;
         }
