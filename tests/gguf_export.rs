@@ -33,6 +33,47 @@ fn node_llama_cpp() -> Option<PathBuf> {
     None
 }
 
+/// Prompts rendered with the GGUF's chat template and tokenized by tunekit, as eval.mjs requests.
+fn chat_requests(
+    tok: &tunekit::tokenize::TokenizerInfo,
+    prompts: &[&str],
+    max_tokens: usize,
+    top: usize,
+) -> Vec<Value> {
+    let tpl = ChatTemplate::new("tokenizer", tok.chat_template.as_deref().unwrap(), tok.specials.clone()).unwrap();
+    prompts
+        .iter()
+        .map(|p| {
+            let text = tpl.render(&[tunekit::record::Message::new("user", p.to_string())], None, true).unwrap();
+            let ids = tok.tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+            json!({"text": text, "ids": ids, "max_tokens": max_tokens, "top": top})
+        })
+        .collect()
+}
+
+/// llama.cpp's answers to `requests` (tests/llama_cpp/eval.mjs) on `model` with `lora` ("-": none).
+fn llama_cpp(node_dir: &Path, model: &Path, lora: &str, requests: &[Value]) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let req = dir.path().join("requests.json");
+    std::fs::write(&req, serde_json::to_string(requests).unwrap()).unwrap();
+    let script = root().join("tests/llama_cpp/eval.mjs");
+    let o = std::process::Command::new("node")
+        .args([script.to_str().unwrap(), model.to_str().unwrap(), lora, req.to_str().unwrap()])
+        .env("NODE_LLAMA_CPP_DIR", node_dir)
+        .output()
+        .expect("run node");
+    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("node prints JSON")
+}
+
+/// A GGUF file as the `gguf` package reads it (tests/llama_cpp/read_gguf.py).
+fn read_gguf(py: &str, file: &Path) -> Value {
+    let script = root().join("tests/llama_cpp/read_gguf.py");
+    let o = std::process::Command::new(py).args([script.to_str().unwrap(), file.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 /// A PEFT adapter with random A and B, saved to `dir`.
 fn random_adapter(base: &Path, dir: &Path) -> LoraSettings {
     let dev = Device::Cpu;
@@ -103,28 +144,9 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     assert!((s["alpha"].as_f64().unwrap() - 8.0 * 8f64.sqrt()).abs() < 1e-9, "{s}");
 
     let tok = tunekit::tokenize::TokenizerInfo::load(&base).unwrap();
-    let tpl = ChatTemplate::new("tokenizer", tok.chat_template.as_deref().unwrap(), tok.specials.clone()).unwrap();
     let prompts = ["Who are you?", "What is the capital of France?", "Write a haiku about the sea."];
-    let requests: Vec<Value> = prompts
-        .iter()
-        .map(|p| {
-            let text = tpl.render(&[tunekit::record::Message::new("user", p.to_string())], None, true).unwrap();
-            let ids = tok.tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
-            json!({"text": text, "ids": ids, "max_tokens": 16, "top": 10})
-        })
-        .collect();
-    let req = dir.path().join("requests.json");
-    std::fs::write(&req, serde_json::to_string(&requests).unwrap()).unwrap();
-    let script = root().join("tests/llama_cpp/eval.mjs");
-    let run_llama = |lora: &str, model: &Path| -> Vec<Value> {
-        let o = std::process::Command::new("node")
-            .args([script.to_str().unwrap(), model.to_str().unwrap(), lora, req.to_str().unwrap()])
-            .env("NODE_LLAMA_CPP_DIR", &node_dir)
-            .output()
-            .expect("run node");
-        assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).expect("node prints JSON")
-    };
+    let requests = chat_requests(&tok, &prompts, 16, 10);
+    let run_llama = |lora: &str, model: &Path| llama_cpp(&node_dir, model, lora, &requests);
     let with = run_llama(dir.path().join("a.gguf").to_str().unwrap(), &base);
     let without = run_llama("-", &base);
     // The merged model in f32: llama.cpp then multiplies tunekit's own weights, with f32 activations.
@@ -255,15 +277,7 @@ fn the_gguf_package_reads_the_adapter_as_llama_cpp_names_it() {
         dir.path(),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let o = std::process::Command::new(&py)
-        .args([
-            root().join("tests/llama_cpp/read_gguf.py").to_str().unwrap(),
-            dir.path().join("a.gguf").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let g: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let g = read_gguf(&py, &dir.path().join("a.gguf"));
     let md = &g["metadata"];
     assert_eq!(md["general.type"], json!({"type": "STRING", "value": "adapter"}));
     assert_eq!(md["adapter.type"], json!({"type": "STRING", "value": "lora"}));
@@ -373,15 +387,7 @@ fn merged_gguf_keeps_the_tokenizer_and_carries_the_training_template() {
         (Some(210), Some(true)),
         "{s}"
     );
-    let o = std::process::Command::new(&py)
-        .args([
-            root().join("tests/llama_cpp/read_gguf.py").to_str().unwrap(),
-            dir.path().join("m.gguf").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let g: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let g = read_gguf(&py, &dir.path().join("m.gguf"));
     let md = &g["metadata"];
     let chatml = std::fs::read_to_string(root().join("templates/chat/chatml.jinja")).unwrap();
     assert_eq!(md["tokenizer.chat_template"]["value"], json!(chatml));
@@ -438,29 +444,8 @@ fn a_hugging_face_base_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let tok = tunekit::tokenize::TokenizerInfo::load(&gguf).unwrap();
-    let tpl = ChatTemplate::new("t", tok.chat_template.as_deref().unwrap(), tok.specials.clone()).unwrap();
-    let requests: Vec<Value> = ["Who are you?", "Name three colours of the rainbow, then stop."]
-        .iter()
-        .map(|p| {
-            let text = tpl.render(&[tunekit::record::Message::new("user", p.to_string())], None, true).unwrap();
-            let ids = tok.tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
-            json!({"text": text, "ids": ids, "max_tokens": 12, "top": 5})
-        })
-        .collect();
-    let req = dir.path().join("requests.json");
-    std::fs::write(&req, serde_json::to_string(&requests).unwrap()).unwrap();
-    let o = std::process::Command::new("node")
-        .args([
-            root().join("tests/llama_cpp/eval.mjs").to_str().unwrap(),
-            dir.path().join("m.gguf").to_str().unwrap(),
-            "-",
-            req.to_str().unwrap(),
-        ])
-        .env("NODE_LLAMA_CPP_DIR", &node_dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
-    let llama: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let requests = chat_requests(&tok, &["Who are you?", "Name three colours of the rainbow, then stop."], 12, 5);
+    let llama = llama_cpp(&node_dir, &dir.path().join("m.gguf"), "-", &requests);
     let place = tunekit::train::io::Placement { device: "cpu".into(), dtype: "f32".into(), ..Default::default() };
     let m = tunekit::train::io::load_model(&dir.path().join("hf"), Some(&adapter), &place).unwrap();
     let mut worst = 0f32;

@@ -7,6 +7,11 @@ use super::{Findings, Severity};
 use crate::pack::manifest::Manifest;
 use crate::tokenize::TokenizerInfo;
 
+/// A finding about the shard directory as a whole: its manifest.
+fn in_manifest(detail: String) -> super::Location {
+    super::Location { split: "train", file: "manifest.json".into(), row: 0, segment: None, token: None, detail }
+}
+
 /// Compares the shards' tokenizer (when it could be loaded) and template with the model's.
 pub fn compare(manifest: &Manifest, shards_tok: Option<&TokenizerInfo>, model_tok: &TokenizerInfo, f: &mut Findings) {
     if manifest.tokenizer.sha256 != model_tok.sha256 {
@@ -29,18 +34,11 @@ pub fn compare(manifest: &Manifest, shards_tok: Option<&TokenizerInfo>, model_to
                         Severity::Error,
                         "the shards were tokenized with another vocabulary than the model's",
                         "prepare the shards with the model's own tokenizer (--tokenizer MODEL_DIR or the GGUF file)",
-                        Some(super::Location {
-                            split: "train",
-                            file: "manifest.json".into(),
-                            row: 0,
-                            segment: None,
-                            token: None,
-                            detail: format!(
-                                "{} token(s) of {} differ and the model has {missing} the shards' tokenizer lacks{example}",
-                                differ.len(),
-                                manifest.tokenizer.path
-                            ),
-                        }),
+                        Some(in_manifest(format!(
+                            "{} token(s) of {} differ and the model has {missing} the shards' tokenizer lacks{example}",
+                            differ.len(),
+                            manifest.tokenizer.path
+                        ))),
                     );
                 }
             }
@@ -63,19 +61,12 @@ pub fn compare(manifest: &Manifest, shards_tok: Option<&TokenizerInfo>, model_to
              apply_chat_template, llama.cpp and Ollama will prompt the tuned model with",
             "prepare with the model's template (leave out --template and pass the model as --tokenizer), or ship the \
              training template with the tuned model",
-            Some(super::Location {
-                split: "train",
-                file: "manifest.json".into(),
-                row: 0,
-                segment: None,
-                token: None,
-                detail: format!(
-                    "template '{}' (sha256 {}) vs the model's (sha256 {})",
-                    manifest.template.name,
-                    &manifest.template.sha256[..12.min(manifest.template.sha256.len())],
-                    &sha[..12]
-                ),
-            }),
+            Some(in_manifest(format!(
+                "template '{}' (sha256 {}) vs the model's (sha256 {})",
+                manifest.template.name,
+                &manifest.template.sha256[..12.min(manifest.template.sha256.len())],
+                &sha[..12]
+            ))),
         );
     }
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub struct HfBase {
     st: MmapedSafetensors,
@@ -49,21 +49,7 @@ fn gguf_name(hf: &str) -> Option<String> {
 impl HfBase {
     pub fn open(dir: &Path, rotary: bool) -> Result<HfBase> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let files: Vec<PathBuf> = if dir.join("model.safetensors.index.json").exists() {
-            let idx: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json"))?)?;
-            let mut f: Vec<String> = idx["weight_map"]
-                .as_object()
-                .context("model.safetensors.index.json has no weight_map")?
-                .values()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect();
-            f.sort();
-            f.dedup();
-            f.into_iter().map(|n| dir.join(n)).collect()
-        } else {
-            vec![dir.join("model.safetensors")]
-        };
+        let files = crate::train::io::hf::safetensors_files(dir)?;
         let st = unsafe { MmapedSafetensors::multi(&files) }
             .with_context(|| format!("cannot read the safetensors of {}", dir.display()))?;
         let mut tensors = vec![];

@@ -9,9 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-pub fn load_hf_dir(dir: &Path, device: &Device, nf4: bool) -> Result<BaseModel> {
-    let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let files: Vec<PathBuf> = if dir.join("model.safetensors.index.json").exists() {
+/// The safetensors files of a Hugging Face model directory: model.safetensors, or the shards its
+/// index lists.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(if dir.join("model.safetensors.index.json").exists() {
         let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json"))?)?;
         let mut f: Vec<String> = idx["weight_map"]
             .as_object()
@@ -26,7 +27,12 @@ pub fn load_hf_dir(dir: &Path, device: &Device, nf4: bool) -> Result<BaseModel> 
         vec![dir.join("model.safetensors")]
     } else {
         bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
-    };
+    })
+}
+
+pub fn load_hf_dir(dir: &Path, device: &Device, nf4: bool) -> Result<BaseModel> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let files = safetensors_files(dir)?;
     let mut tensors = HashMap::new();
     let mut nf4_map = HashMap::new();
     // Memory-mapped: each tensor is materialised (and quantised, for QLoRA) on its own.

@@ -264,21 +264,10 @@ impl<'a> Rl<'a> {
 
     /// Completions grouped into micro-batches of at most `--batch-tokens` (a longer one alone).
     pub fn micro_batches(&self, seqs: &[Seq]) -> Vec<Vec<usize>> {
-        let mut out = vec![];
-        let (mut cur, mut tokens) = (vec![], 0);
-        for (i, s) in seqs.iter().enumerate() {
-            let n = self.train[s.prompt].prompt_ids.len() + s.tokens.len();
-            if !cur.is_empty() && tokens + n > self.opts.batch_tokens {
-                out.push(std::mem::take(&mut cur));
-                tokens = 0;
-            }
-            cur.push(i);
-            tokens += n;
-        }
-        if !cur.is_empty() {
-            out.push(cur);
-        }
-        out
+        let order: Vec<usize> = (0..seqs.len()).collect();
+        crate::train::data::micro_batches(&order, self.opts.batch_tokens, |i| {
+            self.train[seqs[i].prompt].prompt_ids.len() + seqs[i].tokens.len()
+        })
     }
 
     /// Mean reward of greedy completions of the held-out prompts (and each function's mean).
