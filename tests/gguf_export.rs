@@ -66,6 +66,16 @@ fn llama_cpp(node_dir: &Path, model: &Path, lora: &str, requests: &[Value]) -> V
     serde_json::from_slice(&o.stdout).expect("node prints JSON")
 }
 
+/// `tunekit export gguf ARGS --json` in `dir`: its summary.
+fn export_gguf(dir: &Path, args: &[&str]) -> Value {
+    let mut a = vec!["export", "gguf"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    let out = tunekit(&a, dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    stdout_json(&out)
+}
+
 /// A GGUF file as the `gguf` package reads it (tests/llama_cpp/read_gguf.py).
 fn read_gguf(py: &str, file: &Path) -> Value {
     let script = root().join("tests/llama_cpp/read_gguf.py");
@@ -121,10 +131,9 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     let dir = tempfile::tempdir().unwrap();
     let adapter = dir.path().join("adapter");
     random_adapter(&base, &adapter);
-    let out = tunekit(
+    let s = export_gguf(
+        dir.path(),
         &[
-            "export",
-            "gguf",
             "--adapter",
             adapter.to_str().unwrap(),
             "--model",
@@ -133,12 +142,8 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
             "a.gguf",
             "--type",
             "f32",
-            "--json",
         ],
-        dir.path(),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let s = stdout_json(&out);
     assert_eq!((s["tensors"].as_u64(), s["architecture"].as_str()), (Some(30 * 7 * 2), Some("llama")), "{s}");
     // rsLoRA's alpha / sqrt(r) written as llama.cpp's alpha / r.
     assert!((s["alpha"].as_f64().unwrap() - 8.0 * 8f64.sqrt()).abs() < 1e-9, "{s}");
@@ -150,10 +155,9 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     let with = run_llama(dir.path().join("a.gguf").to_str().unwrap(), &base);
     let without = run_llama("-", &base);
     // The merged model in f32: llama.cpp then multiplies tunekit's own weights, with f32 activations.
-    let out = tunekit(
+    export_gguf(
+        dir.path(),
         &[
-            "export",
-            "gguf",
             "--merge",
             "--adapter",
             adapter.to_str().unwrap(),
@@ -164,9 +168,7 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
             "--type",
             "f32",
         ],
-        dir.path(),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let merged = run_llama("-", &dir.path().join("m.gguf"));
 
     let dev = Device::Cpu;
@@ -261,22 +263,10 @@ fn the_gguf_package_reads_the_adapter_as_llama_cpp_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = root().join("tests/fixtures/train/llama");
     let (a, m) = (fixture.join("adapter"), fixture.clone());
-    let out = tunekit(
-        &[
-            "export",
-            "gguf",
-            "--adapter",
-            a.to_str().unwrap(),
-            "--model",
-            m.to_str().unwrap(),
-            "--out",
-            "a.gguf",
-            "--type",
-            "q8_0",
-        ],
+    export_gguf(
         dir.path(),
+        &["--adapter", a.to_str().unwrap(), "--model", m.to_str().unwrap(), "--out", "a.gguf", "--type", "q8_0"],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let g = read_gguf(&py, &dir.path().join("a.gguf"));
     let md = &g["metadata"];
     assert_eq!(md["general.type"], json!({"type": "STRING", "value": "adapter"}));
@@ -363,25 +353,10 @@ fn merged_gguf_keeps_the_tokenizer_and_carries_the_training_template() {
         tunekit(&["prepare", "c.jsonl", "--tokenizer", b, "--template", "chatml", "--out", "shards", "-q"], dir.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let a = adapter.to_str().unwrap();
-    let args = [
-        "export",
-        "gguf",
-        "--merge",
-        "--adapter",
-        a,
-        "--model",
-        b,
-        "--out",
-        "m.gguf",
-        "--type",
-        "q4_k_m",
-        "--data",
-        "shards",
-        "--json",
-    ];
-    let o = tunekit(&args, dir.path());
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let s = stdout_json(&o);
+    let s = export_gguf(
+        dir.path(),
+        &["--merge", "--adapter", a, "--model", b, "--out", "m.gguf", "--type", "q4_k_m", "--data", "shards"],
+    );
     assert_eq!(
         (s["merged_projections"].as_u64(), s["chat_template_from_shards"].as_bool()),
         (Some(210), Some(true)),
@@ -425,23 +400,10 @@ fn a_hugging_face_base_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
     let o =
         tunekit(&["prepare", "d.jsonl", "--tokenizer", g, "--out", "shards", "--eval-fraction", "0", "-q"], dir.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let args = [
-        "export",
-        "gguf",
-        "--merge",
-        "--adapter",
-        a,
-        "--model",
-        "hf",
-        "--data",
-        "shards",
-        "--out",
-        "m.gguf",
-        "--type",
-        "f32",
-    ];
-    let o = tunekit(&args, dir.path());
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    export_gguf(
+        dir.path(),
+        &["--merge", "--adapter", a, "--model", "hf", "--data", "shards", "--out", "m.gguf", "--type", "f32"],
+    );
 
     let tok = tunekit::tokenize::TokenizerInfo::load(&gguf).unwrap();
     let requests = chat_requests(&tok, &["Who are you?", "Name three colours of the rainbow, then stop."], 12, 5);
