@@ -210,36 +210,15 @@ pub enum ExportTarget {
 
 #[derive(Args)]
 pub struct OllamaExportArgs {
-    /// The training run directory (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
-    pub adapter: PathBuf,
-    /// The GGUF base the adapter was trained on.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Output directory: adapter.gguf (or model.gguf) and Modelfile.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// One merged model.gguf instead of the base + adapter.gguf.
-    #[arg(long)]
-    pub merge: bool,
-    /// Tensor type (see `export gguf --type`).
-    #[arg(long = "type", value_enum, default_value = "f16")]
-    pub ty: crate::export::gguf::merged::ModelType,
-    /// The training shards (default: the run's recorded --data): their chat template and system prompts.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    /// The same flags as `export gguf`; --out is the directory for adapter.gguf (or model.gguf)
+    /// and the Modelfile, --model the GGUF base, --data also gives the system prompts.
+    #[command(flatten)]
+    pub export: GgufExportArgs,
 }
 
 impl OllamaExportArgs {
     pub fn options(self) -> crate::commands::export::ollama::OllamaOptions {
-        crate::commands::export::ollama::OllamaOptions {
-            adapter: self.adapter,
-            model: self.model,
-            out: self.out,
-            merge: self.merge,
-            ty: self.ty,
-            data: self.data,
-        }
+        crate::commands::export::ollama::OllamaOptions { export: self.export.options() }
     }
 }
 
@@ -252,7 +231,8 @@ pub struct GgufExportArgs {
     /// architecture are checked against it.
     #[arg(long)]
     pub model: PathBuf,
-    /// Output file (.gguf); written under a temporary name and renamed when complete.
+    /// Output: the .gguf file (export ollama: the directory for it and the Modelfile); written under a
+    /// temporary name and renamed when complete.
     #[arg(long)]
     pub out: PathBuf,
     /// Tensor type: of the LoRA matrices (f32, f16, q8_0), or with --merge of the model (also bf16

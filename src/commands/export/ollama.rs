@@ -4,7 +4,6 @@
 
 use super::gguf::{training_shards, GgufOptions, GgufSummary};
 use crate::commands::Summary;
-use crate::export::gguf::merged::ModelType;
 use crate::export::ollama::{modelfile, recognise, system_of, Family};
 use crate::output::AtomicFile;
 use crate::pack::shards::{list_shards, read_rows};
@@ -13,15 +12,11 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub struct OllamaOptions {
-    pub adapter: PathBuf,
-    pub model: PathBuf,
-    pub out: PathBuf,
-    pub merge: bool,
-    pub ty: ModelType,
-    pub data: Option<PathBuf>,
+    /// What to export; `out` is the directory for the GGUF file and the Modelfile.
+    pub export: GgufOptions,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,7 +59,8 @@ fn data_systems(
     Ok(seen)
 }
 
-pub fn run(o: &OllamaOptions) -> Result<OllamaSummary> {
+pub fn run(opts: &OllamaOptions) -> Result<OllamaSummary> {
+    let o = &opts.export;
     if o.model.extension().is_none_or(|e| e != "gguf") {
         bail!(
             "{}: Ollama runs GGUF files; give the GGUF base the adapter was trained on (for a Hugging Face base, \
