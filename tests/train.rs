@@ -73,6 +73,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         qlora_embeddings: false,
         gradient_checkpointing: false,
         probe_memory: false,
+        tensorboard: false,
         device: "cpu".into(),
         dtype: "auto".into(),
         rl: Default::default(),
@@ -407,4 +408,49 @@ fn qlora_loads_quantise_each_projection_as_it_is_read() {
     let d = (q.logits(&ids, &pos, &[4]).unwrap() - dense.logits(&ids, &pos, &[4]).unwrap()).unwrap();
     let d = d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-3, "{d}");
+}
+
+/// `--report-to tensorboard`: TensorBoard's own reader (the `tensorboard` package, PyPI) reads back
+/// every number of metrics.jsonl as a scalar at its step (`eval_loss` as `eval/loss`, the rest as
+/// `train/NAME`), and the options as text.
+#[test]
+fn tensorboard_reads_back_what_metrics_jsonl_says() {
+    let py = std::env::var("TUNEKIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has =
+        std::process::Command::new(&py).args(["-c", "import tensorboard"]).output().is_ok_and(|o| o.status.success());
+    if !has {
+        if std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+            panic!("{py} has no `tensorboard` package; .ci/fetch-tools installs it");
+        }
+        eprintln!("SKIPPED: {py} has no `tensorboard` package (pip install tensorboard)");
+        return;
+    }
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("shards");
+    write_shards(&data, 128, 30);
+    let out = dir.path().join("run");
+    run(&TrainOptions { tensorboard: true, ..options(&data, &out, 10) }, None).unwrap();
+    let script = common::root().join("tests/tensorboard/read_events.py");
+    let o = std::process::Command::new(&py)
+        .args([script.to_str().unwrap(), out.join("tensorboard").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tb: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut compared = 0;
+    for rec in common::read_jsonl(&out.join("metrics.jsonl")) {
+        let step = rec["step"].as_u64().unwrap();
+        for (k, v) in rec.as_object().unwrap() {
+            let (Some(v), false) = (v.as_f64(), k == "step") else { continue };
+            let tag = k.strip_prefix("eval_").map_or(format!("train/{k}"), |e| format!("eval/{e}"));
+            let points = tb["scalars"][&tag].as_array().unwrap_or_else(|| panic!("no scalar {tag}: {tb}"));
+            let p = points.iter().find(|p| p[0].as_u64() == Some(step)).unwrap_or_else(|| panic!("{tag} at {step}"));
+            let got = p[1].as_f64().unwrap();
+            assert!((got - v).abs() <= 1e-6 * v.abs().max(1.0), "{tag} at step {step}: {got} vs {v}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 50, "{compared}");
+    assert!(tb["texts"]["options"][0].as_str().unwrap().contains("\"lora\""), "{tb}");
 }

@@ -105,6 +105,10 @@ pub struct TrainArgs {
     /// the summary reports the peak memory after it.
     #[arg(long)]
     pub probe_memory: bool,
+    /// Also report to: tensorboard (event files under OUT/tensorboard/: every metric of
+    /// metrics.jsonl as a scalar per step, the options as text; `tensorboard --logdir OUT`).
+    #[arg(long, value_enum, default_value = "none")]
+    pub report_to: ReportTo,
     #[command(flatten)]
     pub compute: ComputeArgs,
     /// Continue from a checkpoint directory (OUT/checkpoint-N).
@@ -293,9 +297,17 @@ impl TrainArgs {
             qlora_embeddings: self.qlora_embeddings,
             gradient_checkpointing: self.gradient_checkpointing,
             probe_memory: self.probe_memory,
+            tensorboard: self.report_to == ReportTo::Tensorboard,
             device: self.compute.device,
             dtype: self.compute.dtype,
             rl,
         })
     }
+}
+
+/// Where else `train` reports its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportTo {
+    None,
+    Tensorboard,
 }

@@ -130,6 +130,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
             qlora_embeddings: false,
             gradient_checkpointing: false,
             probe_memory: false,
+            tensorboard: false,
             device: "auto".into(),
             dtype: "auto".into(),
             rl: Default::default(),

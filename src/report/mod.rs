@@ -1,5 +1,6 @@
-//! What tunekit shows people about data and runs: charts ([`plot`]) and summary statistics
-//! ([`stats`]).
+//! What tunekit shows people about data and runs: charts ([`plot`]), summary statistics
+//! ([`stats`]) and TensorBoard event files ([`tensorboard`]).
 
 pub mod plot;
 pub mod stats;
+pub mod tensorboard;

@@ -105,6 +105,9 @@ pub struct TrainOptions {
     /// Run the most memory-hungry micro-batch once before step 1 (an out-of-memory comes at once).
     #[serde(default)]
     pub probe_memory: bool,
+    /// `--report-to tensorboard`: event files under OUT/tensorboard/ beside metrics.jsonl.
+    #[serde(default)]
+    pub tensorboard: bool,
     /// auto, cpu, cuda or cuda:N (auto: a GPU when built with CUDA and one is present).
     #[serde(default = "auto")]
     pub device: String,

@@ -4,6 +4,7 @@
 //! checkpoint, clip, the learning-rate schedule, AdamW, metrics.jsonl, held-out evaluation and
 //! checkpoints on their cadence, the final adapter and loss plot, and the summary.
 
+use crate::report::tensorboard::EventWriter;
 use crate::train::device::{describe, gpu_used_mb, peak_rss_mb};
 use crate::train::io::{checkpoint, load_model, peft, release_freed_memory, Placement};
 use crate::train::model::Model;
@@ -207,10 +208,12 @@ pub struct TrainSummary {
 }
 
 /// metrics.jsonl: one JSON object per line, appended to on resume.
-struct MetricsLog(std::fs::File);
+/// metrics.jsonl, one record per line; with `--report-to tensorboard` each record's numbers also
+/// as TensorBoard scalars at its step (`eval_loss` as `eval/loss`, the others as `train/NAME`).
+struct MetricsLog(std::fs::File, Option<EventWriter>);
 
 impl MetricsLog {
-    fn open(path: &Path, append: bool) -> Result<Self> {
+    fn open(path: &Path, append: bool, tensorboard: Option<(&Path, &TrainOptions)>) -> Result<Self> {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -218,11 +221,36 @@ impl MetricsLog {
             .truncate(!append)
             .open(path)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(MetricsLog(f))
+        let tb = match tensorboard {
+            Some((dir, opts)) => {
+                let mut w = EventWriter::create(dir)?;
+                let options = serde_json::to_string_pretty(opts)?;
+                w.text(0, "options", &format!("```\n{options}\n```"))?;
+                Some(w)
+            }
+            None => None,
+        };
+        Ok(MetricsLog(f, tb))
     }
 
     fn write(&mut self, rec: &Value) -> Result<()> {
         writeln!(self.0, "{rec}")?;
+        if let (Some(tb), Some(step)) = (self.1.as_mut(), rec["step"].as_u64()) {
+            let scalars: Vec<(String, f64)> = rec
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.as_str() != "step")
+                .filter_map(|(k, v)| {
+                    let tag = match k.strip_prefix("eval_") {
+                        Some(e) => format!("eval/{e}"),
+                        None => format!("train/{k}"),
+                    };
+                    v.as_f64().map(|x| (tag, x))
+                })
+                .collect();
+            tb.scalars(step, &scalars)?;
+        }
         Ok(())
     }
 }
@@ -256,7 +284,9 @@ pub fn drive<R: Recipe>(
     let total = opts.max_steps.unwrap_or(recipe.steps_per_epoch() * opts.epochs.max(1));
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
     let metrics_path = opts.out.join("metrics.jsonl");
-    let mut metrics = MetricsLog::open(&metrics_path, resume.is_some())?;
+    let tb_dir = opts.out.join("tensorboard");
+    let mut metrics =
+        MetricsLog::open(&metrics_path, resume.is_some(), opts.tensorboard.then_some((tb_dir.as_path(), opts)))?;
     let pb = crate::progress::bar(recipe.name(), total);
     pb.set_position(step);
     let (mut first_loss, mut last_loss) = (None, None);
