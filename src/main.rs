@@ -92,6 +92,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => {
             print(json, &commands::inspect::run(&a.dir, a.show, &a.split, a.tokenizer.as_deref(), a.plot)?)?
         }
+        Command::Report(a) => print(json, &commands::report::run(&a.options())?)?,
         Command::Doctor(a) => {
             let report = commands::doctor::run(&a.options())?;
             print(json, &report)?;

@@ -126,6 +126,22 @@ impl DedupCommandArgs {
 }
 
 #[derive(Args)]
+pub struct ReportArgs {
+    /// Shard directories (prepare's --out) and training run directories (train's --out).
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+    /// The HTML file to write.
+    #[arg(long, default_value = "report.html")]
+    pub out: PathBuf,
+}
+
+impl ReportArgs {
+    pub fn options(self) -> crate::commands::report::ReportOptions {
+        crate::commands::report::ReportOptions { dirs: self.dirs, out: self.out }
+    }
+}
+
+#[derive(Args)]
 pub struct DoctorArgs {
     /// The shard directory (prepare's --out).
     pub dir: PathBuf,

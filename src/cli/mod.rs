@@ -70,6 +70,10 @@ pub enum Command {
     ///
     /// Exit 1 when it finds errors, 0 with warnings only.
     Doctor(data::DoctorArgs),
+    /// One self-contained HTML report (inline SVG charts, no network) of shard and run directories:
+    /// accounting, length histogram, rejects by reason, decoded rows, loss/lr/grad-norm/throughput/
+    /// memory and the method's own metrics; several runs overlaid.
+    Report(data::ReportArgs),
     /// Remove exact and near-duplicate conversations (MinHash-LSH); removed rows go to duplicates.jsonl.
     #[command(args_override_self = true)]
     Dedup(data::DedupCommandArgs),

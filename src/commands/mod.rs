@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod merge;
 pub mod prepare;
 pub mod quickstart;
+pub mod report;
 pub mod score;
 pub mod train;
 pub mod validate;

@@ -38,5 +38,6 @@ impl Summary for TrainSummary {
         if let Some(p) = &self.plot {
             println!("  loss curve: {p}");
         }
+        println!("  report:     {}", self.report);
     }
 }

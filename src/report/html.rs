@@ -1,0 +1,277 @@
+//! One self-contained HTML report (`tunekit report DIR...`): no network, no scripts, the charts
+//! inline as SVG. For shard directories: the accounting, the sample-length histogram, rows by
+//! reject reason, a few rows decoded with the trained text highlighted, examples of each reject
+//! and duplicate reason. For run directories: training and held-out loss (raw and smoothed),
+//! learning rate, gradient norm, throughput, memory and every other metric the method logs
+//! (rewards, margins, accuracies, KL), several runs overlaid; and the options the run used.
+
+use super::charts::{bar_chart, line_chart, smoothed, Series};
+use super::stats::histogram;
+use crate::pack::manifest::Manifest;
+use crate::pack::shards::{list_shards, read_rows};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+const STYLE: &str = "body{font-family:sans-serif;max-width:1320px;margin:24px auto;padding:0 16px;color:#222}\
+h1{font-size:24px}h2{font-size:20px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}\
+h3{font-size:16px}table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;font-size:13px}\
+.charts{display:flex;flex-wrap:wrap;gap:12px}.charts svg{border:1px solid #eee}\
+pre{background:#f6f6f6;padding:8px;white-space:pre-wrap;font-size:12px;max-height:420px;overflow:auto}\
+mark{background:#c8f7c5}";
+
+/// Each metric of a run with its (step, value) points.
+type Curves = BTreeMap<String, Vec<(f64, f64)>>;
+
+/// A run's metrics.jsonl as curves.
+fn run_metrics(dir: &Path) -> Result<Curves> {
+    let p = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let mut m: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let rec: Value =
+            serde_json::from_str(line).with_context(|| format!("{} line {}: not JSON", p.display(), i + 1))?;
+        let Some(step) = rec["step"].as_f64() else { continue };
+        for (k, v) in rec.as_object().into_iter().flatten() {
+            if let (Some(x), true) = (v.as_f64(), k != "step") {
+                m.entry(k.clone()).or_default().push((step, x));
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// What each chart of a run shows: (title, y axis, the metrics drawn).
+const RUN_CHARTS: &[(&str, &str, &[&str])] = &[
+    ("Learning rate", "learning rate", &["lr"]),
+    ("Gradient norm", "norm (before clipping)", &["grad_norm"]),
+    ("Throughput", "tokens / s", &["tokens_per_s"]),
+    ("Memory", "peak resident MB", &["peak_memory_mb", "gpu_memory_mb"]),
+];
+
+/// The part of a report for the run directories `runs` (several are overlaid).
+fn runs_section(runs: &[&Path], out: &mut String) -> Result<()> {
+    let metrics: Vec<(String, Curves)> =
+        runs.iter().map(|d| Ok((d.display().to_string(), run_metrics(d)?))).collect::<Result<_>>()?;
+    let label = |run: &str, what: &str| if runs.len() > 1 { format!("{run}: {what}") } else { what.to_string() };
+    writeln!(out, "<h2>Training runs</h2><table><tr><th>run</th><th>steps</th><th>first loss</th><th>last loss</th><th>last eval loss</th></tr>")?;
+    for (name, m) in &metrics {
+        let last = |k: &str| m.get(k).and_then(|v| v.last()).map_or("-".into(), |p| format!("{:.4}", p.1));
+        let first = m.get("loss").and_then(|v| v.first()).map_or("-".into(), |p| format!("{:.4}", p.1));
+        let steps = m.values().flat_map(|v| v.iter().map(|p| p.0)).fold(0.0, f64::max);
+        writeln!(
+            out,
+            "<tr><td>{}</td><td>{steps}</td><td>{first}</td><td>{}</td><td>{}</td></tr>",
+            escape(name),
+            last("loss"),
+            last("eval_loss")
+        )?;
+    }
+    writeln!(out, "</table><div class=\"charts\">")?;
+    let mut loss = vec![];
+    for (name, m) in &metrics {
+        if let Some(l) = m.get("loss") {
+            loss.push(Series { name: label(name, "train loss"), points: l.clone() });
+            loss.push(Series { name: label(name, "train loss (smoothed)"), points: smoothed(l, 0.6) });
+        }
+        if let Some(e) = m.get("eval_loss") {
+            loss.push(Series { name: label(name, "eval loss"), points: e.clone() });
+        }
+    }
+    if !loss.is_empty() {
+        out.push_str(&line_chart("Loss", "step", "loss (nats per trained token)", &loss)?);
+    }
+    let mut shown: Vec<&str> = vec![
+        "loss",
+        "eval_loss",
+        "tokens",
+        "trained_tokens",
+        "step_time",
+        "rows_per_s",
+        "pairs_per_s",
+        "prompts_per_s",
+    ];
+    for (title, y, keys) in RUN_CHARTS {
+        shown.extend(keys.iter());
+        let series: Vec<Series> = metrics
+            .iter()
+            .flat_map(|(name, m)| {
+                keys.iter().filter_map(move |k| m.get(*k).map(|p| Series { name: label(name, k), points: p.clone() }))
+            })
+            .collect();
+        if !series.is_empty() {
+            out.push_str(&line_chart(title, "step", y, &series)?);
+        }
+    }
+    // Every other metric the method logs (DPO margins and accuracies, RL rewards and KL, ...).
+    let mut others: Vec<&String> =
+        metrics.iter().flat_map(|(_, m)| m.keys()).filter(|k| !shown.contains(&k.as_str())).collect();
+    others.sort();
+    others.dedup();
+    for k in others {
+        let series: Vec<Series> = metrics
+            .iter()
+            .filter_map(|(name, m)| m.get(k).map(|p| Series { name: label(name, k), points: p.clone() }))
+            .collect();
+        out.push_str(&line_chart(k, "step", k, &series)?);
+    }
+    writeln!(out, "</div>")?;
+    for d in runs {
+        let state = d.join("checkpoint-last/state.json");
+        if let Ok(s) = std::fs::read(&state) {
+            let v: Value = serde_json::from_slice(&s).unwrap_or_default();
+            let opts = serde_json::to_string_pretty(&v["options"]).unwrap_or_default();
+            writeln!(
+                out,
+                "<details><summary>options of {}</summary><pre>{}</pre></details>",
+                escape(&d.display().to_string()),
+                escape(&opts)
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The first `n` lines of a side file (rejects.jsonl, duplicates.jsonl) for each value of `key`.
+fn examples(path: &Path, key: &str, n: usize) -> BTreeMap<String, Vec<String>> {
+    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let Ok(text) = std::fs::read_to_string(path) else { return by };
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        let k = v[key].as_str().unwrap_or("").to_string();
+        let e = by.entry(k).or_default();
+        if e.len() < n {
+            e.push(line.to_string());
+        }
+    }
+    by
+}
+
+/// The part of a report for one shard directory.
+fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
+    let m = Manifest::read(dir)?;
+    let a = &m.accounting;
+    writeln!(out, "<h2>Shards: {}</h2>", escape(&dir.display().to_string()))?;
+    writeln!(out, "<table><tr><th>rows read</th><th>kept samples</th><th>rejected</th><th>duplicates (exact / near)</th><th>filtered</th><th>contaminated</th><th>too long</th><th>tokens</th><th>trained tokens</th><th>fill</th></tr>")?;
+    writeln!(
+        out,
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ({:.1}%)</td><td>{:.1}%</td></tr></table>",
+        a.rows_read,
+        a.samples.or(a.pairs).or(a.prompts).unwrap_or(0),
+        a.rejected,
+        a.duplicates_exact,
+        a.duplicates_near,
+        a.filtered,
+        a.contaminated,
+        a.dropped_too_long,
+        a.tokens,
+        a.trainable_tokens,
+        100.0 * a.trainable_tokens as f64 / a.tokens.max(1) as f64,
+        100.0 * a.fill_ratio.unwrap_or(0.0)
+    )?;
+    writeln!(
+        out,
+        "<p>tokenizer {} · template {} · seq_len {} · loss {:?}</p><div class=\"charts\">",
+        escape(&m.tokenizer.path),
+        escape(&m.template.name),
+        m.seq_len,
+        m.loss
+    )?;
+    let (mut lengths, mut rows) = (vec![], vec![]);
+    if m.format == "tunekit-shards" {
+        for f in list_shards(dir, "train")? {
+            for r in read_rows(&f)? {
+                lengths.extend(r.seq_lengths.iter().map(|&l| l as f64));
+                if rows.len() < 3 {
+                    rows.push(r);
+                }
+            }
+        }
+    }
+    if !lengths.is_empty() {
+        let (edges, counts) = histogram(&lengths, 24);
+        let bars: Vec<(String, f64)> = edges.iter().zip(&counts).map(|(e, c)| (format!("{e:.0}"), *c as f64)).collect();
+        out.push_str(&bar_chart("Sample length", "tokens (bin start)", "samples", &bars)?);
+    }
+    let mut fates: Vec<(String, f64)> = a.rejected_by_reason.iter().map(|(r, n)| (r.clone(), *n as f64)).collect();
+    for (name, n) in [
+        ("duplicate (exact)", a.duplicates_exact),
+        ("duplicate (near)", a.duplicates_near),
+        ("filtered", a.filtered),
+        ("contaminated", a.contaminated),
+    ] {
+        if n > 0 {
+            fates.push((name.into(), n as f64));
+        }
+    }
+    if !fates.is_empty() {
+        out.push_str(&bar_chart("Rows not kept, by reason", "reason", "rows", &fates)?);
+    }
+    writeln!(out, "</div>")?;
+    if let (false, Ok(tok)) = (rows.is_empty(), crate::tokenize::TokenizerInfo::load(Path::new(&m.tokenizer.path))) {
+        writeln!(out, "<h3>Rows as the model sees them (trained text highlighted)</h3>")?;
+        for (i, r) in rows.iter().enumerate() {
+            let text = crate::tokenize::decode::decode_marked(&tok, &r.input_ids, &r.labels, false)?;
+            let html = escape(&text).replace('⟦', "<mark>").replace('⟧', "</mark>");
+            writeln!(
+                out,
+                "<details{}><summary>train row {i} ({} tokens, {} segments)</summary><pre>{html}</pre></details>",
+                if i == 0 { " open" } else { "" },
+                r.input_ids.len(),
+                r.seq_lengths.len()
+            )?;
+        }
+    }
+    for (file, key, what) in [
+        ("rejects.jsonl", "reason", "Rejects"),
+        ("duplicates.jsonl", "kind", "Duplicates"),
+        ("contaminated.jsonl", "eval_row", "Contaminated"),
+    ] {
+        let ex = examples(&dir.join(file), key, 2);
+        if ex.is_empty() {
+            continue;
+        }
+        writeln!(out, "<h3>{what}: examples by {key}</h3>")?;
+        for (k, lines) in ex.iter().take(20) {
+            writeln!(out, "<p><b>{}</b></p><pre>{}</pre>", escape(k), escape(&lines.join("\n")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `dir/report.html` for one shard or run directory (what prepare and train leave beside
+/// their outputs); returns its path.
+pub fn write_beside(dir: &Path) -> Result<std::path::PathBuf> {
+    let html = report(&[dir])?;
+    let p = dir.join("report.html");
+    let mut f = crate::output::AtomicFile::create(&p)?;
+    std::io::Write::write_all(&mut f, html.as_bytes())?;
+    f.commit()?;
+    Ok(p)
+}
+
+/// The whole report over shard and run directories.
+pub fn report(dirs: &[&Path]) -> Result<String> {
+    let mut body = String::new();
+    let runs: Vec<&Path> = dirs.iter().copied().filter(|d| d.join("metrics.jsonl").exists()).collect();
+    for d in dirs {
+        if d.join(crate::pack::manifest::FILE).exists() {
+            shards_section(d, &mut body)?;
+        } else if !d.join("metrics.jsonl").exists() {
+            bail!("{}: neither a shard directory (manifest.json) nor a training run (metrics.jsonl)", d.display());
+        }
+    }
+    if !runs.is_empty() {
+        runs_section(&runs, &mut body)?;
+    }
+    Ok(format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>tunekit report</title><style>{STYLE}</style></head>\n<body><h1>tunekit report</h1>\n<p>{}</p>\n{body}</body></html>\n",
+        escape(&dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "))
+    ))
+}

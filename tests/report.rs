@@ -1,0 +1,87 @@
+//! `tunekit report` opened in a real browser: headless Chromium (Debian's chromium) loads the
+//! report of the quickstart's shards and run without console errors, and the charts it renders
+//! have their titles, axis titles and legends. `prepare` and `train` write one beside their outputs.
+
+mod common;
+
+use common::{stdout_json, tunekit};
+use std::path::Path;
+use std::process::Command;
+
+fn chromium() -> Option<&'static str> {
+    for c in ["chromium", "chromium-browser"] {
+        if Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()) {
+            return Some(c);
+        }
+    }
+    if std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!("chromium is not installed; .ci/fetch-tools installs it");
+    }
+    eprintln!("SKIPPED: chromium is not installed (apt-get install chromium)");
+    None
+}
+
+/// Chromium headless on `page`: (the DOM after load, its log), and a screenshot to `png`.
+fn open_in_chromium(bin: &str, page: &Path, png: &Path, profile: &Path) -> (String, String) {
+    let url = format!("file://{}", page.display());
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--enable-logging=stderr",
+        "--v=0",
+    ];
+    let profile = format!("--user-data-dir={}", profile.display());
+    let dom = Command::new(bin).args(common).arg(&profile).args(["--dump-dom", &url]).output().expect("run chromium");
+    assert!(dom.status.success(), "{}", String::from_utf8_lossy(&dom.stderr));
+    let shot = Command::new(bin)
+        .args(common)
+        .arg(&profile)
+        .args(["--window-size=1360,2400", &format!("--screenshot={}", png.display()), &url])
+        .output()
+        .expect("run chromium");
+    assert!(shot.status.success(), "{}", String::from_utf8_lossy(&shot.stderr));
+    let log = format!("{}{}", String::from_utf8_lossy(&dom.stderr), String::from_utf8_lossy(&shot.stderr));
+    (String::from_utf8_lossy(&dom.stdout).to_string(), log)
+}
+
+#[test]
+fn the_report_opens_in_chromium_with_titled_charts_and_legends() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = tunekit(&["quickstart", "--out", "qs", "-q"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dir.path().join("qs/shards/report.html").exists(), "prepare writes a report beside the shards");
+    assert!(dir.path().join("qs/lora/report.html").exists(), "train writes a report beside the adapter");
+    let o = tunekit(&["report", "qs/shards", "qs/lora", "--out", "r.html", "--json"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = stdout_json(&o);
+    assert!(s["bytes"].as_u64().unwrap() < 3_000_000, "a few MB at most: {s}");
+    let html = std::fs::read_to_string(dir.path().join("r.html")).unwrap();
+    // Self-contained: no scripts, stylesheets or images fetched (SVG's xmlns is a name, not a fetch).
+    for fetch in ["<script", "<link", "src=", "href=", "@import", "url("] {
+        assert!(!html.contains(fetch), "the report fetches something: {fetch}");
+    }
+    let Some(bin) = chromium() else { return };
+    let png = dir.path().join("r.png");
+    let (dom, log) = open_in_chromium(bin, &dir.path().join("r.html"), &png, &dir.path().join("profile"));
+    let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE") || l.contains("Uncaught")).collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+    // Titles, axis titles and legend entries, as rendered in the page.
+    for t in [
+        "Loss",
+        "step",
+        "loss (nats per trained token)",
+        "train loss",
+        "train loss (smoothed)",
+        "eval loss",
+        "Learning rate",
+        "Sample length",
+        "samples",
+        "Rows not kept, by reason",
+    ] {
+        assert!(dom.contains(&format!(">\n{t}\n</text>")), "the page lacks {t:?}");
+    }
+    assert!(dom.contains("<mark>"), "a decoded row with its trained text highlighted");
+    assert!(std::fs::metadata(&png).unwrap().len() > 20_000, "a screenshot with content");
+}
