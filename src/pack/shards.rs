@@ -138,6 +138,11 @@ fn to_batch(rows: &[PackedRow]) -> Result<RecordBatch> {
 
 /// Reads every row of a shard file (for inspect, tests and the trainer).
 pub fn read_rows(path: &Path) -> Result<Vec<PackedRow>> {
+    read_first_rows(path, usize::MAX)
+}
+
+/// Reads the first `n` rows of a shard file (only the record batches that hold them).
+pub fn read_first_rows(path: &Path, n: usize) -> Result<Vec<PackedRow>> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::Int32Type;
     use arrow_array::Array;
@@ -147,13 +152,16 @@ pub fn read_rows(path: &Path) -> Result<Vec<PackedRow>> {
         .build()?;
     let mut out = Vec::new();
     for batch in reader {
+        if out.len() >= n {
+            break;
+        }
         let batch = batch?;
         let get = |name: &str| -> Result<arrow_array::ListArray> {
             let c = batch.column_by_name(name).with_context(|| format!("{}: no column '{name}'", path.display()))?;
             Ok(c.as_list::<i32>().clone())
         };
         let cols = [get("input_ids")?, get("labels")?, get("position_ids")?, get("seq_lengths")?];
-        for i in 0..batch.num_rows() {
+        for i in 0..batch.num_rows().min(n - out.len()) {
             let v = |c: &arrow_array::ListArray| -> Vec<i32> {
                 let a = c.value(i);
                 a.as_primitive::<Int32Type>().values().to_vec()
@@ -165,6 +173,30 @@ pub fn read_rows(path: &Path) -> Result<Vec<PackedRow>> {
                 position_ids: v(&cols[2]),
                 seq_lengths: v(&cols[3]),
             });
+        }
+    }
+    Ok(out)
+}
+
+/// The `seq_lengths` of every row of a shard file, read alone (the other columns are not decoded).
+pub fn read_seq_lengths(path: &Path) -> Result<Vec<Vec<i32>>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Int32Type;
+    use parquet::arrow::ProjectionMask;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{}: not a Parquet file", path.display()))?;
+    let idx = builder
+        .schema()
+        .index_of("seq_lengths")
+        .with_context(|| format!("{}: no column 'seq_lengths'", path.display()))?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [idx]);
+    let mut out = Vec::new();
+    for batch in builder.with_projection(mask).build()? {
+        let batch = batch?;
+        let col = batch.column(0).as_list::<i32>().clone();
+        for i in 0..batch.num_rows() {
+            out.push(col.value(i).as_primitive::<Int32Type>().values().to_vec());
         }
     }
     Ok(out)

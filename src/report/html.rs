@@ -8,7 +8,7 @@
 use super::charts::{bar_chart, line_chart, smoothed, Series};
 use super::stats::histogram;
 use crate::pack::manifest::Manifest;
-use crate::pack::shards::{list_shards, read_rows};
+use crate::pack::shards::{list_shards, read_first_rows, read_seq_lengths};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -185,13 +185,13 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
     )?;
     let (mut lengths, mut rows) = (vec![], vec![]);
     if m.format == "tunekit-shards" {
-        for f in list_shards(dir, "train")? {
-            for r in read_rows(&f)? {
-                lengths.extend(r.seq_lengths.iter().map(|&l| l as f64));
-                if rows.len() < 3 {
-                    rows.push(r);
-                }
-            }
+        let files = list_shards(dir, "train")?;
+        for f in &files {
+            lengths.extend(read_seq_lengths(f)?.into_iter().flatten().map(|l| l as f64));
+        }
+        // The rows shown come from the first shard only.
+        if let Some(f) = files.first() {
+            rows = read_first_rows(f, 3)?;
         }
     }
     if !lengths.is_empty() {
