@@ -77,7 +77,8 @@ fn the_report_opens_in_chromium_with_titled_charts_and_legends() {
         "eval loss",
         "Learning rate",
         "Sample length",
-        "samples",
+        "sequences",
+        "Trained share of each row (first 2,000 rows)",
         "Rows not kept, by reason",
     ] {
         assert!(dom.contains(&format!(">\n{t}\n</text>")), "the page lacks {t:?}");

@@ -183,21 +183,56 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
         m.seq_len,
         m.loss
     )?;
-    let (mut lengths, mut rows) = (vec![], vec![]);
-    if m.format == "tunekit-shards" {
-        let files = list_shards(dir, "train")?;
-        for f in &files {
-            lengths.extend(read_seq_lengths(f)?.into_iter().flatten().map(|l| l as f64));
+    // Sequence lengths (SFT samples, preference sides, prompts) and, for SFT rows, each row's trained share.
+    let (mut lengths, mut shares, mut rows) = (vec![], vec![], vec![]);
+    let mut length_title = "Sample length";
+    match m.format.as_str() {
+        "tunekit-preference-shards" => {
+            length_title = "Chosen and rejected lengths";
+            let f = dir.join("train-00000-of-00001.parquet");
+            if f.exists() {
+                for p in crate::pack::preference::read_pairs(&f)? {
+                    lengths.push(p.chosen_input_ids.len() as f64);
+                    lengths.push(p.rejected_input_ids.len() as f64);
+                }
+            }
         }
-        // The rows shown come from the first shard only.
-        if let Some(f) = files.first() {
-            rows = read_first_rows(f, 3)?;
+        "tunekit-prompt-shards" => {
+            length_title = "Prompt length";
+            for f in list_shards(dir, "train")? {
+                lengths.extend(crate::pack::prompts::read_prompts(&f)?.iter().map(|p| p.prompt_ids.len() as f64));
+            }
+        }
+        _ => {
+            let files = list_shards(dir, "train")?;
+            for f in &files {
+                lengths.extend(read_seq_lengths(f)?.into_iter().flatten().map(|l| l as f64));
+            }
+            // The rows shown come from the first shard only.
+            if let Some(f) = files.first() {
+                rows = read_first_rows(f, 3)?;
+                shares = read_first_rows(f, 2000)?
+                    .iter()
+                    .map(|r| r.labels.iter().filter(|&&l| l != -100).count() as f64 / r.labels.len().max(1) as f64)
+                    .collect();
+            }
         }
     }
     if !lengths.is_empty() {
         let (edges, counts) = histogram(&lengths, 24);
         let bars: Vec<(String, f64)> = edges.iter().zip(&counts).map(|(e, c)| (format!("{e:.0}"), *c as f64)).collect();
-        out.push_str(&bar_chart("Sample length", "tokens (bin start)", "samples", &bars)?);
+        out.push_str(&bar_chart(length_title, "tokens (bin start)", "sequences", &bars)?);
+    }
+    if !shares.is_empty() {
+        let (edges, counts) = histogram(&shares, 20);
+        let bars: Vec<(String, f64)> =
+            edges.iter().zip(&counts).map(|(e, c)| (format!("{:.0}%", e * 100.0), *c as f64)).collect();
+        out.push_str(&bar_chart(
+            "Trained share of each row (first 2,000 rows)",
+            "trained tokens / tokens (bin start)",
+            "rows",
+            &bars,
+        )?);
     }
     let mut fates: Vec<(String, f64)> = a.rejected_by_reason.iter().map(|(r, n)| (r.clone(), *n as f64)).collect();
     for (name, n) in [
