@@ -38,6 +38,8 @@ impl Summary for TrainSummary {
         if let Some(p) = &self.plot {
             println!("  loss curve: {p}");
         }
-        println!("  report:     {}", self.report);
+        if let Some(r) = &self.report {
+            println!("  report:     {r}");
+        }
     }
 }

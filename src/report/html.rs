@@ -281,14 +281,24 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
 }
 
 /// Writes `dir/report.html` for one shard or run directory (what prepare and train leave beside
-/// their outputs); returns its path.
-pub fn write_beside(dir: &Path) -> Result<std::path::PathBuf> {
-    let html = report(&[dir])?;
-    let p = dir.join("report.html");
-    let mut f = crate::output::AtomicFile::create(&p)?;
-    std::io::Write::write_all(&mut f, html.as_bytes())?;
-    f.commit()?;
-    Ok(p)
+/// their outputs); returns its path. The outputs are complete without it, so a report that cannot
+/// be written is a warning, not a failure.
+pub fn write_beside(dir: &Path) -> Option<std::path::PathBuf> {
+    let write = || -> Result<std::path::PathBuf> {
+        let html = report(&[dir])?;
+        let p = dir.join("report.html");
+        let mut f = crate::output::AtomicFile::create(&p)?;
+        std::io::Write::write_all(&mut f, html.as_bytes())?;
+        f.commit()?;
+        Ok(p)
+    };
+    match write() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            crate::progress::warn(&format!("{}: no report.html: {e:#}", dir.display()));
+            None
+        }
+    }
 }
 
 /// The whole report over shard and run directories.

@@ -117,7 +117,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     manifest.columns = COLUMNS.iter().map(|c| c.to_string()).chain(columns).collect();
     manifest.splits = Splits { train: train_stats.clone(), eval: eval_stats.clone() };
     manifest.write(&opts.out)?;
-    crate::report::html::write_beside(&opts.out)?;
+    crate::report::html::write_beside(&opts.out);
     let tally = Tally::new(counts, files, start);
     tally.verdict("prepare")?;
     Ok(PrepareSummary {

@@ -168,7 +168,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     manifest.columns = COLUMNS.iter().map(|c| c.to_string()).collect();
     manifest.splits = Splits { train: train.clone(), eval: eval.clone() };
     manifest.write(&opts.out)?;
-    crate::report::html::write_beside(&opts.out)?;
+    crate::report::html::write_beside(&opts.out);
     let tally = Tally::new(counts, files, start);
     tally.verdict("prepare")?;
     Ok(PrepareSummary {

@@ -193,7 +193,7 @@ pub struct TrainSummary {
     pub metrics: String,
     pub plot: Option<String>,
     /// report.html beside the adapter (charts of every metric, the options).
-    pub report: String,
+    pub report: Option<String>,
     /// Bytes per parameter of all frozen weight matrices (projections, embedding, lm_head).
     pub base_bytes_per_param: f64,
     /// Bytes per parameter of the seven projections alone (4 for f32, 2 for bf16, ~0.52 for NF4).
@@ -412,7 +412,7 @@ pub fn drive<R: Recipe>(
         crate::report::plot::lines_png(&p, &series)?;
         Some(p.display().to_string())
     };
-    let report = crate::report::html::write_beside(&opts.out)?.display().to_string();
+    let report = crate::report::html::write_beside(&opts.out).map(|p| p.display().to_string());
     let secs = train_start.elapsed().as_secs_f64();
     let trainable = t.trainable_params();
     let total_params = t.base_params + trainable;
