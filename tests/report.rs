@@ -9,16 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 fn chromium() -> Option<&'static str> {
-    for c in ["chromium", "chromium-browser"] {
-        if Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()) {
-            return Some(c);
-        }
-    }
-    if std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("chromium is not installed; .ci/fetch-tools installs it");
-    }
-    eprintln!("SKIPPED: chromium is not installed (apt-get install chromium)");
-    None
+    let bin = ["chromium", "chromium-browser"].into_iter().find(|c| common::runs(c, &["--version"]));
+    common::found(bin, "chromium (.ci/fetch-tools)")
 }
 
 /// Chromium headless on `page`: (the DOM after load, its log), and a screenshot to `png`.

@@ -415,16 +415,7 @@ fn qlora_loads_quantise_each_projection_as_it_is_read() {
 /// `train/NAME`), and the options as text.
 #[test]
 fn tensorboard_reads_back_what_metrics_jsonl_says() {
-    let py = std::env::var("TUNEKIT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has =
-        std::process::Command::new(&py).args(["-c", "import tensorboard"]).output().is_ok_and(|o| o.status.success());
-    if !has {
-        if std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-            panic!("{py} has no `tensorboard` package; .ci/fetch-tools installs it");
-        }
-        eprintln!("SKIPPED: {py} has no `tensorboard` package (pip install tensorboard)");
-        return;
-    }
+    let Some(py) = common::python_with("tensorboard") else { return };
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("shards");

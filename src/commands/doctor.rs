@@ -121,15 +121,7 @@ fn memory(o: &DoctorOptions, c: &crate::train::model::config::ModelConfig, s: &S
         gradient_checkpointing: o.gradient_checkpointing,
         logits_chunk: crate::train::model::LOGITS_CHUNK,
     };
-    let shape = |b: &Vec<usize>| {
-        let segs = || b.iter().flat_map(|&i| rows[i].iter().copied());
-        MicroBatch {
-            rows: b.len(),
-            tokens: segs().sum(),
-            longest_segment: segs().max().unwrap_or(0),
-            segment_square_sum: segs().map(|l| (l * l) as u64).sum(),
-        }
-    };
+    let shape = |b: &Vec<usize>| MicroBatch::of(b.len(), || b.iter().flat_map(|&i| rows[i].iter().copied()));
     let largest = batches
         .iter()
         .map(shape)

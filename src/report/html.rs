@@ -210,11 +210,12 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
             }
             // The rows shown come from the first shard only.
             if let Some(f) = files.first() {
-                rows = read_first_rows(f, 3)?;
-                shares = read_first_rows(f, 2000)?
+                let head = read_first_rows(f, 2000)?;
+                shares = head
                     .iter()
                     .map(|r| r.labels.iter().filter(|&&l| l != -100).count() as f64 / r.labels.len().max(1) as f64)
                     .collect();
+                rows = head.into_iter().take(3).collect();
             }
         }
     }

@@ -19,14 +19,32 @@ pub fn assets_dir() -> PathBuf {
 /// missing asset fails there instead of passing silently.
 pub fn asset(rel: &str) -> Option<PathBuf> {
     let p = assets_dir().join(rel);
-    if p.exists() {
-        return Some(p);
+    found(p.exists().then_some(p.clone()), &format!("asset {} (run .ci/fetch-assets)", p.display()))
+}
+
+/// Something a test checks against (an asset, a tool such as llama.cpp, Go or Chromium): `thing`
+/// when it is there; otherwise a SKIPPED note and None, or, under TUNEKIT_REQUIRE_ASSETS=1 (CI,
+/// where .ci/fetch-assets and .ci/fetch-tools install everything), a failure.
+pub fn found<T>(thing: Option<T>, what: &str) -> Option<T> {
+    if thing.is_none() {
+        if std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+            panic!("missing: {what}");
+        }
+        eprintln!("SKIPPED: missing {what}");
     }
-    if std::env::var("TUNEKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("asset {} is missing; run .ci/fetch-assets", p.display());
-    }
-    eprintln!("SKIPPED: asset {} is missing (run .ci/fetch-assets to fetch it)", p.display());
-    None
+    thing
+}
+
+/// A command that runs (`args` answered with success).
+pub fn runs(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd).args(args).output().is_ok_and(|o| o.status.success())
+}
+
+/// A Python (TUNEKIT_PYTHON, else python3) that imports `module` (.ci/fetch-tools makes one).
+pub fn python_with(module: &str) -> Option<String> {
+    let py = std::env::var("TUNEKIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = runs(&py, &["-c", &format!("import {module}")]);
+    found(ok.then_some(py.clone()), &format!("the `{module}` package for {py} (.ci/fetch-tools)"))
 }
 
 pub fn tunekit(args: &[&str], cwd: &Path) -> Output {

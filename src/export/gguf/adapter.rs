@@ -6,9 +6,10 @@
 //! their B rows are put in that order; it scales by alpha / r, so an rsLoRA adapter (alpha /
 //! sqrt(r)) is written with the alpha that gives the same scale.
 
+use super::merged::rotary_rows;
 use super::writer::{write, TensorSpec};
 use crate::train::adapters::score::SCORE_WEIGHT;
-use crate::train::io::gguf::{hf_module_to_gguf, unpermute_rows};
+use crate::train::io::gguf::hf_module_to_gguf;
 use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -109,8 +110,8 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
                 );
             }
             let b = match (rotary_order, module) {
-                (true, "self_attn.q_proj") => to_rotary_order(b, base.num_attention_heads)?,
-                (true, "self_attn.k_proj") => to_rotary_order(b, base.kv_heads())?,
+                (true, "self_attn.q_proj") => rotary_rows(b, base.num_attention_heads)?,
+                (true, "self_attn.k_proj") => rotary_rows(b, base.kv_heads())?,
                 _ => b.clone(),
             };
             let weight = format!("blk.{layer}.{}.weight", hf_module_to_gguf(module).expect("a known projection"));
@@ -184,27 +185,16 @@ fn name_of(dir: &Path) -> String {
         .unwrap_or_else(|| "adapter".into())
 }
 
-/// Rows of a q or k output (B of LoRA) in llama.cpp's rotary order: GGUF row `src[i]` is HF row `i`.
-fn to_rotary_order(b: &Tensor, n_head: usize) -> Result<Tensor> {
-    let rows = b.dims()[0];
-    let src = unpermute_rows(rows, n_head);
-    let mut dst = vec![0u32; rows];
-    for (hf, &g) in src.iter().enumerate() {
-        dst[g] = hf as u32;
-    }
-    let idx = Tensor::from_vec(dst, rows, b.device())?;
-    Ok(b.index_select(&idx, 0)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::io::gguf::unpermute_rows;
 
     #[test]
     fn rotary_order_is_the_inverse_of_the_loaders_unpermutation() {
         // 2 heads of head_dim 4: llama.cpp interleaves the two halves of each head.
         let b = Tensor::arange(0f32, 8.0, &candle_core::Device::Cpu).unwrap().reshape((8, 1)).unwrap();
-        let g = to_rotary_order(&b, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = rotary_rows(&b, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(g, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
         let src = unpermute_rows(8, 2);
         let back: Vec<f32> = src.iter().map(|&s| g[s]).collect();

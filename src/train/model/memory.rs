@@ -31,6 +31,18 @@ pub struct MicroBatch {
     pub segment_square_sum: u64,
 }
 
+impl MicroBatch {
+    /// The micro-batch of `rows` rows whose packed segments have the lengths `segments` yields.
+    pub fn of<I: Iterator<Item = usize>>(rows: usize, segments: impl Fn() -> I) -> MicroBatch {
+        MicroBatch {
+            rows,
+            tokens: segments().sum(),
+            longest_segment: segments().max().unwrap_or(0),
+            segment_square_sum: segments().map(|l| (l * l) as u64).sum(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryEstimate {
     /// The process itself: tokenizer, shards, allocator and buffers (measured at SmolLM2 shapes).

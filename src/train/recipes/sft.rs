@@ -114,13 +114,9 @@ impl Recipe for Sft<'_> {
             logits_chunk: self.opts.logits_chunk,
         };
         let shape = |mb: &Vec<usize>| {
-            let segs = || mb.iter().flat_map(|&i| self.train.rows[i].seq_lengths.iter().map(|&l| l as usize));
-            MicroBatch {
-                rows: mb.len(),
-                tokens: segs().sum(),
-                longest_segment: segs().max().unwrap_or(0),
-                segment_square_sum: segs().map(|l| (l * l) as u64).sum(),
-            }
+            MicroBatch::of(mb.len(), || {
+                mb.iter().flat_map(|&i| self.train.rows[i].seq_lengths.iter().map(|&l| l as usize))
+            })
         };
         let cost = |mb: &Vec<usize>| estimate(&t.model.config, &shape(mb), &settings).total_mb;
         let Some(largest) = self.epoch_batches.1.iter().max_by(|a, b| cost(a).total_cmp(&cost(b))) else {
