@@ -116,12 +116,27 @@ pub struct Counts {
     /// Rows that overlap an evaluation set of `--decontaminate` (in contaminated.jsonl).
     #[serde(skip_serializing_if = "is_zero")]
     pub contaminated: u64,
+    /// Rows kept per source (the `<source>` of each kept row's `<source>:<row>` id).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub kept_by_source: BTreeMap<String, u64>,
     /// The first reject of each reason, as it reads (for the message of a run that keeps nothing).
     #[serde(skip)]
     pub examples: BTreeMap<String, String>,
 }
 
 impl Counts {
+    /// One row kept, counted under the source its id names.
+    pub fn keep(&mut self, id: &str) {
+        self.rows_kept += 1;
+        let source = id.rsplit_once(':').map_or(id, |(s, _)| s);
+        match self.kept_by_source.get_mut(source) {
+            Some(n) => *n += 1,
+            None => {
+                self.kept_by_source.insert(source.to_string(), 1);
+            }
+        }
+    }
+
     pub fn reject(&mut self, r: &Reject) {
         self.rejected += 1;
         *self.rejected_by_reason.entry(r.reason.to_string()).or_default() += 1;
@@ -144,13 +159,14 @@ impl Counts {
     }
     /// The invariant every stage keeps.
     pub fn balanced(&self) -> bool {
-        self.rows_read
-            == self.rows_kept
-                + self.rejected
-                + self.filtered
-                + self.contaminated
-                + self.duplicates_exact
-                + self.duplicates_near
+        self.kept_by_source.values().sum::<u64>() == self.rows_kept
+            && self.rows_read
+                == self.rows_kept
+                    + self.rejected
+                    + self.filtered
+                    + self.contaminated
+                    + self.duplicates_exact
+                    + self.duplicates_near
     }
 }
 

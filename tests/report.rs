@@ -72,9 +72,38 @@ fn the_report_opens_in_chromium_with_titled_charts_and_legends() {
         "sequences",
         "Trained share of each row (first 2,000 rows)",
         "Rows not kept, by reason",
+        "Kept rows by source",
+        "rows kept",
     ] {
         assert!(dom.contains(&format!(">\n{t}\n</text>")), "the page lacks {t:?}");
     }
     assert!(dom.contains("<mark>"), "a decoded row with its trained text highlighted");
+    assert!(dom.contains("<h3>Rows by source</h3>"), "the table of rows by source");
     assert!(std::fs::metadata(&png).unwrap().len() > 20_000, "a screenshot with content");
+}
+
+/// The share of an RGB PNG's pixels that are not white, after checking its size.
+fn drawn_share(path: &std::path::Path) -> f64 {
+    let d = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut r = d.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height, info.color_type), (640, 320, png::ColorType::Rgb), "{}", path.display());
+    let px = &buf[..info.buffer_size()];
+    px.chunks(3).filter(|p| p != &[255, 255, 255]).count() as f64 / (px.len() / 3) as f64
+}
+
+#[test]
+fn the_png_charts_are_drawn_by_the_charting_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = tunekit(&["quickstart", "--out", "qs", "-q"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = tunekit(&["inspect", "qs/shards", "-q"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Axes, tick labels, titles, bars or curves: a chart covers a good part of its canvas, a blank
+    // or nearly blank image does not.
+    for png in ["qs/lora/loss.png", "qs/shards/lengths.png"] {
+        let share = drawn_share(&dir.path().join(png));
+        assert!(share > 0.05, "{png}: only {:.1}% of the pixels drawn", 100.0 * share);
+    }
 }

@@ -62,7 +62,7 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
                 }
             }
         }
-        counts.rows_kept += good.len() as u64;
+        good.iter().for_each(|c| counts.keep(&c.id));
         sink.write_batch(&good)?;
         pb.set_position(counts.rows_read);
         Ok(())

@@ -138,7 +138,7 @@ fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
                 f.write_all(b"\n")?;
             }
         }
-        front.counts.rows_kept += kept.len() as u64;
+        kept.iter().for_each(|c| front.counts.keep(&c.id));
         if let Some(s) = sink.as_mut() {
             s.write_batch(&kept)?;
         }
@@ -180,7 +180,7 @@ pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
     let pb = crate::progress::rows("dedup");
     stream_conversations(&opts.inputs, &opts.map, |batch| {
         let kept = front.admit(batch.items)?;
-        front.counts.rows_kept += kept.len() as u64;
+        kept.iter().for_each(|c| front.counts.keep(&c.id));
         if let Some(s) = sink.as_mut() {
             s.write_batch(&kept)?;
         }

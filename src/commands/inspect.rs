@@ -95,7 +95,8 @@ pub fn run(
     let hist: Vec<(u64, u64)> = edges.iter().zip(&counts).map(|(e, c)| (*e as u64, *c)).collect();
     let plot_path = plot.unwrap_or_else(|| dir.join("lengths.png"));
     let plot = if samples > 0 {
-        crate::report::plot::histogram_png(&plot_path, &edges, &counts)?;
+        let bars: Vec<(String, f64)> = hist.iter().map(|(e, n)| (e.to_string(), *n as f64)).collect();
+        crate::report::charts::bar_chart_png(&plot_path, "Sample length", "tokens (bin start)", "samples", &bars)?;
         Some(plot_path.display().to_string())
     } else {
         None

@@ -105,6 +105,9 @@ pub struct ManifestAccounting {
     #[serde(skip_serializing_if = "crate::accounting::is_zero")]
     pub contaminated: u64,
     pub dropped_too_long: u64,
+    /// Rows kept per input source (before the too-long drop).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub kept_by_source: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,6 +136,7 @@ impl ManifestAccounting {
             filtered: c.filtered,
             contaminated: c.contaminated,
             dropped_too_long,
+            kept_by_source: c.kept_by_source.clone(),
             ..Default::default()
         }
     }

@@ -1,10 +1,12 @@
-//! Charts as SVG (plotters' SVG backend): line charts with axis titles, tick labels and a legend
+//! Charts as SVG (plotters' SVG backend, for the HTML report) and PNG (its bitmap backend, for
+//! `inspect` and the loss plot beside a run): line charts with axis titles, tick labels and a legend
 //! (training curves, several runs overlaid), and bar charts (length histograms, rows by reason).
 //! Long curves are downsampled to at most [`MAX_POINTS`] points per series, keeping each bucket's
 //! lowest and highest value, so a 10,000-step run stays a small file and its spikes still show.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
+use std::path::Path;
 
 pub const MAX_POINTS: usize = 1000;
 
@@ -62,6 +64,25 @@ pub fn smoothed(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The curves of a loss chart: the training loss raw and smoothed, and the held-out metric (named
+/// by its key, "eval_loss" for the loss itself) where there is one; `label` names each curve.
+pub fn loss_series(
+    label: impl Fn(&str) -> String,
+    train: &[(f64, f64)],
+    eval: Option<(&str, &[(f64, f64)])>,
+) -> Vec<Series> {
+    let mut s = vec![];
+    if !train.is_empty() {
+        s.push(Series { name: label("train loss"), points: train.to_vec() });
+        s.push(Series { name: label("train loss (smoothed)"), points: smoothed(train, 0.6) });
+    }
+    if let Some((key, points)) = eval.filter(|e| !e.1.is_empty()) {
+        let name = if key == "eval_loss" { "eval loss" } else { key };
+        s.push(Series { name: label(name), points: points.to_vec() });
+    }
+    s
+}
+
 fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) =
         values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
@@ -76,93 +97,180 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing a chart: {e:?}")
 }
 
-/// A line chart of `series` as an SVG document.
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<String> {
+/// The size of every chart, in pixels.
+const SIZE: (u32, u32) = (640, 320);
+
+/// The font the charts measure their text with (and the PNGs draw it with): DejaVu Sans, subset to
+/// Latin-1 (assets/fonts, with its licence), registered once as plotters' "sans-serif".
+fn fonts() -> Result<()> {
+    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *FONT.get_or_init(|| {
+        let bytes: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!("the bundled chart font does not load"))
+    }
+}
+
+/// Where the legend covers the fewest points: the corner of the plot with the least data in it.
+fn legend_corner(series: &[Series], (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> SeriesLabelPosition {
+    let (xm, ym) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
+    let mut n = [0usize; 4];
+    for p in series.iter().flat_map(|s| s.points.iter()) {
+        n[(p.0 >= xm) as usize + 2 * (p.1 < ym) as usize] += 1;
+    }
+    let corners = [
+        SeriesLabelPosition::UpperLeft,
+        SeriesLabelPosition::UpperRight,
+        SeriesLabelPosition::LowerLeft,
+        SeriesLabelPosition::LowerRight,
+    ];
+    // Ties go to the upper right, where a legend is looked for first.
+    let order = [1, 0, 3, 2];
+    let best = order.iter().copied().min_by_key(|&i| n[i]).expect("four corners");
+    corners[best].clone()
+}
+
+fn draw_lines<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    fonts()?;
     let series: Vec<Series> =
         series.iter().map(|s| Series { name: s.name.clone(), points: downsample(&s.points, MAX_POINTS) }).collect();
-    let (x0, x1) = bounds(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
-    let (y0, y1) = bounds(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (640, 320)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(err)?;
+    let xs = bounds(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
+    let ys = bounds(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    for (i, s) in series.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
         chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .label_style(("sans-serif", 12))
-            .axis_desc_style(("sans-serif", 14))
-            .draw()
-            .map_err(err)?;
-        for (i, s) in series.iter().enumerate() {
-            let c = COLOURS[i % COLOURS.len()];
-            chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
-                .map_err(err)?
-                .label(s.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .draw()
-            .map_err(err)?;
-        root.present().map_err(err)?;
+            .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
+            .map_err(err)?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
     }
+    chart
+        .configure_series_labels()
+        .position(legend_corner(&series, xs, ys))
+        .label_font(("sans-serif", 12))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+fn draw_bars<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    bars: &[(String, f64)],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    fonts()?;
+    let n = bars.len().max(1);
+    let top = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1.0) * 1.08;
+    let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(56)
+        .y_label_area_size(64)
+        .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .x_labels(n.min(24))
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .label_style(("sans-serif", 11))
+        .axis_desc_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(
+            Histogram::vertical(&chart)
+                .style(COLOURS[0].filled())
+                .margin(2)
+                .data(bars.iter().enumerate().map(|(i, b)| (i, b.1))),
+        )
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// A line chart of `series` as an SVG document.
+pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<String> {
+    let mut svg = String::new();
+    draw_lines(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(), title, x_label, y_label, series)?;
     Ok(svg)
 }
 
 /// A bar chart of labelled values as an SVG document (the labels under the bars).
 pub fn bar_chart(title: &str, x_label: &str, y_label: &str, bars: &[(String, f64)]) -> Result<String> {
-    let n = bars.len().max(1);
-    let top = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1.0) * 1.08;
-    let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
     let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (640, 320)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(56)
-            .y_label_area_size(64)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .x_labels(n.min(24))
-            .x_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
-                _ => String::new(),
-            })
-            .label_style(("sans-serif", 11))
-            .axis_desc_style(("sans-serif", 14))
-            .draw()
-            .map_err(err)?;
-        chart
-            .draw_series(
-                Histogram::vertical(&chart)
-                    .style(COLOURS[0].filled())
-                    .margin(2)
-                    .data(bars.iter().enumerate().map(|(i, b)| (i, b.1))),
-            )
-            .map_err(err)?;
-        root.present().map_err(err)?;
-    }
+    draw_bars(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(), title, x_label, y_label, bars)?;
     Ok(svg)
+}
+
+/// The line chart as a PNG file at `path`.
+pub fn line_chart_png(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+    let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    draw_lines(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), title, x_label, y_label, series)?;
+    save_png(path, &rgb)
+}
+
+/// The bar chart as a PNG file at `path`.
+pub fn bar_chart_png(path: &Path, title: &str, x_label: &str, y_label: &str, bars: &[(String, f64)]) -> Result<()> {
+    let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    draw_bars(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), title, x_label, y_label, bars)?;
+    save_png(path, &rgb)
+}
+
+/// An RGB image of [`SIZE`] as a PNG file, written whole or not at all.
+fn save_png(path: &Path, rgb: &[u8]) -> Result<()> {
+    let mut f = crate::output::AtomicFile::create(path)?;
+    {
+        let mut enc = png::Encoder::new(&mut f, SIZE.0, SIZE.1);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header()?.write_image_data(rgb).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    f.commit()
 }
 
 #[cfg(test)]

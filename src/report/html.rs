@@ -5,8 +5,8 @@
 //! learning rate, gradient norm, throughput, memory and every other metric the method logs
 //! (rewards, margins, accuracies, KL), several runs overlaid; and the options the run used.
 
-use super::charts::{bar_chart, line_chart, smoothed, Series};
-use super::stats::histogram;
+use super::charts::{bar_chart, line_chart, loss_series, Series};
+use super::stats::{bars, binned, histogram};
 use crate::pack::manifest::Manifest;
 use crate::pack::shards::{list_shards, read_first_rows, read_seq_lengths};
 use anyhow::{bail, Context, Result};
@@ -19,7 +19,7 @@ pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-const STYLE: &str = "body{font-family:sans-serif;max-width:1320px;margin:24px auto;padding:0 16px;color:#222}\
+const STYLE: &str = "body{font-family:sans-serif;max-width:1360px;margin:24px auto;padding:0 16px;color:#222}\
 h1{font-size:24px}h2{font-size:20px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}\
 h3{font-size:16px}table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;font-size:13px}\
 .charts{display:flex;flex-wrap:wrap;gap:12px}.charts svg{border:1px solid #eee}\
@@ -76,13 +76,8 @@ fn runs_section(runs: &[&Path], out: &mut String) -> Result<()> {
     writeln!(out, "</table><div class=\"charts\">")?;
     let mut loss = vec![];
     for (name, m) in &metrics {
-        if let Some(l) = m.get("loss") {
-            loss.push(Series { name: label(name, "train loss"), points: l.clone() });
-            loss.push(Series { name: label(name, "train loss (smoothed)"), points: smoothed(l, 0.6) });
-        }
-        if let Some(e) = m.get("eval_loss") {
-            loss.push(Series { name: label(name, "eval loss"), points: e.clone() });
-        }
+        let train = m.get("loss").map_or(&[][..], |v| &v[..]);
+        loss.extend(loss_series(|w| label(name, w), train, m.get("eval_loss").map(|e| ("eval_loss", &e[..]))));
     }
     if !loss.is_empty() {
         out.push_str(&line_chart("Loss", "step", "loss (nats per trained token)", &loss)?);
@@ -153,6 +148,31 @@ fn examples(path: &Path, key: &str, n: usize) -> BTreeMap<String, Vec<String>> {
     by
 }
 
+/// Each source's rows: kept (from the manifest), rejected, duplicates and contaminated (counted from
+/// the side files, whose records name their source or carry a `<source>:<row>` id).
+fn rows_by_source(dir: &Path, m: &Manifest) -> BTreeMap<String, [u64; 4]> {
+    let mut by: BTreeMap<String, [u64; 4]> = BTreeMap::new();
+    for (s, n) in &m.accounting.kept_by_source {
+        by.entry(s.clone()).or_default()[0] = *n;
+    }
+    for (k, (file, key)) in [("rejects.jsonl", "source"), ("duplicates.jsonl", "id"), ("contaminated.jsonl", "source")]
+        .into_iter()
+        .enumerate()
+    {
+        let Ok(text) = std::fs::read_to_string(dir.join(file)) else { continue };
+        for v in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
+            let s = v[key].as_str().unwrap_or("");
+            let s = if key == "id" { s.rsplit_once(':').map_or(s, |p| p.0) } else { s };
+            by.entry(s.to_string()).or_default()[k + 1] += 1;
+        }
+    }
+    by
+}
+
+fn file_name(path: &str) -> String {
+    Path::new(path).file_name().map_or(path.to_string(), |f| f.to_string_lossy().to_string())
+}
+
 /// The part of a report for one shard directory.
 fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
     let m = Manifest::read(dir)?;
@@ -220,14 +240,11 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
         }
     }
     if !lengths.is_empty() {
-        let (edges, counts) = histogram(&lengths, 24);
-        let bars: Vec<(String, f64)> = edges.iter().zip(&counts).map(|(e, c)| (format!("{e:.0}"), *c as f64)).collect();
+        let bars = bars(histogram(&lengths, 24), |e| format!("{e:.0}"));
         out.push_str(&bar_chart(length_title, "tokens (bin start)", "sequences", &bars)?);
     }
     if !shares.is_empty() {
-        let (edges, counts) = histogram(&shares, 20);
-        let bars: Vec<(String, f64)> =
-            edges.iter().zip(&counts).map(|(e, c)| (format!("{:.0}%", e * 100.0), *c as f64)).collect();
+        let bars = bars(binned(&shares, 20, 0.05), |e| format!("{:.0}%", e * 100.0));
         out.push_str(&bar_chart(
             "Trained share of each row (first 2,000 rows)",
             "trained tokens / tokens (bin start)",
@@ -249,7 +266,27 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
     if !fates.is_empty() {
         out.push_str(&bar_chart("Rows not kept, by reason", "reason", "rows", &fates)?);
     }
+    let sources = rows_by_source(dir, &m);
+    if !sources.is_empty() {
+        let bars: Vec<(String, f64)> = sources.iter().map(|(s, n)| (file_name(s), n[0] as f64)).collect();
+        out.push_str(&bar_chart("Kept rows by source", "source file", "rows kept", &bars)?);
+    }
     writeln!(out, "</div>")?;
+    if !sources.is_empty() {
+        writeln!(out, "<h3>Rows by source</h3><table><tr><th>source</th><th>kept</th><th>rejected</th><th>duplicates</th><th>contaminated</th></tr>")?;
+        for (s, n) in &sources {
+            writeln!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(s),
+                n[0],
+                n[1],
+                n[2],
+                n[3]
+            )?;
+        }
+        writeln!(out, "</table>")?;
+    }
     if let (false, Ok(tok)) = (rows.is_empty(), crate::tokenize::TokenizerInfo::load(Path::new(&m.tokenizer.path))) {
         writeln!(out, "<h3>Rows as the model sees them (trained text highlighted)</h3>")?;
         for (i, r) in rows.iter().enumerate() {

@@ -1,9 +1,7 @@
-//! What tunekit shows people about data and runs: SVG charts ([`charts`]) in an HTML report
-//! ([`html`]), PNG plots ([`plot`]), summary statistics
-//! ([`stats`]) and TensorBoard event files ([`tensorboard`]).
+//! What tunekit shows people about data and runs: charts as SVG and PNG ([`charts`]), an HTML
+//! report ([`html`]), summary statistics ([`stats`]) and TensorBoard event files ([`tensorboard`]).
 
 pub mod charts;
 pub mod html;
-pub mod plot;
 pub mod stats;
 pub mod tensorboard;

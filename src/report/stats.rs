@@ -36,16 +36,26 @@ impl Distribution {
     }
 }
 
-/// `bins` equal-width bins from 0 to the maximum: (left edges, counts).
+/// `bins` equal-width bins from 0 to the maximum, each a whole number wide (token lengths):
+/// (left edges, counts).
 pub fn histogram(values: &[f64], bins: usize) -> (Vec<f64>, Vec<u64>) {
+    let max = values.iter().cloned().fold(0.0, f64::max).max(1.0);
+    binned(values, bins, (max / bins as f64).ceil().max(1.0))
+}
+
+/// `bins` bins of `width` from 0, the last one also holding everything beyond: (left edges, counts).
+pub fn binned(values: &[f64], bins: usize, width: f64) -> (Vec<f64>, Vec<u64>) {
     if values.is_empty() {
         return (vec![], vec![]);
     }
-    let max = values.iter().cloned().fold(0.0, f64::max).max(1.0);
-    let width = (max / bins as f64).ceil().max(1.0);
     let mut counts = vec![0u64; bins];
     for &v in values {
         counts[((v / width) as usize).min(bins - 1)] += 1;
     }
     ((0..bins).map(|i| i as f64 * width).collect(), counts)
+}
+
+/// Bins (left edges, counts) as labelled bars, each named by its bin's start.
+pub fn bars((edges, counts): (Vec<f64>, Vec<u64>), label: impl Fn(f64) -> String) -> Vec<(String, f64)> {
+    edges.iter().zip(&counts).map(|(e, c)| (label(*e), *c as f64)).collect()
 }

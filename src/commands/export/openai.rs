@@ -70,7 +70,7 @@ pub fn run(opts: &ExportOptions) -> Result<ExportSummary> {
             match res {
                 Ok((mut bytes, n, was_truncated)) => {
                     bytes.push(b'\n');
-                    front.counts.rows_kept += 1;
+                    front.counts.keep(&c.id);
                     tokens += n as u64;
                     truncated += was_truncated as u64;
                     if is_eval(&c.id, opts.seed, opts.eval_fraction) {

@@ -55,7 +55,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
             let fitted = |s| fit(s, opts.seq_len, opts.too_long);
             match res.and_then(|(a, b)| Ok((fitted(a)?, fitted(b)?))) {
                 Ok(((a, cut_a), (b, cut_b))) => {
-                    front.counts.rows_kept += 1;
+                    front.counts.keep(&c.id);
                     truncated += (cut_a || cut_b) as u64;
                     let row = PreferenceRow {
                         chosen_input_ids: a.input_ids.iter().map(|&t| t as i32).collect(),

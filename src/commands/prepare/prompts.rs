@@ -74,7 +74,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         for (c, r) in rows {
             match r {
                 Ok(row) => {
-                    front.counts.rows_kept += 1;
+                    front.counts.keep(&c.id);
                     if is_eval(&c.id, opts.seed, opts.eval_fraction) {
                         eval.push(row)
                     } else {

@@ -120,7 +120,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
                 match sample {
                     Ok((sample, cut)) => {
                         truncated += cut as u64;
-                        front.counts.rows_kept += 1;
+                        front.counts.keep(&c.id);
                         to_pack.push((is_eval(&c.id, opts.seed, opts.eval_fraction), sample));
                     }
                     Err((why, detail)) => {

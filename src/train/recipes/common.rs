@@ -405,11 +405,9 @@ pub fn drive<R: Recipe>(
         None
     } else {
         let p = opts.out.join("loss.png");
-        let mut series: Vec<crate::report::plot::Series> = vec![(&curve, crate::report::plot::BLUE)];
-        if !eval_curve.is_empty() {
-            series.push((&eval_curve, crate::report::plot::ORANGE));
-        }
-        crate::report::plot::lines_png(&p, &series)?;
+        let series =
+            crate::report::charts::loss_series(|w| w.to_string(), &curve, Some((recipe.eval_key(), &eval_curve)));
+        crate::report::charts::line_chart_png(&p, "Loss", "step", "loss (nats per trained token)", &series)?;
         Some(p.display().to_string())
     };
     let report = crate::report::html::write_beside(&opts.out).map(|p| p.display().to_string());
