@@ -30,6 +30,7 @@
 pub mod accounting;
 pub mod admit;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod dedup;
 pub mod digest;

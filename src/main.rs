@@ -100,7 +100,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Train(a) => {
             let resume = a.resume.clone();
-            print(json, &tunekit::train::run(&usage(a.options())?, resume.as_deref())?)?
+            let opts = usage(a.options())?;
+            let _membership = tunekit::cluster::join()?;
+            let world = tunekit::cluster::world();
+            if !world.is_main() {
+                tunekit::progress::set_quiet(true);
+            }
+            match tunekit::train::run(&opts, resume.as_deref()) {
+                Ok(s) if world.is_main() => print(json, &s)?,
+                Ok(_) => {}
+                Err(e) if world.size > 1 => {
+                    // The other ranks may be waiting in a collective: stop them all.
+                    eprintln!("error: rank {} of {}: {e:#}", world.rank, world.size);
+                    world.abort(1);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Command::Eval(a) => print(json, &commands::eval::run(&a.options())?)?,
         Command::Generate(a) => match &a.prompt {

@@ -5,43 +5,12 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
-use tunekit::pack::rows::PackedRow;
-use tunekit::pack::shards::ShardWriter;
 use tunekit::train::adapters::lora::LoraSettings;
 use tunekit::train::optim::{AdamWConfig, Schedule};
 use tunekit::train::{run, Method, TrainOptions};
 
 fn model_dir() -> PathBuf {
     common::root().join("tests/fixtures/train/llama")
-}
-
-/// Packed rows of a tiny "language": each segment counts upward from a random start, so the
-/// next token is learnable; the first half of each segment is a prompt (not trained).
-fn write_shards(dir: &Path, vocab: usize, rows: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut rng = tunekit::split::SplitMix64::new(3);
-    let mut w = ShardWriter::new(dir, "train", 1 << 30);
-    let mut e = ShardWriter::new(dir, "eval", 1 << 30);
-    for r in 0..rows {
-        let mut row = PackedRow::default();
-        for _ in 0..3 {
-            let len = 10 + rng.below(10);
-            let start = rng.below(100);
-            let ids: Vec<u32> = (0..len).map(|k| ((start + k) % 120) as u32).collect();
-            let labels: Vec<i32> =
-                ids.iter().enumerate().map(|(k, &t)| if k >= len / 2 { t as i32 } else { -100 }).collect();
-            row.push(&tunekit::tokenize::Sample { input_ids: ids, labels });
-        }
-        if r % 5 == 4 {
-            e.write(vec![row]).unwrap()
-        } else {
-            w.write(vec![row]).unwrap()
-        }
-    }
-    w.finish().unwrap();
-    e.finish().unwrap();
-    let m = serde_json::json!({"tokenizer": {"vocab_size": vocab, "path": "synthetic"}, "seq_len": 64});
-    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
 }
 
 fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
@@ -84,7 +53,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
 fn loss_falls_and_the_adapter_is_peft_shaped() {
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
-    write_shards(&dir.path().join("shards"), 128, 40);
+    common::counting_shards(&dir.path().join("shards"), 128, 40);
     let mut o = options(&dir.path().join("shards"), &dir.path().join("out"), 40);
     o.optim.lr = 5e-2;
     let s = run(&o, None).unwrap();
@@ -116,7 +85,7 @@ fn resume_continues_bit_for_bit() {
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("shards");
-    write_shards(&data, 128, 30);
+    common::counting_shards(&data, 128, 30);
     run(&options(&data, &dir.path().join("a"), 10), None).unwrap();
     // Same run, stopped after the checkpoint at step 5 and resumed from it.
     run(&options(&data, &dir.path().join("b"), 5), None).unwrap();
@@ -133,7 +102,7 @@ fn probing_memory_leaves_the_run_unchanged() {
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("shards");
-    write_shards(&data, 128, 30);
+    common::counting_shards(&data, 128, 30);
     let o = options(&data, &dir.path().join("a"), 4);
     run(&o, None).unwrap();
     let probed = TrainOptions { probe_memory: true, out: dir.path().join("b"), ..o };
@@ -148,7 +117,7 @@ fn probing_memory_leaves_the_run_unchanged() {
 #[test]
 fn shards_from_a_larger_vocabulary_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    write_shards(&dir.path().join("shards"), 151_669, 5);
+    common::counting_shards(&dir.path().join("shards"), 151_669, 5);
     let err = run(&options(&dir.path().join("shards"), &dir.path().join("out"), 1), None).err().unwrap();
     let msg = format!("{err:#}");
     assert!(msg.contains("151669") && msg.contains("128"), "{msg}");
@@ -177,7 +146,7 @@ fn merged_weights_give_the_adapter_logits() {
 #[test]
 fn config_file_keys_with_command_line_overrides() {
     let dir = tempfile::tempdir().unwrap();
-    write_shards(&dir.path().join("shards"), 128, 10);
+    common::counting_shards(&dir.path().join("shards"), 128, 10);
     std::fs::write(dir.path().join("cfg.toml"), "lr = 1e-3\nlora_r = 2\ntarget = \"q_proj,v_proj\"\nmax_steps = 3\nbatch_tokens = 128\neval_every = 0\nrslora = true\n").unwrap();
     let m = model_dir();
     let out = common::tunekit(
@@ -219,7 +188,7 @@ fn config_file_keys_with_command_line_overrides() {
 fn qlora_nf4_step_lowers_the_loss_and_stores_4_bit_weights() {
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
-    write_shards(&dir.path().join("shards"), 128, 40);
+    common::counting_shards(&dir.path().join("shards"), 128, 40);
     let mut o = options(&dir.path().join("shards"), &dir.path().join("q"), 40);
     o.optim.lr = 5e-2;
     o.qlora = Some("nf4".into());
@@ -419,7 +388,7 @@ fn tensorboard_reads_back_what_metrics_jsonl_says() {
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("shards");
-    write_shards(&data, 128, 30);
+    common::counting_shards(&data, 128, 30);
     let out = dir.path().join("run");
     run(&TrainOptions { tensorboard: true, ..options(&data, &out, 10) }, None).unwrap();
     let script = common::root().join("tests/tensorboard/read_events.py");

@@ -65,3 +65,37 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("valid JSON line"))
         .collect()
 }
+
+/// Packed rows of a tiny "language": each segment counts upward from a random start, so the
+/// next token is learnable; the first half of each segment is a prompt (not trained).
+pub fn counting_shards(dir: &Path, vocab: usize, rows: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = tunekit::split::SplitMix64::new(3);
+    let mut w = tunekit::pack::shards::ShardWriter::new(dir, "train", 1 << 30);
+    let mut e = tunekit::pack::shards::ShardWriter::new(dir, "eval", 1 << 30);
+    for r in 0..rows {
+        let mut row = tunekit::pack::rows::PackedRow::default();
+        for _ in 0..3 {
+            let len = 10 + rng.below(10);
+            let start = rng.below(100);
+            let ids: Vec<u32> = (0..len).map(|k| ((start + k) % 120) as u32).collect();
+            let labels: Vec<i32> =
+                ids.iter().enumerate().map(|(k, &t)| if k >= len / 2 { t as i32 } else { -100 }).collect();
+            row.push(&tunekit::tokenize::Sample { input_ids: ids, labels });
+        }
+        if r % 5 == 4 {
+            e.write(vec![row]).unwrap()
+        } else {
+            w.write(vec![row]).unwrap()
+        }
+    }
+    w.finish().unwrap();
+    e.finish().unwrap();
+    let m = serde_json::json!({"tokenizer": {"vocab_size": vocab, "path": "synthetic"}, "seq_len": 64});
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+}
+
+/// The tiny Llama of tests/fixtures/train (vocabulary 128).
+pub fn tiny_llama() -> PathBuf {
+    root().join("tests/fixtures/train/llama")
+}

@@ -209,8 +209,7 @@ pub struct TrainSummary {
     pub peak_gpu_memory_mb: Option<f64>,
 }
 
-/// metrics.jsonl: one JSON object per line, appended to on resume.
-/// metrics.jsonl, one record per line; with `--report-to tensorboard` each record's numbers also
+/// metrics.jsonl, one record per line, appended to on resume; with `--report-to tensorboard` each record's numbers also
 /// as TensorBoard scalars at its step (`eval_loss` as `eval/loss`, the others as `train/NAME`).
 struct MetricsLog(std::fs::File, Option<EventWriter>);
 
@@ -264,7 +263,43 @@ fn add_eval(rec: &mut Value, m: &Metrics) {
     }
 }
 
-/// Runs `recipe` to the end of its steps with the options' optimizer, schedule and cadences.
+/// Sums a step over the ranks of a data-parallel run: the gradients (each rank's already scaled by
+/// the whole step's normaliser, so the sum is the step's gradient), the loss, tokens and examples.
+/// Every rank then holds the same step and runs clipping and AdamW identically. Returns the seconds
+/// of the gradient sum alone (the counts' sum before it waits for the slowest rank).
+fn sum_over_ranks(world: &crate::cluster::World, s: &mut Step, vars: &[Var]) -> Result<f64> {
+    let mut counts = [s.loss, s.tokens as f64, s.examples as f64];
+    world.sum_f64(&mut counts)?;
+    (s.loss, s.tokens, s.examples) = (counts[0], counts[1] as usize, counts[2] as usize);
+    if !s.loss.is_finite() {
+        return Ok(0.0); // every rank stops on the same sum
+    }
+    let mut flat: Vec<f32> = Vec::with_capacity(vars.iter().map(|v| v.elem_count()).sum());
+    for g in &s.grads {
+        flat.extend(g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+    }
+    let t = Instant::now();
+    world.sum_f32(&mut flat)?;
+    let seconds = t.elapsed().as_secs_f64();
+    let mut at = 0;
+    for (g, v) in s.grads.iter_mut().zip(vars) {
+        let n = v.elem_count();
+        *g = Tensor::from_slice(&flat[at..at + n], v.dims(), v.device())?.to_dtype(v.dtype())?;
+        at += n;
+    }
+    Ok(seconds)
+}
+
+/// A digest of what every rank of a data-parallel run must share: the options and the data's manifest.
+fn run_digest(opts: &TrainOptions) -> Result<u64> {
+    let mut bytes = serde_json::to_vec(opts)?;
+    bytes.extend(std::fs::read(opts.data.join(crate::pack::manifest::FILE)).unwrap_or_default());
+    Ok(xxhash_rust::xxh3::xxh3_64(&bytes))
+}
+
+/// Runs `recipe` to the end of its steps with the options' optimizer, schedule and cadences. In a
+/// data-parallel run every rank drives its share of each step; rank 0 alone writes metrics,
+/// checkpoints, the adapter and the report.
 pub fn drive<R: Recipe>(
     opts: &TrainOptions,
     t: Trainable,
@@ -275,35 +310,60 @@ pub fn drive<R: Recipe>(
     // TUNEKIT_PROFILE=1: per-step optimizer seconds in metrics.jsonl (the recipes add theirs; adds syncs).
     let profile = std::env::var_os("TUNEKIT_PROFILE").is_some();
     let device = t.model.device.clone();
+    let world = crate::cluster::world();
+    if world.size > 1 {
+        world.check_same(run_digest(opts)?, "options or data")?;
+    }
+    let main = world.is_main();
     let mut peak_gpu = gpu_used_mb(&device);
     let mut optim = AdamW::new(opts.optim.clone(), &t.vars)?;
     let mut step = 0u64;
     if let Some(dir) = resume {
         let state = checkpoint::read(dir, &t.vars_named, &mut optim)?;
         step = state["step"].as_u64().with_context(|| format!("{}: state.json has no step", dir.display()))?;
+        let saved = state["world_size"].as_u64().unwrap_or(1) as usize;
+        if saved != world.size {
+            bail!(
+                "{} was saved by a run of {saved} rank(s); this run has {}: resume with the same world size                  (each step's micro-batches are split over the ranks)",
+                dir.display(),
+                world.size
+            );
+        }
         recipe.restore(&state)?;
     }
     let total = opts.max_steps.unwrap_or(recipe.steps_per_epoch() * opts.epochs.max(1));
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
     let metrics_path = opts.out.join("metrics.jsonl");
     let tb_dir = opts.out.join("tensorboard");
-    let mut metrics =
-        MetricsLog::open(&metrics_path, resume.is_some(), opts.tensorboard.then_some((tb_dir.as_path(), opts)))?;
+    let mut metrics = match main {
+        true => Some(MetricsLog::open(
+            &metrics_path,
+            resume.is_some(),
+            opts.tensorboard.then_some((tb_dir.as_path(), opts)),
+        )?),
+        false => None,
+    };
     let pb = crate::progress::bar(recipe.name(), total);
     pb.set_position(step);
     let (mut first_loss, mut last_loss) = (None, None);
     let (mut first_eval, mut last_eval): (Option<Metrics>, Option<Metrics>) = (None, None);
     let (mut curve, mut eval_curve): (Curve, Curve) = (vec![], vec![]);
     let (mut tokens_total, mut examples_total, mut step_seconds) = (0u64, 0usize, 0f64);
-    let checkpoint_state = |recipe: &R, step: u64| {
-        let mut s = recipe.state();
-        s.insert("step".into(), json!(step));
-        Value::Object(s)
-    };
+    // Every rank takes part in a checkpoint's state (a recipe may gather each rank's part); rank 0 writes it.
     let save_checkpoint = |dir: &Path, recipe: &R, optim: &AdamW, step: u64| -> Result<()> {
-        checkpoint::write(dir, &t.model, opts, optim, checkpoint_state(recipe, step), &|d| {
-            recipe.save_extra(&t.model, d)
-        })
+        let mut state = recipe.state();
+        state.insert("step".into(), json!(step));
+        if world.size > 1 {
+            state.insert("world_size".into(), json!(world.size));
+        }
+        if !main {
+            return Ok(());
+        }
+        checkpoint::write(dir, &t.model, opts, optim, Value::Object(state), &|d| recipe.save_extra(&t.model, d))
+    };
+    let write_metrics = |metrics: &mut Option<MetricsLog>, rec: &Value| match metrics {
+        Some(m) => m.write(rec),
+        None => Ok(()),
     };
     let mut probe = None;
     if opts.probe_memory {
@@ -329,18 +389,20 @@ pub fn drive<R: Recipe>(
         }
     }
     let train_start = Instant::now();
-    if resume.is_none() && opts.eval_every > 0 {
+    // Held-out evaluation runs on rank 0 (every rank holds the same adapter).
+    if resume.is_none() && opts.eval_every > 0 && main {
         if let Some(m) = recipe.evaluate(&t.model)? {
             let mut rec = json!({"step": 0});
             add_eval(&mut rec, &m);
-            metrics.write(&rec)?;
+            write_metrics(&mut metrics, &rec)?;
             eval_curve.push((0.0, m.get(recipe.eval_key()).copied().unwrap_or(f64::NAN)));
             first_eval = Some(m);
         }
     }
     while step < total {
         let t0 = Instant::now();
-        let s = recipe.step(&t, step)?;
+        let mut s = recipe.step(&t, step)?;
+        let t_reduce = if world.size > 1 { sum_over_ranks(world, &mut s, &t.vars)? } else { 0.0 };
         if !s.loss.is_finite() {
             bail!(
                 "step {}: the loss is {}; stopping. The last good checkpoint is kept in {}",
@@ -378,11 +440,15 @@ pub fn drive<R: Recipe>(
         if profile {
             rec["seconds_optimizer"] = json!(t_opt);
         }
+        if world.size > 1 {
+            rec["seconds_all_reduce"] = json!(t_reduce);
+            rec["bytes_all_reduced"] = json!(4 * t.trainable_params());
+        }
         if let Some(used) = gpu_used_mb(&device) {
             peak_gpu = Some(peak_gpu.map_or(used, |p: f64| p.max(used)));
             rec["gpu_memory_mb"] = json!(used);
         }
-        if opts.eval_every > 0 && (step.is_multiple_of(opts.eval_every) || step == total) {
+        if main && opts.eval_every > 0 && (step.is_multiple_of(opts.eval_every) || step == total) {
             if let Some(m) = recipe.evaluate(&t.model)? {
                 add_eval(&mut rec, &m);
                 eval_curve.push((step as f64, m.get(recipe.eval_key()).copied().unwrap_or(f64::NAN)));
@@ -390,7 +456,7 @@ pub fn drive<R: Recipe>(
                 last_eval = Some(m);
             }
         }
-        metrics.write(&rec)?;
+        write_metrics(&mut metrics, &rec)?;
         pb.set_message(format!("loss {:.4} lr {lr:.2e} {:.0} tok/s", s.loss, s.tokens as f64 / dt));
         pb.set_position(step);
         if opts.save_every > 0 && step.is_multiple_of(opts.save_every) && step < total {
@@ -398,10 +464,12 @@ pub fn drive<R: Recipe>(
         }
     }
     pb.finish_and_clear();
-    peft::save(&t.model, &opts.lora, &opts.model.display().to_string(), &opts.out)?;
-    recipe.save_extra(&t.model, &opts.out)?;
+    if main {
+        peft::save(&t.model, &opts.lora, &opts.model.display().to_string(), &opts.out)?;
+        recipe.save_extra(&t.model, &opts.out)?;
+    }
     save_checkpoint(&opts.out.join("checkpoint-last"), &recipe, &optim, step)?;
-    let plot = if curve.is_empty() {
+    let plot = if curve.is_empty() || !main {
         None
     } else {
         let p = opts.out.join("loss.png");
@@ -410,7 +478,7 @@ pub fn drive<R: Recipe>(
         crate::report::charts::line_chart_png(&p, "Loss", "step", "loss (nats per trained token)", &series)?;
         Some(p.display().to_string())
     };
-    let report = crate::report::html::write_beside(&opts.out).map(|p| p.display().to_string());
+    let report = main.then(|| crate::report::html::write_beside(&opts.out)).flatten().map(|p| p.display().to_string());
     let secs = train_start.elapsed().as_secs_f64();
     let trainable = t.trainable_params();
     let total_params = t.base_params + trainable;

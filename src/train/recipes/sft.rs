@@ -1,7 +1,9 @@
 //! `train --method sft`: LoRA on packed shards. Micro-batches of at most `--batch-tokens` tokens in
 //! a seeded order per epoch, `--grad-accum` of them per step (continuing across epochs), the loss
 //! normalised by the trained tokens of the whole accumulated batch; LoRA dropout from a stream kept
-//! in checkpoints; optionally gradient checkpointing.
+//! in checkpoints; optionally gradient checkpointing. Data parallel: each step's `--grad-accum` x
+//! world-size micro-batches are dealt round-robin to the ranks, and every rank scales its gradients
+//! by the trained tokens of the whole step, so the ranks' sum is the one-process step.
 
 use super::common::{drive, grads_of, load_trainable, GradSum, Metrics, Recipe, Step, TrainSummary, Trainable};
 use crate::split::SplitMix64;
@@ -49,8 +51,15 @@ fn loss_and_grads(
     Ok((loss, g, ((forward_done - tf).as_secs_f64(), forward_done.elapsed().as_secs_f64())))
 }
 
+/// The LoRA dropout stream of `rank`: rank 0's is the one-process run's; the others differ and are
+/// reproducible from the seed.
+fn dropout_stream(seed: u64, rank: usize) -> SplitMix64 {
+    SplitMix64::new(seed ^ 0xD0 ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
 struct Sft<'a> {
     opts: &'a TrainOptions,
+    world: &'static crate::cluster::World,
     train: Shards,
     eval: Shards,
     micro_per_epoch: u64,
@@ -69,23 +78,31 @@ impl<'a> Sft<'a> {
         }
         let eval = Shards::load(&opts.data, "eval")?;
         let first = train.micro_batches(&train.epoch_order(opts.seed, 0), opts.batch_tokens);
+        let world = crate::cluster::world();
         Ok(Sft {
             opts,
+            world,
             micro_per_epoch: first.len() as u64,
             epoch_batches: (0, first),
             train,
             eval,
-            dropout_rng: SplitMix64::new(opts.seed ^ 0xD0),
+            dropout_rng: dropout_stream(opts.seed, world.rank),
             profile: std::env::var_os("TUNEKIT_PROFILE").is_some(),
         })
     }
 
-    /// The rows of the step's micro-batches, continuing across epochs deterministically.
+    /// Micro-batches per optimizer step over all ranks.
+    fn per_step(&self) -> u64 {
+        self.opts.grad_accum as u64 * self.world.size as u64
+    }
+
+    /// The rows of this rank's share of the step's micro-batches, continuing across epochs deterministically.
     fn micro_batches(&mut self, step: u64) -> Vec<Vec<usize>> {
-        let accum = self.opts.grad_accum as u64;
-        (0..accum)
+        let per_step = self.per_step();
+        (self.world.rank as u64..per_step)
+            .step_by(self.world.size)
             .map(|k| {
-                let g = step * accum + k;
+                let g = step * per_step + k;
                 let (epoch, idx) = (g / self.micro_per_epoch, g % self.micro_per_epoch);
                 if self.epoch_batches.0 != epoch {
                     let order = self.train.epoch_order(self.opts.seed, epoch);
@@ -141,7 +158,7 @@ impl Recipe for Sft<'_> {
     }
 
     fn steps_per_epoch(&self) -> u64 {
-        self.micro_per_epoch.div_ceil(self.opts.grad_accum as u64)
+        self.micro_per_epoch.div_ceil(self.per_step())
     }
 
     fn step(&mut self, t: &Trainable, step: u64) -> Result<Step> {
@@ -151,8 +168,14 @@ impl Recipe for Sft<'_> {
             .iter()
             .map(|mb| Batch::from_rows(&mb.iter().map(|&i| &self.train.rows[i]).collect::<Vec<_>>(), &model.device))
             .collect::<Result<_>>()?;
-        let trained: usize = batches.iter().map(|b| b.trained).sum();
+        let mut trained: usize = batches.iter().map(|b| b.trained).sum();
         let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        if self.world.size > 1 {
+            // The loss is normalised by the trained tokens of the whole step, over every rank.
+            let mut all = [trained as f64];
+            self.world.sum_f64(&mut all)?;
+            trained = all[0] as usize;
+        }
         let mut sum = GradSum::default();
         let mut loss_sum = 0.0f64;
         let (mut t_fwd, mut t_bwd) = (0.0, 0.0);
@@ -168,7 +191,14 @@ impl Recipe for Sft<'_> {
         }
         let loss = loss_sum / trained.max(1) as f64;
         let grads = if loss.is_finite() {
-            sum.take().context("no trained token in this step's batches")?
+            match sum.take() {
+                Some(g) => g,
+                // Another rank's share trained; this rank adds nothing to the sum.
+                None if self.world.size > 1 && trained > 0 => {
+                    t.vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?
+                }
+                None => bail!("no trained token in this step's batches"),
+            }
         } else {
             vec![] // the loop stops at a non-finite loss
         };
@@ -190,12 +220,25 @@ impl Recipe for Sft<'_> {
     }
 
     fn state(&self) -> Map<String, Value> {
-        Map::from_iter([("dropout_rng".to_string(), json!(self.dropout_rng.state()))])
+        let mut m = Map::from_iter([("dropout_rng".to_string(), json!(self.dropout_rng.state()))]);
+        if self.world.size > 1 {
+            // Each rank's stream, so a resumed run draws what the uninterrupted one would have.
+            match self.world.gather_u64(self.dropout_rng.state()) {
+                Ok(all) => {
+                    m.insert("dropout_rng_by_rank".into(), json!(all));
+                }
+                Err(e) => crate::progress::warn(&format!("the ranks' dropout streams were not gathered: {e:#}")),
+            }
+        }
+        m
     }
 
     fn restore(&mut self, state: &Value) -> Result<()> {
-        let s = state["dropout_rng"].as_u64().context("the checkpoint's state has no dropout_rng")?;
-        self.dropout_rng = SplitMix64::from_state(s);
+        let s = match state.get("dropout_rng_by_rank") {
+            Some(all) => all[self.world.rank].as_u64(),
+            None => state["dropout_rng"].as_u64(),
+        };
+        self.dropout_rng = SplitMix64::from_state(s.context("the checkpoint's state has no dropout_rng")?);
         Ok(())
     }
 }
