@@ -6,12 +6,28 @@
 //! is the part of every command's summary that says where its rows went.
 
 use crate::output::AtomicFile;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// A reason or other code read back from a file (a rank's part), as the `&'static str` the code
+/// uses: each distinct name is kept once for the life of the process.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut names = NAMES.lock().expect("the interned names are never poisoned");
+    match names.get(name) {
+        Some(n) => n,
+        None => {
+            let n: &'static str = Box::leak(name.to_string().into_boxed_str());
+            names.insert(n);
+            n
+        }
+    }
+}
 
 /// Why a row was rejected. The code is stable (used in summaries); the detail is for people.
 #[derive(Debug, Clone, Serialize)]
@@ -26,6 +42,24 @@ pub struct Reject {
     pub field: Option<String>,
     pub reason: &'static str,
     pub detail: String,
+}
+
+/// A [`Reject`] as read back from a file.
+#[derive(Deserialize)]
+struct RejectRecord {
+    source: String,
+    row: u64,
+    line: Option<u64>,
+    field: Option<String>,
+    reason: String,
+    detail: String,
+}
+
+impl<'de> Deserialize<'de> for Reject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Reject, D::Error> {
+        let RejectRecord { source, row, line, field, reason, detail } = RejectRecord::deserialize(d)?;
+        Ok(Reject { source, row, line, field, reason: intern(&reason), detail })
+    }
 }
 
 impl Reject {

@@ -39,6 +39,7 @@ pub mod export;
 pub mod ingest;
 pub mod output;
 pub mod pack;
+pub mod parts;
 pub mod progress;
 pub mod quality;
 pub mod record;

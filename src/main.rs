@@ -72,8 +72,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let json = cli.json;
     match cli.command {
         Command::Convert(a) => print(json, &commands::convert::run(&usage(a.options())?)?)?,
-        Command::Prepare(a) => print(json, &commands::prepare::run(&usage(a.options())?)?)?,
-        Command::Dedup(a) => print(json, &commands::dedup::run(&usage(a.options())?)?)?,
+        Command::Prepare(a) => {
+            let opts = usage(a.options())?;
+            match opts.map.share {
+                Some(_) => print(json, &commands::prepare::run_part(&opts)?)?,
+                None => print(json, &commands::prepare::run(&opts)?)?,
+            }
+        }
+        Command::MergeParts(a) => match commands::merge_parts::run(&a.dir)? {
+            commands::merge_parts::Merged::Prepare(s) => print(json, &s)?,
+            commands::merge_parts::Merged::Dedup(s) => print(json, &s)?,
+        },
+        Command::Dedup(a) => {
+            let opts = usage(a.options())?;
+            match opts.map.share {
+                Some(_) => print(json, &commands::dedup::run_part(&opts)?)?,
+                None => print(json, &commands::dedup::run(&opts)?)?,
+            }
+        }
         Command::Export { target: ExportTarget::Openai(a) } => {
             print(json, &commands::export::openai::run(&usage(a.options())?)?)?
         }

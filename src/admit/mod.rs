@@ -6,7 +6,7 @@
 //! index) live apart from the front that applies them.
 
 use crate::accounting::{Counts, SideFile, SideFiles};
-use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Verdict};
+use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Prepared, Verdict};
 use crate::ingest::Item;
 use crate::output::AtomicFile;
 use crate::quality::decontaminate::Contamination;
@@ -68,6 +68,24 @@ impl Front {
 
     /// Counts a batch, rejects its bad rows, removes duplicates; returns the kept conversations.
     pub fn admit(&mut self, items: Vec<Item>) -> Result<Vec<Conversation>> {
+        let convs: Vec<&Conversation> = items.iter().filter_map(Item::conversation).collect();
+        let prepared: Vec<(Option<Prepared>, ())> =
+            self.deduper.prepare_all(&convs).into_iter().map(|p| (p, ())).collect();
+        Ok(self.admit_prepared(items, prepared)?.into_iter().map(|(c, ())| c).collect())
+    }
+
+    /// What each conversation of a batch needs for its duplicate decision (computed in parallel).
+    pub fn prepare(&self, items: &[Item]) -> Vec<Option<Prepared>> {
+        self.deduper.prepare_all(&items.iter().filter_map(Item::conversation).collect::<Vec<_>>())
+    }
+
+    /// [`Front::admit`] with each conversation's duplicate check already prepared (by a rank of a
+    /// sharded run) and a payload carried along: `prepared` holds one entry per `Item::Ok`, in order.
+    pub fn admit_prepared<T>(
+        &mut self,
+        items: Vec<Item>,
+        prepared: Vec<(Option<Prepared>, T)>,
+    ) -> Result<Vec<(Conversation, T)>> {
         let mut convs = Vec::with_capacity(items.len());
         for item in items {
             self.counts.rows_read += 1;
@@ -78,11 +96,13 @@ impl Front {
                 Item::Contaminated(c) => self.contaminated(&c)?,
             }
         }
-        let verdicts = self.deduper.process(&convs);
+        if convs.len() != prepared.len() {
+            bail!("internal error: {} conversations but {} prepared duplicate checks", convs.len(), prepared.len());
+        }
         let mut kept = Vec::with_capacity(convs.len());
-        for (c, v) in convs.into_iter().zip(verdicts) {
-            let Verdict::Duplicate { of, kind, similarity } = v else {
-                kept.push(c);
+        for (c, (p, payload)) in convs.into_iter().zip(prepared) {
+            let Verdict::Duplicate { of, kind, similarity } = self.deduper.decide(&c.id, p) else {
+                kept.push((c, payload));
                 continue;
             };
             match kind {

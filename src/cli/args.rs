@@ -188,6 +188,7 @@ impl MapArgs {
                 delimiter: self.delimiter.as_deref().map(ReadOptions::parse_delimiter).transpose()?,
                 encoding: self.encoding.as_deref().map(ReadOptions::parse_encoding).transpose()?,
             },
+            share: None,
         })
     }
 }

@@ -71,6 +71,20 @@ pub struct PrepareArgs {
     pub dedup: DedupArgs,
     #[command(flatten)]
     pub map: MapArgs,
+    /// This task's rank in a sharded prepare (0-based; also from SLURM_ARRAY_TASK_ID or
+    /// JOB_COMPLETION_INDEX): it prepares every world-size-th batch of 4,096 input rows into
+    /// OUT/parts/; `tunekit merge-parts OUT` joins the parts when all ranks are done.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// How many tasks share the inputs (also from SLURM_ARRAY_TASK_COUNT).
+    #[arg(long)]
+    pub world_size: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct MergePartsArgs {
+    /// The output directory the ranks wrote their parts under (prepare's --out).
+    pub dir: PathBuf,
 }
 
 impl PrepareArgs {
@@ -88,6 +102,7 @@ impl PrepareArgs {
         o.seed = self.seed;
         o.too_long = self.too_long;
         o.dedup = self.dedup.options(self.seed)?;
+        o.map.share = crate::cluster::launch::Share::resolve(self.rank, self.world_size)?;
         Ok(o)
     }
 }
@@ -109,12 +124,22 @@ pub struct DedupCommandArgs {
     pub dedup: DedupArgs,
     #[command(flatten)]
     pub map: MapArgs,
+    /// This task's rank in a sharded dedup (also SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX): it
+    /// signs every world-size-th batch into parts/ beside --out; `tunekit merge-parts DIR` (the
+    /// output's directory) decides the duplicates in input order and writes --out.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// How many tasks share the inputs (also SLURM_ARRAY_TASK_COUNT).
+    #[arg(long)]
+    pub world_size: Option<usize>,
 }
 
 impl DedupCommandArgs {
     pub fn options(self) -> Result<DedupRunOptions> {
+        let mut map = self.map.options()?;
+        map.share = crate::cluster::launch::Share::resolve(self.rank, self.world_size)?;
         Ok(DedupRunOptions {
-            map: self.map.options()?,
+            map,
             strict: self.map.strict,
             dedup: self.dedup.options(0)?,
             inputs: self.inputs,

@@ -74,6 +74,10 @@ pub enum Command {
     /// accounting, length histogram, rejects by reason, decoded rows, loss/lr/grad-norm/throughput/
     /// memory and the method's own metrics; several runs overlaid.
     Report(data::ReportArgs),
+    /// Join the parts of a sharded prepare (`prepare --rank R --world-size W`, or Slurm array /
+    /// Kubernetes indexed-job tasks) into the directory one process would have written: duplicates
+    /// across parts, the same split, shards and one manifest with the summed accounting.
+    MergeParts(data::MergePartsArgs),
     /// Remove exact and near-duplicate conversations (MinHash-LSH); removed rows go to duplicates.jsonl.
     #[command(args_override_self = true)]
     Dedup(data::DedupCommandArgs),

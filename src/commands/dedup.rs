@@ -4,12 +4,17 @@
 use super::Summary;
 use crate::accounting::{Counts, SideFile, SideFiles, Tally};
 use crate::admit::Front;
-use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Verdict};
-use crate::ingest::{stream_conversations, MapOptions};
+use crate::commands::parts::{part_digest, PartSummary};
+use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Prepared, Verdict};
+use crate::ingest::{stream_conversations, Item, MapOptions};
+use crate::pack::manifest::Manifest;
+use crate::parts::block::Block;
+use crate::parts::part::{blocks_in_order, PartMeta, PartWriter, Settings};
 use crate::record::sink::ConversationSink;
-use anyhow::Result;
+use crate::record::Conversation;
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Which row of a cluster stays.
@@ -173,13 +178,35 @@ pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
     if opts.keep == Keep::Longest {
         return run_keep_longest(opts);
     }
+    keep_first(opts, out_dir(&opts.out), |take| {
+        stream_conversations(&opts.inputs, &opts.map, |batch| take(batch.items, None))
+    })
+}
+
+/// The directory of an output file (its side files and, sharded, its parts go there).
+fn out_dir(out: &Path) -> &Path {
+    out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Each row in the order `feed` hands the batches over (with their duplicate checks prepared,
+/// from a sharded run's parts, or not): counted, checked, the first of each cluster kept.
+fn keep_first(
+    opts: &DedupRunOptions,
+    dir: &Path,
+    feed: impl FnOnce(&mut dyn FnMut(Vec<Item>, Option<Vec<Option<Prepared>>>) -> Result<()>) -> Result<()>,
+) -> Result<DedupSummary> {
     let start = Instant::now();
     let mut sink = if opts.dry_run { None } else { Some(ConversationSink::create(&opts.out)?) };
-    let dir = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let mut front = Front::new(dir, &opts.dedup, opts.strict, !opts.dry_run);
     let pb = crate::progress::rows("dedup");
-    stream_conversations(&opts.inputs, &opts.map, |batch| {
-        let kept = front.admit(batch.items)?;
+    feed(&mut |items, prepared| {
+        let kept: Vec<Conversation> = match prepared {
+            None => front.admit(items)?,
+            Some(p) => {
+                let p = p.into_iter().map(|p| (p, ())).collect();
+                front.admit_prepared(items, p)?.into_iter().map(|(c, ())| c).collect()
+            }
+        };
         kept.iter().for_each(|c| front.counts.keep(&c.id));
         if let Some(s) = sink.as_mut() {
             s.write_batch(&kept)?;
@@ -197,6 +224,69 @@ pub fn run(opts: &DedupRunOptions) -> Result<DedupSummary> {
     let files = front.finish()?;
     let largest: Vec<(String, u64)> = front.clusters.iter().map(|(k, v)| (k.clone(), *v)).collect();
     Ok(summary(opts, front.counts.clone(), largest, files, start))
+}
+
+/// A rank's share of a sharded dedup: its batches read, checked and signed into its part under
+/// the output's directory, for `merge-parts` to decide in input order.
+pub fn run_part(opts: &DedupRunOptions) -> Result<PartSummary> {
+    let share = opts.map.share.context("a part needs --rank and --world-size")?;
+    if opts.keep == Keep::Longest || opts.dry_run || opts.map.select.is_active() {
+        bail!("a sharded dedup keeps the first row of each cluster and writes its output: no --keep longest, --dry-run, --sql, --limit or --sample");
+    }
+    let start = Instant::now();
+    let root = out_dir(&opts.out);
+    let digest = part_digest(&opts.inputs)?;
+    if let Some(meta) = PartMeta::complete(root, &share, &digest) {
+        return Ok(PartSummary::of(root, &meta, true, start));
+    }
+    let front = Front::new(root, &opts.dedup, opts.strict, false);
+    let mut part = PartWriter::create(root, &share)?;
+    let pb = crate::progress::rows("dedup (part)");
+    stream_conversations(&opts.inputs, &opts.map, |batch| {
+        let prepared = front.prepare(&batch.items);
+        part.write(&Block::new(batch.index, batch.items, prepared.into_iter().map(|p| (p, None)).collect()))?;
+        pb.set_position(part.rows);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let meta = PartMeta {
+        command: "dedup".into(),
+        rank: share.rank,
+        world_size: share.world_size,
+        digest,
+        settings: Settings { window_tokens: 0, shard_bytes: 0, strict: opts.strict },
+        manifest: Manifest { dedup: opts.dedup.clone(), ..Default::default() },
+        output: Some(opts.out.file_name().unwrap_or_default().to_string_lossy().to_string()),
+        sources: vec![],
+        blocks: part.count,
+        rows: part.rows,
+    };
+    part.finish(&meta)?;
+    Ok(PartSummary::of(root, &meta, false, start))
+}
+
+/// `merge-parts` of a sharded dedup: the parts under `dir` decided in input order into the output
+/// file and side files one process would have written.
+pub fn merge(dir: &Path, metas: Vec<PartMeta>) -> Result<DedupSummary> {
+    let first = &metas[0];
+    let name = first.output.clone().context("a dedup part without its output name")?;
+    let opts = DedupRunOptions {
+        inputs: vec![],
+        out: dir.join(name),
+        dry_run: false,
+        keep: Keep::First,
+        map: MapOptions::default(),
+        strict: first.settings.strict,
+        dedup: first.manifest.dedup.clone(),
+    };
+    let blocks = blocks_in_order(dir, &metas)?;
+    keep_first(&opts, dir, |take| {
+        for b in blocks {
+            let (items, extra) = b?.into_items();
+            take(items, Some(extra.into_iter().map(|e| e.0).collect()))?;
+        }
+        Ok(())
+    })
 }
 
 /// The summary of a run; `clusters` lists every cluster with a removed row (representative, rows removed).

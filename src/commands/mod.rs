@@ -10,6 +10,8 @@ pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod merge_parts;
+pub mod parts;
 pub mod prepare;
 pub mod quickstart;
 pub mod report;

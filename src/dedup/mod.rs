@@ -131,8 +131,10 @@ pub struct Deduper {
     next: Vec<u32>,
 }
 
-/// What is computed for a row in parallel before the sequential decision.
-struct Prepared {
+/// What is computed for a row in parallel before the sequential decision (also what a rank of a
+/// sharded run hands to the merge).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Prepared {
     exact: u128,
     near: Option<(Vec<u32>, Vec<u32>)>, // (band keys, sketch)
 }
@@ -166,7 +168,7 @@ impl Deduper {
         }
     }
 
-    fn prepare(&self, c: &Conversation) -> Prepared {
+    pub fn prepare(&self, c: &Conversation) -> Prepared {
         let text = self.key_text(c);
         let exact_norm = self.opts.normalization.apply(&text);
         let exact = xxhash_rust::xxh3::xxh3_128(exact_norm.as_bytes());
@@ -192,16 +194,24 @@ impl Deduper {
         Prepared { exact, near }
     }
 
+    /// What the rows of a batch need for their decisions, computed in parallel (nothing when
+    /// deduplication is off).
+    pub fn prepare_all(&self, batch: &[&Conversation]) -> Vec<Option<Prepared>> {
+        if self.opts.mode == DedupMode::None {
+            return vec![None; batch.len()];
+        }
+        batch.par_iter().map(|c| Some(self.prepare(c))).collect()
+    }
+
     /// Decides a batch, in order. Signatures are computed in parallel.
     pub fn process(&mut self, batch: &[Conversation]) -> Vec<Verdict> {
-        if self.opts.mode == DedupMode::None {
-            return vec![Verdict::Keep; batch.len()];
-        }
-        let prepared: Vec<Prepared> = batch.par_iter().map(|c| self.prepare(c)).collect();
+        let prepared = self.prepare_all(&batch.iter().collect::<Vec<_>>());
         batch.iter().zip(prepared).map(|(c, p)| self.decide(&c.id, p)).collect()
     }
 
-    fn decide(&mut self, id: &str, p: Prepared) -> Verdict {
+    /// Decides one row from what was prepared for it, after every earlier row (input order).
+    pub fn decide(&mut self, id: &str, p: Option<Prepared>) -> Verdict {
+        let Some(p) = p.filter(|_| self.opts.mode != DedupMode::None) else { return Verdict::Keep };
         if let Some(&seen) = self.exact.get(&p.exact) {
             let r = self.rep[seen as usize];
             return Verdict::Duplicate { of: self.ids.get(r).to_string(), kind: DupKind::Exact, similarity: 1.0 };

@@ -80,6 +80,8 @@ pub struct MapOptions {
     pub select: crate::ingest::table::Selection,
     /// Quality filters every mapped conversation must pass.
     pub quality: crate::quality::Quality,
+    /// This rank's share of the batches in a sharded run (`--rank/--world-size`); all when None.
+    pub share: Option<crate::cluster::launch::Share>,
 }
 
 /// Column pairs `--format auto` reads as a prompt and its answer when no format's own names fit,

@@ -29,7 +29,19 @@ pub enum Item {
     Contaminated(Box<crate::quality::decontaminate::Contamination>),
 }
 
+impl Item {
+    /// The conversation of a row that was read and mapped.
+    pub fn conversation(&self) -> Option<&Conversation> {
+        match self {
+            Item::Ok(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
 pub struct Batch {
+    /// The batch's place among all batches of all inputs (a sharded run deals them to its ranks).
+    pub index: u64,
     pub source: std::sync::Arc<str>,
     pub format: Option<Format>,
     /// The format as summaries show it (with a synonym mapping when `--format auto` chose one).
@@ -50,6 +62,7 @@ pub fn stream_conversations(
     if opts.select.is_active() {
         return super::table::select_conversations(inputs, opts, &opts.select, &mut on_batch);
     }
+    let mut index = 0u64;
     for path in inputs {
         let (source, rows) = open_rows(path, &opts.read)?;
         let read_notes = read_notes(&source);
@@ -83,11 +96,22 @@ pub fn stream_conversations(
         let result = (|| -> Result<()> {
             for raw in rx {
                 let raw = raw?;
+                let here = index;
+                index += 1;
+                // A rank of a sharded run maps only its own batches (and reads a file's columns
+                // from its first rows, as every rank and the single process do).
+                let mine = opts.share.is_none_or(|s| here % s.world_size as u64 == s.rank as u64);
+                if !mine && mapper.is_some() {
+                    continue;
+                }
                 let parsed: Vec<Parsed> = raw.into_par_iter().map(|r| (r.row, r.line, to_object(&source, r))).collect();
                 if mapper.is_none() {
                     if let Some(cols) = first_columns(&source, &parsed) {
                         mapper = Some(Mapper::new(opts, &cols, &source.name)?);
                     }
+                }
+                if !mine {
+                    continue;
                 }
                 let items: Vec<Item> = parsed
                     .into_par_iter()
@@ -100,6 +124,7 @@ pub fn stream_conversations(
                     })
                     .collect();
                 on_batch(Batch {
+                    index: here,
                     source: source.name.clone(),
                     format: mapper.as_ref().map(|m| m.format),
                     label: mapper.as_ref().map(Mapper::label),

@@ -323,7 +323,7 @@ pub fn select_conversations(
         first.get_or_insert(src.clone());
         let rejects = std::mem::take(&mut loaded.rejects);
         if !rejects.is_empty() {
-            on_batch(Batch { source: src, format: None, label: None, read_notes: None, items: rejects })?;
+            on_batch(Batch { index: 0, source: src, format: None, label: None, read_notes: None, items: rejects })?;
         }
         ctx.register(&name, loaded.table.lazy());
         names.push(name);
@@ -364,6 +364,7 @@ pub fn select_conversations(
             .collect();
         kept += items.len();
         on_batch(Batch {
+            index: 0,
             source: source.clone(),
             format: Some(mapper.format),
             label: label.clone(),
@@ -374,7 +375,14 @@ pub fn select_conversations(
     let filtered = rows_in.saturating_sub(kept);
     if filtered > 0 {
         let items = (0..filtered).map(|_| Item::Filtered).collect();
-        on_batch(Batch { source: source.clone(), format: Some(mapper.format), label, read_notes: None, items })?;
+        on_batch(Batch {
+            index: 0,
+            source: source.clone(),
+            format: Some(mapper.format),
+            label,
+            read_notes: None,
+            items,
+        })?;
     }
     Ok(())
 }

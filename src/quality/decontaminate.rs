@@ -67,6 +67,30 @@ pub struct Contamination {
     pub record: Conversation,
 }
 
+/// A [`Contamination`] as read back from a file.
+#[derive(serde::Deserialize)]
+struct ContaminationRecord {
+    source: String,
+    row: u64,
+    line: Option<u64>,
+    side: String,
+    eval_row: String,
+    matched: usize,
+    total: usize,
+    share: f64,
+    ngram: usize,
+    record: Conversation,
+}
+
+impl<'de> serde::Deserialize<'de> for Contamination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Contamination, D::Error> {
+        let ContaminationRecord { source, row, line, side, eval_row, matched, total, share, ngram, record } =
+            ContaminationRecord::deserialize(d)?;
+        let side = crate::accounting::intern(&side);
+        Ok(Contamination { source, row, line, side, eval_row, matched, total, share, ngram, record })
+    }
+}
+
 impl Contamination {
     pub fn new(ctx: &RowCtx, side: &'static str, o: Overlap, ngram: usize, record: Conversation) -> Self {
         Contamination {

@@ -99,11 +99,26 @@ pub struct PrepareSummary {
 }
 
 pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
+    if opts.map.share.is_some() {
+        bail!("internal error: a sharded prepare runs through run_part");
+    }
     match opts.method {
         PrepareMethod::Sft => sft::run(opts),
         PrepareMethod::Preference => preference::run(opts),
         PrepareMethod::Prompts => prompts::run(opts),
     }
+}
+
+/// One rank's part of a sharded prepare (`--rank/--world-size`, or an array task's environment).
+pub fn run_part(opts: &PrepareOptions) -> Result<crate::commands::parts::PartSummary> {
+    let share = opts.map.share.context("a part needs --rank and --world-size")?;
+    if opts.method != PrepareMethod::Sft {
+        bail!("a sharded prepare (--rank/--world-size) is --method sft only for now");
+    }
+    if opts.map.select.is_active() {
+        bail!("--sql, --limit and --sample read the whole input as one table: run them in one process, not sharded");
+    }
+    sft::run_part(opts, share)
 }
 
 /// What both methods set up first: the options checked, the tokenizer and chat template loaded, the

@@ -1,21 +1,28 @@
 //! `prepare --method sft` (the default): samples packed into rows of `--seq-len` tokens. Tokenizing
 //! runs in parallel per batch; packing and Parquet writing run on their own thread, overlapping the
-//! next batch. Each split packs a window of samples at a time, its rows shuffled by seed.
+//! next batch. Each split packs a window of samples at a time, its rows shuffled by seed. The
+//! sequential half ([`Consumer`]) is shared by the one-process run and `merge-parts`, which feeds
+//! it the batches of a sharded run's parts in input order: both write the same directory.
 
 use super::{file_names, hash_sources, joined, manifest_path, PrepareOptions, PrepareSummary, Setup};
 use crate::accounting::{reason, Reject, Tally};
 use crate::admit::Front;
-use crate::ingest::stream_conversations;
+use crate::cluster::launch::Share;
+use crate::commands::parts::{part_digest, PartSummary};
+use crate::ingest::{stream_conversations, Item};
 use crate::pack::fit::fit;
-use crate::pack::manifest::{ManifestAccounting, SplitStats, Splits};
+use crate::pack::manifest::{Manifest, ManifestAccounting, SourceFile, SplitStats, Splits};
 use crate::pack::rows::pack;
 use crate::pack::shards::{list_shards, ShardWriter, COLUMNS};
+use crate::parts::block::{Block, Tokenized};
+use crate::parts::part::{blocks_in_order, PartMeta, PartWriter, Settings};
 use crate::record::Conversation;
 use crate::split::{is_eval, SplitMix64};
+use crate::tokenize::mask::SampleError;
 use crate::tokenize::{Sample, Tokenizing};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// One split's buffer of samples waiting to be packed.
@@ -70,18 +77,65 @@ impl SplitPacker {
     }
 }
 
-pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
-    let start = Instant::now();
-    let setup = Setup::new(opts)?;
-    let tokenizing = Tokenizing { tok: &setup.tok, template: &setup.template, mode: opts.loss };
+/// The sequential half of prepare: each batch's kept conversations with their samples (or why they
+/// have none) fitted to --seq-len, counted, routed to train or eval and handed to the packer.
+pub struct Consumer<'a> {
+    opts: &'a PrepareOptions,
+    pub front: Front,
+    truncated: u64,
+    dropped: u64,
+    tokens_seen: u64,
+    pack_tx: std::sync::mpsc::SyncSender<Vec<(bool, Sample)>>,
+    pb: indicatif::ProgressBar,
+}
+
+impl Consumer<'_> {
+    pub fn take(&mut self, results: Vec<(Conversation, Result<Sample, SampleError>)>) -> Result<()> {
+        let opts = self.opts;
+        let mut to_pack = Vec::with_capacity(results.len());
+        for (c, res) in results {
+            let sample = res.and_then(|s| {
+                self.tokens_seen += s.len() as u64;
+                fit(s, opts.seq_len, opts.too_long)
+            });
+            match sample {
+                Ok((sample, cut)) => {
+                    self.truncated += cut as u64;
+                    self.front.counts.keep(&c.id);
+                    to_pack.push((is_eval(&c.id, opts.seed, opts.eval_fraction), sample));
+                }
+                Err((why, detail)) => {
+                    self.dropped += (why == reason::TOO_LONG) as u64;
+                    self.front.reject(Reject::for_conversation(&c, why, detail))?;
+                }
+            }
+        }
+        if self.pack_tx.send(to_pack).is_err() {
+            bail!("the packing thread stopped");
+        }
+        self.pb.set_position(self.front.counts.rows_read);
+        self.pb.set_message(format!("{} tokens", self.tokens_seen));
+        Ok(())
+    }
+}
+
+/// What the sequential half leaves: the front (counts, side files) and what was packed.
+struct Packed {
+    front: Front,
+    truncated: u64,
+    dropped: u64,
+    tokens_seen: u64,
+    train: SplitStats,
+    eval: SplitStats,
+}
+
+/// Runs `feed` (which hands the consumer every batch, in input order) against a packer thread.
+fn consume(opts: &PrepareOptions, front: Front, feed: impl FnOnce(&mut Consumer) -> Result<()>) -> Result<Packed> {
     for split in ["train", "eval"] {
         for old in list_shards(&opts.out, split)? {
             std::fs::remove_file(&old)?;
         }
     }
-    let hashing = hash_sources(&opts.inputs);
-    let mut front = Front::new(&opts.out, &opts.dedup, opts.strict, true);
-    let (mut truncated, mut dropped) = (0u64, 0u64);
     let (pack_tx, pack_rx) = std::sync::mpsc::sync_channel::<Vec<(bool, Sample)>>(4);
     let packer = |rx: std::sync::mpsc::Receiver<Vec<(bool, Sample)>>| -> Result<(SplitStats, SplitStats)> {
         let mut train = SplitPacker::new(&opts.out, "train", opts.seed, opts.shard_bytes);
@@ -97,63 +151,146 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         }
         Ok((train.finish(opts)?, eval.finish(opts)?))
     };
-    let pb = crate::progress::rows("prepare");
-    let mut tokens_seen = 0u64;
-
-    let (packing, streamed) = std::thread::scope(|scope| {
+    let mut c = Consumer {
+        opts,
+        front,
+        truncated: 0,
+        dropped: 0,
+        tokens_seen: 0,
+        pack_tx,
+        pb: crate::progress::rows("prepare"),
+    };
+    let (packing, fed) = std::thread::scope(|scope| {
         let packing = scope.spawn(move || packer(pack_rx));
-        let streamed = stream_conversations(&opts.inputs, &opts.map, |batch| {
-            let kept = front.admit(batch.items)?;
-            let results: Vec<(Conversation, Result<Sample, crate::tokenize::mask::SampleError>)> = kept
-                .into_par_iter()
-                .map(|c| {
-                    let s = tokenizing.sample(&c);
-                    (c, s)
-                })
-                .collect();
-            let mut to_pack = Vec::with_capacity(results.len());
-            for (c, res) in results {
-                let sample = res.and_then(|s| {
-                    tokens_seen += s.len() as u64;
-                    fit(s, opts.seq_len, opts.too_long)
-                });
-                match sample {
-                    Ok((sample, cut)) => {
-                        truncated += cut as u64;
-                        front.counts.keep(&c.id);
-                        to_pack.push((is_eval(&c.id, opts.seed, opts.eval_fraction), sample));
-                    }
-                    Err((why, detail)) => {
-                        dropped += (why == reason::TOO_LONG) as u64;
-                        front.reject(Reject::for_conversation(&c, why, detail))?;
-                    }
-                }
-            }
-            if pack_tx.send(to_pack).is_err() {
-                bail!("the packing thread stopped");
-            }
-            pb.set_position(front.counts.rows_read);
-            pb.set_message(format!("{} tokens", tokens_seen));
-            Ok(())
-        });
+        let fed = feed(&mut c);
+        let Consumer { front, truncated, dropped, tokens_seen, pack_tx, pb, .. } = c;
         drop(pack_tx);
-        (packing.join(), streamed)
+        pb.finish_and_clear();
+        (packing.join(), fed.map(|()| (front, truncated, dropped, tokens_seen)))
     });
-    streamed?;
+    let (front, truncated, dropped, tokens_seen) = fed?;
     let (train, eval) = packing.map_err(|_| anyhow::anyhow!("packing thread panicked"))??;
+    Ok(Packed { front, truncated, dropped, tokens_seen, train, eval })
+}
+
+pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
+    let start = Instant::now();
+    let setup = Setup::new(opts)?;
+    let tokenizing = Tokenizing { tok: &setup.tok, template: &setup.template, mode: opts.loss };
+    let hashing = hash_sources(&opts.inputs);
+    let front = Front::new(&opts.out, &opts.dedup, opts.strict, true);
+    let packed = consume(opts, front, |c| {
+        stream_conversations(&opts.inputs, &opts.map, |batch| {
+            let kept = c.front.admit(batch.items)?;
+            c.take(kept.into_par_iter().map(|c| (tokenizing.sample(&c), c)).map(|(s, c)| (c, s)).collect())
+        })
+    })?;
+    let sources = joined(hashing, "hashing")?;
+    finish(opts, setup.manifest(opts, sources, ManifestAccounting::default()), packed, start)
+}
+
+/// A rank's share of a sharded prepare (`--rank/--world-size`): its batches read, mapped, checked
+/// and tokenized into its part, for `merge-parts` to replay.
+pub fn run_part(opts: &PrepareOptions, share: Share) -> Result<PartSummary> {
+    let start = Instant::now();
+    let digest = part_digest(&opts.inputs)?;
+    if let Some(meta) = PartMeta::complete(&opts.out, &share, &digest) {
+        return Ok(PartSummary::of(&opts.out, &meta, true, start));
+    }
+    let setup = Setup::new(opts)?;
+    let tokenizing = Tokenizing { tok: &setup.tok, template: &setup.template, mode: opts.loss };
+    let front = Front::new(&opts.out, &opts.dedup, opts.strict, false);
+    let mut part = PartWriter::create(&opts.out, &share)?;
+    let pb = crate::progress::rows("prepare (part)");
+    stream_conversations(&opts.inputs, &opts.map, |batch| {
+        let prepared = front.prepare(&batch.items);
+        let convs: Vec<&Conversation> = batch.items.iter().filter_map(Item::conversation).collect();
+        let samples: Vec<Option<Tokenized>> =
+            convs.par_iter().map(|c| Some(Tokenized::of(tokenizing.sample(c)))).collect();
+        part.write(&Block::new(batch.index, batch.items, prepared.into_iter().zip(samples).collect()))?;
+        pb.set_position(part.rows);
+        Ok(())
+    })?;
     pb.finish_and_clear();
+    // Input i is hashed by rank i mod world size; the merge puts the list back together.
+    let mine: Vec<(usize, PathBuf)> =
+        opts.inputs.iter().cloned().enumerate().filter(|(i, _)| i % share.world_size == share.rank).collect();
+    let sources = mine
+        .into_iter()
+        .map(|(i, p)| Ok((i, SourceFile { path: p.display().to_string(), sha256: crate::digest::sha256_file(&p)? })))
+        .collect::<Result<Vec<_>>>()?;
+    let meta = PartMeta {
+        command: "prepare".into(),
+        rank: share.rank,
+        world_size: share.world_size,
+        digest,
+        settings: Settings { window_tokens: opts.window_tokens, shard_bytes: opts.shard_bytes, strict: opts.strict },
+        manifest: setup.manifest(opts, vec![], ManifestAccounting::default()),
+        output: None,
+        sources,
+        blocks: part.count,
+        rows: part.rows,
+    };
+    part.finish(&meta)?;
+    Ok(PartSummary::of(&opts.out, &meta, false, start))
+}
+
+/// `merge-parts`: the parts of `out` replayed in the global input order through the sequential
+/// half, writing the shards, side files and manifest one process would have written.
+pub fn merge(out: &Path, metas: Vec<PartMeta>) -> Result<PrepareSummary> {
+    let start = Instant::now();
+    let first = &metas[0];
+    let m = &first.manifest;
+    let mut opts = PrepareOptions::new(vec![], out.to_path_buf(), PathBuf::from(&m.tokenizer.path));
+    opts.seq_len = m.seq_len;
+    opts.pack = m.packing.unwrap_or(opts.pack);
+    opts.loss = m.loss;
+    opts.too_long = m.too_long;
+    opts.seed = m.seed;
+    opts.eval_fraction = m.eval_fraction;
+    opts.dedup = m.dedup.clone();
+    opts.window_tokens = first.settings.window_tokens;
+    opts.shard_bytes = first.settings.shard_bytes;
+    opts.strict = first.settings.strict;
+    Manifest::remove(out);
+    let mut sources: Vec<(usize, SourceFile)> = metas.iter().flat_map(|p| p.sources.clone()).collect();
+    sources.sort_by_key(|s| s.0);
+    let template = Manifest { sources: sources.into_iter().map(|s| s.1).collect(), ..m.clone() };
+    let front = Front::new(out, &opts.dedup, opts.strict, true);
+    let blocks = blocks_in_order(out, &metas)?;
+    let packed = consume(&opts, front, |c| {
+        for b in blocks {
+            let (items, extra) = b?.into_items();
+            let kept = c.front.admit_prepared(items, extra)?;
+            let results = kept
+                .into_iter()
+                .map(|(conv, t)| {
+                    let t = t.context("a part without samples (written by dedup, not prepare)")?;
+                    Ok((conv, t.into_result()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            c.take(results)?;
+        }
+        Ok(())
+    })?;
+    finish(&opts, template, packed, start)
+}
+
+/// What every way of running prepare ends with: the counts checked, the manifest (written last),
+/// the report beside the shards, the verdict and the summary.
+fn finish(opts: &PrepareOptions, mut manifest: Manifest, packed: Packed, start: Instant) -> Result<PrepareSummary> {
+    let Packed { mut front, truncated, dropped, tokens_seen, train, eval } = packed;
     let files = front.finish()?;
     let counts = front.counts.clone();
     if !counts.balanced() {
         bail!("internal accounting error: {:?}", counts);
     }
-    let sources = joined(hashing, "hashing")?;
     let samples = train.samples + eval.samples;
     let rows = train.rows + eval.rows;
     let tokens = train.tokens + eval.tokens;
     let trainable = train.trainable_tokens + eval.trainable_tokens;
     let fill = if rows == 0 { 0.0 } else { tokens as f64 / (rows as f64 * opts.seq_len as f64) };
-    let accounting = ManifestAccounting {
+    manifest.accounting = ManifestAccounting {
         truncated: Some(truncated),
         samples: Some(samples),
         packed_rows: Some(rows),
@@ -162,7 +299,6 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         fill_ratio: Some(fill),
         ..ManifestAccounting::of(&counts, dropped)
     };
-    let mut manifest = setup.manifest(opts, sources, accounting);
     manifest.format = "tunekit-shards".into();
     manifest.packing = Some(opts.pack);
     manifest.columns = COLUMNS.iter().map(|c| c.to_string()).collect();

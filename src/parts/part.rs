@@ -1,0 +1,158 @@
+//! A rank's part on disk: `blocks.jsonl.zst` (one [`Block`] per line, in the rank's order) and
+//! `part.json`, written last, which makes the part complete: the command and options it ran with
+//! (their digest decides whether a rerun may keep it), the manifest every part shares, the sources
+//! this rank hashed, and its counts. The parts of a directory are read back merged into the global
+//! batch order.
+
+use super::block::Block;
+use crate::cluster::launch::{Share, PARTS};
+use crate::output::AtomicFile;
+use crate::pack::manifest::{Manifest, SourceFile};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+pub const META: &str = "part.json";
+pub const BLOCKS: &str = "blocks.jsonl.zst";
+
+/// What the merge needs beyond the manifest to write what one process would have.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub window_tokens: usize,
+    pub shard_bytes: usize,
+    pub strict: bool,
+}
+
+/// `part.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartMeta {
+    /// The command that wrote the part ("prepare" or "dedup").
+    pub command: String,
+    pub rank: usize,
+    pub world_size: usize,
+    /// A digest of the options and inputs: every part of a directory must have the same.
+    pub digest: String,
+    pub settings: Settings,
+    /// The manifest the merged directory will carry, before its counts and splits (dedup: only its
+    /// dedup options).
+    pub manifest: Manifest,
+    /// dedup: the output file's name in the directory.
+    pub output: Option<String>,
+    /// The inputs this rank hashed (input i by rank i mod world size), with their place in the list.
+    pub sources: Vec<(usize, SourceFile)>,
+    pub blocks: u64,
+    pub rows: u64,
+}
+
+impl PartMeta {
+    /// The part of `share` under `out` when it is complete and was written with `digest`.
+    pub fn complete(out: &Path, share: &Share, digest: &str) -> Option<PartMeta> {
+        let p = share.dir(out).join(META);
+        let meta: PartMeta = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+        (meta.digest == digest).then_some(meta)
+    }
+}
+
+/// Writes a rank's blocks as they come; [`PartWriter::finish`] adds `part.json`.
+pub struct PartWriter {
+    dir: PathBuf,
+    blocks: zstd::Encoder<'static, AtomicFile>,
+    pub count: u64,
+    pub rows: u64,
+}
+
+impl PartWriter {
+    /// A fresh part for `share` under `out` (an earlier, incomplete or outdated one is removed).
+    pub fn create(out: &Path, share: &Share) -> Result<PartWriter> {
+        let dir = share.dir(out);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let f = AtomicFile::create(&dir.join(BLOCKS))?;
+        Ok(PartWriter { blocks: zstd::Encoder::new(f, 3)?, dir, count: 0, rows: 0 })
+    }
+
+    pub fn write(&mut self, b: &Block) -> Result<()> {
+        serde_json::to_writer(&mut self.blocks, b)?;
+        self.blocks.write_all(b"\n")?;
+        self.count += 1;
+        self.rows += b.rows.len() as u64;
+        Ok(())
+    }
+
+    /// Commits the blocks, then `part.json` (the mark of a complete part).
+    pub fn finish(self, meta: &PartMeta) -> Result<PathBuf> {
+        self.blocks.finish()?.commit()?;
+        let mut f = AtomicFile::create(&self.dir.join(META))?;
+        f.write_all(serde_json::to_string_pretty(meta)?.as_bytes())?;
+        f.commit()?;
+        Ok(self.dir)
+    }
+}
+
+/// The complete parts of `out`, by rank, checked to be one job's: the same world size and digest,
+/// every rank present.
+pub fn read_parts(out: &Path) -> Result<Vec<PartMeta>> {
+    let root = out.join(PARTS);
+    let entries = std::fs::read_dir(&root)
+        .with_context(|| format!("{}: no parts (run the ranks with --rank/--world-size first)", root.display()))?;
+    let (mut metas, mut incomplete) = (vec![], vec![]);
+    for e in entries {
+        let dir = e?.path();
+        match std::fs::read(dir.join(META)) {
+            Ok(b) => metas.push(
+                serde_json::from_slice::<PartMeta>(&b).with_context(|| format!("{}: not a part", dir.display()))?,
+            ),
+            Err(_) => incomplete.push(dir.file_name().unwrap_or_default().to_string_lossy().to_string()),
+        }
+    }
+    metas.sort_by_key(|m| m.rank);
+    let Some(first) = metas.first().cloned() else {
+        bail!("{}: no complete part (incomplete: {})", root.display(), incomplete.join(", "));
+    };
+    if let Some(m) = metas.iter().find(|m| m.world_size != first.world_size || m.digest != first.digest) {
+        bail!(
+            "{}: rank {} of {} ran with other inputs or options than rank {} of {}: rerun all ranks with one command",
+            root.display(),
+            m.rank,
+            m.world_size,
+            first.rank,
+            first.world_size
+        );
+    }
+    let missing: Vec<String> = (0..first.world_size)
+        .filter(|r| metas.binary_search_by_key(r, |m| m.rank).is_err())
+        .map(|r| r.to_string())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{}: rank(s) {} of {} are missing or incomplete: rerun those tasks (complete parts are kept), then merge",
+            root.display(),
+            missing.join(", "),
+            first.world_size
+        );
+    }
+    Ok(metas)
+}
+
+/// The blocks of all parts in the global batch order (batch i is in the part of rank i mod W).
+pub fn blocks_in_order(out: &Path, metas: &[PartMeta]) -> Result<impl Iterator<Item = Result<Block>>> {
+    let w = metas.len();
+    let mut readers = vec![];
+    for m in metas {
+        let p = Share { rank: m.rank, world_size: m.world_size }.dir(out).join(BLOCKS);
+        let f = std::fs::File::open(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        readers.push((p, BufReader::new(zstd::Decoder::new(f)?).lines()));
+    }
+    let total: u64 = metas.iter().map(|m| m.blocks).sum();
+    Ok((0..total).map(move |i| {
+        let (path, lines) = &mut readers[i as usize % w];
+        let line = lines.next().with_context(|| format!("{}: ends before batch {i}", path.display()))??;
+        let b: Block =
+            serde_json::from_str(&line).with_context(|| format!("{}: batch {i} is unreadable", path.display()))?;
+        if b.index != i {
+            bail!("{}: batch {} where batch {i} belongs", path.display(), b.index);
+        }
+        Ok(b)
+    }))
+}
