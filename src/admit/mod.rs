@@ -68,9 +68,7 @@ impl Front {
 
     /// Counts a batch, rejects its bad rows, removes duplicates; returns the kept conversations.
     pub fn admit(&mut self, items: Vec<Item>) -> Result<Vec<Conversation>> {
-        let convs: Vec<&Conversation> = items.iter().filter_map(Item::conversation).collect();
-        let prepared: Vec<(Option<Prepared>, ())> =
-            self.deduper.prepare_all(&convs).into_iter().map(|p| (p, ())).collect();
+        let prepared: Vec<(Option<Prepared>, ())> = self.prepare(&items).into_iter().map(|p| (p, ())).collect();
         Ok(self.admit_prepared(items, prepared)?.into_iter().map(|(c, ())| c).collect())
     }
 

@@ -71,14 +71,28 @@ pub struct PrepareArgs {
     pub dedup: DedupArgs,
     #[command(flatten)]
     pub map: MapArgs,
-    /// This task's rank in a sharded prepare (0-based; also from SLURM_ARRAY_TASK_ID or
-    /// JOB_COMPLETION_INDEX): it prepares every world-size-th batch of 4,096 input rows into
-    /// OUT/parts/; `tunekit merge-parts OUT` joins the parts when all ranks are done.
+    #[command(flatten)]
+    pub shard: ShardArgs,
+}
+
+/// A task's share of a sharded prepare or dedup (shared by both).
+#[derive(Args)]
+pub struct ShardArgs {
+    /// This task's rank in a sharded run (0-based; also from SLURM_ARRAY_TASK_ID or
+    /// JOB_COMPLETION_INDEX): it handles every world-size-th batch of 4,096 input rows and writes
+    /// its part under parts/ (prepare: in --out; dedup: beside --out); `tunekit merge-parts DIR`
+    /// joins the parts when all ranks are done.
     #[arg(long)]
     pub rank: Option<usize>,
     /// How many tasks share the inputs (also from SLURM_ARRAY_TASK_COUNT).
     #[arg(long)]
     pub world_size: Option<usize>,
+}
+
+impl ShardArgs {
+    pub fn share(&self) -> Result<Option<crate::cluster::launch::Share>> {
+        crate::cluster::launch::Share::resolve(self.rank, self.world_size)
+    }
 }
 
 #[derive(Args)]
@@ -102,7 +116,7 @@ impl PrepareArgs {
         o.seed = self.seed;
         o.too_long = self.too_long;
         o.dedup = self.dedup.options(self.seed)?;
-        o.map.share = crate::cluster::launch::Share::resolve(self.rank, self.world_size)?;
+        o.map.share = self.shard.share()?;
         Ok(o)
     }
 }
@@ -124,20 +138,14 @@ pub struct DedupCommandArgs {
     pub dedup: DedupArgs,
     #[command(flatten)]
     pub map: MapArgs,
-    /// This task's rank in a sharded dedup (also SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX): it
-    /// signs every world-size-th batch into parts/ beside --out; `tunekit merge-parts DIR` (the
-    /// output's directory) decides the duplicates in input order and writes --out.
-    #[arg(long)]
-    pub rank: Option<usize>,
-    /// How many tasks share the inputs (also SLURM_ARRAY_TASK_COUNT).
-    #[arg(long)]
-    pub world_size: Option<usize>,
+    #[command(flatten)]
+    pub shard: ShardArgs,
 }
 
 impl DedupCommandArgs {
     pub fn options(self) -> Result<DedupRunOptions> {
         let mut map = self.map.options()?;
-        map.share = crate::cluster::launch::Share::resolve(self.rank, self.world_size)?;
+        map.share = self.shard.share()?;
         Ok(DedupRunOptions {
             map,
             strict: self.map.strict,

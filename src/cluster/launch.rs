@@ -6,6 +6,11 @@
 
 use anyhow::{bail, Context, Result};
 
+/// The variable `k` as a count, when it is set.
+fn number(get: &dyn Fn(&str) -> Option<String>, k: &str) -> Result<Option<usize>> {
+    get(k).map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v:?} is not a number"))).transpose()
+}
+
 /// A training process's place in its job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
@@ -28,9 +33,7 @@ impl Launch {
 
     /// From `get`, a lookup of environment variables (the process's, or a test's).
     pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Launch> {
-        let num = |k: &str| -> Result<Option<usize>> {
-            get(k).map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v:?} is not a number"))).transpose()
-        };
+        let num = |k: &str| number(get, k);
         let (launcher, rank, size, local) = if let Some(size) = num("WORLD_SIZE")? {
             ("torchrun", num("RANK")?.context("WORLD_SIZE is set but RANK is not")?, size, num("LOCAL_RANK")?)
         } else if let Some(size) = num("OMPI_COMM_WORLD_SIZE")? {
@@ -83,9 +86,7 @@ impl Share {
         world_size: Option<usize>,
         get: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Option<Share>> {
-        let num = |k: &str| -> Result<Option<usize>> {
-            get(k).map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v:?} is not a number"))).transpose()
-        };
+        let num = |k: &str| number(get, k);
         let (rank, size) = match (rank, world_size) {
             (Some(r), Some(w)) => (r, w),
             (None, None) if num("SLURM_ARRAY_TASK_ID")?.is_some() => {

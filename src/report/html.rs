@@ -133,37 +133,48 @@ fn runs_section(runs: &[&Path], out: &mut String) -> Result<()> {
     Ok(())
 }
 
-/// The first `n` lines of a side file (rejects.jsonl, duplicates.jsonl) for each value of `key`.
-fn examples(path: &Path, key: &str, n: usize) -> BTreeMap<String, Vec<String>> {
-    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let Ok(text) = std::fs::read_to_string(path) else { return by };
+/// The side files of a shard directory: (file, the key its examples are grouped by, the key that
+/// names each record's source, the report's heading).
+const SIDE_FILES: [(&str, &str, &str, &str); 3] = [
+    ("rejects.jsonl", "reason", "source", "Rejects"),
+    ("duplicates.jsonl", "kind", "id", "Duplicates"),
+    ("contaminated.jsonl", "eval_row", "source", "Contaminated"),
+];
+
+/// What a report shows of one side file, from one pass over it: the first `n` lines for each value
+/// of the example key, and the records per source (a `<source>:<row>` id counts under its source).
+#[derive(Default)]
+struct SideSummary {
+    examples: BTreeMap<String, Vec<String>>,
+    by_source: BTreeMap<String, u64>,
+}
+
+fn read_side(path: &Path, example_key: &str, source_key: &str, n: usize) -> SideSummary {
+    let mut sum = SideSummary::default();
+    let Ok(text) = std::fs::read_to_string(path) else { return sum };
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
-        let k = v[key].as_str().unwrap_or("").to_string();
-        let e = by.entry(k).or_default();
+        let e = sum.examples.entry(v[example_key].as_str().unwrap_or("").to_string()).or_default();
         if e.len() < n {
             e.push(line.to_string());
         }
+        let s = v[source_key].as_str().unwrap_or("");
+        let s = if source_key == "id" { s.rsplit_once(':').map_or(s, |p| p.0) } else { s };
+        *sum.by_source.entry(s.to_string()).or_default() += 1;
     }
-    by
+    sum
 }
 
-/// Each source's rows: kept (from the manifest), rejected, duplicates and contaminated (counted from
-/// the side files, whose records name their source or carry a `<source>:<row>` id).
-fn rows_by_source(dir: &Path, m: &Manifest) -> BTreeMap<String, [u64; 4]> {
+/// Each source's rows: kept (from the manifest), then rejected, duplicates and contaminated (from
+/// the side files' summaries, in [`SIDE_FILES`] order).
+fn rows_by_source(m: &Manifest, sides: &[SideSummary]) -> BTreeMap<String, [u64; 4]> {
     let mut by: BTreeMap<String, [u64; 4]> = BTreeMap::new();
     for (s, n) in &m.accounting.kept_by_source {
         by.entry(s.clone()).or_default()[0] = *n;
     }
-    for (k, (file, key)) in [("rejects.jsonl", "source"), ("duplicates.jsonl", "id"), ("contaminated.jsonl", "source")]
-        .into_iter()
-        .enumerate()
-    {
-        let Ok(text) = std::fs::read_to_string(dir.join(file)) else { continue };
-        for v in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
-            let s = v[key].as_str().unwrap_or("");
-            let s = if key == "id" { s.rsplit_once(':').map_or(s, |p| p.0) } else { s };
-            by.entry(s.to_string()).or_default()[k + 1] += 1;
+    for (k, side) in sides.iter().enumerate() {
+        for (s, n) in &side.by_source {
+            by.entry(s.clone()).or_default()[k + 1] += n;
         }
     }
     by
@@ -266,7 +277,9 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
     if !fates.is_empty() {
         out.push_str(&bar_chart("Rows not kept, by reason", "reason", "rows", &fates)?);
     }
-    let sources = rows_by_source(dir, &m);
+    let sides: Vec<SideSummary> =
+        SIDE_FILES.iter().map(|(f, ex, src, _)| read_side(&dir.join(f), ex, src, 2)).collect();
+    let sources = rows_by_source(&m, &sides);
     if !sources.is_empty() {
         let bars: Vec<(String, f64)> = sources.iter().map(|(s, n)| (file_name(s), n[0] as f64)).collect();
         out.push_str(&bar_chart("Kept rows by source", "source file", "rows kept", &bars)?);
@@ -301,12 +314,8 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
             )?;
         }
     }
-    for (file, key, what) in [
-        ("rejects.jsonl", "reason", "Rejects"),
-        ("duplicates.jsonl", "kind", "Duplicates"),
-        ("contaminated.jsonl", "eval_row", "Contaminated"),
-    ] {
-        let ex = examples(&dir.join(file), key, 2);
+    for ((_, key, _, what), side) in SIDE_FILES.iter().zip(&sides) {
+        let ex = &side.examples;
         if ex.is_empty() {
             continue;
         }

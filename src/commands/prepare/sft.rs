@@ -182,7 +182,14 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let packed = consume(opts, front, |c| {
         stream_conversations(&opts.inputs, &opts.map, |batch| {
             let kept = c.front.admit(batch.items)?;
-            c.take(kept.into_par_iter().map(|c| (tokenizing.sample(&c), c)).map(|(s, c)| (c, s)).collect())
+            c.take(
+                kept.into_par_iter()
+                    .map(|c| {
+                        let s = tokenizing.sample(&c);
+                        (c, s)
+                    })
+                    .collect(),
+            )
         })
     })?;
     let sources = joined(hashing, "hashing")?;
