@@ -105,6 +105,104 @@ fn two_ranks_train_what_one_rank_does_with_twice_the_micro_batches() {
 }
 
 #[test]
+fn two_ranks_train_dpo_and_reward_models_as_one_rank_with_twice_the_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs");
+    common::counting_pairs(&data, 9);
+    // 24 pairs, 6 per step: four steps an epoch, so the run reshuffles once.
+    for method in ["dpo", "reward"] {
+        let flags = ["--method", method, "--max-steps", "6", "--lr", "2e-2"];
+        let (one, two) = (dir.path().join(format!("{method}-one")), dir.path().join(format!("{method}-two")));
+        ok(&run_single(&train_args(&data, &one, &[&flags[..], &["--grad-accum", "6"]].concat())));
+        ok(&mpirun(&[(2, train_args(&data, &two, &[&flags[..], &["--grad-accum", "3"]].concat()))]));
+        let (a, b) = (common::read_jsonl(&one.join("metrics.jsonl")), common::read_jsonl(&two.join("metrics.jsonl")));
+        assert_eq!(a.len(), 6, "{method}");
+        assert_eq!(a.len(), b.len(), "{method}: one metrics line per step, from rank 0 only");
+        for (x, y) in a.iter().zip(&b) {
+            for k in ["loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "tokens"] {
+                let (x, y) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+                assert!((x - y).abs() < 1e-5, "{method} {k}: {x} vs {y}");
+            }
+        }
+        let d = max_adapter_difference(&one, &two);
+        assert!(d < 1e-5, "{method}: adapters differ by {d}");
+        assert!(a[5]["loss"].as_f64() < a[0]["loss"].as_f64(), "{method}: the loss falls");
+    }
+    // The reward model's score head is summed over the ranks and saved (and compared above) with the adapters.
+    let two = candle_core::safetensors::load(dir.path().join("reward-two/adapter_model.safetensors"), &Device::Cpu);
+    assert!(two.unwrap().keys().any(|k| k.contains("score")));
+}
+
+#[test]
+fn two_ranks_run_grpo_and_ppo_as_one_rank_with_twice_the_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::prompt_shards(dir.path());
+    let rl = |method: &str| -> Vec<String> {
+        // 4 prompts x 3 completions a rollout (two micro-batches of --batch-tokens 128): one per rank.
+        let common = ["--method", method, "--num-generations", "3", "--max-completion-tokens", "6", "--seed", "3"];
+        let own: &[&str] = match method {
+            "grpo" => &["--reward", "regex:t5", "--reward", "length:3*0.5", "--beta", "0.04", "--num-iterations", "2"],
+            // One mini-batch of the 12 completions: two micro-batches of --batch-tokens 128, one per rank.
+            _ => &[
+                "--reward",
+                "regex:t5",
+                "--ppo-epochs",
+                "2",
+                "--num-mini-batches",
+                "1",
+                "--missing-eos-penalty",
+                "0.5",
+            ],
+        };
+        [&common[..], own, &["--max-steps", "8"]].concat().iter().map(|s| s.to_string()).collect()
+    };
+    for method in ["grpo", "ppo"] {
+        let flags = rl(method);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let (one, two) = (dir.path().join(format!("{method}-one")), dir.path().join(format!("{method}-two")));
+        ok(&run_single(&train_args(&data, &one, &[&flags[..], &["--prompts-per-step", "4"]].concat())));
+        let two_ranks = [&flags[..], &["--prompts-per-step", "2", "--save-every", "3"]].concat();
+        ok(&mpirun(&[(2, train_args(&data, &two, &two_ranks))]));
+        // Resumed mid-rollout, each rank restores the whole rollout rank 0 saved.
+        let resumed = dir.path().join(format!("{method}-resumed"));
+        let ckpt = two.join("checkpoint-3").display().to_string();
+        ok(&mpirun(&[(2, train_args(&data, &resumed, &[&two_ranks[..], &["--resume", &ckpt]].concat()))]));
+        assert_eq!(
+            std::fs::read(two.join("adapter_model.safetensors")).unwrap(),
+            std::fs::read(resumed.join("adapter_model.safetensors")).unwrap(),
+            "{method}: the resumed two-rank run ends with the same adapter bytes"
+        );
+        // Each rank sampled and scored half of every rollout: the completions are the one process's.
+        let (ra, rb) =
+            (common::read_jsonl(&one.join("rollouts.jsonl")), common::read_jsonl(&two.join("rollouts.jsonl")));
+        assert!(!ra.is_empty());
+        assert_eq!(ra.len(), rb.len(), "{method}: rank 0 logs every rank's completions");
+        for (x, y) in ra.iter().zip(&rb) {
+            assert_eq!(
+                (&x["prompt_id"], &x["completion"], &x["reward"]),
+                (&y["prompt_id"], &y["completion"], &y["reward"])
+            );
+            assert!((x["advantage"].as_f64().unwrap() - y["advantage"].as_f64().unwrap()).abs() < 1e-5);
+        }
+        let (a, b) = (common::read_jsonl(&one.join("metrics.jsonl")), common::read_jsonl(&two.join("metrics.jsonl")));
+        assert_eq!(a.len(), 8, "{method}");
+        assert_eq!(a.len(), b.len(), "{method}");
+        let keys: &[&str] = match method {
+            "grpo" => &["loss", "reward", "kl", "entropy", "clip_ratio/region_mean", "tokens"],
+            _ => &["loss", "objective/kl", "loss/value_avg", "policy/entropy_avg", "tokens"],
+        };
+        for (x, y) in a.iter().zip(&b) {
+            for k in keys {
+                let (x, y) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+                assert!((x - y).abs() < 1e-5 * x.abs().max(1.0), "{method} {k}: {x} vs {y}");
+            }
+        }
+        let d = max_adapter_difference(&one, &two);
+        assert!(d < 1e-5, "{method}: adapters differ by {d}");
+    }
+}
+
+#[test]
 fn a_two_rank_run_resumes_bit_for_bit_and_only_with_two_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("shards");

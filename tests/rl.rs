@@ -13,84 +13,6 @@ fn model() -> PathBuf {
     common::root().join("tests/fixtures/train/llama")
 }
 
-/// A word-level tokenizer over the fixture's 128 ids ("t3".."t127"; </s> = 2 ends a turn) with a chat
-/// template that renders the last user message as it is.
-fn write_tokenizer(dir: &Path) -> PathBuf {
-    let t = dir.join("tok");
-    std::fs::create_dir_all(&t).unwrap();
-    let mut vocab = serde_json::Map::new();
-    for (i, w) in ["<pad>", "<unk>", "</s>"].iter().enumerate() {
-        vocab.insert(w.to_string(), i.into());
-    }
-    for i in 3..128 {
-        vocab.insert(format!("t{i}"), i.into());
-    }
-    let added: Vec<Value> = ["<pad>", "<unk>", "</s>"]
-        .iter()
-        .enumerate()
-        .map(|(i, w)| serde_json::json!({"id": i, "content": w, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
-        .collect();
-    let tj = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(t.join("tokenizer.json"), tj.to_string()).unwrap();
-    let cfg = serde_json::json!({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "chat_template": "{{ messages[-1]['content'] }}"});
-    std::fs::write(t.join("tokenizer_config.json"), cfg.to_string()).unwrap();
-    t
-}
-
-/// 30 prompts of 4-8 words with a reference answer, and one prompt of 40 words.
-fn write_prompts(dir: &Path) -> PathBuf {
-    let mut rng = tunekit::split::SplitMix64::new(1);
-    let mut lines = String::new();
-    for i in 0..30 {
-        let n = 4 + rng.below(5);
-        let words: Vec<String> = (0..n).map(|_| format!("t{}", 3 + rng.below(125))).collect();
-        let row = serde_json::json!({"prompt": words.join(" "), "answer": format!("t{}", 3 + i % 4)});
-        lines.push_str(&format!("{row}\n"));
-    }
-    let long: Vec<String> = (0..40).map(|k| format!("t{}", 3 + k)).collect();
-    lines.push_str(&format!("{}\n", serde_json::json!({"prompt": long.join(" "), "answer": "t5"})));
-    let p = dir.join("prompts.jsonl");
-    std::fs::write(&p, lines).unwrap();
-    p
-}
-
-fn prepare(dir: &Path) -> PathBuf {
-    let tok = write_tokenizer(dir);
-    let src = write_prompts(dir);
-    let out = tunekit(
-        &[
-            "--json",
-            "prepare",
-            src.to_str().unwrap(),
-            "--method",
-            "prompts",
-            "--tokenizer",
-            tok.to_str().unwrap(),
-            "--out",
-            "p",
-            "--seq-len",
-            "16",
-            "--eval-fraction",
-            "0.2",
-            "--dedup",
-            "none",
-        ],
-        dir,
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let s = stdout_json(&out);
-    assert_eq!(s["rows_read"], 31);
-    assert_eq!(s["rejected_by_reason"]["prompt_too_long"], 1, "the 40-word prompt is counted, not cut: {s}");
-    assert_eq!(s["samples"].as_u64().unwrap() + 1, 31);
-    dir.join("p")
-}
-
 fn rl_args<'a>(method: &'a str, data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
         "--json",
@@ -129,7 +51,7 @@ fn train(dir: &Path, args: Vec<&str>) -> std::process::Output {
 #[test]
 fn prompt_shards_keep_the_rows_columns() {
     let dir = tempfile::tempdir().unwrap();
-    let p = prepare(dir.path());
+    let p = common::prompt_shards(dir.path());
     let m: Value = serde_json::from_slice(&std::fs::read(p.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["format"], "tunekit-prompt-shards");
     assert_eq!(m["columns"], serde_json::json!(["id", "prompt_ids", "answer", "prompt"]));
@@ -143,7 +65,7 @@ fn prompt_shards_keep_the_rows_columns() {
 #[test]
 fn grpo_logs_its_rollouts_and_resumes_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
-    prepare(dir.path());
+    common::prompt_shards(dir.path());
     let extra = ["--reward", "regex:t5", "--reward", "length:3*0.5", "--beta", "0.04", "--num-iterations", "2"];
     let out = train(
         dir.path(),
@@ -192,7 +114,7 @@ fn grpo_logs_its_rollouts_and_resumes_bit_for_bit() {
 #[test]
 fn ppo_with_a_value_head_resumes_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
-    prepare(dir.path());
+    common::prompt_shards(dir.path());
     let extra =
         ["--reward", "regex:t5", "--ppo-epochs", "2", "--num-mini-batches", "2", "--missing-eos-penalty", "0.5"];
     let out =
@@ -226,7 +148,7 @@ fn ppo_with_a_value_head_resumes_bit_for_bit() {
 #[test]
 fn a_failing_reward_command_stops_the_run_naming_the_completion_and_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    prepare(dir.path());
+    common::prompt_shards(dir.path());
     // Scores two rollouts, then crashes on the third.
     let script = dir.path().join("reward.sh");
     std::fs::write(
@@ -260,7 +182,7 @@ fn a_failing_reward_command_stops_the_run_naming_the_completion_and_keeps_the_la
 #[test]
 fn misfit_reward_models_and_wrong_shards_are_refused_before_training() {
     let dir = tempfile::tempdir().unwrap();
-    prepare(dir.path());
+    common::prompt_shards(dir.path());
     // A reward adapter whose base has another vocabulary.
     let other = dir.path().join("other");
     let mut cfg: tunekit::train::model::config::ModelConfig =

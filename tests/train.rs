@@ -248,36 +248,6 @@ fn qlora_gguf_uses_the_files_quantised_weights_exactly() {
     assert!(m.layers.iter().all(|l| l.linears().iter().all(|x| kept(&x.weight))), "no dense projection kept");
 }
 
-/// Preference shards of a toy task: chosen answers continue the prompt's count, rejected ones repeat
-/// a token. 24 training and 8 held-out pairs.
-fn write_pairs(data: &Path, seed: u64) -> Vec<tunekit::pack::preference::PreferenceRow> {
-    use tunekit::pack::preference::{PreferenceRow, PreferenceWriter};
-    std::fs::create_dir_all(data).unwrap();
-    let mut rng = tunekit::split::SplitMix64::new(seed);
-    let mut pair = || {
-        let s = rng.below(90);
-        let prompt: Vec<i32> = (0..6).map(|k| (s + k) as i32).collect();
-        let side = |ans: Vec<i32>| {
-            let ids: Vec<i32> = prompt.iter().cloned().chain(ans).collect();
-            let labels: Vec<i32> = ids.iter().enumerate().map(|(i, &t)| if i >= 6 { t } else { -100 }).collect();
-            (ids, labels)
-        };
-        let (ci, cl) = side((6..12).map(|k| (s + k) as i32).collect());
-        let (ri, rl) = side(vec![(s as i32 + 50) % 120; 6]);
-        PreferenceRow { chosen_input_ids: ci, chosen_labels: cl, rejected_input_ids: ri, rejected_labels: rl }
-    };
-    let pairs: Vec<PreferenceRow> = (0..33).map(|_| pair()).collect();
-    let mut w = PreferenceWriter::new(data, "train");
-    w.write(pairs[..24].to_vec()).unwrap();
-    w.finish().unwrap();
-    let mut e = PreferenceWriter::new(data, "eval");
-    e.write(pairs[24..32].to_vec()).unwrap();
-    e.finish().unwrap();
-    std::fs::write(data.join("manifest.json"), serde_json::json!({"tokenizer": {"vocab_size": 128}}).to_string())
-        .unwrap();
-    pairs
-}
-
 fn pair_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
     let mut o = options(data, out, steps);
     o.grad_accum = 4;
@@ -291,7 +261,7 @@ fn dpo_raises_held_out_reward_accuracy() {
     use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
-    write_pairs(&dir.path().join("pairs"), 9);
+    common::counting_pairs(&dir.path().join("pairs"), 9);
     let mut o = pair_options(&dir.path().join("pairs"), &dir.path().join("dpo"), 24);
     o.method = Method::Dpo(Dpo { beta: 0.1, loss: DpoLoss::Sigmoid });
     let v = serde_json::to_value(run(&o, None).unwrap()).unwrap();
@@ -309,7 +279,7 @@ fn reward_model_ranks_held_out_pairs() {
     use tunekit::train::objectives::PairObjective;
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
-    let pairs = write_pairs(&dir.path().join("pairs"), 11);
+    let pairs = common::counting_pairs(&dir.path().join("pairs"), 11);
     let mut o = pair_options(&dir.path().join("pairs"), &dir.path().join("rm"), 24);
     o.method = Method::Reward;
     let v = serde_json::to_value(run(&o, None).unwrap()).unwrap();
@@ -337,7 +307,7 @@ fn preference_runs_resume_bit_for_bit() {
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("pairs");
-    write_pairs(&data, 13);
+    common::counting_pairs(&data, 13);
     for (name, method) in [("dpo", Method::Dpo(Dpo { beta: 0.1, loss: DpoLoss::Sigmoid })), ("rm", Method::Reward)] {
         let (a, b) = (dir.path().join(format!("{name}-a")), dir.path().join(format!("{name}-b")));
         let mut o = pair_options(&data, &a, 8);

@@ -104,6 +104,24 @@ impl World {
         }
     }
 
+    /// Every rank's `bytes`, by rank.
+    pub fn gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        match self.backend {
+            #[cfg(feature = "mpi")]
+            "mpi" => mpi::gather_bytes(bytes, self.size),
+            _ => Ok(vec![bytes.to_vec()]),
+        }
+    }
+
+    /// Every rank's `value`, by rank (sent as JSON, so floats come back bit for bit).
+    pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned + Clone>(&self, value: &T) -> Result<Vec<T>> {
+        if self.size == 1 {
+            return Ok(vec![value.clone()]);
+        }
+        let all = self.gather_bytes(&serde_json::to_vec(value)?)?;
+        all.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
+    }
+
     /// Every rank stops with `code` (MPI_Abort): a rank that failed does not leave the others
     /// waiting in a collective.
     pub fn abort(&self, code: i32) {

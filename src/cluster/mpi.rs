@@ -38,3 +38,15 @@ pub fn gather_u64(value: u64, size: usize) -> Result<Vec<u64>> {
 pub fn abort(code: i32) {
     SimpleCommunicator::world().abort(code)
 }
+
+pub fn gather_bytes(bytes: &[u8], size: usize) -> Result<Vec<Vec<u8>>> {
+    use mpi::datatype::PartitionMut;
+    let world = SimpleCommunicator::world();
+    let n = mpi::Count::try_from(bytes.len()).context("more than 2 GiB to gather from one rank")?;
+    let mut counts = vec![0 as mpi::Count; size];
+    world.all_gather_into(&n, &mut counts[..]);
+    let displs: Vec<mpi::Count> = counts.iter().scan(0, |at, &c| Some(std::mem::replace(at, *at + c))).collect();
+    let mut all = vec![0u8; counts.iter().map(|&c| c as usize).sum()];
+    world.all_gather_varcount_into(bytes, &mut PartitionMut::new(&mut all[..], &counts[..], &displs[..]));
+    Ok(counts.iter().zip(&displs).map(|(&c, &d)| all[d as usize..(d + c) as usize].to_vec()).collect())
+}

@@ -95,7 +95,116 @@ pub fn counting_shards(dir: &Path, vocab: usize, rows: usize) {
     std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
 }
 
+/// Preference shards of a toy task: chosen answers continue the prompt's count, rejected ones repeat
+/// a token. 24 training and 8 held-out pairs.
+pub fn counting_pairs(data: &Path, seed: u64) -> Vec<tunekit::pack::preference::PreferenceRow> {
+    use tunekit::pack::preference::{PreferenceRow, PreferenceWriter};
+    std::fs::create_dir_all(data).unwrap();
+    let mut rng = tunekit::split::SplitMix64::new(seed);
+    let mut pair = || {
+        let s = rng.below(90);
+        let prompt: Vec<i32> = (0..6).map(|k| (s + k) as i32).collect();
+        let side = |ans: Vec<i32>| {
+            let ids: Vec<i32> = prompt.iter().cloned().chain(ans).collect();
+            let labels: Vec<i32> = ids.iter().enumerate().map(|(i, &t)| if i >= 6 { t } else { -100 }).collect();
+            (ids, labels)
+        };
+        let (ci, cl) = side((6..12).map(|k| (s + k) as i32).collect());
+        let (ri, rl) = side(vec![(s as i32 + 50) % 120; 6]);
+        PreferenceRow { chosen_input_ids: ci, chosen_labels: cl, rejected_input_ids: ri, rejected_labels: rl }
+    };
+    let pairs: Vec<PreferenceRow> = (0..33).map(|_| pair()).collect();
+    let mut w = PreferenceWriter::new(data, "train");
+    w.write(pairs[..24].to_vec()).unwrap();
+    w.finish().unwrap();
+    let mut e = PreferenceWriter::new(data, "eval");
+    e.write(pairs[24..32].to_vec()).unwrap();
+    e.finish().unwrap();
+    std::fs::write(data.join("manifest.json"), serde_json::json!({"tokenizer": {"vocab_size": 128}}).to_string())
+        .unwrap();
+    pairs
+}
+
 /// The tiny Llama of tests/fixtures/train (vocabulary 128).
 pub fn tiny_llama() -> PathBuf {
     root().join("tests/fixtures/train/llama")
+}
+
+/// A word-level tokenizer over the tiny Llama's 128 ids ("t3".."t127"; </s> = 2 ends a turn) with a chat
+/// template that renders the last user message as it is.
+pub fn word_tokenizer(dir: &Path) -> PathBuf {
+    let t = dir.join("tok");
+    std::fs::create_dir_all(&t).unwrap();
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["<pad>", "<unk>", "</s>"].iter().enumerate() {
+        vocab.insert(w.to_string(), i.into());
+    }
+    for i in 3..128 {
+        vocab.insert(format!("t{i}"), i.into());
+    }
+    let added: Vec<serde_json::Value> = ["<pad>", "<unk>", "</s>"]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| serde_json::json!({"id": i, "content": w, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tj = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(t.join("tokenizer.json"), tj.to_string()).unwrap();
+    let cfg = serde_json::json!({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "chat_template": "{{ messages[-1]['content'] }}"});
+    std::fs::write(t.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    t
+}
+
+/// 30 prompts of 4-8 words with a reference answer, and one prompt of 40 words.
+pub fn prompt_rows(dir: &Path) -> PathBuf {
+    let mut rng = tunekit::split::SplitMix64::new(1);
+    let mut lines = String::new();
+    for i in 0..30 {
+        let n = 4 + rng.below(5);
+        let words: Vec<String> = (0..n).map(|_| format!("t{}", 3 + rng.below(125))).collect();
+        let row = serde_json::json!({"prompt": words.join(" "), "answer": format!("t{}", 3 + i % 4)});
+        lines.push_str(&format!("{row}\n"));
+    }
+    let long: Vec<String> = (0..40).map(|k| format!("t{}", 3 + k)).collect();
+    lines.push_str(&format!("{}\n", serde_json::json!({"prompt": long.join(" "), "answer": "t5"})));
+    let p = dir.join("prompts.jsonl");
+    std::fs::write(&p, lines).unwrap();
+    p
+}
+
+/// Prompt shards (`prepare --method prompts`, a fifth held out) of [`prompt_rows`] in `dir/p`.
+pub fn prompt_shards(dir: &Path) -> PathBuf {
+    let tok = word_tokenizer(dir);
+    let src = prompt_rows(dir);
+    let out = tunekit(
+        &[
+            "--json",
+            "prepare",
+            src.to_str().unwrap(),
+            "--method",
+            "prompts",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--out",
+            "p",
+            "--seq-len",
+            "16",
+            "--eval-fraction",
+            "0.2",
+            "--dedup",
+            "none",
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = stdout_json(&out);
+    assert_eq!(s["rows_read"], 31);
+    assert_eq!(s["rejected_by_reason"]["prompt_too_long"], 1, "the 40-word prompt is counted, not cut: {s}");
+    assert_eq!(s["samples"].as_u64().unwrap() + 1, 31);
+    dir.join("p")
 }

@@ -103,6 +103,18 @@ impl GradSum {
     pub fn take(self) -> Option<Vec<Tensor>> {
         self.0
     }
+
+    /// The step's gradients. A rank of a data-parallel run whose share of the step was empty adds
+    /// zeros (the other ranks' sum is the step); in one process an empty step is the error `empty`.
+    pub fn finish(self, t: &Trainable, empty: &str) -> Result<Vec<Tensor>> {
+        match self.0 {
+            Some(g) => Ok(g),
+            None if crate::cluster::world().size > 1 => {
+                Ok(t.vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?)
+            }
+            None => bail!("{empty}"),
+        }
+    }
 }
 
 /// One optimizer step's work, as a recipe hands it to the loop.

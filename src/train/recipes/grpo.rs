@@ -44,32 +44,28 @@ struct GrpoRecipe<'a> {
     rollout: Option<Rollout>,
 }
 
-/// Per completion, its tokens' log-probabilities under the model as it is (no graph).
+/// Per completion, its tokens' log-probabilities under the model as it is (no graph); each rank
+/// computes its micro-batches' and every rank gets all.
 fn logps_of(rl: &Rl, model: &Model, seqs: &[Seq]) -> Result<Vec<Vec<f32>>> {
-    let mut out = vec![vec![]; seqs.len()];
-    for mb in rl.micro_batches(seqs) {
-        let batch = rl.batch_of(seqs, &mb, &model.device)?;
+    let mut mine = vec![];
+    for (_, mb) in rl.mine(&rl.micro_batches(seqs)) {
+        let batch = rl.batch_of(seqs, mb, &model.device)?;
         let (lp, _) = no_grad(|| model.token_log_probs(&batch, rl.opts.rl.sampling.temperature, false))?;
         let lp = lp.to_vec1::<f32>()?;
         let mut at = 0;
-        for &i in &mb {
+        for &i in mb {
             let n = seqs[i].tokens.len();
-            out[i] = lp[at..at + n].to_vec();
+            mine.push((i, lp[at..at + n].to_vec()));
             at += n;
         }
     }
-    Ok(out)
+    rl.gather_per_seq(mine, seqs.len())
 }
 
 impl GrpoRecipe<'_> {
     /// Samples and scores rollout `index` with the model as it is now.
     fn new_rollout(&mut self, model: &Model, index: u64, step: u64) -> Result<Rollout> {
-        let prompts = self.rl.batch(index);
-        let (mut seqs, (gen_s, gen_tokens)) = self.rl.sample(model, &prompts, index)?;
-        let train = std::mem::take(&mut self.rl.train);
-        let scored = self.rl.score(&mut seqs, &train);
-        self.rl.train = train;
-        scored?;
+        let (seqs, (gen_s, gen_tokens)) = self.rl.rollout(model, index)?;
         let rewards: Vec<f64> = seqs.iter().map(|s| s.reward).collect();
         let (adv, zero) = advantages(&rewards, self.rl.opts.rl.num_generations, self.grpo.scale_rewards);
         let old_logps = if self.grpo.num_iterations > 1 { Some(logps_of(&self.rl, model, &seqs)?) } else { None };
@@ -130,9 +126,11 @@ impl Recipe for GrpoRecipe<'_> {
             let flat: Vec<f32> = mb.iter().flat_map(|&i| v(i)).collect();
             Tensor::from_vec(flat.clone(), flat.len(), dev)
         };
-        let (mut sum, mut loss, mut tokens) = (GradSum::default(), 0.0, 0usize);
+        let (mut sum, mut loss, mut tokens, mut examples) = (GradSum::default(), 0.0, 0usize, 0);
         let (mut stats, mut entropy) = (TokenStats::default(), 0.0f64);
-        for (mb, w) in micro.iter().zip(&weights) {
+        for (k, mb) in self.rl.mine(&micro) {
+            let w = &weights[k];
+            examples += mb.len();
             let batch = self.rl.batch_of(&r.seqs, mb, dev)?;
             tokens += batch.tokens;
             let (logps, ent) = model.token_log_probs(&batch, self.rl.opts.rl.sampling.temperature, true)?;
@@ -163,7 +161,12 @@ impl Recipe for GrpoRecipe<'_> {
             stats.high_clipped += s.high_clipped;
             sum.add(grads_of(&t.vars_named, &l.backward()?)?)?;
         }
-        let n = stats.tokens.max(1.0);
+        // The token statistics of the whole step, over every rank.
+        let mut all = [stats.tokens, stats.kl, stats.low_clipped, stats.high_clipped, entropy];
+        self.rl.world.sum_f64(&mut all)?;
+        let [tokens_all, kl, low, high, entropy] = all;
+        (stats.kl, stats.low_clipped, stats.high_clipped) = (kl, low, high);
+        let n = tokens_all.max(1.0);
         let mut metrics = r.metrics.clone();
         metrics.insert("entropy".into(), json!(entropy / n));
         if self.grpo.beta != 0.0 {
@@ -172,8 +175,8 @@ impl Recipe for GrpoRecipe<'_> {
         metrics.insert("clip_ratio/low_mean".into(), json!(stats.low_clipped / n));
         metrics.insert("clip_ratio/high_mean".into(), json!(stats.high_clipped / n));
         metrics.insert("clip_ratio/region_mean".into(), json!((stats.low_clipped + stats.high_clipped) / n));
-        let grads = sum.take().context("the rollout has no completion token")?;
-        Ok(Step { loss, grads, tokens, examples: r.seqs.len(), metrics })
+        let grads = sum.finish(t, "the rollout has no completion token")?;
+        Ok(Step { loss, grads, tokens, examples, metrics })
     }
 
     fn evaluate(&mut self, model: &Model) -> Result<Option<Metrics>> {

@@ -18,14 +18,6 @@ use std::path::Path;
 
 /// Trains as `opts` says, from the start or from the checkpoint `resume`.
 pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
-    let world = crate::cluster::world();
-    if world.size > 1 && !matches!(opts.method, Method::Sft) {
-        anyhow::bail!(
-            "--method {} runs in one process for now; data-parallel training ({} ranks) is SFT only",
-            opts.method.name(),
-            world.size
-        );
-    }
     match opts.method {
         Method::Sft => sft::run(opts, resume),
         Method::Dpo(d) => dpo::run(opts, d, resume),

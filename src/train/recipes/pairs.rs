@@ -1,6 +1,8 @@
 //! The preference-pair loop shared by DPO and reward models: `--grad-accum` pairs per step in a
 //! seeded order per epoch, the loss averaged over them, with the rewards of both sides, their
-//! accuracy and margin as metrics and held-out.
+//! accuracy and margin as metrics and held-out. Data parallel: each step's `--grad-accum` x
+//! world-size pairs are dealt round-robin to the ranks, each pair's loss divided by the pairs of the
+//! whole step, so the ranks' sum is the one-process step.
 
 use super::common::{grads_of, GradSum, Metrics, Recipe, Step, Trainable};
 use crate::pack::preference::PreferenceRow;
@@ -9,7 +11,7 @@ use crate::train::io::peft::save_reward_head;
 use crate::train::model::Model;
 use crate::train::objectives::{evaluate_pairs, PairObjective};
 use crate::train::options::TrainOptions;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::{json, Map};
 use std::path::Path;
 
@@ -23,6 +25,7 @@ pub struct Pairs<'a> {
     eval: Vec<PreferenceRow>,
     per_step: usize,
     seed: u64,
+    world: &'static crate::cluster::World,
     /// The current epoch's pair order, reshuffled only when the epoch changes.
     order: (Option<u64>, Vec<usize>),
 }
@@ -45,8 +48,9 @@ impl<'a> Pairs<'a> {
             );
         }
         let eval = load_pairs(&opts.data, "eval")?;
-        let per_step = opts.grad_accum.max(1);
-        Ok(Pairs { name, objective, kl_beta, train, eval, per_step, seed: opts.seed, order: (None, vec![]) })
+        let world = crate::cluster::world();
+        let per_step = opts.grad_accum.max(1) * world.size;
+        Ok(Pairs { name, objective, kl_beta, train, eval, per_step, seed: opts.seed, world, order: (None, vec![]) })
     }
 }
 
@@ -72,20 +76,31 @@ impl Recipe for Pairs<'_> {
         }
         let order = &self.order.1;
         let at = (step % self.steps_per_epoch()) as usize * self.per_step;
-        let chunk: Vec<usize> = order[at..(at + self.per_step).min(order.len())].to_vec();
-        let (mut loss, mut rc, mut rr, mut acc) = (0.0, 0.0, 0.0, 0.0);
+        let chunk = &order[at..(at + self.per_step).min(order.len())];
+        // This rank's pairs of the step; every loss is divided by the step's pairs over all ranks.
+        let n = chunk.len() as f64;
+        let mine: Vec<usize> = chunk.iter().copied().skip(self.world.rank).step_by(self.world.size).collect();
+        // Summed over the pairs (and, in a data-parallel run, the ranks): loss, both rewards, hits.
+        let mut sums = [0.0f64; 4];
         let (mut sum, mut tokens) = (GradSum::default(), 0);
-        for &i in &chunk {
+        for &i in &mine {
             let p = &self.train[i];
             let o = self.objective.pair(&t.model, p)?;
-            loss += o.loss.to_scalar::<f32>()? as f64;
-            rc += o.reward_chosen;
-            rr += o.reward_rejected;
-            acc += (o.reward_chosen > o.reward_rejected) as u8 as f64;
+            for (s, v) in sums.iter_mut().zip([
+                o.loss.to_scalar::<f32>()? as f64,
+                o.reward_chosen,
+                o.reward_rejected,
+                (o.reward_chosen > o.reward_rejected) as u8 as f64,
+            ]) {
+                *s += v;
+            }
             tokens += p.chosen_input_ids.len() + p.rejected_input_ids.len();
-            sum.add(grads_of(&t.vars_named, &(o.loss / chunk.len() as f64)?.backward()?)?)?;
+            sum.add(grads_of(&t.vars_named, &(o.loss / n)?.backward()?)?)?;
         }
-        let n = chunk.len() as f64;
+        // The loop sums the loss over the ranks; the rewards' means are of the whole step.
+        let loss = sums[0] / n;
+        self.world.sum_f64(&mut sums[1..])?;
+        let [_, rc, rr, acc] = sums;
         let mut metrics = Map::new();
         for (k, v) in [
             ("rewards/chosen", rc / n),
@@ -99,8 +114,8 @@ impl Recipe for Pairs<'_> {
         if let Some(beta) = self.kl_beta {
             metrics.insert("kl".into(), json!((rc + rr) / (2.0 * n * beta)));
         }
-        let grads = sum.take().context("empty step")?;
-        Ok(Step { loss: loss / n, grads, tokens, examples: chunk.len(), metrics })
+        let grads = sum.finish(t, "empty step")?;
+        Ok(Step { loss, grads, tokens, examples: mine.len(), metrics })
     }
 
     fn evaluate(&mut self, model: &Model) -> Result<Option<Metrics>> {

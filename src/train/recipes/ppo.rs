@@ -100,12 +100,7 @@ impl PpoRecipe<'_> {
     }
 
     fn new_rollout(&mut self, model: &Model, index: u64, step: u64) -> Result<Rollout> {
-        let prompts = self.rl.batch(index);
-        let (mut seqs, (gen_s, gen_tokens)) = self.rl.sample(model, &prompts, index)?;
-        let train = std::mem::take(&mut self.rl.train);
-        let scored = self.rl.score(&mut seqs, &train);
-        self.rl.train = train;
-        scored?;
+        let (seqs, (gen_s, gen_tokens)) = self.rl.rollout(model, index)?;
         let mut scores: Vec<f64> = seqs.iter().map(|s| s.reward).collect();
         if let Some(p) = self.ppo.missing_eos_penalty {
             for (s, q) in scores.iter_mut().zip(&seqs) {
@@ -115,26 +110,33 @@ impl PpoRecipe<'_> {
             }
         }
         let width = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
-        let (mut old, mut refs, mut values) =
-            (vec![vec![]; seqs.len()], vec![vec![]; seqs.len()], vec![vec![]; seqs.len()]);
-        for mb in self.rl.micro_batches(&seqs) {
-            let batch = self.rl.batch_of(&seqs, &mb, &model.device)?;
-            let pos = value_positions(&self.rl, &seqs, &mb, width);
+        // Each rank computes its micro-batches' log-probabilities, reference log-probabilities and
+        // values; every rank then holds all, and processes the whole rollout as one process would.
+        let mut mine = vec![];
+        for (_, mb) in self.rl.mine(&self.rl.micro_batches(&seqs)) {
+            let batch = self.rl.batch_of(&seqs, mb, &model.device)?;
+            let pos = value_positions(&self.rl, &seqs, mb, width);
             let (lp, _, v) = no_grad(|| self.forward(model, &batch, &pos, false))?;
             model.set_lora_enabled(false);
             let rp = no_grad(|| model.token_log_probs(&batch, self.rl.opts.rl.sampling.temperature, false));
             model.set_lora_enabled(true);
             let (lp, rp, v) = (lp.to_vec1::<f32>()?, rp?.0.to_vec1::<f32>()?, v.to_vec1::<f32>()?);
             let (mut a, mut b) = (0, 0);
-            for &i in &mb {
+            let wide = |x: &[f32]| x.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+            for &i in mb {
                 let n = seqs[i].tokens.len();
                 let m = if n < width { n + 1 } else { n };
-                old[i] = lp[a..a + n].iter().map(|&x| x as f64).collect();
-                refs[i] = rp[a..a + n].iter().map(|&x| x as f64).collect();
-                values[i] = v[b..b + m].iter().map(|&x| x as f64).collect();
+                mine.push((i, (wide(&lp[a..a + n]), wide(&rp[a..a + n]), wide(&v[b..b + m]))));
                 a += n;
                 b += m;
             }
+        }
+        let all = self.rl.gather_per_seq(mine, seqs.len())?;
+        let (mut old, mut refs, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        for (o, r, v) in all {
+            old.push(o);
+            refs.push(r);
+            values.push(v);
         }
         let processed = self.ppo.process(&old, &refs, &values, &scores);
         let orders = (0..self.ppo.ppo_epochs)
@@ -211,9 +213,11 @@ impl Recipe for PpoRecipe<'_> {
             let f: Vec<f32> = mb.iter().flat_map(|&k| v(chosen[k])).map(|x| x as f32).collect();
             Tensor::from_vec(f.clone(), f.len(), dev)
         };
-        let (mut sum, mut loss, mut tokens, mut stats, mut entropy, mut ent_n) =
-            (GradSum::default(), 0.0, 0, [0.0; 5], 0.0, 0.0f64);
-        for mb in &micro {
+        let (mut sum, mut loss, mut tokens, mut examples) = (GradSum::default(), 0.0, 0, 0);
+        // The five loss statistics, then the entropy's sum and count.
+        let mut stats = [0.0f64; 7];
+        for (_, mb) in self.rl.mine(&micro) {
+            examples += mb.len();
             let batch = self.rl.batch_of(&sub, mb, dev)?;
             tokens += batch.tokens;
             let pos = value_positions(&self.rl, &sub, mb, width);
@@ -229,10 +233,11 @@ impl Recipe for PpoRecipe<'_> {
             for (a, b) in stats.iter_mut().zip(s) {
                 *a += b / micro.len() as f64;
             }
-            entropy += ent.sum_all()?.to_scalar::<f32>()? as f64;
-            ent_n += ent.dim(0)? as f64;
+            stats[5] += ent.sum_all()?.to_scalar::<f32>()? as f64;
+            stats[6] += ent.dim(0)? as f64;
             sum.add(grads_of(&t.vars_named, &l.backward()?)?)?;
         }
+        self.rl.world.sum_f64(&mut stats)?;
         let mut metrics = r.metrics.clone();
         for (k, v) in [
             ("loss/policy_avg", stats[0]),
@@ -240,12 +245,12 @@ impl Recipe for PpoRecipe<'_> {
             ("policy/clipfrac_avg", stats[2]),
             ("val/clipfrac_avg", stats[3]),
             ("policy/approxkl_avg", stats[4]),
-            ("policy/entropy_avg", entropy / ent_n.max(1.0)),
+            ("policy/entropy_avg", stats[5] / stats[6].max(1.0)),
         ] {
             metrics.insert(k.into(), json!(v));
         }
-        let grads = sum.take().context("the mini-batch has no completion")?;
-        Ok(Step { loss, grads, tokens, examples: sub.len(), metrics })
+        let grads = sum.finish(t, "the mini-batch has no completion")?;
+        Ok(Step { loss, grads, tokens, examples, metrics })
     }
 
     fn evaluate(&mut self, model: &Model) -> Result<Option<Metrics>> {

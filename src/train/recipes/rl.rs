@@ -2,7 +2,9 @@
 //! (sampled with the policy as it is through the rollout engine, decoded, scored by the rewards,
 //! each completion written to `rollouts.jsonl`), completions packed as model batches, micro-batches
 //! by a token budget, and held-out evaluation: the mean reward of greedy completions of the eval
-//! prompts.
+//! prompts. Data parallel: each rank samples and scores its share of a rollout's prompts, every
+//! rank then holds the whole rollout in the one-process order, and trains on its share of the
+//! step's micro-batches ([`Rl::mine`]).
 
 use super::common::Metrics;
 use crate::pack::manifest::Manifest;
@@ -49,6 +51,7 @@ pub struct Rl<'a> {
     log: Option<std::fs::File>,
     /// A resumed run appends to rollouts.jsonl.
     pub resumed: bool,
+    pub world: &'static crate::cluster::World,
 }
 
 fn prompts_of(dir: &Path, split: &str) -> Result<Vec<PromptRow>> {
@@ -103,17 +106,23 @@ impl<'a> Rl<'a> {
             bail!("{}: no training prompts (train-00000-of-00001.parquet)", opts.data.display());
         }
         let eval = prompts_of(&opts.data, "eval")?;
-        Ok(Rl { opts, tok, stops, rewards, train, eval, order: (None, vec![]), log: None, resumed: false })
+        let world = crate::cluster::world();
+        Ok(Rl { opts, tok, stops, rewards, train, eval, order: (None, vec![]), log: None, resumed: false, world })
+    }
+
+    /// Prompts per rollout: `--prompts-per-step` on each rank.
+    fn per_rollout(&self) -> usize {
+        self.opts.rl.prompts_per_step * self.world.size
     }
 
     /// Rollouts in an epoch of the training prompts.
     pub fn rollouts_per_epoch(&self) -> u64 {
-        self.train.len().div_ceil(self.opts.rl.prompts_per_step) as u64
+        self.train.len().div_ceil(self.per_rollout()) as u64
     }
 
     /// The prompts of rollout `k`, continuing through seeded epoch orders.
     pub fn batch(&mut self, k: u64) -> Vec<usize> {
-        let (n, p) = (self.train.len() as u64, self.opts.rl.prompts_per_step as u64);
+        let (n, p) = (self.train.len() as u64, self.per_rollout() as u64);
         (k * p..(k + 1) * p)
             .map(|g| {
                 let epoch = g / n;
@@ -137,15 +146,22 @@ impl<'a> Rl<'a> {
         r.next_u64() ^ (slot as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
     }
 
-    /// `num_generations` completions of each prompt, sampled with the model as it is; and the
-    /// sampling's (seconds, tokens).
-    pub fn sample(&self, model: &Model, prompts: &[usize], rollout: u64) -> Result<(Vec<Seq>, (f64, usize))> {
+    /// `num_generations` completions of the prompts at `positions` of the rollout's `prompts`,
+    /// sampled with the model as it is; and the sampling's (seconds, tokens). A completion's seed
+    /// comes from its slot in the whole rollout, whichever rank samples it.
+    fn sample(
+        &self,
+        model: &Model,
+        prompts: &[usize],
+        positions: &[usize],
+        rollout: u64,
+    ) -> Result<(Vec<Seq>, (f64, usize))> {
         let g = self.opts.rl.num_generations;
         let ids: Vec<Vec<u32>> =
-            prompts.iter().map(|&p| self.train[p].prompt_ids.iter().map(|&t| t as u32).collect()).collect();
+            positions.iter().map(|&i| self.train[prompts[i]].prompt_ids.iter().map(|&t| t as u32).collect()).collect();
         let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
-        let rows: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, g)).collect();
-        let seeds: Vec<u64> = (0..rows.len()).map(|s| self.seed(rollout, s)).collect();
+        let rows: Vec<usize> = (0..positions.len()).flat_map(|i| std::iter::repeat_n(i, g)).collect();
+        let seeds: Vec<u64> = (0..rows.len()).map(|k| self.seed(rollout, positions[k / g] * g + k % g)).collect();
         let t0 = Instant::now();
         let done = complete(model, &refs, &rows, &seeds, &self.opts.rl.sampling, &self.stops)?;
         let secs = t0.elapsed().as_secs_f64();
@@ -154,7 +170,7 @@ impl<'a> Rl<'a> {
             .into_iter()
             .zip(&rows)
             .map(|(c, &i)| Seq {
-                prompt: prompts[i],
+                prompt: prompts[positions[i]],
                 tokens: c.tokens,
                 finished: c.finished,
                 reward: 0.0,
@@ -162,6 +178,47 @@ impl<'a> Rl<'a> {
             })
             .collect();
         Ok((seqs, (secs, tokens)))
+    }
+
+    /// Rollout `index`: `num_generations` completions of each of its prompts, sampled with the
+    /// model as it is and scored; and the sampling's (seconds, tokens). In a data-parallel run each
+    /// rank samples and scores the prompts at positions rank, rank + W, ...; every rank then holds
+    /// the whole rollout in the one-process order (the seconds of the slowest rank, all tokens).
+    pub fn rollout(&mut self, model: &Model, index: u64) -> Result<(Vec<Seq>, (f64, usize))> {
+        let prompts = self.batch(index);
+        let (w, g) = (self.world.size, self.opts.rl.num_generations);
+        let positions: Vec<usize> = (self.world.rank..prompts.len()).step_by(w).collect();
+        let (mut seqs, (secs, tokens)) = self.sample(model, &prompts, &positions, index)?;
+        let train = std::mem::take(&mut self.train);
+        let scored = self.score(&mut seqs, &train);
+        self.train = train;
+        scored?;
+        if w == 1 {
+            return Ok((seqs, (secs, tokens)));
+        }
+        let all = self.world.gather(&(seqs, secs, tokens))?;
+        // Prompt position i was sampled by rank i % w, as that rank's (i / w)-th prompt.
+        let seqs =
+            (0..prompts.len()).flat_map(|i| all[i % w].0[(i / w) * g..(i / w + 1) * g].iter().cloned()).collect();
+        let secs = all.iter().map(|a| a.1).fold(0.0, f64::max);
+        Ok((seqs, (secs, all.iter().map(|a| a.2).sum())))
+    }
+
+    /// This rank's share of a step's micro-batches: every W-th from its rank, with its index.
+    pub fn mine<'m, T>(&self, micro: &'m [T]) -> impl Iterator<Item = (usize, &'m T)> {
+        micro.iter().enumerate().skip(self.world.rank).step_by(self.world.size)
+    }
+
+    /// Per-completion values computed by each rank for its completions, made whole on every rank.
+    pub fn gather_per_seq<T>(&self, mine: Vec<(usize, T)>, n: usize) -> Result<Vec<T>>
+    where
+        T: Serialize + serde::de::DeserializeOwned + Clone + Default,
+    {
+        let mut out = vec![T::default(); n];
+        for (i, v) in self.world.gather(&mine)?.into_iter().flatten() {
+            out[i] = v;
+        }
+        Ok(out)
     }
 
     /// The text of a completion (its stop token and special tokens left out).
@@ -215,6 +272,9 @@ impl<'a> Rl<'a> {
 
     /// Appends a rollout's completions to `rollouts.jsonl`: prompt, completion, rewards, advantage.
     pub fn log(&mut self, step: u64, seqs: &[Seq], advantages: &[f64]) -> Result<()> {
+        if !self.world.is_main() {
+            return Ok(()); // rank 0 writes for all (every rank holds the whole rollout)
+        }
         if self.log.is_none() {
             let path = self.opts.out.join("rollouts.jsonl");
             let f = std::fs::OpenOptions::new()

@@ -190,17 +190,12 @@ impl Recipe for Sft<'_> {
             sum.add(g)?;
         }
         let loss = loss_sum / trained.max(1) as f64;
-        let grads = if loss.is_finite() {
-            match sum.take() {
-                Some(g) => g,
-                // Another rank's share trained; this rank adds nothing to the sum.
-                None if self.world.size > 1 && trained > 0 => {
-                    t.vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?
-                }
-                None => bail!("no trained token in this step's batches"),
-            }
-        } else {
+        let grads = if !loss.is_finite() {
             vec![] // the loop stops at a non-finite loss
+        } else if trained == 0 {
+            bail!("no trained token in this step's batches")
+        } else {
+            sum.finish(t, "no trained token in this step's batches")?
         };
         let mut metrics = Map::new();
         metrics.insert("trained_tokens".into(), json!(trained));
