@@ -1,10 +1,12 @@
-//! CPU kernels tunekit writes itself where candle's general ones lose time: the product of a
+//! CPU kernels tunekit writes itself where candle's general ones lose time: causal attention that
+//! skips the masked blocks ([`attention`]; candle's products compute all of them), the product of a
 //! few rows with a frozen weight ([`few_rows`]), which decoding calls once per token for every layer
 //! and the vocabulary projection (a GEMM packs the whole weight on every such call), and the
 //! softmax statistics of the loss head's rows over the vocabulary ([`softmax`]; libm's scalar
 //! `expf` took a tenth of a GRPO step). Kernels are compiled for AVX2 + FMA and chosen at run time
 //! when the CPU has them; portable code otherwise.
 
+pub mod attention;
 pub mod few_rows;
 pub mod softmax;
 

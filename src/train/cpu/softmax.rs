@@ -28,6 +28,27 @@ pub fn exp_sums(x: &[f32], s: f32, m: f32, out: Option<&mut [f32]>, weighted: bo
     exp_sums_from(x, 0, s, m, out, weighted)
 }
 
+/// `x <- softmax(s x)` in place (an attention row).
+pub fn softmax_in_place(x: &mut [f32], s: f32) {
+    let m = max_scaled(x, s);
+    #[cfg(target_arch = "x86_64")]
+    let (head, sum) = if super::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        unsafe { avx2::exp_in_place(x, s, m) }
+    } else {
+        (0, 0.0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (head, sum) = (0, 0.0);
+    let mut sum = sum;
+    for v in &mut x[head..] {
+        *v = (*v * s - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// `exp_sums` of the elements from `start` on, one at a time with libm's `expf`.
 fn exp_sums_from(x: &[f32], start: usize, s: f32, m: f32, mut out: Option<&mut [f32]>, weighted: bool) -> (f32, f32) {
     let (mut sum, mut wsum) = (0f32, 0f32);
@@ -101,6 +122,23 @@ mod avx2 {
         x[n8..].iter().map(|&v| v * s).fold(hmax(acc), f32::max)
     }
 
+    /// `x_j <- exp(s x_j - m)` over whole groups of eight: how many were done, and their sum.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_in_place(x: &mut [f32], s: f32, m: f32) -> (usize, f32) {
+        let n8 = x.len() / 8 * 8;
+        let (sv, mv) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
+        let mut sum = _mm256_setzero_ps();
+        let mut j = 0;
+        while j < n8 {
+            let p = x.as_mut_ptr().add(j);
+            let e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(p), sv), mv));
+            sum = _mm256_add_ps(sum, e);
+            _mm256_storeu_ps(p, e);
+            j += 8;
+        }
+        (n8, hsum(sum))
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_sums(x: &[f32], s: f32, m: f32, mut out: Option<&mut [f32]>, weighted: bool) -> (f32, f32) {
         let n8 = x.len() / 8 * 8;
@@ -152,6 +190,13 @@ mod tests {
             assert!((sum as f64 - ws).abs() <= 1e-5 * ws, "{sum} vs {ws}");
             assert!((wsum as f64 - ww).abs() <= 1e-4 * ww.abs() + 1e-3, "{wsum} vs {ww}");
             assert_eq!(exp_sums(&x, s, m, None, false), (sum, 0.0));
+            // In place, normalised: the same exponentials over their sum.
+            let mut p = x.clone();
+            softmax_in_place(&mut p, s);
+            for (j, &v) in p.iter().enumerate() {
+                let want = e[j] as f64 / sum as f64;
+                assert!((v as f64 - want).abs() <= 1e-6 * want + 1e-37, "softmax at {j}: {v} vs {want}");
+            }
         }
     }
 }

@@ -1,11 +1,14 @@
 //! Causal self-attention over packed rows: each segment attends only to itself (block-diagonal),
-//! causally, with grouped-query heads. [`attention`] is one graph node over q, k and v; the
-//! probabilities of each segment are kept for the backward on the CPU (compute is what limits there)
-//! and recomputed in it on a GPU, as flash attention does (memory is what limits there).
+//! causally, with grouped-query heads. [`attention`] is one graph node over q, k and v. On the CPU
+//! in f32 the blocked kernels of `cpu::attention` compute it, skipping the masked blocks, and keep
+//! each segment's probabilities for the backward (compute is what limits there); on a GPU they are
+//! recomputed in the backward, as flash attention does (memory is what limits there).
 
 use super::softmax::{causal_softmax, CausalAttentionProbs, CausalSoftmaxGrad, MaskCache};
-use crate::train::graph::attached_forward;
+use crate::train::cpu::attention::{self as blocked, Heads, Segment};
+use crate::train::graph::{attached_forward, contiguous_f32};
 use candle_core::{CustomOp3, DType, Tensor};
+use std::sync::Mutex;
 
 /// Causal attention inside each packed segment, q [T, Hq, hd], k/v [T, Hkv, hd] -> [T, Hq*hd].
 /// Where the fused probabilities op does not run (the CPU in bf16), the plain graph.
@@ -16,46 +19,120 @@ pub fn attention(
     seq_lengths: &[usize],
     masks: &mut MaskCache,
 ) -> candle_core::Result<Tensor> {
-    let keep = q.device().is_cpu();
-    if keep && q.dtype() != DType::F32 {
-        return segment_attention(q, k, v, seq_lengths, masks);
+    if q.device().is_cpu() {
+        return match q.dtype() {
+            DType::F32 => cpu_attention(q, k, v, seq_lengths),
+            _ => segment_attention(q, k, v, seq_lengths, masks),
+        };
     }
-    attention_keeping(q, k, v, seq_lengths, keep)
+    recomputing_attention(q, k, v, seq_lengths)
 }
 
-/// `attention`, keeping the probabilities for the backward or not.
-fn attention_keeping(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    seq_lengths: &[usize],
-    keep: bool,
-) -> candle_core::Result<Tensor> {
+/// Runs `f` on the f32 values of CPU tensors (made contiguous first).
+fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
+    let cont: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = cont.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (st, l) in &guards {
+        let candle_core::Storage::Cpu(c) = &**st else { candle_core::bail!("attention: CPU tensors expected") };
+        slices.push(contiguous_f32(c, l, "attention")?);
+    }
+    Ok(f(&slices))
+}
+
+/// The segments of packed rows with these lengths.
+fn segments(seq_lengths: &[usize]) -> Vec<Segment> {
+    let mut start = 0;
+    seq_lengths
+        .iter()
+        .map(|&len| {
+            start += len;
+            Segment { start: start - len, len }
+        })
+        .collect()
+}
+
+/// `attention` on the CPU in f32: the blocked kernels, the probabilities kept for the backward.
+fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq_lengths: &[usize]) -> candle_core::Result<Tensor> {
+    let (t, hq, d) = q.dims3()?;
+    let dims = Heads { hq, hkv: k.dim(1)?, d };
+    let scale = 1.0 / (d as f32).sqrt();
+    let segs = segments(seq_lengths);
+    let mut y = vec![0f32; t * hq * d];
+    let probs = with_slices(&[q, k, v], |x| {
+        segs.iter().map(|&s| blocked::forward(x[0], x[1], x[2], dims, s, scale, &mut y)).collect::<Vec<_>>()
+    })?;
+    let y = Tensor::from_vec(y, (t, hq * d), q.device())?;
+    Ok(y.with_backward3(q, k, v, CpuAttentionFn { segs, dims, scale, probs: Mutex::new(probs) }))
+}
+
+/// The backward of [`cpu_attention`], from the kept probabilities (taken: the backward runs once).
+struct CpuAttentionFn {
+    segs: Vec<Segment>,
+    dims: Heads,
+    scale: f32,
+    probs: Mutex<Vec<Vec<f32>>>,
+}
+
+impl CustomOp3 for CpuAttentionFn {
+    fn name(&self) -> &'static str {
+        "attention-cpu"
+    }
+
+    attached_forward!(3);
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let probs = std::mem::take(&mut *self.probs.lock().expect("not poisoned"));
+        if probs.len() != self.segs.len() {
+            candle_core::bail!("attention: the backward ran twice over the same forward");
+        }
+        let (t, Heads { hq, hkv, d }) = (q.dim(0)?, self.dims);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; t * hq * d], vec![0f32; t * hkv * d], vec![0f32; t * hkv * d]);
+        with_slices(&[q, k, v, dy], |x| {
+            for (&s, p) in self.segs.iter().zip(probs) {
+                let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
+                blocked::backward((x[0], x[1], x[2]), x[3], p, self.dims, s, self.scale, grads);
+            }
+        })?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (t, hq, d), dev)?),
+            Some(Tensor::from_vec(dk, (t, hkv, d), dev)?),
+            Some(Tensor::from_vec(dv, (t, hkv, d), dev)?),
+        ))
+    }
+}
+
+/// `attention` whose backward recomputes the probabilities (the GPU path).
+fn recomputing_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq_lengths: &[usize]) -> candle_core::Result<Tensor> {
     let (_, hq, hd) = q.dims3()?;
     let n = hq / k.dim(1)?;
     let scale = 1.0 / (hd as f32).sqrt();
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let (mut outs, mut probs) = (Vec::with_capacity(seq_lengths.len()), vec![]);
+    let mut outs = Vec::with_capacity(seq_lengths.len());
     let mut start = 0;
     for &len in seq_lengths {
         let qs = segment_heads(&qd, start, len, 1)?;
         let p = qs.apply_op2_no_bwd(&segment_heads(&kd, start, len, n)?, &CausalAttentionProbs { scale })?;
         let o = p.matmul(&segment_heads(&vd, start, len, n)?)?; // [Hq, L, hd]
         outs.push(o.transpose(0, 1)?.reshape((len, hq * hd))?);
-        if keep {
-            probs.push(p);
-        }
         start += len;
     }
     let y = Tensor::cat(&outs, 0)?;
-    Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale, probs }))
+    Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale }))
 }
 
-/// The backward of [`attention`]: per segment, from the kept probabilities or recomputed ones.
+/// The backward of [`recomputing_attention`]: per segment, from recomputed probabilities.
 struct AttentionFn {
     seq_lengths: Vec<usize>,
     scale: f32,
-    probs: Vec<Tensor>,
 }
 
 impl CustomOp3 for AttentionFn {
@@ -79,14 +156,11 @@ impl CustomOp3 for AttentionFn {
         let n = hq / hkv;
         let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
         let mut start = 0;
-        for (i, &len) in self.seq_lengths.iter().enumerate() {
+        for &len in &self.seq_lengths {
             let qs = segment_heads(&q, start, len, 1)?;
             let ks = segment_heads(&k, start, len, n)?;
             let vs = segment_heads(&v, start, len, n)?;
-            let p = match self.probs.get(i) {
-                Some(p) => p.clone(),
-                None => qs.apply_op2_no_bwd(&ks, &CausalAttentionProbs { scale: self.scale })?,
-            };
+            let p = qs.apply_op2_no_bwd(&ks, &CausalAttentionProbs { scale: self.scale })?;
             let dos = dy.narrow(0, start, len)?.reshape((len, hq, hd))?.transpose(0, 1)?.contiguous()?;
             let dv = p.t()?.matmul(&dos)?;
             let dp = dos.matmul(&vs.t()?)?;
@@ -218,14 +292,22 @@ mod tests {
     }
 
     #[test]
-    fn attention_recomputing_probabilities_matches_the_graph_across_segments_and_gqa() {
-        for keep in [true, false] {
+    fn blocked_and_recomputing_attention_match_the_graph_across_segments_and_gqa() {
+        // Short segments (inside one block) and long ones (across block edges, a partial last block).
+        for lens in [vec![2, 4, 1], vec![70, 1, 150]] {
+            let t: usize = lens.iter().sum();
+            let inputs = [rand(&[t, 4, 8], 12), rand(&[t, 2, 8], 13), rand(&[t, 2, 8], 14)];
             let m = std::cell::RefCell::new(MaskCache::default());
-            same_as_graph(
-                |t| attention_keeping(&t[0], &t[1], &t[2], &[2, 4, 1], keep).unwrap(),
-                |t| segment_attention(&t[0], &t[1], &t[2], &[2, 4, 1], &mut m.borrow_mut()).unwrap(),
-                &[rand(&[7, 4, 4], 12), rand(&[7, 2, 4], 13), rand(&[7, 2, 4], 14)],
-            );
+            for blocked in [true, false] {
+                same_as_graph(
+                    |x| match blocked {
+                        true => cpu_attention(&x[0], &x[1], &x[2], &lens).unwrap(),
+                        false => recomputing_attention(&x[0], &x[1], &x[2], &lens).unwrap(),
+                    },
+                    |x| segment_attention(&x[0], &x[1], &x[2], &lens, &mut m.borrow_mut()).unwrap(),
+                    &inputs,
+                );
+            }
         }
     }
 }
