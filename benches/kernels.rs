@@ -72,6 +72,46 @@ fn main() {
         println!("  {what:14} {m}x{k} . {k}x{n}: {:.2} ms  {:.1} GFLOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
     }
     gemm_bound_smollm2(&dev);
+    fused_projections(&dev);
+}
+
+/// The projections that read the same input (q, k, v; gate, up) as separate GEMMs and as one over
+/// their stacked weights, forward and input gradient, at SmolLM2 shapes (512 tokens).
+fn fused_projections(dev: &Device) {
+    println!("Separate vs stacked projections (SmolLM2, 512 tokens), ms per layer");
+    let t = 512;
+    for (what, outs) in [("q,k,v", vec![576usize, 192, 192]), ("gate,up", vec![1536, 1536])] {
+        let x = Tensor::randn(0f32, 1.0, (t, 576), dev).unwrap();
+        let ws: Vec<Tensor> = outs.iter().map(|&n| Tensor::randn(0f32, 1.0, (n, 576), dev).unwrap()).collect();
+        let stacked = Tensor::cat(&ws, 0).unwrap();
+        let dys: Vec<Tensor> = outs.iter().map(|&n| Tensor::randn(0f32, 1.0, (t, n), dev).unwrap()).collect();
+        let dy = Tensor::cat(&dys, 1).unwrap();
+        let sep_f = time(10, || {
+            for w in &ws {
+                std::hint::black_box(x.matmul(&w.t().unwrap()).unwrap());
+            }
+        });
+        let one_f = time(10, || {
+            std::hint::black_box(x.matmul(&stacked.t().unwrap()).unwrap());
+        });
+        let sep_b = time(10, || {
+            let mut acc = dys[0].matmul(&ws[0]).unwrap();
+            for (d, w) in dys.iter().zip(&ws).skip(1) {
+                acc = (acc + d.matmul(w).unwrap()).unwrap();
+            }
+            std::hint::black_box(acc);
+        });
+        let one_b = time(10, || {
+            std::hint::black_box(dy.matmul(&stacked).unwrap());
+        });
+        println!(
+            "  {what:8} forward {:.2} vs {:.2} stacked; input gradient {:.2} vs {:.2} stacked",
+            sep_f * 1e3,
+            one_f * 1e3,
+            sep_b * 1e3,
+            one_b * 1e3
+        );
+    }
 }
 
 /// Seconds of every GEMM of one SmolLM2-135M LoRA step (frozen base, 512 tokens, no checkpointing)

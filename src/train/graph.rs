@@ -138,6 +138,18 @@ pub fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_c
     }
 }
 
+/// Runs `f` on the f32 values of CPU tensors (made contiguous first).
+pub fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
+    let cont: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = cont.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (st, l) in &guards {
+        let candle_core::Storage::Cpu(c) = &**st else { candle_core::bail!("CPU tensors expected") };
+        slices.push(contiguous_f32(c, l, "a CPU kernel's input")?);
+    }
+    Ok(f(&slices))
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     //! Helpers for the pieces' tests: seeded inputs and a check that a piece equals the plain graph.

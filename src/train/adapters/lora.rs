@@ -6,6 +6,7 @@
 
 use crate::split::SplitMix64;
 use crate::train::cpu::few_rows;
+use crate::train::cpu::gemm::AddProduct;
 use crate::train::graph::{attached_forward, recording, BaseOp};
 use anyhow::Result;
 use candle_core::{CustomOp3, DType, Device, Tensor, Var};
@@ -66,6 +67,12 @@ impl Lora {
     }
 }
 
+/// Whether the low-rank term is added in place onto `t` (a fresh f32 CPU product of `rows` rows;
+/// decoding's few rows keep their dot-product path).
+fn in_place(t: &Tensor, rows: usize) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && rows > few_rows::MAX_ROWS
+}
+
 /// `y = base(x) + s * (mask ⊙ x) A^T B^T` over (x, A, B); `u = (mask ⊙ x) A^T` [T, r] is kept.
 struct LoraLinearFn {
     base: BaseOp,
@@ -100,6 +107,11 @@ impl CustomOp3 for LoraLinearFn {
             xin = (xin * m)?;
         }
         let da = du.t()?.matmul(&xin)?; // [r, in]
+        if self.mask.is_none() && in_place(&dx_base, du.dim(0)?) {
+            // dx_base is the base op's fresh gradient: `+= du A` there.
+            dx_base.inplace_op3(&du, &a, &AddProduct { beta: 1.0, rhs_transposed: false })?;
+            return Ok((Some(dx_base), Some(da), Some(db)));
+        }
         let mut dx = du.matmul(&a)?; // [T, in]
         if let Some(m) = &self.mask {
             dx = (dx * m)?;
@@ -133,12 +145,18 @@ pub fn lora_linear(
         Some(u) => u,
         None => xin.matmul(&a.t()?)?,
     };
-    let delta = match few_rows::linear(&u, &b)? {
-        Some(d) => (d * scale)?,
-        // The scale goes on B^T [r, out], not on the [tokens, out] product.
-        None => u.matmul(&(b.t()? * scale)?)?,
+    let y = if in_place(&y, u.dim(0)?) {
+        // y is this call's own buffer: `y += s u B^T` there, no [tokens, out] temporary.
+        y.inplace_op3(&u, &b, &AddProduct { beta: scale as f32, rhs_transposed: true })?;
+        y
+    } else {
+        let delta = match few_rows::linear(&u, &b)? {
+            Some(d) => (d * scale)?,
+            // The scale goes on B^T [r, out], not on the [tokens, out] product.
+            None => u.matmul(&(b.t()? * scale)?)?,
+        };
+        (y + delta.to_dtype(x.dtype())?)?
     };
-    let y = (y + delta.to_dtype(x.dtype())?)?;
     if !recording() {
         return Ok(y);
     }
@@ -174,6 +192,23 @@ mod tests {
                 (y + (d * 0.7).unwrap()).unwrap()
             },
             &[rand(&[5, 6], 4), rand(&[2, 6], 5), rand(&[3, 2], 6)],
+        );
+    }
+
+    #[test]
+    fn lora_linear_adding_in_place_matches_the_graph() {
+        // More rows than decoding's few: the low-rank term is added onto the base product in place,
+        // forward and backward.
+        let w = rand(&[9, 6], 40);
+        let base: BaseOp = Arc::new(Box::new(crate::train::graph::FrozenMatmul { w: w.clone() }));
+        same_as_graph(
+            |t| lora_linear(&t[0], &t[0], base.clone(), None, (&t[1], &t[2], 0.7), None).unwrap(),
+            |t| {
+                let y = t[0].matmul(&w.t().unwrap()).unwrap();
+                let d = t[0].matmul(&t[1].t().unwrap()).unwrap().matmul(&t[2].t().unwrap()).unwrap();
+                (y + (d * 0.7).unwrap()).unwrap()
+            },
+            &[rand(&[40, 6], 41), rand(&[2, 6], 42), rand(&[9, 2], 43)],
         );
     }
 

@@ -7,6 +7,7 @@
 //! scores' gradient in place. Blocks run in parallel on rayon's pool, each product a single-threaded
 //! GEMM of the `gemm` crate (its kernels chosen at run time for the CPU).
 
+use super::gemm::Operand;
 use rayon::prelude::*;
 
 /// Query and key positions per block.
@@ -42,14 +43,14 @@ impl Shared {
     }
 }
 
-/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]`, each matrix given by its first element and its row and
-/// column strides (in elements); accumulates into `dst` when `add`.
+/// `dst (+)= lhs rhs` on the calling thread (each block is one task of rayon's pool), the operands
+/// as (pointer, (row stride, column stride)).
 ///
 /// # Safety
-/// The pointers must address the whole matrices their strides describe.
+/// As [`super::gemm::product`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn product(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
     add: bool,
@@ -58,27 +59,8 @@ unsafe fn product(
     rhs: *const f32,
     (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        add,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        if add { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    let (lhs, rhs) = (Operand { ptr: lhs, rs: lhs_rs, cs: lhs_cs }, Operand { ptr: rhs, rs: rhs_rs, cs: rhs_cs });
+    super::gemm::product(dims, dst, dst_rs, add, lhs, rhs, 1.0, 1)
 }
 
 /// The blocks of a segment of `len` positions: (first position, positions) each.

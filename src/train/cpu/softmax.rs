@@ -67,7 +67,7 @@ fn exp_sums_from(x: &[f32], start: usize, s: f32, m: f32, mut out: Option<&mut [
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]

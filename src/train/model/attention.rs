@@ -6,7 +6,7 @@
 
 use super::softmax::{causal_softmax, CausalAttentionProbs, CausalSoftmaxGrad, MaskCache};
 use crate::train::cpu::attention::{self as blocked, Heads, Segment};
-use crate::train::graph::{attached_forward, contiguous_f32};
+use crate::train::graph::{attached_forward, with_cpu_f32};
 use candle_core::{CustomOp3, DType, Tensor};
 use std::sync::Mutex;
 
@@ -28,18 +28,6 @@ pub fn attention(
     recomputing_attention(q, k, v, seq_lengths)
 }
 
-/// Runs `f` on the f32 values of CPU tensors (made contiguous first).
-fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
-    let cont: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?;
-    let guards: Vec<_> = cont.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (st, l) in &guards {
-        let candle_core::Storage::Cpu(c) = &**st else { candle_core::bail!("attention: CPU tensors expected") };
-        slices.push(contiguous_f32(c, l, "attention")?);
-    }
-    Ok(f(&slices))
-}
-
 /// The segments of packed rows with these lengths.
 fn segments(seq_lengths: &[usize]) -> Vec<Segment> {
     let mut start = 0;
@@ -59,7 +47,7 @@ fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq_lengths: &[usize]) -> c
     let scale = 1.0 / (d as f32).sqrt();
     let segs = segments(seq_lengths);
     let mut y = vec![0f32; t * hq * d];
-    let probs = with_slices(&[q, k, v], |x| {
+    let probs = with_cpu_f32(&[q, k, v], |x| {
         segs.iter().map(|&s| blocked::forward(x[0], x[1], x[2], dims, s, scale, &mut y)).collect::<Vec<_>>()
     })?;
     let y = Tensor::from_vec(y, (t, hq * d), q.device())?;
@@ -95,7 +83,7 @@ impl CustomOp3 for CpuAttentionFn {
         }
         let (t, Heads { hq, hkv, d }) = (q.dim(0)?, self.dims);
         let (mut dq, mut dk, mut dv) = (vec![0f32; t * hq * d], vec![0f32; t * hkv * d], vec![0f32; t * hkv * d]);
-        with_slices(&[q, k, v, dy], |x| {
+        with_cpu_f32(&[q, k, v, dy], |x| {
             for (&s, p) in self.segs.iter().zip(probs) {
                 let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
                 blocked::backward((x[0], x[1], x[2]), x[3], p, self.dims, s, self.scale, grads);

@@ -1,12 +1,21 @@
 //! The gated MLP's activation, SwiGLU: `silu(g) * u` as one graph node keeping only g and u, with
-//! the backward in f32.
+//! the backward in f32 (on the CPU in f32: one pass each way, `cpu::swiglu`).
 
-use crate::train::graph::attached_forward;
+use crate::train::cpu::swiglu as kernel;
+use crate::train::graph::{attached_forward, with_cpu_f32};
 use candle_core::{CustomOp2, DType, Tensor};
+
+/// Whether the one-pass CPU kernels compute SwiGLU for these inputs.
+fn on_cpu_f32(g: &Tensor) -> bool {
+    g.device().is_cpu() && g.dtype() == DType::F32
+}
 
 /// `silu(g) * u`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
-    let y = (g.detach().silu()? * u.detach())?;
+    let y = match on_cpu_f32(g) {
+        true => Tensor::from_vec(with_cpu_f32(&[g, u], |x| kernel::forward(x[0], x[1]))?, g.shape(), g.device())?,
+        false => (g.detach().silu()? * u.detach())?,
+    };
     Ok(y.with_backward2(g, u, SwiGluFn))
 }
 
@@ -28,6 +37,11 @@ impl CustomOp2 for SwiGluFn {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dt = g.dtype();
         let (g, u) = (g.detach(), u.detach());
+        if on_cpu_f32(&g) {
+            let (dg, du) = with_cpu_f32(&[&g, &u, dy], |x| kernel::backward(x[0], x[1], x[2]))?;
+            let (shape, dev) = (g.shape(), g.device());
+            return Ok((Some(Tensor::from_vec(dg, shape, dev)?), Some(Tensor::from_vec(du, shape, dev)?)));
+        }
         let (g, u, dy) = (g.to_dtype(DType::F32)?, u.to_dtype(DType::F32)?, dy.to_dtype(DType::F32)?);
         let s = (g.neg()?.exp()? + 1.0)?.recip()?; // sigmoid
         let du = (&dy * (&g * &s)?)?;
@@ -45,10 +59,13 @@ mod tests {
 
     #[test]
     fn swiglu_matches_the_graph() {
-        same_as_graph(
-            |t| swiglu(&t[0], &t[1]).unwrap(),
-            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
-            &[rand(&[4, 7], 7), rand(&[4, 7], 8)],
-        );
+        // Small (the scalar tail) and past a parallel chunk with a tail (the AVX2 path and the rest).
+        for shape in [[4, 7], [300, 77]] {
+            same_as_graph(
+                |t| swiglu(&t[0], &t[1]).unwrap(),
+                |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+                &[(rand(&shape, 7) * 6.0).unwrap(), rand(&shape, 8)],
+            );
+        }
     }
 }
