@@ -73,6 +73,29 @@ fn main() {
     }
     gemm_bound_smollm2(&dev);
     fused_projections(&dev);
+    lora_products(&dev);
+}
+
+/// LoRA's four rank-8 products of one backward (gate_proj's shapes: 512 tokens, 576 in, 1536 out),
+/// through candle's matmul as the adapter calls them.
+fn lora_products(dev: &Device) {
+    let (t, inp, out, r) = (512usize, 576usize, 1536usize, 8usize);
+    let dy = Tensor::randn(0f32, 1.0, (t, out), dev).unwrap();
+    let (b, u) = (Tensor::randn(0f32, 1.0, (out, r), dev).unwrap(), Tensor::randn(0f32, 1.0, (t, r), dev).unwrap());
+    let (x, a) = (Tensor::randn(0f32, 1.0, (t, inp), dev).unwrap(), Tensor::randn(0f32, 1.0, (r, inp), dev).unwrap());
+    let flops = 2.0 * (t * out * r) as f64;
+    let run = |what: &str, f: &dyn Fn() -> Tensor, fl: f64| {
+        let s = time(20, || {
+            std::hint::black_box(f());
+        });
+        println!("  {what:28} {:.3} ms  {:.1} GFLOP/s", s * 1e3, fl / s / 1e9);
+    };
+    println!("LoRA's rank-8 products of one backward (gate_proj: 512 tokens, 576 -> 1536)");
+    run("du = dy B [512x1536 . 1536x8]", &|| dy.matmul(&b).unwrap(), flops);
+    run("db = dy^T u [1536x512 . 512x8]", &|| dy.t().unwrap().matmul(&u).unwrap(), flops);
+    let fl_in = 2.0 * (t * inp * r) as f64;
+    run("da = du^T x [8x512 . 512x576]", &|| u.t().unwrap().matmul(&x).unwrap(), fl_in);
+    run("dx = du A [512x8 . 8x576]", &|| u.matmul(&a).unwrap(), fl_in);
 }
 
 /// The projections that read the same input (q, k, v; gate, up) as separate GEMMs and as one over
