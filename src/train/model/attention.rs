@@ -45,48 +45,41 @@ fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq_lengths: &[usize]) -> c
     let (t, hq, d) = q.dims3()?;
     let dims = Heads { hq, hkv: k.dim(1)?, d };
     let scale = 1.0 / (d as f32).sqrt();
-    let segs = segments(seq_lengths);
     let mut y = vec![0f32; t * hq * d];
     let probs = with_cpu_f32(&[q, k, v], |x| {
-        segs.iter().map(|&s| blocked::forward(x[0], x[1], x[2], dims, s, scale, &mut y)).collect::<Vec<_>>()
+        segments(seq_lengths).into_iter().map(|s| blocked::forward(x[0], x[1], x[2], dims, s, scale, &mut y)).collect()
     })?;
     let y = Tensor::from_vec(y, (t, hq * d), q.device())?;
-    Ok(y.with_backward3(q, k, v, CpuAttentionFn { segs, dims, scale, probs: Mutex::new(probs) }))
+    let kept = Some(Kept { dims, probs: Mutex::new(probs) });
+    Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale, kept }))
 }
 
-/// The backward of [`cpu_attention`], from the kept probabilities (taken: the backward runs once).
-struct CpuAttentionFn {
-    segs: Vec<Segment>,
+/// What the blocked CPU forward keeps for its backward: each segment's probabilities (taken: the
+/// backward runs once).
+struct Kept {
     dims: Heads,
-    scale: f32,
     probs: Mutex<Vec<Vec<f32>>>,
 }
 
-impl CustomOp3 for CpuAttentionFn {
-    fn name(&self) -> &'static str {
-        "attention-cpu"
-    }
-
-    attached_forward!(3);
-
-    fn bwd(
+impl Kept {
+    /// The blocked backward from the kept probabilities.
+    fn backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _y: &Tensor,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
         dy: &Tensor,
+        seq_lengths: &[usize],
+        scale: f32,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let probs = std::mem::take(&mut *self.probs.lock().expect("not poisoned"));
-        if probs.len() != self.segs.len() {
+        if probs.len() != seq_lengths.len() {
             candle_core::bail!("attention: the backward ran twice over the same forward");
         }
         let (t, Heads { hq, hkv, d }) = (q.dim(0)?, self.dims);
         let (mut dq, mut dk, mut dv) = (vec![0f32; t * hq * d], vec![0f32; t * hkv * d], vec![0f32; t * hkv * d]);
         with_cpu_f32(&[q, k, v, dy], |x| {
-            for (&s, p) in self.segs.iter().zip(probs) {
+            for (s, p) in segments(seq_lengths).into_iter().zip(probs) {
                 let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
-                blocked::backward((x[0], x[1], x[2]), x[3], p, self.dims, s, self.scale, grads);
+                blocked::backward((x[0], x[1], x[2]), x[3], p, self.dims, s, scale, grads);
             }
         })?;
         let dev = q.device();
@@ -114,13 +107,15 @@ fn recomputing_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq_lengths: &[usiz
         start += len;
     }
     let y = Tensor::cat(&outs, 0)?;
-    Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale }))
+    Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale, kept: None }))
 }
 
-/// The backward of [`recomputing_attention`]: per segment, from recomputed probabilities.
+/// The backward of [`attention`]: the blocked one from the probabilities the CPU forward kept, or
+/// per segment from recomputed probabilities.
 struct AttentionFn {
     seq_lengths: Vec<usize>,
     scale: f32,
+    kept: Option<Kept>,
 }
 
 impl CustomOp3 for AttentionFn {
@@ -139,6 +134,9 @@ impl CustomOp3 for AttentionFn {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        if let Some(kept) = &self.kept {
+            return kept.backward((&q, &k, &v), dy, &self.seq_lengths, self.scale);
+        }
         let (_, hq, hd) = q.dims3()?;
         let hkv = k.dim(1)?;
         let n = hq / hkv;
