@@ -113,12 +113,17 @@ impl World {
         }
     }
 
+    /// This rank's share of work dealt round-robin: every `size`-th item from its rank, with its index.
+    pub fn share<'a, T>(&self, items: &'a [T]) -> impl Iterator<Item = (usize, &'a T)> {
+        items.iter().enumerate().skip(self.rank).step_by(self.size)
+    }
+
     /// Every rank's `value`, by rank (sent as JSON, so floats come back bit for bit).
-    pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned + Clone>(&self, value: &T) -> Result<Vec<T>> {
+    pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(&self, value: T) -> Result<Vec<T>> {
         if self.size == 1 {
-            return Ok(vec![value.clone()]);
+            return Ok(vec![value]);
         }
-        let all = self.gather_bytes(&serde_json::to_vec(value)?)?;
+        let all = self.gather_bytes(&serde_json::to_vec(&value)?)?;
         all.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
     }
 

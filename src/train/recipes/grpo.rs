@@ -48,7 +48,7 @@ struct GrpoRecipe<'a> {
 /// computes its micro-batches' and every rank gets all.
 fn logps_of(rl: &Rl, model: &Model, seqs: &[Seq]) -> Result<Vec<Vec<f32>>> {
     let mut mine = vec![];
-    for (_, mb) in rl.mine(&rl.micro_batches(seqs)) {
+    for (_, mb) in rl.world.share(&rl.micro_batches(seqs)) {
         let batch = rl.batch_of(seqs, mb, &model.device)?;
         let (lp, _) = no_grad(|| model.token_log_probs(&batch, rl.opts.rl.sampling.temperature, false))?;
         let lp = lp.to_vec1::<f32>()?;
@@ -128,7 +128,7 @@ impl Recipe for GrpoRecipe<'_> {
         };
         let (mut sum, mut loss, mut tokens, mut examples) = (GradSum::default(), 0.0, 0usize, 0);
         let (mut stats, mut entropy) = (TokenStats::default(), 0.0f64);
-        for (k, mb) in self.rl.mine(&micro) {
+        for (k, mb) in self.rl.world.share(&micro) {
             let w = &weights[k];
             examples += mb.len();
             let batch = self.rl.batch_of(&r.seqs, mb, dev)?;

@@ -79,7 +79,7 @@ impl Recipe for Pairs<'_> {
         let chunk = &order[at..(at + self.per_step).min(order.len())];
         // This rank's pairs of the step; every loss is divided by the step's pairs over all ranks.
         let n = chunk.len() as f64;
-        let mine: Vec<usize> = chunk.iter().copied().skip(self.world.rank).step_by(self.world.size).collect();
+        let mine: Vec<usize> = self.world.share(chunk).map(|(_, &i)| i).collect();
         // Summed over the pairs (and, in a data-parallel run, the ranks): loss, both rewards, hits.
         let mut sums = [0.0f64; 4];
         let (mut sum, mut tokens) = (GradSum::default(), 0);

@@ -113,7 +113,7 @@ impl PpoRecipe<'_> {
         // Each rank computes its micro-batches' log-probabilities, reference log-probabilities and
         // values; every rank then holds all, and processes the whole rollout as one process would.
         let mut mine = vec![];
-        for (_, mb) in self.rl.mine(&self.rl.micro_batches(&seqs)) {
+        for (_, mb) in self.rl.world.share(&self.rl.micro_batches(&seqs)) {
             let batch = self.rl.batch_of(&seqs, mb, &model.device)?;
             let pos = value_positions(&self.rl, &seqs, mb, width);
             let (lp, _, v) = no_grad(|| self.forward(model, &batch, &pos, false))?;
@@ -216,7 +216,7 @@ impl Recipe for PpoRecipe<'_> {
         let (mut sum, mut loss, mut tokens, mut examples) = (GradSum::default(), 0.0, 0, 0);
         // The five loss statistics, then the entropy's sum and count.
         let mut stats = [0.0f64; 7];
-        for (_, mb) in self.rl.mine(&micro) {
+        for (_, mb) in self.rl.world.share(&micro) {
             examples += mb.len();
             let batch = self.rl.batch_of(&sub, mb, dev)?;
             tokens += batch.tokens;

@@ -4,7 +4,7 @@
 //! by a token budget, and held-out evaluation: the mean reward of greedy completions of the eval
 //! prompts. Data parallel: each rank samples and scores its share of a rollout's prompts, every
 //! rank then holds the whole rollout in the one-process order, and trains on its share of the
-//! step's micro-batches ([`Rl::mine`]).
+//! step's micro-batches (`World::share`).
 
 use super::common::Metrics;
 use crate::pack::manifest::Manifest;
@@ -196,17 +196,12 @@ impl<'a> Rl<'a> {
         if w == 1 {
             return Ok((seqs, (secs, tokens)));
         }
-        let all = self.world.gather(&(seqs, secs, tokens))?;
+        let all = self.world.gather((seqs, secs, tokens))?;
         // Prompt position i was sampled by rank i % w, as that rank's (i / w)-th prompt.
         let seqs =
             (0..prompts.len()).flat_map(|i| all[i % w].0[(i / w) * g..(i / w + 1) * g].iter().cloned()).collect();
         let secs = all.iter().map(|a| a.1).fold(0.0, f64::max);
         Ok((seqs, (secs, all.iter().map(|a| a.2).sum())))
-    }
-
-    /// This rank's share of a step's micro-batches: every W-th from its rank, with its index.
-    pub fn mine<'m, T>(&self, micro: &'m [T]) -> impl Iterator<Item = (usize, &'m T)> {
-        micro.iter().enumerate().skip(self.world.rank).step_by(self.world.size)
     }
 
     /// Per-completion values computed by each rank for its completions, made whole on every rank.
@@ -215,7 +210,7 @@ impl<'a> Rl<'a> {
         T: Serialize + serde::de::DeserializeOwned + Clone + Default,
     {
         let mut out = vec![T::default(); n];
-        for (i, v) in self.world.gather(&mine)?.into_iter().flatten() {
+        for (i, v) in self.world.gather(mine)?.into_iter().flatten() {
             out[i] = v;
         }
         Ok(out)

@@ -192,10 +192,12 @@ impl Recipe for Sft<'_> {
         let loss = loss_sum / trained.max(1) as f64;
         let grads = if !loss.is_finite() {
             vec![] // the loop stops at a non-finite loss
-        } else if trained == 0 {
-            bail!("no trained token in this step's batches")
         } else {
-            sum.finish(t, "no trained token in this step's batches")?
+            let empty = "no trained token in this step's batches";
+            if trained == 0 {
+                bail!("{empty}"); // on every rank: none of them trained a token
+            }
+            sum.finish(t, empty)?
         };
         let mut metrics = Map::new();
         metrics.insert("trained_tokens".into(), json!(trained));
