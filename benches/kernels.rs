@@ -72,6 +72,7 @@ fn main() {
         println!("  {what:14} {m}x{k} . {k}x{n}: {:.2} ms  {:.1} GFLOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
     }
     gemm_bound_smollm2(&dev);
+    head_chunks(&dev);
     fused_projections(&dev);
     lora_products(&dev);
 }
@@ -96,6 +97,31 @@ fn lora_products(dev: &Device) {
     let fl_in = 2.0 * (t * inp * r) as f64;
     run("da = du^T x [8x512 . 512x576]", &|| u.t().unwrap().matmul(&x).unwrap(), fl_in);
     run("dx = du A [512x8 . 8x576]", &|| u.matmul(&a).unwrap(), fl_in);
+}
+
+/// The loss head's two products (logits `x W^T` and input gradient `d W`) by chunks of rows:
+/// every call packs the whole [vocab, hidden] weight, so small chunks pay for it again and again.
+fn head_chunks(dev: &Device) {
+    println!("Loss head by chunks of rows (logits x W^T; input gradient d W)");
+    for (vocab, hidden, what) in [(32_000usize, 256usize, "bench"), (49_152, 576, "SmolLM2")] {
+        let w = Tensor::randn(0f32, 1.0, (vocab, hidden), dev).unwrap();
+        for rows in [128usize, 256, 512] {
+            let x = Tensor::randn(0f32, 1.0, (rows, hidden), dev).unwrap();
+            let d = Tensor::randn(0f32, 1.0, (rows, vocab), dev).unwrap();
+            let fl = 2.0 * (rows * hidden * vocab) as f64;
+            let f = time(5, || {
+                std::hint::black_box(x.matmul(&w.t().unwrap()).unwrap());
+            });
+            let b = time(5, || {
+                std::hint::black_box(d.matmul(&w).unwrap());
+            });
+            println!(
+                "  {what:8} {rows:3} rows: logits {:.1} GFLOP/s, input gradient {:.1} GFLOP/s",
+                fl / f / 1e9,
+                fl / b / 1e9
+            );
+        }
+    }
 }
 
 /// The projections that read the same input (q, k, v; gate, up) as separate GEMMs and as one over

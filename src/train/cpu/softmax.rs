@@ -17,50 +17,60 @@ pub fn max_scaled(x: &[f32], s: f32) -> f32 {
 /// `e_j = exp(s x_j - m)` into `out` (when given); returns `(sum_j e_j, sum_j e_j * s x_j)`, the
 /// second only when `weighted` (0 otherwise).
 pub fn exp_sums(x: &[f32], s: f32, m: f32, out: Option<&mut [f32]>, weighted: bool) -> (f32, f32) {
-    if let Some(o) = &out {
-        assert_eq!(o.len(), x.len(), "one output per element");
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time); `out` has x's length.
-        return unsafe { avx2::exp_sums(x, s, m, out, weighted) };
-    }
-    exp_sums_from(x, 0, s, m, out, weighted)
+    let out = match out {
+        Some(o) => {
+            assert_eq!(o.len(), x.len(), "one output per element");
+            o.as_mut_ptr()
+        }
+        None => std::ptr::null_mut(),
+    };
+    // SAFETY: x has x.len() elements and out, when given, as many (asserted).
+    unsafe { exp_sums_raw(x.as_ptr(), out, x.len(), s, m, weighted) }
 }
 
 /// `x <- softmax(s x)` in place (an attention row).
 pub fn softmax_in_place(x: &mut [f32], s: f32) {
     let m = max_scaled(x, s);
-    #[cfg(target_arch = "x86_64")]
-    let (head, sum) = if super::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        unsafe { avx2::exp_in_place(x, s, m) }
-    } else {
-        (0, 0.0)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let (head, sum) = (0, 0.0);
-    let mut sum = sum;
-    for v in &mut x[head..] {
-        *v = (*v * s - m).exp();
-        sum += *v;
-    }
+    let (sum, _) = exp_sums_in_place(x, s, m, false);
     let inv = 1.0 / sum;
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// `exp_sums` of the elements from `start` on, one at a time with libm's `expf`.
-fn exp_sums_from(x: &[f32], start: usize, s: f32, m: f32, mut out: Option<&mut [f32]>, weighted: bool) -> (f32, f32) {
-    let (mut sum, mut wsum) = (0f32, 0f32);
-    for (j, &v) in x.iter().enumerate().skip(start) {
-        let z = v * s;
+/// `x_j <- exp(s x_j - m)`; returns the sums of [`exp_sums`] (of the exponentials, and weighted by
+/// `s x_j` when `weighted`).
+pub fn exp_sums_in_place(x: &mut [f32], s: f32, m: f32, weighted: bool) -> (f32, f32) {
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    // SAFETY: p points at n elements, each read before it is written at the same index.
+    unsafe { exp_sums_raw(p, p, n, s, m, weighted) }
+}
+
+/// [`exp_sums`] over `n` elements at `x`, the exponentials written at `out` (which may be `x` itself
+/// or null).
+///
+/// # Safety
+/// `x` must be valid for `n` reads and `out` (when not null) for `n` writes.
+unsafe fn exp_sums_raw(x: *const f32, out: *mut f32, n: usize, s: f32, m: f32, weighted: bool) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    let (head, sum, wsum) = if super::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time); the caller's bounds hold.
+        unsafe { avx2::exp_sums(x, out, n, s, m, weighted) }
+    } else {
+        (0, 0.0, 0.0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (head, sum, wsum) = (0, 0.0, 0.0);
+    let (mut sum, mut wsum) = (sum, wsum);
+    for j in head..n {
+        // SAFETY: j < n, within the caller's bounds.
+        let z = unsafe { *x.add(j) } * s;
         let e = (z - m).exp();
         sum += e;
         if weighted {
             wsum += e * z;
         }
-        if let Some(o) = out.as_deref_mut() {
-            o[j] = e;
+        if !out.is_null() {
+            // SAFETY: as above.
+            unsafe { *out.add(j) = e };
         }
     }
     (sum, wsum)
@@ -122,43 +132,34 @@ pub(super) mod avx2 {
         x[n8..].iter().map(|&v| v * s).fold(hmax(acc), f32::max)
     }
 
-    /// `x_j <- exp(s x_j - m)` over whole groups of eight: how many were done, and their sum.
+    /// `exp_sums` over whole groups of eight of the `n` elements at `x`, the exponentials written
+    /// at `out` (x itself, another buffer or null): how many were done, and their two sums.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp_in_place(x: &mut [f32], s: f32, m: f32) -> (usize, f32) {
-        let n8 = x.len() / 8 * 8;
-        let (sv, mv) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
-        let mut sum = _mm256_setzero_ps();
-        let mut j = 0;
-        while j < n8 {
-            let p = x.as_mut_ptr().add(j);
-            let e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(p), sv), mv));
-            sum = _mm256_add_ps(sum, e);
-            _mm256_storeu_ps(p, e);
-            j += 8;
-        }
-        (n8, hsum(sum))
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp_sums(x: &[f32], s: f32, m: f32, mut out: Option<&mut [f32]>, weighted: bool) -> (f32, f32) {
-        let n8 = x.len() / 8 * 8;
+    pub unsafe fn exp_sums(
+        x: *const f32,
+        out: *mut f32,
+        n: usize,
+        s: f32,
+        m: f32,
+        weighted: bool,
+    ) -> (usize, f32, f32) {
+        let n8 = n / 8 * 8;
         let (sv, mv) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
         let (mut sum, mut wsum) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut j = 0;
         while j < n8 {
-            let z = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(j)), sv);
+            let z = _mm256_mul_ps(_mm256_loadu_ps(x.add(j)), sv);
             let e = exp8(_mm256_sub_ps(z, mv));
             sum = _mm256_add_ps(sum, e);
             if weighted {
                 wsum = _mm256_fmadd_ps(e, z, wsum);
             }
-            if let Some(o) = out.as_deref_mut() {
-                _mm256_storeu_ps(o.as_mut_ptr().add(j), e);
+            if !out.is_null() {
+                _mm256_storeu_ps(out.add(j), e);
             }
             j += 8;
         }
-        let (tail, wtail) = super::exp_sums_from(x, n8, s, m, out, weighted);
-        (hsum(sum) + tail, hsum(wsum) + wtail)
+        (n8, hsum(sum), hsum(wsum))
     }
 }
 
@@ -190,6 +191,9 @@ mod tests {
             assert!((sum as f64 - ws).abs() <= 1e-5 * ws, "{sum} vs {ws}");
             assert!((wsum as f64 - ww).abs() <= 1e-4 * ww.abs() + 1e-3, "{wsum} vs {ww}");
             assert_eq!(exp_sums(&x, s, m, None, false), (sum, 0.0));
+            let mut inplace = x.clone();
+            assert_eq!(exp_sums_in_place(&mut inplace, s, m, true), (sum, wsum));
+            assert_eq!(inplace, e);
             // In place, normalised: the same exponentials over their sum.
             let mut p = x.clone();
             softmax_in_place(&mut p, s);

@@ -8,7 +8,8 @@
 use super::linear::{Linear, Weight};
 use crate::train::cpu::softmax;
 use crate::train::graph::attached_forward;
-use candle_core::{CustomOp1, DType, Tensor, D};
+use crate::train::graph::contiguous_f32;
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp1, Layout, Tensor, D};
 use std::sync::Arc;
 
 /// The loss head: `sum_i CE(h_i W^T, t_i)` over the trained positions' hidden states h [N, hidden],
@@ -73,8 +74,7 @@ fn score_rows(
         let len = chunk.min(n - start);
         let rows = hd.narrow(0, start, len)?;
         let logits = weight.logits(&rows)?;
-        let s = token_scores(&logits, &targets.narrow(0, start, len)?, temperature, want_grad, want_entropy)?;
-        drop(logits);
+        let s = token_scores(logits, &targets.narrow(0, start, len)?, temperature, want_grad, want_entropy)?;
         if let Some(d) = s.grad {
             dh.push(weight.input_grad(&d)?);
         }
@@ -190,60 +190,133 @@ struct TokenScores {
     entropy: Option<Tensor>,
 }
 
-/// `TokenScores` of a chunk: rows in parallel in one pass on the CPU in f32, tensor ops elsewhere.
+/// `TokenScores` of a chunk, consuming its logits: on the CPU in f32 rows in parallel in one pass,
+/// the gradient written over the logits themselves (no second [rows, vocab] buffer: the logits
+/// must own their storage, as a fresh product does); tensor ops elsewhere.
 fn token_scores(
-    logits: &Tensor,
+    logits: Tensor,
     targets: &Tensor,
     temperature: f64,
     want_grad: bool,
     want_entropy: bool,
 ) -> candle_core::Result<TokenScores> {
     if !(logits.device().is_cpu() && logits.dtype() == DType::F32) {
-        return token_scores_tensors(logits, targets, temperature, want_grad, want_entropy);
+        return token_scores_tensors(&logits, targets, temperature, want_grad, want_entropy);
     }
-    use rayon::prelude::*;
-    let (n, v) = logits.dims2()?;
+    let (n, _) = logits.dims2()?;
+    let op = RowScoresCpu {
+        targets: targets.to_vec1::<u32>()?,
+        s: (1.0 / temperature) as f32,
+        want_entropy,
+        rows: std::sync::Mutex::new(vec![]),
+    };
     let logits = logits.contiguous()?;
-    let (storage, layout) = logits.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((o1, o2))) = (&*storage, layout.contiguous_offsets()) else {
-        candle_core::bail!("cross-entropy: contiguous CPU logits expected")
-    };
-    let l = &cpu.as_slice::<f32>()?[o1..o2];
-    let t = targets.to_vec1::<u32>()?;
-    let inv_t = (1.0 / temperature) as f32;
-    let scaled = temperature != 1.0;
-    let mut d = if want_grad { vec![0f32; n * v] } else { vec![] };
-    // (nll, entropy) of one row; its gradient into `drow`. The probabilities are computed once, for
-    // the gradient and the entropy `lse - sum p z` alike.
-    let row_scores = |(row, &ti): (&[f32], &u32), mut drow: Option<&mut [f32]>| -> (f32, f32) {
-        let s = if scaled { inv_t } else { 1.0 };
-        let m = softmax::max_scaled(row, s);
-        let (sum, wsum) = softmax::exp_sums(row, s, m, drow.as_deref_mut(), want_entropy);
-        let lse = m + sum.ln();
-        if let Some(drow) = drow {
-            // exp(z - m) / sum = softmax; minus the one-hot; divided by the temperature.
-            let r = s / sum;
-            drow.iter_mut().for_each(|dj| *dj *= r);
-            drow[ti as usize] -= s;
-        }
-        let entropy = if want_entropy { lse - wsum / sum } else { 0.0 };
-        (lse - row[ti as usize] * s, entropy)
-    };
-    let rows: Vec<(f32, f32)> = if want_grad {
-        l.par_chunks(v).zip(t.par_iter()).zip(d.par_chunks_mut(v)).map(|(r, dr)| row_scores(r, Some(dr))).collect()
+    let grad = if want_grad {
+        // The logits are this chunk's own (a fresh product): their buffer becomes the gradient.
+        logits.inplace_op1(&op)?;
+        Some(logits)
     } else {
-        l.par_chunks(v).zip(t.par_iter()).map(|r| row_scores(r, None)).collect()
+        let (storage, layout) = logits.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("cross-entropy: CPU logits expected")
+        };
+        op.score(contiguous_f32(cpu, layout, "cross-entropy")?, layout.dims()[1])?;
+        None
     };
-    let dev = logits.device();
+    let rows =
+        op.rows.into_inner().map_err(|_| candle_core::Error::Msg("cross-entropy: a row task panicked".into()))?;
+    let dev = targets.device();
     Ok(TokenScores {
         nll: Tensor::from_vec(rows.iter().map(|r| r.0).collect::<Vec<_>>(), n, dev)?,
-        grad: if want_grad { Some(Tensor::from_vec(d, (n, v), dev)?) } else { None },
-        entropy: if want_entropy {
-            Some(Tensor::from_vec(rows.iter().map(|r| r.1).collect::<Vec<_>>(), n, dev)?)
-        } else {
-            None
+        grad,
+        entropy: match want_entropy {
+            true => Some(Tensor::from_vec(rows.iter().map(|r| r.1).collect::<Vec<_>>(), n, dev)?),
+            false => None,
         },
     })
+}
+
+/// Scores of CPU f32 logit rows against their targets at scale `s = 1 / temperature`: (nll, entropy)
+/// per row into `rows`; as an in-place op, each row then turned into its gradient.
+struct RowScoresCpu {
+    targets: Vec<u32>,
+    s: f32,
+    want_entropy: bool,
+    rows: std::sync::Mutex<Vec<(f32, f32)>>,
+}
+
+impl RowScoresCpu {
+    /// Scores of the rows of `logits` (`vocab` wide), which stay as they are.
+    fn score(&self, logits: &[f32], vocab: usize) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        self.check(logits.len(), vocab)?;
+        let rows = logits
+            .par_chunks(vocab)
+            .zip(&self.targets)
+            .map(|(row, &t)| {
+                let m = softmax::max_scaled(row, self.s);
+                let (sum, wsum) = softmax::exp_sums(row, self.s, m, None, self.want_entropy);
+                self.row(m, sum, wsum, row[t as usize] * self.s)
+            })
+            .collect();
+        self.keep(rows)
+    }
+
+    /// Scores of the rows of `buf` (`vocab` wide), each row then turned into its gradient
+    /// `(softmax - onehot) s`.
+    fn score_in_place(&self, buf: &mut [f32], vocab: usize) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        self.check(buf.len(), vocab)?;
+        let rows = buf
+            .par_chunks_mut(vocab)
+            .zip(&self.targets)
+            .map(|(row, &t)| {
+                let (s, t) = (self.s, t as usize);
+                let (m, zt) = (softmax::max_scaled(row, s), row[t] * s);
+                let (sum, wsum) = softmax::exp_sums_in_place(row, s, m, self.want_entropy);
+                // exp(z - m) / sum = softmax; minus the one-hot; times the scale.
+                let r = s / sum;
+                row.iter_mut().for_each(|dj| *dj *= r);
+                row[t] -= s;
+                self.row(m, sum, wsum, zt)
+            })
+            .collect();
+        self.keep(rows)
+    }
+
+    fn check(&self, len: usize, vocab: usize) -> candle_core::Result<()> {
+        if len != self.targets.len() * vocab || self.targets.iter().any(|&t| t as usize >= vocab) {
+            candle_core::bail!(
+                "cross-entropy: {} targets for {len} logits of a {vocab} vocabulary",
+                self.targets.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// (nll, entropy) of a row from its max m, sums of exponentials and scaled target logit.
+    fn row(&self, m: f32, sum: f32, wsum: f32, zt: f32) -> (f32, f32) {
+        let lse = m + sum.ln();
+        (lse - zt, if self.want_entropy { lse - wsum / sum } else { 0.0 })
+    }
+
+    fn keep(&self, rows: Vec<(f32, f32)>) -> candle_core::Result<()> {
+        *self.rows.lock().map_err(|_| candle_core::Error::Msg("cross-entropy: a row task panicked".into()))? = rows;
+        Ok(())
+    }
+}
+
+impl InplaceOp1 for RowScoresCpu {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(v), Some((o1, o2))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("cross-entropy: contiguous f32 logits expected")
+        };
+        self.score_in_place(&mut v[o1..o2], layout.dims()[1])
+    }
 }
 
 /// `token_scores` from tensor ops (the GPU, bf16), in f32.
@@ -305,10 +378,14 @@ mod tests {
             &[rand(&[3, cols], 22)],
         );
         let logits = (rand(&[5, 10], 20) * 4.0).unwrap();
-        let a = token_scores(&logits, &targets, 1.0, true, false).unwrap();
+        // A copy of its own: the CPU form writes the gradient over the logits it is given.
+        let a = token_scores(logits.copy().unwrap(), &targets, 1.0, true, false).unwrap();
         let b = token_scores_tensors(&logits, &targets, 1.0, true, false).unwrap();
         let (sa, sb) = (a.nll.sum_all().unwrap(), b.nll.sum_all().unwrap());
         assert!(max_diff(&sa, &sb) < 1e-4 && max_diff(&a.grad.unwrap(), &b.grad.unwrap()) < 1e-6);
+        // Without a gradient the logits are only read, and the scores are the same.
+        let c = token_scores(logits.clone(), &targets, 1.0, false, false).unwrap();
+        assert!(c.grad.is_none() && max_diff(&c.nll, &a.nll) == 0.0);
     }
 
     #[test]
@@ -334,9 +411,12 @@ mod tests {
         assert!(max_diff(&entropy, &want) < 1e-5, "entropy differs by {}", max_diff(&entropy, &want));
         // The CPU rows and the tensor-op form (the GPU's) agree at a temperature too.
         let logits = (rand(&[5, 10], 30) * 4.0).unwrap();
-        let a = token_scores(&logits, &targets, temp, true, true).unwrap();
+        let a = token_scores(logits.copy().unwrap(), &targets, temp, true, true).unwrap();
         let b = token_scores_tensors(&logits, &targets, temp, true, true).unwrap();
         assert!(max_diff(&a.nll, &b.nll) < 1e-5 && max_diff(&a.grad.unwrap(), &b.grad.unwrap()) < 1e-6);
-        assert!(max_diff(&a.entropy.unwrap(), &b.entropy.unwrap()) < 1e-5);
+        let entropy_a = a.entropy.unwrap();
+        assert!(max_diff(&entropy_a, &b.entropy.unwrap()) < 1e-5);
+        let c = token_scores(logits, &targets, temp, false, true).unwrap();
+        assert!(max_diff(&c.nll, &a.nll) == 0.0 && max_diff(&c.entropy.unwrap(), &entropy_a) == 0.0);
     }
 }

@@ -65,9 +65,14 @@ impl Layer {
     }
 }
 
-/// Rows of logits computed at a time by the loss head ([rows, vocab] in f32, with its gradient:
-/// 2 x 25 MB for a 49k vocabulary); large enough for the GEMM to run at full speed.
-pub const LOGITS_CHUNK: usize = 128;
+/// Rows of logits computed at a time by the loss head on the CPU ([rows, vocab] in f32, the
+/// gradient written over them: 50 MB for a 49k vocabulary). Every chunk's two products pack the
+/// whole head weight again: at 128 rows they ran at 200 GFLOP/s, at 256 at 240-255, near the
+/// projections' speed (`cargo bench --bench kernels`, "Loss head by chunks of rows").
+pub const LOGITS_CHUNK: usize = 256;
+
+/// A GPU's chunks are this many times larger (fewer kernel launches; the memory is there).
+const GPU_CHUNK_FACTOR: usize = 4;
 
 pub struct Model {
     pub config: ModelConfig,
@@ -429,7 +434,7 @@ impl Model {
         entropy: bool,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let sel = h.index_select(&batch.loss_positions, 0)?;
-        let chunk = if self.device.is_cpu() { LOGITS_CHUNK } else { LOGITS_CHUNK * 8 };
+        let chunk = if self.device.is_cpu() { LOGITS_CHUNK } else { LOGITS_CHUNK * GPU_CHUNK_FACTOR };
         head::linear_log_probs(&sel, &self.lm_head, &batch.loss_targets, temperature, chunk, entropy)
     }
 
@@ -440,8 +445,7 @@ impl Model {
             return Tensor::zeros((), DType::F32, &self.device);
         }
         let sel = h.index_select(&batch.loss_positions, 0)?;
-        // A GPU has the memory for 8x larger chunks, and launches fewer kernels with them.
-        let chunk = if self.device.is_cpu() { chunk } else { chunk * 8 };
+        let chunk = if self.device.is_cpu() { chunk } else { chunk * GPU_CHUNK_FACTOR };
         head::linear_cross_entropy(&sel, &self.lm_head, &batch.loss_targets, chunk)
     }
 }
