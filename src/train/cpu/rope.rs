@@ -15,7 +15,7 @@ pub fn rotate(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, back
     let row = heads * hd;
     assert!(hd % 2 == 0 && x.len() % row.max(1) == 0 && cos.len() * heads == x.len() && sin.len() == cos.len());
     let half = hd / 2;
-    let mut y = vec![0f32; x.len()];
+    let mut y = super::output_buffer(x.len());
     y.par_chunks_mut(row * TOKENS)
         .zip(x.par_chunks(row * TOKENS))
         .zip(cos.par_chunks(hd * TOKENS).zip(sin.par_chunks(hd * TOKENS)))

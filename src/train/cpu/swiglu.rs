@@ -10,7 +10,7 @@ const CHUNK: usize = 16 * 1024;
 /// `silu(g) * u`.
 pub fn forward(g: &[f32], u: &[f32]) -> Vec<f32> {
     assert_eq!(g.len(), u.len());
-    let mut y = vec![0f32; g.len()];
+    let mut y = super::output_buffer(g.len());
     y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
         let mut head = 0;
         #[cfg(target_arch = "x86_64")]
@@ -30,7 +30,7 @@ pub fn forward(g: &[f32], u: &[f32]) -> Vec<f32> {
 /// `du = dy * g * s`, `dg = dy * u * s * (1 + g * (1 - s))` with `s = sigmoid(g)`.
 pub fn backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     assert!(g.len() == u.len() && g.len() == dy.len());
-    let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+    let (mut dg, mut du) = (super::output_buffer(g.len()), super::output_buffer(g.len()));
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))

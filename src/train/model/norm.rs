@@ -4,7 +4,8 @@
 //! On the CPU in f32 one fused pass forward and backward; elsewhere basic ops outside the graph and
 //! the same backward attached.
 
-use crate::train::graph::{attached_forward, contiguous_f32};
+use crate::train::cpu::output_buffer;
+use crate::train::graph::{attached_forward, contiguous_f32, with_cpu_f32};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
 /// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
@@ -63,7 +64,7 @@ impl CustomOp1 for RmsNormOp {
         use rayon::prelude::*;
         let h = self.w.len();
         let x = contiguous_f32(s, l, "rms-norm")?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         out.par_chunks_mut(h.max(1) * 64).zip(x.par_chunks(h.max(1) * 64)).for_each(|(o, xs)| {
             for (orow, row) in o.chunks_mut(h).zip(xs.chunks(h)) {
                 let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
@@ -79,20 +80,24 @@ impl CustomOp1 for RmsNormOp {
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         use rayon::prelude::*;
         let h = self.w.len();
-        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let gv = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut d = vec![0f32; xv.len()];
-        d.par_chunks_mut(h * 64).zip(xv.par_chunks(h * 64).zip(gv.par_chunks(h * 64))).for_each(|(dd, (xs, gs))| {
-            for ((drow, row), grow) in dd.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
-                let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                let dot: f32 = row.iter().zip(grow).zip(&self.w).map(|((x, g), w)| x * g * w).sum();
-                let k = r * r * r * dot / h as f32;
-                for (((dj, &xj), &gj), &wj) in drow.iter_mut().zip(row).zip(grow).zip(&self.w) {
-                    *dj = r * wj * gj - xj * k;
-                }
-            }
-        });
+        let d = with_cpu_f32(&[x, dy], |t| {
+            let (xv, gv) = (t[0], t[1]);
+            let mut d = output_buffer(xv.len());
+            d.par_chunks_mut(h * 64).zip(xv.par_chunks(h * 64).zip(gv.par_chunks(h * 64))).for_each(
+                |(dd, (xs, gs))| {
+                    for ((drow, row), grow) in dd.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
+                        let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                        let r = 1.0 / (ms + self.eps).sqrt();
+                        let dot: f32 = row.iter().zip(grow).zip(&self.w).map(|((x, g), w)| x * g * w).sum();
+                        let k = r * r * r * dot / h as f32;
+                        for (((dj, &xj), &gj), &wj) in drow.iter_mut().zip(row).zip(grow).zip(&self.w) {
+                            *dj = r * wj * gj - xj * k;
+                        }
+                    }
+                },
+            );
+            d
+        })?;
         Ok(Some(Tensor::from_vec(d, x.shape(), x.device())?))
     }
 }
