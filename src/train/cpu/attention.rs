@@ -74,14 +74,16 @@ fn head_blocks(heads: usize, nb: usize) -> Vec<(usize, usize)> {
 }
 
 /// The forward of segment `s`: its rows of `y` [T, hq * d] (every head) and its probabilities
-/// [hq, len, len], returned; what lies above the diagonal blocks is left zero and never read.
+/// [hq, len, len], returned; what lies above the diagonal blocks is left unwritten and never read.
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Heads, s: Segment, scale: f32, y: &mut [f32]) -> Vec<f32> {
     let Heads { hq, hkv, d } = dims;
     let (len, group) = (s.len, hq / hkv);
     let (rq, rk) = (hq * d, hkv * d);
     assert!(q.len() >= (s.start + len) * rq && k.len() >= (s.start + len) * rk && v.len() == k.len());
     assert!(y.len() >= (s.start + len) * rq, "y holds the segment's rows");
-    let mut probs = vec![0f32; hq * len * len];
+    // Not zero-filled (9 MB a layer at SmolLM2 shapes): every entry the backward reads is written
+    // below, the keys after a query inside its block as zeros.
+    let mut probs = super::output_buffer(hq * len * len);
     let (p, out) = (Shared(probs.as_mut_ptr()), Shared(y.as_mut_ptr()));
     let bl = blocks(len);
     head_blocks(hq, bl.len()).into_par_iter().for_each(|(h, b)| {
