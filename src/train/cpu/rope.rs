@@ -13,7 +13,12 @@ const TOKENS: usize = 16;
 /// The rotation of x [T, heads, hd] (`backward = false`) or its transpose applied to dy.
 pub fn rotate(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, backward: bool) -> Vec<f32> {
     let row = heads * hd;
-    assert!(hd % 2 == 0 && x.len() % row.max(1) == 0 && cos.len() * heads == x.len() && sin.len() == cos.len());
+    assert!(
+        hd.is_multiple_of(2)
+            && x.len().is_multiple_of(row.max(1))
+            && cos.len() * heads == x.len()
+            && sin.len() == cos.len()
+    );
     let half = hd / 2;
     let mut y = super::output_buffer(x.len());
     y.par_chunks_mut(row * TOKENS)
