@@ -94,6 +94,11 @@ fn lora_products(dev: &Device) {
     println!("LoRA's rank-8 products of one backward (gate_proj: 512 tokens, 576 -> 1536)");
     run("du = dy B [512x1536 . 1536x8]", &|| dy.matmul(&b).unwrap(), flops);
     run("db = dy^T u [1536x512 . 512x8]", &|| dy.t().unwrap().matmul(&u).unwrap(), flops);
+    let (dyv, bv, uv) = (flat(&dy), flat(&b), flat(&u));
+    let s = time(20, || {
+        std::hint::black_box(tunekit::train::cpu::lora::output_grads(&dyv, &bv, &uv, t, out, r, 2.0));
+    });
+    println!("  {:28} {:.3} ms  {:.1} GFLOP/s", "du and db in one pass (cpu::lora)", s * 1e3, 2.0 * flops / s / 1e9);
     let fl_in = 2.0 * (t * inp * r) as f64;
     run("da = du^T x [8x512 . 512x576]", &|| u.t().unwrap().matmul(&x).unwrap(), fl_in);
     run("dx = du A [512x8 . 8x576]", &|| u.matmul(&a).unwrap(), fl_in);
@@ -122,6 +127,10 @@ fn head_chunks(dev: &Device) {
             );
         }
     }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 /// The projections that read the same input (q, k, v; gate, up) as separate GEMMs and as one over

@@ -7,7 +7,8 @@
 use crate::split::SplitMix64;
 use crate::train::cpu::few_rows;
 use crate::train::cpu::gemm::AddProduct;
-use crate::train::graph::{attached_forward, recording, BaseOp};
+use crate::train::cpu::lora as lora_kernel;
+use crate::train::graph::{attached_forward, recording, with_cpu_f32, BaseOp};
 use anyhow::Result;
 use candle_core::{CustomOp3, DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,19 @@ fn in_place(t: &Tensor, rows: usize) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && rows > few_rows::MAX_ROWS
 }
 
+/// `du = s dy B` [T, r] and `db = s dy^T u` [out, r] by the one-pass CPU kernel (`cpu::lora`), where
+/// it applies: f32 on the CPU, dy [T, out] with more than decoding's few rows, a rank it has.
+fn output_grads(dy: &Tensor, b: &Tensor, u: &Tensor, scale: f64) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    let (t, out) = dy.dims2()?;
+    let r = b.dim(1)?;
+    if !(dy.device().is_cpu() && dy.dtype() == DType::F32 && u.dtype() == DType::F32 && t > few_rows::MAX_ROWS) {
+        return Ok(None);
+    }
+    let grads = with_cpu_f32(&[dy, b, u], |x| lora_kernel::output_grads(x[0], x[1], x[2], t, out, r, scale as f32))?;
+    let dev = dy.device();
+    grads.map(|(du, db)| Ok((Tensor::from_vec(du, (t, r), dev)?, Tensor::from_vec(db, (out, r), dev)?))).transpose()
+}
+
 /// `y = base(x) + s * (mask ⊙ x) A^T B^T` over (x, A, B); `u = (mask ⊙ x) A^T` [T, r] is kept.
 struct LoraLinearFn {
     base: BaseOp,
@@ -100,8 +114,13 @@ impl CustomOp3 for LoraLinearFn {
         let (x, a, b) = (&x.detach(), a.detach(), b.detach());
         let dx_base = self.base.bwd(x, y, dy)?.expect("a base op gives the input gradient");
         let dy32 = dy.to_dtype(DType::F32)?;
-        let du = dy32.matmul(&(b * self.scale)?)?; // [T, r]
-        let db = (dy32.t()?.matmul(&self.u)? * self.scale)?; // [out, r]
+        let (du, db) = match output_grads(&dy32, &b, &self.u, self.scale)? {
+            Some(grads) => grads,
+            None => (
+                dy32.matmul(&(&b * self.scale)?)?,          // [T, r]
+                (dy32.t()?.matmul(&self.u)? * self.scale)?, // [out, r]
+            ),
+        };
         let mut xin = x.to_dtype(DType::F32)?;
         if let Some(m) = &self.mask {
             xin = (xin * m)?;
@@ -210,6 +229,29 @@ mod tests {
             },
             &[rand(&[40, 6], 41), rand(&[2, 6], 42), rand(&[9, 2], 43)],
         );
+    }
+
+    #[test]
+    fn rank_8_and_16_gradients_by_the_cpu_kernel_match_the_graph() {
+        // Ranks the one-pass kernel takes, over 70 rows (a parallel chunk and a tail), with dropout.
+        let w = rand(&[9, 6], 50);
+        let base: BaseOp = Arc::new(Box::new(crate::train::graph::FrozenMatmul { w: w.clone() }));
+        let mask = (rand(&[70, 6], 51).ge(0.0).unwrap().to_dtype(DType::F32).unwrap() * 2.0).unwrap();
+        for (r, m) in [(8, None), (16, Some(mask))] {
+            same_as_graph(
+                |t| lora_linear(&t[0], &t[0], base.clone(), None, (&t[1], &t[2], 0.7), m.clone()).unwrap(),
+                |t| {
+                    let y = t[0].matmul(&w.t().unwrap()).unwrap();
+                    let xin = match &m {
+                        Some(m) => (&t[0] * m).unwrap(),
+                        None => t[0].clone(),
+                    };
+                    let d = xin.matmul(&t[1].t().unwrap()).unwrap().matmul(&t[2].t().unwrap()).unwrap();
+                    (y + (d * 0.7).unwrap()).unwrap()
+                },
+                &[rand(&[70, 6], 52), rand(&[r, 6], 53), rand(&[9, r], 54)],
+            );
+        }
     }
 
     #[test]

@@ -3,13 +3,15 @@
 //! few rows with a frozen weight ([`few_rows`]), which decoding calls once per token for every layer
 //! and the vocabulary projection (a GEMM packs the whole weight on every such call), and the
 //! softmax statistics of the loss head's rows over the vocabulary ([`softmax`]; libm's scalar
-//! `expf` took a tenth of a GRPO step), SwiGLU and rotary embeddings with their backward in one pass ([`swiglu`], [`rope`]), and
+//! `expf` took a tenth of a GRPO step), SwiGLU and rotary embeddings with their backward in one pass ([`swiglu`], [`rope`]), LoRA's
+//! output-side backward products in one pass over the output gradient ([`lora`]), and
 //! products that accumulate in place ([`gemm`]: LoRA's low-rank term onto the frozen product). Kernels are compiled for AVX2 + FMA and chosen at run time
 //! when the CPU has them; portable code otherwise.
 
 pub mod attention;
 pub mod few_rows;
 pub mod gemm;
+pub mod lora;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;
