@@ -41,8 +41,7 @@ fn grads<const R: usize>(
     avx2: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     assert!(dy.len() == t * out && b.len() == out * R && u.len() == t * R, "LoRA gradient shapes");
-    let (b, _) = b.as_chunks::<R>();
-    let (u, _) = u.as_chunks::<R>();
+    let x = Inputs { dy, b: b.as_chunks::<R>().0, u: u.as_chunks::<R>().0, out };
     let mut du = vec![[0f32; R]; t];
     let partials: Vec<Vec<[f32; R]>> = du
         .par_chunks_mut(CHUNK)
@@ -52,10 +51,10 @@ fn grads<const R: usize>(
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: `avx2` is only true where the CPU has AVX2 and FMA (`output_grads` checks).
-                unsafe { chunk_avx2(dy, b, u, c * CHUNK, out, du, &mut db) };
+                unsafe { chunk_avx2(&x, c * CHUNK, du, &mut db) };
                 return db;
             }
-            chunk::<R, false>(dy, b, u, c * CHUNK, out, du, &mut db);
+            chunk::<R, false>(&x, c * CHUNK, du, &mut db);
             db
         })
         .collect();
@@ -71,24 +70,24 @@ fn grads<const R: usize>(
     (scaled(du), scaled(db))
 }
 
+/// The operands every task reads: dy [T, out], B [out, R] and u [T, R] by rows.
+struct Inputs<'a, const R: usize> {
+    dy: &'a [f32],
+    b: &'a [[f32; R]],
+    u: &'a [[f32; R]],
+    out: usize,
+}
+
 /// The rows of dy from `t0` on that `du` holds: blocks of `ROWS`, then one at a time.
 #[inline(always)]
-fn chunk<const R: usize, const FMA: bool>(
-    dy: &[f32],
-    b: &[[f32; R]],
-    u: &[[f32; R]],
-    t0: usize,
-    out: usize,
-    du: &mut [[f32; R]],
-    db: &mut [[f32; R]],
-) {
+fn chunk<const R: usize, const FMA: bool>(x: &Inputs<R>, t0: usize, du: &mut [[f32; R]], db: &mut [[f32; R]]) {
     let mut i = 0;
     while i + ROWS <= du.len() {
-        block::<R, ROWS, FMA>(dy, b, u, t0 + i, out, &mut du[i..i + ROWS], db);
+        block::<R, ROWS, FMA>(x, t0 + i, &mut du[i..i + ROWS], db);
         i += ROWS;
     }
     while i < du.len() {
-        block::<R, 1, FMA>(dy, b, u, t0 + i, out, &mut du[i..i + 1], db);
+        block::<R, 1, FMA>(x, t0 + i, &mut du[i..i + 1], db);
         i += 1;
     }
 }
@@ -96,34 +95,24 @@ fn chunk<const R: usize, const FMA: bool>(
 /// [`chunk`] compiled for AVX2 + FMA (the rank's lanes as 256-bit vectors).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn chunk_avx2<const R: usize>(
-    dy: &[f32],
-    b: &[[f32; R]],
-    u: &[[f32; R]],
-    t0: usize,
-    out: usize,
-    du: &mut [[f32; R]],
-    db: &mut [[f32; R]],
-) {
-    chunk::<R, true>(dy, b, u, t0, out, du, db)
+unsafe fn chunk_avx2<const R: usize>(x: &Inputs<R>, t0: usize, du: &mut [[f32; R]], db: &mut [[f32; R]]) {
+    chunk::<R, true>(x, t0, du, db)
 }
 
 /// N rows of dy from row `r0`: their rows of du (unscaled) and their terms added into db.
 #[inline(always)]
 fn block<const R: usize, const N: usize, const FMA: bool>(
-    dy: &[f32],
-    b: &[[f32; R]],
-    u: &[[f32; R]],
+    x: &Inputs<R>,
     r0: usize,
-    out: usize,
     du: &mut [[f32; R]],
     db: &mut [[f32; R]],
 ) {
+    let out = x.out;
     let mut acc = [[0f32; R]; N];
-    let uu: [[f32; R]; N] = std::array::from_fn(|i| u[r0 + i]);
-    let rows: [&[f32]; N] = std::array::from_fn(|i| &dy[(r0 + i) * out..(r0 + i + 1) * out]);
+    let uu: [[f32; R]; N] = std::array::from_fn(|i| x.u[r0 + i]);
+    let rows: [&[f32]; N] = std::array::from_fn(|i| &x.dy[(r0 + i) * out..(r0 + i + 1) * out]);
     for o in 0..out {
-        let bo = b[o];
+        let bo = x.b[o];
         let mut dbo = db[o];
         for i in 0..N {
             let d = rows[i][o];
