@@ -146,7 +146,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     // The other ranks may be waiting in a collective: stop them all.
                     eprintln!("error: rank {} of {}: {e:#}", world.rank, world.size);
                     world.abort(1);
-                    return Err(e);
+                    return Ok(ExitCode::from(1)); // said once, with the rank
                 }
                 Err(e) => return Err(e),
             }

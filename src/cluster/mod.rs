@@ -1,12 +1,16 @@
 //! The processes of one job and what they do together. [`launch`] reads where this process sits
 //! from its launcher's environment (training under torchrun, srun or mpirun; data preparation as an
 //! array task). [`World`] is the data-parallel group a training run joins: one process by default,
-//! or every rank of an `mpirun`/`srun` job when built with `--features mpi`, with the collectives
-//! the trainer needs (sums of gradients and counts, a gather to check the ranks agree).
+//! every rank of an `mpirun`/`srun` job on CPUs (`--features mpi`), or every rank of a `torchrun`/
+//! `srun` job on GPUs (`--features nccl`), with the collectives the trainer needs (sums of gradients
+//! and counts, a gather to check the ranks agree).
 
 pub mod launch;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
+pub mod rendezvous;
 
 use anyhow::{bail, Result};
 use launch::Launch;
@@ -18,7 +22,7 @@ pub struct World {
     pub rank: usize,
     pub size: usize,
     pub launch: Launch,
-    /// "single" or "mpi".
+    /// "single", "mpi" or "nccl".
     pub backend: &'static str,
 }
 
@@ -36,12 +40,62 @@ pub struct Membership {
     _mpi: Option<mpi::Session>,
 }
 
+/// The backend a job of more than one rank uses: `TUNEKIT_BACKEND` (mpi or nccl) when set; else
+/// MPI under mpirun, NCCL under torchrun, and under srun NCCL when this build has it.
+pub fn backend_for(launch: &Launch, wanted: Option<&str>) -> Result<&'static str> {
+    let (mpi, nccl) = (cfg!(feature = "mpi"), cfg!(feature = "nccl"));
+    let missing = |b: &str, feature: &str| {
+        anyhow::anyhow!(
+            "{} started {} ranks for the {b} backend, but this tunekit was built without it: rebuild with \
+             `--features {feature}` ({})",
+            launch.launcher,
+            launch.world_size,
+            if feature == "mpi" {
+                "CPU, Open MPI; launch with mpirun or srun"
+            } else {
+                "GPU; launch with torchrun or srun"
+            }
+        )
+    };
+    match wanted.unwrap_or("") {
+        "mpi" => return if mpi { Ok("mpi") } else { Err(missing("MPI", "mpi")) },
+        "nccl" => return if nccl { Ok("nccl") } else { Err(missing("NCCL", "nccl")) },
+        "" => {}
+        other => bail!("TUNEKIT_BACKEND={other}: use mpi (CPUs) or nccl (GPUs)"),
+    }
+    Ok(match launch.launcher {
+        "mpirun" if mpi => "mpi",
+        "torchrun" if nccl => "nccl",
+        "torchrun" => bail!(
+            "torchrun started {} ranks, but this tunekit has no NCCL backend: rebuild with `--features nccl` \
+             (GPU), or launch CPU ranks with mpirun (`--features mpi`)",
+            launch.world_size
+        ),
+        _ if nccl => "nccl",
+        _ if mpi => "mpi",
+        _ => bail!(
+            "{} started {} ranks, but this tunekit has no data-parallel backend: build it with `--features mpi` \
+             (CPU, Open MPI; launch with mpirun or srun) or `--features nccl` (GPU; torchrun or srun)",
+            launch.launcher,
+            launch.world_size
+        ),
+    })
+}
+
 /// Joins the group the launcher started: with one process (no launcher, or a world of 1) nothing
-/// is joined; with more, the MPI world (`--features mpi`), which must agree with the launcher.
+/// is joined; with more, the MPI world (`--features mpi`), which must agree with the launcher, or
+/// the NCCL group (`--features nccl`), whose communicator is made when the model is placed on the
+/// rank's GPU ([`World::attach`]).
 pub fn join() -> Result<Membership> {
     let launch = Launch::from_env()?;
+    let wanted = std::env::var("TUNEKIT_BACKEND").ok().filter(|b| !b.is_empty());
+    let backend = match (launch.world_size, wanted.as_deref()) {
+        (1, None) => "single",
+        // TUNEKIT_BACKEND=nccl with one rank runs the backend's code path alone (a check of it).
+        (_, wanted) => backend_for(&launch, wanted)?,
+    };
     #[cfg(feature = "mpi")]
-    if launch.world_size > 1 {
+    if backend == "mpi" {
         let (session, rank, size) = mpi::init()?;
         if (rank, size) != (launch.rank, launch.world_size) {
             bail!(
@@ -55,13 +109,9 @@ pub fn join() -> Result<Membership> {
         let _ = WORLD.set(World { rank, size, launch, backend: "mpi" });
         return Ok(Membership { _mpi: Some(session) });
     }
-    if launch.world_size > 1 {
-        bail!(
-            "{} started {} ranks, but this tunekit has no data-parallel backend: build it with `--features mpi` \
-             (CPU, Open MPI) and launch with mpirun or srun",
-            launch.launcher,
-            launch.world_size
-        );
+    if backend == "nccl" {
+        // The communicator waits for the rank's GPU (World::attach).
+        let _ = WORLD.set(World { rank: launch.rank, size: launch.world_size, launch, backend });
     }
     Ok(Membership {
         #[cfg(feature = "mpi")]
@@ -75,24 +125,64 @@ impl World {
         self.rank == 0
     }
 
+    /// Whether steps are summed through a backend (more than one rank, or one asked for by name).
+    pub fn distributed(&self) -> bool {
+        self.backend != "single"
+    }
+
+    /// Readies the group for the device the model was placed on: for NCCL, makes this rank's
+    /// communicator on that GPU (every rank must call it); nothing for the other backends.
+    pub fn attach(&self, device: &candle_core::Device) -> Result<()> {
+        if self.backend != "nccl" {
+            return Ok(());
+        }
+        match device {
+            #[cfg(feature = "nccl")]
+            candle_core::Device::Cuda(d) => nccl::connect(d, &self.launch),
+            _ => bail!(
+                "the NCCL backend trains on GPUs, but this rank's model is on the CPU: leave --device at auto \
+                 (each rank takes the GPU of its LOCAL_RANK), or train on CPUs with mpirun (`--features mpi`)"
+            ),
+        }
+    }
+
     /// Element-wise sum over the ranks, in place on every rank.
     pub fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        #[cfg(feature = "mpi")]
-        if self.backend == "mpi" {
-            return mpi::sum_f32(buf);
+        let _ = &buf; // one rank: the sum is the buffer
+        match self.backend {
+            #[cfg(feature = "mpi")]
+            "mpi" => mpi::sum_f32(buf),
+            #[cfg(feature = "nccl")]
+            "nccl" => nccl::sum_f32(buf),
+            _ => Ok(()),
         }
-        let _ = buf; // one rank: the sum is the buffer
-        Ok(())
     }
 
     /// Element-wise sum over the ranks of counts and losses, in place on every rank.
     pub fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        #[cfg(feature = "mpi")]
-        if self.backend == "mpi" {
-            return mpi::sum_f64(buf);
+        let _ = &buf; // one rank: the sum is the buffer
+        match self.backend {
+            #[cfg(feature = "mpi")]
+            "mpi" => mpi::sum_f64(buf),
+            #[cfg(feature = "nccl")]
+            "nccl" => nccl::sum_f64(buf),
+            _ => Ok(()),
         }
-        let _ = buf; // one rank: the sum is the buffer
-        Ok(())
+    }
+
+    /// The element-wise sum over the ranks of an f32 tensor (the step's gradients, flat): on the GPU
+    /// with NCCL, through host memory with MPI.
+    pub fn sum_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        match self.backend {
+            #[cfg(feature = "nccl")]
+            "nccl" => nccl::sum_tensor(t),
+            "single" => Ok(t.clone()),
+            _ => {
+                let mut flat = t.flatten_all()?.to_vec1::<f32>()?;
+                self.sum_f32(&mut flat)?;
+                Ok(candle_core::Tensor::from_vec(flat, t.dims(), t.device())?)
+            }
+        }
     }
 
     /// Every rank's `value`, by rank.
@@ -100,6 +190,8 @@ impl World {
         match self.backend {
             #[cfg(feature = "mpi")]
             "mpi" => mpi::gather_u64(value, self.size),
+            #[cfg(feature = "nccl")]
+            "nccl" => nccl::gather_u64(value, self.size),
             _ => Ok(vec![value]),
         }
     }
@@ -109,6 +201,8 @@ impl World {
         match self.backend {
             #[cfg(feature = "mpi")]
             "mpi" => mpi::gather_bytes(bytes, self.size),
+            #[cfg(feature = "nccl")]
+            "nccl" => nccl::gather_bytes(bytes, self.size),
             _ => Ok(vec![bytes.to_vec()]),
         }
     }
@@ -127,12 +221,17 @@ impl World {
         all.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
     }
 
-    /// Every rank stops with `code` (MPI_Abort): a rank that failed does not leave the others
-    /// waiting in a collective.
+    /// A rank that failed does not leave the others waiting in a collective: with MPI every rank
+    /// stops with `code` (MPI_Abort); with NCCL this rank's communicator is aborted, so its peers'
+    /// collectives fail (and the launcher, seeing this rank exit, stops the rest).
     pub fn abort(&self, code: i32) {
         #[cfg(feature = "mpi")]
         if self.backend == "mpi" {
             mpi::abort(code);
+        }
+        #[cfg(feature = "nccl")]
+        if self.backend == "nccl" {
+            nccl::abort();
         }
         let _ = code;
     }
@@ -151,5 +250,38 @@ impl World {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launched(launcher: &'static str) -> Launch {
+        Launch { rank: 0, world_size: 2, local_rank: 0, launcher, master: None }
+    }
+
+    #[test]
+    fn each_launcher_gets_the_backend_its_build_has_or_a_message_naming_the_feature() {
+        let (mpi, nccl) = (cfg!(feature = "mpi"), cfg!(feature = "nccl"));
+        for l in ["mpirun", "torchrun", "slurm"] {
+            let got = backend_for(&launched(l), None);
+            match (l, mpi, nccl) {
+                ("mpirun", true, _) => assert_eq!(got.unwrap(), "mpi"),
+                ("torchrun", _, true) | (_, _, true) => assert_eq!(got.unwrap(), "nccl"),
+                ("torchrun", _, false) => {
+                    assert!(got.unwrap_err().to_string().contains("--features nccl"), "{l}")
+                }
+                (_, true, false) => assert_eq!(got.unwrap(), "mpi"),
+                _ => assert!(got.unwrap_err().to_string().contains("--features mpi"), "{l}"),
+            }
+        }
+        let named = backend_for(&launched("slurm"), Some("nccl"));
+        assert_eq!(named.is_ok(), nccl, "{named:?}");
+        if !nccl {
+            assert!(named.unwrap_err().to_string().contains("rebuild with `--features nccl`"));
+        }
+        let e = backend_for(&launched("slurm"), Some("gloo")).unwrap_err().to_string();
+        assert!(e.contains("use mpi (CPUs) or nccl (GPUs)"), "{e}");
     }
 }

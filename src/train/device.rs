@@ -5,18 +5,22 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
-/// `--device auto|cpu|cuda|cuda:N` and `--dtype auto|f32|bf16`, resolved. `auto` picks the first GPU
-/// when the binary is built with CUDA and one is present, else the CPU; bf16 on a GPU, f32 on the CPU.
+/// `--device auto|cpu|cuda|cuda:N` and `--dtype auto|f32|bf16`, resolved. `auto` picks a GPU when
+/// the binary is built with CUDA and one is present, else the CPU; bf16 on a GPU, f32 on the CPU.
+/// `auto` and `cuda` take the first GPU, or in a data-parallel job the rank's own: its local rank
+/// among the GPUs it sees (one each when the launcher hides the others).
 pub fn select(device: &str, dtype: &str) -> Result<(Device, DType)> {
+    let own = own_gpu();
     let dev = match device {
-        "auto" => gpu(0).unwrap_or(Device::Cpu),
+        "auto" => gpu(own).unwrap_or(Device::Cpu),
         "cpu" => Device::Cpu,
         d if d == "cuda" || d.starts_with("cuda:") => {
-            let n: usize = d
-                .strip_prefix("cuda:")
-                .unwrap_or("0")
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--device {d}: expected cuda or cuda:N with N the GPU's index"))?;
+            let n: usize = match d.strip_prefix("cuda:") {
+                None => own,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--device {d}: expected cuda or cuda:N with N the GPU's index"))?,
+            };
             match gpu(n) {
                 Some(g) => g,
                 None if cfg!(feature = "cuda") => bail!("--device {d}: no usable NVIDIA GPU with index {n} was found"),
@@ -35,6 +39,22 @@ pub fn select(device: &str, dtype: &str) -> Result<(Device, DType)> {
         (other, _) => bail!("--dtype {other}: use auto, f32 or bf16"),
     };
     Ok((dev, dt))
+}
+
+/// The GPU of this rank: its local rank, modulo the GPUs this process sees.
+fn own_gpu() -> usize {
+    let world = crate::cluster::world();
+    if world.size == 1 {
+        return 0;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        let seen = CudaContext::device_count().ok().filter(|&n| n > 0).unwrap_or(1) as usize;
+        world.launch.local_rank % seen
+    }
+    #[cfg(not(feature = "cuda"))]
+    world.launch.local_rank
 }
 
 #[cfg(feature = "cuda")]

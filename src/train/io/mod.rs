@@ -70,6 +70,7 @@ pub struct Placement {
 /// adapter from `adapter`. The heap the load's temporaries used is handed back afterwards.
 pub fn load_model(path: &Path, adapter: Option<&Path>, place: &Placement) -> Result<Model> {
     let (device, dtype) = crate::train::device::select(&place.device, &place.dtype)?;
+    crate::cluster::world().attach(&device)?;
     let mut base = load_base(path, &Device::Cpu, place.qlora.as_deref())?;
     if place.qlora_embeddings {
         if place.qlora.is_none() {

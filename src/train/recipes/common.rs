@@ -286,17 +286,20 @@ fn sum_over_ranks(world: &crate::cluster::World, s: &mut Step, vars: &[Var]) -> 
     if !s.loss.is_finite() {
         return Ok(0.0); // every rank stops on the same sum
     }
-    let mut flat: Vec<f32> = Vec::with_capacity(vars.iter().map(|v| v.elem_count()).sum());
-    for g in &s.grads {
-        flat.extend(g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
-    }
+    let flat: Vec<Tensor> = s
+        .grads
+        .iter()
+        .map(|g| g.flatten_all()?.to_dtype(candle_core::DType::F32))
+        .collect::<candle_core::Result<_>>()?;
+    let flat = Tensor::cat(&flat, 0)?;
+    flat.device().synchronize()?; // on a GPU: time the all-reduce, not the backward still queued
     let t = Instant::now();
-    world.sum_f32(&mut flat)?;
+    let sum = world.sum_tensor(&flat)?;
     let seconds = t.elapsed().as_secs_f64();
     let mut at = 0;
     for (g, v) in s.grads.iter_mut().zip(vars) {
         let n = v.elem_count();
-        *g = Tensor::from_slice(&flat[at..at + n], v.dims(), v.device())?.to_dtype(v.dtype())?;
+        *g = sum.narrow(0, at, n)?.reshape(v.dims())?.to_dtype(v.dtype())?;
         at += n;
     }
     Ok(seconds)
@@ -414,7 +417,7 @@ pub fn drive<R: Recipe>(
     while step < total {
         let t0 = Instant::now();
         let mut s = recipe.step(&t, step)?;
-        let t_reduce = if world.size > 1 { sum_over_ranks(world, &mut s, &t.vars)? } else { 0.0 };
+        let t_reduce = if world.distributed() { sum_over_ranks(world, &mut s, &t.vars)? } else { 0.0 };
         if !s.loss.is_finite() {
             bail!(
                 "step {}: the loss is {}; stopping. The last good checkpoint is kept in {}",
@@ -452,7 +455,7 @@ pub fn drive<R: Recipe>(
         if profile {
             rec["seconds_optimizer"] = json!(t_opt);
         }
-        if world.size > 1 {
+        if world.distributed() {
             rec["seconds_all_reduce"] = json!(t_reduce);
             rec["bytes_all_reduced"] = json!(4 * t.trainable_params());
         }
