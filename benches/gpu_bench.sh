@@ -15,24 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/tunekit-gpu}"; mkdir -p "$OUT"
 W=/tmp/tunekit-gpu-work; rm -rf "$W"; mkdir -p "$W"
-TK="${TUNEKIT:-device/tunekit}"
-if [ -f "$TK.xz" ] && [ ! -x "$TK" ]; then
-  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$TK.xz" "$W/tunekit"
-  chmod +x "$W/tunekit"; TK="$W/tunekit"
-fi
-# cuBLAS, cuRAND, NVRTC and the CUDA runtime from PyTorch's wheels; the driver from the system.
-LIBS=$(python3 - <<'EOF'
-import glob, os, site
-dirs = set()
-for sp in site.getsitepackages():
-    for f in glob.glob(os.path.join(sp, "nvidia", "**", "lib", "lib*.so*"), recursive=True):
-        dirs.add(os.path.dirname(f))
-print(":".join(sorted(dirs)))
-EOF
-)
-export LD_LIBRARY_PATH="$LIBS:${LD_LIBRARY_PATH:-}"
+source benches/gpu_env.sh
 [ -n "${BNB:-}" ] && export PYTHONPATH="$BNB:${PYTHONPATH:-}"
-export PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 STEPS="${STEPS:-20}"
 exec 3>&1  # peak() reports here even when the measured command's stdout goes to a file
