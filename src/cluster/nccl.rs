@@ -36,7 +36,8 @@ fn timeout() -> Duration {
 }
 
 /// Makes this rank's communicator on `device` (every rank calls it; it returns when all have
-/// joined). A second call on the same GPU is a no-op; on another GPU, an error.
+/// joined, or fails after the timeout). A second call on the same GPU is a no-op; on another GPU,
+/// an error.
 pub fn connect(device: &CudaDevice, launch: &Launch) -> Result<()> {
     let stream = device.cuda_stream();
     let ordinal = stream.context().ordinal();
@@ -48,16 +49,34 @@ pub fn connect(device: &CudaDevice, launch: &Launch) -> Result<()> {
     }
     let how = Rendezvous::from_vars(&|k| std::env::var(k).ok(), launch.master.as_deref())?;
     let id = unique_id(&how, launch.rank)?;
-    // NCCL takes the GPU current on the calling thread: make it this rank's.
-    stream.context().bind_to_thread().map_err(cuda_err)?;
-    let comm = Comm::from_rank(stream.clone(), launch.rank, launch.world_size, id).map_err(|e| {
-        anyhow!(
-            "NCCL could not join rank {} of {} on GPU {ordinal} ({e:?}; rendezvous {how:?}): NCCL_DEBUG=INFO says why \
-             (two ranks on one GPU are refused)",
-            launch.rank,
-            launch.world_size
-        )
-    })?;
+    // NCCL's init waits for every rank: one that never comes must not hang the others for ever, so
+    // it runs on a thread of its own, watched.
+    struct Joined(Result<Comm, String>);
+    // SAFETY: the communicator is handed over once, whole, and used by the receiver alone.
+    unsafe impl Send for Joined {}
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (s, rank, size) = (stream.clone(), launch.rank, launch.world_size);
+    std::thread::spawn(move || {
+        // NCCL takes the GPU current on the calling thread: make it this rank's.
+        let joined = match s.context().bind_to_thread() {
+            Ok(()) => Comm::from_rank(s, rank, size, id).map_err(|e| format!("{e:?}")),
+            Err(e) => Err(format!("CUDA: {e:?}")),
+        };
+        let _ = tx.send(Joined(joined));
+    });
+    let limit = timeout();
+    let comm = match rx.recv_timeout(limit) {
+        Ok(Joined(Ok(comm))) => comm,
+        Ok(Joined(Err(e))) => bail!(
+            "NCCL could not join rank {rank} of {size} on GPU {ordinal} ({e}; rendezvous {how:?}): NCCL_DEBUG=INFO \
+             says why (two ranks on one GPU are refused)"
+        ),
+        Err(_) => bail!(
+            "rank {rank} of {size}: not every rank joined NCCL within {} s (TUNEKIT_COLLECTIVE_TIMEOUT): is every \
+             rank started, and can each reach rank 0 at {how:?}?",
+            limit.as_secs()
+        ),
+    };
     let _ = CONNECTION.set(Connection { comm: Mutex::new(Some(comm)), stream, ordinal });
     Ok(())
 }
