@@ -93,7 +93,7 @@ pub enum Command {
     },
     /// Train a LoRA/QLoRA adapter on prepared shards (SFT), or DPO / a reward model on preference
     /// shards; PEFT output.
-    #[command(args_override_self = true)]
+    #[command(args_override_self = true, after_long_help = DATA_PARALLEL_HELP)]
     Train(Box<train::TrainArgs>),
     /// Loss and perplexity of a model (optionally with an adapter) on the eval shards.
     Eval(model::EvalArgs),
@@ -112,3 +112,13 @@ pub enum Command {
         out: PathBuf,
     },
 }
+
+/// `tunekit train --help`'s closing section: how to run it on more than one process.
+const DATA_PARALLEL_HELP: &str = "\
+Data parallel (every method): start the ranks with a launcher; each reads its place from it.
+  CPUs, MPI (--features mpi):   mpirun -np 4 tunekit train ...   or   srun --ntasks=4 tunekit train ...
+  GPUs, NCCL (--features nccl): torchrun --nproc-per-node 8 --no-python tunekit train ...   or   srun ...
+Each optimizer step takes --grad-accum x world-size micro-batches; rank 0 alone writes the outputs.
+Environment: TUNEKIT_BACKEND=mpi|nccl (override the choice), NCCL_COMM_ID=host:port (where NCCL's ranks
+meet; default MASTER_ADDR with MASTER_PORT + 1), TUNEKIT_NCCL_ID_FILE=/shared/path (meet through a file
+instead), TUNEKIT_COLLECTIVE_TIMEOUT=600 (seconds a rank waits for its peers before failing).";
