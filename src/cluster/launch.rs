@@ -122,12 +122,7 @@ pub const PARTS: &str = "parts";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn vars(kv: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        move |k| m.get(k).cloned()
-    }
+    use crate::cluster::tests::vars;
 
     #[test]
     fn launchers_are_read_from_their_variables() {

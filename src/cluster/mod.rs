@@ -254,8 +254,15 @@ impl World {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A lookup of environment variables from `pairs`, for the launch and rendezvous tests.
+    pub(crate) fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: std::collections::HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
 
     fn launched(launcher: &'static str) -> Launch {
         Launch { rank: 0, world_size: 2, local_rank: 0, launcher, master: None }
