@@ -246,6 +246,7 @@ impl CustomOp1 for AllReduce {
         let fail = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
         let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
         let src = s.as_cuda_slice::<f32>()?.slice(start..end);
+        // SAFETY: the all-reduce writes every element of `dst` before anything reads it.
         let mut dst = unsafe { s.device.alloc::<f32>(end - start) }?;
         let c = connection().map_err(fail)?;
         let guard = c.comm.lock().map_err(|_| candle_core::Error::Msg("the NCCL lock is poisoned".into()))?;
