@@ -49,12 +49,14 @@ NCCL_DEBUG=WARN timeout 300 $TORCHRUN --standalone --nproc-per-node 2 --no-pytho
 grep -iE "error|refus|duplicate|warn" "$OUT/nccl2.log" | head -8 | sed 's/^/    /'
 [ -f "$T/nccl2/metrics.jsonl" ] && { losses "$T/nccl2/metrics.jsonl" "2 ranks over NCCL"; allreduce "$T/nccl2/metrics.jsonl" "2 ranks over NCCL"; }
 
-echo "== 3. a rank that dies mid-run (rank 1 is killed after 3 s; TUNEKIT_COLLECTIVE_TIMEOUT=30)"
+echo "== 3. a rank that dies mid-run (a rank is killed after 6 s; TUNEKIT_COLLECTIVE_TIMEOUT=30)"
 if [ -f "$T/nccl2/metrics.jsonl" ]; then
   start=$(date +%s)
   TUNEKIT_COLLECTIVE_TIMEOUT=30 timeout 300 $TORCHRUN --standalone --nproc-per-node 2 --no-python "$TK" "${TRAIN[@]}" \
     --max-steps 100000 --out "$T/dies" > "$OUT/dies.log" 2>&1 &
-  sleep 3; pkill -9 -f -- "--out $T/dies" -n; wait; echo "  exit $? after $(( $(date +%s) - start )) s"
+  job=$!
+  sleep 6; pkill -9 -n -f -- "--out $T/dies"  # the newest such process: a rank, not torchrun
+  wait $job; echo "  exit $? after $(( $(date +%s) - start )) s"
   grep -iE "error|fail|timeout" "$OUT/dies.log" | head -6 | sed 's/^/    /'
   ls "$T/dies" 2>/dev/null | sed 's/^/    left: /'
 else
