@@ -171,16 +171,19 @@ impl World {
     }
 
     /// The element-wise sum over the ranks of an f32 tensor (the step's gradients, flat): on the GPU
-    /// with NCCL, through host memory with MPI.
-    pub fn sum_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    /// with NCCL, through host memory with MPI. Also the seconds of the collective itself (not the
+    /// copies around it, nor work still queued before it on the GPU).
+    pub fn sum_tensor(&self, t: &candle_core::Tensor) -> Result<(candle_core::Tensor, f64)> {
         match self.backend {
             #[cfg(feature = "nccl")]
             "nccl" => nccl::sum_tensor(t),
-            "single" => Ok(t.clone()),
+            "single" => Ok((t.clone(), 0.0)),
             _ => {
                 let mut flat = t.flatten_all()?.to_vec1::<f32>()?;
+                let start = std::time::Instant::now();
                 self.sum_f32(&mut flat)?;
-                Ok(candle_core::Tensor::from_vec(flat, t.dims(), t.device())?)
+                let seconds = start.elapsed().as_secs_f64();
+                Ok((candle_core::Tensor::from_vec(flat, t.dims(), t.device())?, seconds))
             }
         }
     }

@@ -222,12 +222,16 @@ pub fn gather_bytes(bytes: &[u8], size: usize) -> Result<Vec<Vec<u8>>> {
     Ok(lens.iter().enumerate().map(|(r, &n)| all[r * longest..r * longest + n as usize].to_vec()).collect())
 }
 
-/// The element-wise sum over the ranks of an f32 tensor on this rank's GPU, computed there.
-pub fn sum_tensor(t: &Tensor) -> Result<Tensor> {
+/// The element-wise sum over the ranks of an f32 tensor on this rank's GPU, computed there, and the
+/// seconds of the all-reduce alone (the stream's earlier work finished first).
+pub fn sum_tensor(t: &Tensor) -> Result<(Tensor, f64)> {
     let c = connection()?;
-    let out = t.contiguous()?.apply_op1_no_bwd(&AllReduce)?;
+    let t = t.contiguous()?;
+    c.stream.synchronize().map_err(cuda_err)?;
+    let start = Instant::now();
+    let out = t.apply_op1_no_bwd(&AllReduce)?;
     c.wait("the gradient all-reduce")?;
-    Ok(out)
+    Ok((out, start.elapsed().as_secs_f64()))
 }
 
 /// NCCL's all-reduce as a candle op, so the sum lands in a tensor of candle's on the same stream.

@@ -291,11 +291,7 @@ fn sum_over_ranks(world: &crate::cluster::World, s: &mut Step, vars: &[Var]) -> 
         .iter()
         .map(|g| g.flatten_all()?.to_dtype(candle_core::DType::F32))
         .collect::<candle_core::Result<_>>()?;
-    let flat = Tensor::cat(&flat, 0)?;
-    flat.device().synchronize()?; // on a GPU: time the all-reduce, not the backward still queued
-    let t = Instant::now();
-    let sum = world.sum_tensor(&flat)?;
-    let seconds = t.elapsed().as_secs_f64();
+    let (sum, seconds) = world.sum_tensor(&Tensor::cat(&flat, 0)?)?;
     let mut at = 0;
     for (g, v) in s.grads.iter_mut().zip(vars) {
         let n = v.elem_count();
