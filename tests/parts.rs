@@ -156,3 +156,35 @@ fn a_missing_rank_or_another_jobs_part_is_refused_at_merge() {
         "rank 1 redone from the array task: complete"
     );
 }
+
+#[test]
+fn a_damaged_part_stops_the_merge_naming_it_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(&dir.path().join("c.jsonl"));
+    let tok = common::root().join("datasets/tokenizers/qwen3").display().to_string();
+    let args = ["prepare", "c.jsonl", "--tokenizer", &tok, "--seq-len", "256", "--out", "p", "-q"];
+    for r in ["0", "1", "2"] {
+        ok(&tunekit(&[&args[..], &["--rank", r, "--world-size", "3"]].concat(), dir.path()));
+    }
+    let blocks = dir.path().join("p/parts/rank-00001-of-00003/blocks.jsonl.zst");
+    let whole = std::fs::read(&blocks).unwrap();
+    // Cut short (a copy that stopped), then not JSON inside (another program's file).
+    std::fs::write(&blocks, &whole[..whole.len() / 2]).unwrap();
+    let o = tunekit(&["merge-parts", "p"], dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("rank-00001-of-00003/blocks.jsonl.zst"), "{err}");
+    assert!(!dir.path().join("p/manifest.json").exists());
+    let mut z = zstd::Encoder::new(Vec::new(), 1).unwrap();
+    std::io::Write::write_all(&mut z, b"not a block\n").unwrap();
+    std::fs::write(&blocks, z.finish().unwrap()).unwrap();
+    let o = tunekit(&["merge-parts", "p"], dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("batch 1 is unreadable"), "{err}");
+    assert!(!dir.path().join("p/manifest.json").exists());
+    // Its part.json still says complete, but the blocks are not the size it recorded: rerunning the rank
+    // redoes the part (rather than keeping it), and the merge succeeds.
+    ok(&tunekit(&[&args[..], &["--rank", "1", "--world-size", "3"]].concat(), dir.path()));
+    ok(&tunekit(&["merge-parts", "p", "-q"], dir.path()));
+    assert!(dir.path().join("p/manifest.json").exists());
+}

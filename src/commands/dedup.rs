@@ -244,12 +244,12 @@ pub fn run_part(opts: &DedupRunOptions) -> Result<PartSummary> {
     let pb = crate::progress::rows("dedup (part)");
     stream_conversations(&opts.inputs, &opts.map, |batch| {
         let prepared = front.prepare(&batch.items);
-        part.write(&Block::new(batch.index, batch.items, prepared.into_iter().map(|p| (p, None)).collect()))?;
+        part.write(Block::new(batch.index, batch.items, prepared.into_iter().map(|p| (p, None)).collect()))?;
         pb.set_position(part.rows);
         Ok(())
     })?;
     pb.finish_and_clear();
-    let meta = PartMeta {
+    let mut meta = PartMeta {
         command: "dedup".into(),
         rank: share.rank,
         world_size: share.world_size,
@@ -260,8 +260,9 @@ pub fn run_part(opts: &DedupRunOptions) -> Result<PartSummary> {
         sources: vec![],
         blocks: part.count,
         rows: part.rows,
+        blocks_bytes: None,
     };
-    part.finish(&meta)?;
+    part.finish(&mut meta)?;
     Ok(PartSummary::of(root, &meta, false, start))
 }
 

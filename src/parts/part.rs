@@ -43,6 +43,10 @@ pub struct PartMeta {
     pub sources: Vec<(usize, SourceFile)>,
     pub blocks: u64,
     pub rows: u64,
+    /// The size of `blocks.jsonl.zst` when it was committed (absent in parts of older versions): a
+    /// rerun redoes a part whose blocks file is not that size.
+    #[serde(default)]
+    pub blocks_bytes: Option<u64>,
 }
 
 impl PartMeta {
@@ -50,17 +54,23 @@ impl PartMeta {
     pub fn complete(out: &Path, share: &Share, digest: &str) -> Option<PartMeta> {
         let p = share.dir(out).join(META);
         let meta: PartMeta = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
-        (meta.digest == digest).then_some(meta)
+        let size = std::fs::metadata(share.dir(out).join(BLOCKS)).ok()?.len();
+        (meta.digest == digest && meta.blocks_bytes.is_none_or(|b| b == size)).then_some(meta)
     }
 }
 
-/// Writes a rank's blocks as they come; [`PartWriter::finish`] adds `part.json`.
+/// Writes a rank's blocks as they come, on a thread of its own (serialising and compressing a block
+/// overlaps reading and hashing the next); [`PartWriter::finish`] adds `part.json`.
 pub struct PartWriter {
     dir: PathBuf,
-    blocks: zstd::Encoder<'static, AtomicFile>,
+    blocks: Option<std::sync::mpsc::SyncSender<Block>>,
+    writer: std::thread::JoinHandle<Result<AtomicFile>>,
     pub count: u64,
     pub rows: u64,
 }
+
+/// zstd's fastest level: most of a part is hashes and token ids, which hardly compress at any level.
+const LEVEL: i32 = 1;
 
 impl PartWriter {
     /// A fresh part for `share` under `out` (an earlier, incomplete or outdated one is removed).
@@ -68,21 +78,35 @@ impl PartWriter {
         let dir = share.dir(out);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let f = AtomicFile::create(&dir.join(BLOCKS))?;
-        Ok(PartWriter { blocks: zstd::Encoder::new(f, 3)?, dir, count: 0, rows: 0 })
+        let path = dir.join(BLOCKS);
+        let mut z = zstd::Encoder::new(AtomicFile::create(&path)?, LEVEL)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Block>(4);
+        let writer = std::thread::spawn(move || -> Result<AtomicFile> {
+            for b in rx {
+                serde_json::to_writer(&mut z, &b)?;
+                z.write_all(b"\n").with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(z.finish()?)
+        });
+        Ok(PartWriter { blocks: Some(tx), writer, dir, count: 0, rows: 0 })
     }
 
-    pub fn write(&mut self, b: &Block) -> Result<()> {
-        serde_json::to_writer(&mut self.blocks, b)?;
-        self.blocks.write_all(b"\n")?;
+    pub fn write(&mut self, b: Block) -> Result<()> {
         self.count += 1;
         self.rows += b.rows.len() as u64;
+        let sent = self.blocks.as_ref().map(|tx| tx.send(b).is_ok());
+        if sent != Some(true) {
+            bail!("the writer of {} stopped (finish says why)", self.dir.join(BLOCKS).display());
+        }
         Ok(())
     }
 
-    /// Commits the blocks, then `part.json` (the mark of a complete part).
-    pub fn finish(self, meta: &PartMeta) -> Result<PathBuf> {
-        self.blocks.finish()?.commit()?;
+    /// Commits the blocks, then `part.json` (the mark of a complete part), with the blocks' size.
+    pub fn finish(mut self, meta: &mut PartMeta) -> Result<PathBuf> {
+        drop(self.blocks.take());
+        let blocks = self.writer.join().map_err(|_| anyhow::anyhow!("the part writer panicked"))??;
+        blocks.commit()?;
+        meta.blocks_bytes = Some(std::fs::metadata(self.dir.join(BLOCKS))?.len());
         let mut f = AtomicFile::create(&self.dir.join(META))?;
         f.write_all(serde_json::to_string_pretty(meta)?.as_bytes())?;
         f.commit()?;
@@ -135,21 +159,42 @@ pub fn read_parts(out: &Path) -> Result<Vec<PartMeta>> {
     Ok(metas)
 }
 
-/// The blocks of all parts in the global batch order (batch i is in the part of rank i mod W).
+/// The blocks of all parts in the global batch order (batch i is in the part of rank i mod W). Each
+/// part is decompressed and parsed on a thread of its own, a few blocks ahead of the caller.
 pub fn blocks_in_order(out: &Path, metas: &[PartMeta]) -> Result<impl Iterator<Item = Result<Block>>> {
     let w = metas.len();
-    let mut readers = vec![];
+    let mut parts = vec![];
     for m in metas {
         let p = Share { rank: m.rank, world_size: m.world_size }.dir(out).join(BLOCKS);
         let f = std::fs::File::open(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        readers.push((p, BufReader::new(zstd::Decoder::new(f)?).lines()));
+        let lines = BufReader::new(zstd::Decoder::new(f)?).lines();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Block>>(2);
+        let (path, rank) = (p.clone(), m.rank as u64);
+        std::thread::spawn(move || {
+            for (k, line) in lines.enumerate() {
+                let i = rank + k as u64 * w as u64;
+                let b = line
+                    .with_context(|| format!("cannot read {} (damaged: rerun rank {rank})", path.display()))
+                    .and_then(|l| {
+                        serde_json::from_str::<Block>(&l).with_context(|| {
+                            format!(
+                                "{}: batch {i} is unreadable (remove that part's folder and rerun its rank)",
+                                path.display()
+                            )
+                        })
+                    });
+                let failed = b.is_err();
+                if tx.send(b).is_err() || failed {
+                    return; // the merge stopped, or this part did
+                }
+            }
+        });
+        parts.push((p, rx));
     }
     let total: u64 = metas.iter().map(|m| m.blocks).sum();
     Ok((0..total).map(move |i| {
-        let (path, lines) = &mut readers[i as usize % w];
-        let line = lines.next().with_context(|| format!("{}: ends before batch {i}", path.display()))??;
-        let b: Block =
-            serde_json::from_str(&line).with_context(|| format!("{}: batch {i} is unreadable", path.display()))?;
+        let (path, blocks) = &parts[i as usize % w];
+        let b = blocks.recv().map_err(|_| anyhow::anyhow!("{}: ends before batch {i}", path.display()))??;
         if b.index != i {
             bail!("{}: batch {} where batch {i} belongs", path.display(), b.index);
         }

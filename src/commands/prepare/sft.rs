@@ -214,7 +214,7 @@ pub fn run_part(opts: &PrepareOptions, share: Share) -> Result<PartSummary> {
         let convs: Vec<&Conversation> = batch.items.iter().filter_map(Item::conversation).collect();
         let samples: Vec<Option<Tokenized>> =
             convs.par_iter().map(|c| Some(Tokenized::of(tokenizing.sample(c)))).collect();
-        part.write(&Block::new(batch.index, batch.items, prepared.into_iter().zip(samples).collect()))?;
+        part.write(Block::new(batch.index, batch.items, prepared.into_iter().zip(samples).collect()))?;
         pb.set_position(part.rows);
         Ok(())
     })?;
@@ -226,7 +226,7 @@ pub fn run_part(opts: &PrepareOptions, share: Share) -> Result<PartSummary> {
         .into_iter()
         .map(|(i, p)| Ok((i, SourceFile { path: p.display().to_string(), sha256: crate::digest::sha256_file(&p)? })))
         .collect::<Result<Vec<_>>>()?;
-    let meta = PartMeta {
+    let mut meta = PartMeta {
         command: "prepare".into(),
         rank: share.rank,
         world_size: share.world_size,
@@ -237,8 +237,9 @@ pub fn run_part(opts: &PrepareOptions, share: Share) -> Result<PartSummary> {
         sources,
         blocks: part.count,
         rows: part.rows,
+        blocks_bytes: None,
     };
-    part.finish(&meta)?;
+    part.finish(&mut meta)?;
     Ok(PartSummary::of(&opts.out, &meta, false, start))
 }
 
