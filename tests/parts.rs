@@ -47,11 +47,16 @@ fn same_files(a: &Path, b: &Path, names: &[&str]) {
     }
 }
 
-#[test]
-fn prepare_as_three_ranks_and_a_merge_writes_what_one_process_writes() {
+/// A temporary folder holding the corpus as `c.jsonl`, and the tokenizer's path.
+fn corpus_dir() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     corpus(&dir.path().join("c.jsonl"));
-    let tok = common::root().join("datasets/tokenizers/qwen3").display().to_string();
+    (dir, common::root().join("datasets/tokenizers/qwen3").display().to_string())
+}
+
+#[test]
+fn prepare_as_three_ranks_and_a_merge_writes_what_one_process_writes() {
+    let (dir, tok) = corpus_dir();
     let args = ["prepare", "c.jsonl", "--tokenizer", &tok, "--seq-len", "256", "--eval-fraction", "0.1", "--json"];
     let one = tunekit(&[&args[..], &["--out", "one"]].concat(), dir.path());
     ok(&one);
@@ -107,9 +112,7 @@ fn dedup_as_three_ranks_and_a_merge_keeps_the_same_rows() {
 
 #[test]
 fn a_missing_rank_or_another_jobs_part_is_refused_at_merge() {
-    let dir = tempfile::tempdir().unwrap();
-    corpus(&dir.path().join("c.jsonl"));
-    let tok = common::root().join("datasets/tokenizers/qwen3").display().to_string();
+    let (dir, tok) = corpus_dir();
     let args = ["prepare", "c.jsonl", "--tokenizer", &tok, "--seq-len", "256", "--out", "p", "-q"];
     for r in ["0", "2"] {
         ok(&tunekit(&[&args[..], &["--rank", r, "--world-size", "3"]].concat(), dir.path()));
@@ -159,9 +162,7 @@ fn a_missing_rank_or_another_jobs_part_is_refused_at_merge() {
 
 #[test]
 fn a_damaged_part_stops_the_merge_naming_it_and_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    corpus(&dir.path().join("c.jsonl"));
-    let tok = common::root().join("datasets/tokenizers/qwen3").display().to_string();
+    let (dir, tok) = corpus_dir();
     let args = ["prepare", "c.jsonl", "--tokenizer", &tok, "--seq-len", "256", "--out", "p", "-q"];
     for r in ["0", "1", "2"] {
         ok(&tunekit(&[&args[..], &["--rank", r, "--world-size", "3"]].concat(), dir.path()));
