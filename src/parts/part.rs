@@ -64,7 +64,7 @@ impl PartMeta {
 pub struct PartWriter {
     dir: PathBuf,
     blocks: Option<std::sync::mpsc::SyncSender<Block>>,
-    writer: std::thread::JoinHandle<Result<AtomicFile>>,
+    writer: Option<std::thread::JoinHandle<Result<AtomicFile>>>,
     pub count: u64,
     pub rows: u64,
 }
@@ -88,24 +88,30 @@ impl PartWriter {
             }
             Ok(z.finish()?)
         });
-        Ok(PartWriter { blocks: Some(tx), writer, dir, count: 0, rows: 0 })
+        Ok(PartWriter { blocks: Some(tx), writer: Some(writer), dir, count: 0, rows: 0 })
     }
 
     pub fn write(&mut self, b: Block) -> Result<()> {
         self.count += 1;
         self.rows += b.rows.len() as u64;
-        let sent = self.blocks.as_ref().map(|tx| tx.send(b).is_ok());
-        if sent != Some(true) {
-            bail!("the writer of {} stopped (finish says why)", self.dir.join(BLOCKS).display());
+        if self.blocks.as_ref().is_some_and(|tx| tx.send(b).is_ok()) {
+            return Ok(());
         }
-        Ok(())
+        // The writer stopped: its error says why.
+        drop(self.blocks.take());
+        self.join_writer()?;
+        bail!("the writer of {} stopped", self.dir.join(BLOCKS).display())
+    }
+
+    fn join_writer(&mut self) -> Result<AtomicFile> {
+        let writer = self.writer.take().context("the part writer has already finished")?;
+        writer.join().map_err(|_| anyhow::anyhow!("the part writer panicked"))?
     }
 
     /// Commits the blocks, then `part.json` (the mark of a complete part), with the blocks' size.
     pub fn finish(mut self, meta: &mut PartMeta) -> Result<PathBuf> {
         drop(self.blocks.take());
-        let blocks = self.writer.join().map_err(|_| anyhow::anyhow!("the part writer panicked"))??;
-        blocks.commit()?;
+        self.join_writer()?.commit()?;
         meta.blocks_bytes = Some(std::fs::metadata(self.dir.join(BLOCKS))?.len());
         let mut f = AtomicFile::create(&self.dir.join(META))?;
         f.write_all(serde_json::to_string_pretty(meta)?.as_bytes())?;
