@@ -8,6 +8,7 @@ use super::launch::Launch;
 use super::rendezvous::{self, Rendezvous};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
+use candle_core::cuda_backend::cudarc::nccl::result::{NcclError, NcclStatus};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -115,15 +116,16 @@ fn connection() -> Result<&'static Connection> {
 }
 
 impl Connection {
-    /// Runs `f` with the communicator, then waits (watched) for what it queued.
-    fn run<T>(&self, what: &str, f: impl FnOnce(&Comm) -> Result<T>) -> Result<T> {
-        let out = {
-            let guard = self.comm.lock().map_err(|_| anyhow!("the NCCL communicator's lock is poisoned"))?;
-            let comm = guard.as_ref().context("the NCCL communicator was aborted after an earlier failure")?;
-            f(comm)?
-        };
-        self.wait(what)?;
-        Ok(out)
+    /// `f` with the communicator, held for the while.
+    fn with_comm<T>(&self, f: impl FnOnce(&Comm) -> Result<T>) -> Result<T> {
+        let guard = self.comm.lock().map_err(|_| anyhow!("the NCCL communicator's lock is poisoned"))?;
+        f(guard.as_ref().context("the NCCL communicator was aborted after an earlier failure")?)
+    }
+
+    /// Queues one collective (`f`) on the communicator, then waits (watched) for it.
+    fn run(&self, what: &str, f: impl FnOnce(&Comm) -> Result<NcclStatus, NcclError>) -> Result<()> {
+        self.with_comm(|comm| f(comm).map_err(nccl_err(what)))?;
+        self.wait(what)
     }
 
     /// Waits for the stream's work so far, failing (and aborting the communicator) after the timeout.
@@ -150,7 +152,7 @@ impl Connection {
     }
 }
 
-fn nccl_err(what: &str) -> impl Fn(candle_core::cuda_backend::cudarc::nccl::result::NcclError) -> anyhow::Error + '_ {
+fn nccl_err(what: &str) -> impl Fn(NcclError) -> anyhow::Error + '_ {
     move |e| anyhow!("NCCL failed during {what}: {e:?} (NCCL_DEBUG=INFO says more)")
 }
 
@@ -177,10 +179,7 @@ where
 {
     let c = connection()?;
     let mut dev: CudaSlice<T> = c.stream.clone_htod(buf).map_err(cuda_err)?;
-    c.run(what, |comm| {
-        comm.all_reduce_in_place(&mut dev, &ReduceOp::Sum).map_err(nccl_err(what))?;
-        Ok(())
-    })?;
+    c.run(what, |comm| comm.all_reduce_in_place(&mut dev, &ReduceOp::Sum))?;
     buf.copy_from_slice(&to_host(c, &dev)?);
     Ok(())
 }
@@ -198,10 +197,7 @@ pub fn gather_u64(value: u64, size: usize) -> Result<Vec<u64>> {
     let c = connection()?;
     let send = c.stream.clone_htod(&[value]).map_err(cuda_err)?;
     let mut all = c.stream.alloc_zeros::<u64>(size).map_err(cuda_err)?;
-    c.run("a gather from the ranks", |comm| {
-        comm.all_gather(&send, &mut all).map_err(nccl_err("a gather from the ranks"))?;
-        Ok(())
-    })?;
+    c.run("a gather from the ranks", |comm| comm.all_gather(&send, &mut all))?;
     to_host(c, &all)
 }
 
@@ -214,10 +210,7 @@ pub fn gather_bytes(bytes: &[u8], size: usize) -> Result<Vec<Vec<u8>>> {
     padded.resize(longest, 0);
     let send = c.stream.clone_htod(&padded).map_err(cuda_err)?;
     let mut all = c.stream.alloc_zeros::<u8>(longest * size).map_err(cuda_err)?;
-    c.run("a gather from the ranks", |comm| {
-        comm.all_gather(&send, &mut all).map_err(nccl_err("a gather from the ranks"))?;
-        Ok(())
-    })?;
+    c.run("a gather from the ranks", |comm| comm.all_gather(&send, &mut all))?;
     let all = to_host(c, &all)?;
     Ok(lens.iter().enumerate().map(|(r, &n)| all[r * longest..r * longest + n as usize].to_vec()).collect())
 }
@@ -252,10 +245,10 @@ impl CustomOp1 for AllReduce {
         let src = s.as_cuda_slice::<f32>()?.slice(start..end);
         // SAFETY: the all-reduce writes every element of `dst` before anything reads it.
         let mut dst = unsafe { s.device.alloc::<f32>(end - start) }?;
-        let c = connection().map_err(fail)?;
-        let guard = c.comm.lock().map_err(|_| candle_core::Error::Msg("the NCCL lock is poisoned".into()))?;
-        let comm = guard.as_ref().ok_or_else(|| candle_core::Error::Msg("the NCCL communicator was aborted".into()))?;
-        comm.all_reduce(&src, &mut dst, &ReduceOp::Sum).map_err(|e| fail(nccl_err("the gradient all-reduce")(e)))?;
+        let what = "the gradient all-reduce";
+        connection()
+            .and_then(|c| c.with_comm(|comm| comm.all_reduce(&src, &mut dst, &ReduceOp::Sum).map_err(nccl_err(what))))
+            .map_err(fail)?;
         Ok((CudaStorage::wrap_cuda_slice(dst, s.device.clone()), l.shape().clone()))
     }
 }
