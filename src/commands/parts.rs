@@ -1,6 +1,6 @@
 //! `prepare`/`dedup --rank R --world-size W`: what one task of a sharded run reports. The
-//! part's digest is of the command line (less the rank and world size, which a part records itself)
-//! and the inputs' sizes and modification
+//! part's digest is of the command line (less the rank and world size, which a part records itself,
+//! and the flags that only change what is printed) and the inputs' sizes and modification
 //! times, so a rerun of the same job keeps the parts that are complete and redoes the rest.
 
 use crate::cluster::launch::Share;
@@ -11,6 +11,9 @@ use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
 
+/// The global flags that change what a command prints, not what it writes: ranks may differ in them.
+const OUTPUT_FLAGS: &[&str] = &["-q", "--quiet", "--json"];
+
 /// The digest every part of one job shares.
 pub fn part_digest(inputs: &[std::path::PathBuf]) -> Result<String> {
     let mut args: Vec<String> = vec![];
@@ -20,7 +23,7 @@ pub fn part_digest(inputs: &[std::path::PathBuf]) -> Result<String> {
             skip = false;
         } else if a == "--rank" || a == "--world-size" {
             skip = true;
-        } else if !a.starts_with("--rank=") && !a.starts_with("--world-size=") {
+        } else if !a.starts_with("--rank=") && !a.starts_with("--world-size=") && !OUTPUT_FLAGS.contains(&a.as_str()) {
             args.push(a);
         }
     }
