@@ -1,6 +1,7 @@
 //! Sharded data preparation: `prepare` and `dedup` run as three ranks and joined by `merge-parts`
 //! write exactly what one process writes (shards, manifest, rejects, duplicates, the deduplicated
-//! file); a rerun keeps complete parts; a missing rank or ranks of another job are refused.
+//! file); a rerun keeps complete parts; a missing rank or ranks of another job are refused; a row a
+//! rank set aside as a duplicate within its share but the whole input keeps is tokenized by the merge.
 
 mod common;
 
@@ -188,4 +189,96 @@ fn a_damaged_part_stops_the_merge_naming_it_and_writes_nothing() {
     ok(&tunekit(&[&args[..], &["--rank", "1", "--world-size", "3"]].concat(), dir.path()));
     ok(&tunekit(&["merge-parts", "p", "-q"], dir.path()));
     assert!(dir.path().join("p/manifest.json").exists());
+}
+
+/// Three batches for two ranks: row 0 (rank 0) is a document with one word changed; rank 1's
+/// batch holds 1,500 versions of the document with three words changed (Jaccard 0.74 with it,
+/// below the threshold, but sharing its band keys); row 8,192 (rank 0 again) is the document
+/// itself. Rank 0 finds it a duplicate of row 0 and sets it aside untokenized; in the whole input
+/// more than MAX_CHAIN versions come between the two in every band, so one process keeps it. Then
+/// 8 exact copies of batch 0's rows and a near copy of the document.
+fn set_aside_corpus(path: &Path) {
+    let doc: Vec<String> = (0..100).map(|k| format!("word{k}")).collect();
+    let row = |q: String, words: &[String]| {
+        let a = words.join(" ");
+        serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    };
+    let changed = |positions: &[usize], tag: &str| {
+        let mut w = doc.clone();
+        for (n, &p) in positions.iter().enumerate() {
+            w[p] = format!("{tag}x{n}");
+        }
+        w
+    };
+    let padding = |i: usize| row(format!("Question {i}"), &[format!("answer{i}")]);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    writeln!(f, "{}", row("Describe the document".into(), &changed(&[50], "y"))).unwrap();
+    for i in 1..4096 {
+        writeln!(f, "{}", padding(i)).unwrap();
+    }
+    for j in 0..4096 {
+        if j < 1500 {
+            let at = [10 + (j * 7) % 20, 40 + (j * 11) % 20, 70 + (j * 13) % 18];
+            writeln!(f, "{}", row("Describe the document".into(), &changed(&at, &format!("v{j}")))).unwrap();
+        } else {
+            writeln!(f, "{}", padding(4096 + j)).unwrap();
+        }
+    }
+    writeln!(f, "{}", row("Describe the document".into(), &doc)).unwrap();
+    // Ordinary duplicates within rank 0's share: set aside, and duplicates in the whole input too.
+    for i in 1..9 {
+        writeln!(f, "{}", padding(i)).unwrap();
+    }
+    writeln!(f, "{}", row("Describe the document".into(), &changed(&[50, 51], "z"))).unwrap();
+}
+
+#[test]
+fn a_row_a_rank_set_aside_that_the_whole_input_keeps_is_tokenized_by_the_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    set_aside_corpus(&dir.path().join("c.jsonl"));
+    let tok = dir.path().join("tok");
+    std::fs::create_dir_all(&tok).unwrap();
+    for e in std::fs::read_dir(common::root().join("datasets/tokenizers/qwen3")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tok.join(e.file_name())).unwrap();
+    }
+    let args = ["prepare", "c.jsonl", "--tokenizer", "tok", "--seq-len", "512", "--eval-fraction", "0.1", "--json"];
+    let one = tunekit(&[&args[..], &["--out", "one"]].concat(), dir.path());
+    ok(&one);
+    let s = stdout_json(&one);
+    assert_eq!((s["duplicates_exact"].as_u64(), s["duplicates_near"].as_u64()), (Some(8), Some(1)), "{s}");
+    assert_eq!(s["rejected"], 0, "every sample fits: the document's is in the shards");
+    let rank0 = tunekit(&[&args[..], &["--out", "two", "--rank", "0", "--world-size", "2"]].concat(), dir.path());
+    ok(&rank0);
+    assert_eq!(stdout_json(&rank0)["set_aside"], 10, "rank 0 sets the document and the copies aside");
+    // (-q: ranks may differ in what they print, not in what they write.)
+    ok(&tunekit(&[&args[..], &["--out", "two", "--rank", "1", "--world-size", "2", "-q"]].concat(), dir.path()));
+    // The merge needs the ranks' tokenizer for that row: gone, it stops and says why.
+    let (gz, moved) = (tok.join("tokenizer.json.gz"), dir.path().join("tokenizer.json.gz"));
+    std::fs::rename(&gz, &moved).unwrap();
+    let o = tunekit(&["merge-parts", "two"], dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("rows it keeps that a rank set aside"), "{err}");
+    assert!(!dir.path().join("two/manifest.json").exists());
+    // Another tokenizer.json in its place (read before the .gz) is refused too.
+    let mut json = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(std::fs::File::open(&moved).unwrap()), &mut json)
+        .unwrap();
+    std::fs::write(tok.join("tokenizer.json"), json + "\n").unwrap();
+    let o = tunekit(&["merge-parts", "two"], dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("the tokenizer changed after the ranks ran"), "{err}");
+    assert!(!dir.path().join("two/manifest.json").exists());
+    std::fs::remove_file(tok.join("tokenizer.json")).unwrap();
+    std::fs::rename(&moved, &gz).unwrap();
+    let m = tunekit(&["merge-parts", "two", "--json"], dir.path());
+    ok(&m);
+    assert_eq!(stdout_json(&m)["tokenized_at_merge"], 1);
+    let (a, b) = (dir.path().join("one"), dir.path().join("two"));
+    same_files(
+        &a,
+        &b,
+        &["manifest.json", "duplicates.jsonl", "train-00000-of-00001.parquet", "eval-00000-of-00001.parquet"],
+    );
 }

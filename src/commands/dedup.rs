@@ -261,6 +261,8 @@ pub fn run_part(opts: &DedupRunOptions) -> Result<PartSummary> {
         blocks: part.count,
         rows: part.rows,
         blocks_bytes: None,
+        tokenizing: None,
+        set_aside: 0,
     };
     part.finish(&mut meta)?;
     Ok(PartSummary::of(root, &meta, false, start))

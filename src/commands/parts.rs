@@ -47,6 +47,8 @@ pub struct PartSummary {
     pub kept_complete: bool,
     pub batches: u64,
     pub rows: u64,
+    /// prepare: conversations not tokenized here because they duplicate an earlier row of this share.
+    pub set_aside: u64,
     pub seconds: f64,
 }
 
@@ -62,6 +64,7 @@ impl PartSummary {
             kept_complete: kept,
             batches: meta.blocks,
             rows: meta.rows,
+            set_aside: meta.set_aside,
             seconds: start.elapsed().as_secs_f64(),
         }
     }
@@ -74,6 +77,9 @@ impl Summary for PartSummary {
             "rank {} of {}: part {what}: {} rows in {} batch(es), {:.1}s",
             self.rank, self.world_size, self.rows, self.batches, self.seconds
         );
+        if self.set_aside > 0 {
+            println!("  set aside:  {} duplicate(s) of earlier rows of this share, not tokenized", self.set_aside);
+        }
         println!("  part:       {}", self.part);
         println!(
             "  when every rank is done: tunekit merge-parts {}",

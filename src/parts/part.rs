@@ -47,6 +47,23 @@ pub struct PartMeta {
     /// rerun redoes a part whose blocks file is not that size.
     #[serde(default)]
     pub blocks_bytes: Option<u64>,
+    /// prepare: how the rank tokenized, for the merge to tokenize a row it keeps that the rank set
+    /// aside (absent in parts of older versions, which set none aside).
+    #[serde(default)]
+    pub tokenizing: Option<TokenizingRecord>,
+    /// prepare: conversations the rank did not tokenize because they duplicate an earlier row of
+    /// its own share.
+    #[serde(default)]
+    pub set_aside: u64,
+}
+
+/// The tokenizer and chat template a rank of a sharded prepare rendered with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizingRecord {
+    /// The tokenizer's absolute path (the manifest keeps the path as it was given).
+    pub tokenizer: String,
+    /// The chat template's text (its sha256 is the manifest's).
+    pub template: String,
 }
 
 impl PartMeta {

@@ -26,6 +26,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     pub name: String,
     pub sha256: String,
+    /// The template's text as given (what `sha256` is of).
+    pub source: String,
     /// bos_token, eos_token, ... as the template sees them.
     specials: Map<String, Value>,
     /// Extra variables passed to every render (transformers' `**kwargs`), e.g. `enable_thinking`.
@@ -83,7 +85,7 @@ impl ChatTemplate {
         env.add_template_owned("chat".to_string(), strip_generation_tags(source))
             .with_context(|| format!("chat template {name} does not parse"))?;
         let sha256 = crate::digest::sha256(source.as_bytes());
-        Ok(ChatTemplate { env, name: name.to_string(), sha256, specials, vars: Map::new() })
+        Ok(ChatTemplate { env, name: name.to_string(), sha256, source: source.to_string(), specials, vars: Map::new() })
     }
 
     pub fn builtin_or_file(name_or_path: &str, specials: Map<String, Value>) -> Result<Self> {

@@ -96,6 +96,10 @@ pub struct PrepareSummary {
     pub train: SplitStats,
     pub eval: SplitStats,
     pub tokens_per_s: f64,
+    /// merge-parts: the kept rows a rank had set aside as duplicates within its share, tokenized
+    /// by the merge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenized_at_merge: Option<u64>,
 }
 
 pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
@@ -220,5 +224,8 @@ impl Summary for PrepareSummary {
             [self.train.files.clone(), self.eval.files.clone()].concat().join(", ")
         );
         println!("  manifest:   {}", self.manifest);
+        if let Some(n) = self.tokenized_at_merge.filter(|n| *n > 0) {
+            println!("  merge:      tokenized {n} kept row(s) a rank had set aside as duplicates within its share");
+        }
     }
 }

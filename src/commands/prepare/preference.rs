@@ -134,5 +134,6 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         fill_ratio: 0.0,
         train: train_stats,
         eval: eval_stats,
+        tokenized_at_merge: None,
     })
 }

@@ -15,12 +15,13 @@ use crate::pack::manifest::{Manifest, ManifestAccounting, SourceFile, SplitStats
 use crate::pack::rows::pack;
 use crate::pack::shards::{list_shards, ShardWriter, COLUMNS};
 use crate::parts::block::{Block, Tokenized};
-use crate::parts::part::{blocks_in_order, PartMeta, PartWriter, Settings};
+use crate::parts::part::{blocks_in_order, PartMeta, PartWriter, Settings, TokenizingRecord};
+use crate::parts::set_aside::{LateTokenizer, OwnShare};
 use crate::record::Conversation;
 use crate::split::{is_eval, SplitMix64};
 use crate::tokenize::mask::SampleError;
 use crate::tokenize::{Sample, Tokenizing};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -207,13 +208,15 @@ pub fn run_part(opts: &PrepareOptions, share: Share) -> Result<PartSummary> {
     let setup = Setup::new(opts)?;
     let tokenizing = Tokenizing { tok: &setup.tok, template: &setup.template, mode: opts.loss };
     let front = Front::new(&opts.out, &opts.dedup, opts.strict, false);
+    let mut own = OwnShare::new(&opts.dedup);
     let mut part = PartWriter::create(&opts.out, &share)?;
     let pb = crate::progress::rows("prepare (part)");
     stream_conversations(&opts.inputs, &opts.map, |batch| {
         let prepared = front.prepare(&batch.items);
         let convs: Vec<&Conversation> = batch.items.iter().filter_map(Item::conversation).collect();
+        let fresh = own.fresh(&convs, &prepared);
         let samples: Vec<Option<Tokenized>> =
-            convs.par_iter().map(|c| Some(Tokenized::of(tokenizing.sample(c)))).collect();
+            convs.par_iter().zip(fresh).map(|(c, fresh)| fresh.then(|| Tokenized::of(tokenizing.sample(c)))).collect();
         part.write(Block::new(batch.index, batch.items, prepared.into_iter().zip(samples).collect()))?;
         pb.set_position(part.rows);
         Ok(())
@@ -238,6 +241,11 @@ pub fn run_part(opts: &PrepareOptions, share: Share) -> Result<PartSummary> {
         blocks: part.count,
         rows: part.rows,
         blocks_bytes: None,
+        tokenizing: Some(TokenizingRecord {
+            tokenizer: std::path::absolute(&opts.tokenizer)?.display().to_string(),
+            template: setup.template.source.clone(),
+        }),
+        set_aside: own.set_aside,
     };
     part.finish(&mut meta)?;
     Ok(PartSummary::of(&opts.out, &meta, false, start))
@@ -266,22 +274,18 @@ pub fn merge(out: &Path, metas: Vec<PartMeta>) -> Result<PrepareSummary> {
     let template = Manifest { sources: sources.into_iter().map(|s| s.1).collect(), ..m.clone() };
     let front = Front::new(out, &opts.dedup, opts.strict, true);
     let blocks = blocks_in_order(out, &metas)?;
+    let mut late = LateTokenizer::new(m, first.tokenizing.as_ref());
     let packed = consume(&opts, front, |c| {
         for b in blocks {
             let (items, extra) = b?.into_items();
             let kept = c.front.admit_prepared(items, extra)?;
-            let results = kept
-                .into_iter()
-                .map(|(conv, t)| {
-                    let t = t.context("a part without samples (written by dedup, not prepare)")?;
-                    Ok((conv, t.into_result()))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            c.take(results)?;
+            c.take(late.samples(kept)?)?;
         }
         Ok(())
     })?;
-    finish(&opts, template, packed, start)
+    let mut summary = finish(&opts, template, packed, start)?;
+    summary.tokenized_at_merge = Some(late.count);
+    Ok(summary)
 }
 
 /// What every way of running prepare ends with: the counts checked, the manifest (written last),
@@ -331,5 +335,6 @@ fn finish(opts: &PrepareOptions, mut manifest: Manifest, packed: Packed, start: 
         fill_ratio: fill,
         train,
         eval,
+        tokenized_at_merge: None,
     })
 }
