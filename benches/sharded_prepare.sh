@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Sharded prepare against one process on the same rows, for one or more builds in one run (two
-# rounds, builds alternating): one process, each of W ranks one after another (on a cluster the wall
+# Sharded prepare against one process on the same rows, for one or more builds in one run (ROUNDS
+# rounds, two by default, builds alternating): one process, each of W ranks one after another (on a cluster the wall
 # time is one rank + the merge), then the merge; wall and CPU seconds of each, what the ranks set
 # aside, and the merged shards, manifest and side files compared with the one process's.
-#   bash benches/sharded_prepare.sh ROWS W BINARY [BINARY ...]
+#   [ROUNDS=2] [CORPUS=file.jsonl] bash benches/sharded_prepare.sh ROWS W BINARY [BINARY ...]
 # Rows: the first ROWS of $CORPUS, by default benches/make_corpora.py's alpaca_1m.jsonl (999 real
 # rows replicated, so mostly near duplicates); Qwen3 tokenizer, prepare's defaults.
 set -euo pipefail
@@ -26,7 +26,7 @@ import json,sys
 s=json.load(open('$T/last.json'))
 print(' '.join(f'{k}={s[k]}' for k in ('rows_kept','duplicates_near','set_aside','tokenized_at_merge') if k in s))")"
 }
-for round in 1 2; do
+for ((round = 1; round <= ${ROUNDS:-2}; round++)); do
   for B in "$@"; do
     echo "== round $round: $B"
     rm -rf "$T/one" "$T/parts"

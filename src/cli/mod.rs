@@ -77,6 +77,10 @@ pub enum Command {
     /// Join the parts of a sharded prepare (`prepare --rank R --world-size W`, or Slurm array /
     /// Kubernetes indexed-job tasks) into the directory one process would have written: duplicates
     /// across parts, the same split, shards and one manifest with the summed accounting.
+    ///
+    /// A rank does not tokenize rows that duplicate an earlier row of its own share; should the whole
+    /// input keep one of them (rare), the merge tokenizes it with the tokenizer the ranks used, which
+    /// must then still be at that path, unchanged.
     MergeParts(data::MergePartsArgs),
     /// Remove exact and near-duplicate conversations (MinHash-LSH); removed rows go to duplicates.jsonl.
     #[command(args_override_self = true)]
