@@ -28,6 +28,11 @@ impl OwnShare {
         OwnShare { deduper: Deduper::new(opts.clone()), set_aside: 0 }
     }
 
+    /// What each conversation of a batch needs for its duplicate decision, here and at the merge.
+    pub fn prepare(&self, convs: &[&Conversation]) -> Vec<Option<Prepared>> {
+        self.deduper.prepare_all(convs)
+    }
+
     /// For each conversation of a batch (in order, with its prepared duplicate check): whether it
     /// is new to this share and so worth tokenizing.
     pub fn fresh(&mut self, convs: &[&Conversation], prepared: &[Option<Prepared>]) -> Vec<bool> {
@@ -57,22 +62,19 @@ impl<'a> LateTokenizer<'a> {
         &mut self,
         kept: Vec<(Conversation, Option<Tokenized>)>,
     ) -> Result<Vec<(Conversation, Result<Sample, SampleError>)>> {
-        let missing = kept.iter().filter(|(_, t)| t.is_none()).count();
-        if missing == 0 {
-            return Ok(kept.into_iter().map(|(c, t)| (c, t.expect("checked above").into_result())).collect());
-        }
-        self.count += missing as u64;
-        if self.loaded.is_none() {
+        let missing = kept.iter().filter(|(_, t)| t.is_none()).count() as u64;
+        if missing > 0 && self.loaded.is_none() {
             self.loaded = Some(self.load()?);
         }
-        let (tok, template) = self.loaded.as_ref().expect("loaded above");
-        let tokenizing = Tokenizing { tok, template, mode: self.manifest.loss };
+        self.count += missing;
+        let tokenizing =
+            self.loaded.as_ref().map(|(tok, template)| Tokenizing { tok, template, mode: self.manifest.loss });
         Ok(kept
             .into_par_iter()
             .map(|(c, t)| {
                 let s = match t {
                     Some(t) => t.into_result(),
-                    None => tokenizing.sample(&c),
+                    None => tokenizing.as_ref().expect("loaded for the rows without samples").sample(&c),
                 };
                 (c, s)
             })

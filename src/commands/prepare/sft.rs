@@ -207,13 +207,12 @@ pub fn run_part(opts: &PrepareOptions, share: Share) -> Result<PartSummary> {
     }
     let setup = Setup::new(opts)?;
     let tokenizing = Tokenizing { tok: &setup.tok, template: &setup.template, mode: opts.loss };
-    let front = Front::new(&opts.out, &opts.dedup, opts.strict, false);
     let mut own = OwnShare::new(&opts.dedup);
     let mut part = PartWriter::create(&opts.out, &share)?;
     let pb = crate::progress::rows("prepare (part)");
     stream_conversations(&opts.inputs, &opts.map, |batch| {
-        let prepared = front.prepare(&batch.items);
         let convs: Vec<&Conversation> = batch.items.iter().filter_map(Item::conversation).collect();
+        let prepared = own.prepare(&convs);
         let fresh = own.fresh(&convs, &prepared);
         let samples: Vec<Option<Tokenized>> =
             convs.par_iter().zip(fresh).map(|(c, fresh)| fresh.then(|| Tokenized::of(tokenizing.sample(c)))).collect();
