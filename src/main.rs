@@ -115,8 +115,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Export { target: ExportTarget::Gguf(a) } => print(json, &commands::export::gguf::run(&a.options())?)?,
         Command::Validate { target: ValidateTarget::Openai(a) } => {
-            let spec = tunekit::export::tokens::model_spec(&a.model)?;
-            let r = tunekit::export::validate::validate_files(&a.files, &spec, a.epochs, a.max_problems)?;
+            let r = commands::validate::run(&a.options())?;
             print(json, &r)?;
             if !r.valid {
                 return Ok(ExitCode::from(1));

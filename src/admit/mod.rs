@@ -84,6 +84,24 @@ impl Front {
         items: Vec<Item>,
         prepared: Vec<(Option<Prepared>, T)>,
     ) -> Result<Vec<(Conversation, T)>> {
+        let convs = self.sort(items)?;
+        if convs.len() != prepared.len() {
+            bail!("internal error: {} conversations but {} prepared duplicate checks", convs.len(), prepared.len());
+        }
+        let mut kept = Vec::with_capacity(convs.len());
+        for (c, (p, payload)) in convs.into_iter().zip(prepared) {
+            let Verdict::Duplicate { of, kind, similarity } = self.deduper.decide(&c.id, p) else {
+                kept.push((c, payload));
+                continue;
+            };
+            self.duplicate(&c.id, of, kind, similarity)?;
+        }
+        Ok(kept)
+    }
+
+    /// Counts a batch's rows and records the bad ones (rejected, contaminated); returns its
+    /// conversations, in order, for a duplicate check.
+    pub fn sort(&mut self, items: Vec<Item>) -> Result<Vec<Conversation>> {
         let mut convs = Vec::with_capacity(items.len());
         for item in items {
             self.counts.rows_read += 1;
@@ -94,30 +112,25 @@ impl Front {
                 Item::Contaminated(c) => self.contaminated(&c)?,
             }
         }
-        if convs.len() != prepared.len() {
-            bail!("internal error: {} conversations but {} prepared duplicate checks", convs.len(), prepared.len());
+        Ok(convs)
+    }
+
+    /// Records row `id` as removed, a duplicate of `of` (in duplicates.jsonl and its cluster).
+    pub fn duplicate(&mut self, id: &str, of: String, kind: DupKind, similarity: f64) -> Result<()> {
+        match kind {
+            DupKind::Exact => self.counts.duplicates_exact += 1,
+            DupKind::Near => self.counts.duplicates_near += 1,
         }
-        let mut kept = Vec::with_capacity(convs.len());
-        for (c, (p, payload)) in convs.into_iter().zip(prepared) {
-            let Verdict::Duplicate { of, kind, similarity } = self.deduper.decide(&c.id, p) else {
-                kept.push((c, payload));
-                continue;
-            };
-            match kind {
-                DupKind::Exact => self.counts.duplicates_exact += 1,
-                DupKind::Near => self.counts.duplicates_near += 1,
+        if self.write_files {
+            if self.dups.is_none() {
+                self.dups = Some(AtomicFile::create(&self.dup_path)?);
             }
-            if self.write_files {
-                if self.dups.is_none() {
-                    self.dups = Some(AtomicFile::create(&self.dup_path)?);
-                }
-                let f = self.dups.as_mut().expect("created above");
-                serde_json::to_writer(&mut *f, &DuplicateRecord { id: &c.id, duplicate_of: &of, kind, similarity })?;
-                f.write_all(b"\n")?;
-            }
-            *self.clusters.entry(of).or_default() += 1;
+            let f = self.dups.as_mut().expect("created above");
+            serde_json::to_writer(&mut *f, &DuplicateRecord { id, duplicate_of: &of, kind, similarity })?;
+            f.write_all(b"\n")?;
         }
-        Ok(kept)
+        *self.clusters.entry(of).or_default() += 1;
+        Ok(())
     }
 
     /// Commits the side files; returns those that were written.

@@ -3,9 +3,10 @@
 //! held ([`BaseQuantArgs`]).
 
 use crate::ingest::read::ReadOptions;
-use crate::ingest::table::Selection;
+use crate::ingest::Selection;
 use crate::ingest::{Format, MapOptions};
-use crate::train::io::Placement;
+use crate::train::device::{DeviceSpec, Precision};
+use crate::train::io::{Placement, Qlora};
 use anyhow::Result;
 use clap::Args;
 
@@ -144,7 +145,7 @@ impl QualityArgs {
         } else {
             let mut texts = vec![];
             for f in &self.decontaminate {
-                let read = crate::ingest::read::row_texts(f, &self.decontaminate_columns);
+                let read = crate::ingest::rows::row_texts(f, &self.decontaminate_columns);
                 texts.extend(
                     read.map_err(|e| super::InputError(e.context(format!("--decontaminate {}", f.display()))))?,
                 );
@@ -248,11 +249,11 @@ impl DedupArgs {
 pub struct ComputeArgs {
     /// Where to compute: auto (a GPU if this build has CUDA and one is present, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// Compute dtype of the frozen base and activations: auto (bf16 on a GPU, f32 on the CPU), f32, bf16.
     /// Adapters, gradients and optimizer state are f32 always.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: Precision,
 }
 
 /// The frozen base as a QLoRA run held it, for commands that use a trained adapter.
@@ -260,18 +261,13 @@ pub struct ComputeArgs {
 pub struct BaseQuantArgs {
     /// Hold the base's projections in 4 bits as `train --qlora` did (nf4, or gguf: a GGUF file's own blocks),
     /// so that a QLoRA adapter is evaluated over the base it was trained on. Default: full precision.
-    #[arg(long)]
-    pub qlora: Option<String>,
+    #[arg(long, value_enum)]
+    pub qlora: Option<Qlora>,
 }
 
 impl ComputeArgs {
     /// How a command that runs a trained adapter holds its base.
     pub fn placement(&self, quant: &BaseQuantArgs) -> Placement {
-        Placement {
-            device: self.device.clone(),
-            dtype: self.dtype.clone(),
-            qlora: quant.qlora.clone(),
-            qlora_embeddings: false,
-        }
+        Placement { device: self.device, dtype: self.dtype, qlora: quant.qlora, qlora_embeddings: false }
     }
 }

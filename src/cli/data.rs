@@ -6,6 +6,8 @@ use crate::commands::{
     convert::ConvertOptions, dedup::DedupRunOptions, doctor::DoctorOptions, export::openai::ExportOptions,
     prepare::PrepareOptions,
 };
+use crate::train::device::Precision;
+use crate::train::io::Qlora;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -194,12 +196,12 @@ pub struct DoctorArgs {
     pub lora_r: usize,
     #[arg(long, help_heading = "Memory estimate (with --model)")]
     pub gradient_checkpointing: bool,
-    /// f32 (the CPU) or bf16 (a GPU).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"], help_heading = "Memory estimate (with --model)")]
-    pub dtype: String,
-    /// The frozen projections in 4 bits (train --qlora).
-    #[arg(long, help_heading = "Memory estimate (with --model)")]
-    pub qlora: bool,
+    /// f32 (the CPU) or bf16 (a GPU), as train's --dtype.
+    #[arg(long, value_enum, default_value = "f32", help_heading = "Memory estimate (with --model)")]
+    pub dtype: Precision,
+    /// The frozen projections in 4 bits, as train's --qlora (nf4 or gguf).
+    #[arg(long, value_enum, help_heading = "Memory estimate (with --model)")]
+    pub qlora: Option<Qlora>,
 }
 
 impl DoctorArgs {
@@ -379,4 +381,15 @@ pub struct OpenaiValidateArgs {
     /// How many problems to list (all are counted).
     #[arg(long, default_value_t = 50)]
     pub max_problems: usize,
+}
+
+impl OpenaiValidateArgs {
+    pub fn options(self) -> crate::commands::validate::ValidateOptions {
+        crate::commands::validate::ValidateOptions {
+            files: self.files,
+            model: self.model,
+            epochs: self.epochs,
+            max_problems: self.max_problems,
+        }
+    }
 }

@@ -30,11 +30,15 @@ impl std::error::Error for InputError {}
 #[command(
     name = "tunekit",
     version,
-    about = "Instruction tuning in one binary: raw files to training shards, and LoRA/QLoRA/DPO training on them.",
-    long_about = "Instruction tuning in one binary: raw files to training shards, and LoRA/QLoRA/DPO training on them.\n\n\
-    The flow: convert (raw CSV/JSONL/JSON/Parquet -> conversations) -> dedup -> prepare (chat template, \
-    loss masks, tokenize, pack into Parquet shards) -> train (LoRA, QLoRA, DPO, reward models; PEFT adapters) -> eval, \
-    generate, score, merge; export/validate write and check OpenAI fine-tuning JSONL.\n\nExit codes: 0 ok, 1 data or IO error, 2 usage error."
+    about = "Instruction tuning in one binary: raw files to training shards, LoRA/QLoRA, DPO, reward models, GRPO and PPO \
+    on them, and the result out to llama.cpp and Ollama.",
+    long_about = "Instruction tuning in one binary: raw files to training shards, LoRA/QLoRA, DPO, reward models, GRPO and PPO \
+    on them, and the result out to llama.cpp and Ollama.\n\n\
+    The flow: convert (raw CSV/JSONL/JSON/Parquet/spreadsheets -> conversations) -> dedup -> prepare (chat template, \
+    loss masks, tokenize, pack into Parquet shards) -> doctor, inspect, report -> train (LoRA, QLoRA, DPO, reward \
+    models, GRPO, PPO; PEFT adapters) -> eval, generate, score, merge -> export gguf / ollama (llama.cpp, Ollama); \
+    export/validate openai write and check OpenAI fine-tuning JSONL.\n\n\
+    Exit codes: 0 ok, 1 data or IO error, 2 usage error."
 )]
 pub struct Cli {
     /// No progress bars or warnings.
@@ -85,7 +89,8 @@ pub enum Command {
     /// Remove exact and near-duplicate conversations (MinHash-LSH); removed rows go to duplicates.jsonl.
     #[command(args_override_self = true)]
     Dedup(data::DedupCommandArgs),
-    /// Export conversations as OpenAI fine-tuning JSONL (`export openai INPUT... --out train.jsonl`).
+    /// Export conversations as OpenAI fine-tuning JSONL (`export openai`), or an adapter / merged model
+    /// as GGUF for llama.cpp (`export gguf`) and with an Ollama Modelfile (`export ollama`).
     Export {
         #[command(subcommand)]
         target: data::ExportTarget,
@@ -95,8 +100,8 @@ pub enum Command {
         #[command(subcommand)]
         target: data::ValidateTarget,
     },
-    /// Train a LoRA/QLoRA adapter on prepared shards (SFT), or DPO / a reward model on preference
-    /// shards; PEFT output.
+    /// Train a LoRA/QLoRA adapter on prepared shards (SFT), DPO or a reward model on preference
+    /// shards, or GRPO/PPO on prompt shards; PEFT output.
     #[command(args_override_self = true, after_long_help = DATA_PARALLEL_HELP)]
     Train(Box<train::TrainArgs>),
     /// Loss and perplexity of a model (optionally with an adapter) on the eval shards.

@@ -60,8 +60,9 @@ pub struct GenerateArgs {
     pub chat: bool,
     #[arg(long)]
     pub system: Option<String>,
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: usize,
+    /// Longest answer, in tokens.
+    #[arg(long, default_value_t = 128, alias = "max-tokens")]
+    pub max_new_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
@@ -88,7 +89,7 @@ impl GenerateArgs {
             template: self.template.clone(),
             system: self.system.clone(),
             sampling: SamplingParams {
-                max_new_tokens: self.max_tokens,
+                max_new_tokens: self.max_new_tokens,
                 temperature: self.temperature,
                 top_p: self.top_p,
                 top_k: self.top_k,

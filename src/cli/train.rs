@@ -2,11 +2,13 @@
 
 use super::args::ComputeArgs;
 use crate::train::adapters::lora::LoraSettings;
+use crate::train::io::Qlora;
 use crate::train::objectives::dpo::Dpo;
 use crate::train::objectives::grpo::Grpo;
 use crate::train::objectives::ppo::Ppo;
 use crate::train::optim::AdamWConfig;
 use crate::train::options::RlOptions;
+use crate::train::rewards::RewardSpec;
 use crate::train::rollout::SamplingParams;
 use crate::train::{Method, TrainOptions};
 use anyhow::{bail, Result};
@@ -89,9 +91,10 @@ pub struct TrainArgs {
     /// Write a checkpoint every N steps (0 = only at the end).
     #[arg(long, default_value_t = 0)]
     pub save_every: u64,
-    /// QLoRA: keep the frozen projections in 4 bits (nf4: NormalFloat4, blocks of 64, double-quantised scales).
-    #[arg(long)]
-    pub qlora: Option<String>,
+    /// QLoRA: keep the frozen projections in 4 bits (nf4: NormalFloat4, blocks of 64, double-quantised
+    /// scales; gguf: a GGUF base's own quantised blocks).
+    #[arg(long, value_enum)]
+    pub qlora: Option<Qlora>,
     /// With --qlora: hold the token embedding and lm_head in NF4 too (the QLoRA paper and PEFT keep them
     /// full precision, the default); saves most on small models, whose embedding is a large share.
     #[arg(long)]
@@ -137,7 +140,7 @@ pub struct RlArgs {
     /// N words is higher), model:DIR (a reward model from --method reward), command:CMD (a program
     /// reading one JSON object per line on stdin, writing one number per line).
     #[arg(long = "reward", value_name = "SPEC")]
-    pub rewards: Vec<String>,
+    pub rewards: Vec<RewardSpec>,
     /// Seconds a reward command may take for one rollout.
     #[arg(long, default_value_t = 60.0)]
     pub reward_timeout: f64,
@@ -148,8 +151,8 @@ pub struct RlArgs {
     #[arg(long, default_value_t = 8)]
     pub num_generations: usize,
     /// Longest completion; one that reaches it without an end-of-turn token is truncated.
-    #[arg(long, default_value_t = 256)]
-    pub max_completion_tokens: usize,
+    #[arg(long, default_value_t = 256, alias = "max-completion-tokens")]
+    pub max_new_tokens: usize,
     /// Sampling temperature (also the one the log-probabilities are taken at, as TRL does).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
@@ -263,7 +266,7 @@ impl TrainArgs {
                 temperature: r.temperature,
                 top_p: r.top_p,
                 top_k: r.top_k,
-                max_new_tokens: r.max_completion_tokens,
+                max_new_tokens: r.max_new_tokens,
             },
             rewards: r.rewards.clone(),
             reward_timeout: r.reward_timeout,

@@ -2,10 +2,11 @@
 //! in duplicates.jsonl (id, duplicate_of, kind, similarity).
 
 use super::Summary;
-use crate::accounting::{Counts, SideFile, SideFiles, Tally};
+use crate::accounting::{Counts, SideFiles, Tally};
 use crate::admit::Front;
 use crate::commands::parts::{part_digest, PartSummary};
-use crate::dedup::{DedupOptions, Deduper, DupKind, DuplicateRecord, Prepared, Verdict};
+use crate::dedup::longest::{Fate, LongestOfCluster};
+use crate::dedup::{DedupOptions, Prepared};
 use crate::ingest::{stream_conversations, Item, MapOptions};
 use crate::pack::manifest::Manifest;
 use crate::parts::block::Block;
@@ -50,127 +51,55 @@ pub struct DedupSummary {
     pub options: DedupOptions,
 }
 
-/// `--keep longest`: pass 1 finds the clusters (every row's first-seen representative) and the
-/// longest member of each; pass 2 writes that member and records every other row as its duplicate.
+/// `--keep longest`: pass 1 finds the clusters and the longest member of each (the dedup stage's
+/// [`LongestOfCluster`]); pass 2 reads the input again through the admission front, which counts
+/// and records every row, keeps the chosen member and records every other as its duplicate.
 fn run_keep_longest(opts: &DedupRunOptions) -> Result<DedupSummary> {
-    use std::collections::HashMap;
-    use std::io::Write;
     let start = Instant::now();
-    let dir = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let mut front = Front::new(dir, &opts.dedup, opts.strict, false);
-    // id -> (cluster root id, length, kind and similarity against the root)
-    let mut member: HashMap<String, (String, usize, Option<DupKind>, f64)> = HashMap::new();
-    let mut best: HashMap<String, (String, usize)> = HashMap::new();
-    let mut deduper = Deduper::new(opts.dedup.clone());
+    let mut clusters = LongestOfCluster::new(opts.dedup.clone());
     let pb = crate::progress::rows("dedup (pass 1 of 2)");
+    let mut seen = 0u64;
     stream_conversations(&opts.inputs, &opts.map, |batch| {
-        let mut convs = Vec::new();
-        for item in batch.items {
-            front.counts.rows_read += 1;
-            match item {
-                crate::ingest::Item::Ok(c) => convs.push(c),
-                crate::ingest::Item::Rejected(r) => front.reject(r)?,
-                crate::ingest::Item::Filtered => front.counts.filtered += 1,
-                crate::ingest::Item::Contaminated(_) => front.counts.contaminated += 1,
-            }
-        }
-        for (c, v) in convs.iter().zip(deduper.process(&convs)) {
-            let len = c.full_text().len();
-            let (root, kind, sim) = match v {
-                Verdict::Keep => (c.id.clone(), None, 1.0),
-                Verdict::Duplicate { of, kind, similarity } => {
-                    match kind {
-                        DupKind::Exact => front.counts.duplicates_exact += 1,
-                        DupKind::Near => front.counts.duplicates_near += 1,
-                    }
-                    (of, Some(kind), similarity)
-                }
-            };
-            let e = best.entry(root.clone()).or_insert_with(|| (c.id.clone(), len));
-            if len > e.1 {
-                *e = (c.id.clone(), len);
-            }
-            member.insert(c.id.clone(), (root, len, kind, sim));
-        }
-        pb.set_position(front.counts.rows_read);
+        seen += batch.items.len() as u64;
+        let convs: Vec<Conversation> = batch
+            .items
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Ok(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        clusters.observe(&convs);
+        pb.set_position(seen);
         Ok(())
     })?;
     pb.finish_and_clear();
     let mut sink = if opts.dry_run { None } else { Some(ConversationSink::create(&opts.out)?) };
-    let dup_path = dir.join("duplicates.jsonl");
-    let mut dups = if opts.dry_run { None } else { Some(crate::output::AtomicFile::create(&dup_path)?) };
-    let mut rejects = SideFile::new(dir.join("rejects.jsonl"));
-    let mut contaminated = SideFile::new(dir.join("contaminated.jsonl"));
+    let mut front = Front::new(out_dir(&opts.out), &opts.dedup, opts.strict, !opts.dry_run);
     let pb = crate::progress::rows("dedup (pass 2 of 2)");
-    let mut seen = 0u64;
     stream_conversations(&opts.inputs, &opts.map, |batch| {
         let mut kept = Vec::new();
-        for item in batch.items {
-            seen += 1;
-            let c = match item {
-                crate::ingest::Item::Ok(c) => c,
-                crate::ingest::Item::Rejected(r) => {
-                    if !opts.dry_run {
-                        rejects.write(&r)?;
-                    }
-                    continue;
+        for c in front.sort(batch.items)? {
+            match clusters.fate(&c.id).context("internal error: a row pass 1 did not see")? {
+                Fate::Keep => kept.push(c),
+                Fate::DuplicateOf { of, kind, similarity } => {
+                    front.duplicate(&c.id, of.to_string(), kind, similarity)?
                 }
-                crate::ingest::Item::Filtered => continue,
-                crate::ingest::Item::Contaminated(c) => {
-                    if !opts.dry_run {
-                        contaminated.write(&c)?;
-                    }
-                    continue;
-                }
-            };
-            let (root, _, kind, sim) = member.get(&c.id).cloned().expect("seen in pass 1");
-            let chosen = &best[&root].0;
-            if *chosen == c.id {
-                kept.push(c);
-            } else if let Some(f) = dups.as_mut() {
-                // Similarity is against the cluster's first row; the first row itself reports the chosen one's.
-                let (kind, sim) = match kind {
-                    Some(k) => (k, sim),
-                    None => {
-                        let m = &member[chosen];
-                        (m.2.unwrap_or(DupKind::Near), m.3)
-                    }
-                };
-                serde_json::to_writer(
-                    &mut *f,
-                    &DuplicateRecord { id: &c.id, duplicate_of: chosen, kind, similarity: sim },
-                )?;
-                f.write_all(b"\n")?;
             }
         }
         kept.iter().for_each(|c| front.counts.keep(&c.id));
         if let Some(s) = sink.as_mut() {
             s.write_batch(&kept)?;
         }
-        pb.set_position(seen);
+        pb.set_position(front.counts.rows_read);
         Ok(())
     })?;
     pb.finish_and_clear();
     if let Some(s) = sink {
         s.commit()?;
     }
-    let duplicates_file = match dups {
-        Some(f) => {
-            f.commit()?;
-            Some(dup_path.display().to_string())
-        }
-        None => None,
-    };
-    let files =
-        SideFiles { rejects: rejects.finish()?, duplicates: duplicates_file, contaminated: contaminated.finish()? };
-    let mut largest: Vec<(String, u64)> = Vec::new();
-    let mut sizes: HashMap<&str, u64> = HashMap::new();
-    for (root, ..) in member.values() {
-        *sizes.entry(root.as_str()).or_default() += 1;
-    }
-    for (root, n) in sizes.iter().filter(|(_, &n)| n > 1) {
-        largest.push((best[*root].0.clone(), n - 1));
-    }
+    let files = front.finish()?;
+    let largest: Vec<(String, u64)> = front.clusters.iter().map(|(k, v)| (k.clone(), *v)).collect();
     Ok(summary(opts, front.counts.clone(), largest, files, start))
 }
 

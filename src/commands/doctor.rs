@@ -7,6 +7,8 @@ use super::Summary;
 use crate::doctor::{model, scan, Finding, Findings, Scanned, Severity, TokenFacts};
 use crate::pack::manifest::Manifest;
 use crate::tokenize::{LossMode, TokenizerInfo};
+use crate::train::device::Precision;
+use crate::train::io::Qlora;
 use crate::train::model::memory::{estimate, MemoryEstimate, MicroBatch, StepSettings};
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -23,9 +25,10 @@ pub struct DoctorOptions {
     pub seed: u64,
     pub lora_r: usize,
     pub gradient_checkpointing: bool,
-    /// "f32" or "bf16".
-    pub dtype: String,
-    pub qlora: bool,
+    /// The precision train would compute in (auto counts as f32: the CPU's).
+    pub dtype: Precision,
+    /// The frozen projections in 4 bits, as `train --qlora` holds them.
+    pub qlora: Option<Qlora>,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,7 +92,7 @@ pub fn run(o: &DoctorOptions) -> Result<DoctorReport> {
     Ok(DoctorReport {
         command: "doctor",
         dir: o.dir.display().to_string(),
-        format: manifest.format.clone(),
+        format: manifest.format.name().to_string(),
         tokenizer: tok.path.display().to_string(),
         model: o.model.as_ref().map(|m| m.display().to_string()),
         errors: count(Severity::Error),
@@ -106,9 +109,9 @@ fn memory(o: &DoctorOptions, c: &crate::train::model::config::ModelConfig, s: &S
     let rows = &s.train_rows;
     let order = crate::train::data::epoch_order(rows.len(), o.seed, 0);
     let batches = crate::train::data::micro_batches(&order, o.batch_tokens, |i| rows[i].iter().sum());
-    let bf16 = o.dtype == "bf16";
+    let bf16 = o.dtype == Precision::Bf16;
     let settings = StepSettings {
-        weight_bytes: if o.qlora {
+        weight_bytes: if o.qlora.is_some() {
             0.5625
         } else if bf16 {
             2.0

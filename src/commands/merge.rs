@@ -2,6 +2,7 @@
 //! Merging is exact: f32 on the CPU.
 
 use super::Summary;
+use crate::train::device::{DeviceSpec, Precision};
 use crate::train::io::{load_model, merge::write_hf, Placement};
 use anyhow::Result;
 use serde::Serialize;
@@ -21,7 +22,7 @@ pub struct MergeSummary {
 }
 
 pub fn run(o: &MergeOptions) -> Result<MergeSummary> {
-    let exact = Placement { device: "cpu".into(), dtype: "f32".into(), ..Default::default() };
+    let exact = Placement { device: DeviceSpec::Cpu, dtype: Precision::F32, ..Default::default() };
     let m = load_model(&o.model, Some(&o.adapter), &exact)?;
     let merged_modules = write_hf(&m, &o.out)?;
     Ok(MergeSummary { command: "merge", out: o.out.display().to_string(), merged_modules })

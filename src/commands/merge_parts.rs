@@ -14,6 +14,7 @@ pub enum Merged {
 
 pub fn run(dir: &Path) -> Result<Merged> {
     let metas = read_parts(dir)?;
+    let _lock = crate::output::DirLock::acquire(dir, "tunekit merge-parts")?;
     match metas[0].command.as_str() {
         "prepare" => Ok(Merged::Prepare(super::prepare::sft::merge(dir, metas)?)),
         "dedup" => Ok(Merged::Dedup(super::dedup::merge(dir, metas)?)),

@@ -4,7 +4,25 @@
 //! when the file would be rejected.
 
 use super::Summary;
-use crate::export::validate::ValidationReport;
+use crate::export::tokens::model_spec;
+use crate::export::validate::{validate_files, ValidationReport};
+use anyhow::Result;
+use std::path::PathBuf;
+
+/// What `validate openai` is asked.
+pub struct ValidateOptions {
+    pub files: Vec<PathBuf>,
+    /// The model the file is for (its token limit and encoding).
+    pub model: String,
+    pub epochs: Option<u64>,
+    pub max_problems: usize,
+}
+
+/// Checks the files as one dataset; the report says whether the platform would accept it.
+pub fn run(o: &ValidateOptions) -> Result<ValidationReport> {
+    let spec = model_spec(&o.model)?;
+    validate_files(&o.files, &spec, o.epochs, o.max_problems)
+}
 
 impl Summary for ValidationReport {
     fn print_human(&self) {

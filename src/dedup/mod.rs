@@ -6,8 +6,10 @@
 //! kept. Every row's signature stays in the LSH index (kept or not), so clusters are transitive: if
 //! A~B and B~C, C is removed as a duplicate of A even when A and C are not similar themselves.
 //! Memory is proportional to the number of rows (ids, band keys, sketches of at most
-//! `sketch_size` hashes), not to the text.
+//! `sketch_size` hashes), not to the text. [`longest`] keeps each cluster's longest row instead
+//! of its first (`dedup --keep longest`, two passes).
 
+pub mod longest;
 pub mod minhash;
 pub mod normalize;
 

@@ -10,10 +10,10 @@
 pub mod model;
 pub mod sequence;
 
-use crate::pack::manifest::Manifest;
+use crate::pack::manifest::{Manifest, ShardKind};
 use crate::pack::preference::read_pairs;
 use crate::pack::prompts::read_prompts;
-use crate::pack::shards::{list_shards, read_rows};
+use crate::pack::shards::{list_shards, read_rows, single_shard_file_name};
 use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -136,9 +136,9 @@ pub fn scan(dir: &Path, manifest: &Manifest, facts: &TokenFacts, findings: &mut 
         sequence::check(q.ids, q.labels, facts, truncating, &at, findings);
     };
     for split in ["train", "eval"] {
-        match manifest.format.as_str() {
-            "tunekit-preference-shards" => {
-                let f = dir.join(format!("{split}-00000-of-00001.parquet"));
+        match manifest.format {
+            ShardKind::Preference => {
+                let f = dir.join(single_shard_file_name(split));
                 if !f.exists() {
                     continue;
                 }
@@ -151,7 +151,7 @@ pub fn scan(dir: &Path, manifest: &Manifest, facts: &TokenFacts, findings: &mut 
                     check(&mut s, findings, q);
                 }
             }
-            "tunekit-prompt-shards" => {
+            ShardKind::Prompts => {
                 for f in list_shards(dir, split)? {
                     let name = file_name(&f);
                     for (i, r) in read_prompts(&f)?.iter().enumerate() {

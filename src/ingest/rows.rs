@@ -1,8 +1,10 @@
 //! Raw row to JSON object, with a reject (reason + detail) when the row cannot be parsed.
 
-use super::read::{utf8_detail, RawData, RawRow, Source};
+use super::read::{open_rows, utf8_detail, RawData, RawRow, ReadOptions, Source};
 use crate::accounting::{reason, Reject};
+use anyhow::{bail, Result};
 use serde_json::{Map, Value};
+use std::path::Path;
 
 pub fn reject(
     src: &Source,
@@ -62,4 +64,30 @@ pub fn json_kind(v: &Value) -> &'static str {
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
     }
+}
+
+/// Every row of a file as `("file:row", text)`: the named columns' text, or every text column's,
+/// joined by newlines (evaluation sets for decontamination). Rows that cannot be read are errors.
+pub fn row_texts(path: &Path, columns: &[String]) -> Result<Vec<(String, String)>> {
+    let (source, rows) = open_rows(path, &ReadOptions::default())?;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let mut out = vec![];
+    for raw in rows {
+        let raw = raw?;
+        let row = raw.row;
+        let obj = to_object(&source, raw).map_err(|r| anyhow::anyhow!("{r}"))?;
+        let text: Vec<String> = match columns.is_empty() {
+            true => obj.values().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            false => columns
+                .iter()
+                .filter_map(|c| obj.get(c))
+                .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
+                .collect(),
+        };
+        out.push((format!("{name}:{row}"), text.join("\n")));
+    }
+    if out.is_empty() {
+        bail!("{}: no rows to decontaminate against", path.display());
+    }
+    Ok(out)
 }

@@ -1,56 +1,20 @@
 //! Files to batches of conversations: a reader thread splits rows, rayon parses and maps them,
 //! and the caller receives batches in input order (so output order and ids are deterministic).
 
-use super::formats::{Format, MapOptions, Mapper};
+use super::formats::Mapper;
+use super::item::{Batch, Item, BATCH_ROWS};
+use super::options::MapOptions;
 use super::read::{open_rows, InputKind, Source};
 use super::rows::to_object;
-use crate::accounting::Reject;
-use crate::accounting::RowCtx;
-use crate::record::Conversation;
+use crate::accounting::{Reject, RowCtx};
 use anyhow::Result;
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::sync::mpsc::sync_channel;
 
-pub const BATCH_ROWS: usize = 4096;
-
 /// A parsed row: record number, line, and the object or why it could not be read.
 type Parsed = (u64, Option<u64>, Result<Map<String, Value>, Reject>);
-
-// Rows move by value in batches; boxing the larger variant would cost an allocation per row.
-#[allow(clippy::large_enum_variant)]
-pub enum Item {
-    Ok(Conversation),
-    Rejected(Reject),
-    /// A row a `--sql` query, `--limit` or `--sample` left out.
-    Filtered,
-    /// A row overlapping an evaluation set of `--decontaminate` (rare: boxed).
-    Contaminated(Box<crate::quality::decontaminate::Contamination>),
-}
-
-impl Item {
-    /// The conversation of a row that was read and mapped.
-    pub fn conversation(&self) -> Option<&Conversation> {
-        match self {
-            Item::Ok(c) => Some(c),
-            _ => None,
-        }
-    }
-}
-
-pub struct Batch {
-    /// The batch's place among all batches of all inputs (a sharded run deals them to its ranks).
-    pub index: u64,
-    pub source: std::sync::Arc<str>,
-    pub format: Option<Format>,
-    /// The format as summaries show it (with a synonym mapping when `--format auto` chose one).
-    pub label: Option<String>,
-    /// How the file was read when it was not plain UTF-8 with its extension's delimiter: "delimiter
-    /// ';'", "encoding windows-1252".
-    pub read_notes: Option<String>,
-    pub items: Vec<Item>,
-}
 
 /// Reads every input in order and calls `on_batch` with mapped rows. Fatal errors (unreadable
 /// file, no format fits) stop the stream; bad rows become `Item::Rejected`.
@@ -119,7 +83,7 @@ pub fn stream_conversations(
                         Err(r) => Item::Rejected(r),
                         Ok(obj) => {
                             let ctx = RowCtx { source: &source.name, row, line };
-                            mapper.as_ref().expect("built at the first parsed row").item(obj, &ctx)
+                            Item::mapped(mapper.as_ref().expect("built at the first parsed row"), opts, obj, &ctx)
                         }
                     })
                     .collect();

@@ -6,10 +6,11 @@
 //! rows the query and the selection leave out are counted as `filtered`, so the counts still add
 //! up. Tables are held in memory; without these options the streaming reader stays the path.
 
-use super::formats::{MapOptions, Mapper};
+use super::formats::Mapper;
+use super::item::{Batch, Item, BATCH_ROWS};
+use super::options::{MapOptions, Selection};
 use super::read::{open_rows, utf8_detail, InputKind, RawData, Source};
 use super::rows::{reject, to_object};
-use super::stream::{Batch, Item, BATCH_ROWS};
 use crate::accounting::{reason, RowCtx};
 use crate::split::SplitMix64;
 use anyhow::{bail, Context, Result};
@@ -18,24 +19,6 @@ use rayon::prelude::*;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// Which rows of the inputs to use.
-#[derive(Debug, Clone, Default)]
-pub struct Selection {
-    /// A polars SQL query over the inputs' tables.
-    pub sql: Option<String>,
-    /// At most this many rows (the first, after the query).
-    pub limit: Option<usize>,
-    /// This many rows drawn at random (seeded), after the query, in their order.
-    pub sample: Option<usize>,
-    pub seed: u64,
-}
-
-impl Selection {
-    pub fn is_active(&self) -> bool {
-        self.sql.is_some() || self.limit.is_some() || self.sample.is_some()
-    }
-}
 
 /// The hidden column that carries each row's record number through the query (a query that keeps
 /// it, as `SELECT *` over one table does, keeps the rows' ids).
@@ -359,7 +342,7 @@ pub fn select_conversations(
             .map(|(j, (row, obj))| {
                 let n = row.unwrap_or((kept + j + 1) as u64);
                 let ctx = RowCtx { source: &source, row: n, line: None };
-                mapper.item(obj, &ctx)
+                Item::mapped(&mapper, opts, obj, &ctx)
             })
             .collect();
         kept += items.len();

@@ -19,11 +19,41 @@ use std::path::Path;
 
 pub const FILE: &str = "manifest.json";
 
+/// The kind of a shard directory, as its manifest's `format` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ShardKind {
+    /// Packed SFT rows (`prepare`).
+    #[serde(rename = "tunekit-shards")]
+    Sft,
+    /// Preference pairs (`prepare --method dpo`).
+    #[serde(rename = "tunekit-preference-shards")]
+    Preference,
+    /// Prompts for online RL (`prepare --method prompts`).
+    #[serde(rename = "tunekit-prompt-shards")]
+    Prompts,
+    /// A manifest without a format tunekit writes.
+    #[default]
+    #[serde(other, rename = "unknown")]
+    Unknown,
+}
+
+impl ShardKind {
+    /// The manifest's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShardKind::Sft => "tunekit-shards",
+            ShardKind::Preference => "tunekit-preference-shards",
+            ShardKind::Prompts => "tunekit-prompt-shards",
+            ShardKind::Unknown => "unknown",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Manifest {
-    /// "tunekit-shards" (packed SFT rows), "tunekit-preference-shards" or "tunekit-prompt-shards".
-    pub format: String,
+    /// What the shards hold.
+    pub format: ShardKind,
     pub format_version: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,

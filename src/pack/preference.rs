@@ -69,7 +69,7 @@ impl PreferenceWriter {
             return Ok(());
         }
         if self.writer.is_none() {
-            let f = AtomicFile::create(&self.dir.join(format!("{}-00000-of-00001.parquet", self.split)))?;
+            let f = AtomicFile::create(&self.dir.join(super::shards::single_shard_file_name(self.split)))?;
             self.writer = Some(ArrowWriter::try_new(f, schema(), Some(crate::output::parquet_props()))?);
         }
         let rows = std::mem::take(&mut self.pending);
@@ -96,7 +96,7 @@ impl PreferenceWriter {
         match self.writer.take() {
             Some(w) => {
                 w.into_inner()?.commit()?;
-                Ok(vec![format!("{}-00000-of-00001.parquet", self.split)])
+                Ok(vec![super::shards::single_shard_file_name(self.split)])
             }
             None => Ok(vec![]),
         }

@@ -86,7 +86,7 @@ impl PromptWriter {
             }
             cols.push(Arc::new(b.finish()));
         }
-        let name = format!("{}-00000-of-00001.parquet", self.split);
+        let name = super::shards::single_shard_file_name(self.split);
         let file = AtomicFile::create(&dir.join(&name))?;
         let mut w = ArrowWriter::try_new(file, schema.clone(), Some(crate::output::parquet_props()))?;
         w.write(&RecordBatch::try_new(schema, cols)?)?;

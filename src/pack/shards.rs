@@ -15,6 +15,16 @@ use std::sync::Arc;
 
 pub const COLUMNS: [&str; 4] = ["input_ids", "labels", "position_ids", "seq_lengths"];
 
+/// The file name of shard `index` (0-based) of `count` of a split: `train-00000-of-00001.parquet`.
+pub fn shard_file_name(split: &str, index: usize, count: usize) -> String {
+    format!("{split}-{index:05}-of-{count:05}.parquet")
+}
+
+/// The one file of a split written whole (preference pairs, prompts): `eval-00000-of-00001.parquet`.
+pub fn single_shard_file_name(split: &str) -> String {
+    shard_file_name(split, 0, 1)
+}
+
 pub fn schema() -> Arc<Schema> {
     let list = || DataType::List(Arc::new(Field::new("item", DataType::Int32, true)));
     Arc::new(Schema::new(COLUMNS.iter().map(|c| Field::new(*c, list(), false)).collect::<Vec<_>>()))
@@ -113,7 +123,7 @@ impl ShardWriter {
         let n = self.done.len();
         let mut out = Vec::with_capacity(n);
         for (i, tmp) in self.done.iter().enumerate() {
-            let fin = self.dir.join(format!("{}-{i:05}-of-{n:05}.parquet", self.split));
+            let fin = self.dir.join(shard_file_name(self.split, i, n));
             std::fs::rename(tmp, &fin)
                 .with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
             out.push(fin);

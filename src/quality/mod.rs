@@ -9,7 +9,9 @@
 pub mod decontaminate;
 pub mod language;
 
+use crate::accounting::{Reject, RowCtx};
 use crate::record::Conversation;
+use decontaminate::Contamination;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -63,7 +65,34 @@ pub struct Quality {
     pub min_language_confidence: f64,
 }
 
+/// What the filters make of one mapped conversation.
+// Rows move by value; boxing the kept conversation would cost an allocation per row.
+#[allow(clippy::large_enum_variant)]
+pub enum Verdict {
+    Keep(Conversation),
+    /// Failing a filter rule: the reject names the rule and what it measured.
+    Rejected(Reject),
+    /// Overlapping an evaluation set of `--decontaminate` (rare: boxed).
+    Contaminated(Box<Contamination>),
+}
+
 impl Quality {
+    /// Judges the conversation of row `ctx`: contaminated (overlapping an evaluation set), rejected
+    /// by the first rule it fails, or kept. Prompts for online RL (`answers` false) have no answers
+    /// to filter on, so only decontamination applies to them.
+    pub fn verdict(&self, conv: Conversation, ctx: &RowCtx, answers: bool) -> Verdict {
+        if let Some((side, o)) = self.contamination(&conv) {
+            let n = self.decontaminate.as_ref().map_or(0, |i| i.n());
+            return Verdict::Contaminated(Box::new(Contamination::new(ctx, side, o, n, conv)));
+        }
+        if answers {
+            if let Err((why, detail)) = self.check(&conv) {
+                return Verdict::Rejected(ctx.reject(None, why, detail));
+            }
+        }
+        Verdict::Keep(conv)
+    }
+
     pub fn is_active(&self) -> bool {
         let bounded = |b: (Option<usize>, Option<usize>)| b.0.is_some() || b.1.is_some();
         bounded(self.prompt_words)

@@ -7,7 +7,7 @@
 
 use super::charts::{bar_chart, line_chart, loss_series, Series};
 use super::stats::{bars, binned, histogram};
-use crate::pack::manifest::Manifest;
+use crate::pack::manifest::{Manifest, ShardKind};
 use crate::pack::shards::{list_shards, read_first_rows, read_seq_lengths};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -217,10 +217,10 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
     // Sequence lengths (SFT samples, preference sides, prompts) and, for SFT rows, each row's trained share.
     let (mut lengths, mut shares, mut rows) = (vec![], vec![], vec![]);
     let mut length_title = "Sample length";
-    match m.format.as_str() {
-        "tunekit-preference-shards" => {
+    match m.format {
+        ShardKind::Preference => {
             length_title = "Chosen and rejected lengths";
-            let f = dir.join("train-00000-of-00001.parquet");
+            let f = dir.join(crate::pack::shards::single_shard_file_name("train"));
             if f.exists() {
                 for p in crate::pack::preference::read_pairs(&f)? {
                     lengths.push(p.chosen_input_ids.len() as f64);
@@ -228,7 +228,7 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
                 }
             }
         }
-        "tunekit-prompt-shards" => {
+        ShardKind::Prompts => {
             length_title = "Prompt length";
             for f in list_shards(dir, "train")? {
                 lengths.extend(crate::pack::prompts::read_prompts(&f)?.iter().map(|p| p.prompt_ids.len() as f64));

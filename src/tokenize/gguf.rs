@@ -2,8 +2,8 @@
 //! ("gpt2" models: vocabulary, merges, control tokens as added special tokens, digits split one by
 //! one as SmolLM/StarCoder do), plus the special tokens and `tokenizer.chat_template`.
 
-use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file::{Content, Value};
+use crate::gguf::metadata::{open, string_of, strings_of, u32_of};
+use anyhow::{bail, Result};
 use serde_json::{json, Map, Value as J};
 use std::path::Path;
 
@@ -14,25 +14,15 @@ pub struct GgufTokenizer {
     pub chat_template: Option<String>,
 }
 
-fn strings(md: &std::collections::HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
-    md.get(key)
-        .with_context(|| format!("GGUF metadata has no '{key}'"))?
-        .to_vec()?
-        .iter()
-        .map(|v| v.to_string().cloned().map_err(anyhow::Error::from))
-        .collect()
-}
-
 pub fn read(path: &Path) -> Result<GgufTokenizer> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = Content::read(&mut f).with_context(|| format!("{}: not a GGUF file", path.display()))?;
+    let (_, content) = open(path)?;
     let md = &content.metadata;
-    let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let model = string_of(md, "tokenizer.ggml.model").unwrap_or_default();
     if model != "gpt2" {
         bail!("{}: GGUF tokenizer model '{model}' is not supported (byte-level BPE 'gpt2' is); pass the model's tokenizer.json", path.display());
     }
-    let tokens = strings(md, "tokenizer.ggml.tokens")?;
-    let merges = strings(md, "tokenizer.ggml.merges")?;
+    let tokens = strings_of(md, "tokenizer.ggml.tokens")?;
+    let merges = strings_of(md, "tokenizer.ggml.merges")?;
     let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
         Some(v) => v.to_vec()?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
         None => vec![1; tokens.len()],
@@ -64,12 +54,12 @@ pub fn read(path: &Path) -> Result<GgufTokenizer> {
     let mut specials = Map::new();
     for (key, name) in [("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")]
     {
-        if let Some(id) = md.get(&format!("tokenizer.ggml.{key}_token_id")).and_then(|v| v.to_u32().ok()) {
+        if let Some(id) = u32_of(md, &format!("tokenizer.ggml.{key}_token_id")) {
             if let Some(t) = tokens.get(id as usize) {
                 specials.insert(name.to_string(), J::from(t.clone()));
             }
         }
     }
-    let chat_template = md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+    let chat_template = string_of(md, "tokenizer.chat_template");
     Ok(GgufTokenizer { json: tok.to_string(), specials, chat_template })
 }

@@ -69,7 +69,7 @@ pub fn micro_batches(order: &[usize], budget: usize, len: impl Fn(usize) -> usiz
 
 /// The preference pairs of a split (`{split}-00000-of-00001.parquet`; none when it is absent).
 pub fn load_pairs(dir: &Path, split: &str) -> Result<Vec<PreferenceRow>> {
-    let f = dir.join(format!("{split}-00000-of-00001.parquet"));
+    let f = dir.join(crate::pack::shards::single_shard_file_name(split));
     if !f.exists() {
         return Ok(vec![]);
     }

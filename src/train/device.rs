@@ -1,42 +1,115 @@
 //! Where the trainer computes and in what precision: the CPU in f32, or an NVIDIA GPU (built with
 //! `--features cuda`) in bf16 for the frozen base and activations, with the LoRA weights, their
-//! gradients and the optimizer state in f32 (as PEFT keeps adapters over a bf16 base).
+//! gradients and the optimizer state in f32 (as PEFT keeps adapters over a bf16 base); and the
+//! flags that say so (`--device`, `--dtype`, `--qlora`), parsed once into [`DeviceSpec`],
+//! [`Precision`] and [`Qlora`].
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
 
-/// `--device auto|cpu|cuda|cuda:N` and `--dtype auto|f32|bf16`, resolved. `auto` picks a GPU when
-/// the binary is built with CUDA and one is present, else the CPU; bf16 on a GPU, f32 on the CPU.
-/// `auto` and `cuda` take the first GPU, or in a data-parallel job the rank's own: its local rank
-/// among the GPUs it sees (one each when the launcher hides the others).
-pub fn select(device: &str, dtype: &str) -> Result<(Device, DType)> {
+/// `--device`: where to compute. `auto` picks a GPU when the binary is built with CUDA and one is
+/// present, else the CPU; `cuda` the first GPU (in a data-parallel job the rank's own); `cuda:N`
+/// the GPU with index N. Written and read as that text (options, config files, checkpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    /// A GPU: its index, or None for the rank's own.
+    Cuda(Option<usize>),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => DeviceSpec::Auto,
+            "cpu" => DeviceSpec::Cpu,
+            "cuda" => DeviceSpec::Cuda(None),
+            d => {
+                match d.strip_prefix("cuda:") {
+                    Some(n) => DeviceSpec::Cuda(Some(n.parse().map_err(|_| {
+                        anyhow::anyhow!("--device {d}: expected cuda or cuda:N with N the GPU's index")
+                    })?)),
+                    None => bail!("--device {d}: use auto, cpu, cuda or cuda:N"),
+                }
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(None) => f.write_str("cuda"),
+            DeviceSpec::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `--dtype`: the compute precision of the frozen base and activations (adapters, gradients and
+/// optimizer state are f32 always). `auto`: bf16 on a GPU, f32 on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+/// `--qlora`: how a QLoRA run holds the frozen projections in 4 bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Qlora {
+    /// NormalFloat4, blocks of 64 with double-quantised scales (bitsandbytes' NF4), from any base.
+    Nf4,
+    /// A GGUF base's own quantised blocks, kept as the file has them.
+    Gguf,
+}
+
+/// The device and dtype `device` and `dtype` resolve to on this machine (and this rank).
+pub fn select(device: DeviceSpec, dtype: Precision) -> Result<(Device, DType)> {
     let own = own_gpu();
     let dev = match device {
-        "auto" => gpu(own).unwrap_or(Device::Cpu),
-        "cpu" => Device::Cpu,
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            let n: usize = match d.strip_prefix("cuda:") {
-                None => own,
-                Some(n) => n
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("--device {d}: expected cuda or cuda:N with N the GPU's index"))?,
-            };
+        DeviceSpec::Auto => gpu(own).unwrap_or(Device::Cpu),
+        DeviceSpec::Cpu => Device::Cpu,
+        DeviceSpec::Cuda(index) => {
+            let n = index.unwrap_or(own);
             match gpu(n) {
                 Some(g) => g,
-                None if cfg!(feature = "cuda") => bail!("--device {d}: no usable NVIDIA GPU with index {n} was found"),
+                None if cfg!(feature = "cuda") => {
+                    bail!("--device {device}: no usable NVIDIA GPU with index {n} was found")
+                }
                 None => bail!(
-                    "--device {d}: this tunekit was built without GPU support; rebuild with \
+                    "--device {device}: this tunekit was built without GPU support; rebuild with \
                      `cargo build --release --features cuda` (needs nvcc) or use --device cpu"
                 ),
             }
         }
-        other => bail!("--device {other}: use auto, cpu, cuda or cuda:N"),
     };
     let dt = match (dtype, dev.is_cpu()) {
-        ("auto", true) | ("f32", _) => DType::F32,
-        ("auto", false) | ("bf16", false) => DType::BF16,
-        ("bf16", true) => bail!("--dtype bf16 is for GPUs; on the CPU tunekit computes in f32 (use --dtype f32)"),
-        (other, _) => bail!("--dtype {other}: use auto, f32 or bf16"),
+        (Precision::Auto, true) | (Precision::F32, _) => DType::F32,
+        (Precision::Auto, false) | (Precision::Bf16, false) => DType::BF16,
+        (Precision::Bf16, true) => {
+            bail!("--dtype bf16 is for GPUs; on the CPU tunekit computes in f32 (use --dtype f32)")
+        }
     };
     Ok((dev, dt))
 }
@@ -111,16 +184,24 @@ mod tests {
 
     #[test]
     fn cpu_defaults_to_f32_and_refuses_bf16_and_unknown_names() {
-        let (d, t) = select("cpu", "auto").unwrap();
+        let spec = |s: &str| s.parse::<DeviceSpec>();
+        let (d, t) = select(DeviceSpec::Cpu, Precision::Auto).unwrap();
         assert!(d.is_cpu());
         assert_eq!(t, DType::F32);
-        assert!(select("cpu", "bf16").unwrap_err().to_string().contains("GPUs"));
-        assert!(select("tpu", "auto").unwrap_err().to_string().contains("auto, cpu, cuda"));
-        assert!(select("cpu", "f8").unwrap_err().to_string().contains("f32 or bf16"));
+        assert!(select(DeviceSpec::Cpu, Precision::Bf16).unwrap_err().to_string().contains("GPUs"));
+        assert!(spec("tpu").unwrap_err().to_string().contains("auto, cpu, cuda"));
+        assert!(spec("cuda:x").unwrap_err().to_string().contains("cuda:N"));
+        for s in ["auto", "cpu", "cuda", "cuda:3"] {
+            assert_eq!(spec(s).unwrap().to_string(), s);
+            assert_eq!(serde_json::to_string(&spec(s).unwrap()).unwrap(), format!("\"{s}\""));
+        }
         #[cfg(not(feature = "cuda"))]
         {
-            assert!(select("auto", "auto").unwrap().0.is_cpu());
-            assert!(select("cuda", "auto").unwrap_err().to_string().contains("--features cuda"));
+            assert!(select(DeviceSpec::Auto, Precision::Auto).unwrap().0.is_cpu());
+            assert!(select(DeviceSpec::Cuda(None), Precision::Auto)
+                .unwrap_err()
+                .to_string()
+                .contains("--features cuda"));
         }
     }
 }

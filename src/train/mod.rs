@@ -1,7 +1,7 @@
 //! The built-in trainer, on candle.
 //!
-//! * [`options`] what a run is told; [`recipes`] one file per method (sft, dpo, reward) over the
-//!   shared loop; [`objectives`] the losses, as values.
+//! * [`options`] what a run is told; [`trainer`] the loop every method shares; [`recipes`] one
+//!   file per method (sft, dpo, reward, grpo, ppo) over it; [`objectives`] the losses, as values.
 //! * [`model`] a differentiable Llama-family model, one file per piece, each piece a graph node
 //!   with a hand-written backward ([`graph`]); [`adapters`] what training adds to it (LoRA, a reward
 //!   head).
@@ -25,6 +25,8 @@ pub mod options;
 pub mod recipes;
 pub mod rewards;
 pub mod rollout;
+pub mod trainer;
 
 pub use options::{Method, TrainOptions};
-pub use recipes::{run, TrainSummary};
+pub use recipes::run;
+pub use trainer::TrainSummary;

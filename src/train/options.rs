@@ -3,10 +3,12 @@
 //! into every checkpoint.
 
 use crate::train::adapters::lora::LoraSettings;
+use crate::train::device::{DeviceSpec, Precision, Qlora};
 use crate::train::objectives::dpo::Dpo;
 use crate::train::objectives::grpo::Grpo;
 use crate::train::objectives::ppo::Ppo;
 use crate::train::optim::{AdamWConfig, Schedule};
+use crate::train::rewards::RewardSpec;
 use crate::train::rollout::SamplingParams;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -52,7 +54,7 @@ pub struct RlOptions {
     pub sampling: SamplingParams,
     /// `--reward` specs (`match:COLUMN`, `regex:PATTERN`, `json`, `length:N`, `model:DIR`,
     /// `command:CMD`, each optionally `*W`).
-    pub rewards: Vec<String>,
+    pub rewards: Vec<RewardSpec>,
     /// Seconds a reward command may take for one batch.
     pub reward_timeout: f64,
     /// The tokenizer the prompts were prepared with (default: the one the manifest records).
@@ -93,9 +95,9 @@ pub struct TrainOptions {
     pub save_every: u64,
     pub seed: u64,
     pub logits_chunk: usize,
-    /// QLoRA: hold the frozen projections in 4 bits ("nf4"); None = full precision.
+    /// QLoRA: hold the frozen projections in 4 bits; None = full precision.
     #[serde(default)]
-    pub qlora: Option<String>,
+    pub qlora: Option<Qlora>,
     /// QLoRA: also hold the token embedding and lm_head in NF4 (default: full precision).
     #[serde(default)]
     pub qlora_embeddings: bool,
@@ -108,17 +110,13 @@ pub struct TrainOptions {
     /// `--report-to tensorboard`: event files under OUT/tensorboard/ beside metrics.jsonl.
     #[serde(default)]
     pub tensorboard: bool,
-    /// auto, cpu, cuda or cuda:N (auto: a GPU when built with CUDA and one is present).
-    #[serde(default = "auto")]
-    pub device: String,
-    /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16.
-    #[serde(default = "auto")]
-    pub dtype: String,
+    /// Where to compute (auto: a GPU when built with CUDA and one is present).
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// Compute dtype (auto: bf16 on a GPU, f32 on the CPU).
+    #[serde(default)]
+    pub dtype: Precision,
     /// Online RL: sampling and rewards.
     #[serde(default)]
     pub rl: RlOptions,
-}
-
-fn auto() -> String {
-    "auto".into()
 }

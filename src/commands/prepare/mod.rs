@@ -9,11 +9,12 @@ pub mod sft;
 
 use super::Summary;
 use crate::accounting::Tally;
+use crate::admit::Front;
 use crate::dedup::DedupOptions;
 use crate::ingest::MapOptions;
 use crate::pack::fit::TooLong;
 use crate::pack::manifest::{
-    Manifest, ManifestAccounting, SourceFile, SplitStats, Splits, TemplateRecord, TokenizerRecord, Tool,
+    Manifest, ManifestAccounting, ShardKind, SourceFile, SplitStats, Splits, TemplateRecord, TokenizerRecord, Tool,
 };
 use crate::pack::rows::PackMode;
 use crate::template::chat::ChatTemplate;
@@ -21,6 +22,7 @@ use crate::tokenize::{LossMode, TokenizerInfo};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -106,6 +108,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     if opts.map.share.is_some() {
         bail!("internal error: a sharded prepare runs through run_part");
     }
+    let _lock = crate::output::DirLock::acquire(&opts.out, "tunekit prepare")?;
     match opts.method {
         PrepareMethod::Sft => sft::run(opts),
         PrepareMethod::Preference => preference::run(opts),
@@ -148,10 +151,11 @@ impl Setup {
         Ok(Setup { tok, template })
     }
 
-    /// The manifest of a finished run: the parts every kind shares, filled from the options.
-    fn manifest(&self, opts: &PrepareOptions, sources: Vec<SourceFile>, accounting: ManifestAccounting) -> Manifest {
+    /// The manifest of a run of `kind`: the parts every kind shares, filled from the options (the
+    /// accounting and the splits are [`finish`]'s).
+    fn manifest(&self, opts: &PrepareOptions, format: ShardKind, sources: Vec<SourceFile>) -> Manifest {
         Manifest {
-            format: String::new(),
+            format,
             format_version: 1,
             method: None,
             tool: Tool::this(),
@@ -166,10 +170,69 @@ impl Setup {
             eval_fraction: opts.eval_fraction,
             dedup: opts.dedup.clone(),
             columns: vec![],
-            accounting,
+            accounting: ManifestAccounting::default(),
             splits: Splits::default(),
         }
     }
+}
+
+/// What a kind of prepare made, for [`finish`]: its figures beside the counts every kind shares.
+struct Made {
+    method: PrepareMethod,
+    truncated: u64,
+    dropped_too_long: u64,
+    samples: u64,
+    packed_rows: u64,
+    tokens: u64,
+    trainable_tokens: u64,
+    fill_ratio: f64,
+    /// The tokens tokenized, for the rate (more than `tokens` when rows were dropped).
+    tokens_seen: u64,
+    train: SplitStats,
+    eval: SplitStats,
+}
+
+/// How every kind of prepare ends: the admission front closed and its counts checked, the
+/// accounting (`account` adds the kind's own figures to the shared counts) and the splits in the
+/// manifest, the manifest written last (it vouches for complete shards), the report beside the
+/// shards, the verdict (a run that keeps nothing is an error) and the summary.
+fn finish(
+    opts: &PrepareOptions,
+    mut front: Front,
+    mut manifest: Manifest,
+    account: impl FnOnce(ManifestAccounting) -> ManifestAccounting,
+    made: Made,
+    start: Instant,
+) -> Result<PrepareSummary> {
+    let files = front.finish()?;
+    let counts = front.counts.clone();
+    if !counts.balanced() {
+        bail!("internal accounting error: {counts:?}");
+    }
+    manifest.accounting = account(ManifestAccounting::of(&counts, made.dropped_too_long));
+    manifest.splits = Splits { train: made.train.clone(), eval: made.eval.clone() };
+    manifest.write(&opts.out)?;
+    crate::report::html::write_beside(&opts.out);
+    let tally = Tally::new(counts, files, start);
+    tally.verdict("prepare")?;
+    Ok(PrepareSummary {
+        command: "prepare",
+        method: made.method,
+        out: opts.out.display().to_string(),
+        manifest: manifest_path(&opts.out),
+        tokens_per_s: made.tokens_seen as f64 / tally.seconds.max(1e-9),
+        tally,
+        truncated: made.truncated,
+        dropped_too_long: made.dropped_too_long,
+        samples: made.samples,
+        packed_rows: made.packed_rows,
+        tokens: made.tokens,
+        trainable_tokens: made.trainable_tokens,
+        fill_ratio: made.fill_ratio,
+        train: made.train,
+        eval: made.eval,
+        tokenized_at_merge: None,
+    })
 }
 
 /// The sha256 of every input, on a thread of its own (the inputs are read again meanwhile).
@@ -185,10 +248,6 @@ fn hash_sources(inputs: &[PathBuf]) -> std::thread::JoinHandle<Result<Vec<Source
 
 fn joined<T>(h: std::thread::JoinHandle<Result<T>>, what: &str) -> Result<T> {
     h.join().map_err(|_| anyhow::anyhow!("{what} thread panicked"))?
-}
-
-fn file_names(files: &[PathBuf]) -> Vec<String> {
-    files.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()).collect()
 }
 
 fn manifest_path(out: &Path) -> String {

@@ -4,17 +4,17 @@
 //! packed; dedup and the train/eval split work on whole pairs; the manifest counts pairs as prepare
 //! counts rows.
 
-use super::{hash_sources, joined, manifest_path, PrepareMethod, PrepareOptions, PrepareSummary, Setup};
-use crate::accounting::{reason, Reject, Tally};
+use super::{finish, hash_sources, joined, Made, PrepareMethod, PrepareOptions, PrepareSummary, Setup};
+use crate::accounting::{reason, Reject};
 use crate::admit::Front;
 use crate::ingest::stream_conversations;
 use crate::pack::fit::fit;
-use crate::pack::manifest::{ManifestAccounting, SplitStats, Splits};
+use crate::pack::manifest::{ManifestAccounting, ShardKind, SplitStats};
 use crate::pack::preference::{PreferenceRow, PreferenceWriter, COLUMNS};
 use crate::record::{Conversation, Message};
 use crate::split::is_eval;
 use crate::tokenize::{LossMode, Sample, Tokenizing};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -92,39 +92,23 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let (tp, ep) = (stats(&train), stats(&eval));
     let train_stats = SplitStats { files: train.finish()?, ..tp };
     let eval_stats = SplitStats { files: eval.finish()?, ..ep };
-    let files = front.finish()?;
-    let counts = front.counts.clone();
-    if !counts.balanced() {
-        bail!("internal accounting error: {counts:?}");
-    }
     let sources = joined(hashing, "hashing")?;
     let pairs = train_stats.samples + eval_stats.samples;
     let tokens = train_stats.tokens + eval_stats.tokens;
     let trainable = train_stats.trainable_tokens + eval_stats.trainable_tokens;
-    let accounting = ManifestAccounting {
+    let mut manifest = setup.manifest(opts, ShardKind::Preference, sources);
+    manifest.method = Some("preference".into());
+    manifest.loss = LossMode::Last;
+    manifest.columns = COLUMNS.iter().map(|c| c.to_string()).collect();
+    let account = |shared| ManifestAccounting {
         truncated: (truncated > 0).then_some(truncated),
         pairs: Some(pairs),
         tokens,
         trainable_tokens: trainable,
-        ..ManifestAccounting::of(&counts, dropped)
+        ..shared
     };
-    let mut manifest = setup.manifest(opts, sources, accounting);
-    manifest.format = "tunekit-preference-shards".into();
-    manifest.method = Some("preference".into());
-    manifest.loss = LossMode::Last;
-    manifest.columns = COLUMNS.iter().map(|c| c.to_string()).collect();
-    manifest.splits = Splits { train: train_stats.clone(), eval: eval_stats.clone() };
-    manifest.write(&opts.out)?;
-    crate::report::html::write_beside(&opts.out);
-    let tally = Tally::new(counts, files, start);
-    tally.verdict("prepare")?;
-    Ok(PrepareSummary {
-        command: "prepare",
+    let made = Made {
         method: PrepareMethod::Preference,
-        out: opts.out.display().to_string(),
-        manifest: manifest_path(&opts.out),
-        tokens_per_s: tokens as f64 / tally.seconds.max(1e-9),
-        tally,
         truncated,
         dropped_too_long: dropped,
         samples: pairs,
@@ -132,8 +116,9 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         tokens,
         trainable_tokens: trainable,
         fill_ratio: 0.0,
+        tokens_seen: tokens,
         train: train_stats,
         eval: eval_stats,
-        tokenized_at_merge: None,
-    })
+    };
+    finish(opts, front, manifest, account, made, start)
 }

@@ -5,15 +5,15 @@
 //! `completion` when the row has no column of that name. Prompts longer than `--seq-len` are
 //! rejected (counted, never cut). Dedup, split, accounting and manifest as for the other methods.
 
-use super::{hash_sources, joined, manifest_path, PrepareMethod, PrepareOptions, PrepareSummary, Setup};
-use crate::accounting::{reason, Reject, Tally};
+use super::{finish, hash_sources, joined, Made, PrepareMethod, PrepareOptions, PrepareSummary, Setup};
+use crate::accounting::{reason, Reject};
 use crate::admit::Front;
 use crate::ingest::stream_conversations;
-use crate::pack::manifest::{ManifestAccounting, SplitStats, Splits};
+use crate::pack::manifest::{ManifestAccounting, ShardKind, SplitStats};
 use crate::pack::prompts::{PromptRow, PromptWriter, COLUMNS};
 use crate::record::Conversation;
 use crate::split::is_eval;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use rayon::prelude::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -102,31 +102,15 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     columns.extend(eval_columns);
     columns.sort();
     columns.dedup();
-    let files = front.finish()?;
-    let counts = front.counts.clone();
-    if !counts.balanced() {
-        bail!("internal accounting error: {counts:?}");
-    }
     let sources = joined(hashing, "hashing")?;
     let prompts = train_stats.samples + eval_stats.samples;
     let tokens = train_stats.tokens + eval_stats.tokens;
-    let accounting = ManifestAccounting { prompts: Some(prompts), tokens, ..ManifestAccounting::of(&counts, 0) };
-    let mut manifest = setup.manifest(opts, sources, accounting);
-    manifest.format = "tunekit-prompt-shards".into();
+    let mut manifest = setup.manifest(opts, ShardKind::Prompts, sources);
     manifest.method = Some("prompts".into());
     manifest.columns = COLUMNS.iter().map(|c| c.to_string()).chain(columns).collect();
-    manifest.splits = Splits { train: train_stats.clone(), eval: eval_stats.clone() };
-    manifest.write(&opts.out)?;
-    crate::report::html::write_beside(&opts.out);
-    let tally = Tally::new(counts, files, start);
-    tally.verdict("prepare")?;
-    Ok(PrepareSummary {
-        command: "prepare",
+    let account = |shared| ManifestAccounting { prompts: Some(prompts), tokens, ..shared };
+    let made = Made {
         method: PrepareMethod::Prompts,
-        out: opts.out.display().to_string(),
-        manifest: manifest_path(&opts.out),
-        tokens_per_s: tokens as f64 / tally.seconds.max(1e-9),
-        tally,
         truncated: 0,
         dropped_too_long: 0,
         samples: prompts,
@@ -134,8 +118,9 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         tokens,
         trainable_tokens: 0,
         fill_ratio: 0.0,
+        tokens_seen: tokens,
         train: train_stats,
         eval: eval_stats,
-        tokenized_at_merge: None,
-    })
+    };
+    finish(opts, front, manifest, account, made, start)
 }

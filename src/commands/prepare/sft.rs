@@ -4,79 +4,27 @@
 //! sequential half ([`Consumer`]) is shared by the one-process run and `merge-parts`, which feeds
 //! it the batches of a sharded run's parts in input order: both write the same directory.
 
-use super::{file_names, hash_sources, joined, manifest_path, PrepareOptions, PrepareSummary, Setup};
-use crate::accounting::{reason, Reject, Tally};
+use super::{finish, hash_sources, joined, Made, PrepareOptions, PrepareSummary, Setup};
+use crate::accounting::{reason, Reject};
 use crate::admit::Front;
 use crate::cluster::launch::Share;
 use crate::commands::parts::{part_digest, PartSummary};
 use crate::ingest::{stream_conversations, Item};
 use crate::pack::fit::fit;
-use crate::pack::manifest::{Manifest, ManifestAccounting, SourceFile, SplitStats, Splits};
-use crate::pack::rows::pack;
-use crate::pack::shards::{list_shards, ShardWriter, COLUMNS};
+use crate::pack::manifest::{Manifest, ManifestAccounting, ShardKind, SourceFile, SplitStats};
+use crate::pack::shards::{list_shards, COLUMNS};
+use crate::pack::split_packer::{Packing, SplitPacker};
 use crate::parts::block::{Block, Tokenized};
 use crate::parts::part::{blocks_in_order, PartMeta, PartWriter, Settings, TokenizingRecord};
 use crate::parts::set_aside::{LateTokenizer, OwnShare};
 use crate::record::Conversation;
-use crate::split::{is_eval, SplitMix64};
+use crate::split::is_eval;
 use crate::tokenize::mask::SampleError;
 use crate::tokenize::{Sample, Tokenizing};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// One split's buffer of samples waiting to be packed.
-struct SplitPacker {
-    writer: ShardWriter,
-    window: Vec<Sample>,
-    window_tokens: usize,
-    samples: u64,
-    rng: SplitMix64,
-}
-
-impl SplitPacker {
-    fn new(dir: &Path, split: &'static str, seed: u64, shard_bytes: usize) -> Self {
-        SplitPacker {
-            writer: ShardWriter::new(dir, split, shard_bytes),
-            window: Vec::new(),
-            window_tokens: 0,
-            samples: 0,
-            rng: SplitMix64::new(seed),
-        }
-    }
-    fn push(&mut self, s: Sample, opts: &PrepareOptions) -> Result<()> {
-        self.window_tokens += s.len();
-        self.samples += 1;
-        self.window.push(s);
-        if self.window_tokens >= opts.window_tokens {
-            self.flush(opts)?;
-        }
-        Ok(())
-    }
-    fn flush(&mut self, opts: &PrepareOptions) -> Result<()> {
-        let mut rows = pack(&self.window, opts.pack, opts.seq_len);
-        self.rng.shuffle(&mut rows);
-        self.writer.write(rows)?;
-        self.window.clear();
-        self.window_tokens = 0;
-        Ok(())
-    }
-    fn finish(mut self, opts: &PrepareOptions) -> Result<SplitStats> {
-        self.flush(opts)?;
-        let (rows, tokens, trained, samples) =
-            (self.writer.rows, self.writer.tokens, self.writer.trained, self.samples);
-        let files = self.writer.finish()?;
-        Ok(SplitStats {
-            samples,
-            rows,
-            tokens,
-            trainable_tokens: trained,
-            fill_ratio: if rows == 0 { 0.0 } else { tokens as f64 / (rows as f64 * opts.seq_len as f64) },
-            files: file_names(&files),
-        })
-    }
-}
 
 /// The sequential half of prepare: each batch's kept conversations with their samples (or why they
 /// have none) fitted to --seq-len, counted, routed to train or eval and handed to the packer.
@@ -139,18 +87,19 @@ fn consume(opts: &PrepareOptions, front: Front, feed: impl FnOnce(&mut Consumer)
     }
     let (pack_tx, pack_rx) = std::sync::mpsc::sync_channel::<Vec<(bool, Sample)>>(4);
     let packer = |rx: std::sync::mpsc::Receiver<Vec<(bool, Sample)>>| -> Result<(SplitStats, SplitStats)> {
-        let mut train = SplitPacker::new(&opts.out, "train", opts.seed, opts.shard_bytes);
-        let mut eval = SplitPacker::new(&opts.out, "eval", opts.seed ^ 0xE7A1, opts.shard_bytes);
+        let packing = Packing { mode: opts.pack, seq_len: opts.seq_len, window_tokens: opts.window_tokens };
+        let mut train = SplitPacker::new(&opts.out, "train", opts.seed, opts.shard_bytes, packing);
+        let mut eval = SplitPacker::new(&opts.out, "eval", opts.seed ^ 0xE7A1, opts.shard_bytes, packing);
         for batch in rx {
             for (to_eval, sample) in batch {
                 if to_eval {
-                    eval.push(sample, opts)?;
+                    eval.push(sample)?;
                 } else {
-                    train.push(sample, opts)?;
+                    train.push(sample)?;
                 }
             }
         }
-        Ok((train.finish(opts)?, eval.finish(opts)?))
+        Ok((train.finish()?, eval.finish()?))
     };
     let mut c = Consumer {
         opts,
@@ -194,7 +143,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
         })
     })?;
     let sources = joined(hashing, "hashing")?;
-    finish(opts, setup.manifest(opts, sources, ManifestAccounting::default()), packed, start)
+    finish_packed(opts, setup.manifest(opts, ShardKind::Sft, sources), packed, start)
 }
 
 /// A rank's share of a sharded prepare (`--rank/--world-size`): its batches read, mapped, checked
@@ -234,7 +183,7 @@ pub fn run_part(opts: &PrepareOptions, share: Share) -> Result<PartSummary> {
         world_size: share.world_size,
         digest,
         settings: Settings { window_tokens: opts.window_tokens, shard_bytes: opts.shard_bytes, strict: opts.strict },
-        manifest: setup.manifest(opts, vec![], ManifestAccounting::default()),
+        manifest: setup.manifest(opts, ShardKind::Sft, vec![]),
         output: None,
         sources,
         blocks: part.count,
@@ -282,49 +231,39 @@ pub fn merge(out: &Path, metas: Vec<PartMeta>) -> Result<PrepareSummary> {
         }
         Ok(())
     })?;
-    let mut summary = finish(&opts, template, packed, start)?;
+    let mut summary = finish_packed(&opts, template, packed, start)?;
     summary.tokenized_at_merge = Some(late.count);
     Ok(summary)
 }
 
-/// What every way of running prepare ends with: the counts checked, the manifest (written last),
-/// the report beside the shards, the verdict and the summary.
-fn finish(opts: &PrepareOptions, mut manifest: Manifest, packed: Packed, start: Instant) -> Result<PrepareSummary> {
-    let Packed { mut front, truncated, dropped, tokens_seen, train, eval } = packed;
-    let files = front.finish()?;
-    let counts = front.counts.clone();
-    if !counts.balanced() {
-        bail!("internal accounting error: {:?}", counts);
-    }
+/// The end of every way of running sft prepare (one process, merge-parts): packing's figures into
+/// the manifest and the summary.
+fn finish_packed(
+    opts: &PrepareOptions,
+    mut manifest: Manifest,
+    packed: Packed,
+    start: Instant,
+) -> Result<PrepareSummary> {
+    let Packed { front, truncated, dropped, tokens_seen, train, eval } = packed;
     let samples = train.samples + eval.samples;
     let rows = train.rows + eval.rows;
     let tokens = train.tokens + eval.tokens;
     let trainable = train.trainable_tokens + eval.trainable_tokens;
     let fill = if rows == 0 { 0.0 } else { tokens as f64 / (rows as f64 * opts.seq_len as f64) };
-    manifest.accounting = ManifestAccounting {
+    manifest.format = ShardKind::Sft;
+    manifest.packing = Some(opts.pack);
+    manifest.columns = COLUMNS.iter().map(|c| c.to_string()).collect();
+    let account = |shared| ManifestAccounting {
         truncated: Some(truncated),
         samples: Some(samples),
         packed_rows: Some(rows),
         tokens,
         trainable_tokens: trainable,
         fill_ratio: Some(fill),
-        ..ManifestAccounting::of(&counts, dropped)
+        ..shared
     };
-    manifest.format = "tunekit-shards".into();
-    manifest.packing = Some(opts.pack);
-    manifest.columns = COLUMNS.iter().map(|c| c.to_string()).collect();
-    manifest.splits = Splits { train: train.clone(), eval: eval.clone() };
-    manifest.write(&opts.out)?;
-    crate::report::html::write_beside(&opts.out);
-    let tally = Tally::new(counts, files, start);
-    tally.verdict("prepare")?;
-    Ok(PrepareSummary {
-        command: "prepare",
+    let made = Made {
         method: super::PrepareMethod::Sft,
-        out: opts.out.display().to_string(),
-        manifest: manifest_path(&opts.out),
-        tokens_per_s: tokens_seen as f64 / tally.seconds.max(1e-9),
-        tally,
         truncated,
         dropped_too_long: dropped,
         samples,
@@ -332,8 +271,9 @@ fn finish(opts: &PrepareOptions, mut manifest: Manifest, packed: Packed, start: 
         tokens,
         trainable_tokens: trainable,
         fill_ratio: fill,
+        tokens_seen,
         train,
         eval,
-        tokenized_at_merge: None,
-    })
+    };
+    finish(opts, front, manifest, account, made, start)
 }

@@ -6,10 +6,11 @@
 //! their B rows are put in that order; it scales by alpha / r, so an rsLoRA adapter (alpha /
 //! sqrt(r)) is written with the alpha that gives the same scale.
 
-use super::merged::rotary_rows;
-use super::writer::{write, TensorSpec};
+use crate::gguf::names::{architecture, hf_module_to_gguf, projection_path};
+use crate::gguf::rotary::to_gguf;
+use crate::gguf::writer::{write, TensorSpec};
+use crate::train::adapters::lora::peft_key;
 use crate::train::adapters::score::SCORE_WEIGHT;
-use crate::train::io::gguf::hf_module_to_gguf;
 use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -54,16 +55,6 @@ pub struct AdapterExport {
     pub bytes: u64,
 }
 
-/// llama.cpp's architecture name for the base, and whether it keeps q/k rows in rotary order.
-pub fn architecture(c: &ModelConfig) -> Result<(&'static str, bool)> {
-    Ok(match c.model_type.as_str() {
-        "llama" | "mistral" => ("llama", true),
-        "qwen2" => ("qwen2", false),
-        "qwen3" => ("qwen3", false),
-        other => bail!("model_type '{other}': llama.cpp export supports llama, mistral, qwen2 and qwen3"),
-    })
-}
-
 /// Inputs and outputs of a projection at the base's shapes.
 fn projection_shape(c: &ModelConfig, module: &str) -> Option<(usize, usize)> {
     let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
@@ -88,14 +79,15 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
             adapter_dir.display()
         );
     }
-    let (arch, rotary_order) = architecture(base)?;
+    let arch = architecture(&base.model_type)?;
+    let (arch, rotary_order) = (arch.name, arch.rotary_order);
     let r = settings.r;
     let mut specs = vec![];
     let mut mats: Vec<Tensor> = vec![];
     let mut fallbacks = 0;
     for layer in 0..base.num_hidden_layers {
-        for module in crate::train::adapters::lora::ALL_LINEAR.iter().map(|m| module_path(m)) {
-            let key = |ab: &str| format!("base_model.model.model.layers.{layer}.{module}.lora_{ab}.weight");
+        for module in crate::train::adapters::lora::ALL_LINEAR.iter().map(|m| projection_path(m)) {
+            let key = |ab: &str| peft_key(&format!("model.layers.{layer}.{module}"), ab);
             let (Some(a), Some(b)) = (tensors.get(&key("A")), tensors.get(&key("B"))) else { continue };
             let (inp, outp) = projection_shape(base, module).expect("a known projection");
             if a.dims() != [r, inp] || b.dims() != [outp, r] {
@@ -110,8 +102,8 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
                 );
             }
             let b = match (rotary_order, module) {
-                (true, "self_attn.q_proj") => rotary_rows(b, base.num_attention_heads)?,
-                (true, "self_attn.k_proj") => rotary_rows(b, base.kv_heads())?,
+                (true, "self_attn.q_proj") => to_gguf(b, base.num_attention_heads)?,
+                (true, "self_attn.k_proj") => to_gguf(b, base.kv_heads())?,
                 _ => b.clone(),
             };
             let weight = format!("blk.{layer}.{}.weight", hf_module_to_gguf(module).expect("a known projection"));
@@ -161,19 +153,6 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
     })
 }
 
-/// `q_proj` -> `self_attn.q_proj`, `gate_proj` -> `mlp.gate_proj`.
-fn module_path(m: &str) -> &'static str {
-    match m {
-        "q_proj" => "self_attn.q_proj",
-        "k_proj" => "self_attn.k_proj",
-        "v_proj" => "self_attn.v_proj",
-        "o_proj" => "self_attn.o_proj",
-        "gate_proj" => "mlp.gate_proj",
-        "up_proj" => "mlp.up_proj",
-        _ => "mlp.down_proj",
-    }
-}
-
 fn layer_of(key: &str) -> Option<usize> {
     key.split(".layers.").nth(1)?.split('.').next()?.parse().ok()
 }
@@ -183,21 +162,4 @@ fn name_of(dir: &Path) -> String {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
         .unwrap_or_else(|| "adapter".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::train::io::gguf::unpermute_rows;
-
-    #[test]
-    fn rotary_order_is_the_inverse_of_the_loaders_unpermutation() {
-        // 2 heads of head_dim 4: llama.cpp interleaves the two halves of each head.
-        let b = Tensor::arange(0f32, 8.0, &candle_core::Device::Cpu).unwrap().reshape((8, 1)).unwrap();
-        let g = rotary_rows(&b, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(g, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
-        let src = unpermute_rows(8, 2);
-        let back: Vec<f32> = src.iter().map(|&s| g[s]).collect();
-        assert_eq!(back, (0..8).map(|x| x as f32).collect::<Vec<_>>());
-    }
 }

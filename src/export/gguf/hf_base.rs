@@ -5,8 +5,9 @@
 //! types, merges, special ids, the pre-tokenizer by model family). Tensors are read one at a time
 //! from the memory-mapped safetensors.
 
+use crate::gguf::names::{pre_tokenizer, tensor_to_gguf};
+use crate::gguf::rotary::to_gguf;
 use crate::tokenize::TokenizerInfo;
-use crate::train::io::gguf::hf_to_gguf;
 use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -22,30 +23,6 @@ pub struct HfBase {
     rotary: bool,
 }
 
-/// The Hugging Face name of a tensor -> llama.cpp's, for the tensors a Llama-family model has.
-fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    if let Some(n) = hf_to_gguf(hf) {
-        return Some(n);
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, t) = rest.split_once('.')?;
-    let g = match t {
-        "self_attn.q_norm.weight" => "attn_q_norm.weight",
-        "self_attn.k_norm.weight" => "attn_k_norm.weight",
-        "self_attn.q_proj.bias" => "attn_q.bias",
-        "self_attn.k_proj.bias" => "attn_k.bias",
-        "self_attn.v_proj.bias" => "attn_v.bias",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}"))
-}
-
 impl HfBase {
     pub fn open(dir: &Path, rotary: bool) -> Result<HfBase> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
@@ -54,7 +31,7 @@ impl HfBase {
             .with_context(|| format!("cannot read the safetensors of {}", dir.display()))?;
         let mut tensors = vec![];
         for (name, view) in st.tensors() {
-            match gguf_name(&name) {
+            match tensor_to_gguf(&name) {
                 Some(g) => tensors.push((g, name.clone(), view.shape().to_vec())),
                 None if name.contains("rotary_emb") => {}
                 None => bail!("{}: tensor {name} has no llama.cpp name", dir.display()),
@@ -84,7 +61,7 @@ impl HfBase {
             _ => None,
         };
         match heads.filter(|_| self.rotary) {
-            Some(h) => super::merged::rotary_rows(&t, h),
+            Some(h) => to_gguf(&t, h),
             None => Ok(t),
         }
     }
@@ -115,16 +92,6 @@ impl HfBase {
         ];
         md.extend(tokenizer_metadata(tok, c, chat_template)?);
         Ok(md)
-    }
-}
-
-/// llama.cpp's name for the pre-tokenizer of the model family (convert_hf_to_gguf.py identifies it
-/// by hashing a tokenization; here by family).
-fn pre_tokenizer(c: &ModelConfig) -> &'static str {
-    match c.model_type.as_str() {
-        "qwen2" | "qwen3" => "qwen2",
-        _ if c.vocab_size >= 128_000 => "llama-bpe",
-        _ => "default",
     }
 }
 
@@ -198,7 +165,7 @@ fn tokenizer_metadata(
     let id = |name: &str| tok.special(name).and_then(|t| tok.tokenizer.token_to_id(t));
     let mut md = vec![
         ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".to_string(), Value::String(pre_tokenizer(c).into())),
+        ("tokenizer.ggml.pre".to_string(), Value::String(pre_tokenizer(&c.model_type, c.vocab_size).into())),
         ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
         ("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(Value::I32).collect())),
         ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),

@@ -7,10 +7,12 @@
 //! template the training shards were rendered with. A quantised base is dequantised, added to and
 //! requantised, which the summary counts.
 
-use super::adapter::architecture;
 use super::hf_base::HfBase;
-use super::writer::{write, TensorSpec};
-use crate::train::io::gguf::{config_of, unpermute_rows};
+use crate::gguf::names::{architecture, hf_to_gguf};
+use crate::gguf::rotary::to_gguf;
+use crate::gguf::writer::{write, TensorSpec};
+use crate::train::adapters::lora::{module_of_lora_a, peft_key};
+use crate::train::io::gguf::config_of;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -150,31 +152,21 @@ fn deltas(adapter_dir: &Path, c: &crate::train::model::config::ModelConfig) -> R
     let scale = if s.rslora { s.alpha / (s.r as f64).sqrt() } else { s.alpha / s.r as f64 };
     let mut out = HashMap::new();
     for (key, a) in &tensors {
-        let Some(stem) = key.strip_suffix(".lora_A.weight") else { continue };
-        let b = tensors.get(&format!("{stem}.lora_B.weight")).with_context(|| format!("{key} has no lora_B"))?;
-        let hf = format!("{}.weight", stem.strip_prefix("base_model.model.").unwrap_or(stem));
-        let gguf = crate::train::io::gguf::hf_to_gguf(&hf)
+        let Some(module) = module_of_lora_a(key) else { continue };
+        let b = tensors.get(&peft_key(module, "B")).with_context(|| format!("{key} has no lora_B"))?;
+        let hf = format!("{module}.weight");
+        let gguf = hf_to_gguf(&hf)
             .with_context(|| format!("{}: {key} is not a projection llama.cpp has", adapter_dir.display()))?;
         let b = if hf.ends_with("q_proj.weight") {
-            rotary_rows(b, c.num_attention_heads)?
+            to_gguf(b, c.num_attention_heads)?
         } else if hf.ends_with("k_proj.weight") {
-            rotary_rows(b, c.kv_heads())?
+            to_gguf(b, c.kv_heads())?
         } else {
             b.clone()
         };
         out.insert(gguf, Lora { b: b.to_dtype(DType::F32)?, a: a.to_dtype(DType::F32)?, scale });
     }
     Ok(out)
-}
-
-/// Rows of a q or k matrix (or its LoRA B) in llama.cpp's rotary order.
-pub fn rotary_rows(b: &Tensor, n_head: usize) -> Result<Tensor> {
-    let rows = b.dims()[0];
-    let mut dst = vec![0u32; rows];
-    for (hf, &g) in unpermute_rows(rows, n_head).iter().enumerate() {
-        dst[g] = hf as u32;
-    }
-    Ok(b.index_select(&Tensor::from_vec(dst, rows, b.device())?, 0)?)
 }
 
 /// Where the base's tensors come from.
@@ -196,7 +188,8 @@ pub fn export(
     let from_shards = chat_template.is_some();
     let (source, config, mut metadata) = if base.is_dir() {
         let config = crate::train::model::config::ModelConfig::from_file(&base.join("config.json"))?;
-        let (arch, rotary) = architecture(&config)?;
+        let a = architecture(&config.model_type)?;
+        let (arch, rotary) = (a.name, a.rotary_order);
         let hf = HfBase::open(base, rotary)?;
         let tok_path = tokenizer.unwrap_or(base);
         let tok = crate::tokenize::TokenizerInfo::load(tok_path).with_context(|| {
@@ -208,8 +201,7 @@ pub fn export(
         let md = hf.metadata(arch, &tok, chat_template.as_deref())?;
         (Source::Hf(Box::new(hf)), config, md)
     } else if base.extension().is_some_and(|e| e == "gguf") {
-        let mut file = std::fs::File::open(base).with_context(|| format!("cannot open {}", base.display()))?;
-        let content = Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", base.display()))?;
+        let (file, content) = crate::gguf::metadata::open(base)?;
         let config = config_of(&content, base)?;
         let md: Vec<(String, Value)> = content
             .metadata
@@ -225,7 +217,7 @@ pub fn export(
     } else {
         bail!("{}: expected a GGUF file or a Hugging Face model directory", base.display());
     };
-    let (arch, _) = architecture(&config)?;
+    let arch = architecture(&config.model_type)?.name;
     let mut deltas = match adapter_dir {
         Some(d) => deltas(d, &config)?,
         None => HashMap::new(),

@@ -214,29 +214,3 @@ pub fn utf8_detail(e: std::str::Utf8Error) -> String {
         e.valid_up_to()
     )
 }
-
-/// Every row of a file as `("file:row", text)`: the named columns' text, or every text column's,
-/// joined by newlines (evaluation sets for decontamination). Rows that cannot be read are errors.
-pub fn row_texts(path: &Path, columns: &[String]) -> Result<Vec<(String, String)>> {
-    let (source, rows) = open_rows(path, &ReadOptions::default())?;
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let mut out = vec![];
-    for raw in rows {
-        let raw = raw?;
-        let row = raw.row;
-        let obj = super::rows::to_object(&source, raw).map_err(|r| anyhow::anyhow!("{r}"))?;
-        let text: Vec<String> = match columns.is_empty() {
-            true => obj.values().filter_map(|v| v.as_str().map(str::to_string)).collect(),
-            false => columns
-                .iter()
-                .filter_map(|c| obj.get(c))
-                .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
-                .collect(),
-        };
-        out.push((format!("{name}:{row}"), text.join("\n")));
-    }
-    if out.is_empty() {
-        bail!("{}: no rows to decontaminate against", path.display());
-    }
-    Ok(out)
-}

@@ -25,6 +25,21 @@ pub struct LoraSettings {
 
 pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+/// Where PEFT keeps the model's own module paths in an adapter file's tensor names.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// PEFT's name of a LoRA matrix (`ab`: "A" or "B") of the module at `module` (a path such as
+/// `model.layers.0.self_attn.q_proj`): `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+pub fn peft_key(module: &str, ab: &str) -> String {
+    format!("{PEFT_PREFIX}{module}.lora_{ab}.weight")
+}
+
+/// The module path of a PEFT LoRA A matrix's name (None for any other tensor).
+pub fn module_of_lora_a(key: &str) -> Option<&str> {
+    let stem = key.strip_suffix(".lora_A.weight")?;
+    Some(stem.strip_prefix(PEFT_PREFIX).unwrap_or(stem))
+}
+
 impl LoraSettings {
     pub fn scale(&self) -> f64 {
         if self.rslora {

@@ -1,31 +1,29 @@
 //! Weights in and out of the trainer: base models from Hugging Face directories ([`hf`]) and GGUF
-//! files ([`gguf`]), adapters in PEFT's format ([`peft`]), merged models ([`merge`]) and training
-//! checkpoints ([`checkpoint`]). [`load_model`] is the one way a command gets a model to run.
+//! files ([`gguf`]), adapters in PEFT's format ([`peft`]) and merged models ([`merge`]); training
+//! checkpoints are the loop's (`train::trainer::checkpoints`). [`load_model`] is the one way a
+//! command gets a model to run.
 
-pub mod checkpoint;
 pub mod gguf;
 pub mod hf;
 pub mod merge;
 pub mod peft;
 
+pub use crate::train::device::Qlora;
+use crate::train::device::{DeviceSpec, Precision};
 use crate::train::model::base::BaseModel;
 use crate::train::model::Model;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use std::path::Path;
 
-/// Loads a base; with `qlora` ("nf4" or "gguf") the projections are quantised (or kept quantised)
-/// one tensor at a time as they are read, so the whole base is never in f32.
-pub fn load_base(path: &Path, device: &Device, qlora: Option<&str>) -> Result<BaseModel> {
-    match qlora {
-        None | Some("nf4") | Some("gguf") => {}
-        Some(other) => bail!("--qlora {other}: use nf4 or gguf"),
-    }
-    if qlora == Some("gguf") && path.extension().is_none_or(|e| e != "gguf") {
+/// Loads a base; with `qlora` the projections are quantised (or kept quantised) one tensor at a
+/// time as they are read, so the whole base is never in f32.
+pub fn load_base(path: &Path, device: &Device, qlora: Option<Qlora>) -> Result<BaseModel> {
+    if qlora == Some(Qlora::Gguf) && path.extension().is_none_or(|e| e != "gguf") {
         bail!("--qlora gguf needs a .gguf base model; use --qlora nf4 for a safetensors base");
     }
     if path.is_dir() {
-        hf::load_hf_dir(path, device, qlora == Some("nf4"))
+        hf::load_hf_dir(path, device, qlora == Some(Qlora::Nf4))
     } else if path.extension().is_some_and(|e| e == "gguf") {
         gguf::load_gguf(path, device, qlora)
     } else if path.exists() {
@@ -56,12 +54,10 @@ pub fn read_config(path: &Path) -> Result<crate::train::model::config::ModelConf
 /// How to hold and run a base model.
 #[derive(Debug, Clone, Default)]
 pub struct Placement {
-    /// `--device`: auto, cpu, cuda or cuda:N.
-    pub device: String,
-    /// `--dtype`: auto, f32 or bf16.
-    pub dtype: String,
-    /// `--qlora`: nf4 or gguf (the projections in 4 bits), or full precision.
-    pub qlora: Option<String>,
+    pub device: DeviceSpec,
+    pub dtype: Precision,
+    /// The projections in 4 bits, or full precision.
+    pub qlora: Option<Qlora>,
     /// `--qlora-embeddings`: the embedding and lm_head in NF4 too.
     pub qlora_embeddings: bool,
 }
@@ -69,9 +65,9 @@ pub struct Placement {
 /// The model on its device, base read (and quantised) on the CPU first, optionally with a PEFT
 /// adapter from `adapter`. The heap the load's temporaries used is handed back afterwards.
 pub fn load_model(path: &Path, adapter: Option<&Path>, place: &Placement) -> Result<Model> {
-    let (device, dtype) = crate::train::device::select(&place.device, &place.dtype)?;
+    let (device, dtype) = crate::train::device::select(place.device, place.dtype)?;
     crate::cluster::world().attach(&device)?;
-    let mut base = load_base(path, &Device::Cpu, place.qlora.as_deref())?;
+    let mut base = load_base(path, &Device::Cpu, place.qlora)?;
     if place.qlora_embeddings {
         if place.qlora.is_none() {
             bail!("--qlora-embeddings quantises the embedding along with a 4-bit base: add --qlora nf4 or gguf");

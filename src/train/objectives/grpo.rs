@@ -7,7 +7,7 @@
 //! * `grpo`: each completion's token mean, averaged over completions;
 //! * `dapo`: the token mean over the whole step (TRL's default);
 //! * `bnpo`: the token mean of each micro-batch, averaged over micro-batches;
-//! * `dr_grpo`: the token sum over completions x `max_completion_tokens`.
+//! * `dr_grpo`: the token sum over completions x `max_new_tokens`.
 //!
 //! With one iteration per rollout the old log-probabilities are the current ones detached (the
 //! ratio is 1, its gradient the policy gradient), as TRL does.
@@ -147,12 +147,7 @@ impl Grpo {
 
     /// Each completion token's weight in the step's loss, for completions of `lengths` tokens split
     /// into `micro` (lists of completion indices) as the loss type aggregates them.
-    pub fn token_weights(
-        &self,
-        lengths: &[usize],
-        micro: &[Vec<usize>],
-        max_completion_tokens: usize,
-    ) -> Vec<Vec<f32>> {
+    pub fn token_weights(&self, lengths: &[usize], micro: &[Vec<usize>], max_new_tokens: usize) -> Vec<Vec<f32>> {
         let n_seq = lengths.len() as f64;
         let total: usize = lengths.iter().sum();
         micro
@@ -165,7 +160,7 @@ impl Grpo {
                             GrpoLoss::Grpo => 1.0 / (lengths[i].max(1) as f64 * n_seq),
                             GrpoLoss::Dapo => 1.0 / total.max(1) as f64,
                             GrpoLoss::Bnpo => 1.0 / (mb_tokens.max(1) as f64 * micro.len() as f64),
-                            GrpoLoss::DrGrpo => 1.0 / (n_seq * max_completion_tokens as f64),
+                            GrpoLoss::DrGrpo => 1.0 / (n_seq * max_new_tokens as f64),
                         };
                         std::iter::repeat_n(w as f32, lengths[i])
                     })

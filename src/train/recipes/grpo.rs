@@ -6,12 +6,12 @@
 //! log-probabilities at sampling time stored; with `--beta` > 0 the KL to the reference (the base
 //! with the adapter off) is added.
 
-use super::common::{drive, grads_of, load_trainable, GradSum, Metrics, Recipe, Step, TrainSummary, Trainable};
 use super::rl::{completion_metrics, reward_metrics, Rl, Seq};
 use crate::train::graph::no_grad;
 use crate::train::model::Model;
 use crate::train::objectives::grpo::{advantages, Grpo, TokenBatch, TokenStats};
 use crate::train::options::TrainOptions;
+use crate::train::trainer::{grads_of, load_trainable, train, GradSum, Metrics, Recipe, Step, TrainSummary, Trainable};
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,7 @@ use std::path::Path;
 pub fn run(opts: &TrainOptions, grpo: Grpo, resume: Option<&Path>) -> Result<TrainSummary> {
     let t = load_trainable(opts)?;
     let recipe = GrpoRecipe { rl: Rl::new(opts, &t.model)?, grpo, rollout: None };
-    drive(opts, t, recipe, resume)
+    train(opts, t, recipe, resume)
 }
 
 /// A rollout with what its optimizer steps need.

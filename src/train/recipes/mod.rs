@@ -1,8 +1,8 @@
-//! Training recipes: one file per method over the shared loop of [`common`] ([`sft`], [`dpo`],
-//! [`reward`], [`grpo`], [`ppo`]; the preference-pair loop of dpo and reward in [`pairs`], the
-//! rollouts and rewards of grpo and ppo in [`rl`]). [`run`] picks the recipe of the options' method.
+//! Training recipes: one file per method over the shared loop of [`crate::train::trainer`]
+//! ([`sft`], [`dpo`], [`reward`], [`grpo`], [`ppo`]; the preference-pair loop of dpo and reward in
+//! [`pairs`], the rollouts and rewards of grpo and ppo in [`rl`]). [`run`] picks the recipe of the
+//! options' method.
 
-pub mod common;
 pub mod dpo;
 pub mod grpo;
 pub mod pairs;
@@ -12,12 +12,17 @@ pub mod rl;
 pub mod sft;
 
 use crate::train::options::{Method, TrainOptions};
+use crate::train::trainer::TrainSummary;
 use anyhow::Result;
-pub use common::TrainSummary;
 use std::path::Path;
 
 /// Trains as `opts` says, from the start or from the checkpoint `resume`.
 pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
+    // One run writes a run directory at a time (in a data-parallel run, rank 0 writes it).
+    let _lock = match crate::cluster::world().is_main() {
+        true => Some(crate::output::DirLock::acquire(&opts.out, "tunekit train")?),
+        false => None,
+    };
     match opts.method {
         Method::Sft => sft::run(opts, resume),
         Method::Dpo(d) => dpo::run(opts, d, resume),

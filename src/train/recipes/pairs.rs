@@ -4,13 +4,13 @@
 //! world-size pairs are dealt round-robin to the ranks, each pair's loss divided by the pairs of the
 //! whole step, so the ranks' sum is the one-process step.
 
-use super::common::{grads_of, GradSum, Metrics, Recipe, Step, Trainable};
 use crate::pack::preference::PreferenceRow;
 use crate::train::data::{load_pairs, pair_order};
 use crate::train::io::peft::save_reward_head;
 use crate::train::model::Model;
 use crate::train::objectives::{evaluate_pairs, PairObjective};
 use crate::train::options::TrainOptions;
+use crate::train::trainer::{grads_of, GradSum, Metrics, Recipe, Step, Trainable};
 use anyhow::{bail, Result};
 use serde_json::{json, Map};
 use std::path::Path;

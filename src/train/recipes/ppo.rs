@@ -6,16 +6,17 @@
 //! losses. The value head is a [1, hidden] projection of the policy's own final hidden states, so it
 //! shares the policy's LoRA body; it starts from the reward model's score head when there is one.
 
-use super::common::{drive, grads_of, load_trainable, GradSum, Metrics, Recipe, Step, TrainSummary, Trainable};
 use super::rl::{completion_metrics, reward_metrics, Rl, Seq};
 use crate::split::SplitMix64;
 use crate::train::adapters::score::{new_score_head, SCORE_WEIGHT};
 use crate::train::graph::no_grad;
-use crate::train::io::checkpoint::EXTRA_VARS;
 use crate::train::model::batch::Batch;
 use crate::train::model::Model;
 use crate::train::objectives::ppo::{Ppo, Processed};
 use crate::train::options::TrainOptions;
+use crate::train::rewards::RewardKind;
+use crate::train::trainer::checkpoints::EXTRA_VARS;
+use crate::train::trainer::{grads_of, load_trainable, train, GradSum, Metrics, Recipe, Step, TrainSummary, Trainable};
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -30,7 +31,7 @@ pub fn run(opts: &TrainOptions, ppo: Ppo, resume: Option<&Path>) -> Result<Train
     let value_head = Var::from_tensor(&initial_value_head(opts, &t.model)?)?;
     t.add_var(VALUE_HEAD, value_head.clone());
     let recipe = PpoRecipe { rl, ppo, value_head, rollout: None };
-    drive(opts, t, recipe, resume)
+    train(opts, t, recipe, resume)
 }
 
 /// The reward model's score head when a `model:DIR` reward has one of the policy's width, else a
@@ -38,8 +39,8 @@ pub fn run(opts: &TrainOptions, ppo: Ppo, resume: Option<&Path>) -> Result<Train
 fn initial_value_head(opts: &TrainOptions, model: &Model) -> Result<Tensor> {
     let hidden = model.config.hidden_size;
     for spec in &opts.rl.rewards {
-        if let Some(dir) = spec.split_once('*').map_or(spec.as_str(), |(s, _)| s).strip_prefix("model:") {
-            let (_, t) = crate::train::io::peft::read(dir.as_ref())?;
+        if let RewardKind::Model(dir) = &spec.kind {
+            let (_, t) = crate::train::io::peft::read(dir)?;
             if let Some(h) = t.get(SCORE_WEIGHT).filter(|h| h.dims() == [1, hidden]) {
                 return Ok(h.to_dtype(DType::F32)?.to_device(&model.device)?);
             }

@@ -6,7 +6,6 @@
 //! rank then holds the whole rollout in the one-process order, and trains on its share of the
 //! step's micro-batches (`World::share`).
 
-use super::common::Metrics;
 use crate::pack::manifest::Manifest;
 use crate::pack::prompts::{read_prompts, PromptRow};
 use crate::pack::rows::PackedRow;
@@ -17,6 +16,7 @@ use crate::train::model::Model;
 use crate::train::options::TrainOptions;
 use crate::train::rewards::{RewardContext, Rewards, Sample};
 use crate::train::rollout::{complete, SamplingParams};
+use crate::train::trainer::Metrics;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -31,7 +31,7 @@ pub struct Seq {
     pub prompt: usize,
     /// The completion's tokens, its stop token included when it has one.
     pub tokens: Vec<u32>,
-    /// Ended at a stop token (false: reached --max-completion-tokens, truncated).
+    /// Ended at a stop token (false: reached --max-new-tokens, truncated).
     pub finished: bool,
     /// The weighted total, and each reward function's value.
     pub reward: f64,
@@ -55,7 +55,7 @@ pub struct Rl<'a> {
 }
 
 fn prompts_of(dir: &Path, split: &str) -> Result<Vec<PromptRow>> {
-    let f = dir.join(format!("{split}-00000-of-00001.parquet"));
+    let f = dir.join(crate::pack::shards::single_shard_file_name(split));
     if !f.exists() {
         return Ok(vec![]);
     }
@@ -70,14 +70,14 @@ impl<'a> Rl<'a> {
         let manifest = Manifest::read(&opts.data)?;
         if manifest.method.as_deref() != Some("prompts") {
             bail!(
-                "{}: these are not prompt shards (format {:?}); prepare them with `tunekit prepare --method prompts`",
+                "{}: these are not prompt shards (format \"{}\"); prepare them with `tunekit prepare --method prompts`",
                 opts.data.display(),
-                manifest.format
+                manifest.format.name()
             );
         }
         let rl = &opts.rl;
         if rl.prompts_per_step == 0 || rl.num_generations == 0 || rl.sampling.max_new_tokens == 0 {
-            bail!("--prompts-per-step, --num-generations and --max-completion-tokens must be at least 1");
+            bail!("--prompts-per-step, --num-generations and --max-new-tokens must be at least 1");
         }
         let tok_path = rl.tokenizer.clone().unwrap_or_else(|| manifest.tokenizer.path.clone().into());
         let tok = TokenizerInfo::load(&tok_path)
@@ -97,10 +97,10 @@ impl<'a> Rl<'a> {
         let ctx = RewardContext {
             policy_model: opts.model.clone(),
             policy_vocab: model.config.vocab_size,
-            placement: super::common::placement(opts),
+            placement: crate::train::trainer::placement(opts),
             command_timeout: rl.reward_timeout,
         };
-        let rewards = Rewards::parse(&rl.rewards, &ctx)?;
+        let rewards = Rewards::build(&rl.rewards, &ctx)?;
         let train = prompts_of(&opts.data, "train")?;
         if train.is_empty() {
             bail!("{}: no training prompts (train-00000-of-00001.parquet)", opts.data.display());

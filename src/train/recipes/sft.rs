@@ -5,13 +5,13 @@
 //! world-size micro-batches are dealt round-robin to the ranks, and every rank scales its gradients
 //! by the trained tokens of the whole step, so the ranks' sum is the one-process step.
 
-use super::common::{drive, grads_of, load_trainable, GradSum, Metrics, Recipe, Step, TrainSummary, Trainable};
 use crate::split::SplitMix64;
 use crate::train::data::Shards;
 use crate::train::model::batch::Batch;
 use crate::train::model::Model;
 use crate::train::objectives::sft::evaluate;
 use crate::train::options::TrainOptions;
+use crate::train::trainer::{grads_of, load_trainable, train, GradSum, Metrics, Recipe, Step, TrainSummary, Trainable};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -20,7 +20,7 @@ use std::time::Instant;
 pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     let t = load_trainable(opts)?;
     let recipe = Sft::new(opts)?;
-    drive(opts, t, recipe, resume)
+    train(opts, t, recipe, resume)
 }
 
 /// The summed loss of one micro-batch and its adapter gradients scaled by 1 / `trained` (the

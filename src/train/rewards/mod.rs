@@ -1,4 +1,5 @@
-//! Rewards of completions for online RL, `--reward SPEC` (repeatable, weighted with a trailing `*W`):
+//! Rewards of completions for online RL, `--reward SPEC` (repeatable, weighted with a trailing `*W`;
+//! parsed once by [`spec`]):
 //! rule rewards ([`rules`]: `match:COLUMN`, `regex:PATTERN`, `json`, `length:N`), a reward model
 //! trained with `train --method reward` ([`model`]: `model:DIR`), and an external program
 //! ([`command`]: `command:CMD`, one JSON object per completion on its stdin, one number per line on
@@ -8,9 +9,11 @@
 pub mod command;
 pub mod model;
 pub mod rules;
+pub mod spec;
 
 use crate::train::io::Placement;
 use anyhow::{bail, Context, Result};
+pub use spec::{RewardKind, RewardSpec};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -54,8 +57,8 @@ pub struct Scores {
 }
 
 impl Rewards {
-    /// Parses `SPEC[*W]` specs; none is an error (RL needs a reward).
-    pub fn parse(specs: &[String], ctx: &RewardContext) -> Result<Rewards> {
+    /// The functions of `specs`; none is an error (RL needs a reward).
+    pub fn build(specs: &[RewardSpec], ctx: &RewardContext) -> Result<Rewards> {
         if specs.is_empty() {
             bail!(
                 "online RL needs at least one --reward: match:COLUMN, regex:PATTERN, json, length:N, model:DIR or command:CMD"
@@ -63,25 +66,15 @@ impl Rewards {
         }
         let mut fns = Vec::with_capacity(specs.len());
         for spec in specs {
-            let (body, weight) = split_weight(spec);
-            let f: Box<dyn RewardFn> = match body.split_once(':').map_or((body, ""), |(k, v)| (k, v)) {
-                ("match", col) if !col.is_empty() => Box::new(rules::Match::new(col)),
-                ("regex", pat) if !pat.is_empty() => Box::new(rules::Regex::new(pat)?),
-                ("json", "") => Box::new(rules::Json),
-                ("length", n) => {
-                    let n: f64 = n.parse().ok().filter(|n: &f64| *n > 0.0).with_context(|| {
-                        format!("--reward {spec}: length:N needs a positive number of words, e.g. length:50")
-                    })?;
-                    Box::new(rules::Length(n))
-                }
-                ("model", dir) if !dir.is_empty() => Box::new(model::RewardModelFn::load(dir.as_ref(), ctx)?),
-                ("command", cmd) if !cmd.trim().is_empty() => Box::new(command::Command::new(cmd, ctx.command_timeout)),
-                _ => bail!(
-                    "--reward {spec}: use match:COLUMN, regex:PATTERN, json, length:N, model:DIR or command:CMD, \
-                     optionally weighted as SPEC*W"
-                ),
+            let f: Box<dyn RewardFn> = match &spec.kind {
+                RewardKind::Match(col) => Box::new(rules::Match::new(col)),
+                RewardKind::Regex(pat) => Box::new(rules::Regex::new(pat)?),
+                RewardKind::Json => Box::new(rules::Json),
+                RewardKind::Length(n) => Box::new(rules::Length(*n)),
+                RewardKind::Model(dir) => Box::new(model::RewardModelFn::load(dir, ctx)?),
+                RewardKind::Command(cmd) => Box::new(command::Command::new(cmd, ctx.command_timeout)),
             };
-            fns.push((body.to_string(), weight, f));
+            fns.push((spec.name.clone(), spec.weight, f));
         }
         Ok(Rewards { fns })
     }
@@ -111,28 +104,9 @@ impl Rewards {
     }
 }
 
-/// `SPEC*W` -> (SPEC, W); a spec without a trailing number keeps weight 1.
-fn split_weight(spec: &str) -> (&str, f64) {
-    match spec.rsplit_once('*') {
-        Some((body, w)) if !body.is_empty() => match w.trim().parse::<f64>() {
-            Ok(w) => (body, w),
-            Err(_) => (spec, 1.0),
-        },
-        _ => (spec, 1.0),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn weights_are_a_trailing_number_only() {
-        assert_eq!(split_weight("match:answer*0.5"), ("match:answer", 0.5));
-        assert_eq!(split_weight("regex:a*b"), ("regex:a*b", 1.0));
-        assert_eq!(split_weight("json"), ("json", 1.0));
-        assert_eq!(split_weight("length:20*2"), ("length:20", 2.0));
-    }
 
     #[test]
     fn weighted_sum_and_per_function_values() {
@@ -142,7 +116,8 @@ mod tests {
             placement: Placement::default(),
             command_timeout: 5.0,
         };
-        let mut r = Rewards::parse(&["match:answer*2".into(), "json".into()], &ctx).unwrap();
+        let specs = ["match:answer*2", "json"].map(|s| s.parse::<RewardSpec>().unwrap());
+        let mut r = Rewards::build(&specs, &ctx).unwrap();
         let cols: BTreeMap<String, String> = [("answer".to_string(), "42".to_string())].into();
         let s = |c: &'static str| Sample {
             label: "p#0".into(),
@@ -155,7 +130,6 @@ mod tests {
         let out = r.score(&[s("The answer is 42."), s("{\"a\": 1}")]).unwrap();
         assert_eq!(out.total, vec![2.0, 1.0]);
         assert_eq!(out.per_fn[0], ("match:answer".to_string(), vec![1.0, 0.0]));
-        assert!(Rewards::parse(&[], &ctx).is_err());
-        assert!(Rewards::parse(&["nope".into()], &ctx).is_err());
+        assert!(Rewards::build(&[], &ctx).is_err());
     }
 }

@@ -1,16 +1,59 @@
 //! Training checkpoints: a directory with the adapter (PEFT format, plus what the recipe adds, such
 //! as a reward head), AdamW's moments and `state.json` (the recipe's position in its data and RNG
 //! streams, Adam's step, the options). Written under a temporary name and renamed, so a checkpoint
-//! directory that exists is complete; `--resume` from it continues bit for bit.
+//! directory that exists is complete; [`resume`] from it continues bit for bit (refused across
+//! world sizes), and [`save`] has every rank give its part of the recipe's state while rank 0 writes.
 
+use super::recipe::Recipe;
+use super::trainable::Trainable;
 use crate::train::model::Model;
 use crate::train::optim::AdamW;
 use crate::train::options::TrainOptions;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
+
+/// Loads the checkpoint `dir` into the adapters, the optimizer and the recipe; returns its step.
+pub fn resume<R: Recipe>(dir: &Path, t: &Trainable, optim: &mut AdamW, recipe: &mut R) -> Result<u64> {
+    let world = crate::cluster::world();
+    let state = read(dir, &t.vars_named, optim)?;
+    let step = state["step"].as_u64().with_context(|| format!("{}: state.json has no step", dir.display()))?;
+    let saved = state["world_size"].as_u64().unwrap_or(1) as usize;
+    if saved != world.size {
+        bail!(
+            "{} was saved by a run of {saved} rank(s); this run has {}: resume with the same world size \
+             (each step's micro-batches are split over the ranks)",
+            dir.display(),
+            world.size
+        );
+    }
+    recipe.restore(&state)?;
+    Ok(step)
+}
+
+/// Saves the run at `step` to `dir`. Every rank takes part (a recipe may gather each rank's part
+/// of its state); rank 0 writes.
+pub fn save<R: Recipe>(
+    dir: &Path,
+    opts: &TrainOptions,
+    t: &Trainable,
+    recipe: &R,
+    optim: &AdamW,
+    step: u64,
+) -> Result<()> {
+    let world = crate::cluster::world();
+    let mut state = recipe.state();
+    state.insert("step".into(), json!(step));
+    if world.size > 1 {
+        state.insert("world_size".into(), json!(world.size));
+    }
+    if !world.is_main() {
+        return Ok(());
+    }
+    write(dir, &t.model, opts, optim, Value::Object(state), &|d| recipe.save_extra(&t.model, d))
+}
 
 /// Variables a recipe trains beside the adapter that PEFT's format has no place for (PPO's value
 /// head), saved by the recipe into a checkpoint under this name.
@@ -18,7 +61,7 @@ pub const EXTRA_VARS: &str = "extra_vars.safetensors";
 
 /// Writes a checkpoint directory atomically: the adapter (PEFT format; `extra` may add to it), the
 /// optimizer moments, and `state.json` with the caller's state, Adam's step and the options.
-pub fn write(
+fn write(
     dir: &Path,
     model: &Model,
     opts: &TrainOptions,
@@ -28,7 +71,7 @@ pub fn write(
 ) -> Result<()> {
     let tmp = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
-    super::peft::save(model, &opts.lora, &opts.model.display().to_string(), &tmp)?;
+    crate::train::io::peft::save(model, &opts.lora, &opts.model.display().to_string(), &tmp)?;
     extra(&tmp)?;
     let mut t: HashMap<String, Tensor> = HashMap::new();
     for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
@@ -47,11 +90,11 @@ pub fn write(
 
 /// Restores the trainable variables (by PEFT name) and the optimizer from a checkpoint; returns the
 /// caller's state.
-pub fn read(dir: &Path, vars_named: &[(String, Var)], opt: &mut AdamW) -> Result<serde_json::Value> {
+fn read(dir: &Path, vars_named: &[(String, Var)], opt: &mut AdamW) -> Result<serde_json::Value> {
     let st: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.join("state.json")).with_context(|| format!("{}: not a checkpoint", dir.display()))?,
     )?;
-    let (_, mut tensors) = super::peft::read(dir)?;
+    let (_, mut tensors) = crate::train::io::peft::read(dir)?;
     let extra = dir.join(EXTRA_VARS);
     if extra.exists() {
         tensors.extend(candle_core::safetensors::load(&extra, &Device::Cpu)?);

@@ -1,0 +1,53 @@
+//! The model ready to train: the base loaded (quantised for QLoRA) where the options place it,
+//! checked against the data's manifest, with its adapters added and the trained variables in a
+//! fixed order under their PEFT names.
+
+use crate::train::io::{load_model, Placement};
+use crate::train::model::Model;
+use crate::train::options::TrainOptions;
+use anyhow::{bail, Result};
+use candle_core::Var;
+
+/// The model ready to train: base loaded (quantised for QLoRA), adapters added, the variables in
+/// a fixed order with their PEFT names.
+pub struct Trainable {
+    pub model: Model,
+    pub vars_named: Vec<(String, Var)>,
+    pub vars: Vec<Var>,
+    pub base_params: usize,
+    pub base_bytes_per_param: f64,
+    pub projection_bytes_per_param: f64,
+}
+
+impl Trainable {
+    /// Adds a variable trained beside the adapters (a reward model's head).
+    pub fn add_var(&mut self, name: &str, var: Var) {
+        self.vars_named.push((name.to_string(), var.clone()));
+        self.vars.push(var);
+    }
+
+    pub fn trainable_params(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+}
+
+/// Where and how `opts` holds the base.
+pub fn placement(opts: &TrainOptions) -> Placement {
+    Placement { device: opts.device, dtype: opts.dtype, qlora: opts.qlora, qlora_embeddings: opts.qlora_embeddings }
+}
+
+/// The model ready to train on the device and dtype of `opts`, checked against the data's manifest.
+pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
+    let mut model = load_model(&opts.model, None, &placement(opts))?;
+    crate::train::data::check_manifest(&opts.data, model.config.vocab_size)?;
+    let base_bytes_per_param = model.base_bytes_per_param();
+    let projection_bytes_per_param = model.projection_bytes_per_param();
+    model.add_lora(&opts.lora, opts.seed)?;
+    let vars_named = model.lora_vars();
+    if vars_named.is_empty() {
+        bail!("no LoRA module matched --target {:?}", opts.lora.targets);
+    }
+    let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
+    let base_params = model.config.num_params();
+    Ok(Trainable { model, vars_named, vars, base_params, base_bytes_per_param, projection_bytes_per_param })
+}
