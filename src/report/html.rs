@@ -7,7 +7,8 @@
 
 use super::charts::{bar_chart, line_chart, loss_series, Series};
 use super::stats::{bars, binned, histogram};
-use crate::pack::manifest::{Manifest, ShardKind};
+use crate::pack::manifest::{Manifest, ManifestAccounting, ShardKind};
+use crate::pack::rows::PackedRow;
 use crate::pack::shards::{list_shards, read_first_rows, read_seq_lengths};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -184,11 +185,57 @@ fn file_name(path: &str) -> String {
     Path::new(path).file_name().map_or(path.to_string(), |f| f.to_string_lossy().to_string())
 }
 
-/// The part of a report for one shard directory.
-fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
-    let m = Manifest::read(dir)?;
+/// What a report samples from a shard directory's train split: the sequence lengths (SFT samples,
+/// preference sides or prompts) under their chart's title and, for SFT rows, each row's trained
+/// share (first 2,000 rows) and the first rows to decode.
+struct Sampled {
+    title: &'static str,
+    lengths: Vec<f64>,
+    shares: Vec<f64>,
+    rows: Vec<PackedRow>,
+}
+
+fn sample(dir: &Path, m: &Manifest) -> Result<Sampled> {
+    let mut s = Sampled { title: "Sample length", lengths: vec![], shares: vec![], rows: vec![] };
+    match m.format {
+        ShardKind::Preference => {
+            s.title = "Chosen and rejected lengths";
+            let f = dir.join(crate::pack::shards::single_shard_file_name("train"));
+            if f.exists() {
+                for p in crate::pack::preference::read_pairs(&f)? {
+                    s.lengths.push(p.chosen_input_ids.len() as f64);
+                    s.lengths.push(p.rejected_input_ids.len() as f64);
+                }
+            }
+        }
+        ShardKind::Prompts => {
+            s.title = "Prompt length";
+            for f in list_shards(dir, "train")? {
+                s.lengths.extend(crate::pack::prompts::read_prompts(&f)?.iter().map(|p| p.prompt_ids.len() as f64));
+            }
+        }
+        _ => {
+            let files = list_shards(dir, "train")?;
+            for f in &files {
+                s.lengths.extend(read_seq_lengths(f)?.into_iter().flatten().map(|l| l as f64));
+            }
+            // The rows shown come from the first shard only.
+            if let Some(f) = files.first() {
+                let head = read_first_rows(f, 2000)?;
+                s.shares = head
+                    .iter()
+                    .map(|r| r.labels.iter().filter(|&&l| l != -100).count() as f64 / r.labels.len().max(1) as f64)
+                    .collect();
+                s.rows = head.into_iter().take(3).collect();
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// The accounting table and the line naming the tokenizer, template, length and loss.
+fn accounting_table(m: &Manifest, out: &mut String) -> Result<()> {
     let a = &m.accounting;
-    writeln!(out, "<h2>Shards: {}</h2>", escape(&dir.display().to_string()))?;
     writeln!(out, "<table><tr><th>rows read</th><th>kept samples</th><th>rejected</th><th>duplicates (exact / near)</th><th>filtered</th><th>contaminated</th><th>too long</th><th>tokens</th><th>trained tokens</th><th>fill</th></tr>")?;
     writeln!(
         out,
@@ -208,61 +255,17 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
     )?;
     writeln!(
         out,
-        "<p>tokenizer {} · template {} · seq_len {} · loss {:?}</p><div class=\"charts\">",
+        "<p>tokenizer {} · template {} · seq_len {} · loss {:?}</p>",
         escape(&m.tokenizer.path),
         escape(&m.template.name),
         m.seq_len,
         m.loss
     )?;
-    // Sequence lengths (SFT samples, preference sides, prompts) and, for SFT rows, each row's trained share.
-    let (mut lengths, mut shares, mut rows) = (vec![], vec![], vec![]);
-    let mut length_title = "Sample length";
-    match m.format {
-        ShardKind::Preference => {
-            length_title = "Chosen and rejected lengths";
-            let f = dir.join(crate::pack::shards::single_shard_file_name("train"));
-            if f.exists() {
-                for p in crate::pack::preference::read_pairs(&f)? {
-                    lengths.push(p.chosen_input_ids.len() as f64);
-                    lengths.push(p.rejected_input_ids.len() as f64);
-                }
-            }
-        }
-        ShardKind::Prompts => {
-            length_title = "Prompt length";
-            for f in list_shards(dir, "train")? {
-                lengths.extend(crate::pack::prompts::read_prompts(&f)?.iter().map(|p| p.prompt_ids.len() as f64));
-            }
-        }
-        _ => {
-            let files = list_shards(dir, "train")?;
-            for f in &files {
-                lengths.extend(read_seq_lengths(f)?.into_iter().flatten().map(|l| l as f64));
-            }
-            // The rows shown come from the first shard only.
-            if let Some(f) = files.first() {
-                let head = read_first_rows(f, 2000)?;
-                shares = head
-                    .iter()
-                    .map(|r| r.labels.iter().filter(|&&l| l != -100).count() as f64 / r.labels.len().max(1) as f64)
-                    .collect();
-                rows = head.into_iter().take(3).collect();
-            }
-        }
-    }
-    if !lengths.is_empty() {
-        let bars = bars(histogram(&lengths, 24), |e| format!("{e:.0}"));
-        out.push_str(&bar_chart(length_title, "tokens (bin start)", "sequences", &bars)?);
-    }
-    if !shares.is_empty() {
-        let bars = bars(binned(&shares, 20, 0.05), |e| format!("{:.0}%", e * 100.0));
-        out.push_str(&bar_chart(
-            "Trained share of each row (first 2,000 rows)",
-            "trained tokens / tokens (bin start)",
-            "rows",
-            &bars,
-        )?);
-    }
+    Ok(())
+}
+
+/// The rows not kept, by reason: every reject reason, the duplicates, filtered and contaminated.
+fn fates(a: &ManifestAccounting) -> Vec<(String, f64)> {
     let mut fates: Vec<(String, f64)> = a.rejected_by_reason.iter().map(|(r, n)| (r.clone(), *n as f64)).collect();
     for (name, n) in [
         ("duplicate (exact)", a.duplicates_exact),
@@ -274,6 +277,63 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
             fates.push((name.into(), n as f64));
         }
     }
+    fates
+}
+
+/// Each source's rows: kept, rejected, duplicates, contaminated.
+fn sources_table(sources: &BTreeMap<String, [u64; 4]>, out: &mut String) -> Result<()> {
+    writeln!(out, "<h3>Rows by source</h3><table><tr><th>source</th><th>kept</th><th>rejected</th><th>duplicates</th><th>contaminated</th></tr>")?;
+    for (s, n) in sources {
+        let [kept, rejected, duplicates, contaminated] = n;
+        writeln!(
+            out,
+            "<tr><td>{}</td><td>{kept}</td><td>{rejected}</td><td>{duplicates}</td><td>{contaminated}</td></tr>",
+            escape(s)
+        )?;
+    }
+    writeln!(out, "</table>")?;
+    Ok(())
+}
+
+/// The first rows decoded, the trained text highlighted (when the shards' tokenizer is still there).
+fn decoded_rows(m: &Manifest, rows: &[PackedRow], out: &mut String) -> Result<()> {
+    let Ok(tok) = crate::tokenize::TokenizerInfo::load(Path::new(&m.tokenizer.path)) else { return Ok(()) };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "<h3>Rows as the model sees them (trained text highlighted)</h3>")?;
+    for (i, r) in rows.iter().enumerate() {
+        let text = crate::tokenize::decode::decode_marked(&tok, &r.input_ids, &r.labels, false)?;
+        let html = escape(&text).replace('⟦', "<mark>").replace('⟧', "</mark>");
+        writeln!(
+            out,
+            "<details{}><summary>train row {i} ({} tokens, {} segments)</summary><pre>{html}</pre></details>",
+            if i == 0 { " open" } else { "" },
+            r.input_ids.len(),
+            r.seq_lengths.len()
+        )?;
+    }
+    Ok(())
+}
+
+/// The part of a report for one shard directory: the accounting, the charts of lengths, trained
+/// shares, rows not kept and rows by source, the decoded rows, and examples of each side file.
+fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
+    let m = Manifest::read(dir)?;
+    writeln!(out, "<h2>Shards: {}</h2>", escape(&dir.display().to_string()))?;
+    accounting_table(&m, out)?;
+    writeln!(out, "<div class=\"charts\">")?;
+    let s = sample(dir, &m)?;
+    if !s.lengths.is_empty() {
+        let bars = bars(histogram(&s.lengths, 24), |e| format!("{e:.0}"));
+        out.push_str(&bar_chart(s.title, "tokens (bin start)", "sequences", &bars)?);
+    }
+    if !s.shares.is_empty() {
+        let bars = bars(binned(&s.shares, 20, 0.05), |e| format!("{:.0}%", e * 100.0));
+        let title = "Trained share of each row (first 2,000 rows)";
+        out.push_str(&bar_chart(title, "trained tokens / tokens (bin start)", "rows", &bars)?);
+    }
+    let fates = fates(&m.accounting);
     if !fates.is_empty() {
         out.push_str(&bar_chart("Rows not kept, by reason", "reason", "rows", &fates)?);
     }
@@ -286,41 +346,15 @@ fn shards_section(dir: &Path, out: &mut String) -> Result<()> {
     }
     writeln!(out, "</div>")?;
     if !sources.is_empty() {
-        writeln!(out, "<h3>Rows by source</h3><table><tr><th>source</th><th>kept</th><th>rejected</th><th>duplicates</th><th>contaminated</th></tr>")?;
-        for (s, n) in &sources {
-            writeln!(
-                out,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(s),
-                n[0],
-                n[1],
-                n[2],
-                n[3]
-            )?;
-        }
-        writeln!(out, "</table>")?;
+        sources_table(&sources, out)?;
     }
-    if let (false, Ok(tok)) = (rows.is_empty(), crate::tokenize::TokenizerInfo::load(Path::new(&m.tokenizer.path))) {
-        writeln!(out, "<h3>Rows as the model sees them (trained text highlighted)</h3>")?;
-        for (i, r) in rows.iter().enumerate() {
-            let text = crate::tokenize::decode::decode_marked(&tok, &r.input_ids, &r.labels, false)?;
-            let html = escape(&text).replace('⟦', "<mark>").replace('⟧', "</mark>");
-            writeln!(
-                out,
-                "<details{}><summary>train row {i} ({} tokens, {} segments)</summary><pre>{html}</pre></details>",
-                if i == 0 { " open" } else { "" },
-                r.input_ids.len(),
-                r.seq_lengths.len()
-            )?;
-        }
-    }
+    decoded_rows(&m, &s.rows, out)?;
     for ((_, key, _, what), side) in SIDE_FILES.iter().zip(&sides) {
-        let ex = &side.examples;
-        if ex.is_empty() {
+        if side.examples.is_empty() {
             continue;
         }
         writeln!(out, "<h3>{what}: examples by {key}</h3>")?;
-        for (k, lines) in ex.iter().take(20) {
+        for (k, lines) in side.examples.iter().take(20) {
             writeln!(out, "<p><b>{}</b></p><pre>{}</pre>", escape(k), escape(&lines.join("\n")))?;
         }
     }

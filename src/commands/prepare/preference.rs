@@ -9,7 +9,7 @@ use crate::accounting::{reason, Reject};
 use crate::admit::Front;
 use crate::ingest::stream_conversations;
 use crate::pack::fit::fit;
-use crate::pack::manifest::{ManifestAccounting, ShardKind, SplitStats};
+use crate::pack::manifest::{Manifest, ManifestAccounting, ShardKind, SplitStats};
 use crate::pack::preference::{PreferenceRow, PreferenceWriter, COLUMNS};
 use crate::record::{Conversation, Message};
 use crate::split::is_eval;
@@ -26,28 +26,56 @@ fn side(conv: &Conversation, answer: &Message) -> Conversation {
     c
 }
 
+/// Both sides of a preference conversation tokenized, or why they cannot be.
+type Pair = std::result::Result<(Sample, Sample), (&'static str, String)>;
+
+fn tokenize_pair(t: &Tokenizing, c: &Conversation) -> Pair {
+    match (&c.chosen, &c.rejected) {
+        (Some(ch), Some(rj)) => t.sample(&side(c, ch)).and_then(|a| Ok((a, t.sample(&side(c, rj))?))),
+        _ => Err((reason::NOT_PREFERENCE, format!("{} has no chosen/rejected pair", c.id))),
+    }
+}
+
+/// A fitted pair as a shard row.
+fn pair_row(a: Sample, b: Sample) -> PreferenceRow {
+    PreferenceRow {
+        chosen_input_ids: a.input_ids.iter().map(|&t| t as i32).collect(),
+        chosen_labels: a.labels,
+        rejected_input_ids: b.input_ids.iter().map(|&t| t as i32).collect(),
+        rejected_labels: b.labels,
+    }
+}
+
+/// What the pass over the inputs leaves for the end: the front with its counts, the two writers,
+/// and the pairs cut to fit or dropped as too long.
+struct Written {
+    front: Front,
+    train: PreferenceWriter,
+    eval: PreferenceWriter,
+    truncated: u64,
+    dropped: u64,
+}
+
 pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let start = Instant::now();
     let setup = Setup::new(opts)?;
     let tokenizing = Tokenizing { tok: &setup.tok, template: &setup.template, mode: LossMode::Last };
     let hashing = hash_sources(&opts.inputs);
-    let mut front = Front::new(&opts.out, &opts.dedup, opts.strict, true);
-    let (mut train, mut eval) = (PreferenceWriter::new(&opts.out, "train"), PreferenceWriter::new(&opts.out, "eval"));
-    let (mut dropped, mut truncated) = (0u64, 0u64);
+    let mut w = Written {
+        front: Front::new(&opts.out, &opts.dedup, opts.strict, true),
+        train: PreferenceWriter::new(&opts.out, "train"),
+        eval: PreferenceWriter::new(&opts.out, "eval"),
+        truncated: 0,
+        dropped: 0,
+    };
     let pb = crate::progress::rows("prepare pairs");
     stream_conversations(&opts.inputs, &opts.map, |batch| {
-        let kept = front.admit(batch.items)?;
-        type Pair = Result<(Sample, Sample), (&'static str, String)>;
+        let kept = w.front.admit(batch.items)?;
         let pairs: Vec<(Conversation, Pair)> = kept
             .into_par_iter()
             .map(|c| {
-                let res = match (&c.chosen, &c.rejected) {
-                    (Some(ch), Some(rj)) => {
-                        tokenizing.sample(&side(&c, ch)).and_then(|a| Ok((a, tokenizing.sample(&side(&c, rj))?)))
-                    }
-                    _ => Err((reason::NOT_PREFERENCE, format!("{} has no chosen/rejected pair", c.id))),
-                };
-                (c, res)
+                let p = tokenize_pair(&tokenizing, &c);
+                (c, p)
             })
             .collect();
         let (mut to_train, mut to_eval) = (Vec::new(), Vec::new());
@@ -55,32 +83,31 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
             let fitted = |s| fit(s, opts.seq_len, opts.too_long);
             match res.and_then(|(a, b)| Ok((fitted(a)?, fitted(b)?))) {
                 Ok(((a, cut_a), (b, cut_b))) => {
-                    front.counts.keep(&c.id);
-                    truncated += (cut_a || cut_b) as u64;
-                    let row = PreferenceRow {
-                        chosen_input_ids: a.input_ids.iter().map(|&t| t as i32).collect(),
-                        chosen_labels: a.labels,
-                        rejected_input_ids: b.input_ids.iter().map(|&t| t as i32).collect(),
-                        rejected_labels: b.labels,
-                    };
-                    if is_eval(&c.id, opts.seed, opts.eval_fraction) {
-                        to_eval.push(row)
-                    } else {
-                        to_train.push(row)
-                    }
+                    w.front.counts.keep(&c.id);
+                    w.truncated += (cut_a || cut_b) as u64;
+                    let split =
+                        if is_eval(&c.id, opts.seed, opts.eval_fraction) { &mut to_eval } else { &mut to_train };
+                    split.push(pair_row(a, b));
                 }
                 Err((why, detail)) => {
-                    dropped += (why == reason::TOO_LONG) as u64;
-                    front.reject(Reject::for_conversation(&c, why, detail))?;
+                    w.dropped += (why == reason::TOO_LONG) as u64;
+                    w.front.reject(Reject::for_conversation(&c, why, detail))?;
                 }
             }
         }
-        train.write(to_train)?;
-        eval.write(to_eval)?;
-        pb.set_position(front.counts.rows_read);
+        w.train.write(to_train)?;
+        w.eval.write(to_eval)?;
+        pb.set_position(w.front.counts.rows_read);
         Ok(())
     })?;
     pb.finish_and_clear();
+    let sources = joined(hashing, "hashing")?;
+    finish_pairs(opts, setup.manifest(opts, ShardKind::Preference, sources), w, start)
+}
+
+/// The writers closed, the manifest's preference fields, and prepare's shared end.
+fn finish_pairs(opts: &PrepareOptions, mut manifest: Manifest, w: Written, start: Instant) -> Result<PrepareSummary> {
+    let Written { front, train, eval, truncated, dropped } = w;
     let stats = |w: &PreferenceWriter| SplitStats {
         samples: w.pairs,
         rows: w.pairs,
@@ -92,11 +119,9 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     let (tp, ep) = (stats(&train), stats(&eval));
     let train_stats = SplitStats { files: train.finish()?, ..tp };
     let eval_stats = SplitStats { files: eval.finish()?, ..ep };
-    let sources = joined(hashing, "hashing")?;
     let pairs = train_stats.samples + eval_stats.samples;
     let tokens = train_stats.tokens + eval_stats.tokens;
     let trainable = train_stats.trainable_tokens + eval_stats.trainable_tokens;
-    let mut manifest = setup.manifest(opts, ShardKind::Preference, sources);
     manifest.method = Some("preference".into());
     manifest.loss = LossMode::Last;
     manifest.columns = COLUMNS.iter().map(|c| c.to_string()).collect();

@@ -13,6 +13,7 @@ use crate::gguf::rotary::to_gguf;
 use crate::gguf::writer::{write, TensorSpec};
 use crate::train::adapters::lora::{module_of_lora_a, peft_key};
 use crate::train::io::gguf::config_of;
+use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -144,7 +145,7 @@ impl Lora {
 }
 
 /// The LoRA of every adapted projection, by llama.cpp tensor name.
-fn deltas(adapter_dir: &Path, c: &crate::train::model::config::ModelConfig) -> Result<HashMap<String, Lora>> {
+fn deltas(adapter_dir: &Path, c: &ModelConfig) -> Result<HashMap<String, Lora>> {
     let (s, tensors) = crate::train::io::peft::read(adapter_dir)?;
     if tensors.contains_key(crate::train::adapters::score::SCORE_WEIGHT) {
         bail!("{}: a reward model's score head cannot be merged into a language model GGUF", adapter_dir.display());
@@ -175,22 +176,22 @@ enum Source {
     Hf(Box<HfBase>),
 }
 
-/// Writes the base (a GGUF file, or a Hugging Face directory with `tokenizer`) with the adapter (if
-/// any) merged, in `ty`, to `out`.
-pub fn export(
-    adapter_dir: Option<&Path>,
+/// GGUF metadata as it is written: (key, value) pairs.
+type Metadata = Vec<(String, Value)>;
+
+/// The base to read tensors from, its shape, and the metadata the merged file starts from: a GGUF
+/// base's own (its tokenizer among it), or a Hugging Face directory's shape and `tokenizer` as
+/// llama.cpp's converter writes them; `chat_template` (the training shards') replaces the base's.
+fn open_base(
     base: &Path,
-    ty: ModelType,
     chat_template: Option<String>,
     tokenizer: Option<&Path>,
-    out: &Path,
-) -> Result<MergedExport> {
+) -> Result<(Source, ModelConfig, Metadata)> {
     let from_shards = chat_template.is_some();
-    let (source, config, mut metadata) = if base.is_dir() {
-        let config = crate::train::model::config::ModelConfig::from_file(&base.join("config.json"))?;
+    if base.is_dir() {
+        let config = ModelConfig::from_file(&base.join("config.json"))?;
         let a = architecture(&config.model_type)?;
-        let (arch, rotary) = (a.name, a.rotary_order);
-        let hf = HfBase::open(base, rotary)?;
+        let hf = HfBase::open(base, a.rotary_order)?;
         let tok_path = tokenizer.unwrap_or(base);
         let tok = crate::tokenize::TokenizerInfo::load(tok_path).with_context(|| {
             format!(
@@ -198,12 +199,12 @@ pub fn export(
                 tok_path.display()
             )
         })?;
-        let md = hf.metadata(arch, &tok, chat_template.as_deref())?;
-        (Source::Hf(Box::new(hf)), config, md)
+        let md = hf.metadata(a.name, &tok, chat_template.as_deref())?;
+        Ok((Source::Hf(Box::new(hf)), config, md))
     } else if base.extension().is_some_and(|e| e == "gguf") {
         let (file, content) = crate::gguf::metadata::open(base)?;
         let config = config_of(&content, base)?;
-        let md: Vec<(String, Value)> = content
+        let md: Metadata = content
             .metadata
             .iter()
             .filter(|(k, _)| {
@@ -213,18 +214,24 @@ pub fn export(
             .map(|(k, v)| (k.clone(), v.clone()))
             .chain(chat_template.map(|t| ("tokenizer.chat_template".to_string(), Value::String(t))))
             .collect();
-        (Source::Gguf(file, content), config, md)
+        Ok((Source::Gguf(file, content), config, md))
     } else {
         bail!("{}: expected a GGUF file or a Hugging Face model directory", base.display());
-    };
-    let arch = architecture(&config.model_type)?.name;
-    let mut deltas = match adapter_dir {
-        Some(d) => deltas(d, &config)?,
-        None => HashMap::new(),
-    };
-    let merged_projections = deltas.len();
+    }
+}
+
+/// What will be written: each tensor's name, shape and type, in llama.cpp's order.
+struct Plan {
+    specs: Vec<TensorSpec>,
+    types: BTreeMap<String, usize>,
+    fallbacks: usize,
+    requantized: usize,
+}
+
+/// The plan for the base's tensors in `ty`, checked against the adapter's deltas.
+fn plan(source: &Source, config: &ModelConfig, deltas: &HashMap<String, Lora>, ty: ModelType) -> Result<Plan> {
     // Name, shape and (for a GGUF base) the type the base holds it in.
-    let mut list: Vec<(String, Vec<usize>, Option<GgmlDType>)> = match &source {
+    let mut list: Vec<(String, Vec<usize>, Option<GgmlDType>)> = match source {
         Source::Gguf(_, c) => {
             c.tensor_infos.iter().map(|(n, i)| (n.clone(), i.shape.dims().to_vec(), Some(i.ggml_dtype))).collect()
         }
@@ -232,8 +239,7 @@ pub fn export(
     };
     list.sort_by_key(|(n, ..)| order_key(n));
     let has_output = list.iter().any(|(n, ..)| n == "output.weight");
-    let (mut types, mut fallbacks, mut requantized) = (BTreeMap::new(), 0, 0);
-    let mut specs = vec![];
+    let mut p = Plan { specs: vec![], types: BTreeMap::new(), fallbacks: 0, requantized: 0 };
     for (n, dims, held) in &list {
         if let Some(d) = deltas.get(n) {
             if d.dims() != dims.as_slice() {
@@ -246,11 +252,11 @@ pub fn export(
         }
         let (dtype, fell_back) =
             target_type(n, dims.len(), *dims.last().unwrap_or(&1), config.num_hidden_layers, has_output, ty);
-        fallbacks += usize::from(fell_back);
+        p.fallbacks += usize::from(fell_back);
         let quantized_base = held.is_some_and(|h| !matches!(h, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
-        requantized += usize::from(quantized_base && *held != Some(dtype));
-        *types.entry(format!("{dtype:?}")).or_insert(0) += 1;
-        specs.push(TensorSpec { name: n.clone(), shape: dims.clone(), dtype });
+        p.requantized += usize::from(quantized_base && *held != Some(dtype));
+        *p.types.entry(format!("{dtype:?}")).or_insert(0) += 1;
+        p.specs.push(TensorSpec { name: n.clone(), shape: dims.clone(), dtype });
     }
     let unused: Vec<&String> = deltas.keys().filter(|k| !list.iter().any(|(n, ..)| n == *k)).collect();
     if !unused.is_empty() {
@@ -260,11 +266,32 @@ pub fn export(
             unused[0]
         );
     }
+    Ok(p)
+}
+
+/// Writes the base (a GGUF file, or a Hugging Face directory with `tokenizer`) with the adapter (if
+/// any) merged, in `ty`, to `out`.
+pub fn export(
+    adapter_dir: Option<&Path>,
+    base: &Path,
+    ty: ModelType,
+    chat_template: Option<String>,
+    tokenizer: Option<&Path>,
+    out: &Path,
+) -> Result<MergedExport> {
+    let from_shards = chat_template.is_some();
+    let (mut source, config, mut metadata) = open_base(base, chat_template, tokenizer)?;
+    let arch = architecture(&config.model_type)?.name;
+    let mut deltas = match adapter_dir {
+        Some(d) => deltas(d, &config)?,
+        None => HashMap::new(),
+    };
+    let merged_projections = deltas.len();
+    let Plan { specs, types, fallbacks, requantized } = plan(&source, &config, &deltas, ty)?;
     metadata.retain(|(k, _)| !matches!(k.as_str(), "general.file_type" | "general.quantization_version"));
     metadata.push(("general.file_type".into(), Value::U32(ty.file_type())));
     metadata.push(("general.quantization_version".into(), Value::U32(2)));
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut source = source;
     let bytes = write(out, &metadata, &specs, |i| {
         let name = &specs[i].name;
         let delta = deltas.remove(name);
