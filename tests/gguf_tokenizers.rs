@@ -1,0 +1,155 @@
+//! Tokenizers rebuilt from GGUF vocabularies against llama.cpp itself (node-llama-cpp 3.21.1's
+//! `model.tokenize(text, true)`): llama.cpp's own vocabulary-only GGUFs (from the llama-cpp-python
+//! sdist, `.ci/fetch-assets`), on varied text (tests/fixtures/tokenizers/gguf_texts.json: numbers,
+//! whitespace runs, contractions, diacritics, CJK, Khmer, emoji, code, special tokens inside text),
+//! llama.cpp's own test strings (`ggml-vocab-*.gguf.inp`) and rows of real data sets (LLaMA-Factory's
+//! demo data: English and Chinese instructions, tool calls). Prints the table of matches.
+
+mod common;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tunekit::tokenize::TokenizerInfo;
+
+const VOCABS: &str = "llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/models";
+const GEMMA3: &str = "gemma3/gemma-3-270m-q4_k_m.gguf";
+
+/// The vocabularies tunekit must tokenise exactly as llama.cpp does.
+const SUPPORTED: &[&str] = &[
+    "llama-spm",
+    "phi-3",
+    "llama-bpe",
+    "qwen2",
+    "qwen35",
+    "deepseek-llm",
+    "deepseek-coder",
+    "falcon",
+    "gpt-2",
+    "mpt",
+    "starcoder",
+    "refact",
+    "command-r",
+    "aquila",
+    "baichuan",
+    "gpt-neox",
+    "gemma-4",
+];
+
+fn texts(vocabs: &Path, name: &str) -> Vec<String> {
+    let fixture = common::root().join("tests/fixtures/tokenizers/gguf_texts.json");
+    let mut out: Vec<String> = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    if let Ok(inp) = std::fs::read_to_string(vocabs.join(format!("ggml-vocab-{name}.gguf.inp"))) {
+        out.extend(inp.split("\n__ggml_vocab_test__\n").map(str::to_string).filter(|t| !t.is_empty()));
+    }
+    if let Some(data) = common::asset("llamafactory-0.9.5/data") {
+        for (file, key, n) in [
+            ("alpaca_en_demo.json", "output", 12),
+            ("alpaca_zh_demo.json", "output", 8),
+            ("glaive_toolcall_en_demo.json", "tools", 4),
+        ] {
+            let rows: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(data.join(file)).unwrap()).unwrap();
+            out.extend(rows.iter().take(n).filter_map(|r| r[key].as_str()).map(str::to_string));
+        }
+    }
+    out
+}
+
+/// llama.cpp's ids for each text (tests/llama_cpp/tokenize.mjs).
+fn llama_cpp(node_dir: &Path, gguf: &Path, texts: &[String]) -> Vec<Vec<u32>> {
+    let dir = tempfile::tempdir().unwrap();
+    let req = dir.path().join("texts.json");
+    std::fs::write(&req, serde_json::to_string(texts).unwrap()).unwrap();
+    let script = common::root().join("tests/llama_cpp/tokenize.mjs");
+    let o = std::process::Command::new("node")
+        .args([script.to_str().unwrap(), gguf.to_str().unwrap(), req.to_str().unwrap()])
+        .env("NODE_LLAMA_CPP_DIR", node_dir)
+        .output()
+        .expect("run node");
+    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("node prints JSON")
+}
+
+/// How many of `texts` tunekit's tokenizer of `gguf` tokenises as llama.cpp does, with the first
+/// differences.
+fn compare(node_dir: &Path, name: &str, gguf: &Path, texts: &[String], failures: &mut Vec<String>) -> usize {
+    let tok = TokenizerInfo::load(gguf).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let want = llama_cpp(node_dir, gguf, texts);
+    let mut same = 0;
+    for (t, w) in texts.iter().zip(&want) {
+        let got = tok.tokenizer.encode(t.as_str(), false).unwrap().get_ids().to_vec();
+        if &got == w {
+            same += 1;
+        } else if failures.len() < 40 {
+            failures.push(format!("{name}: {t:?}\n  llama.cpp {w:?}\n  tunekit   {got:?}"));
+        }
+    }
+    same
+}
+
+#[test]
+fn gguf_tokenizers_tokenise_as_llama_cpp_does() {
+    let Some(vocabs) = common::asset(VOCABS) else { return };
+    let Some(node_dir) = common::node_llama_cpp() else { return };
+    let mut table = vec![];
+    let mut failures = vec![];
+    for &name in SUPPORTED {
+        let gguf: PathBuf = vocabs.join(format!("ggml-vocab-{name}.gguf"));
+        let texts = texts(&vocabs, name);
+        let same = compare(&node_dir, name, &gguf, &texts, &mut failures);
+        table.push(format!("{name:<16} {same:>4} / {:<4}", texts.len()));
+    }
+    eprintln!("vocabulary       same / strings\n{}", table.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Gemma 3's SentencePiece vocabulary (262,144 tokens, no space prefix) from the real model file.
+#[test]
+fn gemma3_tokenises_as_llama_cpp_does() {
+    let Some(vocabs) = common::asset(VOCABS) else { return };
+    let Some(gguf) = common::asset(GEMMA3) else { return };
+    let Some(node_dir) = common::node_llama_cpp() else { return };
+    let texts = texts(&vocabs, "gemma-3");
+    let mut failures = vec![];
+    let same = compare(&node_dir, "gemma-3", &gguf, &texts, &mut failures);
+    eprintln!("gemma-3 (270m)   {same:>4} / {:<4}", texts.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `prepare --tokenizer gemma-3-270m.gguf --template gemma` on the bundled chats: every packed
+/// sample decodes back to the template's rendering of one of the input conversations.
+#[test]
+fn prepare_with_the_gemma3_gguf_decodes_back_to_the_template_text() {
+    let Some(gguf) = common::asset(GEMMA3) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let chats = common::root().join("datasets/support_chats.jsonl");
+    let args =
+        ["--json", "prepare", chats.to_str().unwrap(), "--tokenizer", gguf.to_str().unwrap(), "--template", "gemma"];
+    let out = common::tunekit(&[&args[..], &["--out", "shards", "--eval-fraction", "0"]].concat(), dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = common::stdout_json(&out);
+    let tok = TokenizerInfo::load(&gguf).unwrap();
+    let template = tunekit::template::chat::ChatTemplate::builtin_or_file("gemma", tok.specials.clone()).unwrap();
+    let rendered: Vec<String> = std::fs::read_to_string(&chats)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| serde_json::from_value::<Vec<tunekit::record::Message>>(v["messages"].clone()).ok())
+        .filter_map(|m| template.render(&m, None, false).ok())
+        .collect();
+    let mut samples = 0;
+    for f in tunekit::pack::shards::list_shards(&dir.path().join("shards"), "train").unwrap() {
+        for row in tunekit::pack::shards::read_rows(&f).unwrap() {
+            let mut at = 0;
+            for &len in &row.seq_lengths {
+                let ids: Vec<u32> = row.input_ids[at..at + len as usize].iter().map(|&i| i as u32).collect();
+                let text = tok.tokenizer.decode(&ids, false).unwrap();
+                assert!(rendered.contains(&text), "decoded sample is no rendering of an input:\n{text}");
+                assert_eq!(tok.tokenizer.encode(text.as_str(), false).unwrap().get_ids(), &ids[..], "{text}");
+                at += len as usize;
+                samples += 1;
+            }
+        }
+    }
+    assert_eq!(samples, summary["samples"].as_u64().unwrap());
+    assert!(samples >= 8, "{summary}");
+}
