@@ -3,7 +3,10 @@
 //! sdist, `.ci/fetch-assets`), on varied text (tests/fixtures/tokenizers/gguf_texts.json: numbers,
 //! whitespace runs, contractions, diacritics, CJK, Khmer, emoji, code, special tokens inside text),
 //! llama.cpp's own test strings (`ggml-vocab-*.gguf.inp`) and rows of real data sets (LLaMA-Factory's
-//! demo data: English and Chinese instructions, tool calls). Prints the table of matches.
+//! demo data: English and Chinese instructions, tool calls). Prints the table of matches. Also against
+//! transformers: llama.cpp ships, beside each vocabulary, the ids transformers' own tokenizer of that
+//! family gives its test strings (`.inp` -> `.out`, written by convert_hf_to_gguf_update.py); tunekit
+//! must give the same.
 
 mod common;
 
@@ -102,6 +105,38 @@ fn gguf_tokenizers_tokenise_as_llama_cpp_does() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+#[test]
+fn gguf_tokenizers_give_the_ids_transformers_gives() {
+    let Some(vocabs) = common::asset(VOCABS) else { return };
+    let mut table = vec![];
+    let mut failures = vec![];
+    for &name in SUPPORTED {
+        let (Ok(inp), Ok(out)) = (
+            std::fs::read_to_string(vocabs.join(format!("ggml-vocab-{name}.gguf.inp"))),
+            std::fs::read_to_string(vocabs.join(format!("ggml-vocab-{name}.gguf.out"))),
+        ) else {
+            continue;
+        };
+        let tok = TokenizerInfo::load(&vocabs.join(format!("ggml-vocab-{name}.gguf"))).unwrap();
+        let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+        let want: Vec<Vec<u32>> =
+            out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
+        let mut same = 0;
+        for (t, w) in texts.iter().zip(&want) {
+            let got = tok.tokenizer.encode(*t, false).unwrap().get_ids().to_vec();
+            if &got == w {
+                same += 1;
+            } else {
+                failures.push(format!("{name}: {t:?}\n  transformers {w:?}\n  tunekit      {got:?}"));
+            }
+        }
+        table.push(format!("{name:<16} {same:>4} / {:<4}", want.len()));
+    }
+    eprintln!("vocabulary       same / transformers' ids\n{}", table.join("\n"));
+    assert!(table.len() >= 12, "{table:?}");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Gemma 3's SentencePiece vocabulary (262,144 tokens, no space prefix) from the real model file.
 #[test]
 fn gemma3_tokenises_as_llama_cpp_does() {
@@ -152,4 +187,34 @@ fn prepare_with_the_gemma3_gguf_decodes_back_to_the_template_text() {
     }
     assert_eq!(samples, summary["samples"].as_u64().unwrap());
     assert!(samples >= 8, "{summary}");
+}
+
+/// A Hugging Face directory that ships only `tokenizer.model` (SentencePiece protobuf): Mistral 7B's
+/// (mistral-common's tokenizer.model.v1) gives the ids of Mistral's own tokenizer.json
+/// (tests/fixtures/tokenizers/mistral) on every test string.
+#[test]
+fn a_sentencepiece_tokenizer_model_gives_the_ids_of_its_tokenizer_json() {
+    let Some(vocabs) = common::asset(VOCABS) else { return };
+    let Some(model) = common::asset("mistral-common/mistral_common/data/tokenizer.model.v1") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&model, dir.path().join("tokenizer.model")).unwrap();
+    let from_model = TokenizerInfo::load(dir.path()).unwrap();
+    let json = TokenizerInfo::load(&common::root().join("tests/fixtures/tokenizers/mistral")).unwrap();
+    assert_eq!(from_model.vocab_size, json.vocab_size);
+    assert_eq!(from_model.special("bos_token"), Some("<s>"));
+    let texts = texts(&vocabs, "llama-spm");
+    let mut differ = vec![];
+    for t in &texts {
+        let a = from_model.tokenizer.encode(t.as_str(), false).unwrap().get_ids().to_vec();
+        let b = json.tokenizer.encode(t.as_str(), false).unwrap().get_ids().to_vec();
+        if a != b {
+            differ.push(format!("{t:?}\n  tokenizer.model {a:?}\n  tokenizer.json  {b:?}"));
+        }
+    }
+    eprintln!("mistral tokenizer.model: {} / {} the same as tokenizer.json", texts.len() - differ.len(), texts.len());
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
+    // A directory with neither file says what it needs.
+    let empty = tempfile::tempdir().unwrap();
+    let e = TokenizerInfo::load(empty.path()).err().unwrap().to_string();
+    assert!(e.contains("no tokenizer.json (or tokenizer.model)"), "{e}");
 }

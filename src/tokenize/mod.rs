@@ -2,7 +2,8 @@
 //! the model learns, -100 elsewhere), rendered through the chat template exactly as transformers'
 //! `apply_chat_template(..., tokenize=True)` does (render, then encode without adding special tokens).
 //!
-//! [`load`] reads tokenizer.json (optionally .gz) with its tokenizer_config.json; [`mask`] finds the
+//! [`load`] reads tokenizer.json (optionally .gz) with its tokenizer_config.json, or rebuilds the
+//! tokenizer of a GGUF file ([`gguf`]) or a SentencePiece model ([`sentencepiece_model`]); [`mask`] finds the
 //! trained character spans by rendering conversation prefixes and maps them to tokens by offsets;
 //! [`decode`] turns token ids back into text with the trained spans marked.
 
@@ -10,6 +11,7 @@ pub mod decode;
 pub mod gguf;
 pub mod load;
 pub mod mask;
+pub mod sentencepiece_model;
 
 pub use load::TokenizerInfo;
 pub use mask::{LossMode, Sample, Tokenizing};
