@@ -171,6 +171,15 @@ fn prepare_with_the_gemma3_gguf_decodes_back_to_the_template_text() {
         .filter_map(|v| serde_json::from_value::<Vec<tunekit::record::Message>>(v["messages"].clone()).ok())
         .filter_map(|m| template.render(&m, None, false).ok())
         .collect();
+    // Without --template the error says which built-in fits this vocabulary.
+    let out = common::tunekit(&[&args[..5], &["--out", "none"]].concat(), dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has no chat_template (its vocabulary has the markers of gemma")
+            && err.contains("--template gemma"),
+        "{err}"
+    );
     let mut samples = 0;
     for f in tunekit::pack::shards::list_shards(&dir.path().join("shards"), "train").unwrap() {
         for row in tunekit::pack::shards::read_rows(&f).unwrap() {

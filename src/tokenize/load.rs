@@ -181,7 +181,7 @@ impl TokenizerInfo {
             sha256,
             specials: g.specials,
             chat_template: g.chat_template,
-            add_bos_token: false,
+            add_bos_token: g.add_bos,
             vocab_size,
         })
     }

@@ -19,16 +19,42 @@ pub use mask::{LossMode, Sample, Tokenizing};
 use crate::template::chat::ChatTemplate;
 
 /// The chat template to render with: `--template` (a built-in name or a .jinja file), else the
-/// tokenizer's own.
+/// tokenizer's own. Without either, the error names the built-ins whose markers the vocabulary has.
 pub fn chat_template(tok: &TokenizerInfo, template: Option<&str>) -> anyhow::Result<ChatTemplate> {
     match template {
         Some(t) => ChatTemplate::builtin_or_file(t, tok.specials.clone()),
         None => match &tok.chat_template {
             Some(src) => ChatTemplate::new("tokenizer", src, tok.specials.clone()),
-            None => anyhow::bail!(
-                "{} has no chat_template; pass --template with a built-in (chatml, llama3, mistral, gemma, phi3, zephyr, alpaca) or a .jinja file",
-                tok.path.display()
-            ),
+            None => {
+                let fits = fitting_templates(tok);
+                let hint = match fits.as_slice() {
+                    [] => String::new(),
+                    f => format!(" (its vocabulary has the markers of {}: try --template {})", f.join(", "), f[0]),
+                };
+                anyhow::bail!(
+                    "{} has no chat_template{hint}; pass --template with a built-in (chatml, llama3, mistral, gemma, phi3, zephyr, alpaca) or a .jinja file",
+                    tok.path.display()
+                )
+            }
         },
     }
+}
+
+/// The built-in chat templates whose turn markers are tokens of the vocabulary.
+pub fn fitting_templates(tok: &TokenizerInfo) -> Vec<&'static str> {
+    let has = |t: &str| tok.tokenizer.token_to_id(t).is_some();
+    let mut fits = vec![];
+    for (name, markers) in [
+        ("gemma", &["<start_of_turn>", "<end_of_turn>"][..]),
+        ("chatml", &["<|im_start|>", "<|im_end|>"]),
+        ("llama3", &["<|start_header_id|>", "<|eot_id|>"]),
+        ("phi3", &["<|user|>", "<|end|>"]),
+        ("zephyr", &["<|user|>", "</s>"]),
+        ("mistral", &["[INST]", "[/INST]"]),
+    ] {
+        if markers.iter().all(|m| has(m)) {
+            fits.push(name);
+        }
+    }
+    fits
 }

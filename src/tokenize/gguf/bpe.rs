@@ -70,3 +70,31 @@ pub fn gemma4_json(vocab: &Vocab, merges: &[String]) -> Value {
                   "vocab": map, "merges": pairs}
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every pre-tokenizer llama.cpp names builds (its expressions compile as the tokenizers crate
+    /// reads them) and splits text with numbers, contractions, CJK and whitespace runs.
+    #[test]
+    fn every_known_pre_tokenizer_builds_and_splits() {
+        // A byte-level vocabulary of single bytes: every text tokenises, one token per byte.
+        let bytes: Vec<String> =
+            tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().map(|c| c.to_string()).collect();
+        let vocab = Vocab {
+            types: vec![super::super::token_type::NORMAL; bytes.len()],
+            tokens: bytes,
+            scores: vec![],
+            model_name: String::new(),
+        };
+        let text = "It's 12345 apples, y'all!\\n\\n  中文 Ünïcödé\\t\\tend";
+        for pre in KNOWN {
+            let json = tokenizer_json(&vocab, &[], pre).unwrap().to_string();
+            let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap_or_else(|e| panic!("{pre}: {e}"));
+            let enc = tok.encode(text, false).unwrap_or_else(|e| panic!("{pre}: {e}"));
+            assert_eq!(enc.len(), text.len(), "{pre}: one token per byte");
+            assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text, "{pre}");
+        }
+    }
+}

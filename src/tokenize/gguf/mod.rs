@@ -19,6 +19,9 @@ pub struct GgufTokenizer {
     pub json: String,
     pub specials: Map<String, J>,
     pub chat_template: Option<String>,
+    /// Whether llama.cpp puts a BOS in front of text: `tokenizer.ggml.add_bos_token`, or its
+    /// default for the tokenizer (SentencePiece yes; BPE only for Llama 3, Tekken and Chameleon).
+    pub add_bos: bool,
 }
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
@@ -205,7 +208,10 @@ pub fn read(path: &Path) -> Result<GgufTokenizer> {
         }
     }
     let chat_template = string_of(md, "tokenizer.chat_template");
-    Ok(GgufTokenizer { json: tok.to_string(), specials, chat_template })
+    let pre = string_of(md, "tokenizer.ggml.pre").unwrap_or_default();
+    let default_bos = model == "llama" || pre::adds_bos(&pre);
+    let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(default_bos);
+    Ok(GgufTokenizer { json: tok.to_string(), specials, chat_template, add_bos })
 }
 
 #[cfg(test)]

@@ -76,6 +76,25 @@ pub fn by_name(name: &str) -> Option<PreTokenizer> {
     Some(PreTokenizer { regexes, ignore_merges })
 }
 
+/// Whether llama.cpp adds a BOS for this BPE pre-tokenizer when the file does not say
+/// (`tokenizer.ggml.add_bos_token` absent): Llama 3's family, Tekken and Chameleon.
+pub fn adds_bos(name: &str) -> bool {
+    matches!(
+        name,
+        "llama3"
+            | "llama-v3"
+            | "llama-bpe"
+            | "falcon3"
+            | "falcon-h1"
+            | "pixtral"
+            | "midm-2.0"
+            | "lfm2"
+            | "jina-v5-nano"
+            | "tekken"
+            | "chameleon"
+    )
+}
+
 /// Names llama.cpp knows whose splitting needs code of its own (or raw UTF-8 instead of GPT-2's
 /// byte encoding); tunekit refuses them by name.
 pub const NOT_YET: &[&str] =
