@@ -28,49 +28,49 @@ pub fn by_name(name: &str) -> Option<PreTokenizer> {
         "spark2_5" => (SPARK2_5, false),
         "youtu" => (YOUTU, true),
         "falcon" => (FALCON, false),
-        "mpt" => (MPT, false),
+        "mpt" => (GPT2, false),
         "starcoder" => (STARCODER, false),
         "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0" | "mellum"
         | "modern-bert" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" | "exaone4" => (GPT2, false),
         "jais-2" => (JAIS2, false),
-        "refact" => (REFACT, false),
-        "command-r" => (COMMAND_R, false),
+        "refact" => (STARCODER, false),
+        "command-r" => (STARCODER, false),
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => (QWEN2, false),
         "qwen35" => (QWEN35, false),
-        "stablelm2" => (STABLELM2, false),
-        "olmo" => (OLMO, false),
-        "dbrx" => (DBRX, false),
-        "smaug-bpe" => (SMAUG, false),
-        "poro-chat" => (PORO, false),
-        "chatglm-bpe" => (CHATGLM4, false),
-        "glm4" | "glm5" => (CHATGLM4, true),
+        "stablelm2" => (QWEN2, false),
+        "olmo" => (GPT2, false),
+        "dbrx" => (LLAMA3, false),
+        "smaug-bpe" => (LLAMA3, false),
+        "poro-chat" => (BLOOM, false),
+        "chatglm-bpe" => (LLAMA3, false),
+        "glm4" | "glm5" => (LLAMA3, true),
         "viking" => (VIKING, false),
-        "jais" => (JAIS, false),
+        "jais" => (GPT2, false),
         "tekken" => (TEKKEN, true),
-        "smollm" => (SMOLLM, false),
-        "codeshell" => (CODESHELL, false),
+        "smollm" => (STARCODER, false),
+        "codeshell" => (STARCODER, false),
         "bloom" => (BLOOM, false),
-        "gpt3-finnish" => (GPT3_FINNISH, false),
-        "exaone" => (EXAONE, false),
+        "gpt3-finnish" => (BLOOM, false),
+        "exaone" => (STARCODER, false),
         "exaone-moe" => (EXAONE_MOE, false),
-        "minerva-7b" => (MINERVA, false),
+        "minerva-7b" => (STARCODER, false),
         "gpt-4o" | "llama4" | "kanana2" | "talkie" => (GPT4O, false),
         "granite-embed-multi-97m" => (GRANITE_EMB_MULTI, true),
         "tiny_aya" | "cohere2moe" => (TINY_AYA, false),
-        "trillion" => (TRILLION, false),
-        "granite-docling" => (GRANITE_DOCLING, false),
+        "trillion" => (GPT2, false),
+        "granite-docling" => (GPT2, false),
         "bailingmoe" | "bailingmoe2" | "llada-moe" => (BAILINGMOE, false),
         "seed-coder" => (SEED_CODER, false),
-        "hunyuan" => (HUNYUAN, false),
-        "hunyuan-dense" => (HUNYUAN_DENSE, false),
-        "hy_v4" => (HY_V4, false),
-        "joyai-llm" => (JOYAI_LLM, false),
+        "hunyuan" => (QWEN2, false),
+        "hunyuan-dense" => (DEEPSEEK3_LLM, false),
+        "hy_v4" => (DEEPSEEK3_LLM, false),
+        "joyai-llm" => (DEEPSEEK3_LLM, false),
         "ufakzeka" => (UFAKZEKA, false),
-        "grok-2" => (GROK_2, false),
+        "grok-2" => (QWEN2, false),
         "laguna" => (LAGUNA, false),
-        "minimax-m2" => (MINIMAX_M2, false),
-        "solar-open" => (SOLAR_OPEN, false),
-        "mellum2" => (MELLUM2, false),
+        "minimax-m2" => (GPT4O, false),
+        "solar-open" => (QWEN2, false),
+        "mellum2" => (STARCODER, false),
         _ => return None,
     };
     Some(PreTokenizer { regexes, ignore_merges })
@@ -187,20 +187,13 @@ pub const KNOWN: &[&str] = &[
     "mellum2",
 ];
 
+// The distinct expression sets, each named after one family that uses it.
 const BAILINGMOE: &[&str] = &[
     r##"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"##,
 ];
 const BLOOM: &[&str] = &[r##" ?[^(\s|.,!?…。，、।۔،)]+"##];
-const CHATGLM4: &[&str] = &[
-    r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
-const CODESHELL: &[&str] =
+const STARCODER: &[&str] =
     &[r##"\p{N}"##, r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
-const COMMAND_R: &[&str] =
-    &[r##"\p{N}"##, r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
-const DBRX: &[&str] = &[
-    r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
 const DEEPSEEK3_LLM: &[&str] = &[
     r##"\p{N}{1,3}"##,
     r##"[一-龥぀-ゟ゠-ヿ]+"##,
@@ -222,7 +215,6 @@ const DEFAULT: &[&str] = &[
     r##"\p{N}+"##,
     r##"[0-9][0-9][0-9]"##,
 ];
-const EXAONE: &[&str] = &[r##"\p{N}"##, r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
 const EXAONE_MOE: &[&str] = &[
     r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"##,
 ];
@@ -232,38 +224,14 @@ const FALCON: &[&str] = &[
     r##"[0-9][0-9][0-9]"##,
 ];
 const GPT2: &[&str] = &[r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
-const GPT3_FINNISH: &[&str] = &[r##" ?[^(\s|.,!?…。，、।۔،)]+"##];
 const GPT4O: &[&str] = &[
     r##"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
-const GRANITE_DOCLING: &[&str] = &[r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
 const GRANITE_EMB_MULTI: &[&str] = &[
     r##"[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))*((?=[\p{L}\p{M}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))+((?=[\p{L}\p{M}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
-const GROK_2: &[&str] = &[
-    r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
-const HUNYUAN: &[&str] = &[
-    r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
-const HUNYUAN_DENSE: &[&str] = &[
-    r##"\p{N}{1,3}"##,
-    r##"[一-龥぀-ゟ゠-ヿ]+"##,
-    r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
-const HY_V4: &[&str] = &[
-    r##"\p{N}{1,3}"##,
-    r##"[一-龥぀-ゟ゠-ヿ]+"##,
-    r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
-const JAIS: &[&str] = &[r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
 const JAIS2: &[&str] = &[
     r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}"##,
-];
-const JOYAI_LLM: &[&str] = &[
-    r##"\p{N}{1,3}"##,
-    r##"[一-龥぀-ゟ゠-ヿ]+"##,
-    r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
 const LAGUNA: &[&str] = &[
     r##"[^\n]+|[\n]+"##,
@@ -272,34 +240,18 @@ const LAGUNA: &[&str] = &[
 const LLAMA3: &[&str] = &[
     r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
-const MELLUM2: &[&str] = &[r##"\p{N}"##, r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
-const MINERVA: &[&str] = &[r##"\p{N}"##, r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
 const MINICPM5: &[&str] = &[
     r##"\p{N}{1,3}"##,
     r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
-const MINIMAX_M2: &[&str] = &[
-    r##"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
-const MPT: &[&str] = &[r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
-const OLMO: &[&str] = &[r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
-const PORO: &[&str] = &[r##" ?[^(\s|.,!?…。，、।۔،)]+"##];
 const QWEN2: &[&str] = &[
     r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
 const QWEN35: &[&str] = &[
     r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
-const REFACT: &[&str] = &[r##"\p{N}"##, r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
 const SEED_CODER: &[&str] = &[
     r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
-const SMAUG: &[&str] = &[
-    r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
-const SMOLLM: &[&str] = &[r##"\p{N}"##, r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
-const SOLAR_OPEN: &[&str] = &[
-    r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
 const SPARK2_5: &[&str] = &[
     r##"\p{N}{1,3}"##,
@@ -307,11 +259,6 @@ const SPARK2_5: &[&str] = &[
     r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+"##,
     r##"\p{N}"##,
 ];
-const STABLELM2: &[&str] = &[
-    r##"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
-];
-const STARCODER: &[&str] =
-    &[r##"\p{N}"##, r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
 const TEKKEN: &[&str] = &[
     r##"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
@@ -319,7 +266,6 @@ const TINY_AYA: &[&str] = &[
     r##"\d{1,3}(?=(?:\d{3})*\b)"##,
     r##"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
-const TRILLION: &[&str] = &[r##"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"##];
 const UFAKZEKA: &[&str] = &[r##"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##];
 const VIKING: &[&str] = &[r##" ?[^(\s|.,!?…。，、।۔،)]+"##, r##"\p{N}"##];
 const YOUTU: &[&str] = &[
