@@ -4,7 +4,7 @@
 # resume, QLoRA and GRPO, merges, evaluates, generates and scores, deduplicates (first and longest),
 # exports OpenAI JSONL and GGUF (adapter and merged) with each build in the same directory, and compares
 # every output byte for byte (metrics.jsonl, state.json and loss.png hold timings, report.html its own
-# path and a histogram drawn in hash order: they are left out).
+# path: they are left out).
 #   bash benches/same_outputs.sh OLD_BINARY NEW_BINARY      (needs .ci/fetch-assets)
 set -euo pipefail
 cd "$(dirname "$0")/.."

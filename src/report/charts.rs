@@ -221,13 +221,15 @@ where
         .axis_desc_style(("sans-serif", 14))
         .draw()
         .map_err(err)?;
+    // One rectangle per bar, in the bars' order (plotters' Histogram collects them in a hash map, so
+    // its SVG came out in a different order on every run).
     chart
-        .draw_series(
-            Histogram::vertical(&chart)
-                .style(COLOURS[0].filled())
-                .margin(2)
-                .data(bars.iter().enumerate().map(|(i, b)| (i, b.1))),
-        )
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
+            let mut r =
+                Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), b.1)], COLOURS[0].filled());
+            r.set_margin(0, 0, 2, 2);
+            r
+        }))
         .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
