@@ -5,9 +5,9 @@
 //! bytes no token covers as `<0xNN>` tokens.
 
 use super::pre::{by_name, KNOWN, NOT_YET};
-use super::Vocab;
+use super::{BpeModel, Vocab};
 use anyhow::{bail, Result};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// tokenizer.json for a byte-level BPE vocabulary with llama.cpp's pre-tokenizer `pre`.
 pub fn tokenizer_json(vocab: &Vocab, merges: &[String], pre: &str) -> Result<Value> {
@@ -20,7 +20,6 @@ pub fn tokenizer_json(vocab: &Vocab, merges: &[String], pre: &str) -> Result<Val
         }
         bail!("tokenizer.ggml.pre = '{pre}' is a pre-tokenizer tunekit does not know (it knows {})", KNOWN.join(", "));
     };
-    let map: Map<String, Value> = vocab.tokens.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i))).collect();
     let splits: Vec<Value> = p
         .regexes
         .iter()
@@ -29,24 +28,22 @@ pub fn tokenizer_json(vocab: &Vocab, merges: &[String], pre: &str) -> Result<Val
             json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}),
         ))
         .collect();
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": vocab.added_tokens(),
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": splits},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": p.ignore_merges, "vocab": map, "merges": merges}
-    }))
+    Ok(vocab.tokenizer_json(
+        Value::Null,
+        json!({"type": "Sequence", "pretokenizers": splits}),
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        BpeModel {
+            unk_token: None,
+            fuse_unk: false,
+            byte_fallback: false,
+            ignore_merges: p.ignore_merges,
+            merges: json!(merges),
+        },
+    ))
 }
 
 /// tokenizer.json for Gemma 4's vocabulary (llama.cpp's `gemma4` pre-tokenizer).
 pub fn gemma4_json(vocab: &Vocab, merges: &[String]) -> Value {
-    let map: Map<String, Value> = vocab.tokens.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i))).collect();
     // llama.cpp splits a merge at the first space after its first character.
     let pairs: Vec<Value> = merges
         .iter()
@@ -55,20 +52,12 @@ pub fn gemma4_json(vocab: &Vocab, merges: &[String]) -> Value {
             Some(json!([&m[..at], &m[at + 1..]]))
         })
         .collect();
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": vocab.added_tokens(),
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[^\\n]+|[\\n]+"}, "behavior": "Isolated", "invert": false},
-        "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
-                  "vocab": map, "merges": pairs}
-    })
+    vocab.tokenizer_json(
+        json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}),
+        json!({"type": "Split", "pattern": {"Regex": "[^\\n]+|[\\n]+"}, "behavior": "Isolated", "invert": false}),
+        super::spm::decoder(false),
+        BpeModel { unk_token: None, fuse_unk: false, byte_fallback: true, ignore_merges: false, merges: json!(pairs) },
+    )
 }
 
 #[cfg(test)]

@@ -34,6 +34,15 @@ pub mod token_type {
     pub const BYTE: i32 = 6;
 }
 
+/// The BPE model's settings that differ between GGUF tokenizers, and its merges.
+struct BpeModel {
+    unk_token: Option<String>,
+    fuse_unk: bool,
+    byte_fallback: bool,
+    ignore_merges: bool,
+    merges: J,
+}
+
 /// The vocabulary as the file holds it, its arrays checked to agree.
 pub struct Vocab {
     pub tokens: Vec<String>,
@@ -146,6 +155,25 @@ impl Vocab {
         }
     }
 
+    /// tokenizer.json for a BPE model over this vocabulary: the parts every GGUF tokenizer shares
+    /// (the vocabulary, the special tokens matched whole) around the ones that differ.
+    fn tokenizer_json(&self, normalizer: J, pre_tokenizer: J, decoder: J, model: BpeModel) -> J {
+        let vocab: Map<String, J> = self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), J::from(i))).collect();
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": self.added_tokens(),
+            "normalizer": normalizer,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": decoder,
+            "model": {"type": "BPE", "dropout": null, "unk_token": model.unk_token, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": model.fuse_unk, "byte_fallback": model.byte_fallback,
+                      "ignore_merges": model.ignore_merges, "vocab": vocab, "merges": model.merges}
+        })
+    }
+
     fn is_special(&self, id: usize) -> bool {
         use token_type::*;
         matches!(self.types[id], CONTROL | USER_DEFINED | UNKNOWN)
@@ -172,18 +200,14 @@ pub fn read(path: &Path) -> Result<GgufTokenizer> {
     let md = &content.metadata;
     let model = string_of(md, "tokenizer.ggml.model").unwrap_or_default();
     let vocab = Vocab::read(md, path)?;
+    let pre = string_of(md, "tokenizer.ggml.pre").unwrap_or_default();
+    let merges = || {
+        strings_of(md, "tokenizer.ggml.merges")
+            .with_context(|| format!("{}: a BPE vocabulary needs tokenizer.ggml.merges", path.display()))
+    };
     let tok = match model.as_str() {
-        "gpt2" => {
-            let pre = string_of(md, "tokenizer.ggml.pre").unwrap_or_default();
-            let merges = strings_of(md, "tokenizer.ggml.merges")
-                .with_context(|| format!("{}: a BPE vocabulary needs tokenizer.ggml.merges", path.display()))?;
-            bpe::tokenizer_json(&vocab, &merges, &pre).with_context(|| format!("{}", path.display()))?
-        }
-        "gemma4" => {
-            let merges = strings_of(md, "tokenizer.ggml.merges")
-                .with_context(|| format!("{}: a BPE vocabulary needs tokenizer.ggml.merges", path.display()))?;
-            bpe::gemma4_json(&vocab, &merges)
-        }
+        "gpt2" => bpe::tokenizer_json(&vocab, &merges()?, &pre).with_context(|| format!("{}", path.display()))?,
+        "gemma4" => bpe::gemma4_json(&vocab, &merges()?),
         "llama" => {
             if vocab.scores.is_empty() {
                 bail!("{}: a SentencePiece vocabulary needs tokenizer.ggml.scores; the file has none", path.display());
@@ -208,7 +232,6 @@ pub fn read(path: &Path) -> Result<GgufTokenizer> {
         }
     }
     let chat_template = string_of(md, "tokenizer.chat_template");
-    let pre = string_of(md, "tokenizer.ggml.pre").unwrap_or_default();
     let default_bos = model == "llama" || pre::adds_bos(&pre);
     let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(default_bos);
     Ok(GgufTokenizer { json: tok.to_string(), specials, chat_template, add_bos })

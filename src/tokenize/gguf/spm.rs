@@ -5,8 +5,8 @@
 //! Built as a BPE whose merges are every split of every token into two tokens, ranked by the
 //! merged token's score (the construction transformers' SentencePiece converter uses).
 
-use super::{token_type, Vocab};
-use serde_json::{json, Map, Value};
+use super::{token_type, BpeModel, Vocab};
+use serde_json::{json, Value};
 use std::collections::HashMap;
 
 /// The merges: each token's splits into two vocabulary tokens, best score first (ties in the
@@ -31,35 +31,33 @@ fn merges(vocab: &Vocab) -> Vec<(String, String)> {
     out.into_iter().map(|(_, _, l, r)| (vocab.tokens[l].clone(), vocab.tokens[r].clone())).collect()
 }
 
+/// The decoder back to text: `▁` as spaces, `<0xNN>` tokens as their bytes, and with a space
+/// prefix the first space dropped.
+pub fn decoder(strip_space_prefix: bool) -> Value {
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if strip_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    json!({"type": "Sequence", "decoders": decoders})
+}
+
 /// tokenizer.json for a SentencePiece vocabulary.
 pub fn tokenizer_json(vocab: &Vocab, add_space_prefix: bool) -> Value {
-    let map: Map<String, Value> = vocab.tokens.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i))).collect();
     let unk = (0..vocab.tokens.len()).find(|&i| vocab.types[i] == token_type::UNKNOWN).map(|i| vocab.tokens[i].clone());
     let mut normalizers = vec![];
     if add_space_prefix {
         normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
     }
     normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
-    let mut decoders = vec![
-        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
-        json!({"type": "ByteFallback"}),
-        json!({"type": "Fuse"}),
-    ];
-    if add_space_prefix {
-        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-    }
     let merges: Vec<Value> = merges(vocab).into_iter().map(|(l, r)| json!([l, r])).collect();
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": vocab.added_tokens(),
-        "normalizer": {"type": "Sequence", "normalizers": normalizers},
-        "pre_tokenizer": null,
-        "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                  "vocab": map, "merges": merges}
-    })
+    vocab.tokenizer_json(
+        json!({"type": "Sequence", "normalizers": normalizers}),
+        Value::Null,
+        decoder(add_space_prefix),
+        BpeModel { unk_token: unk, fuse_unk: true, byte_fallback: true, ignore_merges: false, merges: json!(merges) },
+    )
 }
