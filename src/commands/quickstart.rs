@@ -99,6 +99,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
         bos_token_id: None,
         eos_token_id: None,
         hidden_act: Some("silu".into()),
+        extra: Default::default(),
     };
     crate::train::io::hf::write_random_model(&config, 0, &tiny)?;
     let train = crate::train::run(

@@ -6,12 +6,12 @@
 //! their B rows are put in that order; it scales by alpha / r, so an rsLoRA adapter (alpha /
 //! sqrt(r)) is written with the alpha that gives the same scale.
 
-use crate::gguf::names::{architecture, hf_module_to_gguf, projection_path};
 use crate::gguf::rotary::to_gguf;
 use crate::gguf::writer::{write, TensorSpec};
 use crate::train::adapters::lora::peft_key;
 use crate::train::adapters::score::SCORE_WEIGHT;
 use crate::train::model::config::ModelConfig;
+use crate::train::model::family::of_model_type;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -62,8 +62,10 @@ fn projection_shape(c: &ModelConfig, module: &str) -> Option<(usize, usize)> {
     Some(match module {
         "self_attn.q_proj" => (h, q),
         "self_attn.k_proj" | "self_attn.v_proj" => (h, kv),
+        "self_attn.qkv_proj" => (h, q + 2 * kv),
         "self_attn.o_proj" => (q, h),
         "mlp.gate_proj" | "mlp.up_proj" => (h, i),
+        "mlp.gate_up_proj" => (h, 2 * i),
         "mlp.down_proj" => (i, h),
         _ => return None,
     })
@@ -79,14 +81,16 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
             adapter_dir.display()
         );
     }
-    let arch = architecture(&base.model_type)?;
-    let (arch, rotary_order) = (arch.name, arch.rotary_order);
+    let naming = of_model_type(&base.model_type)?.gguf;
+    let (arch, rotary_order) = (naming.name, naming.rotary_order);
+    let modules: Vec<(&str, &str)> =
+        naming.layer.iter().flat_map(|t| t.iter()).filter(|(h, _)| h.ends_with("_proj")).copied().collect();
     let r = settings.r;
     let mut specs = vec![];
     let mut mats: Vec<Tensor> = vec![];
     let mut fallbacks = 0;
     for layer in 0..base.num_hidden_layers {
-        for module in crate::train::adapters::lora::ALL_LINEAR.iter().map(|m| projection_path(m)) {
+        for &(module, gguf_module) in &modules {
             let key = |ab: &str| peft_key(&format!("model.layers.{layer}.{module}"), ab);
             let (Some(a), Some(b)) = (tensors.get(&key("A")), tensors.get(&key("B"))) else { continue };
             let (inp, outp) = projection_shape(base, module).expect("a known projection");
@@ -106,7 +110,7 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
                 (true, "self_attn.k_proj") => to_gguf(b, base.kv_heads())?,
                 _ => b.clone(),
             };
-            let weight = format!("blk.{layer}.{}.weight", hf_module_to_gguf(module).expect("a known projection"));
+            let weight = format!("blk.{layer}.{gguf_module}.weight");
             for (suffix, m) in [("lora_a", a.clone()), ("lora_b", b)] {
                 let mut dtype = ty.ggml();
                 if !m.dims()[1].is_multiple_of(dtype.block_size()) {

@@ -5,7 +5,7 @@
 //! types, merges, special ids, the pre-tokenizer by model family). Tensors are read one at a time
 //! from the memory-mapped safetensors.
 
-use crate::gguf::names::{pre_tokenizer, tensor_to_gguf};
+use crate::gguf::names::{pre_tokenizer, Naming};
 use crate::gguf::rotary::to_gguf;
 use crate::tokenize::TokenizerInfo;
 use crate::train::model::config::ModelConfig;
@@ -24,14 +24,15 @@ pub struct HfBase {
 }
 
 impl HfBase {
-    pub fn open(dir: &Path, rotary: bool) -> Result<HfBase> {
+    pub fn open(dir: &Path, naming: Naming) -> Result<HfBase> {
+        let rotary = naming.rotary_order;
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let files = crate::train::io::hf::safetensors_files(dir)?;
         let st = unsafe { MmapedSafetensors::multi(&files) }
             .with_context(|| format!("cannot read the safetensors of {}", dir.display()))?;
         let mut tensors = vec![];
         for (name, view) in st.tensors() {
-            match tensor_to_gguf(&name) {
+            match naming.tensor_to_gguf(&name) {
                 Some(g) => tensors.push((g, name.clone(), view.shape().to_vec())),
                 None if name.contains("rotary_emb") => {}
                 None => bail!("{}: tensor {name} has no llama.cpp name", dir.display()),

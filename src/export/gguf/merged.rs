@@ -8,12 +8,13 @@
 //! requantised, which the summary counts.
 
 use super::hf_base::HfBase;
-use crate::gguf::names::{architecture, hf_to_gguf};
+use crate::gguf::names::Naming;
 use crate::gguf::rotary::to_gguf;
 use crate::gguf::writer::{write, TensorSpec};
 use crate::train::adapters::lora::{module_of_lora_a, peft_key};
 use crate::train::io::gguf::config_of;
 use crate::train::model::config::ModelConfig;
+use crate::train::model::family::of_model_type;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -145,7 +146,7 @@ impl Lora {
 }
 
 /// The LoRA of every adapted projection, by llama.cpp tensor name.
-fn deltas(adapter_dir: &Path, c: &ModelConfig) -> Result<HashMap<String, Lora>> {
+fn deltas(adapter_dir: &Path, c: &ModelConfig, naming: Naming) -> Result<HashMap<String, Lora>> {
     let (s, tensors) = crate::train::io::peft::read(adapter_dir)?;
     if tensors.contains_key(crate::train::adapters::score::SCORE_WEIGHT) {
         bail!("{}: a reward model's score head cannot be merged into a language model GGUF", adapter_dir.display());
@@ -156,11 +157,12 @@ fn deltas(adapter_dir: &Path, c: &ModelConfig) -> Result<HashMap<String, Lora>> 
         let Some(module) = module_of_lora_a(key) else { continue };
         let b = tensors.get(&peft_key(module, "B")).with_context(|| format!("{key} has no lora_B"))?;
         let hf = format!("{module}.weight");
-        let gguf = hf_to_gguf(&hf)
+        let gguf = naming
+            .hf_to_gguf(&hf)
             .with_context(|| format!("{}: {key} is not a projection llama.cpp has", adapter_dir.display()))?;
-        let b = if hf.ends_with("q_proj.weight") {
+        let b = if naming.rotary_order && hf.ends_with(".q_proj.weight") {
             to_gguf(b, c.num_attention_heads)?
-        } else if hf.ends_with("k_proj.weight") {
+        } else if naming.rotary_order && hf.ends_with(".k_proj.weight") {
             to_gguf(b, c.kv_heads())?
         } else {
             b.clone()
@@ -190,8 +192,17 @@ fn open_base(
     let from_shards = chat_template.is_some();
     if base.is_dir() {
         let config = ModelConfig::from_file(&base.join("config.json"))?;
-        let a = architecture(&config.model_type)?;
-        let hf = HfBase::open(base, a.rotary_order)?;
+        let family = of_model_type(&config.model_type)?;
+        if !matches!(family.gguf.name, "llama" | "qwen2" | "qwen3") {
+            bail!(
+                "{}: a {} model directory is not written to GGUF here; convert the base with llama.cpp's \
+                 convert_hf_to_gguf.py and merge the adapter into that GGUF (--base BASE.gguf)",
+                base.display(),
+                family.name
+            );
+        }
+        let a = family.gguf;
+        let hf = HfBase::open(base, a)?;
         let tok_path = tokenizer.unwrap_or(base);
         let tok = crate::tokenize::TokenizerInfo::load(tok_path).with_context(|| {
             format!(
@@ -281,9 +292,10 @@ pub fn export(
 ) -> Result<MergedExport> {
     let from_shards = chat_template.is_some();
     let (mut source, config, mut metadata) = open_base(base, chat_template, tokenizer)?;
-    let arch = architecture(&config.model_type)?.name;
+    let naming = of_model_type(&config.model_type)?.gguf;
+    let arch = naming.name;
     let mut deltas = match adapter_dir {
-        Some(d) => deltas(d, &config)?,
+        Some(d) => deltas(d, &config, naming)?,
         None => HashMap::new(),
     };
     let merged_projections = deltas.len();

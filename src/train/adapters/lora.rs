@@ -19,11 +19,22 @@ pub struct LoraSettings {
     pub alpha: f64,
     pub dropout: f64,
     pub rslora: bool,
-    /// Module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+    /// Module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3's fused
+    /// qkv_proj and gate_up_proj, which q/k/v and gate/up also select there).
     pub targets: Vec<String>,
 }
 
 pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// The fused projections of families that fuse them (Phi-3), by the modules they hold.
+pub const FUSED: [(&str, [&str; 3]); 2] =
+    [("qkv_proj", ["q_proj", "k_proj", "v_proj"]), ("gate_up_proj", ["gate_proj", "up_proj", "up_proj"])];
+
+/// Whether a target module name selects the projection named `module` (its last path part): the
+/// same name, or a fused projection holding the target.
+pub fn selects(target: &str, module: &str) -> bool {
+    target == module || FUSED.iter().any(|(fused, parts)| module == *fused && parts.contains(&target))
+}
 
 /// Where PEFT keeps the model's own module paths in an adapter file's tensor names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -55,8 +66,11 @@ impl LoraSettings {
         }
         let t: Vec<String> = spec.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         for x in &t {
-            if !ALL_LINEAR.contains(&x.as_str()) {
-                anyhow::bail!("--target: unknown module '{x}' (use {} or all-linear)", ALL_LINEAR.join(","));
+            if !ALL_LINEAR.contains(&x.as_str()) && !FUSED.iter().any(|(f, _)| f == x) {
+                anyhow::bail!(
+                    "--target: unknown module '{x}' (use {}, qkv_proj, gate_up_proj or all-linear)",
+                    ALL_LINEAR.join(",")
+                );
             }
         }
         Ok(t)

@@ -75,7 +75,19 @@ fn head_blocks(heads: usize, nb: usize) -> Vec<(usize, usize)> {
 
 /// The forward of segment `s`: its rows of `y` [T, hq * d] (every head) and its probabilities
 /// [hq, len, len], returned; what lies above the diagonal blocks is left unwritten and never read.
-pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Heads, s: Segment, scale: f32, y: &mut [f32]) -> Vec<f32> {
+/// With a sliding `window` each query sees only the last `window` keys up to itself (the ones
+/// before get probability zero, so the backward needs nothing more).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: Heads,
+    s: Segment,
+    scale: f32,
+    window: Option<usize>,
+    y: &mut [f32],
+) -> Vec<f32> {
     let Heads { hq, hkv, d } = dims;
     let (len, group) = (s.len, hq / hkv);
     let (rq, rk) = (hq * d, hkv * d);
@@ -101,7 +113,9 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Heads, s: Segment, scale: 
             for r in 0..m {
                 let row = std::slice::from_raw_parts_mut(ph.add(r * len), keys);
                 let (seen, masked) = row.split_at_mut(r0 + r + 1);
-                super::softmax::softmax_in_place(seen, scale);
+                let first = window.map_or(0, |w| (r0 + r + 1).saturating_sub(w));
+                seen[..first].fill(0.0); // keys before the window
+                super::softmax::softmax_in_place(&mut seen[first..], scale);
                 masked.fill(0.0); // the keys after the query inside its block (later blocks: never written)
             }
             let vg = v.as_ptr().add(s.start * rk + g * d);
@@ -192,14 +206,23 @@ pub fn backward(
 mod tests {
     use super::*;
 
-    /// Plain causal attention of one segment, head by head, in f64.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], dims: Heads, len: usize, scale: f32) -> Vec<f64> {
+    /// Plain causal attention of one segment, head by head, in f64, each query seeing the keys from
+    /// `first(i)` to itself.
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: Heads,
+        len: usize,
+        scale: f32,
+        first: impl Fn(usize) -> usize,
+    ) -> Vec<f64> {
         let Heads { hq, hkv, d } = dims;
         let mut y = vec![0f64; len * hq * d];
         for h in 0..hq {
             let g = h / (hq / hkv);
             for i in 0..len {
-                let s: Vec<f64> = (0..=i)
+                let s: Vec<f64> = (first(i)..=i)
                     .map(|j| (0..d).map(|c| q[(i * hq + h) * d + c] as f64 * k[(j * hkv + g) * d + c] as f64).sum())
                     .map(|x: f64| x * scale as f64)
                     .collect();
@@ -207,7 +230,8 @@ mod tests {
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for c in 0..d {
-                    y[(i * hq + h) * d + c] = (0..=i).map(|j| e[j] / z * v[(j * hkv + g) * d + c] as f64).sum();
+                    y[(i * hq + h) * d + c] =
+                        (first(i)..=i).zip(&e).map(|(j, e)| e / z * v[(j * hkv + g) * d + c] as f64).sum();
                 }
             }
         }
@@ -226,8 +250,8 @@ mod tests {
         let len = 150;
         let (q, k, v) = (rand(len * 32, 1), rand(len * 16, 2), rand(len * 16, 3));
         let mut y = vec![0f32; len * 32];
-        let probs = forward(&q, &k, &v, dims, Segment { start: 0, len }, 0.35, &mut y);
-        let want = reference(&q, &k, &v, dims, len, 0.35);
+        let probs = forward(&q, &k, &v, dims, Segment { start: 0, len }, 0.35, None, &mut y);
+        let want = reference(&q, &k, &v, dims, len, 0.35, |_| 0);
         let d = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
         assert!(d < 1e-5, "outputs differ by {d}");
         // Each query's probabilities sum to one over the keys it sees, and are zero after it.
@@ -239,5 +263,17 @@ mod tests {
                 assert!(row[i + 1..block_end].iter().all(|&x| x == 0.0));
             }
         }
+    }
+
+    #[test]
+    fn a_sliding_window_hides_the_keys_before_it_across_block_edges() {
+        let dims = Heads { hq: 2, hkv: 1, d: 8 };
+        let len = 140;
+        let (q, k, v) = (rand(len * 16, 4), rand(len * 8, 5), rand(len * 8, 6));
+        let mut y = vec![0f32; len * 16];
+        forward(&q, &k, &v, dims, Segment { start: 0, len }, 0.4, Some(70), &mut y);
+        let want = reference(&q, &k, &v, dims, len, 0.4, |i| (i + 1).saturating_sub(70));
+        let d = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        assert!(d < 1e-5, "outputs differ by {d}");
     }
 }

@@ -5,51 +5,53 @@
 
 use super::Qlora;
 use crate::gguf::metadata::{f64_of, open, string_of, u32_of, usize_of};
-use crate::gguf::names::gguf_to_hf;
 use crate::gguf::rotary::{from_gguf, permute_rows, unpermute_rows};
 use crate::train::model::base::{is_projection, nf4_of, BaseModel};
 use crate::train::model::config::ModelConfig;
-use anyhow::{bail, Result};
+use crate::train::model::family::{of_gguf, of_model_type};
+use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-/// The model's shape from a GGUF file's metadata (llama.cpp names), without reading its tensors.
+/// The model's shape from a GGUF file's metadata (llama.cpp names: `{arch}.block_count` and the
+/// rest, then the family's own keys), without reading its tensors.
 pub fn config_of(content: &gguf_file::Content, path: &Path) -> Result<ModelConfig> {
     let md = &content.metadata;
     let arch = string_of(md, "general.architecture").unwrap_or_default();
-    if arch != "llama" {
-        bail!("{}: GGUF architecture '{arch}' is not supported (llama)", path.display());
-    }
+    let family = of_gguf(&arch).with_context(|| path.display().to_string())?;
     let Some(embd) = content.tensor_infos.get("token_embd.weight") else {
         bail!("{}: no token_embd.weight tensor", path.display());
     };
     let (vocab, hidden) = embd.shape.dims2()?;
-    let n_head = usize_of(md, "llama.attention.head_count")?;
-    let n_kv = usize_of(md, "llama.attention.head_count_kv").unwrap_or(n_head);
-    let config = ModelConfig {
-        model_type: "llama".into(),
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_head = usize_of(md, &key("attention.head_count"))?;
+    let n_kv = usize_of(md, &key("attention.head_count_kv")).unwrap_or(n_head);
+    let mut config = ModelConfig {
+        model_type: family.model_types[0].into(),
         hidden_size: hidden,
-        intermediate_size: usize_of(md, "llama.feed_forward_length")?,
-        num_hidden_layers: usize_of(md, "llama.block_count")?,
+        intermediate_size: usize_of(md, &key("feed_forward_length"))?,
+        num_hidden_layers: usize_of(md, &key("block_count"))?,
         num_attention_heads: n_head,
         num_key_value_heads: Some(n_kv),
-        head_dim: usize_of(md, "llama.attention.key_length").ok(),
+        head_dim: usize_of(md, &key("attention.key_length")).ok(),
         vocab_size: vocab,
-        rms_norm_eps: f64_of(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        rope_theta: f64_of(md, "llama.rope.freq_base").unwrap_or(10_000.0),
+        rms_norm_eps: f64_of(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: f64_of(md, &key("rope.freq_base")).unwrap_or(10_000.0),
         rope_scaling: None,
         rope_parameters: None,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
-        attention_bias: Some(false),
-        max_position_embeddings: usize_of(md, "llama.context_length").unwrap_or(2048),
+        attention_bias: Some(content.tensor_infos.contains_key("blk.0.attn_q.bias")),
+        max_position_embeddings: usize_of(md, &key("context_length")).unwrap_or(2048),
         bos_token_id: u32_of(md, "tokenizer.ggml.bos_token_id").map(serde_json::Value::from),
         eos_token_id: u32_of(md, "tokenizer.ggml.eos_token_id").map(serde_json::Value::from),
         hidden_act: Some("silu".into()),
+        extra: Default::default(),
     };
-    config.check()?;
+    (family.from_gguf)(md, &mut config).with_context(|| path.display().to_string())?;
+    config.check().with_context(|| path.display().to_string())?;
     Ok(config)
 }
 
@@ -61,6 +63,8 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
 pub fn load_gguf(path: &Path, device: &Device, qlora: Option<Qlora>) -> Result<BaseModel> {
     let (mut file, content) = open(path)?;
     let config = config_of(&content, path)?;
+    let family = of_model_type(&config.model_type)?;
+    let naming = family.gguf;
     let (n_head, n_kv) = (config.num_attention_heads, config.kv_heads());
     let embd = content.tensor(&mut file, "token_embd.weight", device)?.dequantize(device)?;
     let mut tensors = HashMap::new();
@@ -68,12 +72,14 @@ pub fn load_gguf(path: &Path, device: &Device, qlora: Option<Qlora>) -> Result<B
     tensors.insert("model.embed_tokens.weight".to_string(), embd);
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
     for name in names {
-        let hf = match gguf_to_hf(&name) {
+        let hf = match naming.gguf_to_hf(&name) {
             Some(n) => n,
             None if name == "token_embd.weight" => continue,
             None => continue, // rope_freqs and other derived tensors
         };
-        let heads = if name.ends_with("attn_q.weight") {
+        let heads = if !naming.rotary_order {
+            None
+        } else if name.ends_with("attn_q.weight") {
             Some(n_head)
         } else if name.ends_with("attn_k.weight") {
             Some(n_kv)
@@ -94,6 +100,10 @@ pub fn load_gguf(path: &Path, device: &Device, qlora: Option<Qlora>) -> Result<B
         if let Some(h) = heads {
             t = from_gguf(&t, h)?;
         }
+        if family.norm_offset != 0.0 && is_norm(&hf) {
+            // llama.cpp stores Gemma's norms as applied (1 + w); Hugging Face's w is what the base holds.
+            t = (t - family.norm_offset)?;
+        }
         if qlora == Some(Qlora::Nf4) && is_projection(&hf) {
             nf4_map.insert(hf.trim_end_matches(".weight").to_string(), nf4_of(&t)?);
         } else {
@@ -108,4 +118,9 @@ pub fn load_gguf(path: &Path, device: &Device, qlora: Option<Qlora>) -> Result<B
         source: path.to_path_buf(),
         gguf_metadata: Some(content.metadata),
     })
+}
+
+/// Whether a Hugging Face tensor name is a norm's weight.
+fn is_norm(hf: &str) -> bool {
+    hf.ends_with("norm.weight") || hf.ends_with("layernorm.weight")
 }

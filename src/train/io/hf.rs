@@ -4,6 +4,7 @@
 
 use crate::train::model::base::{is_projection, nf4_of, BaseModel};
 use crate::train::model::config::ModelConfig;
+use crate::train::model::family::QkNorm;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -68,29 +69,40 @@ pub fn write_random_model(config: &ModelConfig, seed: u64, out: &Path) -> Result
     };
     let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
     let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
+    let family = crate::train::model::family::of_model_type(&config.model_type)?;
+    let arch = config.arch()?;
+    let ones = |n: usize| Tensor::ones(n, DType::F32, &device);
+    // Norm weights that apply as 1 whatever the family's offset (Gemma stores w for 1 + w).
+    let unit = |n: usize| -> Result<Tensor> { Ok((ones(n)? * (1.0 - family.norm_offset))?) };
     let mut t: HashMap<String, Tensor> = HashMap::new();
     t.insert("model.embed_tokens.weight".into(), normal((v, h))?);
-    t.insert("model.norm.weight".into(), Tensor::ones(h, DType::F32, &device)?);
-    for l in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (n, shape) in [
+    t.insert("model.norm.weight".into(), unit(h)?);
+    let projections: Vec<(&str, (usize, usize))> = match family.fused {
+        true => vec![("self_attn.qkv_proj", (q + 2 * kv, h)), ("mlp.gate_up_proj", (2 * i, h))],
+        false => vec![
             ("self_attn.q_proj", (q, h)),
             ("self_attn.k_proj", (kv, h)),
             ("self_attn.v_proj", (kv, h)),
-            ("self_attn.o_proj", (h, q)),
             ("mlp.gate_proj", (i, h)),
             ("mlp.up_proj", (i, h)),
-            ("mlp.down_proj", (h, i)),
-        ] {
+        ],
+    };
+    let qk_norm = match arch.qk_norm {
+        QkNorm::None => None,
+        QkNorm::PerHead => Some((config.head_dim(), config.head_dim())),
+        QkNorm::Whole => Some((q, kv)),
+    };
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in projections.iter().copied().chain([("self_attn.o_proj", (h, q)), ("mlp.down_proj", (h, i))]) {
             t.insert(format!("{p}.{n}.weight"), normal(shape)?);
         }
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            t.insert(format!("{p}.{n}.weight"), Tensor::ones(h, DType::F32, &device)?);
+        for n in family.norms.iter().flatten() {
+            t.insert(format!("{p}.{n}.weight"), unit(h)?);
         }
-        if config.qk_norm() {
-            for n in ["self_attn.q_norm", "self_attn.k_norm"] {
-                t.insert(format!("{p}.{n}.weight"), Tensor::ones(config.head_dim(), DType::F32, &device)?);
-            }
+        if let Some((qn, kn)) = qk_norm {
+            t.insert(format!("{p}.self_attn.q_norm.weight"), unit(qn)?);
+            t.insert(format!("{p}.self_attn.k_norm.weight"), unit(kn)?);
         }
     }
     if !config.tie_word_embeddings {

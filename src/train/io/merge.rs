@@ -9,20 +9,31 @@ use std::path::Path;
 
 pub fn write_hf(model: &Model, out: &Path) -> Result<usize> {
     std::fs::create_dir_all(out)?;
+    let family = model.family;
+    // Norms are held as applied; Hugging Face stores them without the family's offset (Gemma's 1 + w).
+    let stored = |w: &Tensor| -> Result<Tensor> {
+        Ok(match family.norm_offset {
+            0.0 => w.clone(),
+            o => (w - o)?,
+        })
+    };
     let mut t: HashMap<String, Tensor> = HashMap::new();
     t.insert("model.embed_tokens.weight".into(), model.embed.clone());
-    t.insert("model.norm.weight".into(), model.norm.clone());
+    t.insert("model.norm.weight".into(), stored(&model.norm)?);
     if !model.config.tie_word_embeddings {
         t.insert("lm_head.weight".into(), model.lm_head.dense_weight()?);
     }
     let mut merged = 0;
     for (i, l) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        t.insert(format!("{p}.input_layernorm.weight"), l.input_norm.clone());
-        t.insert(format!("{p}.post_attention_layernorm.weight"), l.post_norm.clone());
+        for (name, w) in family.norms.iter().zip(&l.norms) {
+            if let (Some(name), Some(w)) = (name, w) {
+                t.insert(format!("{p}.{name}.weight"), stored(w)?);
+            }
+        }
         if let (Some(q), Some(k)) = (&l.q_norm, &l.k_norm) {
-            t.insert(format!("{p}.self_attn.q_norm.weight"), q.clone());
-            t.insert(format!("{p}.self_attn.k_norm.weight"), k.clone());
+            t.insert(format!("{p}.self_attn.q_norm.weight"), stored(q)?);
+            t.insert(format!("{p}.self_attn.k_norm.weight"), stored(k)?);
         }
         for lin in l.linears() {
             merged += lin.lora.is_some() as usize;
@@ -36,12 +47,8 @@ pub fn write_hf(model: &Model, out: &Path) -> Result<usize> {
     candle_core::safetensors::save(&t, &tmp)?;
     std::fs::rename(&tmp, out.join("model.safetensors"))?;
     let mut cfg = serde_json::to_value(&model.config)?;
-    cfg["architectures"] = serde_json::json!([match model.config.model_type.as_str() {
-        "qwen2" => "Qwen2ForCausalLM",
-        "qwen3" => "Qwen3ForCausalLM",
-        "mistral" => "MistralForCausalLM",
-        _ => "LlamaForCausalLM",
-    }]);
+    let class = family.model_types.iter().position(|m| *m == model.config.model_type).unwrap_or(0);
+    cfg["architectures"] = serde_json::json!([family.hf_classes[class]]);
     cfg["torch_dtype"] = serde_json::json!("float32");
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     Ok(merged)

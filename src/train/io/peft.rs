@@ -42,7 +42,9 @@ pub fn save(model: &Model, s: &LoraSettings, base: &str, dir: &Path) -> Result<(
     let tmp = dir.join(".adapter_model.safetensors.partial");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
-    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config(s, base))?)?;
+    // The modules the model adapted, by their own names (Phi-3's qkv_proj for q_proj and the rest).
+    let adapted = LoraSettings { targets: model.adapted_modules(), ..s.clone() };
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config(&adapted, base))?)?;
     Ok(())
 }
 

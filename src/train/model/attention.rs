@@ -2,13 +2,33 @@
 //! causally, with grouped-query heads. [`attention`] is one graph node over q, k and v. On the CPU
 //! in f32 the blocked kernels of `cpu::attention` compute it, skipping the masked blocks, and keep
 //! each segment's probabilities for the backward (compute is what limits there); on a GPU they are
-//! recomputed in the backward, as flash attention does (memory is what limits there).
+//! recomputed in the backward, as flash attention does (memory is what limits there). A family's
+//! variants ([`Shape`]): the scores' scale, a sliding window (in the CPU kernels; elsewhere the plain
+//! graph with a window mask) and soft-capped scores (the plain graph).
 
 use super::softmax::{causal_softmax, CausalAttentionProbs, CausalSoftmaxGrad, MaskCache};
 use crate::train::cpu::attention::{self as blocked, Heads, Segment};
 use crate::train::graph::{attached_forward, with_cpu_f32};
-use candle_core::{CustomOp3, DType, Tensor};
+use candle_core::{CustomOp3, DType, Tensor, D};
 use std::sync::Mutex;
+
+/// How a layer attends, beyond causally within each segment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shape {
+    /// Scores are `q.k * scale`.
+    pub scale: f32,
+    /// Each query sees only the last `window` keys up to itself.
+    pub window: Option<usize>,
+    /// Scores soft-capped: `c * tanh(s / c)`.
+    pub softcap: Option<f32>,
+}
+
+impl Shape {
+    /// Plain causal attention scaled by 1/sqrt(head_dim).
+    pub fn causal(head_dim: usize) -> Shape {
+        Shape { scale: 1.0 / (head_dim as f32).sqrt(), window: None, softcap: None }
+    }
+}
 
 /// Causal attention inside each packed segment, q [T, Hq, hd], k/v [T, Hkv, hd] -> [T, Hq*hd].
 /// Where the fused probabilities op does not run (the CPU in bf16), the plain graph.
@@ -18,14 +38,53 @@ pub fn attention(
     v: &Tensor,
     seq_lengths: &[usize],
     masks: &mut MaskCache,
+    shape: Shape,
 ) -> candle_core::Result<Tensor> {
+    let window_bites = shape.window.is_some_and(|w| seq_lengths.iter().any(|&l| l > w));
+    if shape.softcap.is_some() || (window_bites && !(q.device().is_cpu() && q.dtype() == DType::F32)) {
+        return masked_attention(q, k, v, seq_lengths, shape);
+    }
     if q.device().is_cpu() {
         return match q.dtype() {
-            DType::F32 => cpu_attention(q, k, v, seq_lengths),
-            _ => segment_attention(q, k, v, seq_lengths, masks),
+            DType::F32 => cpu_attention(q, k, v, seq_lengths, shape),
+            _ => segment_attention(q, k, v, seq_lengths, masks, shape.scale),
         };
     }
-    recomputing_attention(q, k, v, seq_lengths)
+    recomputing_attention(q, k, v, seq_lengths, shape.scale)
+}
+
+/// Attention as plain graph ops with an explicit mask (causal, and the window), scores soft-capped
+/// where the shape says: the families' variants the fused kernels do not take.
+fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seq_lengths: &[usize],
+    shape: Shape,
+) -> candle_core::Result<Tensor> {
+    let (_, hq, hd) = q.dims3()?;
+    let n = hq / k.dim(1)?;
+    let mut outs = Vec::with_capacity(seq_lengths.len());
+    let mut start = 0;
+    for &len in seq_lengths {
+        let qs = segment_heads(q, start, len, 1)?.to_dtype(DType::F32)?;
+        let ks = segment_heads(k, start, len, n)?.to_dtype(DType::F32)?;
+        let mut s = (qs.matmul(&ks.t()?)? * shape.scale as f64)?;
+        if let Some(c) = shape.softcap {
+            s = ((s / c as f64)?.tanh()? * c as f64)?;
+        }
+        let w = shape.window.unwrap_or(usize::MAX);
+        let mask: Vec<f32> = (0..len * len)
+            .map(|x| (x / len, x % len))
+            .map(|(i, j)| if j <= i && i - j < w { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, len, len), q.device())?;
+        let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, D::Minus1)?.to_dtype(q.dtype())?;
+        let o = p.matmul(&segment_heads(v, start, len, n)?)?;
+        outs.push(o.transpose(0, 1)?.reshape((len, hq * hd))?);
+        start += len;
+    }
+    Tensor::cat(&outs, 0)
 }
 
 /// The segments of packed rows with these lengths.
@@ -41,13 +100,20 @@ fn segments(seq_lengths: &[usize]) -> Vec<Segment> {
 }
 
 /// `attention` on the CPU in f32: the blocked kernels, the probabilities kept for the backward.
-fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq_lengths: &[usize]) -> candle_core::Result<Tensor> {
+fn cpu_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seq_lengths: &[usize],
+    shape: Shape,
+) -> candle_core::Result<Tensor> {
     let (t, hq, d) = q.dims3()?;
     let dims = Heads { hq, hkv: k.dim(1)?, d };
-    let scale = 1.0 / (d as f32).sqrt();
+    let (scale, window) = (shape.scale, shape.window);
     let mut y = vec![0f32; t * hq * d];
     let probs = with_cpu_f32(&[q, k, v], |x| {
-        segments(seq_lengths).into_iter().map(|s| blocked::forward(x[0], x[1], x[2], dims, s, scale, &mut y)).collect()
+        let forward = |s| blocked::forward(x[0], x[1], x[2], dims, s, scale, window, &mut y);
+        segments(seq_lengths).into_iter().map(forward).collect()
     })?;
     let y = Tensor::from_vec(y, (t, hq * d), q.device())?;
     let kept = Some(Kept { dims, probs: Mutex::new(probs) });
@@ -92,10 +158,15 @@ impl Kept {
 }
 
 /// `attention` whose backward recomputes the probabilities (the GPU path).
-fn recomputing_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq_lengths: &[usize]) -> candle_core::Result<Tensor> {
+fn recomputing_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seq_lengths: &[usize],
+    scale: f32,
+) -> candle_core::Result<Tensor> {
     let (_, hq, hd) = q.dims3()?;
     let n = hq / k.dim(1)?;
-    let scale = 1.0 / (hd as f32).sqrt();
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let mut outs = Vec::with_capacity(seq_lengths.len());
     let mut start = 0;
@@ -172,10 +243,11 @@ fn segment_attention(
     v: &Tensor,
     seq_lengths: &[usize],
     masks: &mut MaskCache,
+    scale: f32,
 ) -> candle_core::Result<Tensor> {
     let (_, hq, hd) = q.dims3()?;
     let hkv = k.dim(1)?;
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = scale as f64;
     let mut outs = Vec::with_capacity(seq_lengths.len());
     let mut start = 0;
     for &len in seq_lengths {
@@ -224,8 +296,8 @@ mod tests {
         let v1 = half(&[6, 4], 10).reshape((6, 1, 4)).unwrap();
         let v2 = Tensor::cat(&[v1.narrow(0, 0, 2).unwrap(), (v1.narrow(0, 2, 4).unwrap() * 5.0).unwrap()], 0).unwrap();
         let mut m = MaskCache::default();
-        let a = segment_attention(&q, &k, &v1, &[2, 4], &mut m).unwrap();
-        let b = segment_attention(&q, &k, &v2, &[2, 4], &mut m).unwrap();
+        let a = segment_attention(&q, &k, &v1, &[2, 4], &mut m, 0.5).unwrap();
+        let b = segment_attention(&q, &k, &v2, &[2, 4], &mut m, 0.5).unwrap();
         let d = (a.narrow(0, 0, 2).unwrap() - b.narrow(0, 0, 2).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
         // And causality inside a segment: the first token sees only itself.
@@ -287,13 +359,36 @@ mod tests {
             for blocked in [true, false] {
                 same_as_graph(
                     |x| match blocked {
-                        true => cpu_attention(&x[0], &x[1], &x[2], &lens).unwrap(),
-                        false => recomputing_attention(&x[0], &x[1], &x[2], &lens).unwrap(),
+                        true => cpu_attention(&x[0], &x[1], &x[2], &lens, Shape::causal(8)).unwrap(),
+                        false => recomputing_attention(&x[0], &x[1], &x[2], &lens, Shape::causal(8).scale).unwrap(),
                     },
-                    |x| segment_attention(&x[0], &x[1], &x[2], &lens, &mut m.borrow_mut()).unwrap(),
+                    |x| {
+                        segment_attention(&x[0], &x[1], &x[2], &lens, &mut m.borrow_mut(), Shape::causal(8).scale)
+                            .unwrap()
+                    },
                     &inputs,
                 );
             }
         }
+    }
+
+    #[test]
+    fn windowed_blocked_attention_matches_the_masked_graph() {
+        let lens = vec![3, 90];
+        let t: usize = lens.iter().sum();
+        let inputs = [rand(&[t, 4, 8], 21), rand(&[t, 2, 8], 22), rand(&[t, 2, 8], 23)];
+        let shape = Shape { scale: 0.3, window: Some(7), softcap: None };
+        same_as_graph(
+            |x| cpu_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
+            |x| masked_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
+            &inputs,
+        );
+        // Without a window the masked graph is the causal attention of the fused path.
+        let causal = Shape::causal(8);
+        same_as_graph(
+            |x| cpu_attention(&x[0], &x[1], &x[2], &lens, causal).unwrap(),
+            |x| masked_attention(&x[0], &x[1], &x[2], &lens, causal).unwrap(),
+            &inputs,
+        );
     }
 }

@@ -2,7 +2,6 @@
 //! at a time in the backward, replaying the same dropout masks.
 
 use super::batch::Batch;
-use super::norm::rms_norm;
 use super::softmax::MaskCache;
 use super::Model;
 use crate::split::SplitMix64;
@@ -25,7 +24,7 @@ impl Model {
             let zeros = self.lora_vars().iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<_>>()?;
             return Ok((0.0, zeros));
         }
-        let rope = self.rope.at(&batch.position_ids)?;
+        let rot = self.rotations(&batch.position_ids)?;
         let mut masks = MaskCache::default();
         let mut rng_states = Vec::with_capacity(self.layers.len());
         let mut rng = rng;
@@ -33,13 +32,13 @@ impl Model {
         let mut x = self.embed_rows(&batch.input_ids)?;
         for layer in &self.layers {
             rng_states.push(rng.as_ref().map(|r| r.state()));
-            let y = self.layer_forward(layer, &x, &rope, &batch.seq_lengths, &mut masks, rng.as_deref_mut(), None)?;
+            let y = self.layer_forward(layer, &x, &rot, &batch.seq_lengths, &mut masks, rng.as_deref_mut(), None)?;
             inputs.push(x);
             x = y.detach();
         }
         // The head: norm, logits at trained positions, cross-entropy; its gradient flows into x.
         let top = Var::from_tensor(&x)?;
-        let h = rms_norm(top.as_tensor(), &self.norm, self.config.rms_norm_eps)?;
+        let h = self.final_norm(top.as_tensor())?;
         let loss = self.head_loss(&h, batch, chunk)?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
         let mut upstream = (loss * scale)?.backward()?.remove(top.as_tensor()).expect("the head depends on x");
@@ -49,7 +48,7 @@ impl Model {
             let y = self.layer_forward(
                 layer,
                 input.as_tensor(),
-                &rope,
+                &rot,
                 &batch.seq_lengths,
                 &mut masks,
                 replay.as_mut(),

@@ -1,6 +1,8 @@
-//! The model's shape, read from a Hugging Face `config.json` (Llama 2/3, Qwen2, Qwen3, Mistral) or
-//! from GGUF metadata (llama.cpp names).
+//! The model's shape, read from a Hugging Face `config.json` or from GGUF metadata (llama.cpp
+//! names): the keys every family shares as fields, the rest kept as they came ([`ModelConfig::extra`])
+//! for the family's own file to read (`super::family`).
 
+use super::family::Arch;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -17,6 +19,13 @@ pub struct RopeScaling {
     pub high_freq_factor: Option<f64>,
     #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
+    /// LongRoPE (Phi-3): per-frequency divisors within and beyond the original context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_factor: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_factor: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,8 +48,9 @@ pub struct ModelConfig {
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
     /// transformers v5 writes `rope_parameters` {rope_theta, rope_type, factor, ...} instead of
-    /// `rope_theta` + `rope_scaling`; `from_file` folds it into those two.
-    #[serde(default, skip_serializing)]
+    /// `rope_theta` + `rope_scaling`; `from_file` folds it into those two. Where it holds one set per
+    /// layer type (Gemma 3: "full_attention", "sliding_attention") it stays, for the family to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -55,6 +65,9 @@ pub struct ModelConfig {
     pub eos_token_id: Option<serde_json::Value>,
     #[serde(default)]
     pub hidden_act: Option<String>,
+    /// Every other key of config.json, as written (a family's own: sliding windows, multipliers...).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 fn default_model_type() -> String {
@@ -75,7 +88,11 @@ impl ModelConfig {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let mut c: ModelConfig =
             serde_json::from_str(&text).with_context(|| format!("{}: not a model config.json", path.display()))?;
-        if let Some(rp) = c.rope_parameters.take() {
+        let per_layer_type = c.rope_parameters.as_ref().is_some_and(|rp| rp.get("rope_theta").is_none());
+        if let Some(mut rp) = c.rope_parameters.take_if(|_| !per_layer_type) {
+            if let Some(set) = rp.as_object_mut().filter(|s| s.contains_key("rope_type")) {
+                set.remove("type"); // v5 keeps the old name beside the new (Phi-3)
+            }
             if let Some(theta) = rp.get("rope_theta").and_then(|v| v.as_f64()) {
                 c.rope_theta = theta;
             }
@@ -90,20 +107,29 @@ impl ModelConfig {
         c.check()?;
         Ok(c)
     }
+    /// The config checked against its family: the family known, its keys consistent.
     pub fn check(&self) -> Result<()> {
-        match self.model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "qwen3" => {}
-            other => bail!("model_type '{other}' is not supported (llama, mistral, qwen2, qwen3)"),
-        }
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
-                bail!("hidden_act '{act}' is not supported (silu)");
-            }
-        }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             bail!("num_attention_heads must be a multiple of num_key_value_heads");
         }
-        Ok(())
+        self.arch().map(|_| ())
+    }
+    /// How this model's family puts the decoder together ([`Arch`]).
+    pub fn arch(&self) -> Result<Arch> {
+        let family = super::family::of_model_type(&self.model_type)?;
+        (family.describe)(self).with_context(|| format!("model_type '{}'", self.model_type))
+    }
+    /// A family key of config.json as a number.
+    pub fn f64_key(&self, key: &str) -> Option<f64> {
+        self.extra.get(key).and_then(|v| v.as_f64())
+    }
+    /// A family key of config.json as a count.
+    pub fn usize_key(&self, key: &str) -> Option<usize> {
+        self.extra.get(key).and_then(|v| v.as_u64()).map(|v| v as usize)
+    }
+    /// A family key of config.json as text.
+    pub fn str_key(&self, key: &str) -> Option<&str> {
+        self.extra.get(key).and_then(|v| v.as_str())
     }
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -111,48 +137,49 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
-    pub fn qkv_bias(&self) -> bool {
-        self.model_type == "qwen2" || self.attention_bias.unwrap_or(false)
-    }
-    pub fn qk_norm(&self) -> bool {
-        self.model_type == "qwen3"
-    }
-    /// Inverse frequencies of the rotary embedding, with Llama-3 scaling when configured.
+    /// Inverse frequencies of the rotary embedding over the whole head, with Llama-3 or linear
+    /// scaling when configured.
     pub fn inv_freq(&self) -> Vec<f64> {
-        let d = self.head_dim();
-        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
-        match &self.rope_scaling {
-            Some(s) if s.rope_type.as_deref() == Some("llama3") => {
-                let factor = s.factor.unwrap_or(8.0);
-                let low = s.low_freq_factor.unwrap_or(1.0);
-                let high = s.high_freq_factor.unwrap_or(4.0);
-                let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
-                let (low_wl, high_wl) = (old / low, old / high);
-                base.into_iter()
-                    .map(|f| {
-                        let wl = 2.0 * std::f64::consts::PI / f;
-                        if wl < high_wl {
-                            f
-                        } else if wl > low_wl {
-                            f / factor
-                        } else {
-                            let smooth = (old / wl - low) / (high - low);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect()
-            }
-            Some(s) if s.rope_type.as_deref() == Some("linear") => {
-                base.into_iter().map(|f| f / s.factor.unwrap_or(1.0)).collect()
-            }
-            _ => base,
-        }
+        inv_freq(self.head_dim(), self.rope_theta, self.rope_scaling.as_ref())
     }
+
     /// Parameters of the base model.
     pub fn num_params(&self) -> usize {
         let (h, i, l, v) = (self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size);
         let (q, kv) = (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim());
         let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
         v * h * if self.tie_word_embeddings { 1 } else { 2 } + l * layer + h
+    }
+}
+
+/// Inverse frequencies of a rotary embedding over `dims` dimensions at base `theta`, with Llama-3 or
+/// linear scaling when `scaling` says so.
+pub fn inv_freq(dims: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f64> {
+    let base: Vec<f64> = (0..dims / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / dims as f64)).collect();
+    match scaling {
+        Some(s) if s.rope_type.as_deref() == Some("llama3") => {
+            let factor = s.factor.unwrap_or(8.0);
+            let low = s.low_freq_factor.unwrap_or(1.0);
+            let high = s.high_freq_factor.unwrap_or(4.0);
+            let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+            let (low_wl, high_wl) = (old / low, old / high);
+            base.into_iter()
+                .map(|f| {
+                    let wl = 2.0 * std::f64::consts::PI / f;
+                    if wl < high_wl {
+                        f
+                    } else if wl > low_wl {
+                        f / factor
+                    } else {
+                        let smooth = (old / wl - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+        Some(s) if s.rope_type.as_deref() == Some("linear") => {
+            base.into_iter().map(|f| f / s.factor.unwrap_or(1.0)).collect()
+        }
+        _ => base,
     }
 }

@@ -43,12 +43,12 @@ impl Model {
             let pos: Vec<u32> = lengths.iter().flat_map(|&l| 0..l as u32).collect();
             let t = ids.len();
             let ids = Tensor::from_vec(ids, t, &self.device)?;
-            let rope = self.rope.at(&Tensor::from_vec(pos, t, &self.device)?)?;
+            let rot = self.rotations(&Tensor::from_vec(pos, t, &self.device)?)?;
             let mut masks = MaskCache::default();
             let mut kv = Vec::with_capacity(self.layers.len());
             let mut x = self.embed_rows(&ids)?;
             for layer in &self.layers {
-                x = self.layer_forward(layer, &x, &rope, &lengths, &mut masks, None, Some(&mut kv))?;
+                x = self.layer_forward(layer, &x, &rot, &lengths, &mut masks, None, Some(&mut kv))?;
             }
             let last: Vec<u32> = lengths
                 .iter()
@@ -58,8 +58,7 @@ impl Model {
                 })
                 .collect();
             let last = x.index_select(&Tensor::from_vec(last, prompts.len(), &self.device)?, 0)?;
-            let h = super::norm::rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
-            let logits = self.lm_head.forward(&h, None)?.to_dtype(DType::F32)?;
+            let logits = self.logits_of(&self.final_norm(&last)?)?;
             Ok(Prefilled { kv, lengths, logits })
         })
     }
@@ -82,27 +81,36 @@ impl Model {
         }
         let col = cache.len;
         let pos: Vec<u32> = cache.pad.iter().map(|&p| (col - p) as u32).collect();
-        let rope = self.rope.at(&Tensor::from_vec(pos, b, &self.device)?)?;
+        let rot = self.rotations(&Tensor::from_vec(pos, b, &self.device)?)?;
         let mask = cache.mask.narrow(1, 0, col + 1)?.reshape((b, 1, 1, col + 1))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let mut x = self.embed_rows(&Tensor::from_vec(tokens.to_vec(), b, &self.device)?)?;
         for (layer, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
-            let (q, k, v) = self.attention_inputs(layer, &x, &rope, None)?;
+            let (q, k, v) = self.attention_inputs(layer, &x, &rot, None)?;
             // This token's key and value go into column `col` of every row.
             kc.slice_set(&k.unsqueeze(2)?.contiguous()?, 2, col)?;
             vc.slice_set(&v.unsqueeze(2)?.contiguous()?, 2, col)?;
             let (ks, vs) = (kc.narrow(2, 0, col + 1)?, vc.narrow(2, 0, col + 1)?);
             // Grouped-query heads: the n query heads of a key/value head attend to it together.
             let q = q.reshape((b, hkv, hq / hkv, hd))?;
-            let scores = (q.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
+            let shape = self.attention_shape(layer);
+            let mut scores = (q.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * shape.scale as f64)?;
+            if let Some(c) = shape.softcap {
+                scores = ((scores / c as f64)?.tanh()? * c as f64)?;
+            }
+            let mut scores = scores.broadcast_add(&mask)?;
+            if let Some(w) = shape.window.filter(|&w| w <= col) {
+                // Columns `w` or more before this one are outside the window (the same for every row:
+                // rows are left-padded, so a column's distance is its token's distance).
+                let outside: Vec<f32> = (0..=col).map(|c| if col - c >= w { f32::NEG_INFINITY } else { 0.0 }).collect();
+                scores = scores.broadcast_add(&Tensor::from_vec(outside, (1, 1, 1, col + 1), &self.device)?)?;
+            }
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
             let o = probs.matmul(&vs)?.reshape((b, hq * hd))?;
-            x = (&x + layer.o.forward(&o, None)?)?;
+            x = self.attention_output(layer, &x, &o, None)?;
             x = self.mlp_block(layer, &x, None)?;
         }
         cache.len += 1;
-        let h = super::norm::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        self.lm_head.forward(&h, None)?.to_dtype(DType::F32)
+        self.logits_of(&self.final_norm(&x)?)
     }
 }
 
@@ -170,10 +178,11 @@ mod tests {
     use crate::train::model::config::ModelConfig;
     use candle_core::Device;
 
-    fn tiny(qk_norm: bool) -> Model {
+    /// A small random model of a family, with its own config keys in `extra`.
+    fn tiny(model_type: &str, extra: serde_json::Value) -> Model {
         let dir = tempfile::tempdir().unwrap();
         let config = ModelConfig {
-            model_type: if qk_norm { "qwen3".into() } else { "llama".into() },
+            model_type: model_type.into(),
             hidden_size: 32,
             intermediate_size: 48,
             num_hidden_layers: 2,
@@ -190,7 +199,8 @@ mod tests {
             max_position_embeddings: 128,
             bos_token_id: None,
             eos_token_id: None,
-            hidden_act: Some("silu".into()),
+            hidden_act: None,
+            extra: serde_json::from_value(extra).unwrap(),
         };
         crate::train::io::hf::write_random_model(&config, 7, dir.path()).unwrap();
         let base = crate::train::io::load_base(dir.path(), &Device::Cpu, None).unwrap();
@@ -217,8 +227,19 @@ mod tests {
 
     #[test]
     fn batched_decoding_with_uneven_prompts_equals_the_full_forward_of_each_row() {
-        for qk_norm in [false, true] {
-            let m = tiny(qk_norm);
+        // Llama; Qwen3's q/k norms; Gemma 3's local layers with a window shorter than the sequences,
+        // GeGLU and scaled embeddings; Gemma 2's soft-caps; Phi-3's fused projections.
+        let window = serde_json::json!({"sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]});
+        let capped =
+            serde_json::json!({"sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0});
+        for (family, extra) in [
+            ("llama", serde_json::json!({})),
+            ("qwen3", serde_json::json!({})),
+            ("gemma3_text", window),
+            ("gemma2", capped),
+            ("phi3", serde_json::json!({"partial_rotary_factor": 0.5})),
+        ] {
+            let m = tiny(family, extra);
             let prompts: Vec<Vec<u32>> = vec![vec![3, 9, 27, 4, 8], vec![11, 2], vec![40, 41, 42]];
             let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
             let pre = m.prefill(&refs).unwrap();
@@ -238,7 +259,7 @@ mod tests {
                     seqs[r].push(tokens[i]);
                     let d = (logits.get(i).unwrap() - last_logits(&m, &seqs[r])).unwrap().abs().unwrap();
                     let d = d.max(0).unwrap().to_scalar::<f32>().unwrap();
-                    assert!(d < 1e-4, "qk_norm {qk_norm}, step {step}, row {r}: {d}");
+                    assert!(d < 1e-4, "{family}, step {step}, row {r}: {d}");
                 }
                 if step == 2 {
                     // Row 1 finishes and leaves the batch.

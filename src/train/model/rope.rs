@@ -1,8 +1,10 @@
 //! Rotary position embeddings in Hugging Face's layout (`x * cos + rotate_half(x) * sin`): the
-//! cos/sin table of a model ([`RopeTable`], Llama-3 scaling included through the config's inverse
-//! frequencies) and the rotation as one graph node over x ([`rope`]); on the CPU in f32 one pass
-//! each way (`cpu::rope`).
+//! cos/sin table of one of a model's rotary embeddings ([`RopeTable`], scaling included through the
+//! family's inverse frequencies; LongRoPE's two tables in [`RotaryTable`]) and the rotation as one
+//! graph node over x ([`rope`]), over the first dimensions of each head only where the rotary is
+//! partial ([`rope_partial`]); on the CPU in f32 one pass each way (`cpu::rope`).
 
+use super::family::Rotary;
 use crate::train::cpu::rope as kernel;
 use crate::train::graph::{attached_forward, with_cpu_f32};
 use candle_core::{CustomOp1, DType, Device, Tensor, D};
@@ -16,17 +18,70 @@ pub struct RopeTable {
 impl RopeTable {
     /// The table for inverse frequencies `inv_freq` over `max_pos` positions, in `dtype`.
     pub fn new(inv_freq: &[f64], max_pos: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        Self::scaled(inv_freq, 1.0, max_pos, dtype, device)
+    }
+
+    /// The same with cos and sin multiplied by `scale` (LongRoPE's attention factor).
+    pub fn scaled(
+        inv_freq: &[f64],
+        scale: f64,
+        max_pos: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let inv: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
         let t = Tensor::arange(0u32, max_pos as u32, device)?.to_dtype(DType::F32)?.reshape((max_pos, 1))?;
         let freqs = t.broadcast_mul(&Tensor::from_vec(inv.clone(), (1, inv.len()), device)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Ok(RopeTable { cos: emb.cos()?.to_dtype(dtype)?, sin: emb.sin()?.to_dtype(dtype)? })
+        let (cos, sin) = match scale {
+            1.0 => (emb.cos()?, emb.sin()?),
+            s => ((emb.cos()? * s)?, (emb.sin()? * s)?),
+        };
+        Ok(RopeTable { cos: cos.to_dtype(dtype)?, sin: sin.to_dtype(dtype)? })
     }
 
     /// cos and sin gathered at `positions` [T] (u32).
     pub fn at(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         Ok((self.cos.index_select(positions, 0)?, self.sin.index_select(positions, 0)?))
     }
+}
+
+/// One rotary embedding of a model: its table, and LongRoPE's table for sequences that reach past
+/// the original context (chosen by the highest position, as transformers does).
+pub struct RotaryTable {
+    short: RopeTable,
+    long: Option<(usize, RopeTable)>,
+}
+
+impl RotaryTable {
+    pub fn new(r: &Rotary, max_pos: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let long = match &r.long {
+            Some((from, inv)) => Some((*from, RopeTable::scaled(inv, r.scale, max_pos, dtype, device)?)),
+            None => None,
+        };
+        Ok(RotaryTable { short: RopeTable::scaled(&r.inv_freq, r.scale, max_pos, dtype, device)?, long })
+    }
+
+    /// cos and sin at `positions` [T] (u32).
+    pub fn at(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        if let Some((from, long)) = &self.long {
+            if positions.max_all()?.to_scalar::<u32>()? as usize >= *from {
+                return long.at(positions);
+            }
+        }
+        self.short.at(positions)
+    }
+}
+
+/// `rope` over the first `cos.dim(1)` dimensions of each head of x [T, heads, hd], the rest passed
+/// through (partial rotary).
+pub fn rope_partial(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (rot, hd) = (cos.dim(D::Minus1)?, x.dim(D::Minus1)?);
+    if rot == hd {
+        return rope(x, cos, sin);
+    }
+    let turned = rope(&x.narrow(D::Minus1, 0, rot)?.contiguous()?, cos, sin)?;
+    Tensor::cat(&[&turned, &x.narrow(D::Minus1, rot, hd - rot)?], D::Minus1)
 }
 
 /// Rotates x [T, heads, hd] with cos/sin [T, hd] gathered by position; keeps nothing but cos/sin

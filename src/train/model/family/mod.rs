@@ -1,0 +1,247 @@
+//! Model families. The shared pieces (attention, MLP, norms, rotary, LoRA linears, CPU kernels) live
+//! in `train::model`; a family file says how one architecture puts them together and how its weights
+//! are named, as mlx-lm's `models/` and llama.cpp's `src/models/` keep one short file per
+//! architecture. A [`Family`] is that file's description (its Hugging Face `model_type`s, class and
+//! tensor names, llama.cpp's architecture and names); [`Arch`] is what one model of it asks of the
+//! decoder, read from its config by the family's `describe`.
+//!
+//! Adding a family: a new file with its `Family` constant, listed in [`FAMILIES`], and its case in
+//! tests/families.rs.
+
+pub mod gemma2;
+pub mod gemma3;
+pub mod granite;
+pub mod llama;
+pub mod olmo2;
+pub mod phi3;
+pub mod smollm3;
+
+use super::config::{inv_freq, ModelConfig};
+use crate::gguf::names::Naming;
+use anyhow::{bail, Result};
+
+/// One model family.
+pub struct Family {
+    /// Its name in lists and errors ("Gemma 3").
+    pub name: &'static str,
+    /// Hugging Face `model_type`s it reads.
+    pub model_types: &'static [&'static str],
+    /// transformers' class of each model type, written into a merged model's config.json.
+    pub hf_classes: &'static [&'static str],
+    /// llama.cpp's architecture and tensor names.
+    pub gguf: Naming,
+    /// The layer's norms by Hugging Face module path: before attention, after it, before the MLP,
+    /// after it (absent where the family has none).
+    pub norms: [Option<&'static str>; 4],
+    /// What the norms' weights are added to (Gemma scales by 1 + w, stored as w).
+    pub norm_offset: f64,
+    /// Projections fused as Phi-3 fuses them: `qkv_proj` and `gate_up_proj`.
+    pub fused: bool,
+    /// This model's [`Arch`] from its config (checking the family's keys).
+    pub describe: fn(&ModelConfig) -> Result<Arch>,
+    /// The family's keys from a GGUF header (llama.cpp's `{arch}.` keys already read into the
+    /// config's shared fields).
+    pub from_gguf: fn(&crate::gguf::metadata::Metadata, &mut ModelConfig) -> Result<()>,
+}
+
+/// Every family tunekit trains, in the order they are listed to users.
+pub const FAMILIES: [&Family; 9] = [
+    &llama::LLAMA,
+    &llama::QWEN2,
+    &llama::QWEN3,
+    &gemma3::GEMMA3,
+    &gemma2::GEMMA2,
+    &phi3::PHI3,
+    &smollm3::SMOLLM3,
+    &olmo2::OLMO2,
+    &granite::GRANITE,
+];
+
+/// The model types every family reads, for an error's list.
+fn supported_model_types() -> String {
+    FAMILIES.iter().flat_map(|f| f.model_types.iter().copied()).collect::<Vec<_>>().join(", ")
+}
+
+/// The family of a Hugging Face `model_type`.
+pub fn of_model_type(model_type: &str) -> Result<&'static Family> {
+    match FAMILIES.iter().find(|f| f.model_types.contains(&model_type)) {
+        Some(f) => Ok(f),
+        None => bail!("model_type '{model_type}' is not supported; tunekit trains {}", supported_model_types()),
+    }
+}
+
+/// The family of a GGUF file's `general.architecture`.
+pub fn of_gguf(arch: &str) -> Result<&'static Family> {
+    match FAMILIES.iter().find(|f| f.gguf.name == arch) {
+        Some(f) => Ok(f),
+        None => {
+            let names: Vec<&str> = FAMILIES.iter().map(|f| f.gguf.name).collect();
+            bail!("GGUF architecture '{arch}' is not supported; tunekit trains {}", names.join(", "))
+        }
+    }
+}
+
+/// The activation of the gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU: `silu(gate) * up`.
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// Where the q/k norms go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Over each head (Qwen3, Gemma 3).
+    PerHead,
+    /// Over the whole projection, before it is split into heads (OLMo 2).
+    Whole,
+}
+
+/// One rotary embedding: inverse frequencies over the first `2 * inv_freq.len()` dimensions of a
+/// head (fewer than all with partial rotary), cos and sin scaled by `scale`; `long` replaces them
+/// when a sequence reaches past `.0` positions (LongRoPE).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rotary {
+    pub inv_freq: Vec<f64>,
+    pub scale: f64,
+    pub long: Option<(usize, Vec<f64>)>,
+}
+
+impl Rotary {
+    /// The plain rotary embedding of `config` over whole heads (its theta and Llama-3 or linear
+    /// scaling).
+    pub fn of(config: &ModelConfig) -> Rotary {
+        Rotary { inv_freq: config.inv_freq(), scale: 1.0, long: None }
+    }
+
+    /// Over whole heads of `dims` at base `theta`, with `scaling` when given.
+    pub fn with(dims: usize, theta: f64, scaling: Option<&super::config::RopeScaling>) -> Rotary {
+        Rotary { inv_freq: inv_freq(dims, theta, scaling), scale: 1.0, long: None }
+    }
+}
+
+/// How one layer attends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerPlan {
+    /// Local attention: each query sees this many keys (itself included).
+    pub window: Option<usize>,
+    /// Which of [`Arch::rotaries`] it uses; none: no position embedding (NoPE).
+    pub rotary: Option<usize>,
+}
+
+/// What a model asks of the decoder, beyond the shapes of its config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arch {
+    pub qk_norm: QkNorm,
+    pub qkv_bias: bool,
+    pub activation: Activation,
+    /// Embeddings are multiplied by this (Gemma: sqrt(hidden); Granite: its multiplier).
+    pub embed_scale: f64,
+    /// Each block's output is multiplied by this before the residual add (Granite).
+    pub residual_scale: f64,
+    /// Attention scores are multiplied by this (1/sqrt(head_dim) unless the family says).
+    pub attn_scale: f64,
+    /// Attention scores soft-capped: `c * tanh(s / c)` (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Logits soft-capped the same way (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// Logits are multiplied by this (Granite: 1 / logits_scaling).
+    pub logit_scale: f64,
+    pub rotaries: Vec<Rotary>,
+    pub layers: Vec<LayerPlan>,
+}
+
+impl Arch {
+    /// A Llama-like model: SwiGLU, scores scaled by 1/sqrt(head_dim), one rotary embedding in every
+    /// layer, no multipliers.
+    pub fn plain(config: &ModelConfig) -> Arch {
+        Arch {
+            qk_norm: QkNorm::None,
+            qkv_bias: config.attention_bias.unwrap_or(false),
+            activation: Activation::Silu,
+            embed_scale: 1.0,
+            residual_scale: 1.0,
+            attn_scale: 1.0 / (config.head_dim() as f64).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
+            logit_scale: 1.0,
+            rotaries: vec![Rotary::of(config)],
+            layers: vec![LayerPlan { window: None, rotary: Some(0) }; config.num_hidden_layers],
+        }
+    }
+
+    /// Whether any layer attends through a sliding window.
+    pub fn windowed(&self) -> bool {
+        self.layers.iter().any(|l| l.window.is_some())
+    }
+}
+
+/// `hidden_act` (or Gemma's `hidden_activation`) as an [`Activation`]; `default` when absent.
+pub fn activation(config: &ModelConfig, default: Activation) -> Result<Activation> {
+    let named = config.hidden_act.as_deref().or_else(|| config.str_key("hidden_activation"));
+    match named {
+        None => Ok(default),
+        Some("silu" | "swish") => Ok(Activation::Silu),
+        Some("gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new") => Ok(Activation::GeluTanh),
+        Some(other) => bail!("activation '{other}' is not supported (silu, gelu_pytorch_tanh)"),
+    }
+}
+
+/// `layer_types` ("sliding_attention" / "full_attention") of a config, or `default(i)` per layer
+/// where it has none; checked against the layer count.
+pub fn layer_types(config: &ModelConfig, default: impl Fn(usize) -> bool) -> Result<Vec<bool>> {
+    let n = config.num_hidden_layers;
+    let Some(list) = config.extra.get("layer_types").and_then(|v| v.as_array()) else {
+        return Ok((0..n).map(default).collect());
+    };
+    if list.len() != n {
+        bail!("layer_types has {} entries for {n} layers", list.len());
+    }
+    list.iter()
+        .map(|v| match v.as_str() {
+            Some("sliding_attention") => Ok(true),
+            Some("full_attention") => Ok(false),
+            other => bail!("layer_types: '{}' is not sliding_attention or full_attention", other.unwrap_or("?")),
+        })
+        .collect()
+}
+
+/// The rotary embedding over whole heads of one `rope_parameters` set ({rope_theta, rope_type,
+/// factor...}), `theta` where the set has none.
+pub fn rotary_of_set(config: &ModelConfig, set: Option<&serde_json::Value>, theta: f64) -> Result<Rotary> {
+    let Some(set) = set else { return Ok(Rotary::with(config.head_dim(), theta, None)) };
+    let theta = set.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(theta);
+    let scaling: super::config::RopeScaling = serde_json::from_value(set.clone())?;
+    match scaling.rope_type.as_deref() {
+        None | Some("default") => Ok(Rotary::with(config.head_dim(), theta, None)),
+        Some("linear" | "llama3") => Ok(Rotary::with(config.head_dim(), theta, Some(&scaling))),
+        Some(other) => bail!("rope_type '{other}' is not supported here (default, linear, llama3)"),
+    }
+}
+
+/// A family with no keys of its own in a GGUF header.
+pub fn no_gguf_keys(_: &crate::gguf::metadata::Metadata, _: &mut ModelConfig) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_found_by_its_names_and_unknown_ones_list_them() {
+        for f in FAMILIES {
+            for t in f.model_types {
+                assert_eq!(of_model_type(t).unwrap().name, f.name);
+            }
+            assert_eq!(of_gguf(f.gguf.name).unwrap().gguf.name, f.gguf.name);
+        }
+        let e = of_model_type("mamba").err().unwrap().to_string();
+        assert!(e.contains("'mamba' is not supported") && e.contains("gemma3_text") && e.contains("phi3"), "{e}");
+        let e = of_gguf("rwkv7").err().unwrap().to_string();
+        assert!(e.contains("gemma3") && e.contains("olmo2"), "{e}");
+    }
+}

@@ -1,0 +1,153 @@
+//! One decoder layer's weights as its family lays them out ([`Layer`]): the attention's input
+//! projections (q, k, v, or Phi-3's fused qkv), its output, the MLP's input projections (gate and
+//! up, or fused), its output, the norms the family has and the q/k norms; and their loading from a
+//! base by Hugging Face names, each checked against the shape the config gives it ([`Loader`]).
+
+use super::base::BaseModel;
+use super::config::ModelConfig;
+use super::family::{Arch, Family, LayerPlan, QkNorm};
+use super::linear::{Linear, Weight};
+use super::quant::{Nf4OnDevice, Nf4Weight, QuantOnDevice};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+pub struct Layer {
+    /// [q, k, v], or [qkv] where the family fuses them.
+    pub qkv: Vec<Linear>,
+    pub o: Linear,
+    /// [gate, up], or [gate_up] where the family fuses them.
+    pub gate_up: Vec<Linear>,
+    pub down: Linear,
+    /// Norm weights as applied (the family's offset added): before attention, after it, before the
+    /// MLP, after it; absent where the family has none.
+    pub norms: [Option<Tensor>; 4],
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub plan: LayerPlan,
+}
+
+impl Layer {
+    /// Every projection LoRA may adapt, in PEFT's order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.qkv.iter().chain([&self.o]).chain(&self.gate_up).chain([&self.down]).collect()
+    }
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.qkv.iter_mut().chain([&mut self.o]).chain(&mut self.gate_up).chain([&mut self.down]).collect()
+    }
+}
+
+/// Reads a base's tensors onto a device in a dtype, the family's norm offset added.
+pub struct Loader<'a> {
+    pub base: &'a BaseModel,
+    pub device: &'a Device,
+    pub dtype: DType,
+    pub family: &'static Family,
+}
+
+impl Loader<'_> {
+    /// A full-precision tensor by Hugging Face name.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        Ok(self.base.get(name)?.to_dtype(self.dtype)?.to_device(self.device)?)
+    }
+
+    /// A norm weight as applied (w + the family's offset) of `len` values.
+    pub fn norm(&self, module: &str, len: usize) -> Result<Tensor> {
+        let name = format!("{module}.weight");
+        let w = self.base.get(&name)?;
+        self.check(&name, w.dims(), &[len])?;
+        let w = match self.family.norm_offset {
+            0.0 => w.clone(),
+            o => (w.to_dtype(DType::F32)? + o)?,
+        };
+        Ok(w.to_dtype(self.dtype)?.to_device(self.device)?)
+    }
+
+    fn check(&self, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+        if got != want {
+            bail!(
+                "{}: {name} is {got:?} but the config makes it {want:?}: the config and the weights disagree \
+                 (a config.json from another model?)",
+                self.base.source.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// NF4 codes uploaded to a GPU (none on the CPU).
+    pub fn nf4_on_device(&self, q: &Arc<Nf4Weight>) -> Result<Option<QuantOnDevice>> {
+        if self.device.is_cpu() {
+            return Ok(None);
+        }
+        Ok(Some(QuantOnDevice::Nf4(Arc::new(Nf4OnDevice::upload(q, self.device)?))))
+    }
+
+    /// A projection [out, in] by module path, dense or already quantised by a QLoRA load (NF4 or the
+    /// GGUF's own blocks), with its bias when `bias`.
+    pub fn linear(&self, path: &str, (out, inp): (usize, usize), bias: bool) -> Result<Linear> {
+        let (device, base) = (self.device, self.base);
+        let held = match (base.nf4.get(path), base.quantized.get(path)) {
+            (_, Some(g)) => {
+                let gpu = if device.is_cpu() { None } else { Some(QuantOnDevice::gguf(g, device)?) };
+                Weight::Gguf { cpu: g.clone(), gpu }
+            }
+            (Some(q), None) => Weight::Nf4 { cpu: q.clone(), gpu: self.nf4_on_device(q)? },
+            (None, None) => Weight::Dense(self.get(&format!("{path}.weight"))?),
+        };
+        let mut l = match held {
+            Weight::Dense(w) => Linear::new(path.to_string(), w, None),
+            quantised => Linear::quantised(path.to_string(), quantised, device),
+        };
+        let (r, c) = l.dims()?;
+        self.check(&format!("{path}.weight"), &[r, c], &[out, inp])?;
+        if bias {
+            l.bias = match base.tensors.get(&format!("{path}.bias")) {
+                Some(b) => Some(b.to_dtype(self.dtype)?.to_device(device)?),
+                None => None,
+            };
+        }
+        Ok(l)
+    }
+
+    /// Layer `i` of a model of shape `c` and architecture `arch`.
+    pub fn layer(&self, c: &ModelConfig, arch: &Arch, i: usize) -> Result<Layer> {
+        let p = format!("model.layers.{i}");
+        let (h, hd, inter) = (c.hidden_size, c.head_dim(), c.intermediate_size);
+        let (q, kv) = (c.num_attention_heads * hd, c.kv_heads() * hd);
+        let (qkv, gate_up) = match self.family.fused {
+            true => (
+                vec![self.linear(&format!("{p}.self_attn.qkv_proj"), (q + 2 * kv, h), arch.qkv_bias)?],
+                vec![self.linear(&format!("{p}.mlp.gate_up_proj"), (2 * inter, h), false)?],
+            ),
+            false => (
+                vec![
+                    self.linear(&format!("{p}.self_attn.q_proj"), (q, h), arch.qkv_bias)?,
+                    self.linear(&format!("{p}.self_attn.k_proj"), (kv, h), arch.qkv_bias)?,
+                    self.linear(&format!("{p}.self_attn.v_proj"), (kv, h), arch.qkv_bias)?,
+                ],
+                vec![
+                    self.linear(&format!("{p}.mlp.gate_proj"), (inter, h), false)?,
+                    self.linear(&format!("{p}.mlp.up_proj"), (inter, h), false)?,
+                ],
+            ),
+        };
+        let norm = |slot: usize| -> Result<Option<Tensor>> {
+            self.family.norms[slot].map(|n| self.norm(&format!("{p}.{n}"), h)).transpose()
+        };
+        let (qn, kn) = match arch.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (Some(hd), Some(hd)),
+            QkNorm::Whole => (Some(q), Some(kv)),
+        };
+        Ok(Layer {
+            qkv,
+            o: self.linear(&format!("{p}.self_attn.o_proj"), (h, q), false)?,
+            gate_up,
+            down: self.linear(&format!("{p}.mlp.down_proj"), (h, inter), false)?,
+            norms: [norm(0)?, norm(1)?, norm(2)?, norm(3)?],
+            q_norm: qn.map(|n| self.norm(&format!("{p}.self_attn.q_norm"), n)).transpose()?,
+            k_norm: kn.map(|n| self.norm(&format!("{p}.self_attn.k_norm"), n)).transpose()?,
+            plan: arch.layers[i],
+        })
+    }
+}
