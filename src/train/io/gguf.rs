@@ -52,6 +52,7 @@ pub fn config_of(content: &gguf_file::Content, path: &Path) -> Result<ModelConfi
     };
     (family.from_gguf)(md, &mut config).with_context(|| path.display().to_string())?;
     config.check().with_context(|| path.display().to_string())?;
+    crate::train::model::family::describe(&config).with_context(|| path.display().to_string())?;
     Ok(config)
 }
 

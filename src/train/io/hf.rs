@@ -33,6 +33,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 pub fn load_hf_dir(dir: &Path, device: &Device, nf4: bool) -> Result<BaseModel> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    crate::train::model::family::describe(&config).with_context(|| dir.join("config.json").display().to_string())?;
     let files = safetensors_files(dir)?;
     let mut tensors = HashMap::new();
     let mut nf4_map = HashMap::new();
@@ -70,7 +71,7 @@ pub fn write_random_model(config: &ModelConfig, seed: u64, out: &Path) -> Result
     let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
     let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
     let family = crate::train::model::family::of_model_type(&config.model_type)?;
-    let arch = config.arch()?;
+    let arch = crate::train::model::family::describe(config)?;
     let ones = |n: usize| Tensor::ones(n, DType::F32, &device);
     // Norm weights that apply as 1 whatever the family's offset (Gemma stores w for 1 + w).
     let unit = |n: usize| -> Result<Tensor> { Ok((ones(n)? * (1.0 - family.norm_offset))?) };

@@ -12,7 +12,7 @@ pub use crate::train::device::Qlora;
 use crate::train::device::{DeviceSpec, Precision};
 use crate::train::model::base::BaseModel;
 use crate::train::model::Model;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::Path;
 
@@ -40,7 +40,10 @@ pub fn load_base(path: &Path, device: &Device, qlora: Option<Qlora>) -> Result<B
 /// without loading its weights.
 pub fn read_config(path: &Path) -> Result<crate::train::model::config::ModelConfig> {
     if path.is_dir() {
-        crate::train::model::config::ModelConfig::from_file(&path.join("config.json"))
+        let file = path.join("config.json");
+        let config = crate::train::model::config::ModelConfig::from_file(&file)?;
+        crate::train::model::family::describe(&config).with_context(|| file.display().to_string())?;
+        Ok(config)
     } else if path.extension().is_some_and(|e| e == "gguf") {
         gguf::read_config(path)
     } else {

@@ -2,7 +2,6 @@
 //! names): the keys every family shares as fields, the rest kept as they came ([`ModelConfig::extra`])
 //! for the family's own file to read (`super::family`).
 
-use super::family::Arch;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -107,17 +106,12 @@ impl ModelConfig {
         c.check()?;
         Ok(c)
     }
-    /// The config checked against its family: the family known, its keys consistent.
+    /// The shapes consistent (the family's own keys are checked by `family::describe`).
     pub fn check(&self) -> Result<()> {
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             bail!("num_attention_heads must be a multiple of num_key_value_heads");
         }
-        self.arch().map(|_| ())
-    }
-    /// How this model's family puts the decoder together ([`Arch`]).
-    pub fn arch(&self) -> Result<Arch> {
-        let family = super::family::of_model_type(&self.model_type)?;
-        (family.describe)(self).with_context(|| format!("model_type '{}'", self.model_type))
+        Ok(())
     }
     /// A family key of config.json as a number.
     pub fn f64_key(&self, key: &str) -> Option<f64> {

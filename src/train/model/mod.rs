@@ -93,7 +93,7 @@ impl Model {
     pub fn from_base_as(base: &BaseModel, device: &Device, dtype: DType) -> Result<Model> {
         let c = base.config.clone();
         let family = family::of_model_type(&c.model_type)?;
-        let arch = c.arch()?;
+        let arch = family::describe(&c)?;
         let load = layer::Loader { base, device, dtype, family };
         let layers = (0..c.num_hidden_layers).map(|i| load.layer(&c, &arch, i)).collect::<Result<Vec<_>>>()?;
         let embed_name = "model.embed_tokens.weight";

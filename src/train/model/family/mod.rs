@@ -18,7 +18,7 @@ pub mod smollm3;
 
 use super::config::{inv_freq, ModelConfig};
 use crate::gguf::names::Naming;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// One model family.
 pub struct Family {
@@ -68,6 +68,13 @@ pub fn of_model_type(model_type: &str) -> Result<&'static Family> {
         Some(f) => Ok(f),
         None => bail!("model_type '{model_type}' is not supported; tunekit trains {}", supported_model_types()),
     }
+}
+
+/// How a model's family puts its decoder together, read from its config (the family known, its
+/// keys consistent).
+pub fn describe(config: &ModelConfig) -> Result<Arch> {
+    let family = of_model_type(&config.model_type)?;
+    (family.describe)(config).with_context(|| format!("model_type '{}'", config.model_type))
 }
 
 /// The family of a GGUF file's `general.architecture`.
