@@ -1,9 +1,11 @@
 //! Phi-3, Phi-3.5 and Phi-4-mini: q, k and v in one projection (`qkv_proj`) and gate and up in one
 //! (`gate_up_proj`), adapted by LoRA as PEFT names them; rotary over the first
 //! `partial_rotary_factor` of each head; LongRoPE (per-frequency divisors, short within the original
-//! context and long beyond it, cos and sin scaled by the attention factor).
+//! context and long beyond it, cos and sin scaled by the attention factor); a sliding window on every
+//! layer where the config sets one (Phi-3-mini-4k: 2047).
 
 use super::{llama, Arch, Family, Rotary};
+use crate::gguf::metadata::{usize_of, Metadata};
 use crate::gguf::names::Naming;
 use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Result};
@@ -24,7 +26,7 @@ pub const PHI3: Family = Family {
     gguf: Naming { name: "phi3", rotary_order: false, layer: &[LAYER] },
     fused: true,
     describe,
-    from_gguf: super::no_gguf_keys,
+    from_gguf,
     ..llama::LLAMA
 };
 
@@ -61,4 +63,19 @@ fn describe(c: &ModelConfig) -> Result<Arch> {
         _ => Rotary { inv_freq: shape(&vec![1.0; dims / 2]), scale: 1.0, long: None },
     };
     Ok(Arch { rotaries: vec![rotary], ..a })
+}
+
+/// llama.cpp's phi3 keys: the rotary width (partial rotary) and the window; LongRoPE's factors are
+/// tensors there, which are not read: such a file is refused.
+fn from_gguf(md: &Metadata, c: &mut ModelConfig) -> Result<()> {
+    if md.contains_key("phi3.rope.scaling.original_context_length") {
+        bail!("a Phi-3 GGUF with LongRoPE (its factors are tensors) is not read here; train from the Hugging Face directory");
+    }
+    if let Ok(dims) = usize_of(md, "phi3.rope.dimension_count") {
+        c.extra.insert("partial_rotary_factor".into(), serde_json::json!(dims as f64 / c.head_dim() as f64));
+    }
+    if let Ok(w) = usize_of(md, "phi3.attention.sliding_window") {
+        c.extra.insert("sliding_window".into(), serde_json::json!(w));
+    }
+    Ok(())
 }
