@@ -119,3 +119,112 @@ fn llama_and_qwen3_stay_exact() {
     check("llama");
     check("qwen3");
 }
+
+/// A config whose shapes disagree with the weights is refused naming the tensor; an unknown family
+/// lists the ones tunekit trains.
+#[test]
+fn bad_configs_name_the_tensor_or_list_the_families() {
+    use tunekit::train::model::config::ModelConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let config: ModelConfig = serde_json::from_value(serde_json::json!({
+        "model_type": "gemma3_text", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 40,
+        "sliding_window": 4, "tie_word_embeddings": true
+    }))
+    .unwrap();
+    tunekit::train::io::hf::write_random_model(&config, 1, tmp.path()).unwrap();
+    let base = load_base(tmp.path(), &Device::Cpu, None).unwrap();
+    assert!(Model::from_base(&base, &Device::Cpu).is_ok());
+    let edit = |key: &str, value: serde_json::Value| {
+        let p = tmp.path().join("config.json");
+        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        c[key] = value;
+        std::fs::write(&p, c.to_string()).unwrap();
+    };
+    edit("intermediate_size", 64.into());
+    let base = load_base(tmp.path(), &Device::Cpu, None).unwrap();
+    let e = Model::from_base(&base, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("model.layers.0.mlp.gate_proj.weight is [48, 32]") && e.contains("[64, 32]"), "{e}");
+    edit("model_type", "mamba".into());
+    let e = format!("{:#}", load_base(tmp.path(), &Device::Cpu, None).err().unwrap());
+    assert!(e.contains("'mamba' is not supported") && e.contains("gemma3_text") && e.contains("olmo2"), "{e}");
+}
+
+/// Every family through every objective's path (SFT's chunked loss with gradient checkpointing, DPO's
+/// pair, GRPO/PPO's per-token log-probabilities at a temperature with entropies, a reward model's
+/// score head): finite losses and a gradient on every adapter matrix, on a small random checkpoint.
+#[test]
+fn every_family_trains_through_every_objective() {
+    use tunekit::train::adapters::lora::LoraSettings;
+    use tunekit::train::model::config::ModelConfig;
+    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
+    use tunekit::train::objectives::PairObjective;
+    let families = [
+        ("llama", serde_json::json!({})),
+        ("qwen2", serde_json::json!({})),
+        ("qwen3", serde_json::json!({})),
+        ("gemma3_text", serde_json::json!({"sliding_window": 3})),
+        (
+            "gemma2",
+            serde_json::json!({"sliding_window": 3, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 4.0}),
+        ),
+        ("phi3", serde_json::json!({"partial_rotary_factor": 0.5})),
+        ("smollm3", serde_json::json!({})),
+        ("olmo2", serde_json::json!({})),
+        (
+            "granite",
+            serde_json::json!({"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "logits_scaling": 2.0}),
+        ),
+    ];
+    let row = PackedRow {
+        input_ids: (0..12).map(|i| (i * 7 + 3) % 40).collect(),
+        labels: (0..12).map(|i| if i < 4 { -100 } else { (i * 7 + 3) % 40 }).collect(),
+        position_ids: (0..6).chain(0..6).collect(),
+        seq_lengths: vec![6, 6],
+    };
+    for (family, extra) in families {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = serde_json::json!({
+            "model_type": family, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 40,
+            "tie_word_embeddings": family != "olmo2"
+        });
+        config.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let config: ModelConfig = serde_json::from_value(config).unwrap();
+        tunekit::train::io::hf::write_random_model(&config, 3, tmp.path()).unwrap();
+        let base = load_base(tmp.path(), &Device::Cpu, None).unwrap();
+        let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
+        let targets = LoraSettings::parse_targets("all-linear").unwrap();
+        model.add_lora(&LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, rslora: false, targets }, 1).unwrap();
+        for (_, v) in model.lora_vars() {
+            // B away from zero, so that every matrix gets a gradient.
+            v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();
+        }
+        let batch = Batch::from_rows(&[&row], &Device::Cpu).unwrap();
+        let n = model.lora_vars().len();
+        let (sft, grads) = model.loss_and_grads_checkpointed(&batch, None, 4, 1.0).unwrap();
+        assert!(sft.is_finite() && grads.len() == n, "{family}: SFT loss {sft}");
+        for g in &grads {
+            assert!(max_abs(g) > 0.0, "{family}: an adapter matrix got no SFT gradient");
+        }
+        let ids: Vec<i32> = row.input_ids[..6].to_vec();
+        let labels: Vec<i32> = row.labels[..6].to_vec();
+        let pair = tunekit::pack::preference::PreferenceRow {
+            chosen_input_ids: ids.clone(),
+            chosen_labels: labels.clone(),
+            rejected_input_ids: ids.iter().map(|t| (t + 1) % 40).collect(),
+            rejected_labels: labels.iter().map(|&t| if t < 0 { t } else { (t + 1) % 40 }).collect(),
+        };
+        let dpo = Dpo { beta: 0.1, loss: DpoLoss::Sigmoid }.pair(&model, &pair).unwrap().loss;
+        let g = dpo.backward().unwrap();
+        assert!(model.lora_vars().iter().all(|(_, v)| g.get(v.as_tensor()).is_some()), "{family}: DPO gradients");
+        let (lp, ent) = model.token_log_probs(&batch, 0.7, true).unwrap();
+        let (lp, ent) = (lp.to_vec1::<f32>().unwrap(), ent.unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(lp.len(), batch.trained, "{family}: one log-probability per trained token");
+        assert!(lp.iter().all(|x| *x < 0.0) && ent.iter().all(|x| *x > 0.0), "{family}: {lp:?} {ent:?}");
+        model.score =
+            Some(candle_core::Var::from_tensor(&Tensor::ones((1, 32), DType::F32, &Device::Cpu).unwrap()).unwrap());
+        let r = model.reward(&ids).unwrap().to_scalar::<f32>().unwrap();
+        assert!(r.is_finite(), "{family}: reward {r}");
+    }
+}
