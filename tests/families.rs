@@ -76,7 +76,19 @@ fn check(family: &str) {
         let (d, scale) = (max_diff(g, want), max_abs(want).max(1e-6));
         assert!(d < 1e-4 * scale, "{family}: gradient of {n} differs from torch by {d} (largest {scale})");
     }
-    eprintln!("{family}: logits, adapter logits, loss {got} and {} gradients match transformers + PEFT", named.len());
+    // Merged into a Hugging Face directory, the model transformers loads gives PEFT's logits.
+    let merged = dir.join("merged");
+    tunekit::train::io::merge::write_hf(&model, &merged).unwrap();
+    let py = common::python_with("torch, transformers").unwrap();
+    let script = common::root().join("tests/fixtures/families/hf_logits.py");
+    let out = dir.join("merged_logits.safetensors");
+    let reference = dir.join("reference.safetensors");
+    let o = std::process::Command::new(py).arg(script).arg(&merged).arg(reference).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{family}: transformers on the merged model: {}", String::from_utf8_lossy(&o.stderr));
+    let m = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let (d, scale) = (max_diff(&m["logits"], &r["peft_logits"]), max_abs(&r["peft_logits"]));
+    assert!(d < 1e-4 * scale.max(1.0), "{family}: the merged model in transformers differs from PEFT by {d}");
+    eprintln!("{family}: logits, adapter logits, loss {got}, {} gradients and the merged model match", named.len());
 }
 
 #[test]

@@ -78,14 +78,22 @@ pub fn write_random_model(config: &ModelConfig, seed: u64, out: &Path) -> Result
     let mut t: HashMap<String, Tensor> = HashMap::new();
     t.insert("model.embed_tokens.weight".into(), normal((v, h))?);
     t.insert("model.norm.weight".into(), unit(h)?);
+    // In PEFT's order (the random draws follow it).
     let projections: Vec<(&str, (usize, usize))> = match family.fused {
-        true => vec![("self_attn.qkv_proj", (q + 2 * kv, h)), ("mlp.gate_up_proj", (2 * i, h))],
+        true => vec![
+            ("self_attn.qkv_proj", (q + 2 * kv, h)),
+            ("self_attn.o_proj", (h, q)),
+            ("mlp.gate_up_proj", (2 * i, h)),
+            ("mlp.down_proj", (h, i)),
+        ],
         false => vec![
             ("self_attn.q_proj", (q, h)),
             ("self_attn.k_proj", (kv, h)),
             ("self_attn.v_proj", (kv, h)),
+            ("self_attn.o_proj", (h, q)),
             ("mlp.gate_proj", (i, h)),
             ("mlp.up_proj", (i, h)),
+            ("mlp.down_proj", (h, i)),
         ],
     };
     let qk_norm = match arch.qk_norm {
@@ -95,7 +103,7 @@ pub fn write_random_model(config: &ModelConfig, seed: u64, out: &Path) -> Result
     };
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (n, shape) in projections.iter().copied().chain([("self_attn.o_proj", (h, q)), ("mlp.down_proj", (h, i))]) {
+        for &(n, shape) in &projections {
             t.insert(format!("{p}.{n}.weight"), normal(shape)?);
         }
         for n in family.norms.iter().flatten() {

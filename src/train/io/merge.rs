@@ -47,6 +47,12 @@ pub fn write_hf(model: &Model, out: &Path) -> Result<usize> {
     candle_core::safetensors::save(&t, &tmp)?;
     std::fs::rename(&tmp, out.join("model.safetensors"))?;
     let mut cfg = serde_json::to_value(&model.config)?;
+    // transformers reads an absent key as its default but a null one as None (a null head_dim breaks
+    // OLMo 2's attention): write the head width resolved and leave the other unset keys out.
+    cfg["head_dim"] = serde_json::json!(model.config.head_dim());
+    if let Some(map) = cfg.as_object_mut() {
+        map.retain(|_, v| !v.is_null());
+    }
     let class = family.model_types.iter().position(|m| *m == model.config.model_type).unwrap_or(0);
     cfg["architectures"] = serde_json::json!([family.hf_classes[class]]);
     cfg["torch_dtype"] = serde_json::json!("float32");

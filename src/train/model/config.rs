@@ -8,15 +8,15 @@ use std::path::Path;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RopeScaling {
-    #[serde(default, alias = "type")]
+    #[serde(default, alias = "type", skip_serializing_if = "Option::is_none")]
     pub rope_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low_freq_factor: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high_freq_factor: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
     /// LongRoPE (Phi-3): per-frequency divisors within and beyond the original context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
