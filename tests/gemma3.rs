@@ -22,30 +22,40 @@ fn gemma3_270m_logits_match_transformers() {
     let Some(gguf) = common::asset("gemma3/gemma-3-270m-q4_k_m.gguf") else { return };
     let Some(py) = common::python_with("torch, transformers, gguf") else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = ["The capital of France is", "Who are you?", "def fibonacci(n):\n    return"];
+    // The last prompt is longer than the local layers' window (512), so the windows are exercised.
+    let long =
+        "The quick brown fox jumps over the lazy dog, then rests by the river. ".repeat(40) + "In the end, the fox";
+    let prompts = ["The capital of France is", "Who are you?", "def fibonacci(n):\n    return", long.as_str()];
     let script = common::root().join("tests/fixtures/families/gguf_logits.py");
     let out = std::process::Command::new(py).arg(script).arg(&gguf).arg(tmp.path()).args(prompts).output().unwrap();
     assert!(out.status.success(), "gguf_logits.py: {}", String::from_utf8_lossy(&out.stderr));
     let r = candle_core::safetensors::load(tmp.path().join("reference.safetensors"), &Device::Cpu).unwrap();
     let base = load_base(&gguf, &Device::Cpu, None).unwrap();
     let model = Model::from_base(&base, &Device::Cpu).unwrap();
+    // llama.cpp's keys read as transformers' config: five local layers (window 512, base 1e4) to one global.
+    let windows: Vec<Option<usize>> = model.layers.iter().map(|l| l.plan.window).collect();
+    let local = Some(512);
+    assert_eq!(windows[..6], [local, local, local, local, local, None], "{windows:?}");
+    assert_eq!(model.arch.rotaries[1].inv_freq[1], 1.0 / 10_000f64.powf(2.0 / 256.0));
+    assert_eq!(model.arch.attn_scale, 1.0 / 16.0, "query_pre_attn_scalar 256");
     let tok = tunekit::tokenize::TokenizerInfo::load(&gguf).unwrap();
     for (i, p) in prompts.iter().enumerate() {
         let ids: Vec<u32> = r[&format!("ids.{i}")].to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect();
         // transformers puts BOS first; tunekit's templates write it (`{{ bos_token }}`), so the text alone.
         let ours = tok.tokenizer.encode(*p, false).unwrap().get_ids().to_vec();
         assert_eq!(ids[0], 2, "transformers starts with <bos>");
-        assert_eq!(ours, ids[1..], "{p:?}: token ids differ from transformers'");
+        assert_eq!(ours, ids[1..], "prompt {i}: token ids differ from transformers'");
         let t = ids.len();
         let x = Tensor::from_vec(ids, t, &Device::Cpu).unwrap();
         let pos = Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap();
-        let logits = model.logits(&x, &pos, &[t]).unwrap();
         let want = &r[&format!("logits.{i}")];
+        let logits =
+            model.logits(&x, &pos, &[t]).unwrap().narrow(0, t - want.dim(0).unwrap(), want.dim(0).unwrap()).unwrap();
         let (d, scale) = (max_abs(&(&logits - want).unwrap()), max_abs(want));
-        eprintln!("{p:?}: max |logit diff| {d:.2e}, largest logit {scale:.1}");
-        assert!(d < 1e-5 * scale, "{p:?}: logits differ from transformers by {d} (largest {scale})");
-        let top = |l: &Tensor| l.get(t - 1).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        assert_eq!(top(&logits), top(want), "{p:?}: a different next token");
+        eprintln!("{t} tokens: max |logit diff| {d:.2e}, largest logit {scale:.1}");
+        assert!(d < 1e-5 * scale, "prompt {i}: logits differ from transformers by {d} (largest {scale})");
+        let top = |l: &Tensor| l.get(l.dim(0).unwrap() - 1).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(top(&logits), top(want), "prompt {i}: a different next token");
     }
 }
 

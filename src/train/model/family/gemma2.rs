@@ -4,7 +4,7 @@
 
 use super::gemma3::{gemma_base, SANDWICH_NORMS};
 use super::{layer_types, Arch, Family, LayerPlan};
-use crate::gguf::metadata::{f64_of, Metadata};
+use crate::gguf::metadata::{f64_of, usize_of, Metadata};
 use crate::gguf::names::{Naming, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::Result;
@@ -34,8 +34,8 @@ fn from_gguf(md: &Metadata, c: &mut ModelConfig) -> Result<()> {
     let extra = &mut c.extra;
     extra.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
     extra.insert("query_pre_attn_scalar".into(), serde_json::json!(c.head_dim.unwrap_or(256)));
-    let window = f64_of(md, "gemma2.attention.sliding_window").unwrap_or(4096.0);
-    extra.insert("sliding_window".into(), serde_json::json!(window as usize));
+    let window = usize_of(md, "gemma2.attention.sliding_window").unwrap_or(4096);
+    extra.insert("sliding_window".into(), serde_json::json!(window));
     for (gguf, hf) in [
         ("gemma2.attn_logit_softcapping", "attn_logit_softcapping"),
         ("gemma2.final_logit_softcapping", "final_logit_softcapping"),

@@ -4,7 +4,7 @@
 //! own rotary base) five to one global layer (its base, with the config's scaling), tied embeddings.
 
 use super::{activation, layer_types, rotary_of_set, Activation, Arch, Family, LayerPlan, QkNorm};
-use crate::gguf::metadata::{f64_of, Metadata};
+use crate::gguf::metadata::{f64_of, usize_of, Metadata};
 use crate::gguf::names::{Naming, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Result};
@@ -81,8 +81,8 @@ fn from_gguf(md: &Metadata, c: &mut ModelConfig) -> Result<()> {
     let extra = &mut c.extra;
     extra.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
     extra.insert("query_pre_attn_scalar".into(), serde_json::json!(c.head_dim.unwrap_or(256)));
-    if let Some(w) = f64_of(md, "gemma3.attention.sliding_window") {
-        extra.insert("sliding_window".into(), serde_json::json!(w as usize));
+    if let Ok(w) = usize_of(md, "gemma3.attention.sliding_window") {
+        extra.insert("sliding_window".into(), serde_json::json!(w));
     }
     let local = f64_of(md, "gemma3.rope.freq_base_swa").unwrap_or(10_000.0);
     extra.insert("rope_local_base_freq".into(), serde_json::json!(local));
