@@ -50,7 +50,7 @@ pub fn config_of(content: &gguf_file::Content, path: &Path) -> Result<ModelConfi
         hidden_act: Some("silu".into()),
         extra: Default::default(),
     };
-    (family.from_gguf)(md, &mut config).with_context(|| path.display().to_string())?;
+    (family.from_gguf)(content, &mut config).with_context(|| path.display().to_string())?;
     config.check().with_context(|| path.display().to_string())?;
     crate::train::model::family::describe(&config).with_context(|| path.display().to_string())?;
     Ok(config)

@@ -3,8 +3,8 @@
 //! alternating, one rotary embedding.
 
 use super::gemma3::{gemma_base, SANDWICH_NORMS};
-use super::{layer_types, Arch, Family, LayerPlan};
-use crate::gguf::metadata::{f64_of, usize_of, Metadata};
+use super::{layer_types, Arch, Family, Header, LayerPlan};
+use crate::gguf::metadata::{f64_of, usize_of};
 use crate::gguf::names::{Naming, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::Result;
@@ -28,7 +28,8 @@ fn describe(c: &ModelConfig) -> Result<Arch> {
 }
 
 /// llama.cpp's gemma2 keys: the window (4096 unless written), the two soft-caps.
-fn from_gguf(md: &Metadata, c: &mut ModelConfig) -> Result<()> {
+fn from_gguf(header: &Header, c: &mut ModelConfig) -> Result<()> {
+    let md = &header.metadata;
     c.model_type = "gemma2".into();
     c.hidden_act = None;
     let extra = &mut c.extra;

@@ -3,8 +3,8 @@
 //! tanh-GELU, scores scaled by `query_pre_attn_scalar`^-1/2, local layers (a sliding window, their
 //! own rotary base) five to one global layer (its base, with the config's scaling), tied embeddings.
 
-use super::{activation, layer_types, rotary_of_set, Activation, Arch, Family, LayerPlan, QkNorm};
-use crate::gguf::metadata::{f64_of, usize_of, Metadata};
+use super::{activation, layer_types, rotary_of_set, Activation, Arch, Family, Header, LayerPlan, QkNorm};
+use crate::gguf::metadata::{f64_of, usize_of};
 use crate::gguf::names::{Naming, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Result};
@@ -75,7 +75,8 @@ fn describe(c: &ModelConfig) -> Result<Arch> {
 
 /// llama.cpp's gemma3 keys: the window and, where written, the local rotary base (10000 otherwise);
 /// the query scalar is the head width (llama.cpp's rule for all but the 27B).
-fn from_gguf(md: &Metadata, c: &mut ModelConfig) -> Result<()> {
+fn from_gguf(header: &Header, c: &mut ModelConfig) -> Result<()> {
+    let md = &header.metadata;
     c.model_type = "gemma3_text".into();
     c.hidden_act = None;
     let extra = &mut c.extra;

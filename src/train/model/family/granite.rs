@@ -2,8 +2,8 @@
 //! before the residual add, on the attention scores (in place of 1/sqrt(head_dim)) and on the logits
 //! (divided by `logits_scaling`).
 
-use super::{llama, Arch, Family};
-use crate::gguf::metadata::{f64_of, Metadata};
+use super::{llama, Arch, Family, Header};
+use crate::gguf::metadata::f64_of;
 use crate::gguf::names::{Naming, PRE_NORMS, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::Result;
@@ -30,7 +30,8 @@ fn describe(c: &ModelConfig) -> Result<Arch> {
 }
 
 /// llama.cpp's granite keys back to config.json's.
-fn from_gguf(md: &Metadata, c: &mut ModelConfig) -> Result<()> {
+fn from_gguf(header: &Header, c: &mut ModelConfig) -> Result<()> {
+    let md = &header.metadata;
     for (gguf, hf) in [
         ("granite.embedding_scale", "embedding_multiplier"),
         ("granite.residual_scale", "residual_multiplier"),

@@ -40,8 +40,8 @@ pub struct Family {
     /// This model's [`Arch`] from its config (checking the family's keys).
     pub describe: fn(&ModelConfig) -> Result<Arch>,
     /// The family's keys from a GGUF header (llama.cpp's `{arch}.` keys already read into the
-    /// config's shared fields).
-    pub from_gguf: fn(&crate::gguf::metadata::Metadata, &mut ModelConfig) -> Result<()>,
+    /// config's shared fields); the header's tensor index too, where a family keeps settings there.
+    pub from_gguf: fn(&Header, &mut ModelConfig) -> Result<()>,
 }
 
 /// Every family tunekit trains, in the order they are listed to users.
@@ -229,8 +229,11 @@ pub fn rotary_of_set(config: &ModelConfig, set: Option<&serde_json::Value>, thet
     }
 }
 
+/// A GGUF file's header: its metadata and tensor index.
+pub type Header = candle_core::quantized::gguf_file::Content;
+
 /// A family with no keys of its own in a GGUF header.
-pub fn no_gguf_keys(_: &crate::gguf::metadata::Metadata, _: &mut ModelConfig) -> Result<()> {
+pub fn no_gguf_keys(_: &Header, _: &mut ModelConfig) -> Result<()> {
     Ok(())
 }
 

@@ -4,8 +4,8 @@
 //! context and long beyond it, cos and sin scaled by the attention factor); a sliding window on every
 //! layer where the config sets one (Phi-3-mini-4k: 2047).
 
-use super::{llama, Arch, Family, Rotary};
-use crate::gguf::metadata::{usize_of, Metadata};
+use super::{llama, Arch, Family, Header, Rotary};
+use crate::gguf::metadata::usize_of;
 use crate::gguf::names::Naming;
 use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Result};
@@ -65,16 +65,17 @@ fn describe(c: &ModelConfig) -> Result<Arch> {
     Ok(Arch { rotaries: vec![rotary], ..a })
 }
 
-/// llama.cpp's phi3 keys: the rotary width (partial rotary) and the window; LongRoPE's factors are
-/// tensors there, which are not read: such a file is refused.
-fn from_gguf(md: &Metadata, c: &mut ModelConfig) -> Result<()> {
-    if md.contains_key("phi3.rope.scaling.original_context_length") {
+/// llama.cpp's phi3 keys: the rotary width (partial rotary) and the window (0: none); LongRoPE's
+/// factors are tensors there (`rope_factors_long`), which are not read: such a file is refused.
+fn from_gguf(header: &Header, c: &mut ModelConfig) -> Result<()> {
+    let md = &header.metadata;
+    if header.tensor_infos.contains_key("rope_factors_long.weight") {
         bail!("a Phi-3 GGUF with LongRoPE (its factors are tensors) is not read here; train from the Hugging Face directory");
     }
     if let Ok(dims) = usize_of(md, "phi3.rope.dimension_count") {
         c.extra.insert("partial_rotary_factor".into(), serde_json::json!(dims as f64 / c.head_dim() as f64));
     }
-    if let Ok(w) = usize_of(md, "phi3.attention.sliding_window") {
+    if let Some(w) = usize_of(md, "phi3.attention.sliding_window").ok().filter(|&w| w > 0) {
         c.extra.insert("sliding_window".into(), serde_json::json!(w));
     }
     Ok(())
