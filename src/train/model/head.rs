@@ -1,6 +1,8 @@
 //! The loss head: scores of `h W^T` against the next tokens at the trained positions, `chunk` rows of
 //! logits at a time, as the summed cross-entropy of SFT ([`linear_cross_entropy`]) or per-token
-//! log-probabilities at a sampling temperature with their entropies, for RL ([`linear_log_probs`]).
+//! log-probabilities at a sampling temperature with their entropies, for RL ([`linear_log_probs`]);
+//! logits soft-capped first where the family says (Gemma 2: `c * tanh(z / c)`, its slope applied to
+//! each chunk's gradient).
 //! Each chunk's input gradient is computed with its logits, so no logits outlive their chunk and
 //! none are kept for the backward; an NF4 head on the CPU is dequantised a block of vocabulary rows
 //! at a time, never whole.
@@ -17,9 +19,15 @@ use std::sync::Arc;
 /// `(softmax - onehot) W`, is computed right after its logits, so no logits outlive their chunk
 /// (the logits of 2,048 positions over a 49k vocabulary are 400 MB in f32); the backward is then
 /// `g * dh`. The head is frozen (no LoRA on lm_head), so only the input gradient is needed.
-pub fn linear_cross_entropy(h: &Tensor, head: &Linear, targets: &Tensor, chunk: usize) -> candle_core::Result<Tensor> {
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    head: &Linear,
+    targets: &Tensor,
+    chunk: usize,
+    softcap: Option<f64>,
+) -> candle_core::Result<Tensor> {
     let want_grad = h.track_op();
-    let s = score_rows(h, head, targets, 1.0, chunk, want_grad, false)?;
+    let s = score_rows(h, head, targets, LogitScale { softcap, temperature: 1.0 }, chunk, want_grad, false)?;
     let total = s.nll.sum_all()?;
     match s.dh {
         Some(dh) => Ok(total.with_backward1(h, InputGradFn { dh, per_row: false })),
@@ -36,9 +44,10 @@ pub fn linear_log_probs(
     temperature: f64,
     chunk: usize,
     want_entropy: bool,
+    softcap: Option<f64>,
 ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let want_grad = h.track_op();
-    let s = score_rows(h, head, targets, temperature, chunk, want_grad, want_entropy)?;
+    let s = score_rows(h, head, targets, LogitScale { softcap, temperature }, chunk, want_grad, want_entropy)?;
     let logp = s.nll.neg()?;
     let entropy = s.entropy;
     match s.dh {
@@ -56,11 +65,18 @@ struct RowScores {
     entropy: Option<Tensor>,
 }
 
+/// How logits become scores: soft-capped where set, then divided by the temperature.
+#[derive(Debug, Clone, Copy)]
+struct LogitScale {
+    softcap: Option<f64>,
+    temperature: f64,
+}
+
 fn score_rows(
     h: &Tensor,
     head: &Linear,
     targets: &Tensor,
-    temperature: f64,
+    scale: LogitScale,
     chunk: usize,
     want_grad: bool,
     want_entropy: bool,
@@ -73,9 +89,21 @@ fn score_rows(
     while start < n {
         let len = chunk.min(n - start);
         let rows = hd.narrow(0, start, len)?;
-        let logits = weight.logits(&rows)?;
-        let s = token_scores(logits, &targets.narrow(0, start, len)?, temperature, want_grad, want_entropy)?;
+        let mut logits = weight.logits(&rows)?;
+        // Soft-capped: scores of c * tanh(z / c), whose gradient reaches z times 1 - tanh^2.
+        let mut slope = None;
+        if let Some(c) = scale.softcap {
+            let t = (logits / c)?.tanh()?;
+            slope = if want_grad { Some((1.0 - t.sqr()?)?) } else { None };
+            logits = (t * c)?;
+        }
+        let targets = targets.narrow(0, start, len)?;
+        let s = token_scores(logits, &targets, scale.temperature, want_grad, want_entropy)?;
         if let Some(d) = s.grad {
+            let d = match &slope {
+                Some(k) => (d * k)?,
+                None => d,
+            };
             dh.push(weight.input_grad(&d)?);
         }
         nll.push(s.nll);
@@ -358,8 +386,20 @@ mod tests {
         };
         // Chunks of 2 rows over 5, the CPU's one-pass rows and the tensor-op form (the GPU's).
         same_as_graph(
-            |t| linear_cross_entropy(&t[0], &head, &targets, 2).unwrap(),
+            |t| linear_cross_entropy(&t[0], &head, &targets, 2, None).unwrap(),
             |t| plain(&t[0]),
+            &[rand(&[5, 6], 19)],
+        );
+        // Soft-capped logits (Gemma 2), large enough that the cap bites.
+        let capped = |h: &Tensor| {
+            let z = (h.matmul(&w.t().unwrap()).unwrap() * 3.0).unwrap();
+            let c = ((z / 2.0).unwrap().tanh().unwrap() * 2.0).unwrap();
+            let logp = candle_nn::ops::log_softmax(&c, D::Minus1).unwrap();
+            logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().sum_all().unwrap().neg().unwrap()
+        };
+        same_as_graph(
+            |t| linear_cross_entropy(&(&t[0] * 3.0).unwrap(), &head, &targets, 2, Some(2.0)).unwrap(),
+            |t| capped(&t[0]),
             &[rand(&[5, 6], 19)],
         );
         // An NF4 head, dequantised in blocks of rows (2 blocks here), equals its dense dequantisation.
@@ -373,8 +413,8 @@ mod tests {
         let dense_head = Linear::new("lm_head".into(), wq.dequantize_tensor(&Device::Cpu).unwrap(), None);
         let t2 = Tensor::new(&[4097u32, 3, 4099], &Device::Cpu).unwrap();
         same_as_graph(
-            |t| linear_cross_entropy(&t[0], &nf4_head, &t2, 2).unwrap(),
-            |t| linear_cross_entropy(&t[0], &dense_head, &t2, 2).unwrap(),
+            |t| linear_cross_entropy(&t[0], &nf4_head, &t2, 2, None).unwrap(),
+            |t| linear_cross_entropy(&t[0], &dense_head, &t2, 2, None).unwrap(),
             &[rand(&[3, cols], 22)],
         );
         let logits = (rand(&[5, 10], 20) * 4.0).unwrap();
@@ -400,12 +440,12 @@ mod tests {
         };
         // Values and per-row gradients, chunks of 2 rows over 5.
         same_as_graph(
-            |t| linear_log_probs(&t[0], &head, &targets, temp, 2, false).unwrap().0,
+            |t| linear_log_probs(&t[0], &head, &targets, temp, 2, false, None).unwrap().0,
             |t| logp_of(&t[0]).gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap(),
             &[rand(&[5, 6], 29)],
         );
         let h = rand(&[5, 6], 29);
-        let entropy = linear_log_probs(&h, &head, &targets, temp, 2, true).unwrap().1.unwrap();
+        let entropy = linear_log_probs(&h, &head, &targets, temp, 2, true, None).unwrap().1.unwrap();
         let lp = logp_of(&h);
         let want = (lp.exp().unwrap() * &lp).unwrap().sum(1).unwrap().neg().unwrap();
         assert!(max_diff(&entropy, &want) < 1e-5, "entropy differs by {}", max_diff(&entropy, &want));

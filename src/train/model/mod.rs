@@ -36,7 +36,7 @@ use crate::train::adapters::lora::{peft_key, LoraSettings};
 use anyhow::{bail, Result};
 use base::BaseModel;
 use batch::Batch;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use config::ModelConfig;
 use family::{Arch, Family};
 pub use layer::Layer;
@@ -295,11 +295,9 @@ impl Model {
         entropy: bool,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let sel = self.head_input(&h.index_select(&batch.loss_positions, 0)?)?;
-        if self.arch.final_softcap.is_some() {
-            return self.capped_log_probs(&sel, &batch.loss_targets, temperature, entropy);
-        }
         let chunk = if self.device.is_cpu() { LOGITS_CHUNK } else { LOGITS_CHUNK * GPU_CHUNK_FACTOR };
-        head::linear_log_probs(&sel, &self.lm_head, &batch.loss_targets, temperature, chunk, entropy)
+        let cap = self.arch.final_softcap;
+        head::linear_log_probs(&sel, &self.lm_head, &batch.loss_targets, temperature, chunk, entropy, cap)
     }
 
     /// Cross-entropy summed over the trained positions, from the final hidden states (logits only
@@ -308,31 +306,8 @@ impl Model {
         if batch.trained == 0 {
             return Tensor::zeros((), DType::F32, &self.device);
         }
-        if self.arch.final_softcap.is_some() {
-            let sel = h.index_select(&batch.loss_positions, 0)?;
-            return self.capped_log_probs(&sel, &batch.loss_targets, 1.0, false)?.0.sum_all()?.neg();
-        }
         let sel = self.head_input(&h.index_select(&batch.loss_positions, 0)?)?;
         let chunk = if self.device.is_cpu() { chunk } else { chunk * GPU_CHUNK_FACTOR };
-        head::linear_cross_entropy(&sel, &self.lm_head, &batch.loss_targets, chunk)
-    }
-
-    /// Per-token log-probabilities (and entropies) of soft-capped logits, as plain graph ops over
-    /// all the rows at once (Gemma 2; the chunked head has no soft-cap).
-    fn capped_log_probs(
-        &self,
-        h: &Tensor,
-        targets: &Tensor,
-        temperature: f64,
-        entropy: bool,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let logits = (self.logits_of(h)? / temperature)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?.squeeze(1)?;
-        let ent = match entropy {
-            true => Some((logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?),
-            false => None,
-        };
-        Ok((picked, ent))
+        head::linear_cross_entropy(&sel, &self.lm_head, &batch.loss_targets, chunk, self.arch.final_softcap)
     }
 }
