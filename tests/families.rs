@@ -57,7 +57,7 @@ fn check(family: &str) {
     let (d, scale) = (max_diff(&logits, &r["base_logits"]), max_abs(&r["base_logits"]));
     assert!(d < 1e-4 * scale.max(1.0), "{family}: base logits differ from transformers by {d} (largest {scale})");
 
-    tunekit::train::io::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
+    let settings = tunekit::train::io::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
     let logits = model.logits(&batch.input_ids, &batch.position_ids, &lens).unwrap();
     let (d, scale) = (max_diff(&logits, &r["peft_logits"]), max_abs(&r["peft_logits"]));
     assert!(d < 1e-4 * scale.max(1.0), "{family}: logits with the adapter differ from PEFT by {d} (largest {scale})");
@@ -76,19 +76,31 @@ fn check(family: &str) {
         let (d, scale) = (max_diff(g, want), max_abs(want).max(1e-6));
         assert!(d < 1e-4 * scale, "{family}: gradient of {n} differs from torch by {d} (largest {scale})");
     }
-    // Merged into a Hugging Face directory, the model transformers loads gives PEFT's logits.
+    // Merged into a Hugging Face directory, the model transformers loads gives PEFT's logits; and the
+    // adapter as tunekit saves it (its target_modules the modules it adapted) loads in PEFT with them.
     let merged = dir.join("merged");
     tunekit::train::io::merge::write_hf(&model, &merged).unwrap();
+    let saved = dir.join("saved");
+    tunekit::train::io::peft::save(&model, &settings, &dir.display().to_string(), &saved).unwrap();
     let py = common::python_with("torch, transformers").unwrap();
     let script = common::root().join("tests/fixtures/families/hf_logits.py");
-    let out = dir.join("merged_logits.safetensors");
     let reference = dir.join("reference.safetensors");
-    let o = std::process::Command::new(py).arg(script).arg(&merged).arg(reference).arg(&out).output().unwrap();
-    assert!(o.status.success(), "{family}: transformers on the merged model: {}", String::from_utf8_lossy(&o.stderr));
-    let m = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-    let (d, scale) = (max_diff(&m["logits"], &r["peft_logits"]), max_abs(&r["peft_logits"]));
-    assert!(d < 1e-4 * scale.max(1.0), "{family}: the merged model in transformers differs from PEFT by {d}");
-    eprintln!("{family}: logits, adapter logits, loss {got}, {} gradients and the merged model match", named.len());
+    for (what, args) in
+        [("the merged model", vec![merged.clone()]), ("tunekit's adapter", vec![dir.to_path_buf(), saved])]
+    {
+        let out = dir.join("logits.safetensors");
+        let mut cmd = std::process::Command::new(&py);
+        cmd.arg(&script).arg(&args[0]).arg(&reference).arg(&out).args(&args[1..]);
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{family}: transformers on {what}: {}", String::from_utf8_lossy(&o.stderr));
+        let m = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        let (d, scale) = (max_diff(&m["logits"], &r["peft_logits"]), max_abs(&r["peft_logits"]));
+        assert!(d < 1e-4 * scale.max(1.0), "{family}: {what} in transformers differs from PEFT by {d}");
+    }
+    eprintln!(
+        "{family}: logits, adapter logits, loss {got}, {} gradients, the merged model and the re-saved adapter match",
+        named.len()
+    );
 }
 
 #[test]
