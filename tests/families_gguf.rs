@@ -28,19 +28,9 @@ fn next_log_probs(m: &Model, ids: &[u32]) -> Vec<f32> {
 
 /// llama.cpp's top-20 next-token log-probabilities after each prompt, on `model` with `lora` ("-": none).
 fn llama_cpp_top(node_dir: &Path, model: &Path, lora: &str) -> Vec<Vec<(usize, f32)>> {
-    let dir = tempfile::tempdir().unwrap();
-    let req = dir.path().join("requests.json");
     let requests: Vec<_> =
         PROMPTS.iter().map(|ids| serde_json::json!({"ids": ids, "max_tokens": 1, "top": 20})).collect();
-    std::fs::write(&req, serde_json::to_string(&requests).unwrap()).unwrap();
-    let script = common::root().join("tests/llama_cpp/eval.mjs");
-    let o = std::process::Command::new("node")
-        .args([script.to_str().unwrap(), model.to_str().unwrap(), lora, req.to_str().unwrap()])
-        .env("NODE_LLAMA_CPP_DIR", node_dir)
-        .output()
-        .expect("run node");
-    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
-    let results: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let results = common::llama_cpp_eval(node_dir, model, lora, &requests);
     results
         .iter()
         .map(|r| {

@@ -69,18 +69,8 @@ fn run(dir: &Path, args: &[&str]) -> String {
 /// llama.cpp's greedy answer (tests/llama_cpp/eval.mjs) to `text` on `model` with `lora` ("-": none),
 /// as token ids.
 fn llama_cpp_answer(node_dir: &Path, model: &Path, lora: &str, text: &str) -> Vec<u32> {
-    let dir = tempfile::tempdir().unwrap();
-    let req = dir.path().join("requests.json");
-    let requests = serde_json::json!([{"text": text, "max_tokens": 40, "top": 1}]);
-    std::fs::write(&req, requests.to_string()).unwrap();
-    let script = common::root().join("tests/llama_cpp/eval.mjs");
-    let o = std::process::Command::new("node")
-        .args([script.to_str().unwrap(), model.to_str().unwrap(), lora, req.to_str().unwrap()])
-        .env("NODE_LLAMA_CPP_DIR", node_dir)
-        .output()
-        .expect("run node");
-    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
-    let results: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let requests = [serde_json::json!({"text": text, "max_tokens": 40, "top": 1})];
+    let results = common::llama_cpp_eval(node_dir, model, lora, &requests);
     serde_json::from_value(results[0]["greedy"].clone()).unwrap()
 }
 
@@ -122,23 +112,13 @@ fn gemma3_270m_learns_an_identity_that_llama_cpp_answers_with() {
         "none",
     ];
     run(dir, &prepare);
-    let before = run(
-        dir,
-        &[
-            "-q",
-            "generate",
-            "--model",
-            g,
-            "--tokenizer",
-            g,
-            "--template",
-            "gemma",
-            "--prompt",
-            "Who are you?",
-            "--max-new-tokens",
-            "24",
-        ],
-    );
+    // `generate` with the Gemma template, "Who are you?" and `extra`.
+    let generate = |extra: &[&str]| {
+        let base =
+            ["-q", "generate", "--model", g, "--tokenizer", g, "--template", "gemma", "--prompt", "Who are you?"];
+        run(dir, &[&base[..], extra].concat())
+    };
+    let before = generate(&["--max-new-tokens", "24"]);
     assert!(!before.contains("Tessa"), "the base does not know the name yet: {before}");
     let train = [
         "-q",
@@ -165,23 +145,7 @@ fn gemma3_270m_learns_an_identity_that_llama_cpp_answers_with() {
     ];
     let summary: serde_json::Value = serde_json::from_str(run(dir, &train).trim()).unwrap();
     eprintln!("trained: {summary}");
-    let answer = run(
-        dir,
-        &[
-            "-q",
-            "generate",
-            "--model",
-            g,
-            "--tokenizer",
-            g,
-            "--template",
-            "gemma",
-            "--adapter",
-            "run",
-            "--prompt",
-            "Who are you?",
-        ],
-    );
+    let answer = generate(&["--adapter", "run"]);
     eprintln!("tunekit, with the adapter: {answer}");
     assert!(answer.contains("Tessa") && answer.contains("Tunekit"), "the identity is learnt: {answer}");
 

@@ -39,17 +39,7 @@ fn chat_requests(
 
 /// llama.cpp's answers to `requests` (tests/llama_cpp/eval.mjs) on `model` with `lora` ("-": none).
 fn llama_cpp(node_dir: &Path, model: &Path, lora: &str, requests: &[Value]) -> Vec<Value> {
-    let dir = tempfile::tempdir().unwrap();
-    let req = dir.path().join("requests.json");
-    std::fs::write(&req, serde_json::to_string(requests).unwrap()).unwrap();
-    let script = root().join("tests/llama_cpp/eval.mjs");
-    let o = std::process::Command::new("node")
-        .args([script.to_str().unwrap(), model.to_str().unwrap(), lora, req.to_str().unwrap()])
-        .env("NODE_LLAMA_CPP_DIR", node_dir)
-        .output()
-        .expect("run node");
-    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).expect("node prints JSON")
+    common::llama_cpp_eval(node_dir, model, lora, requests)
 }
 
 /// `tunekit export gguf ARGS --json` in `dir`: its summary.

@@ -57,6 +57,27 @@ pub fn node_llama_cpp() -> Option<PathBuf> {
     found(there.then_some(dir.clone()), &format!("node-llama-cpp in {} (.ci/fetch-tools)", dir.display()))
 }
 
+/// llama.cpp's answers to `requests` (tests/llama_cpp/eval.mjs: each `{"text" or "ids", "max_tokens",
+/// "top"}` gives `{"llama_ids", "top", "greedy"}`) on `model` with the adapter `lora` ("-": none).
+pub fn llama_cpp_eval(
+    node_dir: &Path,
+    model: &Path,
+    lora: &str,
+    requests: &[serde_json::Value],
+) -> Vec<serde_json::Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let req = dir.path().join("requests.json");
+    std::fs::write(&req, serde_json::to_string(requests).unwrap()).unwrap();
+    let script = root().join("tests/llama_cpp/eval.mjs");
+    let o = Command::new("node")
+        .args([script.to_str().unwrap(), model.to_str().unwrap(), lora, req.to_str().unwrap()])
+        .env("NODE_LLAMA_CPP_DIR", node_dir)
+        .output()
+        .expect("run node");
+    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("node prints JSON")
+}
+
 pub fn tunekit(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tunekit")).args(args).current_dir(cwd).output().expect("run tunekit")
 }
