@@ -2,7 +2,7 @@
 //! and final logits soft-capped (`c * tanh(x / c)`: 50 and 30), sliding-window and global layers
 //! alternating, one rotary embedding.
 
-use super::gemma3::{gemma_base, SANDWICH_NORMS};
+use super::gemma3::{gemma_base, gemma_gguf_keys, SANDWICH_NORMS};
 use super::{layer_types, Arch, Family, Header, LayerPlan};
 use crate::gguf::metadata::{f64_of, usize_of};
 use crate::gguf::names::{Naming, PROJECTIONS};
@@ -30,11 +30,8 @@ fn describe(c: &ModelConfig) -> Result<Arch> {
 /// llama.cpp's gemma2 keys: the window (4096 unless written), the two soft-caps.
 fn from_gguf(header: &Header, c: &mut ModelConfig) -> Result<()> {
     let md = &header.metadata;
-    c.model_type = "gemma2".into();
-    c.hidden_act = None;
+    gemma_gguf_keys(c);
     let extra = &mut c.extra;
-    extra.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
-    extra.insert("query_pre_attn_scalar".into(), serde_json::json!(c.head_dim.unwrap_or(256)));
     let window = usize_of(md, "gemma2.attention.sliding_window").unwrap_or(4096);
     extra.insert("sliding_window".into(), serde_json::json!(window));
     for (gguf, hf) in [

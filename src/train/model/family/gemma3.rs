@@ -73,15 +73,20 @@ fn describe(c: &ModelConfig) -> Result<Arch> {
     Ok(Arch { qk_norm: QkNorm::PerHead, rotaries: vec![global, local], layers, ..gemma_base(c)? })
 }
 
+/// What Gemma 2 and 3 GGUFs leave to the architecture: GeGLU with tanh-GELU, and the query scalar as
+/// the head width (llama.cpp's rule for all but the 27B).
+pub fn gemma_gguf_keys(c: &mut ModelConfig) {
+    c.hidden_act = None;
+    c.extra.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+    c.extra.insert("query_pre_attn_scalar".into(), serde_json::json!(c.head_dim.unwrap_or(256)));
+}
+
 /// llama.cpp's gemma3 keys: the window and, where written, the local rotary base (10000 otherwise);
 /// the query scalar is the head width (llama.cpp's rule for all but the 27B).
 fn from_gguf(header: &Header, c: &mut ModelConfig) -> Result<()> {
     let md = &header.metadata;
-    c.model_type = "gemma3_text".into();
-    c.hidden_act = None;
+    gemma_gguf_keys(c);
     let extra = &mut c.extra;
-    extra.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
-    extra.insert("query_pre_attn_scalar".into(), serde_json::json!(c.head_dim.unwrap_or(256)));
     if let Ok(w) = usize_of(md, "gemma3.attention.sliding_window") {
         extra.insert("sliding_window".into(), serde_json::json!(w));
     }

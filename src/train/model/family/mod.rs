@@ -179,11 +179,6 @@ impl Arch {
             layers: vec![LayerPlan { window: None, rotary: Some(0) }; config.num_hidden_layers],
         }
     }
-
-    /// Whether any layer attends through a sliding window.
-    pub fn windowed(&self) -> bool {
-        self.layers.iter().any(|l| l.window.is_some())
-    }
 }
 
 /// `hidden_act` (or Gemma's `hidden_activation`) as an [`Activation`]; `default` when absent.
