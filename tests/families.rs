@@ -62,16 +62,34 @@ fn check(family: &str) {
     let (d, scale) = (max_diff(&logits, &r["peft_logits"]), max_abs(&r["peft_logits"]));
     assert!(d < 1e-4 * scale.max(1.0), "{family}: logits with the adapter differ from PEFT by {d} (largest {scale})");
 
-    let loss = (model.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+    let mut loss = (model.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+    if let Some(want) = r.get("aux_loss") {
+        // A mixture of experts: transformers' load-balancing loss over the packed example, added with
+        // the config's coefficient.
+        let records: Vec<_> = model.take_routing().into_iter().map(|(_, r)| r).collect();
+        let aux = tunekit::train::model::routing::aux_loss(&records).unwrap().unwrap();
+        let (got, want) = (aux.to_scalar::<f32>().unwrap(), want.to_vec1::<f32>().unwrap()[0]);
+        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{family}: aux loss {got} vs transformers {want}");
+        let coef = r["aux_coef"].to_vec1::<f32>().unwrap()[0] as f64;
+        let moe = model.arch.moe.as_ref().unwrap();
+        assert!((moe.aux_coef - coef).abs() < 1e-6, "{family}: aux coefficient {} vs the config's {coef}", moe.aux_coef);
+        loss = (loss + (aux * coef).unwrap()).unwrap();
+    }
     let (got, want) = (loss.to_scalar::<f32>().unwrap(), r["loss"].to_vec1::<f32>().unwrap()[0]);
     assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{family}: packed loss {got} vs transformers {want}");
 
     let grads = loss.backward().unwrap();
-    let named = model.lora_vars();
+    let vars = model.lora_vars();
+    let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+    let per_var = vars
+        .iter()
+        .map(|(n, v)| grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{family}: no gradient for {n}")).clone())
+        .collect();
+    // The experts' gradients stacked as PEFT's parameter wrappers hold them.
+    let named = tunekit::train::io::peft::to_peft(&names, per_var, &settings.targets).unwrap();
     let expected = r.keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(named.len(), expected, "{family}: as many adapter matrices as PEFT's");
-    for (n, var) in &named {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{family}: no gradient for {n}"));
+    for (n, g) in &named {
         let want = r.get(&format!("grad.{n}")).unwrap_or_else(|| panic!("{family}: PEFT has no {n}"));
         let (d, scale) = (max_diff(g, want), max_abs(want).max(1e-6));
         assert!(d < 1e-4 * scale, "{family}: gradient of {n} differs from torch by {d} (largest {scale})");
@@ -131,6 +149,26 @@ fn olmo2_post_norms_whole_qk_norms() {
 #[test]
 fn granite_multipliers() {
     check("granite");
+}
+
+#[test]
+fn qwen3_moe_experts_with_a_dense_layer_and_expert_lora() {
+    check("qwen3_moe");
+}
+
+#[test]
+fn mixtral_experts_and_sliding_window() {
+    check("mixtral");
+}
+
+#[test]
+fn olmoe_experts_unnormalised_top_k() {
+    check("olmoe");
+}
+
+#[test]
+fn granitemoe_stacked_experts_and_multipliers() {
+    check("granitemoe");
 }
 
 #[test]
@@ -219,7 +257,7 @@ fn every_family_trains_through_every_objective() {
         let base = load_base(tmp.path(), &Device::Cpu, None).unwrap();
         let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
         let targets = LoraSettings::parse_targets("all-linear").unwrap();
-        model.add_lora(&LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, rslora: false, targets }, 1).unwrap();
+        model.add_lora(&LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, rslora: false, targets, doubled_gate_up: false }, 1).unwrap();
         for (_, v) in model.lora_vars() {
             // B away from zero, so that every matrix gets a gradient.
             v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();

@@ -70,6 +70,7 @@ fn random_adapter(base: &Path, dir: &Path) -> LoraSettings {
         alpha: 8.0,
         dropout: 0.0,
         rslora: true,
+        doubled_gate_up: false,
         targets: ALL_LINEAR.iter().map(|t| t.to_string()).collect(),
     };
     m.add_lora(&s, 7).unwrap();

@@ -34,6 +34,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
             alpha: 8.0,
             dropout: 0.1,
             rslora: false,
+            doubled_gate_up: false,
             targets: LoraSettings::parse_targets("all-linear").unwrap(),
         },
         eval_every: 10,

@@ -290,6 +290,7 @@ impl TrainArgs {
                 alpha: self.lora_alpha,
                 dropout: self.lora_dropout,
                 rslora: self.rslora,
+                doubled_gate_up: false,
                 targets: LoraSettings::parse_targets(&self.target)?,
             },
             eval_every: self.eval_every,

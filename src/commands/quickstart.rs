@@ -121,6 +121,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
                 alpha: 16.0,
                 dropout: 0.0,
                 rslora: false,
+                doubled_gate_up: false,
                 targets: crate::train::adapters::lora::ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
             },
             eval_every: 4,

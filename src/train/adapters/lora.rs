@@ -20,8 +20,13 @@ pub struct LoraSettings {
     pub dropout: f64,
     pub rslora: bool,
     /// Module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3's fused
-    /// qkv_proj and gate_up_proj, which q/k/v and gate/up also select there).
+    /// qkv_proj and gate_up_proj, which q/k/v and gate/up also select there; a mixture's
+    /// `experts.gate_up_proj` and `experts.down_proj`, which PEFT calls target_parameters).
     pub targets: Vec<String>,
+    /// The experts' fused gate_up has twice the rank and alpha (PEFT's `rank_pattern` when it
+    /// converts gate_proj/up_proj targets of an MoE into its expert parameter).
+    #[serde(default)]
+    pub doubled_gate_up: bool,
 }
 
 pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -34,6 +39,19 @@ pub const FUSED: [(&str, [&str; 3]); 2] =
 /// same name, or a fused projection holding the target.
 pub fn selects(target: &str, module: &str) -> bool {
     target == module || FUSED.iter().any(|(fused, parts)| module == *fused && parts.contains(&target))
+}
+
+/// Whether `targets` adapt a mixture's experts: (their gate_up, their down). The projection names
+/// select them (`gate_proj`/`up_proj`/`gate_up_proj`, `down_proj`: all-linear adapts the experts
+/// too), as do PEFT's parameter names (`mlp.experts.gate_up_proj`) and `experts` (both).
+pub fn expert_targets(targets: &[String]) -> (bool, bool) {
+    let has = |names: &[&str]| {
+        targets.iter().any(|t| {
+            let last = t.rsplit('.').next().unwrap_or(t);
+            t == "experts" || names.contains(&last)
+        })
+    };
+    (has(&["gate_proj", "up_proj", "gate_up_proj"]), has(&["down_proj"]))
 }
 
 /// Where PEFT keeps the model's own module paths in an adapter file's tensor names.

@@ -1,6 +1,7 @@
 //! Merging: fold a LoRA adapter into the base weights (W + s * B A) and write a Hugging
 //! Face model directory (config.json + model.safetensors) that any loader reads without PEFT.
 
+use crate::train::model::layer::Mlp;
 use crate::train::model::Model;
 use anyhow::Result;
 use candle_core::Tensor;
@@ -41,6 +42,10 @@ pub fn write_hf(model: &Model, out: &Path) -> Result<usize> {
             if let Some(b) = &lin.bias {
                 t.insert(format!("{}.bias", lin.name), b.clone());
             }
+        }
+        if let Mlp::Sparse(moe) = &l.mlp {
+            merged += moe.adapters().iter().map(|(_, per_expert)| per_expert.len()).sum::<usize>();
+            t.extend(moe.stored_tensors(i)?);
         }
     }
     let tmp = out.join(".model.safetensors.partial");

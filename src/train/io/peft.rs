@@ -2,7 +2,8 @@
 //! `adapter_model.safetensors` with keys like
 //! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A: r x in, B: out x r).
 
-use crate::train::adapters::lora::{LoraSettings, ALL_LINEAR};
+use crate::train::adapters::lora::{LoraSettings, ALL_LINEAR, PEFT_PREFIX};
+use crate::train::model::moe::EXPERT_PARAMETERS;
 use crate::train::adapters::score::SCORE_WEIGHT;
 use crate::train::model::Model;
 use anyhow::{bail, Context, Result};
@@ -11,7 +12,11 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The adapter's `adapter_config.json`; the targets naming expert parameters
+/// (`mlp.experts.gate_up_proj`) go to `target_parameters`.
 pub fn adapter_config(s: &LoraSettings, base: &str) -> Value {
+    let (params, modules): (Vec<&String>, Vec<&String>) = s.targets.iter().partition(|t| is_expert_parameter(t));
+    let gate_up = s.doubled_gate_up && params.iter().any(|p| p.ends_with(EXPERT_PARAMETERS[0]));
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -19,7 +24,8 @@ pub fn adapter_config(s: &LoraSettings, base: &str) -> Value {
         "r": s.r,
         "lora_alpha": s.alpha,
         "lora_dropout": s.dropout,
-        "target_modules": s.targets,
+        "target_modules": modules,
+        "target_parameters": if params.is_empty() { Value::Null } else { json!(params) },
         "use_rslora": s.rslora,
         "use_dora": false,
         "bias": "none",
@@ -29,21 +35,112 @@ pub fn adapter_config(s: &LoraSettings, base: &str) -> Value {
         "modules_to_save": null,
         "layers_to_transform": null,
         "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": if gate_up { json!({ GATE_UP_PATTERN: 2 * s.r }) } else { json!({}) },
+        "alpha_pattern": if gate_up { json!({ GATE_UP_PATTERN: 2.0 * s.alpha }) } else { json!({}) },
         "revision": null,
+    })
+}
+
+/// PEFT's pattern for the experts' fused gate_up, whose rank and alpha it doubles.
+const GATE_UP_PATTERN: &str = ".*\\.gate_up_proj";
+
+/// Whether a target names a mixture's expert parameter (PEFT's `target_parameters`).
+fn is_expert_parameter(target: &str) -> bool {
+    EXPERT_PARAMETERS.iter().any(|p| target.ends_with(p))
+}
+
+/// An expert adapter's name as `Model::lora_vars` gives it, split: (block path, parameter index
+/// in [`EXPERT_PARAMETERS`], expert, "A" or "B").
+fn expert_part(name: &str) -> Option<(&str, usize, usize, &str)> {
+    let stem = name.strip_prefix(PEFT_PREFIX)?.strip_suffix(".weight")?;
+    let (stem, ab) = stem.rsplit_once(".lora_")?;
+    let (stem, param) = stem.rsplit_once('.')?;
+    let k = EXPERT_PARAMETERS.iter().position(|p| p.ends_with(param))?;
+    let (block, e) = stem.rsplit_once(".experts.")?;
+    Some((block, k, e.parse().ok()?, ab))
+}
+
+/// PEFT's key of a stacked expert adapter: the parameters a module has adapted are nested
+/// wrappers, the first listed innermost (`experts.base_layer.lora_A` for gate_up_proj when
+/// down_proj follows it).
+fn stacked_key(block: &str, param: usize, order: &[usize], ab: &str) -> String {
+    let k = order.iter().position(|&p| p == param).unwrap_or(0);
+    let nesting = ".base_layer".repeat(order.len().saturating_sub(k + 1));
+    format!("{PEFT_PREFIX}{block}.experts{nesting}.lora_{ab}.weight")
+}
+
+/// The expert parameters adapted, as indices into [`EXPERT_PARAMETERS`], in the order the
+/// experts module registers them (gate_up_proj, then down_proj), which is the order PEFT wraps them
+/// in whatever order `target_parameters` lists them.
+fn expert_order(targets: &[String]) -> Vec<usize> {
+    let mut order: Vec<usize> =
+        targets.iter().filter_map(|t| EXPERT_PARAMETERS.iter().position(|p| t.ends_with(p))).collect();
+    order.sort();
+    order.dedup();
+    order
+}
+
+/// Tensors in `Model::lora_vars` order (the adapters or their gradients) under PEFT's names: the
+/// experts' per-expert A [r, in] and B [out, r] stacked as PEFT's 3-D parameter wrapper keeps
+/// them, A [E r, in] (expert-major) and B [out, r E] (expert-minor).
+pub fn to_peft(names: &[String], tensors: Vec<Tensor>, targets: &[String]) -> Result<HashMap<String, Tensor>> {
+    let order = expert_order(targets);
+    let mut out = HashMap::new();
+    let mut groups: Vec<(String, Vec<Tensor>)> = vec![];
+    for (name, t) in names.iter().zip(tensors) {
+        match expert_part(name) {
+            None => {
+                out.insert(name.clone(), t);
+            }
+            Some((block, k, _, ab)) => {
+                let key = stacked_key(block, k, &order, ab);
+                match groups.iter_mut().find(|g| g.0 == key) {
+                    Some(g) => g.1.push(t),
+                    None => groups.push((key, vec![t])),
+                }
+            }
+        }
+    }
+    for (key, per_expert) in groups {
+        let stacked = match key.ends_with(".lora_A.weight") {
+            true => Tensor::cat(&per_expert, 0)?,
+            false => {
+                let (e, (o, r)) = (per_expert.len(), per_expert[0].dims2()?);
+                Tensor::stack(&per_expert, 2)?.reshape((o, r * e))?
+            }
+        };
+        out.insert(key, stacked);
+    }
+    Ok(out)
+}
+
+/// One expert's A or B out of PEFT's stacked tensor (the inverse of [`to_peft`]).
+fn expert_slice(stacked: &Tensor, ab: &str, e: usize, experts: usize) -> Result<Tensor> {
+    Ok(match ab {
+        "A" => {
+            let r = stacked.dim(0)? / experts;
+            stacked.narrow(0, e * r, r)?
+        }
+        _ => {
+            let (o, re) = stacked.dims2()?;
+            stacked.reshape((o, re / experts, experts))?.narrow(2, e, 1)?.squeeze(2)?
+        }
     })
 }
 
 pub fn save(model: &Model, s: &LoraSettings, base: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors: HashMap<String, Tensor> =
-        model.lora_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    // The modules the model adapted, by their own names (Phi-3's qkv_proj for q_proj and the
+    // rest), then the expert parameters.
+    let (mut targets, params) = model.adapted_modules();
+    targets.extend(params);
+    let vars = model.lora_vars();
+    let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+    let tensors = to_peft(&names, vars.iter().map(|(_, v)| v.as_tensor().clone()).collect(), &targets)?;
     let tmp = dir.join(".adapter_model.safetensors.partial");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
-    // The modules the model adapted, by their own names (Phi-3's qkv_proj for q_proj and the rest).
-    let adapted = LoraSettings { targets: model.adapted_modules(), ..s.clone() };
+    let adapted = LoraSettings { targets, ..s.clone() };
     std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config(&adapted, base))?)?;
     Ok(())
 }
@@ -72,13 +169,48 @@ pub fn read(dir: &Path) -> Result<(LoraSettings, HashMap<String, Tensor>)> {
     if cfg["peft_type"] != "LORA" {
         bail!("{}: peft_type {} is not LORA", dir.display(), cfg["peft_type"]);
     }
-    let targets: Vec<String> = match &cfg["target_modules"] {
+    let mut targets: Vec<String> = match &cfg["target_modules"] {
         Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
         Value::String(s) if s == "all-linear" => ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
+        Value::Null if cfg["target_parameters"].is_array() => vec![],
         other => bail!("{}: target_modules {other} is not supported", dir.display()),
     };
+    // Only the parameters PEFT names adapt experts; module names that would select them here do
+    // not when the adapter came from PEFT.
+    // PEFT saves them as given and by their last name too (`gate_up_proj`).
+    if let Value::Array(a) = &cfg["target_parameters"] {
+        for p in a.iter().filter_map(|v| v.as_str()) {
+            let last = p.rsplit('.').next().unwrap_or(p);
+            let Some(param) = EXPERT_PARAMETERS.iter().find(|x| x.ends_with(&format!(".{last}"))) else {
+                bail!(
+                    "{}: target_parameters '{p}' is not an expert parameter tunekit adapts ({})",
+                    dir.display(),
+                    EXPERT_PARAMETERS.join(", ")
+                );
+            };
+            if !targets.iter().any(|t| t == param) {
+                targets.push(param.to_string());
+            }
+        }
+    }
+    let r = cfg["r"].as_u64().context("adapter_config.json has no r")? as usize;
+    // Converting gate_proj/up_proj targets of an MoE into the experts' fused gate_up, PEFT gives it
+    // twice the rank and alpha; no other pattern is read.
+    let mut doubled_gate_up = false;
+    for pattern in ["rank_pattern", "alpha_pattern"] {
+        if let Some(map) = cfg[pattern].as_object() {
+            for (k, v) in map {
+                let base = if pattern == "rank_pattern" { r as f64 } else { cfg["lora_alpha"].as_f64().unwrap_or(0.0) };
+                if !(k.ends_with("gate_up_proj") && v.as_f64() == Some(2.0 * base)) {
+                    bail!("{}: {pattern} {{{k}: {v}}} is not supported (only PEFT's doubled gate_up_proj)", dir.display());
+                }
+                doubled_gate_up = true;
+            }
+        }
+    }
     let s = LoraSettings {
-        r: cfg["r"].as_u64().context("adapter_config.json has no r")? as usize,
+        r,
+        doubled_gate_up,
         alpha: cfg["lora_alpha"].as_f64().context("adapter_config.json has no lora_alpha")?,
         dropout: cfg["lora_dropout"].as_f64().unwrap_or(0.0),
         rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
@@ -96,9 +228,21 @@ pub fn load_into(model: &mut Model, dir: &Path) -> Result<LoraSettings> {
         model.score =
             Some(candle_core::Var::from_tensor(&h.to_device(&model.device)?.to_dtype(candle_core::DType::F32)?)?);
     }
+    let order = expert_order(&s.targets);
+    let experts = model.arch.moe.as_ref().map(|m| m.experts).unwrap_or(1);
     for (name, var) in model.lora_vars() {
-        let t = tensors.get(&name).with_context(|| format!("{}: adapter has no tensor {name}", dir.display()))?;
-        var.set(&t.to_device(&model.device)?.to_dtype(candle_core::DType::F32)?)?;
+        let t = match expert_part(&name) {
+            None => tensors.get(&name).cloned(),
+            Some((block, k, e, ab)) => match tensors.get(&stacked_key(block, k, &order, ab)) {
+                Some(t) => Some(expert_slice(t, ab, e, experts)?),
+                None => None,
+            },
+        };
+        let t = t.with_context(|| format!("{}: adapter has no tensor for {name}", dir.display()))?;
+        if t.dims() != var.dims() {
+            bail!("{}: {name} is {:?} in the adapter but {:?} in this model", dir.display(), t.dims(), var.dims());
+        }
+        var.set(&t.to_device(&model.device)?.to_dtype(candle_core::DType::F32)?.contiguous()?)?;
     }
     Ok(s)
 }

@@ -55,12 +55,10 @@ impl Model {
                 None,
             )?;
             let mut grads = (y * &upstream)?.sum_all()?.backward()?;
-            for lin in layer.linears() {
-                if let Some(l) = &lin.lora {
-                    for v in [&l.a, &l.b] {
-                        if let Some(g) = grads.remove(v.as_tensor()) {
-                            found.insert(v.as_tensor().id(), g);
-                        }
+            for l in layer.loras() {
+                for v in [&l.a, &l.b] {
+                    if let Some(g) = grads.remove(v.as_tensor()) {
+                        found.insert(v.as_tensor().id(), g);
                     }
                 }
             }

@@ -136,14 +136,6 @@ impl ModelConfig {
     pub fn inv_freq(&self) -> Vec<f64> {
         inv_freq(self.head_dim(), self.rope_theta, self.rope_scaling.as_ref())
     }
-
-    /// Parameters of the base model.
-    pub fn num_params(&self) -> usize {
-        let (h, i, l, v) = (self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size);
-        let (q, kv) = (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim());
-        let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
-        v * h * if self.tie_word_embeddings { 1 } else { 2 } + l * layer + h
-    }
 }
 
 /// Inverse frequencies of a rotary embedding over `dims` dimensions at base `theta`, with Llama-3 or

@@ -5,7 +5,7 @@
 //! norm. [`super::kv_cache`] and [`super::checkpointing`] run the same pieces.
 
 use super::attention::{attention, Shape};
-use super::layer::Layer;
+use super::layer::{Layer, Mlp};
 use super::linear::Shared;
 use super::mlp::gated;
 use super::norm::rms_norm;
@@ -60,6 +60,7 @@ impl Model {
     ) -> candle_core::Result<Tensor> {
         let rot = self.rotations(positions)?;
         let mut masks = MaskCache::default();
+        self.routing.borrow_mut().clear();
         let mut x = self.embed_rows(ids)?;
         for layer in &self.layers {
             x = self.layer_forward(layer, &x, &rot, seq_lengths, &mut masks, rng.as_deref_mut(), None)?;
@@ -171,7 +172,8 @@ impl Model {
         }
     }
 
-    /// The MLP block: `x + s * norm(down(act(gate(n), up(n))))` with `n = norm(x)`.
+    /// The MLP block: `x + s * norm(mlp(n))` with `n = norm(x)`, the MLP dense
+    /// (`down(act(gate(n), up(n)))`) or the mixture of experts (its routing recorded).
     pub(super) fn mlp_block(
         &self,
         layer: &Layer,
@@ -182,17 +184,28 @@ impl Model {
             Some(w) => self.norm(x, w)?,
             None => x.clone(),
         };
-        let hs = Shared::new(&h);
-        let (g, u) = match layer.gate_up.as_slice() {
-            [gate_up] => {
-                let y = gate_up.forward_shared(&hs, rng.as_deref_mut())?;
-                let half = y.dim(1)? / 2;
-                (y.narrow(1, 0, half)?.contiguous()?, y.narrow(1, half, half)?.contiguous()?)
+        let y = match &layer.mlp {
+            Mlp::Dense { gate_up, down } => {
+                let hs = Shared::new(&h);
+                let (g, u) = match gate_up.as_slice() {
+                    [gate_up] => {
+                        let y = gate_up.forward_shared(&hs, rng.as_deref_mut())?;
+                        let half = y.dim(1)? / 2;
+                        (y.narrow(1, 0, half)?.contiguous()?, y.narrow(1, half, half)?.contiguous()?)
+                    }
+                    [gate, up] => {
+                        (gate.forward_shared(&hs, rng.as_deref_mut())?, up.forward_shared(&hs, rng.as_deref_mut())?)
+                    }
+                    _ => candle_core::bail!("a layer has gate and up, or gate_up"),
+                };
+                down.forward(&gated(self.arch.activation, &g, &u)?, rng)?
             }
-            [gate, up] => (gate.forward_shared(&hs, rng.as_deref_mut())?, up.forward_shared(&hs, rng.as_deref_mut())?),
-            _ => candle_core::bail!("a layer has gate and up, or gate_up"),
+            Mlp::Sparse(moe) => {
+                let (y, routing) = moe.forward(&h, self.arch.activation)?;
+                self.routing.borrow_mut().push((layer.index, routing));
+                y
+            }
         };
-        let y = layer.down.forward(&gated(self.arch.activation, &g, &u)?, rng)?;
         self.residual(x, &y, layer.norms[3].as_ref())
     }
 

@@ -1,12 +1,14 @@
 //! One decoder layer's weights as its family lays them out ([`Layer`]): the attention's input
-//! projections (q, k, v, or Phi-3's fused qkv), its output, the MLP's input projections (gate and
-//! up, or fused), its output, the norms the family has and the q/k norms; and their loading from a
-//! base by Hugging Face names, each checked against the shape the config gives it ([`Loader`]).
+//! projections (q, k, v, or Phi-3's fused qkv), its output, the MLP (dense: gate and up, or fused,
+//! and down; or a mixture of experts, [`super::moe`]), the norms the family has and the q/k norms;
+//! and their loading from a base by Hugging Face names, each checked against the shape the config
+//! gives it ([`Loader`]).
 
 use super::base::BaseModel;
 use super::config::ModelConfig;
 use super::family::{Arch, Family, LayerPlan, QkNorm};
 use super::linear::{Linear, Weight};
+use super::moe::SparseMlp;
 use super::quant::{Nf4OnDevice, Nf4Weight, QuantOnDevice};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -16,24 +18,60 @@ pub struct Layer {
     /// [q, k, v], or [qkv] where the family fuses them.
     pub qkv: Vec<Linear>,
     pub o: Linear,
-    /// [gate, up], or [gate_up] where the family fuses them.
-    pub gate_up: Vec<Linear>,
-    pub down: Linear,
+    pub mlp: Mlp,
     /// Norm weights as applied (the family's offset added): before attention, after it, before the
     /// MLP, after it; absent where the family has none.
     pub norms: [Option<Tensor>; 4],
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
     pub plan: LayerPlan,
+    /// Its place in the model.
+    pub index: usize,
+}
+
+/// A layer's MLP.
+pub enum Mlp {
+    /// [gate, up] (or [gate_up] where the family fuses them) and down.
+    Dense { gate_up: Vec<Linear>, down: Linear },
+    Sparse(SparseMlp),
 }
 
 impl Layer {
-    /// Every projection LoRA may adapt, in PEFT's order.
+    /// Every projection LoRA adapts as a module (target_modules), in PEFT's order: attention and a
+    /// dense MLP (a sparse block's experts are adapted as parameters, [`SparseMlp::add_lora`]).
     pub fn linears(&self) -> Vec<&Linear> {
-        self.qkv.iter().chain([&self.o]).chain(&self.gate_up).chain([&self.down]).collect()
+        let mlp: Vec<&Linear> = match &self.mlp {
+            Mlp::Dense { gate_up, down } => gate_up.iter().chain([down]).collect(),
+            Mlp::Sparse(_) => vec![],
+        };
+        self.qkv.iter().chain([&self.o]).chain(mlp).collect()
     }
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        self.qkv.iter_mut().chain([&mut self.o]).chain(&mut self.gate_up).chain([&mut self.down]).collect()
+        let mlp: Vec<&mut Linear> = match &mut self.mlp {
+            Mlp::Dense { gate_up, down } => gate_up.iter_mut().chain([down]).collect(),
+            Mlp::Sparse(_) => vec![],
+        };
+        self.qkv.iter_mut().chain([&mut self.o]).chain(mlp).collect()
+    }
+
+    /// Every frozen projection, a sparse block's router and experts included.
+    pub fn frozen(&self) -> Vec<&Linear> {
+        let mut all = self.linears();
+        if let Mlp::Sparse(s) = &self.mlp {
+            all.extend(s.frozen());
+        }
+        all
+    }
+
+    /// Every adapter of the layer: its modules' and its experts' (in `Model::lora_vars` order).
+    pub fn loras(&self) -> Vec<&crate::train::adapters::lora::Lora> {
+        let mut out: Vec<_> = self.linears().into_iter().filter_map(|l| l.lora.as_ref()).collect();
+        if let Mlp::Sparse(s) = &self.mlp {
+            for (_, per_expert) in s.adapters() {
+                out.extend(per_expert);
+            }
+        }
+        out
     }
 }
 
@@ -63,7 +101,7 @@ impl Loader<'_> {
         Ok(w.to_dtype(self.dtype)?.to_device(self.device)?)
     }
 
-    fn check(&self, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    pub(super) fn check(&self, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
         if got != want {
             bail!(
                 "{}: {name} is {got:?} but the config makes it {want:?}: the config and the weights disagree \
@@ -114,22 +152,26 @@ impl Loader<'_> {
         let p = format!("model.layers.{i}");
         let (h, hd, inter) = (c.hidden_size, c.head_dim(), c.intermediate_size);
         let (q, kv) = (c.num_attention_heads * hd, c.kv_heads() * hd);
-        let (qkv, gate_up) = match self.family.fused {
-            true => (
-                vec![self.linear(&format!("{p}.self_attn.qkv_proj"), (q + 2 * kv, h), arch.qkv_bias)?],
-                vec![self.linear(&format!("{p}.mlp.gate_up_proj"), (2 * inter, h), false)?],
-            ),
-            false => (
-                vec![
-                    self.linear(&format!("{p}.self_attn.q_proj"), (q, h), arch.qkv_bias)?,
-                    self.linear(&format!("{p}.self_attn.k_proj"), (kv, h), arch.qkv_bias)?,
-                    self.linear(&format!("{p}.self_attn.v_proj"), (kv, h), arch.qkv_bias)?,
-                ],
-                vec![
-                    self.linear(&format!("{p}.mlp.gate_proj"), (inter, h), false)?,
-                    self.linear(&format!("{p}.mlp.up_proj"), (inter, h), false)?,
-                ],
-            ),
+        let qkv = match self.family.fused {
+            true => vec![self.linear(&format!("{p}.self_attn.qkv_proj"), (q + 2 * kv, h), arch.qkv_bias)?],
+            false => vec![
+                self.linear(&format!("{p}.self_attn.q_proj"), (q, h), arch.qkv_bias)?,
+                self.linear(&format!("{p}.self_attn.k_proj"), (kv, h), arch.qkv_bias)?,
+                self.linear(&format!("{p}.self_attn.v_proj"), (kv, h), arch.qkv_bias)?,
+            ],
+        };
+        let mlp = match (&arch.moe, arch.layers[i].sparse) {
+            (Some(moe), true) => Mlp::Sparse(self.sparse_mlp(i, h, moe)?),
+            _ => Mlp::Dense {
+                gate_up: match self.family.fused {
+                    true => vec![self.linear(&format!("{p}.mlp.gate_up_proj"), (2 * inter, h), false)?],
+                    false => vec![
+                        self.linear(&format!("{p}.mlp.gate_proj"), (inter, h), false)?,
+                        self.linear(&format!("{p}.mlp.up_proj"), (inter, h), false)?,
+                    ],
+                },
+                down: self.linear(&format!("{p}.mlp.down_proj"), (h, inter), false)?,
+            },
         };
         let norm = |slot: usize| -> Result<Option<Tensor>> {
             self.family.norms[slot].map(|n| self.norm(&format!("{p}.{n}"), h)).transpose()
@@ -142,12 +184,12 @@ impl Loader<'_> {
         Ok(Layer {
             qkv,
             o: self.linear(&format!("{p}.self_attn.o_proj"), (h, q), false)?,
-            gate_up,
-            down: self.linear(&format!("{p}.mlp.down_proj"), (h, inter), false)?,
+            mlp,
             norms: [norm(0)?, norm(1)?, norm(2)?, norm(3)?],
             q_norm: qn.map(|n| self.norm(&format!("{p}.self_attn.q_norm"), n)).transpose()?,
             k_norm: kn.map(|n| self.norm(&format!("{p}.self_attn.k_norm"), n)).transpose()?,
             plan: arch.layers[i],
+            index: i,
         })
     }
 }

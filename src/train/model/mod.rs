@@ -25,14 +25,16 @@ pub mod layer;
 pub mod linear;
 pub mod memory;
 pub mod mlp;
+pub mod moe;
 pub mod norm;
 pub mod quant;
 pub mod reward_head;
 pub mod rope;
+pub mod routing;
 pub mod softmax;
 
 use crate::split::SplitMix64;
-use crate::train::adapters::lora::{peft_key, LoraSettings};
+use crate::train::adapters::lora::{self, peft_key, LoraSettings};
 use anyhow::{bail, Result};
 use base::BaseModel;
 use batch::Batch;
@@ -73,6 +75,8 @@ pub struct Model {
     pub dtype: DType,
     /// Reward-model head [1, hidden] on the last token (trained; PEFT `modules_to_save = ["score"]`).
     pub score: Option<Var>,
+    /// The routing of each sparse layer in the latest forward (mixtures of experts), by layer.
+    pub routing: std::cell::RefCell<Vec<(usize, routing::Routing)>>,
 }
 
 /// An NF4 token embedding (QLoRA with `--qlora-embeddings`): rows are dequantised as looked up.
@@ -146,6 +150,7 @@ impl Model {
             lm_head,
             device: device.clone(),
             score: None,
+            routing: Default::default(),
         })
     }
 
@@ -155,10 +160,17 @@ impl Model {
     pub fn add_lora(&mut self, s: &LoraSettings, seed: u64) -> Result<()> {
         let mut rng = SplitMix64::new(seed);
         let mut any = false;
+        let expert_targets = lora::expert_targets(&s.targets);
         for layer in &mut self.layers {
+            if let (layer::Mlp::Sparse(moe), (gate_up, down)) = (&mut layer.mlp, expert_targets) {
+                if gate_up || down {
+                    moe.add_lora(s, gate_up, down, &mut rng)?;
+                    any = true;
+                }
+            }
             for lin in layer.linears_mut() {
                 let short = lin.name.rsplit('.').next().unwrap_or("").to_string();
-                let hit = s.targets.iter().any(|t| {
+                let hit = s.targets.iter().filter(|t| !t.contains("experts")).any(|t| {
                     let t_short = t.rsplit('.').next().unwrap_or(t);
                     lin.name.ends_with(&format!(".{t}"))
                         || lin.name == *t
@@ -177,16 +189,35 @@ impl Model {
     }
 
     /// The names of the adapted projections (`q_proj`, or Phi-3's `qkv_proj`), each once, in
-    /// layer order: the adapter's `target_modules`.
-    pub fn adapted_modules(&self) -> Vec<String> {
-        let mut out: Vec<String> = vec![];
-        for lin in self.layers.iter().flat_map(|l| l.linears()).filter(|l| l.lora.is_some()) {
-            let short = lin.name.rsplit('.').next().unwrap_or("").to_string();
-            if !out.contains(&short) {
-                out.push(short);
+    /// layer order: the adapter's `target_modules`; then the adapted expert parameters by their
+    /// path in the layer (`mlp.experts.gate_up_proj`): its `target_parameters`.
+    pub fn adapted_modules(&self) -> (Vec<String>, Vec<String>) {
+        let (mut modules, mut params): (Vec<String>, Vec<String>) = (vec![], vec![]);
+        for layer in &self.layers {
+            for lin in layer.linears().into_iter().filter(|l| l.lora.is_some()) {
+                let short = lin.name.rsplit('.').next().unwrap_or("").to_string();
+                if !modules.contains(&short) {
+                    modules.push(short);
+                }
+            }
+            if let layer::Mlp::Sparse(moe) = &layer.mlp {
+                for (param, _) in moe.adapters() {
+                    let p = format!("{}.{param}", self.family.moe.map(|m| m.block).unwrap_or("mlp"));
+                    if !params.contains(&p) {
+                        params.push(p);
+                    }
+                }
             }
         }
-        out
+        (modules, params)
+    }
+
+    /// Parameters of the base: every projection (experts and routers too), the embedding and an
+    /// untied head (norms left out).
+    pub fn num_params(&self) -> usize {
+        let c = &self.config;
+        let head = if c.tie_word_embeddings { 0 } else { c.vocab_size * c.hidden_size };
+        self.projections_held().0 + c.vocab_size * c.hidden_size + head
     }
 
     /// Bytes per parameter of the frozen projections as held (4 for f32, ~0.52 NF4, 0.625 Q4_1).
@@ -195,9 +226,9 @@ impl Model {
         bytes as f64 / params.max(1) as f64
     }
 
-    /// (parameters, bytes) of the seven projections of every layer as held.
+    /// (parameters, bytes) of the projections of every layer as held (experts and routers included).
     fn projections_held(&self) -> (usize, usize) {
-        self.layers.iter().flat_map(|l| l.linears()).map(|l| l.held()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        self.layers.iter().flat_map(|l| l.frozen()).map(|l| l.held()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     /// Bytes per parameter of all the frozen weight matrices as held: projections, the embedding
@@ -219,12 +250,8 @@ impl Model {
 
     /// Switches every adapter on or off (off: the reference model of DPO).
     pub fn set_lora_enabled(&self, on: bool) {
-        for layer in &self.layers {
-            for lin in layer.linears() {
-                if let Some(l) = &lin.lora {
-                    l.enabled.set(on);
-                }
-            }
+        for l in self.layers.iter().flat_map(|l| l.loras()) {
+            l.enabled.set(on);
         }
     }
 
@@ -246,7 +273,9 @@ impl Model {
         self.loss_sum(&b, rng, LOGITS_CHUNK)?.neg()
     }
 
-    /// Trainable variables with their PEFT names, in a fixed order.
+    /// Trainable variables with their PEFT names, in a fixed order (an expert's adapter as
+    /// `…mlp.experts.{e}.gate_up_proj.lora_A.weight`: [`crate::train::io::peft`] stacks the experts'
+    /// as PEFT stores them), in the order of [`Layer::loras`].
     pub fn lora_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for layer in &self.layers {
@@ -256,8 +285,23 @@ impl Model {
                     out.push((peft_key(&lin.name, "B"), l.b.clone()));
                 }
             }
+            if let layer::Mlp::Sparse(moe) = &layer.mlp {
+                for (param, per_expert) in moe.adapters() {
+                    let name = param.trim_start_matches("experts.");
+                    for (e, l) in per_expert.iter().enumerate() {
+                        let module = format!("{}.experts.{e}.{name}", moe.path);
+                        out.push((peft_key(&module, "A"), l.a.clone()));
+                        out.push((peft_key(&module, "B"), l.b.clone()));
+                    }
+                }
+            }
         }
         out
+    }
+
+    /// The routing records of the latest forward, taken (empty for a dense model).
+    pub fn take_routing(&self) -> Vec<(usize, routing::Routing)> {
+        std::mem::take(&mut *self.routing.borrow_mut())
     }
 
     /// Full logits [T, vocab] (for parity checks and generation).

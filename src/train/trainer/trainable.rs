@@ -48,6 +48,6 @@ pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
         bail!("no LoRA module matched --target {:?}", opts.lora.targets);
     }
     let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
-    let base_params = model.config.num_params();
+    let base_params = model.num_params();
     Ok(Trainable { model, vars_named, vars, base_params, base_bytes_per_param, projection_bytes_per_param })
 }

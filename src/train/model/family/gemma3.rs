@@ -30,6 +30,7 @@ pub const GEMMA3: Family = Family {
     ],
     norm_offset: 1.0,
     fused: false,
+    moe: None,
     describe,
     from_gguf,
 };
@@ -65,9 +66,9 @@ fn describe(c: &ModelConfig) -> Result<Arch> {
     let layers = sliding
         .into_iter()
         .map(|s| match s {
-            true if window.is_some() => LayerPlan { window, rotary: Some(1) },
-            true => LayerPlan { window: None, rotary: Some(1) },
-            false => LayerPlan { window: None, rotary: Some(0) },
+            true if window.is_some() => LayerPlan { window, rotary: Some(1), sparse: false },
+            true => LayerPlan { window: None, rotary: Some(1), sparse: false },
+            false => LayerPlan { window: None, rotary: Some(0), sparse: false },
         })
         .collect();
     Ok(Arch { qk_norm: QkNorm::PerHead, rotaries: vec![global, local], layers, ..gemma_base(c)? })

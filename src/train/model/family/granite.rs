@@ -18,7 +18,7 @@ pub const GRANITE: Family = Family {
     ..llama::LLAMA
 };
 
-fn describe(c: &ModelConfig) -> Result<Arch> {
+pub fn describe(c: &ModelConfig) -> Result<Arch> {
     let a = llama::plain(c)?;
     Ok(Arch {
         embed_scale: c.f64_key("embedding_multiplier").unwrap_or(1.0),

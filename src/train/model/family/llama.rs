@@ -19,6 +19,7 @@ pub const LLAMA: Family = Family {
     norms: NORMS,
     norm_offset: 0.0,
     fused: false,
+    moe: None,
     describe: plain,
     from_gguf: no_gguf_keys,
 };

@@ -11,9 +11,13 @@
 pub mod gemma2;
 pub mod gemma3;
 pub mod granite;
+pub mod granitemoe;
 pub mod llama;
+pub mod mixtral;
 pub mod olmo2;
+pub mod olmoe;
 pub mod phi3;
+pub mod qwen3_moe;
 pub mod smollm3;
 
 use super::config::{inv_freq, ModelConfig};
@@ -37,6 +41,8 @@ pub struct Family {
     pub norm_offset: f64,
     /// Projections fused as Phi-3 fuses them: `qkv_proj` and `gate_up_proj`.
     pub fused: bool,
+    /// Where a mixture-of-experts family keeps its experts and router (none: dense).
+    pub moe: Option<&'static MoeLayout>,
     /// This model's [`Arch`] from its config (checking the family's keys).
     pub describe: fn(&ModelConfig) -> Result<Arch>,
     /// The family's keys from a GGUF header (llama.cpp's `{arch}.` keys already read into the
@@ -45,7 +51,7 @@ pub struct Family {
 }
 
 /// Every family tunekit trains, in the order they are listed to users.
-pub const FAMILIES: [&Family; 9] = [
+pub const FAMILIES: [&Family; 13] = [
     &llama::LLAMA,
     &llama::QWEN2,
     &llama::QWEN3,
@@ -55,6 +61,10 @@ pub const FAMILIES: [&Family; 9] = [
     &smollm3::SMOLLM3,
     &olmo2::OLMO2,
     &granite::GRANITE,
+    &qwen3_moe::QWEN3_MOE,
+    &mixtral::MIXTRAL,
+    &olmoe::OLMOE,
+    &granitemoe::GRANITE_MOE,
 ];
 
 /// The model types every family reads, for an error's list.
@@ -137,6 +147,73 @@ pub struct LayerPlan {
     pub window: Option<usize>,
     /// Which of [`Arch::rotaries`] it uses; none: no position embedding (NoPE).
     pub rotary: Option<usize>,
+    /// Its MLP is the mixture of experts of [`Arch::moe`] (a dense MLP otherwise).
+    pub sparse: bool,
+}
+
+/// How a mixture-of-experts family lays out its sparse block: transformers' module names (the
+/// block, its router; the experts are `{block}.experts`, whose 3-D `gate_up_proj` [E, 2I, H] and
+/// `down_proj` [E, H, I] PEFT adapts by `target_parameters`) and how checkpoints on the Hub store
+/// them ([`ExpertStorage`]).
+#[derive(Debug)]
+pub struct MoeLayout {
+    /// The block within a layer: `mlp` (Qwen3-MoE, Mixtral, OLMoE) or `block_sparse_moe` (Granite).
+    pub block: &'static str,
+    /// The router within the block: `gate` or `router`.
+    pub router: &'static str,
+    pub stored: ExpertStorage,
+}
+
+/// How a checkpoint stores a layer's experts (besides transformers' own fused 3-D names, which are
+/// read too).
+#[derive(Debug)]
+pub enum ExpertStorage {
+    /// A module per expert, `{block}.experts.{e}.{gate,up,down}.weight`, and the router at
+    /// `{block}.{router}.weight` (`block` as stored: Mixtral's `block_sparse_moe`).
+    PerExpert { block: &'static str, router: &'static str, gate: &'static str, up: &'static str, down: &'static str },
+    /// Stacked [E, 2I, H] and [E, H, I] tensors (Granite's `input_linear`, `output_linear`).
+    Stacked { router: &'static str, gate_up: &'static str, down: &'static str },
+}
+
+/// A model's mixture of experts, from its config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moe {
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Each expert's hidden width.
+    pub intermediate: usize,
+    /// The top-k routing weights divided by their sum (Mixtral, Granite; Qwen3-MoE and OLMoE as
+    /// `norm_topk_prob` says), or the softmax's own.
+    pub renormalise: bool,
+    /// The auxiliary load-balancing loss's coefficient in training: `router_aux_loss_coef` where
+    /// the config trains with it (`output_router_logits`), else 0 (as transformers does).
+    pub aux_coef: f64,
+}
+
+impl Moe {
+    /// The mixture of `config` by its keys: the expert count (`num_experts` or
+    /// `num_local_experts`), `num_experts_per_tok`, the experts' width (`moe_intermediate_size`,
+    /// else `intermediate_size`); `renormalise` where the family always does, else `norm_topk_prob`.
+    pub fn of(config: &ModelConfig, renormalise: Option<bool>) -> Result<Moe> {
+        let experts = config
+            .usize_key("num_experts")
+            .or_else(|| config.usize_key("num_local_experts"))
+            .context("an MoE config needs num_experts (or num_local_experts)")?;
+        let top_k = config.usize_key("num_experts_per_tok").context("an MoE config needs num_experts_per_tok")?;
+        if top_k == 0 || top_k > experts {
+            bail!("num_experts_per_tok is {top_k} for {experts} experts");
+        }
+        let trains_aux = config.extra.get("output_router_logits").and_then(|v| v.as_bool()) == Some(true);
+        Ok(Moe {
+            experts,
+            top_k,
+            intermediate: config.usize_key("moe_intermediate_size").unwrap_or(config.intermediate_size),
+            renormalise: renormalise
+                .unwrap_or_else(|| config.extra.get("norm_topk_prob").and_then(|v| v.as_bool()).unwrap_or(false)),
+            aux_coef: if trains_aux { config.f64_key("router_aux_loss_coef").unwrap_or(0.001) } else { 0.0 },
+        })
+    }
 }
 
 /// What a model asks of the decoder, beyond the shapes of its config.
@@ -159,9 +236,19 @@ pub struct Arch {
     pub logit_scale: f64,
     pub rotaries: Vec<Rotary>,
     pub layers: Vec<LayerPlan>,
+    /// The mixture of experts of the layers marked sparse.
+    pub moe: Option<Moe>,
 }
 
 impl Arch {
+    /// This architecture with `moe` in every layer (a family that mixes dense layers in marks them
+    /// after).
+    pub fn sparse(mut self, moe: Moe) -> Arch {
+        self.layers.iter_mut().for_each(|l| l.sparse = true);
+        self.moe = Some(moe);
+        self
+    }
+
     /// A Llama-like model: SwiGLU, scores scaled by 1/sqrt(head_dim), one rotary embedding in every
     /// layer, no multipliers.
     pub fn plain(config: &ModelConfig) -> Arch {
@@ -176,7 +263,8 @@ impl Arch {
             final_softcap: None,
             logit_scale: 1.0,
             rotaries: vec![Rotary::of(config)],
-            layers: vec![LayerPlan { window: None, rotary: Some(0) }; config.num_hidden_layers],
+            layers: vec![LayerPlan { window: None, rotary: Some(0), sparse: false }; config.num_hidden_layers],
+            moe: None,
         }
     }
 }

@@ -16,6 +16,7 @@ pub const OLMO2: Family = Family {
     norms: [None, Some("post_attention_layernorm"), None, Some("post_feedforward_layernorm")],
     norm_offset: 0.0,
     fused: false,
+    moe: None,
     describe: |c| -> Result<Arch> { Ok(Arch { qk_norm: QkNorm::Whole, ..llama::plain(c)? }) },
     from_gguf: no_gguf_keys,
 };

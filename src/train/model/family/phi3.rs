@@ -25,6 +25,7 @@ pub const PHI3: Family = Family {
     hf_classes: &["Phi3ForCausalLM"],
     gguf: Naming { name: "phi3", rotary_order: false, layer: &[LAYER] },
     fused: true,
+    moe: None,
     describe,
     from_gguf,
     ..llama::LLAMA

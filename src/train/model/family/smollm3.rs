@@ -27,6 +27,6 @@ fn describe(c: &ModelConfig) -> Result<Arch> {
     if c.extra.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
         bail!("SmolLM3 with use_sliding_window is not supported");
     }
-    a.layers = rope.into_iter().map(|r| LayerPlan { window: None, rotary: r.then_some(0) }).collect();
+    a.layers = rope.into_iter().map(|r| LayerPlan { window: None, rotary: r.then_some(0), sparse: false }).collect();
     Ok(a)
 }

@@ -1,0 +1,274 @@
+//! The sparse mixture-of-experts block ([`SparseMlp`]): a router scores every expert for each
+//! token (softmax in f32), the top-k are kept (their weights renormalised where the family says),
+//! and each expert runs only on the tokens routed to it: its rows gathered, its SwiGLU computed,
+//! its outputs weighted and added back at their tokens. Each call leaves a [`Routing`] record (the
+//! expert counts and the router's summed probabilities) for the auxiliary loss and the load metrics
+//! ([`super::routing`]).
+//!
+//! LoRA on the experts is PEFT's `target_parameters` on transformers' 3-D `experts.gate_up_proj`
+//! [E, 2I, H] and `experts.down_proj` [E, H, I]: one A [r, in] and B [out, r] per expert (the
+//! gate and up halves share theirs, as the fused parameter does), with no dropout (PEFT refuses
+//! dropout there). [`crate::train::io::peft`] stacks them as PEFT stores them.
+
+use super::family::{Activation, ExpertStorage, Family, Moe};
+use super::layer::Loader;
+use super::linear::{Linear, Shared};
+use super::mlp::gated;
+use super::routing::Routing;
+use crate::split::SplitMix64;
+use crate::train::adapters::lora::{Lora, LoraSettings};
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor, D};
+
+/// One expert's frozen projections: gate [I, H], up [I, H], down [H, I].
+pub struct Expert {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    /// LoRA on the fused gate_up (A [r, H], B [2I, r]); down's adapter is `down.lora`.
+    pub gate_up_lora: Option<Lora>,
+}
+
+pub struct SparseMlp {
+    /// transformers' module path of the block (`model.layers.3.mlp`), where PEFT's names start.
+    pub path: String,
+    pub family: &'static Family,
+    pub router: Linear,
+    pub experts: Vec<Expert>,
+    pub top_k: usize,
+    pub renormalise: bool,
+}
+
+/// The two expert parameters PEFT adapts, as `target_parameters` names them after the block.
+pub const EXPERT_PARAMETERS: [&str; 2] = ["experts.gate_up_proj", "experts.down_proj"];
+
+impl SparseMlp {
+    /// x [T, H] -> [T, H], with the routing record of the call.
+    pub fn forward(&self, x: &Tensor, act: Activation) -> candle_core::Result<(Tensor, Routing)> {
+        let (t, e) = (x.dim(0)?, self.experts.len());
+        let logits = self.router.forward(x, None)?.to_dtype(DType::F32)?;
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let exp = logits.broadcast_sub(&max)?.exp()?;
+        let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?; // [T, E]
+        let chosen = top_k(&probs.to_vec2::<f32>()?, self.top_k);
+        let k = self.top_k;
+        let idx = Tensor::from_vec(chosen.iter().map(|&c| c as u32).collect::<Vec<_>>(), (t, k), x.device())?;
+        let mut w = probs.gather(&idx, 1)?; // [T, k]
+        if self.renormalise {
+            w = w.broadcast_div(&w.sum_keepdim(1)?)?;
+        }
+        // Group the (token, slot) pairs by expert.
+        let mut tokens: Vec<Vec<u32>> = vec![vec![]; e];
+        let mut slots: Vec<Vec<u32>> = vec![vec![]; e];
+        for (pos, &ex) in chosen.iter().enumerate() {
+            tokens[ex].push((pos / k) as u32);
+            slots[ex].push(pos as u32);
+        }
+        let (mut outs, mut order, mut slot_order) = (vec![], vec![], vec![]);
+        for (ex, expert) in self.experts.iter().enumerate() {
+            if tokens[ex].is_empty() {
+                continue;
+            }
+            let rows = Tensor::new(tokens[ex].as_slice(), x.device())?;
+            outs.push(self.expert_forward(expert, &x.index_select(&rows, 0)?, act)?);
+            order.extend_from_slice(&tokens[ex]);
+            slot_order.extend_from_slice(&slots[ex]);
+        }
+        let y = Tensor::cat(&outs, 0)?; // [T * k, H]
+        let weights = w.flatten_all()?.index_select(&Tensor::new(slot_order.as_slice(), x.device())?, 0)?;
+        let y = y.broadcast_mul(&weights.to_dtype(y.dtype())?.unsqueeze(1)?)?;
+        let out = x.zeros_like()?.index_add(&Tensor::new(order.as_slice(), x.device())?, &y, 0)?;
+        let counts = tokens.iter().map(|v| v.len() as u32).collect();
+        Ok((out, Routing { counts, tokens: t, prob_sum: probs.sum(0)? }))
+    }
+
+    /// One expert on its rows: `down(act(gate x, up x))`, with the adapters.
+    fn expert_forward(&self, ex: &Expert, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        let xs = Shared::new(x);
+        let (mut g, mut u) = (ex.gate.forward_shared(&xs, None)?, ex.up.forward_shared(&xs, None)?);
+        if let Some(l) = ex.gate_up_lora.as_ref().filter(|l| l.enabled.get()) {
+            let half = g.dim(1)?;
+            let x32 = x.to_dtype(DType::F32)?;
+            let d = (x32.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)? * l.scale)?.to_dtype(g.dtype())?;
+            g = (g + d.narrow(1, 0, half)?)?;
+            u = (u + d.narrow(1, half, half)?)?;
+        }
+        ex.down.forward(&gated(act, &g.contiguous()?, &u.contiguous()?)?, None)
+    }
+
+    /// Adds fresh adapters to the experts' gate_up and down where `gate_up` and `down` say; gate_up's
+    /// of twice the rank and alpha where the settings say (PEFT's `rank_pattern`).
+    pub fn add_lora(&mut self, s: &LoraSettings, gate_up: bool, down: bool, rng: &mut SplitMix64) -> Result<()> {
+        let s = LoraSettings { dropout: 0.0, ..s.clone() };
+        let fused = match s.doubled_gate_up {
+            true => LoraSettings { r: 2 * s.r, alpha: 2.0 * s.alpha, ..s.clone() },
+            false => s.clone(),
+        };
+        for ex in &mut self.experts {
+            if gate_up {
+                let (i, h) = ex.gate.dims()?;
+                ex.gate_up_lora = Some(Lora::new(2 * i, h, &fused, rng, &ex.gate.device)?);
+            }
+            if down {
+                ex.down.add_lora(&s, rng)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The adapters of each expert parameter: (`experts.gate_up_proj` or `experts.down_proj`, one
+    /// adapter per expert), for the adapted ones.
+    pub fn adapters(&self) -> Vec<(&'static str, Vec<&Lora>)> {
+        let gate_up: Option<Vec<&Lora>> = self.experts.iter().map(|e| e.gate_up_lora.as_ref()).collect();
+        let down: Option<Vec<&Lora>> = self.experts.iter().map(|e| e.down.lora.as_ref()).collect();
+        [(EXPERT_PARAMETERS[0], gate_up), (EXPERT_PARAMETERS[1], down)]
+            .into_iter()
+            .filter_map(|(n, l)| Some((n, l?)))
+            .collect()
+    }
+
+    /// Every frozen projection of the block: the router and each expert's three.
+    pub fn frozen(&self) -> Vec<&Linear> {
+        std::iter::once(&self.router).chain(self.experts.iter().flat_map(|e| [&e.gate, &e.up, &e.down])).collect()
+    }
+
+    /// The block's tensors as its family's checkpoints store them, adapters merged:
+    /// (Hugging Face name, tensor).
+    pub fn stored_tensors(&self, layer: usize) -> Result<Vec<(String, Tensor)>> {
+        let p = format!("model.layers.{layer}");
+        let merged: Vec<(Tensor, Tensor, Tensor)> =
+            self.experts.iter().map(|e| e.merged()).collect::<candle_core::Result<_>>()?;
+        let moe = self.family.moe.context("a sparse block belongs to an MoE family")?;
+        let router = self.router.dense_weight()?;
+        Ok(match &moe.stored {
+            ExpertStorage::PerExpert { block, router: r, gate, up, down } => {
+                let mut out = vec![(format!("{p}.{block}.{r}.weight"), router)];
+                for (e, (g, u, d)) in merged.into_iter().enumerate() {
+                    let stem = format!("{p}.{block}.experts.{e}");
+                    out.extend([(format!("{stem}.{gate}.weight"), g), (format!("{stem}.{up}.weight"), u)]);
+                    out.push((format!("{stem}.{down}.weight"), d));
+                }
+                out
+            }
+            ExpertStorage::Stacked { router: r, gate_up, down } => {
+                let gu: Vec<Tensor> = merged.iter().map(|(g, u, _)| Tensor::cat(&[g, u], 0)).collect::<candle_core::Result<_>>()?;
+                let d: Vec<&Tensor> = merged.iter().map(|m| &m.2).collect();
+                vec![
+                    (format!("{p}.{}.{r}.weight", moe.block), router),
+                    (format!("{p}.{}.{gate_up}.weight", moe.block), Tensor::stack(&gu, 0)?),
+                    (format!("{p}.{}.{down}.weight", moe.block), Tensor::stack(&d, 0)?),
+                ]
+            }
+        })
+    }
+}
+
+impl Expert {
+    /// (gate, up, down) with the adapters folded in.
+    pub fn merged(&self) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (mut g, mut u) = (self.gate.dense_weight()?, self.up.dense_weight()?);
+        if let Some(l) = &self.gate_up_lora {
+            let half = g.dim(0)?;
+            let d = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?.to_dtype(g.dtype())?;
+            g = (g + d.narrow(0, 0, half)?)?;
+            u = (u + d.narrow(0, half, half)?)?;
+        }
+        Ok((g, u, self.down.merged_weight()?))
+    }
+}
+
+/// The `k` largest entries of each row, best first (ties to the lower index), flattened [T * k].
+fn top_k(probs: &[Vec<f32>], k: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(probs.len() * k);
+    let mut order: Vec<usize> = vec![];
+    for row in probs {
+        order.clear();
+        order.extend(0..row.len());
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        out.extend_from_slice(&order[..k]);
+    }
+    out
+}
+
+impl Loader<'_> {
+    /// Layer `i`'s sparse block of mixture `moe`: transformers' fused 3-D experts where the
+    /// checkpoint has them, else the family's stored layout; every expert checked for.
+    pub fn sparse_mlp(&self, i: usize, h: usize, moe: &Moe) -> Result<SparseMlp> {
+        let layout = self.family.moe.context("the family has no experts")?;
+        let p = format!("model.layers.{i}");
+        let path = format!("{p}.{}", layout.block);
+        let (e, inter) = (moe.experts, moe.intermediate);
+        let fused = format!("{path}.experts.gate_up_proj");
+        let sliced = |name: &str, t: &Tensor, shape: (usize, usize)| -> Result<Vec<Tensor>> {
+            let (n, r, c) = t.dims3().with_context(|| format!("{name} is not 3-D"))?;
+            if (n, r, c) != (e, shape.0, shape.1) {
+                self.check(name, &[n, r, c], &[e, shape.0, shape.1])?;
+            }
+            Ok((0..e).map(|x| t.get(x)).collect::<candle_core::Result<_>>()?)
+        };
+        let dense = |name: String, w: Tensor| -> Result<Linear> {
+            Ok(Linear::new(name, w.to_dtype(self.dtype)?.to_device(self.device)?, None))
+        };
+        let expert_name = |x: usize, part: &str| format!("{path}.experts.{x}.{part}");
+        let stacked = |gate_up: &str, down: &str, router: &str| -> Result<(Linear, Vec<Expert>)> {
+            let gu = sliced(gate_up, self.base.get(gate_up)?, (2 * inter, h))?;
+            let dn = sliced(down, self.base.get(down)?, (h, inter))?;
+            let experts = gu
+                .into_iter()
+                .zip(dn)
+                .enumerate()
+                .map(|(x, (gu, d))| {
+                    Ok(Expert {
+                        gate: dense(expert_name(x, "gate_proj"), gu.narrow(0, 0, inter)?)?,
+                        up: dense(expert_name(x, "up_proj"), gu.narrow(0, inter, inter)?)?,
+                        down: dense(expert_name(x, "down_proj"), d)?,
+                        gate_up_lora: None,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((self.linear(router, (e, h), false)?, experts))
+        };
+        let (router, experts) = if self.base.tensors.contains_key(&fused) {
+            let router = format!("{path}.{}", layout.router);
+            stacked(&fused, &format!("{path}.experts.down_proj"), &router)?
+        } else {
+            match &layout.stored {
+                ExpertStorage::Stacked { router, gate_up, down } => stacked(
+                    &format!("{path}.{gate_up}.weight"),
+                    &format!("{path}.{down}.weight"),
+                    &format!("{path}.{router}"),
+                )?,
+                ExpertStorage::PerExpert { block, router, gate, up, down } => {
+                    let stem = format!("{p}.{block}");
+                    let experts = (0..e)
+                        .map(|x| {
+                            let part = |name: &str, shape| {
+                                self.linear(&format!("{stem}.experts.{x}.{name}"), shape, false)
+                                    .with_context(|| format!("layer {i}: expert {x} of {e}"))
+                            };
+                            Ok(Expert {
+                                gate: part(gate, (inter, h))?,
+                                up: part(up, (inter, h))?,
+                                down: part(down, (h, inter))?,
+                                gate_up_lora: None,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    (self.linear(&format!("{stem}.{router}"), (e, h), false)?, experts)
+                }
+            }
+        };
+        Ok(SparseMlp { path, family: self.family, router, experts, top_k: moe.top_k, renormalise: moe.renormalise })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k;
+
+    #[test]
+    fn top_k_takes_the_largest_first_and_ties_to_the_lower_index() {
+        let rows = vec![vec![0.1, 0.5, 0.2, 0.2], vec![0.25, 0.25, 0.25, 0.25]];
+        assert_eq!(top_k(&rows, 2), vec![1, 2, 0, 1]);
+    }
+}
