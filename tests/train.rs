@@ -49,6 +49,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         device: DeviceSpec::Cpu,
         dtype: Precision::Auto,
         rl: Default::default(),
+        router_aux_loss_coef: None,
     }
 }
 
@@ -406,4 +407,85 @@ fn tensorboard_reads_back_what_metrics_jsonl_says() {
     }
     assert!(compared > 50, "{compared}");
     assert!(tb["texts"]["options"][0].as_str().unwrap().contains("\"lora\""), "{tb}");
+}
+
+/// A tiny Qwen3-MoE (4 experts, top 2, the second layer dense) in `dir`, with the embeddings'
+/// first dimension raised and, when `collapsed`, every router scoring expert 0 by that dimension
+/// alone, so that each token's top 2 holds expert 0.
+fn tiny_moe(dir: &Path, collapsed: bool) {
+    let config: tunekit::train::model::config::ModelConfig = serde_json::from_value(serde_json::json!({
+        "model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 128,
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "mlp_only_layers": [1],
+        "tie_word_embeddings": true
+    }))
+    .unwrap();
+    tunekit::train::io::hf::write_random_model(&config, 5, dir).unwrap();
+    let path = dir.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    if collapsed {
+        let e = &t["model.embed_tokens.weight"];
+        let mut v = e.to_vec2::<f32>().unwrap();
+        v.iter_mut().for_each(|row| row[0] = 1.0);
+        t.insert("model.embed_tokens.weight".into(), Tensor::new(v, &Device::Cpu).unwrap());
+        for l in [0, 2] {
+            let mut r = vec![vec![0f32; 32]; 4];
+            r[0][0] = 50.0;
+            t.insert(format!("model.layers.{l}.mlp.gate.weight"), Tensor::new(r, &Device::Cpu).unwrap());
+        }
+    }
+    candle_core::safetensors::save(&t, &path).unwrap();
+}
+
+#[test]
+fn a_mixture_of_experts_logs_its_expert_load_and_a_collapsed_router_is_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::counting_shards(&d.join("shards"), 128, 20);
+    for (name, collapsed) in [("moe", false), ("collapsed", true)] {
+        tiny_moe(&d.join(name), collapsed);
+        let out = format!("{name}-run");
+        let args = [
+            "train", "--model", name, "--data", "shards", "--out", &out, "--max-steps", "3", "--lora-r", "4",
+            "--target", "all-linear", "--router-aux-loss-coef", "0.01", "--gradient-checkpointing",
+        ];
+        let o = common::tunekit(&args, d);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}: {stderr}");
+        let records = common::read_jsonl(&d.join(&out).join("metrics.jsonl"));
+        let last = records.iter().rev().find(|r| r.get("expert_load").is_some()).expect("expert metrics");
+        assert!(last["aux_loss"].as_f64().unwrap() > 0.0, "{last}");
+        // Both sparse layers (0 and 2), each expert's share of the tokens summing to top-k = 2.
+        let load = last["expert_load"].as_object().unwrap();
+        assert_eq!(load.keys().collect::<Vec<_>>(), ["0", "2"], "{last}");
+        for shares in load.values() {
+            let s: f64 = shares.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum();
+            assert!((s - 2.0).abs() < 1e-3, "{last}");
+        }
+        let imbalance = last["expert_imbalance"].as_f64().unwrap();
+        let warned = stderr.contains("router sent 100% of this step's tokens to expert 0");
+        if collapsed {
+            // Expert 0 in every token's top 2: its share 1 over the even share 2/4.
+            assert!((imbalance - 2.0).abs() < 1e-9 && warned, "{imbalance}: {stderr}");
+        } else {
+            assert!(imbalance < 2.0 && !warned, "{imbalance}: {stderr}");
+        }
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join(&out).join("adapter_config.json")).unwrap()).unwrap();
+        assert!(cfg["target_parameters"].to_string().contains("experts.gate_up_proj"), "{cfg}");
+        // The report charts the load per layer.
+        let html = format!("{name}.html");
+        let o = common::tunekit(&["report", &out, "--out", &html], d);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let page = std::fs::read_to_string(d.join(&html)).unwrap();
+        assert!(page.contains("Expert load") && page.contains("expert_imbalance_layer_2"), "{name}: report");
+    }
+    // A dense model refuses the coefficient.
+    let o = common::tunekit(
+        &["train", "--model", common::tiny_llama().to_str().unwrap(), "--data", "shards", "--out", "x",
+          "--router-aux-loss-coef", "0.01"],
+        d,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("not a mixture of experts"), "{e}");
 }

@@ -260,7 +260,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let plain = (&loss * scale).unwrap().backward().unwrap();
     let after_plain = rng.state();
     let mut rng = tunekit::split::SplitMix64::new(9);
-    let (ck_loss, ck_grads) = model.loss_and_grads_checkpointed(&batch, Some(&mut rng), 4, scale).unwrap();
+    let (ck_loss, ck_grads) = model.loss_and_grads_checkpointed(&batch, Some(&mut rng), 4, scale, 0.0).unwrap();
     assert_eq!(rng.state(), after_plain, "the dropout stream advances as in the plain forward");
     let l = loss.to_scalar::<f32>().unwrap() as f64;
     assert!((l - ck_loss).abs() < 1e-6 * l.abs(), "loss {l} vs {ck_loss}");

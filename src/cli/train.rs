@@ -103,6 +103,11 @@ pub struct TrainArgs {
     /// activation memory of one layer instead of all, for about a third more compute (SFT).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Mixtures of experts: the router's load-balancing loss coefficient in the SFT objective
+    /// (default: the config's router_aux_loss_coef when its output_router_logits is true, else 0,
+    /// as transformers trains; the loss is logged as aux_loss either way).
+    #[arg(long, value_name = "COEF")]
+    pub router_aux_loss_coef: Option<f64>,
     /// Before step 1, run the largest micro-batch of the epoch (forward and backward, gradients
     /// dropped; the run is unchanged), so an out-of-memory comes at once rather than at step 5,000;
     /// the summary reports the peak memory after it.
@@ -305,6 +310,7 @@ impl TrainArgs {
             device: self.compute.device,
             dtype: self.compute.dtype,
             rl,
+            router_aux_loss_coef: self.router_aux_loss_coef,
         })
     }
 }

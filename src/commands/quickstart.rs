@@ -136,6 +136,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
             device: Default::default(),
             dtype: Default::default(),
             rl: Default::default(),
+            router_aux_loss_coef: None,
         },
         None,
     )?;

@@ -54,7 +54,14 @@ const RUN_CHARTS: &[(&str, &str, &[&str])] = &[
     ("Gradient norm", "norm (before clipping)", &["grad_norm"]),
     ("Throughput", "tokens / s", &["tokens_per_s"]),
     ("Memory", "peak resident MB", &["peak_memory_mb", "gpu_memory_mb"]),
+    ("Expert load", "busiest expert's share / even share", &["expert_imbalance"]),
 ];
+
+/// Whether metric `key` is drawn as `k` of a chart: itself, or one of its per-layer curves
+/// (`expert_imbalance_layer_3`).
+fn drawn_as(key: &str, k: &str) -> bool {
+    key == k || key.strip_prefix(k).is_some_and(|rest| rest.starts_with("_layer_"))
+}
 
 /// The part of a report for the run directories `runs` (several are overlaid).
 fn runs_section(runs: &[&Path], out: &mut String) -> Result<()> {
@@ -98,7 +105,9 @@ fn runs_section(runs: &[&Path], out: &mut String) -> Result<()> {
         let series: Vec<Series> = metrics
             .iter()
             .flat_map(|(name, m)| {
-                keys.iter().filter_map(move |k| m.get(*k).map(|p| Series { name: label(name, k), points: p.clone() }))
+                m.iter()
+                    .filter(|(key, _)| keys.iter().any(|k| drawn_as(key, k)))
+                    .map(move |(key, p)| Series { name: label(name, key), points: p.clone() })
             })
             .collect();
         if !series.is_empty() {
@@ -107,7 +116,7 @@ fn runs_section(runs: &[&Path], out: &mut String) -> Result<()> {
     }
     // Every other metric the method logs (DPO margins and accuracies, RL rewards and KL, ...).
     let mut others: Vec<&String> =
-        metrics.iter().flat_map(|(_, m)| m.keys()).filter(|k| !shown.contains(&k.as_str())).collect();
+        metrics.iter().flat_map(|(_, m)| m.keys()).filter(|k| !shown.iter().any(|s| drawn_as(k, s))).collect();
     others.sort();
     others.dedup();
     for k in others {

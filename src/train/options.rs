@@ -119,4 +119,8 @@ pub struct TrainOptions {
     /// Online RL: sampling and rewards.
     #[serde(default)]
     pub rl: RlOptions,
+    /// A mixture of experts' load-balancing loss coefficient, instead of the config's
+    /// (`router_aux_loss_coef` where `output_router_logits` is true, else 0, as transformers).
+    #[serde(default)]
+    pub router_aux_loss_coef: Option<f64>,
 }

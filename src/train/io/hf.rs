@@ -103,8 +103,20 @@ pub fn write_random_model(config: &ModelConfig, seed: u64, out: &Path) -> Result
     };
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
+        let sparse = arch.layers[l].sparse;
         for &(n, shape) in &projections {
-            t.insert(format!("{p}.{n}.weight"), normal(shape)?);
+            if !(sparse && n.starts_with("mlp.")) {
+                t.insert(format!("{p}.{n}.weight"), normal(shape)?);
+            }
+        }
+        if let (true, Some(moe), Some(layout)) = (sparse, &arch.moe, family.moe) {
+            // The router, then each expert's gate, up, down, in the family's stored layout.
+            let router = normal((moe.experts, h))?;
+            let mi = moe.intermediate;
+            let experts = (0..moe.experts)
+                .map(|_| Ok((normal((mi, h))?, normal((mi, h))?, normal((h, mi))?)))
+                .collect::<Result<Vec<_>>>()?;
+            t.extend(crate::train::model::moe::stored_layout(layout, l, router, experts)?);
         }
         for n in family.norms.iter().flatten() {
             t.insert(format!("{p}.{n}.weight"), unit(h)?);

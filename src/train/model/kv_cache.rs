@@ -34,6 +34,7 @@ pub struct Prefilled {
 impl Model {
     /// Runs the prompts through the model as one packed batch, keeping every layer's keys and values.
     pub fn prefill(&self, prompts: &[&[u32]]) -> candle_core::Result<Prefilled> {
+        self.routing.borrow_mut().clear();
         no_grad(|| {
             let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
             if lengths.contains(&0) {
@@ -70,6 +71,7 @@ impl Model {
     }
 
     fn decode_recorded(&self, tokens: &[u32], cache: &mut BatchCache) -> candle_core::Result<Tensor> {
+        self.routing.borrow_mut().clear(); // generation keeps no routing
         let c = &self.config;
         let (hq, hkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let b = tokens.len();

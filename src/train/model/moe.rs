@@ -10,7 +10,7 @@
 //! gate and up halves share theirs, as the fused parameter does), with no dropout (PEFT refuses
 //! dropout there). [`crate::train::io::peft`] stacks them as PEFT stores them.
 
-use super::family::{Activation, ExpertStorage, Family, Moe};
+use super::family::{Activation, ExpertStorage, Family, Moe, MoeLayout};
 use super::layer::Loader;
 use super::linear::{Linear, Shared};
 use super::mlp::gated;
@@ -37,6 +37,13 @@ pub struct SparseMlp {
     pub experts: Vec<Expert>,
     pub top_k: usize,
     pub renormalise: bool,
+}
+
+/// Whether the adapter variable `name` belongs to an expert: a batch that routes no token to that
+/// expert leaves it out of the graph, and its gradient is then zero (as PEFT's stacked expert
+/// adapters give), not missing.
+pub fn is_expert_adapter(name: &str) -> bool {
+    name.contains(".experts.")
 }
 
 /// The two expert parameters PEFT adapts, as `target_parameters` names them after the block.
@@ -135,32 +142,43 @@ impl SparseMlp {
     /// The block's tensors as its family's checkpoints store them, adapters merged:
     /// (Hugging Face name, tensor).
     pub fn stored_tensors(&self, layer: usize) -> Result<Vec<(String, Tensor)>> {
-        let p = format!("model.layers.{layer}");
         let merged: Vec<(Tensor, Tensor, Tensor)> =
             self.experts.iter().map(|e| e.merged()).collect::<candle_core::Result<_>>()?;
         let moe = self.family.moe.context("a sparse block belongs to an MoE family")?;
-        let router = self.router.dense_weight()?;
-        Ok(match &moe.stored {
-            ExpertStorage::PerExpert { block, router: r, gate, up, down } => {
-                let mut out = vec![(format!("{p}.{block}.{r}.weight"), router)];
-                for (e, (g, u, d)) in merged.into_iter().enumerate() {
-                    let stem = format!("{p}.{block}.experts.{e}");
-                    out.extend([(format!("{stem}.{gate}.weight"), g), (format!("{stem}.{up}.weight"), u)]);
-                    out.push((format!("{stem}.{down}.weight"), d));
-                }
-                out
-            }
-            ExpertStorage::Stacked { router: r, gate_up, down } => {
-                let gu: Vec<Tensor> = merged.iter().map(|(g, u, _)| Tensor::cat(&[g, u], 0)).collect::<candle_core::Result<_>>()?;
-                let d: Vec<&Tensor> = merged.iter().map(|m| &m.2).collect();
-                vec![
-                    (format!("{p}.{}.{r}.weight", moe.block), router),
-                    (format!("{p}.{}.{gate_up}.weight", moe.block), Tensor::stack(&gu, 0)?),
-                    (format!("{p}.{}.{down}.weight", moe.block), Tensor::stack(&d, 0)?),
-                ]
-            }
-        })
+        stored_layout(moe, layer, self.router.dense_weight()?, merged)
     }
+}
+
+/// A sparse layer's router and experts' (gate, up, down) weights under the names and in the
+/// layout its family's checkpoints store them.
+pub fn stored_layout(
+    moe: &MoeLayout,
+    layer: usize,
+    router: Tensor,
+    experts: Vec<(Tensor, Tensor, Tensor)>,
+) -> Result<Vec<(String, Tensor)>> {
+    let p = format!("model.layers.{layer}");
+    Ok(match &moe.stored {
+        ExpertStorage::PerExpert { block, router: r, gate, up, down } => {
+            let mut out = vec![(format!("{p}.{block}.{r}.weight"), router)];
+            for (e, (g, u, d)) in experts.into_iter().enumerate() {
+                let stem = format!("{p}.{block}.experts.{e}");
+                out.extend([(format!("{stem}.{gate}.weight"), g), (format!("{stem}.{up}.weight"), u)]);
+                out.push((format!("{stem}.{down}.weight"), d));
+            }
+            out
+        }
+        ExpertStorage::Stacked { router: r, gate_up, down } => {
+            let gu: Vec<Tensor> =
+                experts.iter().map(|(g, u, _)| Tensor::cat(&[g, u], 0)).collect::<candle_core::Result<_>>()?;
+            let d: Vec<&Tensor> = experts.iter().map(|m| &m.2).collect();
+            vec![
+                (format!("{p}.{}.{r}.weight", moe.block), router),
+                (format!("{p}.{}.{gate_up}.weight", moe.block), Tensor::stack(&gu, 0)?),
+                (format!("{p}.{}.{down}.weight", moe.block), Tensor::stack(&d, 0)?),
+            ]
+        }
+    })
 }
 
 impl Expert {

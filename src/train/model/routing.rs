@@ -6,6 +6,7 @@
 use candle_core::{DType, Tensor};
 
 /// One sparse layer's routing in one forward.
+#[derive(Clone)]
 pub struct Routing {
     /// Tokens sent to each expert (each token counts once for each of its top-k experts).
     pub counts: Vec<u32>,
@@ -19,6 +20,26 @@ pub struct Routing {
 /// every layer, and N = layers x tokens, `E * sum_e (C_e / N) (P_e / N)`. Top-k choice counts carry
 /// no gradient; the probabilities do. None without records.
 pub fn aux_loss(records: &[Routing]) -> candle_core::Result<Option<Tensor>> {
+    let Some(w) = balance_weights(records)? else { return Ok(None) };
+    let mut total: Option<Tensor> = None;
+    for r in records {
+        let term = layer_term(r, &w)?;
+        total = Some(match total {
+            Some(t) => (t + term)?,
+            None => term,
+        });
+    }
+    Ok(total)
+}
+
+/// The pooled loss's per-expert weights `E * C_e / N^2` [E] (constants: the top-k choice carries
+/// no gradient), so that the loss is the sum over layers of [`layer_term`]. None without tokens.
+pub fn balance_weights(records: &[Routing]) -> candle_core::Result<Option<Tensor>> {
+    balance_weights_of(&records.iter().collect::<Vec<_>>())
+}
+
+/// [`balance_weights`] of borrowed records.
+pub fn balance_weights_of(records: &[&Routing]) -> candle_core::Result<Option<Tensor>> {
     let Some(first) = records.first() else { return Ok(None) };
     let e = first.counts.len();
     let n: f64 = records.iter().map(|r| r.tokens as f64).sum();
@@ -30,16 +51,12 @@ pub fn aux_loss(records: &[Routing]) -> candle_core::Result<Option<Tensor>> {
         r.counts.iter().zip(&mut c).for_each(|(&x, s)| *s += x as f64);
     }
     let w: Vec<f32> = c.iter().map(|&x| (e as f64 * x / (n * n)) as f32).collect();
-    let w = Tensor::from_vec(w, e, first.prob_sum.device())?;
-    let mut total: Option<Tensor> = None;
-    for r in records {
-        let term = (r.prob_sum.to_dtype(DType::F32)? * &w)?.sum_all()?;
-        total = Some(match total {
-            Some(t) => (t + term)?,
-            None => term,
-        });
-    }
-    Ok(total)
+    Ok(Some(Tensor::from_vec(w, e, first.prob_sum.device())?))
+}
+
+/// One layer's part of the pooled loss: its summed probabilities weighted by [`balance_weights`].
+pub fn layer_term(r: &Routing, weights: &Tensor) -> candle_core::Result<Tensor> {
+    (r.prob_sum.to_dtype(DType::F32)? * weights)?.sum_all()
 }
 
 /// Tokens per expert per sparse layer, summed over micro-batches and steps until taken.

@@ -8,6 +8,7 @@
 use crate::split::SplitMix64;
 use crate::train::data::Shards;
 use crate::train::model::batch::Batch;
+use crate::train::model::routing::{aux_loss, ExpertLoad, Routing};
 use crate::train::model::Model;
 use crate::train::objectives::sft::evaluate;
 use crate::train::options::TrainOptions;
@@ -23,32 +24,54 @@ pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     train(opts, t, recipe, resume)
 }
 
+/// What one micro-batch gave: its summed loss, its adapter gradients, the forward and backward
+/// seconds, and the routing of a mixture of experts' sparse layers.
+struct MicroResult {
+    loss: f64,
+    grads: Vec<candle_core::Tensor>,
+    seconds: (f64, f64),
+    routing: Vec<(usize, Routing)>,
+}
+
 /// The summed loss of one micro-batch and its adapter gradients scaled by 1 / `trained` (the
-/// trained tokens of the whole step), with the forward and backward seconds.
+/// trained tokens of the whole step); a mixture of experts adds its load-balancing loss times
+/// `aux_weight` to what the gradients are of.
 fn loss_and_grads(
     opts: &TrainOptions,
     t: &Trainable,
     b: &Batch,
     trained: usize,
+    aux_weight: f64,
     rng: &mut SplitMix64,
     profile: bool,
-) -> Result<(f64, Vec<candle_core::Tensor>, (f64, f64))> {
+) -> Result<MicroResult> {
     let model = &t.model;
     // Forward time ends when the loss is read; the rest (with checkpointing: the recompute too) is backward.
     let tf = Instant::now();
     let mut forward_done = tf;
-    let (loss, g) = if opts.gradient_checkpointing {
-        model.loss_and_grads_checkpointed(b, Some(rng), opts.logits_chunk, 1.0 / trained as f64)?
+    let (loss, grads, routing) = if opts.gradient_checkpointing {
+        let (loss, g) =
+            model.loss_and_grads_checkpointed(b, Some(rng), opts.logits_chunk, 1.0 / trained as f64, aux_weight)?;
+        (loss, g, model.take_routing())
     } else {
         let l = model.loss_sum(b, Some(rng), opts.logits_chunk)?;
         let loss = l.to_scalar::<f32>()? as f64;
+        let routing = model.take_routing();
+        let mut objective = (l / trained as f64)?;
+        if aux_weight != 0.0 {
+            let records: Vec<Routing> = routing.iter().map(|(_, r)| r.clone()).collect();
+            if let Some(aux) = aux_loss(&records)? {
+                objective = (objective + (aux * aux_weight)?)?;
+            }
+        }
         forward_done = Instant::now();
-        (loss, grads_of(&t.vars_named, &(l / trained as f64)?.backward()?)?)
+        (loss, grads_of(&t.vars_named, &objective.backward()?)?, routing)
     };
     if profile {
         model.device.synchronize()?;
     }
-    Ok((loss, g, ((forward_done - tf).as_secs_f64(), forward_done.elapsed().as_secs_f64())))
+    let seconds = ((forward_done - tf).as_secs_f64(), forward_done.elapsed().as_secs_f64());
+    Ok(MicroResult { loss, grads, seconds, routing })
 }
 
 /// The LoRA dropout stream of `rank`: rank 0's is the one-process run's; the others differ and are
@@ -68,6 +91,8 @@ struct Sft<'a> {
     dropout_rng: SplitMix64,
     /// TUNEKIT_PROFILE=1: forward and backward seconds in metrics.jsonl (adds syncs).
     profile: bool,
+    /// The sparse layers already warned about for a collapsed router.
+    collapsed_warned: std::collections::BTreeSet<usize>,
 }
 
 impl<'a> Sft<'a> {
@@ -88,7 +113,51 @@ impl<'a> Sft<'a> {
             eval,
             dropout_rng: dropout_stream(opts.seed, world.rank),
             profile: std::env::var_os("TUNEKIT_PROFILE").is_some(),
+            collapsed_warned: Default::default(),
         })
+    }
+
+    /// The load-balancing loss's weight per micro-batch: the coefficient over the step's
+    /// micro-batches (the step's objective holds their mean); 0 for a dense model.
+    fn aux_weight(&self, t: &Trainable) -> f64 {
+        t.model.arch.moe.as_ref().map_or(0.0, |m| m.aux_coef) / self.per_step() as f64
+    }
+
+    /// The expert metrics of a step: the mean load-balancing loss over its micro-batches, each sparse
+    /// layer's imbalance (the busiest expert's share over the even share) and the worst of them, the
+    /// tokens' shares per expert; a warning the first time a layer's router sends nearly every token
+    /// to one expert.
+    fn expert_metrics(&mut self, load: &ExpertLoad, aux: &[f64], metrics: &mut Map<String, Value>) {
+        if load.layers.is_empty() {
+            return;
+        }
+        if !aux.is_empty() {
+            metrics.insert("aux_loss".into(), json!(aux.iter().sum::<f64>() / aux.len() as f64));
+        }
+        let imbalance = load.imbalance();
+        let worst = imbalance.iter().map(|x| x.1).fold(0.0, f64::max);
+        metrics.insert("expert_imbalance".into(), json!(worst));
+        for (layer, x) in &imbalance {
+            metrics.insert(format!("expert_imbalance_layer_{layer}"), json!(x));
+        }
+        let shares: Map<String, Value> = load
+            .shares()
+            .into_iter()
+            .map(|(l, s)| (l.to_string(), json!(s.iter().map(|x| (x * 1e4).round() / 1e4).collect::<Vec<_>>())))
+            .collect();
+        metrics.insert("expert_load".into(), Value::Object(shares));
+        for (layer, expert, share) in load.collapsed() {
+            if self.collapsed_warned.insert(layer) {
+                crate::progress::warn(&format!(
+                    "layer {layer}'s router sent {:.0}% of this step's tokens to expert {expert} (of {}, top-{}): \
+                     the other experts are not learning; see expert_load in metrics.jsonl, and consider \
+                     --router-aux-loss-coef or a lower learning rate",
+                    share * 100.0,
+                    load.layers.iter().find(|l| l.0 == layer).map_or(0, |l| l.2.len()),
+                    load.top_k
+                ));
+            }
+        }
     }
 
     /// Micro-batches per optimizer step over all ranks.
@@ -144,7 +213,8 @@ impl Recipe for Sft<'_> {
         if b.trained == 0 {
             return Ok(None);
         }
-        loss_and_grads(self.opts, t, &b, b.trained, &mut self.dropout_rng.clone(), false)?;
+        let aux_weight = self.aux_weight(t);
+        loss_and_grads(self.opts, t, &b, b.trained, aux_weight, &mut self.dropout_rng.clone(), false)?;
         let s = shape(largest);
         Ok(Some(format!("{} rows, {} tokens, longest segment {}", s.rows, s.tokens, s.longest_segment)))
     }
@@ -179,15 +249,23 @@ impl Recipe for Sft<'_> {
         let mut sum = GradSum::default();
         let mut loss_sum = 0.0f64;
         let (mut t_fwd, mut t_bwd) = (0.0, 0.0);
+        let aux_weight = self.aux_weight(t);
+        let mut load = ExpertLoad { top_k: model.arch.moe.as_ref().map_or(0, |m| m.top_k), ..Default::default() };
+        let mut aux = vec![];
         for b in &batches {
             if b.trained == 0 {
                 continue;
             }
-            let (l, g, (f, bw)) = loss_and_grads(opts, t, b, trained, &mut self.dropout_rng, self.profile)?;
-            loss_sum += l;
-            t_fwd += f;
-            t_bwd += bw;
-            sum.add(g)?;
+            let r = loss_and_grads(opts, t, b, trained, aux_weight, &mut self.dropout_rng, self.profile)?;
+            loss_sum += r.loss;
+            t_fwd += r.seconds.0;
+            t_bwd += r.seconds.1;
+            sum.add(r.grads)?;
+            r.routing.iter().for_each(|(layer, routing)| load.add(*layer, routing));
+            let records: Vec<Routing> = r.routing.into_iter().map(|(_, r)| r).collect();
+            if let Some(a) = aux_loss(&records)? {
+                aux.push(a.to_scalar::<f32>()? as f64);
+            }
         }
         let loss = loss_sum / trained.max(1) as f64;
         let grads = if !loss.is_finite() {
@@ -201,6 +279,7 @@ impl Recipe for Sft<'_> {
         };
         let mut metrics = Map::new();
         metrics.insert("trained_tokens".into(), json!(trained));
+        self.expert_metrics(&load, &aux, &mut metrics);
         if self.profile {
             metrics.insert("seconds_forward".into(), json!(t_fwd));
             metrics.insert("seconds_backward".into(), json!(t_bwd));

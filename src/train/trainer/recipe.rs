@@ -3,8 +3,9 @@
 //! [`GradSum`] accumulates gradients over micro-batches.
 
 use super::trainable::Trainable;
+use crate::train::model::moe::is_expert_adapter;
 use crate::train::model::Model;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde_json::{Map, Value};
@@ -14,14 +15,14 @@ use std::path::Path;
 /// Held-out metrics by name; `loss` is always one of them.
 pub type Metrics = BTreeMap<String, f64>;
 
-/// The gradient of every variable in `vars` order from a backward pass.
+/// The gradient of every variable in `vars` order from a backward pass (zeros for the adapters of
+/// an expert the batch routed no token to).
 pub fn grads_of(vars: &[(String, Var)], store: &GradStore) -> Result<Vec<Tensor>> {
     vars.iter()
-        .map(|(n, v)| {
-            store
-                .get(v.as_tensor())
-                .cloned()
-                .with_context(|| format!("no gradient reached {n}; the graph is cut somewhere"))
+        .map(|(n, v)| match store.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None if is_expert_adapter(n) => Ok(v.zeros_like()?),
+            None => bail!("no gradient reached {n}; the graph is cut somewhere"),
         })
         .collect()
 }

@@ -42,6 +42,17 @@ pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
     crate::train::data::check_manifest(&opts.data, model.config.vocab_size)?;
     let base_bytes_per_param = model.base_bytes_per_param();
     let projection_bytes_per_param = model.projection_bytes_per_param();
+    if let Some(c) = opts.router_aux_loss_coef {
+        match model.arch.moe.as_mut() {
+            Some(moe) if c >= 0.0 && c.is_finite() => moe.aux_coef = c,
+            Some(_) => bail!("--router-aux-loss-coef must be a finite number >= 0, not {c}"),
+            None => bail!(
+                "--router-aux-loss-coef: {} is not a mixture of experts (its {} layers are dense)",
+                opts.model.display(),
+                model.config.model_type
+            ),
+        }
+    }
     model.add_lora(&opts.lora, opts.seed)?;
     let vars_named = model.lora_vars();
     if vars_named.is_empty() {
