@@ -430,3 +430,64 @@ fn a_qwen3_base_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
     eprintln!("merged Qwen3 f32 GGUF in llama.cpp vs tunekit: largest top-50 log-prob difference {worst:.2e}");
     assert!(worst < 1e-3, "the merged Qwen3 model in llama.cpp is {worst} nats from tunekit");
 }
+
+/// A mixture of experts out to llama.cpp: a tiny random Qwen3-MoE over Qwen3's vocabulary, LoRA trained
+/// on its attention and its experts, merged into an f32 GGUF (the experts stacked as llama.cpp holds
+/// them): llama.cpp's next-token log-probabilities and greedy answers are tunekit's.
+#[test]
+fn a_qwen3_moe_with_expert_lora_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
+    let Some(node_dir) = common::node_llama_cpp() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = tunekit(&["-q", "quickstart", "--out", "qs"], d);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let vocab = tunekit::train::model::config::ModelConfig::from_file(&d.join("qs/tiny-qwen3-random/config.json"))
+        .unwrap()
+        .vocab_size;
+    let config: tunekit::train::model::config::ModelConfig = serde_json::from_value(json!({
+        "model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": vocab,
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": true,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 2048, "tie_word_embeddings": true
+    }))
+    .unwrap();
+    tunekit::train::io::hf::write_random_model(&config, 11, &d.join("moe")).unwrap();
+    let train = [
+        "-q", "train", "--model", "moe", "--data", "qs/shards", "--out", "run", "--max-steps", "4", "--lora-r", "4",
+        "--target", "all-linear", "--lr", "0.03",
+    ];
+    let o = tunekit(&train, d);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = export_gguf(
+        d,
+        &["--merge", "--adapter", "run", "--model", "moe", "--data", "qs/shards", "--out", "m.gguf", "--type", "f32"],
+    );
+    assert_eq!(s["architecture"], "qwen3moe", "{s}");
+    // A llama.cpp LoRA adapter cannot hold the experts' adapters: refused, pointing to --merge.
+    let o = tunekit(&["export", "gguf", "--adapter", "run", "--model", "moe", "--out", "a.gguf"], d);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--merge") && e.contains("experts"), "{e}");
+    let tok = tunekit::tokenize::TokenizerInfo::load(&root().join("datasets/tokenizers/qwen3")).unwrap();
+    let requests = chat_requests(&tok, &["What is the capital of France?", "Who are you?", "Count to five."], 12, 50);
+    let llama = llama_cpp(&node_dir, &d.join("m.gguf"), "-", &requests);
+    let place = tunekit::train::io::Placement {
+        device: tunekit::train::device::DeviceSpec::Cpu,
+        dtype: tunekit::train::device::Precision::F32,
+        ..Default::default()
+    };
+    let m = tunekit::train::io::load_model(&d.join("moe"), Some(&d.join("run")), &place).unwrap();
+    let mut worst = 0f32;
+    for (i, r) in requests.iter().enumerate() {
+        let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
+        let (lp, greedy) = tunekit_side(&m, &ids, &tok.stop_ids(), 12);
+        for e in llama[i]["top"].as_array().unwrap() {
+            let (t, l) = (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap() as f32);
+            worst = worst.max((lp[t] - l).abs());
+        }
+        let theirs: Vec<u32> = serde_json::from_value(llama[i]["greedy"].clone()).unwrap();
+        let n = theirs.len().min(greedy.len());
+        assert!(n > 0 && theirs[..n] == greedy[..n], "prompt {i}: llama.cpp {theirs:?}, tunekit {greedy:?}");
+    }
+    eprintln!("merged Qwen3-MoE f32 GGUF in llama.cpp vs tunekit: largest top-50 log-prob difference {worst:.2e}");
+    assert!(worst < 1e-3, "the merged Qwen3-MoE in llama.cpp is {worst} nats from tunekit");
+}

@@ -30,6 +30,15 @@ pub const PROJECTIONS: &[(&str, &str)] = &[
 /// Llama's two norms: before attention and before the MLP (which Hugging Face calls "post attention").
 pub const PRE_NORMS: &[(&str, &str)] = &[("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")];
 
+/// The router of a mixture of experts in a block named `mlp` (Qwen3-MoE, OLMoE).
+pub const MLP_ROUTER: &[(&str, &str)] = &[("mlp.gate", "ffn_gate_inp")];
+
+/// The router of Mixtral's `block_sparse_moe`.
+pub const BLOCK_SPARSE_ROUTER: &[(&str, &str)] = &[("block_sparse_moe.gate", "ffn_gate_inp")];
+
+/// The router of Granite-MoE's `block_sparse_moe`.
+pub const GRANITE_ROUTER: &[(&str, &str)] = &[("block_sparse_moe.router.layer", "ffn_gate_inp")];
+
 /// The model's tensors outside the layers: Hugging Face name -> llama.cpp's.
 const MODEL_TENSORS: [(&str, &str); 3] = [
     ("model.embed_tokens.weight", "token_embd.weight"),
@@ -86,7 +95,8 @@ impl Naming {
 /// by hashing a tokenization; here by family and vocabulary size).
 pub fn pre_tokenizer(model_type: &str, vocab_size: usize) -> &'static str {
     match model_type {
-        "qwen2" | "qwen3" => "qwen2",
+        "qwen2" | "qwen3" | "qwen3_moe" => "qwen2",
+        "olmoe" => "olmo",
         _ if vocab_size >= 128_000 => "llama-bpe",
         _ => "default",
     }

@@ -81,6 +81,13 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
             adapter_dir.display()
         );
     }
+    if tensors.keys().any(|k| crate::train::model::moe::is_expert_adapter(k)) {
+        bail!(
+            "{}: the adapter trains a mixture's experts (PEFT's stacked expert adapters), which a llama.cpp LoRA \
+             adapter does not hold here; write the merged model instead: `tunekit export gguf --merge`",
+            adapter_dir.display()
+        );
+    }
     let naming = of_model_type(&base.model_type)?.gguf;
     let (arch, rotary_order) = (naming.name, naming.rotary_order);
     let modules: Vec<(&str, &str)> =

@@ -2,13 +2,17 @@
 //! tensors under llama.cpp's names (Llama/Mistral q and k rows in its rotary order, Llama-3 rope
 //! scaling as a `rope_freqs` tensor), the model's shape as `{arch}.*` keys, and the tokenizer as
 //! `tokenizer.ggml.*` (a byte-level BPE vocabulary: tokens padded to the embedding's rows, token
-//! types, merges, special ids, the pre-tokenizer by model family). Tensors are read one at a time
-//! from the memory-mapped safetensors.
+//! types, merges, special ids, the pre-tokenizer by model family). A mixture of experts' experts are
+//! stacked as llama.cpp holds them (`ffn_{gate,up,down}_exps` [E, rows, cols], the router as
+//! `ffn_gate_inp`) with the expert counts among the keys. Tensors are read one at a time from the
+//! memory-mapped safetensors.
 
-use crate::gguf::names::{pre_tokenizer, Naming};
+use crate::gguf::names::pre_tokenizer;
 use crate::gguf::rotary::to_gguf;
 use crate::tokenize::TokenizerInfo;
 use crate::train::model::config::ModelConfig;
+use crate::train::model::family::{ExpertStorage, Family, Moe};
+use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::safetensors::MmapedSafetensors;
@@ -18,44 +22,128 @@ use std::path::Path;
 pub struct HfBase {
     st: MmapedSafetensors,
     pub config: ModelConfig,
-    /// llama.cpp name, Hugging Face name ("" for a derived tensor), shape.
-    pub tensors: Vec<(String, String, Vec<usize>)>,
+    /// llama.cpp name, where it comes from, shape.
+    pub tensors: Vec<(String, Origin, Vec<usize>)>,
     rotary: bool,
 }
 
+/// Where a llama.cpp tensor comes from in the checkpoint.
+pub enum Origin {
+    /// A tensor as it is.
+    Tensor(String),
+    /// One tensor per expert, stacked [E, rows, cols] (`ffn_gate_exps` from each expert's gate).
+    Experts(Vec<String>),
+    /// Half `.1` (0: the first) of a stacked [E, 2I, H] gate_up along its rows.
+    Half(String, usize),
+    /// Llama 3's rope scaling factors, derived from the config.
+    RopeFreqs,
+}
+
+/// A mixture of experts' expert tensor `name`, as llama.cpp stacks it: (layer, its llama.cpp
+/// tensor kind, the expert for a per-expert tensor, the half of a fused gate_up) or None.
+fn expert_tensor(name: &str, family: &Family) -> Option<(usize, &'static str, Option<usize>, Option<usize>)> {
+    let layout = family.moe?;
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let rest = rest.strip_suffix(".weight").unwrap_or(rest);
+    // transformers' own fused names, then the family's stored layout.
+    if let Some(p) = rest.strip_prefix(layout.block).and_then(|r| r.strip_prefix(".experts.")) {
+        match p {
+            "gate_up_proj" => return Some((layer, "ffn_gate_up_exps", None, None)),
+            "down_proj" => return Some((layer, "ffn_down_exps", None, None)),
+            _ => {}
+        }
+    }
+    match &layout.stored {
+        ExpertStorage::PerExpert { block, gate, up, down, .. } => {
+            let (e, part) = rest.strip_prefix(block)?.strip_prefix(".experts.")?.split_once('.')?;
+            let kind = [(gate, "ffn_gate_exps"), (up, "ffn_up_exps"), (down, "ffn_down_exps")]
+                .into_iter()
+                .find(|(n, _)| *n == &part)?
+                .1;
+            Some((layer, kind, Some(e.parse().ok()?), None))
+        }
+        ExpertStorage::Stacked { gate_up, down, .. } => {
+            let part = rest.strip_prefix(layout.block)?.strip_prefix('.')?;
+            match part {
+                p if p == *gate_up => Some((layer, "ffn_gate_up_exps", None, None)),
+                p if p == *down => Some((layer, "ffn_down_exps", None, None)),
+                _ => None,
+            }
+        }
+    }
+}
+
 impl HfBase {
-    pub fn open(dir: &Path, naming: Naming) -> Result<HfBase> {
+    pub fn open(dir: &Path, family: &Family) -> Result<HfBase> {
+        let naming = family.gguf;
         let rotary = naming.rotary_order;
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let files = crate::train::io::hf::safetensors_files(dir)?;
         let st = unsafe { MmapedSafetensors::multi(&files) }
             .with_context(|| format!("cannot read the safetensors of {}", dir.display()))?;
         let mut tensors = vec![];
+        // Per-expert tensors by (layer, kind): (expert, name, shape).
+        let mut experts: BTreeMap<(usize, &str), Vec<(usize, String, Vec<usize>)>> = BTreeMap::new();
         for (name, view) in st.tensors() {
+            let shape = view.shape().to_vec();
+            if let Some((layer, kind, expert, _)) = expert_tensor(&name, family) {
+                match (kind, expert) {
+                    (_, Some(e)) => experts.entry((layer, kind)).or_default().push((e, name.clone(), shape)),
+                    ("ffn_gate_up_exps", None) => {
+                        let half = [shape[0], shape[1] / 2, shape[2]];
+                        for (h, k) in ["ffn_gate_exps", "ffn_up_exps"].into_iter().enumerate() {
+                            tensors.push((format!("blk.{layer}.{k}.weight"), Origin::Half(name.clone(), h), half.to_vec()));
+                        }
+                    }
+                    _ => tensors.push((format!("blk.{layer}.{kind}.weight"), Origin::Tensor(name.clone()), shape)),
+                }
+                continue;
+            }
             match naming.tensor_to_gguf(&name) {
-                Some(g) => tensors.push((g, name.clone(), view.shape().to_vec())),
+                Some(g) => tensors.push((g, Origin::Tensor(name.clone()), shape)),
                 None if name.contains("rotary_emb") => {}
                 None => bail!("{}: tensor {name} has no llama.cpp name", dir.display()),
             }
         }
+        for ((layer, kind), mut list) in experts {
+            list.sort_by_key(|e| e.0);
+            if list.iter().enumerate().any(|(i, e)| e.0 != i) {
+                bail!("{}: layer {layer}'s {kind} experts are not numbered 0..{}", dir.display(), list.len());
+            }
+            let shape = [vec![list.len()], list[0].2.clone()].concat();
+            let names = list.into_iter().map(|e| e.1).collect();
+            tensors.push((format!("blk.{layer}.{kind}.weight"), Origin::Experts(names), shape));
+        }
         if config.rope_scaling.as_ref().is_some_and(|s| s.rope_type.as_deref() == Some("llama3")) {
-            tensors.push(("rope_freqs.weight".into(), String::new(), vec![config.head_dim() / 2]));
+            tensors.push(("rope_freqs.weight".into(), Origin::RopeFreqs, vec![config.head_dim() / 2]));
         }
         Ok(HfBase { st, config, tensors, rotary })
     }
 
     /// Tensor `gguf` in f32, rows in llama.cpp's order.
     pub fn load(&self, gguf: &str) -> Result<Tensor> {
-        let (_, hf, _) = self.tensors.iter().find(|(g, ..)| g == gguf).context("unknown tensor")?;
-        if hf.is_empty() {
-            // Llama 3's rope scaling: the factor dividing each base frequency.
-            let c = &self.config;
-            let d = c.head_dim();
-            let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
-            let factors: Vec<f32> = base.iter().zip(c.inv_freq()).map(|(b, s)| (b / s) as f32).collect();
-            return Ok(Tensor::from_vec(factors, d / 2, &Device::Cpu)?);
-        }
-        let t = self.st.load(hf, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let (_, origin, _) = self.tensors.iter().find(|(g, ..)| g == gguf).context("unknown tensor")?;
+        let read = |hf: &str| -> Result<Tensor> { Ok(self.st.load(hf, &Device::Cpu)?.to_dtype(DType::F32)?) };
+        let t = match origin {
+            Origin::RopeFreqs => {
+                // Llama 3's rope scaling: the factor dividing each base frequency.
+                let c = &self.config;
+                let d = c.head_dim();
+                let base: Vec<f64> =
+                    (0..d / 2).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
+                let factors: Vec<f32> = base.iter().zip(c.inv_freq()).map(|(b, s)| (b / s) as f32).collect();
+                return Ok(Tensor::from_vec(factors, d / 2, &Device::Cpu)?);
+            }
+            Origin::Tensor(hf) => read(hf)?,
+            Origin::Experts(names) => Tensor::stack(&names.iter().map(|n| read(n)).collect::<Result<Vec<_>>>()?, 0)?,
+            Origin::Half(hf, h) => {
+                let t = read(hf)?;
+                let rows = t.dim(1)? / 2;
+                t.narrow(1, h * rows, rows)?.contiguous()?
+            }
+        };
         let heads = match gguf {
             g if g.ends_with("attn_q.weight") => Some(self.config.num_attention_heads),
             g if g.ends_with("attn_k.weight") => Some(self.config.kv_heads()),
@@ -91,9 +179,41 @@ impl HfBase {
             (format!("{arch}.rope.freq_base"), Value::F32(c.rope_theta as f32)),
             (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
         ];
+        if let Some(moe) = llama_cpp_moe(arch, c)? {
+            md.push((format!("{arch}.expert_count"), u(moe.experts)));
+            md.push((format!("{arch}.expert_used_count"), u(moe.top_k)));
+            if arch == "qwen3moe" {
+                md.push((format!("{arch}.expert_feed_forward_length"), u(moe.intermediate)));
+            }
+        }
         md.extend(tokenizer_metadata(tok, c, chat_template)?);
         Ok(md)
     }
+}
+
+/// A mixture of experts as llama.cpp's `arch` computes it, or None for a dense model; an error
+/// where llama.cpp would compute another model (it has no dense layers among the sparse ones, and
+/// each architecture renormalises the top-k weights, or not, whatever the config says).
+fn llama_cpp_moe(arch: &str, c: &ModelConfig) -> Result<Option<Moe>> {
+    let a = crate::train::model::family::describe(c)?;
+    let Some(moe) = a.moe else { return Ok(None) };
+    if let Some(i) = a.layers.iter().position(|l| !l.sparse) {
+        bail!(
+            "layer {i} of this {} has a dense MLP among mixture-of-experts layers (mlp_only_layers / \
+             decoder_sparse_step), which llama.cpp's {arch} cannot hold",
+            c.model_type
+        );
+    }
+    let renormalises = arch != "olmoe";
+    if moe.renormalise != renormalises {
+        bail!(
+            "this {}'s norm_topk_prob is {}, but llama.cpp's {arch} always computes it as {renormalises}: \
+             the GGUF would not be this model",
+            c.model_type,
+            moe.renormalise
+        );
+    }
+    Ok(Some(moe))
 }
 
 /// A byte-level BPE tokenizer as `tokenizer.ggml.*`.

@@ -193,7 +193,7 @@ fn open_base(
     if base.is_dir() {
         let config = ModelConfig::from_file(&base.join("config.json"))?;
         let family = of_model_type(&config.model_type)?;
-        if !matches!(family.gguf.name, "llama" | "qwen2" | "qwen3") {
+        if !matches!(family.gguf.name, "llama" | "qwen2" | "qwen3" | "qwen3moe" | "olmoe") {
             bail!(
                 "{}: a {} model directory is not written to GGUF here; convert the base with llama.cpp's \
                  convert_hf_to_gguf.py and merge the adapter into that GGUF (--base BASE.gguf)",
@@ -202,7 +202,7 @@ fn open_base(
             );
         }
         let a = family.gguf;
-        let hf = HfBase::open(base, a)?;
+        let hf = HfBase::open(base, family)?;
         let tok_path = tokenizer.unwrap_or(base);
         let tok = crate::tokenize::TokenizerInfo::load(tok_path).with_context(|| {
             format!(
@@ -290,6 +290,9 @@ pub fn export(
     tokenizer: Option<&Path>,
     out: &Path,
 ) -> Result<MergedExport> {
+    if let (Some(adapter), true) = (adapter_dir, base.is_dir() && is_moe_dir(base)) {
+        return export_moe(adapter, base, ty, chat_template, tokenizer, out);
+    }
     let from_shards = chat_template.is_some();
     let (mut source, config, mut metadata) = open_base(base, chat_template, tokenizer)?;
     let naming = of_model_type(&config.model_type)?.gguf;
@@ -333,6 +336,50 @@ pub fn export(
         chat_template_from_shards: from_shards,
         bytes,
     })
+}
+
+/// Whether the Hugging Face directory `dir` holds a mixture of experts.
+fn is_moe_dir(dir: &Path) -> bool {
+    ModelConfig::from_file(&dir.join("config.json"))
+        .ok()
+        .and_then(|c| of_model_type(&c.model_type).ok())
+        .is_some_and(|f| f.moe.is_some())
+}
+
+/// A mixture of experts' adapter merged: PEFT's stacked expert adapters are folded into each
+/// expert by the model itself (as `merge` writes it), into a Hugging Face directory beside `out`,
+/// which is then written as the base is.
+fn export_moe(
+    adapter: &Path,
+    base: &Path,
+    ty: ModelType,
+    chat_template: Option<String>,
+    tokenizer: Option<&Path>,
+    out: &Path,
+) -> Result<MergedExport> {
+    let place = crate::train::io::Placement {
+        device: crate::train::device::DeviceSpec::Cpu,
+        dtype: crate::train::device::Precision::F32,
+        ..Default::default()
+    };
+    let model = crate::train::io::load_model(base, Some(adapter), &place)?;
+    let merged_projections = model.adapted_modules().0.len();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = WorkDir(parent.join(format!(".tunekit-merged-{}", std::process::id())));
+    crate::train::io::merge::write_hf(&model, &tmp.0)
+        .with_context(|| format!("writing the merged model to {}", tmp.0.display()))?;
+    drop(model);
+    let e = export(None, &tmp.0, ty, chat_template, Some(tokenizer.unwrap_or(base)), out)?;
+    Ok(MergedExport { merged_projections, ..e })
+}
+
+/// A working directory removed when dropped (on errors too).
+struct WorkDir(std::path::PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,13 @@ pub fn config_of(content: &gguf_file::Content, path: &Path) -> Result<ModelConfi
     let md = &content.metadata;
     let arch = string_of(md, "general.architecture").unwrap_or_default();
     let family = of_gguf(&arch).with_context(|| path.display().to_string())?;
+    if family.moe.is_some() || usize_of(md, &format!("{arch}.expert_count")).is_ok_and(|n| n > 0) {
+        bail!(
+            "{}: a mixture of experts in GGUF is not read as a base here (its experts are in llama.cpp's stacked \
+             blocks); train from the model's Hugging Face directory, and `export gguf --merge` the result",
+            path.display()
+        );
+    }
     let Some(embd) = content.tensor_infos.get("token_embd.weight") else {
         bail!("{}: no token_embd.weight tensor", path.display());
     };

@@ -4,7 +4,7 @@
 //! `output_linear` [E, H, I], the router at `router.layer`.
 
 use super::{granite, Arch, ExpertStorage, Family, Moe, MoeLayout};
-use crate::gguf::names::{Naming, PRE_NORMS, PROJECTIONS};
+use crate::gguf::names::{Naming, GRANITE_ROUTER, PRE_NORMS, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::Result;
 
@@ -22,7 +22,7 @@ pub const GRANITE_MOE: Family = Family {
     name: "Granite-MoE",
     model_types: &["granitemoe"],
     hf_classes: &["GraniteMoeForCausalLM"],
-    gguf: Naming { name: "granitemoe", rotary_order: true, layer: &[PROJECTIONS, PRE_NORMS] },
+    gguf: Naming { name: "granitemoe", rotary_order: true, layer: &[PROJECTIONS, PRE_NORMS, GRANITE_ROUTER] },
     moe: Some(&EXPERTS),
     describe,
     ..granite::GRANITE

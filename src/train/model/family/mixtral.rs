@@ -4,7 +4,7 @@
 //! names) call the block `mlp`.
 
 use super::{llama, Arch, ExpertStorage, Family, Moe, MoeLayout};
-use crate::gguf::names::{Naming, PRE_NORMS, PROJECTIONS};
+use crate::gguf::names::{Naming, BLOCK_SPARSE_ROUTER, PRE_NORMS, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::Result;
 
@@ -18,7 +18,7 @@ pub const MIXTRAL: Family = Family {
     name: "Mixtral",
     model_types: &["mixtral"],
     hf_classes: &["MixtralForCausalLM"],
-    gguf: Naming { name: "llama", rotary_order: true, layer: &[PROJECTIONS, PRE_NORMS] },
+    gguf: Naming { name: "llama", rotary_order: true, layer: &[PROJECTIONS, PRE_NORMS, BLOCK_SPARSE_ROUTER] },
     moe: Some(&EXPERTS),
     describe,
     ..llama::LLAMA

@@ -3,7 +3,7 @@
 //! `norm_topk_prob` says (off in the released models). `clip_qkv` is refused.
 
 use super::{llama, qwen3_moe::MLP_EXPERTS, Arch, Family, Moe, QkNorm};
-use crate::gguf::names::{Naming, PRE_NORMS, PROJECTIONS};
+use crate::gguf::names::{Naming, MLP_ROUTER, PRE_NORMS, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Result};
 
@@ -11,7 +11,7 @@ pub const OLMOE: Family = Family {
     name: "OLMoE",
     model_types: &["olmoe"],
     hf_classes: &["OlmoeForCausalLM"],
-    gguf: Naming { name: "olmoe", rotary_order: false, layer: &[PROJECTIONS, PRE_NORMS] },
+    gguf: Naming { name: "olmoe", rotary_order: false, layer: &[PROJECTIONS, PRE_NORMS, MLP_ROUTER] },
     moe: Some(&MLP_EXPERTS),
     describe,
     ..llama::LLAMA

@@ -3,7 +3,7 @@
 //! dense SwiGLU MLP of `intermediate_size`); top-k weights renormalised as `norm_topk_prob` says.
 
 use super::{llama, Arch, ExpertStorage, Family, Moe, MoeLayout, QkNorm};
-use crate::gguf::names::{Naming, PRE_NORMS, PROJECTIONS};
+use crate::gguf::names::{Naming, MLP_ROUTER, PRE_NORMS, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::{bail, Result};
 
@@ -24,7 +24,7 @@ pub const QWEN3_MOE: Family = Family {
     name: "Qwen3-MoE",
     model_types: &["qwen3_moe"],
     hf_classes: &["Qwen3MoeForCausalLM"],
-    gguf: Naming { name: "qwen3moe", rotary_order: false, layer: &[PROJECTIONS, PRE_NORMS] },
+    gguf: Naming { name: "qwen3moe", rotary_order: false, layer: &[PROJECTIONS, PRE_NORMS, MLP_ROUTER] },
     moe: Some(&MLP_EXPERTS),
     describe,
     ..llama::QWEN3
