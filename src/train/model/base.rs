@@ -45,7 +45,11 @@ impl BaseModel {
 
 /// Whether a Hugging Face tensor name is one of the seven projections LoRA adapts.
 pub fn is_projection(name: &str) -> bool {
-    (name.contains(".self_attn.") || name.contains(".mlp.")) && name.ends_with("_proj.weight")
+    let proj = (name.contains(".self_attn.") || name.contains(".mlp.")) && name.ends_with("_proj.weight");
+    // Mixtral's experts: w1 (gate), w3 (up), w2 (down).
+    let mixtral = name.contains(".block_sparse_moe.experts.")
+        && [".w1.weight", ".w2.weight", ".w3.weight"].iter().any(|w| name.ends_with(w));
+    proj || mixtral
 }
 
 /// A weight matrix quantised to NF4.
