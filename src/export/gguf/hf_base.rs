@@ -39,6 +39,9 @@ pub enum Origin {
     RopeFreqs,
 }
 
+/// One expert's tensor: (expert, Hugging Face name, shape).
+type PerExpert = (usize, String, Vec<usize>);
+
 /// A mixture of experts' expert tensor `name`, as llama.cpp stacks it: (layer, its llama.cpp
 /// tensor kind, the expert for a per-expert tensor, the half of a fused gate_up) or None.
 fn expert_tensor(name: &str, family: &Family) -> Option<(usize, &'static str, Option<usize>, Option<usize>)> {
@@ -84,8 +87,8 @@ impl HfBase {
         let st = unsafe { MmapedSafetensors::multi(&files) }
             .with_context(|| format!("cannot read the safetensors of {}", dir.display()))?;
         let mut tensors = vec![];
-        // Per-expert tensors by (layer, kind): (expert, name, shape).
-        let mut experts: BTreeMap<(usize, &str), Vec<(usize, String, Vec<usize>)>> = BTreeMap::new();
+        // Per-expert tensors by (layer, kind).
+        let mut experts: BTreeMap<(usize, &str), Vec<PerExpert>> = BTreeMap::new();
         for (name, view) in st.tensors() {
             let shape = view.shape().to_vec();
             if let Some((layer, kind, expert, _)) = expert_tensor(&name, family) {
