@@ -72,7 +72,11 @@ fn check(family: &str) {
         assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{family}: aux loss {got} vs transformers {want}");
         let coef = r["aux_coef"].to_vec1::<f32>().unwrap()[0] as f64;
         let moe = model.arch.moe.as_ref().unwrap();
-        assert!((moe.aux_coef - coef).abs() < 1e-6, "{family}: aux coefficient {} vs the config's {coef}", moe.aux_coef);
+        assert!(
+            (moe.aux_coef - coef).abs() < 1e-6,
+            "{family}: aux coefficient {} vs the config's {coef}",
+            moe.aux_coef
+        );
         loss = (loss + (aux * coef).unwrap()).unwrap();
     }
     let (got, want) = (loss.to_scalar::<f32>().unwrap(), r["loss"].to_vec1::<f32>().unwrap()[0]);
@@ -228,8 +232,8 @@ fn bad_configs_name_the_tensor_or_list_the_families() {
 fn every_family_trains_through_every_objective() {
     use tunekit::train::adapters::lora::LoraSettings;
     use tunekit::train::model::config::ModelConfig;
-    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
     use tunekit::train::model::moe::is_expert_adapter;
+    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
     use tunekit::train::objectives::PairObjective;
     let families = [
         ("llama", serde_json::json!({})),
@@ -254,7 +258,10 @@ fn every_family_trains_through_every_objective() {
         ),
         ("mixtral", serde_json::json!({"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 3})),
         ("olmoe", serde_json::json!({"num_experts": 4, "num_experts_per_tok": 2})),
-        ("granitemoe", serde_json::json!({"num_local_experts": 4, "num_experts_per_tok": 2, "residual_multiplier": 0.5})),
+        (
+            "granitemoe",
+            serde_json::json!({"num_local_experts": 4, "num_experts_per_tok": 2, "residual_multiplier": 0.5}),
+        ),
     ];
     let row = PackedRow {
         input_ids: (0..12).map(|i| (i * 7 + 3) % 40).collect(),
@@ -275,7 +282,20 @@ fn every_family_trains_through_every_objective() {
         let base = load_base(tmp.path(), &Device::Cpu, None).unwrap();
         let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
         let targets = LoraSettings::parse_targets("all-linear").unwrap();
-        model.add_lora(&LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, rslora: false, targets, doubled_gate_up: false }, 1).unwrap();
+        model
+            .add_lora(
+                &LoraSettings {
+                    r: 2,
+                    alpha: 4.0,
+                    dropout: 0.0,
+                    rslora: false,
+                    targets,
+                    doubled_gate_up: false,
+                    train_router: false,
+                },
+                1,
+            )
+            .unwrap();
         for (_, v) in model.lora_vars() {
             // B away from zero, so that every matrix gets a gradient.
             v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();

@@ -80,7 +80,15 @@ fn check(family: &str) {
     let mut tuned = Model::from_base(&load_base(&gguf, &dev, None).unwrap(), &dev).unwrap();
     // All seven names: on Phi-3 they select its fused qkv_proj and gate_up_proj.
     let targets = ALL_LINEAR.iter().map(|t| t.to_string()).collect();
-    let s = LoraSettings { r: 8, alpha: 16.0, dropout: 0.0, rslora: false, targets, doubled_gate_up: false };
+    let s = LoraSettings {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        rslora: false,
+        targets,
+        doubled_gate_up: false,
+        train_router: false,
+    };
     tuned.add_lora(&s, 7).unwrap();
     let mut rng = tunekit::split::SplitMix64::new(40);
     for (_, var) in tuned.lora_vars() {

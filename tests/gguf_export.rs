@@ -71,6 +71,7 @@ fn random_adapter(base: &Path, dir: &Path) -> LoraSettings {
         dropout: 0.0,
         rslora: true,
         doubled_gate_up: false,
+        train_router: false,
         targets: ALL_LINEAR.iter().map(|t| t.to_string()).collect(),
     };
     m.add_lora(&s, 7).unwrap();
@@ -453,8 +454,22 @@ fn a_qwen3_moe_with_expert_lora_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
     .unwrap();
     tunekit::train::io::hf::write_random_model(&config, 11, &d.join("moe")).unwrap();
     let train = [
-        "-q", "train", "--model", "moe", "--data", "qs/shards", "--out", "run", "--max-steps", "4", "--lora-r", "4",
-        "--target", "all-linear", "--lr", "0.03",
+        "-q",
+        "train",
+        "--model",
+        "moe",
+        "--data",
+        "qs/shards",
+        "--out",
+        "run",
+        "--max-steps",
+        "4",
+        "--lora-r",
+        "4",
+        "--target",
+        "all-linear",
+        "--lr",
+        "0.03",
     ];
     let o = tunekit(&train, d);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -192,8 +192,15 @@ fn misfit_reward_models_and_wrong_shards_are_refused_before_training() {
     let base = tunekit::train::io::load_base(&other, &candle_core::Device::Cpu, None).unwrap();
     let mut m = tunekit::train::model::Model::from_base(&base, &candle_core::Device::Cpu).unwrap();
     let lora = tunekit::train::adapters::lora::LoraSettings::parse_targets("q_proj").unwrap();
-    let s =
-        tunekit::train::adapters::lora::LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, rslora: false, targets: lora, doubled_gate_up: false };
+    let s = tunekit::train::adapters::lora::LoraSettings {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        rslora: false,
+        targets: lora,
+        doubled_gate_up: false,
+        train_router: false,
+    };
     m.add_lora(&s, 0).unwrap();
     m.add_score_head(0).unwrap();
     let rm = dir.path().join("rm");

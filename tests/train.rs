@@ -35,6 +35,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
             dropout: 0.1,
             rslora: false,
             doubled_gate_up: false,
+            train_router: false,
             targets: LoraSettings::parse_targets("all-linear").unwrap(),
         },
         eval_every: 10,
@@ -445,10 +446,27 @@ fn a_mixture_of_experts_logs_its_expert_load_and_a_collapsed_router_is_warned() 
     for (name, collapsed) in [("moe", false), ("collapsed", true)] {
         tiny_moe(&d.join(name), collapsed);
         let out = format!("{name}-run");
-        let args = [
-            "train", "--model", name, "--data", "shards", "--out", &out, "--max-steps", "3", "--lora-r", "4",
-            "--target", "all-linear", "--router-aux-loss-coef", "0.01", "--gradient-checkpointing",
+        let mut args = vec![
+            "train",
+            "--model",
+            name,
+            "--data",
+            "shards",
+            "--out",
+            &out,
+            "--max-steps",
+            "3",
+            "--lora-r",
+            "4",
+            "--target",
+            "all-linear",
+            "--router-aux-loss-coef",
+            "0.01",
+            "--gradient-checkpointing",
         ];
+        if !collapsed {
+            args.push("--train-router");
+        }
         let o = common::tunekit(&args, d);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{name}: {stderr}");
@@ -473,6 +491,17 @@ fn a_mixture_of_experts_logs_its_expert_load_and_a_collapsed_router_is_warned() 
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(d.join(&out).join("adapter_config.json")).unwrap()).unwrap();
         assert!(cfg["target_parameters"].to_string().contains("experts.gate_up_proj"), "{cfg}");
+        // The routers trained in full where asked, saved as PEFT's modules_to_save and moved.
+        let t = candle_core::safetensors::load(d.join(&out).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let router = t.get("base_model.model.model.layers.0.mlp.gate.weight");
+        if collapsed {
+            assert!(cfg["modules_to_save"].is_null() && router.is_none(), "{cfg}");
+        } else {
+            assert_eq!(cfg["modules_to_save"], serde_json::json!(["gate"]), "{cfg}");
+            let base = candle_core::safetensors::load(d.join(name).join("model.safetensors"), &Device::Cpu).unwrap();
+            let moved = (router.unwrap() - &base["model.layers.0.mlp.gate.weight"]).unwrap().abs().unwrap();
+            assert!(moved.max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "the router did not train");
+        }
         // The report charts the load per layer.
         let html = format!("{name}.html");
         let o = common::tunekit(&["report", &out, "--out", &html], d);
@@ -482,8 +511,17 @@ fn a_mixture_of_experts_logs_its_expert_load_and_a_collapsed_router_is_warned() 
     }
     // A dense model refuses the coefficient.
     let o = common::tunekit(
-        &["train", "--model", common::tiny_llama().to_str().unwrap(), "--data", "shards", "--out", "x",
-          "--router-aux-loss-coef", "0.01"],
+        &[
+            "train",
+            "--model",
+            common::tiny_llama().to_str().unwrap(),
+            "--data",
+            "shards",
+            "--out",
+            "x",
+            "--router-aux-loss-coef",
+            "0.01",
+        ],
         d,
     );
     let e = String::from_utf8_lossy(&o.stderr);

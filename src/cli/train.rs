@@ -108,6 +108,10 @@ pub struct TrainArgs {
     /// as transformers trains; the loss is logged as aux_loss either way).
     #[arg(long, value_name = "COEF")]
     pub router_aux_loss_coef: Option<f64>,
+    /// Mixtures of experts: train each router in full beside the adapters (PEFT's modules_to_save;
+    /// default: the routers stay frozen).
+    #[arg(long)]
+    pub train_router: bool,
     /// Before step 1, run the largest micro-batch of the epoch (forward and backward, gradients
     /// dropped; the run is unchanged), so an out-of-memory comes at once rather than at step 5,000;
     /// the summary reports the peak memory after it.
@@ -296,6 +300,7 @@ impl TrainArgs {
                 dropout: self.lora_dropout,
                 rslora: self.rslora,
                 doubled_gate_up: false,
+                train_router: self.train_router,
                 targets: LoraSettings::parse_targets(&self.target)?,
             },
             eval_every: self.eval_every,

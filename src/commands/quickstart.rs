@@ -122,6 +122,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
                 dropout: 0.0,
                 rslora: false,
                 doubled_gate_up: false,
+                train_router: false,
                 targets: crate::train::adapters::lora::ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
             },
             eval_every: 4,

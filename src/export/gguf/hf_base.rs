@@ -12,11 +12,11 @@ use crate::gguf::rotary::to_gguf;
 use crate::tokenize::TokenizerInfo;
 use crate::train::model::config::ModelConfig;
 use crate::train::model::family::{ExpertStorage, Family, Moe};
-use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub struct HfBase {
@@ -97,7 +97,11 @@ impl HfBase {
                     ("ffn_gate_up_exps", None) => {
                         let half = [shape[0], shape[1] / 2, shape[2]];
                         for (h, k) in ["ffn_gate_exps", "ffn_up_exps"].into_iter().enumerate() {
-                            tensors.push((format!("blk.{layer}.{k}.weight"), Origin::Half(name.clone(), h), half.to_vec()));
+                            tensors.push((
+                                format!("blk.{layer}.{k}.weight"),
+                                Origin::Half(name.clone(), h),
+                                half.to_vec(),
+                            ));
                         }
                     }
                     _ => tensors.push((format!("blk.{layer}.{kind}.weight"), Origin::Tensor(name.clone()), shape)),
@@ -134,8 +138,7 @@ impl HfBase {
                 // Llama 3's rope scaling: the factor dividing each base frequency.
                 let c = &self.config;
                 let d = c.head_dim();
-                let base: Vec<f64> =
-                    (0..d / 2).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
+                let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
                 let factors: Vec<f32> = base.iter().zip(c.inv_freq()).map(|(b, s)| (b / s) as f32).collect();
                 return Ok(Tensor::from_vec(factors, d / 2, &Device::Cpu)?);
             }

@@ -27,6 +27,9 @@ pub struct LoraSettings {
     /// converts gate_proj/up_proj targets of an MoE into its expert parameter).
     #[serde(default)]
     pub doubled_gate_up: bool,
+    /// A mixture's routers trained in full beside the adapters (PEFT's `modules_to_save`).
+    #[serde(default)]
+    pub train_router: bool,
 }
 
 pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];

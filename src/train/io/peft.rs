@@ -3,8 +3,8 @@
 //! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A: r x in, B: out x r).
 
 use crate::train::adapters::lora::{LoraSettings, ALL_LINEAR, PEFT_PREFIX};
-use crate::train::model::moe::EXPERT_PARAMETERS;
 use crate::train::adapters::score::SCORE_WEIGHT;
+use crate::train::model::moe::EXPERT_PARAMETERS;
 use crate::train::model::Model;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -141,7 +141,11 @@ pub fn save(model: &Model, s: &LoraSettings, base: &str, dir: &Path) -> Result<(
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
     let adapted = LoraSettings { targets, ..s.clone() };
-    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config(&adapted, base))?)?;
+    let mut cfg = adapter_config(&adapted, base);
+    if let (true, Some(layout)) = (s.train_router, model.family.moe) {
+        cfg["modules_to_save"] = json!([layout.router]);
+    }
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?)?;
     Ok(())
 }
 
@@ -155,7 +159,9 @@ pub fn save_reward_head(dir: &Path, head: &Tensor) -> Result<()> {
     let p = dir.join("adapter_config.json");
     let mut cfg: Value = serde_json::from_slice(&std::fs::read(&p)?)?;
     cfg["task_type"] = json!("SEQ_CLS");
-    cfg["modules_to_save"] = json!(["score"]);
+    let mut saved: Vec<Value> = cfg["modules_to_save"].as_array().cloned().unwrap_or_default();
+    saved.push(json!("score"));
+    cfg["modules_to_save"] = Value::Array(saved);
     std::fs::write(&p, serde_json::to_string_pretty(&cfg)?)?;
     Ok(())
 }
@@ -202,15 +208,28 @@ pub fn read(dir: &Path) -> Result<(LoraSettings, HashMap<String, Tensor>)> {
             for (k, v) in map {
                 let base = if pattern == "rank_pattern" { r as f64 } else { cfg["lora_alpha"].as_f64().unwrap_or(0.0) };
                 if !(k.ends_with("gate_up_proj") && v.as_f64() == Some(2.0 * base)) {
-                    bail!("{}: {pattern} {{{k}: {v}}} is not supported (only PEFT's doubled gate_up_proj)", dir.display());
+                    bail!(
+                        "{}: {pattern} {{{k}: {v}}} is not supported (only PEFT's doubled gate_up_proj)",
+                        dir.display()
+                    );
                 }
                 doubled_gate_up = true;
             }
         }
     }
+    // Modules PEFT trains in full: a reward model's score head, a mixture's routers.
+    let saved: Vec<&str> =
+        cfg["modules_to_save"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+    if let Some(m) = saved.iter().find(|m| !matches!(**m, "score" | "gate" | "router")) {
+        bail!(
+            "{}: modules_to_save '{m}' is not supported (a reward model's score, a mixture's router: gate or router)",
+            dir.display()
+        );
+    }
     let s = LoraSettings {
         r,
         doubled_gate_up,
+        train_router: saved.iter().any(|m| *m != "score"),
         alpha: cfg["lora_alpha"].as_f64().context("adapter_config.json has no lora_alpha")?,
         dropout: cfg["lora_dropout"].as_f64().unwrap_or(0.0),
         rslora: cfg["use_rslora"].as_bool().unwrap_or(false),

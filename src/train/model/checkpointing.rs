@@ -72,11 +72,9 @@ impl Model {
                 objective = (objective + (super::routing::layer_term(&r, w)? * aux_weight)?)?;
             }
             let mut grads = objective.backward()?;
-            for l in layer.loras() {
-                for v in [&l.a, &l.b] {
-                    if let Some(g) = grads.remove(v.as_tensor()) {
-                        found.insert(v.as_tensor().id(), g);
-                    }
+            for v in layer.trained_vars() {
+                if let Some(g) = grads.remove(v.as_tensor()) {
+                    found.insert(v.as_tensor().id(), g);
                 }
             }
             if i > 0 {

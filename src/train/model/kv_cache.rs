@@ -209,8 +209,15 @@ mod tests {
         let mut m = Model::from_base(&base, &Device::Cpu).unwrap();
         // A nonzero adapter, so that decoding is checked with LoRA on.
         let s = crate::train::adapters::lora::LoraSettings::parse_targets("all-linear").unwrap();
-        let s =
-            crate::train::adapters::lora::LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, rslora: false, targets: s, doubled_gate_up: false };
+        let s = crate::train::adapters::lora::LoraSettings {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            rslora: false,
+            targets: s,
+            doubled_gate_up: false,
+            train_router: false,
+        };
         m.add_lora(&s, 3).unwrap();
         for (i, (_, v)) in m.lora_vars().iter().enumerate() {
             let t = crate::train::graph::testing::rand(v.dims(), 100 + i as u64);

@@ -32,7 +32,10 @@ pub struct Layer {
 /// A layer's MLP.
 pub enum Mlp {
     /// [gate, up] (or [gate_up] where the family fuses them) and down.
-    Dense { gate_up: Vec<Linear>, down: Linear },
+    Dense {
+        gate_up: Vec<Linear>,
+        down: Linear,
+    },
     Sparse(SparseMlp),
 }
 
@@ -61,6 +64,16 @@ impl Layer {
             all.extend(s.frozen());
         }
         all
+    }
+
+    /// Every trained variable of the layer (in `Model::lora_vars` order): its adapters' A and B, then
+    /// a trained router.
+    pub fn trained_vars(&self) -> Vec<&candle_core::Var> {
+        let mut out: Vec<&candle_core::Var> = self.loras().into_iter().flat_map(|l| [&l.a, &l.b]).collect();
+        if let Mlp::Sparse(s) = &self.mlp {
+            out.extend(s.trained_router.as_ref().map(|r| &r.weight));
+        }
+        out
     }
 
     /// Every adapter of the layer: its modules' and its experts' (in `Model::lora_vars` order).

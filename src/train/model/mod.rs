@@ -31,6 +31,7 @@ pub mod quant;
 pub mod reward_head;
 pub mod rope;
 pub mod routing;
+use moe::SparseMlp;
 pub mod softmax;
 
 use crate::split::SplitMix64;
@@ -159,7 +160,7 @@ impl Model {
     /// paths such as model.layers.0.mlp.up_proj); q/k/v and gate/up select Phi-3's fused projections.
     pub fn add_lora(&mut self, s: &LoraSettings, seed: u64) -> Result<()> {
         let mut rng = SplitMix64::new(seed);
-        let mut any = false;
+        let (mut any, mut routers) = (false, false);
         let expert_targets = lora::expert_targets(&s.targets);
         for layer in &mut self.layers {
             if let (layer::Mlp::Sparse(moe), (gate_up, down)) = (&mut layer.mlp, expert_targets) {
@@ -167,6 +168,10 @@ impl Model {
                     moe.add_lora(s, gate_up, down, &mut rng)?;
                     any = true;
                 }
+            }
+            if let (layer::Mlp::Sparse(moe), true) = (&mut layer.mlp, s.train_router) {
+                moe.train_router()?;
+                routers = true;
             }
             for lin in layer.linears_mut() {
                 let short = lin.name.rsplit('.').next().unwrap_or("").to_string();
@@ -184,6 +189,9 @@ impl Model {
         }
         if !any {
             bail!("no projection of this {} model is among the LoRA targets {:?}", self.family.name, s.targets);
+        }
+        if s.train_router && !routers {
+            bail!("a trained router (--train-router, or modules_to_save) needs a mixture of experts; this {} model has none", self.family.name);
         }
         Ok(())
     }
@@ -253,6 +261,11 @@ impl Model {
         for l in self.layers.iter().flat_map(|l| l.loras()) {
             l.enabled.set(on);
         }
+        for layer in &self.layers {
+            if let layer::Mlp::Sparse(SparseMlp { trained_router: Some(r), .. }) = &layer.mlp {
+                r.enabled.set(on);
+            }
+        }
     }
 
     /// Sum of the log-probabilities of the trained tokens of one sequence (labels aligned with ids,
@@ -293,6 +306,9 @@ impl Model {
                         out.push((peft_key(&module, "A"), l.a.clone()));
                         out.push((peft_key(&module, "B"), l.b.clone()));
                     }
+                }
+                if let Some(r) = &moe.trained_router {
+                    out.push((moe.router_key(), r.weight.clone()));
                 }
             }
         }

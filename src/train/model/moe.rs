@@ -16,9 +16,9 @@ use super::linear::{Linear, Shared};
 use super::mlp::gated;
 use super::routing::Routing;
 use crate::split::SplitMix64;
-use crate::train::adapters::lora::{Lora, LoraSettings};
+use crate::train::adapters::lora::{Lora, LoraSettings, PEFT_PREFIX};
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor, Var, D};
 
 /// One expert's frozen projections: gate [I, H], up [I, H], down [H, I].
 pub struct Expert {
@@ -37,6 +37,15 @@ pub struct SparseMlp {
     pub experts: Vec<Expert>,
     pub top_k: usize,
     pub renormalise: bool,
+    /// The router trained in full, when it is (`--train-router`).
+    pub trained_router: Option<TrainedRouter>,
+}
+
+/// A router trained in full (PEFT's `modules_to_save`): its weight, starting from the frozen one,
+/// used while enabled (off: the base model, as DPO's reference).
+pub struct TrainedRouter {
+    pub weight: Var,
+    pub enabled: std::cell::Cell<bool>,
 }
 
 /// Whether the adapter variable `name` belongs to an expert: a batch that routes no token to that
@@ -53,7 +62,10 @@ impl SparseMlp {
     /// x [T, H] -> [T, H], with the routing record of the call.
     pub fn forward(&self, x: &Tensor, act: Activation) -> candle_core::Result<(Tensor, Routing)> {
         let (t, e) = (x.dim(0)?, self.experts.len());
-        let logits = self.router.forward(x, None)?.to_dtype(DType::F32)?;
+        let logits = match self.trained_router.as_ref().filter(|r| r.enabled.get()) {
+            Some(r) => x.to_dtype(DType::F32)?.matmul(&r.weight.as_tensor().t()?)?,
+            None => self.router.forward(x, None)?.to_dtype(DType::F32)?,
+        };
         let max = logits.max_keepdim(D::Minus1)?.detach();
         let exp = logits.broadcast_sub(&max)?.exp()?;
         let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?; // [T, E]
@@ -96,7 +108,8 @@ impl SparseMlp {
         if let Some(l) = ex.gate_up_lora.as_ref().filter(|l| l.enabled.get()) {
             let half = g.dim(1)?;
             let x32 = x.to_dtype(DType::F32)?;
-            let d = (x32.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)? * l.scale)?.to_dtype(g.dtype())?;
+            let d =
+                (x32.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)? * l.scale)?.to_dtype(g.dtype())?;
             g = (g + d.narrow(1, 0, half)?)?;
             u = (u + d.narrow(1, half, half)?)?;
         }
@@ -134,6 +147,20 @@ impl SparseMlp {
             .collect()
     }
 
+    /// Trains the router in full from here on (its weight a variable, starting from the frozen one).
+    pub fn train_router(&mut self) -> Result<()> {
+        let weight = Var::from_tensor(&self.router.dense_weight()?.to_dtype(DType::F32)?)?;
+        self.trained_router = Some(TrainedRouter { weight, enabled: std::cell::Cell::new(true) });
+        Ok(())
+    }
+
+    /// The router weight's name in a PEFT adapter (`modules_to_save` stores it under transformers'
+    /// module path: `base_model.model.model.layers.0.mlp.gate.weight`).
+    pub fn router_key(&self) -> String {
+        let router = self.family.moe.map_or("gate", |m| m.router);
+        format!("{PEFT_PREFIX}{}.{router}.weight", self.path)
+    }
+
     /// Every frozen projection of the block: the router and each expert's three.
     pub fn frozen(&self) -> Vec<&Linear> {
         std::iter::once(&self.router).chain(self.experts.iter().flat_map(|e| [&e.gate, &e.up, &e.down])).collect()
@@ -145,7 +172,11 @@ impl SparseMlp {
         let merged: Vec<(Tensor, Tensor, Tensor)> =
             self.experts.iter().map(|e| e.merged()).collect::<candle_core::Result<_>>()?;
         let moe = self.family.moe.context("a sparse block belongs to an MoE family")?;
-        stored_layout(moe, layer, self.router.dense_weight()?, merged)
+        let router = match &self.trained_router {
+            Some(r) => r.weight.as_tensor().to_dtype(self.router.dense_weight()?.dtype())?,
+            None => self.router.dense_weight()?,
+        };
+        stored_layout(moe, layer, router, merged)
     }
 }
 
@@ -276,7 +307,15 @@ impl Loader<'_> {
                 }
             }
         };
-        Ok(SparseMlp { path, family: self.family, router, experts, top_k: moe.top_k, renormalise: moe.renormalise })
+        Ok(SparseMlp {
+            path,
+            family: self.family,
+            router,
+            experts,
+            top_k: moe.top_k,
+            renormalise: moe.renormalise,
+            trained_router: None,
+        })
     }
 }
 

@@ -22,8 +22,10 @@ pub const GEMMA2: Family = Family {
 fn describe(c: &ModelConfig) -> Result<Arch> {
     let window = c.usize_key("sliding_window");
     let sliding = layer_types(c, |i| !(i + 1).is_multiple_of(2))?;
-    let layers =
-        sliding.into_iter().map(|s| LayerPlan { window: if s { window } else { None }, rotary: Some(0), sparse: false }).collect();
+    let layers = sliding
+        .into_iter()
+        .map(|s| LayerPlan { window: if s { window } else { None }, rotary: Some(0), sparse: false })
+        .collect();
     Ok(Arch { layers, ..gemma_base(c)? })
 }
 

@@ -11,11 +11,7 @@ use anyhow::Result;
 const EXPERTS: MoeLayout = MoeLayout {
     block: "block_sparse_moe",
     router: "router",
-    stored: ExpertStorage::Stacked {
-        router: "router.layer",
-        gate_up: "input_linear",
-        down: "output_linear",
-    },
+    stored: ExpertStorage::Stacked { router: "router.layer", gate_up: "input_linear", down: "output_linear" },
 };
 
 pub const GRANITE_MOE: Family = Family {
