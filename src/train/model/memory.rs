@@ -63,9 +63,22 @@ const RUNTIME_MB: f64 = 250.0;
 pub fn base_parameters(c: &ModelConfig) -> u64 {
     let (h, i, hd) = (c.hidden_size as u64, c.intermediate_size as u64, c.head_dim() as u64);
     let (q, kv) = (c.num_attention_heads as u64 * hd, c.kv_heads() as u64 * hd);
-    let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+    let attention = h * q + 2 * h * kv + q * h + 2 * h;
+    let layers: u64 = (0..c.num_hidden_layers)
+        .map(|l| match sparse_layer(c, l) {
+            // A mixture's layer: every expert's three projections and the router.
+            Some(m) => attention + m.experts as u64 * (3 * h * m.intermediate as u64 + h),
+            None => attention + 3 * h * i,
+        })
+        .sum();
     let embed = c.vocab_size as u64 * h * if c.tie_word_embeddings { 1 } else { 2 };
-    embed + c.num_hidden_layers as u64 * layer + h
+    embed + layers + h
+}
+
+/// The mixture of experts of layer `l`, where the family makes it sparse.
+fn sparse_layer(c: &ModelConfig, l: usize) -> Option<crate::train::model::family::Moe> {
+    let a = crate::train::model::family::describe(c).ok()?;
+    a.layers.get(l).filter(|p| p.sparse).and(a.moe)
 }
 
 /// The memory of a step over `mb` at the model's shapes.
@@ -77,13 +90,33 @@ pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEst
     // A and B per adapted projection (in f32), with their gradients and two AdamW moments.
     let ins_outs = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)];
     let per_layer: f64 = ins_outs.iter().take(s.targets.min(7)).map(|(a, b)| (a + b) * s.lora_r as f64).sum();
-    let adapters = per_layer * layers * 4.0 * 4.0;
+    // A mixture's sparse layers: each expert's gate_up and down adapters in place of the MLP's.
+    let moe = (0..c.num_hidden_layers).filter_map(|l| sparse_layer(c, l)).collect::<Vec<_>>();
+    let sparse_layers = moe.len() as f64;
+    let expert_adapters = moe.first().map_or(0.0, |m| {
+        let ie = m.intermediate as f64;
+        let mlp_targets = s.targets.saturating_sub(4).min(3) as f64;
+        let mlp_dense: f64 =
+            ins_outs[4..].iter().take(s.targets.saturating_sub(4)).map(|(a, b)| (a + b) * s.lora_r as f64).sum();
+        m.experts as f64 * (mlp_targets / 3.0) * ((h + 2.0 * ie) + (ie + h)) * s.lora_r as f64 - mlp_dense
+    });
+    let adapters = (per_layer * layers + expert_adapters * sparse_layers) * 4.0 * 4.0;
     // Kept for the backward, per token and layer (the fused norms, softmax and SwiGLU keep their
     // inputs or outputs only; residual sums keep nothing): both norms' inputs, q/k/v before and
     // after rope, the attention output, gate, up, SiLU(gate) and their product, the adapters'
     // r-wide middles; and the attention probabilities per head over each segment.
     let t = mb.tokens as f64;
-    let dense = t * (2.0 * h + 2.0 * (q + 2.0 * kv) + q + 4.0 * i + 2.0 * s.targets as f64 * s.lora_r as f64);
+    // A sparse layer keeps, per token, its k experts' gate, up and their products, the rows gathered
+    // for them and their outputs, and the router's probabilities; the larger layer counts.
+    let mlp = moe.first().map_or(4.0 * i, |m| {
+        let sparse = m.top_k as f64 * (4.0 * m.intermediate as f64 + 2.0 * h) + m.experts as f64;
+        if moe.len() < c.num_hidden_layers {
+            sparse.max(4.0 * i)
+        } else {
+            sparse
+        }
+    });
+    let dense = t * (2.0 * h + 2.0 * (q + 2.0 * kv) + q + mlp + 2.0 * s.targets as f64 * s.lora_r as f64);
     let attention = c.num_attention_heads as f64 * mb.segment_square_sum as f64;
     let one_layer = (dense + attention) * s.activation_bytes as f64;
     let activations = if s.gradient_checkpointing {
@@ -142,5 +175,19 @@ mod tests {
         assert!(two.activations_mb > 1.9 * one.activations_mb && two.weights_mb == one.weights_mb);
         let ck = estimate(&smollm2(), &mb(2, 512), &StepSettings { gradient_checkpointing: true, ..s });
         assert!(ck.activations_mb < two.activations_mb / 5.0, "{ck:?} vs {two:?}");
+    }
+
+    #[test]
+    fn a_mixture_counts_every_expert() {
+        // Qwen3-30B-A3B: 30.5B parameters (128 experts of 768 in each of 48 layers; q/k norms aside).
+        let c: ModelConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+            "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+            "tie_word_embeddings": false
+        }))
+        .unwrap();
+        let n = base_parameters(&c) as f64;
+        assert!((n / 30.53e9 - 1.0).abs() < 0.005, "{n}");
     }
 }
