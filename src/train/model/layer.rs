@@ -2,15 +2,16 @@
 //! projections (q, k, v, or Phi-3's fused qkv), its output, the MLP (dense: gate and up, or fused,
 //! and down; or a mixture of experts, [`super::moe`]), the norms the family has and the q/k norms;
 //! and their loading from a base by Hugging Face names, each checked against the shape the config
-//! gives it ([`Loader`]).
+//! gives it ([`Loader`]; a sparse block's experts from per-expert, stacked or transformers' fused
+//! tensors, a missing expert named).
 
 use super::base::BaseModel;
 use super::config::ModelConfig;
-use super::family::{Arch, Family, LayerPlan, QkNorm};
+use super::family::{Arch, ExpertStorage, Family, LayerPlan, Moe, QkNorm};
 use super::linear::{Linear, Weight};
-use super::moe::SparseMlp;
+use super::moe::{Expert, SparseMlp};
 use super::quant::{Nf4OnDevice, Nf4Weight, QuantOnDevice};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -203,6 +204,86 @@ impl Loader<'_> {
             k_norm: kn.map(|n| self.norm(&format!("{p}.self_attn.k_norm"), n)).transpose()?,
             plan: arch.layers[i],
             index: i,
+        })
+    }
+}
+
+impl Loader<'_> {
+    /// Layer `i`'s sparse block of mixture `moe`: transformers' fused 3-D experts where the
+    /// checkpoint has them, else the family's stored layout; every expert checked for.
+    pub fn sparse_mlp(&self, i: usize, h: usize, moe: &Moe) -> Result<SparseMlp> {
+        let layout = self.family.moe.context("the family has no experts")?;
+        let p = format!("model.layers.{i}");
+        let path = format!("{p}.{}", layout.block);
+        let (e, inter) = (moe.experts, moe.intermediate);
+        let fused = format!("{path}.experts.gate_up_proj");
+        let sliced = |name: &str, t: &Tensor, shape: (usize, usize)| -> Result<Vec<Tensor>> {
+            let (n, r, c) = t.dims3().with_context(|| format!("{name} is not 3-D"))?;
+            if (n, r, c) != (e, shape.0, shape.1) {
+                self.check(name, &[n, r, c], &[e, shape.0, shape.1])?;
+            }
+            Ok((0..e).map(|x| t.get(x)).collect::<candle_core::Result<_>>()?)
+        };
+        let dense = |name: String, w: Tensor| -> Result<Linear> {
+            Ok(Linear::new(name, w.to_dtype(self.dtype)?.to_device(self.device)?, None))
+        };
+        let expert_name = |x: usize, part: &str| format!("{path}.experts.{x}.{part}");
+        let stacked = |gate_up: &str, down: &str, router: &str| -> Result<(Linear, Vec<Expert>)> {
+            let gu = sliced(gate_up, self.base.get(gate_up)?, (2 * inter, h))?;
+            let dn = sliced(down, self.base.get(down)?, (h, inter))?;
+            let experts = gu
+                .into_iter()
+                .zip(dn)
+                .enumerate()
+                .map(|(x, (gu, d))| {
+                    Ok(Expert {
+                        gate: dense(expert_name(x, "gate_proj"), gu.narrow(0, 0, inter)?)?,
+                        up: dense(expert_name(x, "up_proj"), gu.narrow(0, inter, inter)?)?,
+                        down: dense(expert_name(x, "down_proj"), d)?,
+                        gate_up_lora: None,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((self.linear(router, (e, h), false)?, experts))
+        };
+        let (router, experts) = if self.base.tensors.contains_key(&fused) {
+            let router = format!("{path}.{}", layout.router);
+            stacked(&fused, &format!("{path}.experts.down_proj"), &router)?
+        } else {
+            match &layout.stored {
+                ExpertStorage::Stacked { router, gate_up, down } => stacked(
+                    &format!("{path}.{gate_up}.weight"),
+                    &format!("{path}.{down}.weight"),
+                    &format!("{path}.{router}"),
+                )?,
+                ExpertStorage::PerExpert { block, router, gate, up, down } => {
+                    let stem = format!("{p}.{block}");
+                    let experts = (0..e)
+                        .map(|x| {
+                            let part = |name: &str, shape| {
+                                self.linear(&format!("{stem}.experts.{x}.{name}"), shape, false)
+                                    .with_context(|| format!("layer {i}: expert {x} of {e}"))
+                            };
+                            Ok(Expert {
+                                gate: part(gate, (inter, h))?,
+                                up: part(up, (inter, h))?,
+                                down: part(down, (h, inter))?,
+                                gate_up_lora: None,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    (self.linear(&format!("{stem}.{router}"), (e, h), false)?, experts)
+                }
+            }
+        };
+        Ok(SparseMlp {
+            path,
+            family: self.family,
+            router,
+            experts,
+            top_k: moe.top_k,
+            renormalise: moe.renormalise,
+            trained_router: None,
         })
     }
 }
