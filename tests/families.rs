@@ -135,6 +135,11 @@ fn check(family: &str) {
 }
 
 #[test]
+fn qwen3_yarn_rope_scaling() {
+    check("qwen3_yarn");
+}
+
+#[test]
 fn gemma3_sliding_windows_local_rope_qk_norms_geglu() {
     check("gemma3");
 }

@@ -169,6 +169,12 @@ impl HfBase {
         chat_template: Option<&str>,
     ) -> Result<Vec<(String, Value)>> {
         let c = &self.config;
+        if let Some(t) = c.rope_scaling.as_ref().and_then(|s| s.rope_type.as_deref()).filter(|t| *t != "llama3") {
+            bail!(
+                "rope scaling '{t}' is not written into a GGUF here; convert the model with llama.cpp's \
+                 convert_hf_to_gguf.py and merge the adapter into that GGUF"
+            );
+        }
         let u = |v: usize| Value::U32(v as u32);
         let mut md = vec![
             ("general.architecture".to_string(), Value::String(arch.into())),

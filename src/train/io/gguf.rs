@@ -8,6 +8,7 @@ use crate::gguf::metadata::{f64_of, open, string_of, u32_of, usize_of};
 use crate::gguf::rotary::{from_gguf, permute_rows, unpermute_rows};
 use crate::train::model::base::{is_projection, nf4_of, BaseModel};
 use crate::train::model::config::ModelConfig;
+use crate::train::model::config::RopeScaling;
 use crate::train::model::family::{of_gguf, of_model_type};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -57,6 +58,22 @@ pub fn config_of(content: &gguf_file::Content, path: &Path) -> Result<ModelConfi
         hidden_act: Some("silu".into()),
         extra: Default::default(),
     };
+    // llama.cpp's rope scaling: linear is read; YaRN and the others are not yet (they would be
+    // computed as plain rope).
+    match string_of(md, &key("rope.scaling.type")).as_deref() {
+        None | Some("none") => {}
+        Some("linear") => {
+            config.rope_scaling = Some(RopeScaling {
+                rope_type: Some("linear".into()),
+                factor: f64_of(md, &key("rope.scaling.factor")),
+                ..serde_json::from_value(serde_json::json!({}))?
+            })
+        }
+        Some(other) => bail!(
+            "{}: rope scaling '{other}' in a GGUF base is not read here; train from the Hugging Face directory",
+            path.display()
+        ),
+    }
     (family.from_gguf)(content, &mut config).with_context(|| path.display().to_string())?;
     config.check().with_context(|| path.display().to_string())?;
     crate::train::model::family::describe(&config).with_context(|| path.display().to_string())?;

@@ -25,7 +25,22 @@ pub struct RopeScaling {
     pub long_factor: Option<Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_factor: Option<f64>,
+    /// YaRN: the rotations bounding the ramp between extrapolated and interpolated frequencies, the
+    /// attention factor's log multipliers, and whether the ramp's bounds are rounded out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_fast: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_slow: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale_all_dim: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<bool>,
 }
+
+/// The rope scalings the decoder computes (Phi-3's LongRoPE in its family file).
+pub const ROPE_TYPES: [&str; 6] = ["default", "linear", "llama3", "yarn", "longrope", "su"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModelConfig {
@@ -111,6 +126,11 @@ impl ModelConfig {
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             bail!("num_attention_heads must be a multiple of num_key_value_heads");
         }
+        if let Some(t) = self.rope_scaling.as_ref().and_then(|s| s.rope_type.as_deref()) {
+            if !ROPE_TYPES.contains(&t) {
+                bail!("rope_scaling type '{t}' is not supported ({})", ROPE_TYPES.join(", "));
+            }
+        }
         Ok(())
     }
     /// A family key of config.json as a number.
@@ -136,6 +156,43 @@ impl ModelConfig {
     pub fn inv_freq(&self) -> Vec<f64> {
         inv_freq(self.head_dim(), self.rope_theta, self.rope_scaling.as_ref())
     }
+}
+
+/// YaRN (transformers' `_compute_yarn_parameters`): inverse frequencies over `dims` at base `theta`
+/// blended from the extrapolated (high frequencies) to the interpolated (divided by `factor`, low
+/// frequencies) across a linear ramp between the dimensions of `beta_fast` and `beta_slow`
+/// rotations over the original context, and the factor that scales cos and sin
+/// (`0.1 ln(factor) + 1`, or its mscale ratio, or the config's `attention_factor`).
+pub fn yarn(dims: usize, theta: f64, s: &RopeScaling, max_position_embeddings: usize) -> (Vec<f64>, f64) {
+    let original = s.original_max_position_embeddings.unwrap_or(max_position_embeddings) as f64;
+    let factor = s.factor.unwrap_or(max_position_embeddings as f64 / original);
+    let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+    let attention = s.attention_factor.unwrap_or(match (s.mscale, s.mscale_all_dim) {
+        (Some(m), Some(a)) if m != 0.0 && a != 0.0 => get_mscale(factor, m) / get_mscale(factor, a),
+        _ => get_mscale(factor, 1.0),
+    });
+    let (fast, slow) =
+        (s.beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0), s.beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0));
+    let d = dims as f64;
+    let correction =
+        |rotations: f64| d * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let (mut low, mut high) = (correction(fast), correction(slow));
+    if s.truncate.unwrap_or(true) {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    let inv = (0..dims / 2)
+        .map(|i| {
+            let pos = theta.powf(2.0 * i as f64 / d);
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let extrapolation = 1.0 - ramp;
+            (1.0 / (factor * pos)) * (1.0 - extrapolation) + (1.0 / pos) * extrapolation
+        })
+        .collect();
+    (inv, attention)
 }
 
 /// Inverse frequencies of a rotary embedding over `dims` dimensions at base `theta`, with Llama-3 or

@@ -131,12 +131,24 @@ impl Rotary {
     /// The plain rotary embedding of `config` over whole heads (its theta and Llama-3 or linear
     /// scaling).
     pub fn of(config: &ModelConfig) -> Rotary {
-        Rotary { inv_freq: config.inv_freq(), scale: 1.0, long: None }
+        Rotary::with(config.head_dim(), config.rope_theta, config.rope_scaling.as_ref(), config.max_position_embeddings)
     }
 
-    /// Over whole heads of `dims` at base `theta`, with `scaling` when given.
-    pub fn with(dims: usize, theta: f64, scaling: Option<&super::config::RopeScaling>) -> Rotary {
-        Rotary { inv_freq: inv_freq(dims, theta, scaling), scale: 1.0, long: None }
+    /// Over whole heads of `dims` at base `theta`, with `scaling` when given (YaRN's frequencies
+    /// and cos/sin factor from the original context out of `max_position_embeddings`).
+    pub fn with(
+        dims: usize,
+        theta: f64,
+        scaling: Option<&super::config::RopeScaling>,
+        max_position_embeddings: usize,
+    ) -> Rotary {
+        match scaling.filter(|s| s.rope_type.as_deref() == Some("yarn")) {
+            Some(s) => {
+                let (inv_freq, scale) = super::config::yarn(dims, theta, s, max_position_embeddings);
+                Rotary { inv_freq, scale, long: None }
+            }
+            None => Rotary { inv_freq: inv_freq(dims, theta, scaling), scale: 1.0, long: None },
+        }
     }
 }
 
@@ -302,13 +314,14 @@ pub fn layer_types(config: &ModelConfig, default: impl Fn(usize) -> bool) -> Res
 /// The rotary embedding over whole heads of one `rope_parameters` set ({rope_theta, rope_type,
 /// factor...}), `theta` where the set has none.
 pub fn rotary_of_set(config: &ModelConfig, set: Option<&serde_json::Value>, theta: f64) -> Result<Rotary> {
-    let Some(set) = set else { return Ok(Rotary::with(config.head_dim(), theta, None)) };
+    let max_pos = config.max_position_embeddings;
+    let Some(set) = set else { return Ok(Rotary::with(config.head_dim(), theta, None, max_pos)) };
     let theta = set.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(theta);
     let scaling: super::config::RopeScaling = serde_json::from_value(set.clone())?;
     match scaling.rope_type.as_deref() {
-        None | Some("default") => Ok(Rotary::with(config.head_dim(), theta, None)),
-        Some("linear" | "llama3") => Ok(Rotary::with(config.head_dim(), theta, Some(&scaling))),
-        Some(other) => bail!("rope_type '{other}' is not supported here (default, linear, llama3)"),
+        None | Some("default") => Ok(Rotary::with(config.head_dim(), theta, None, max_pos)),
+        Some("linear" | "llama3" | "yarn") => Ok(Rotary::with(config.head_dim(), theta, Some(&scaling), max_pos)),
+        Some(other) => bail!("rope_type '{other}' is not supported here (default, linear, llama3, yarn)"),
     }
 }
 
