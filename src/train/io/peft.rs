@@ -217,10 +217,11 @@ pub fn read(dir: &Path) -> Result<(LoraSettings, HashMap<String, Tensor>)> {
             }
         }
     }
-    // Modules PEFT trains in full: a reward model's score head, a mixture's routers.
+    // Modules PEFT trains in full: a reward model's head (PEFT lists `classifier` and `score` for
+    // sequence classifiers; the file holds the one the model has), a mixture's routers.
     let saved: Vec<&str> =
         cfg["modules_to_save"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
-    if let Some(m) = saved.iter().find(|m| !matches!(**m, "score" | "gate" | "router")) {
+    if let Some(m) = saved.iter().find(|m| !matches!(**m, "score" | "classifier" | "gate" | "router")) {
         bail!(
             "{}: modules_to_save '{m}' is not supported (a reward model's score, a mixture's router: gate or router)",
             dir.display()
@@ -229,7 +230,7 @@ pub fn read(dir: &Path) -> Result<(LoraSettings, HashMap<String, Tensor>)> {
     let s = LoraSettings {
         r,
         doubled_gate_up,
-        train_router: saved.iter().any(|m| *m != "score"),
+        train_router: saved.iter().any(|m| matches!(*m, "gate" | "router")),
         alpha: cfg["lora_alpha"].as_f64().context("adapter_config.json has no lora_alpha")?,
         dropout: cfg["lora_dropout"].as_f64().unwrap_or(0.0),
         rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
