@@ -39,6 +39,9 @@ pub const BLOCK_SPARSE_ROUTER: &[(&str, &str)] = &[("block_sparse_moe.gate", "ff
 /// The router of Granite-MoE's `block_sparse_moe`.
 pub const GRANITE_ROUTER: &[(&str, &str)] = &[("block_sparse_moe.router.layer", "ffn_gate_inp")];
 
+/// gpt-oss's router (with a bias) and attention sinks.
+pub const GPT_OSS_LAYER: &[(&str, &str)] = &[("mlp.router", "ffn_gate_inp"), ("self_attn.sinks", "attn_sinks")];
+
 /// The model's tensors outside the layers: Hugging Face name -> llama.cpp's.
 const MODEL_TENSORS: [(&str, &str); 3] = [
     ("model.embed_tokens.weight", "token_embd.weight"),

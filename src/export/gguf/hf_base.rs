@@ -67,6 +67,8 @@ fn expert_tensor(name: &str, family: &Family) -> Option<(usize, &'static str, Op
                 .1;
             Some((layer, kind, Some(e.parse().ok()?), None))
         }
+        // gpt-oss is not written to GGUF from a directory (merged.rs refuses it first).
+        ExpertStorage::Interleaved => None,
         ExpertStorage::Stacked { gate_up, down, .. } => {
             let part = rest.strip_prefix(layout.block)?.strip_prefix('.')?;
             match part {

@@ -76,7 +76,9 @@ fn head_blocks(heads: usize, nb: usize) -> Vec<(usize, usize)> {
 /// The forward of segment `s`: its rows of `y` [T, hq * d] (every head) and its probabilities
 /// [hq, len, len], returned; what lies above the diagonal blocks is left unwritten and never read.
 /// With a sliding `window` each query sees only the last `window` keys up to itself (the ones
-/// before get probability zero, so the backward needs nothing more).
+/// before get probability zero, so the backward needs nothing more). With `sinks` (one logit per
+/// query head) each row's denominator has the head's sink too; the backward is unchanged (a sink
+/// has no value, so it adds nothing to `rowsum(P * dP)`), and the sinks themselves get no gradient.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     q: &[f32],
@@ -86,6 +88,7 @@ pub fn forward(
     s: Segment,
     scale: f32,
     window: Option<usize>,
+    sinks: Option<&[f32]>,
     y: &mut [f32],
 ) -> Vec<f32> {
     let Heads { hq, hkv, d } = dims;
@@ -115,7 +118,10 @@ pub fn forward(
                 let (seen, masked) = row.split_at_mut(r0 + r + 1);
                 let first = window.map_or(0, |w| (r0 + r + 1).saturating_sub(w));
                 seen[..first].fill(0.0); // keys before the window
-                super::softmax::softmax_in_place(&mut seen[first..], scale);
+                match sinks {
+                    Some(sinks) => super::softmax::softmax_with_sink_in_place(&mut seen[first..], scale, sinks[h]),
+                    None => super::softmax::softmax_in_place(&mut seen[first..], scale),
+                }
                 masked.fill(0.0); // the keys after the query inside its block (later blocks: never written)
             }
             let vg = v.as_ptr().add(s.start * rk + g * d);
@@ -250,7 +256,7 @@ mod tests {
         let len = 150;
         let (q, k, v) = (rand(len * 32, 1), rand(len * 16, 2), rand(len * 16, 3));
         let mut y = vec![0f32; len * 32];
-        let probs = forward(&q, &k, &v, dims, Segment { start: 0, len }, 0.35, None, &mut y);
+        let probs = forward(&q, &k, &v, dims, Segment { start: 0, len }, 0.35, None, None, &mut y);
         let want = reference(&q, &k, &v, dims, len, 0.35, |_| 0);
         let d = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
         assert!(d < 1e-5, "outputs differ by {d}");
@@ -271,7 +277,7 @@ mod tests {
         let len = 140;
         let (q, k, v) = (rand(len * 16, 4), rand(len * 8, 5), rand(len * 8, 6));
         let mut y = vec![0f32; len * 16];
-        forward(&q, &k, &v, dims, Segment { start: 0, len }, 0.4, Some(70), &mut y);
+        forward(&q, &k, &v, dims, Segment { start: 0, len }, 0.4, Some(70), None, &mut y);
         let want = reference(&q, &k, &v, dims, len, 0.4, |i| (i + 1).saturating_sub(70));
         let d = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
         assert!(d < 1e-5, "outputs differ by {d}");

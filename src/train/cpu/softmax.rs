@@ -36,6 +36,15 @@ pub fn softmax_in_place(x: &mut [f32], s: f32) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// [`softmax_in_place`] with one more logit, `sink` (unscaled), in the denominator only: the
+/// probabilities sum to less than 1 (gpt-oss's attention sinks).
+pub fn softmax_with_sink_in_place(x: &mut [f32], s: f32, sink: f32) {
+    let m = max_scaled(x, s).max(sink);
+    let (sum, _) = exp_sums_in_place(x, s, m, false);
+    let inv = 1.0 / (sum + (sink - m).exp());
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// `x_j <- exp(s x_j - m)`; returns the sums of [`exp_sums`] (of the exponentials, and weighted by
 /// `s x_j` when `weighted`).
 pub fn exp_sums_in_place(x: &mut [f32], s: f32, m: f32, weighted: bool) -> (f32, f32) {

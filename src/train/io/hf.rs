@@ -4,7 +4,8 @@
 
 use crate::train::model::base::{is_projection, nf4_of, BaseModel};
 use crate::train::model::config::ModelConfig;
-use crate::train::model::family::QkNorm;
+use crate::train::model::family::{ExpertStorage, QkNorm};
+use crate::train::model::moe::Biases;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -116,7 +117,25 @@ pub fn write_random_model(config: &ModelConfig, seed: u64, out: &Path) -> Result
             let experts = (0..moe.experts)
                 .map(|_| Ok((normal((mi, h))?, normal((mi, h))?, normal((h, mi))?)))
                 .collect::<Result<Vec<_>>>()?;
-            t.extend(crate::train::model::moe::stored_layout(layout, l, router, experts)?);
+            // Biases (zero) where the family has them (gpt-oss).
+            let zeros = |n: usize| Tensor::zeros(n, DType::F32, &device);
+            let biases = match layout.stored {
+                ExpertStorage::Interleaved => Some(Biases {
+                    router: zeros(moe.experts)?,
+                    experts: (0..moe.experts)
+                        .map(|_| Ok((zeros(mi)?, zeros(mi)?, zeros(h)?)))
+                        .collect::<Result<Vec<_>>>()?,
+                }),
+                _ => None,
+            };
+            t.extend(crate::train::model::moe::stored_layout(layout, l, router, experts, biases)?);
+        }
+        if arch.attn_sinks {
+            // gpt-oss: q/k/v/o biases and the sinks (zero).
+            for (n, len) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)] {
+                t.insert(format!("{p}.self_attn.{n}.bias"), Tensor::zeros(len, DType::F32, &device)?);
+            }
+            t.insert(format!("{p}.self_attn.sinks"), Tensor::zeros(config.num_attention_heads, DType::F32, &device)?);
         }
         for n in family.norms.iter().flatten() {
             t.insert(format!("{p}.{n}.weight"), unit(h)?);

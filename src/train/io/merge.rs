@@ -36,6 +36,9 @@ pub fn write_hf(model: &Model, out: &Path) -> Result<usize> {
             t.insert(format!("{p}.self_attn.q_norm.weight"), stored(q)?);
             t.insert(format!("{p}.self_attn.k_norm.weight"), stored(k)?);
         }
+        if let Some(sinks) = &l.sinks {
+            t.insert(format!("{p}.self_attn.sinks"), sinks.clone());
+        }
         for lin in l.linears() {
             merged += lin.lora.is_some() as usize;
             t.insert(format!("{}.weight", lin.name), lin.merged_weight()?);

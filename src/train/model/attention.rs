@@ -13,20 +13,22 @@ use candle_core::{CustomOp3, DType, Tensor, D};
 use std::sync::Mutex;
 
 /// How a layer attends, beyond causally within each segment.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Shape {
+#[derive(Debug, Clone, Copy)]
+pub struct Shape<'a> {
     /// Scores are `q.k * scale`.
     pub scale: f32,
     /// Each query sees only the last `window` keys up to itself.
     pub window: Option<usize>,
     /// Scores soft-capped: `c * tanh(s / c)`.
     pub softcap: Option<f32>,
+    /// Attention sinks [Hq] (f32): each head's extra logit in the softmax's denominator.
+    pub sinks: Option<&'a Tensor>,
 }
 
-impl Shape {
+impl Shape<'_> {
     /// Plain causal attention scaled by 1/sqrt(head_dim).
-    pub fn causal(head_dim: usize) -> Shape {
-        Shape { scale: 1.0 / (head_dim as f32).sqrt(), window: None, softcap: None }
+    pub fn causal(head_dim: usize) -> Shape<'static> {
+        Shape { scale: 1.0 / (head_dim as f32).sqrt(), window: None, softcap: None, sinks: None }
     }
 }
 
@@ -41,7 +43,8 @@ pub fn attention(
     shape: Shape,
 ) -> candle_core::Result<Tensor> {
     let window_bites = shape.window.is_some_and(|w| seq_lengths.iter().any(|&l| l > w));
-    if shape.softcap.is_some() || (window_bites && !(q.device().is_cpu() && q.dtype() == DType::F32)) {
+    let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32;
+    if shape.softcap.is_some() || ((window_bites || shape.sinks.is_some()) && !cpu_f32) {
         return masked_attention(q, k, v, seq_lengths, shape);
     }
     if q.device().is_cpu() {
@@ -79,7 +82,16 @@ fn masked_attention(
             .map(|(i, j)| if j <= i && i - j < w { 0.0 } else { f32::NEG_INFINITY })
             .collect();
         let mask = Tensor::from_vec(mask, (1, len, len), q.device())?;
-        let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, D::Minus1)?.to_dtype(q.dtype())?;
+        let s = s.broadcast_add(&mask)?;
+        let p = match shape.sinks {
+            // The sink as one more column of every row, dropped after the softmax.
+            Some(sinks) => {
+                let col = sinks.reshape((hq, 1, 1))?.broadcast_as((hq, len, 1))?;
+                candle_nn::ops::softmax(&Tensor::cat(&[&s, &col.contiguous()?], 2)?, D::Minus1)?.narrow(2, 0, len)?
+            }
+            None => candle_nn::ops::softmax(&s, D::Minus1)?,
+        }
+        .to_dtype(q.dtype())?;
         let o = p.matmul(&segment_heads(v, start, len, n)?)?;
         outs.push(o.transpose(0, 1)?.reshape((len, hq * hd))?);
         start += len;
@@ -110,9 +122,10 @@ fn cpu_attention(
     let (t, hq, d) = q.dims3()?;
     let dims = Heads { hq, hkv: k.dim(1)?, d };
     let (scale, window) = (shape.scale, shape.window);
+    let sinks = shape.sinks.map(|s| s.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
     let mut y = vec![0f32; t * hq * d];
     let probs = with_cpu_f32(&[q, k, v], |x| {
-        let forward = |s| blocked::forward(x[0], x[1], x[2], dims, s, scale, window, &mut y);
+        let forward = |s| blocked::forward(x[0], x[1], x[2], dims, s, scale, window, sinks.as_deref(), &mut y);
         segments(seq_lengths).into_iter().map(forward).collect()
     })?;
     let y = Tensor::from_vec(y, (t, hq * d), q.device())?;
@@ -377,12 +390,22 @@ mod tests {
         let lens = vec![3, 90];
         let t: usize = lens.iter().sum();
         let inputs = [rand(&[t, 4, 8], 21), rand(&[t, 2, 8], 22), rand(&[t, 2, 8], 23)];
-        let shape = Shape { scale: 0.3, window: Some(7), softcap: None };
+        let shape = Shape { scale: 0.3, window: Some(7), softcap: None, sinks: None };
         same_as_graph(
             |x| cpu_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
             |x| masked_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
             &inputs,
         );
+        // Attention sinks (with and without the window): the blocked kernel's denominators have them.
+        let sinks = (rand(&[4], 24) * 2.0).unwrap();
+        for window in [Some(7), None] {
+            let shape = Shape { scale: 0.3, window, softcap: None, sinks: Some(&sinks) };
+            same_as_graph(
+                |x| cpu_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
+                |x| masked_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
+                &inputs,
+            );
+        }
         // Without a window the masked graph is the causal attention of the fused path.
         let causal = Shape::causal(8);
         same_as_graph(

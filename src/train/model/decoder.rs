@@ -89,12 +89,13 @@ impl Model {
         self.mlp_block(layer, &x, rng)
     }
 
-    /// How `layer` attends: the family's scale and soft-cap, the layer's window.
-    pub(super) fn attention_shape(&self, layer: &Layer) -> Shape {
+    /// How `layer` attends: the family's scale and soft-cap, the layer's window and sinks.
+    pub(super) fn attention_shape<'a>(&self, layer: &'a Layer) -> Shape<'a> {
         Shape {
             scale: self.arch.attn_scale as f32,
             window: layer.plan.window,
             softcap: self.arch.attn_softcap.map(|c| c as f32),
+            sinks: layer.sinks.as_ref(),
         }
     }
 

@@ -106,7 +106,16 @@ impl Model {
                 let outside: Vec<f32> = (0..=col).map(|c| if col - c >= w { f32::NEG_INFINITY } else { 0.0 }).collect();
                 scores = scores.broadcast_add(&Tensor::from_vec(outside, (1, 1, 1, col + 1), &self.device)?)?;
             }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            let probs = match shape.sinks {
+                // Each head's sink as one more column, dropped after the softmax.
+                Some(sinks) => {
+                    let sink = sinks.reshape((1, hkv, hq / hkv, 1))?.broadcast_as((b, hkv, hq / hkv, 1))?;
+                    let all = Tensor::cat(&[&scores, &sink.contiguous()?], 3)?;
+                    candle_nn::ops::softmax_last_dim(&all)?.narrow(3, 0, col + 1)?
+                }
+                None => candle_nn::ops::softmax_last_dim(&scores)?,
+            }
+            .to_dtype(self.dtype)?;
             let o = probs.matmul(&vs)?.reshape((b, hq * hd))?;
             x = self.attention_output(layer, &x, &o, None)?;
             x = self.mlp_block(layer, &x, None)?;
@@ -237,7 +246,7 @@ mod tests {
     #[test]
     fn batched_decoding_with_uneven_prompts_equals_the_full_forward_of_each_row() {
         // Llama; Qwen3's q/k norms; Gemma 3's local layers with a window shorter than the sequences,
-        // GeGLU and scaled embeddings; Gemma 2's soft-caps; Phi-3's fused projections.
+        // GeGLU and scaled embeddings; Gemma 2's soft-caps; Phi-3's fused projections; gpt-oss.
         let window = serde_json::json!({"sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]});
         let capped =
             serde_json::json!({"sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0});
@@ -247,6 +256,8 @@ mod tests {
             ("gemma3_text", window),
             ("gemma2", capped),
             ("phi3", serde_json::json!({"partial_rotary_factor": 0.5})),
+            // gpt-oss's sinks in every softmax, a window on layer 0, experts.
+            ("gpt_oss", serde_json::json!({"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 3})),
         ] {
             let m = tiny(family, extra);
             let prompts: Vec<Vec<u32>> = vec![vec![3, 9, 27, 4, 8], vec![11, 2], vec![40, 41, 42]];

@@ -10,6 +10,7 @@ use super::config::ModelConfig;
 use super::family::{Arch, ExpertStorage, Family, LayerPlan, Moe, QkNorm};
 use super::linear::{Linear, Weight};
 use super::moe::{Expert, SparseMlp};
+use super::mxfp4;
 use super::quant::{Nf4OnDevice, Nf4Weight, QuantOnDevice};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -25,6 +26,8 @@ pub struct Layer {
     pub norms: [Option<Tensor>; 4],
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// Attention sinks [Hq] in f32, where the family has them (gpt-oss).
+    pub sinks: Option<Tensor>,
     pub plan: LayerPlan,
     /// Its place in the model.
     pub index: usize,
@@ -72,7 +75,10 @@ impl Layer {
     pub fn trained_vars(&self) -> Vec<&candle_core::Var> {
         let mut out: Vec<&candle_core::Var> = self.loras().into_iter().flat_map(|l| [&l.a, &l.b]).collect();
         if let Mlp::Sparse(s) = &self.mlp {
-            out.extend(s.trained_router.as_ref().map(|r| &r.weight));
+            if let Some(r) = &s.trained_router {
+                out.push(&r.weight);
+                out.extend(r.bias.as_ref());
+            }
         }
         out
     }
@@ -113,6 +119,13 @@ impl Loader<'_> {
             o => (w.to_dtype(DType::F32)? + o)?,
         };
         Ok(w.to_dtype(self.dtype)?.to_device(self.device)?)
+    }
+
+    /// Attention sinks [heads] in f32.
+    fn sinks(&self, name: &str, heads: usize) -> Result<Tensor> {
+        let w = self.base.get(name)?;
+        self.check(name, w.dims(), &[heads])?;
+        Ok(w.to_dtype(DType::F32)?.to_device(self.device)?)
     }
 
     pub(super) fn check(&self, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
@@ -197,11 +210,16 @@ impl Loader<'_> {
         };
         Ok(Layer {
             qkv,
-            o: self.linear(&format!("{p}.self_attn.o_proj"), (h, q), false)?,
+            // Llama's `attention_bias` biases o_proj too; Qwen2's q/k/v biases leave it without.
+            o: self.linear(&format!("{p}.self_attn.o_proj"), (h, q), arch.qkv_bias)?,
             mlp,
             norms: [norm(0)?, norm(1)?, norm(2)?, norm(3)?],
             q_norm: qn.map(|n| self.norm(&format!("{p}.self_attn.q_norm"), n)).transpose()?,
             k_norm: kn.map(|n| self.norm(&format!("{p}.self_attn.k_norm"), n)).transpose()?,
+            sinks: match arch.attn_sinks {
+                true => Some(self.sinks(&format!("{p}.self_attn.sinks"), c.num_attention_heads)?),
+                false => None,
+            },
             plan: arch.layers[i],
             index: i,
         })
@@ -246,7 +264,10 @@ impl Loader<'_> {
                 .collect::<Result<Vec<_>>>()?;
             Ok((self.linear(router, (e, h), false)?, experts))
         };
-        let (router, experts) = if self.base.tensors.contains_key(&fused) {
+        let (router, experts) = if let ExpertStorage::Interleaved = layout.stored {
+            let router = self.linear(&format!("{path}.{}", layout.router), (e, h), true)?;
+            (router, self.interleaved_experts(&path, h, moe)?)
+        } else if self.base.tensors.contains_key(&fused) {
             let router = format!("{path}.{}", layout.router);
             stacked(&fused, &format!("{path}.experts.down_proj"), &router)?
         } else {
@@ -256,6 +277,7 @@ impl Loader<'_> {
                     &format!("{path}.{down}.weight"),
                     &format!("{path}.{router}"),
                 )?,
+                ExpertStorage::Interleaved => unreachable!("read above"),
                 ExpertStorage::PerExpert { block, router, gate, up, down } => {
                     let stem = format!("{p}.{block}");
                     let experts = (0..e)
@@ -283,7 +305,56 @@ impl Loader<'_> {
             experts,
             top_k: moe.top_k,
             renormalise: moe.renormalise,
+            clamp: moe.clamp,
             trained_router: None,
         })
+    }
+
+    /// gpt-oss's experts under `path` (the block): transformers' transposed weights (or the hub's
+    /// MXFP4 blocks, dequantised) with gate and up interleaved, and their biases.
+    fn interleaved_experts(&self, path: &str, h: usize, moe: &Moe) -> Result<Vec<Expert>> {
+        let (e, inter) = (moe.experts, moe.intermediate);
+        // A weight as [E, out, in], from [E, in, out] or from MXFP4 blocks in [E, out, in] order.
+        let weight = |name: &str, out: usize, inp: usize| -> Result<Tensor> {
+            let full = format!("{path}.experts.{name}");
+            if let Some(t) = self.base.tensors.get(&full) {
+                self.check(&full, t.dims(), &[e, inp, out])?;
+                return Ok(t.transpose(1, 2)?);
+            }
+            let blocks = self
+                .base
+                .get(&format!("{full}_blocks"))
+                .with_context(|| format!("gpt-oss keeps its experts as {full} (or MXFP4 {full}_blocks and _scales)"))?;
+            let t = mxfp4::dequantize(blocks, self.base.get(&format!("{full}_scales"))?)
+                .with_context(|| format!("{full}_blocks"))?;
+            self.check(&format!("{full}_blocks (dequantised)"), t.dims(), &[e, out, inp])?;
+            Ok(t)
+        };
+        let bias = |name: &str, len: usize| -> Result<Tensor> {
+            let full = format!("{path}.experts.{name}");
+            let t = self.base.get(&full)?;
+            self.check(&full, t.dims(), &[e, len])?;
+            Ok(t.to_dtype(self.dtype)?.to_device(self.device)?)
+        };
+        let (gate_up, down) = (weight("gate_up_proj", 2 * inter, h)?, weight("down_proj", h, inter)?);
+        let (gate_up_bias, down_bias) = (bias("gate_up_proj_bias", 2 * inter)?, bias("down_proj_bias", h)?);
+        let linear = |name: String, w: Tensor, b: Tensor| -> Result<Linear> {
+            Ok(Linear::new(name, w.contiguous()?.to_dtype(self.dtype)?.to_device(self.device)?, Some(b.contiguous()?)))
+        };
+        (0..e)
+            .map(|x| {
+                let (w, b) = (gate_up.get(x)?.reshape((inter, 2, h))?, gate_up_bias.get(x)?.reshape((inter, 2))?);
+                let half = |j: usize, part: &str| {
+                    let name = format!("{path}.experts.{x}.{part}");
+                    linear(name, w.narrow(1, j, 1)?.squeeze(1)?, b.narrow(1, j, 1)?.squeeze(1)?)
+                };
+                Ok(Expert {
+                    gate: half(0, "gate_proj")?,
+                    up: half(1, "up_proj")?,
+                    down: linear(format!("{path}.experts.{x}.down_proj"), down.get(x)?, down_bias.get(x)?)?,
+                    gate_up_lora: None,
+                })
+            })
+            .collect()
     }
 }

@@ -26,6 +26,7 @@ pub mod linear;
 pub mod memory;
 pub mod mlp;
 pub mod moe;
+pub mod mxfp4;
 pub mod norm;
 pub mod quant;
 pub mod reward_head;
@@ -309,6 +310,9 @@ impl Model {
                 }
                 if let Some(r) = &moe.trained_router {
                     out.push((moe.router_key(), r.weight.clone()));
+                    if let Some(b) = &r.bias {
+                        out.push((moe.router_key().replace(".weight", ".bias"), b.clone()));
+                    }
                 }
             }
         }

@@ -10,7 +10,7 @@
 //! gate and up halves share theirs, as the fused parameter does), with no dropout (PEFT refuses
 //! dropout there). [`crate::train::io::peft`] stacks them as PEFT stores them.
 
-use super::family::{Activation, ExpertStorage, Family, MoeLayout};
+use super::family::{Activation, ClampedSwiglu, ExpertStorage, Family, MoeLayout};
 use super::linear::{Linear, Shared};
 use super::mlp::gated;
 use super::routing::Routing;
@@ -36,6 +36,8 @@ pub struct SparseMlp {
     pub experts: Vec<Expert>,
     pub top_k: usize,
     pub renormalise: bool,
+    /// gpt-oss's clamped SwiGLU in place of the family's activation.
+    pub clamp: Option<ClampedSwiglu>,
     /// The router trained in full, when it is (`--train-router`).
     pub trained_router: Option<TrainedRouter>,
 }
@@ -44,6 +46,8 @@ pub struct SparseMlp {
 /// used while enabled (off: the base model, as DPO's reference).
 pub struct TrainedRouter {
     pub weight: Var,
+    /// Its bias, where the router has one (gpt-oss).
+    pub bias: Option<Var>,
     pub enabled: std::cell::Cell<bool>,
 }
 
@@ -62,7 +66,13 @@ impl SparseMlp {
     pub fn forward(&self, x: &Tensor, act: Activation) -> candle_core::Result<(Tensor, Routing)> {
         let (t, e) = (x.dim(0)?, self.experts.len());
         let logits = match self.trained_router.as_ref().filter(|r| r.enabled.get()) {
-            Some(r) => x.to_dtype(DType::F32)?.matmul(&r.weight.as_tensor().t()?)?,
+            Some(r) => {
+                let l = x.to_dtype(DType::F32)?.matmul(&r.weight.as_tensor().t()?)?;
+                match &r.bias {
+                    Some(b) => l.broadcast_add(b.as_tensor())?,
+                    None => l,
+                }
+            }
             None => self.router.forward(x, None)?.to_dtype(DType::F32)?,
         };
         let max = logits.max_keepdim(D::Minus1)?.detach();
@@ -109,10 +119,27 @@ impl SparseMlp {
             let x32 = x.to_dtype(DType::F32)?;
             let d =
                 (x32.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)? * l.scale)?.to_dtype(g.dtype())?;
-            g = (g + d.narrow(1, 0, half)?)?;
-            u = (u + d.narrow(1, half, half)?)?;
+            let (dg, du) = match self.interleaved() {
+                true => {
+                    let d = d.reshape((d.dim(0)?, half, 2))?;
+                    (d.narrow(2, 0, 1)?.squeeze(2)?, d.narrow(2, 1, 1)?.squeeze(2)?)
+                }
+                false => (d.narrow(1, 0, half)?, d.narrow(1, half, half)?),
+            };
+            g = (g + dg)?;
+            u = (u + du)?;
         }
-        ex.down.forward(&gated(act, &g.contiguous()?, &u.contiguous()?)?, None)
+        let (g, u) = (g.contiguous()?, u.contiguous()?);
+        let h = match self.clamp {
+            Some(c) => clamped_swiglu(&g, &u, c)?,
+            None => gated(act, &g, &u)?,
+        };
+        ex.down.forward(&h, None)
+    }
+
+    /// Whether the fused gate_up (and its adapter's rows) interleaves gate and up (gpt-oss).
+    fn interleaved(&self) -> bool {
+        matches!(self.family.moe, Some(MoeLayout { stored: ExpertStorage::Interleaved, .. }))
     }
 
     /// Adds fresh adapters to the experts' gate_up and down where `gate_up` and `down` say; gate_up's
@@ -149,7 +176,8 @@ impl SparseMlp {
     /// Trains the router in full from here on (its weight a variable, starting from the frozen one).
     pub fn train_router(&mut self) -> Result<()> {
         let weight = Var::from_tensor(&self.router.dense_weight()?.to_dtype(DType::F32)?)?;
-        self.trained_router = Some(TrainedRouter { weight, enabled: std::cell::Cell::new(true) });
+        let bias = self.router.bias.as_ref().map(|b| Var::from_tensor(&b.to_dtype(DType::F32)?)).transpose()?;
+        self.trained_router = Some(TrainedRouter { weight, bias, enabled: std::cell::Cell::new(true) });
         Ok(())
     }
 
@@ -168,24 +196,51 @@ impl SparseMlp {
     /// The block's tensors as its family's checkpoints store them, adapters merged:
     /// (Hugging Face name, tensor).
     pub fn stored_tensors(&self, layer: usize) -> Result<Vec<(String, Tensor)>> {
+        let interleaved = self.interleaved();
         let merged: Vec<(Tensor, Tensor, Tensor)> =
-            self.experts.iter().map(|e| e.merged()).collect::<candle_core::Result<_>>()?;
+            self.experts.iter().map(|e| e.merged(interleaved)).collect::<candle_core::Result<_>>()?;
         let moe = self.family.moe.context("a sparse block belongs to an MoE family")?;
-        let router = match &self.trained_router {
-            Some(r) => r.weight.as_tensor().to_dtype(self.router.dense_weight()?.dtype())?,
-            None => self.router.dense_weight()?,
+        let dtype = self.router.dense_weight()?.dtype();
+        let (router, router_bias) = match &self.trained_router {
+            Some(r) => (
+                r.weight.as_tensor().to_dtype(dtype)?,
+                r.bias.as_ref().map(|b| b.as_tensor().to_dtype(dtype)).transpose()?,
+            ),
+            None => (self.router.dense_weight()?, self.router.bias.clone()),
         };
-        stored_layout(moe, layer, router, merged)
+        let biases = match router_bias {
+            Some(router) => Some(Biases {
+                router,
+                experts: self
+                    .experts
+                    .iter()
+                    .map(|e| {
+                        let b = |l: &Linear| l.bias.clone().context("gpt-oss's experts have biases");
+                        Ok((b(&e.gate)?, b(&e.up)?, b(&e.down)?))
+                    })
+                    .collect::<Result<_>>()?,
+            }),
+            None => None,
+        };
+        stored_layout(moe, layer, router, merged, biases)
     }
 }
 
-/// A sparse layer's router and experts' (gate, up, down) weights under the names and in the
-/// layout its family's checkpoints store them.
+/// The biases of a sparse block whose family has them (gpt-oss): the router's [E] and each
+/// expert's (gate [I], up [I], down [H]).
+pub struct Biases {
+    pub router: Tensor,
+    pub experts: Vec<(Tensor, Tensor, Tensor)>,
+}
+
+/// A sparse layer's router and experts' (gate, up, down) weights (and biases, where the family has
+/// them) under the names and in the layout its family's checkpoints store them.
 pub fn stored_layout(
     moe: &MoeLayout,
     layer: usize,
     router: Tensor,
     experts: Vec<(Tensor, Tensor, Tensor)>,
+    biases: Option<Biases>,
 ) -> Result<Vec<(String, Tensor)>> {
     let p = format!("model.layers.{layer}");
     Ok(match &moe.stored {
@@ -208,21 +263,64 @@ pub fn stored_layout(
                 (format!("{p}.{}.{down}.weight", moe.block), Tensor::stack(&d, 0)?),
             ]
         }
+        ExpertStorage::Interleaved => {
+            let b = biases.context("gpt-oss's router and experts have biases")?;
+            let stem = format!("{p}.{}", moe.block);
+            // Gate and up rows interleaved ([I, 2, H] -> [2I, H]), then transposed to [H, 2I].
+            let interleave = |g: &Tensor, u: &Tensor| -> candle_core::Result<Tensor> {
+                let rows = g.dim(0)?;
+                let cols: Vec<usize> = g.dims()[1..].to_vec();
+                let mut shape = vec![2 * rows];
+                shape.extend(&cols);
+                Tensor::stack(&[g, u], 1)?.reshape(shape)
+            };
+            let gu: Vec<Tensor> =
+                experts.iter().map(|(g, u, _)| interleave(g, u)?.t()).collect::<candle_core::Result<_>>()?;
+            let d: Vec<Tensor> = experts.iter().map(|(_, _, d)| d.t()).collect::<candle_core::Result<_>>()?;
+            let gub: Vec<Tensor> =
+                b.experts.iter().map(|(g, u, _)| interleave(g, u)).collect::<candle_core::Result<_>>()?;
+            let db: Vec<&Tensor> = b.experts.iter().map(|e| &e.2).collect();
+            vec![
+                (format!("{stem}.{}.weight", moe.router), router),
+                (format!("{stem}.{}.bias", moe.router), b.router),
+                (format!("{stem}.experts.gate_up_proj"), Tensor::stack(&gu, 0)?.contiguous()?),
+                (format!("{stem}.experts.gate_up_proj_bias"), Tensor::stack(&gub, 0)?),
+                (format!("{stem}.experts.down_proj"), Tensor::stack(&d, 0)?.contiguous()?),
+                (format!("{stem}.experts.down_proj_bias"), Tensor::stack(&db, 0)?),
+            ]
+        }
     })
 }
 
 impl Expert {
-    /// (gate, up, down) with the adapters folded in.
-    pub fn merged(&self) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    /// (gate, up, down) with the adapters folded in (the fused adapter's rows interleaved where
+    /// `interleaved`).
+    pub fn merged(&self, interleaved: bool) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (mut g, mut u) = (self.gate.dense_weight()?, self.up.dense_weight()?);
         if let Some(l) = &self.gate_up_lora {
             let half = g.dim(0)?;
             let d = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?.to_dtype(g.dtype())?;
-            g = (g + d.narrow(0, 0, half)?)?;
-            u = (u + d.narrow(0, half, half)?)?;
+            let (dg, du) = match interleaved {
+                true => {
+                    let d = d.reshape((half, 2, d.dim(1)?))?;
+                    (d.narrow(1, 0, 1)?.squeeze(1)?, d.narrow(1, 1, 1)?.squeeze(1)?)
+                }
+                false => (d.narrow(0, 0, half)?, d.narrow(0, half, half)?),
+            };
+            g = (g + dg)?;
+            u = (u + du)?;
         }
         Ok((g, u, self.down.merged_weight()?))
     }
+}
+
+/// gpt-oss's expert activation: `(clamp(up, ±limit) + 1) * g * sigmoid(alpha g)`, `g = min(gate,
+/// limit)` (clamped values pass no gradient, as torch's clamp).
+fn clamped_swiglu(gate: &Tensor, up: &Tensor, c: ClampedSwiglu) -> candle_core::Result<Tensor> {
+    let g = gate.minimum(c.limit)?;
+    let u = up.clamp(-c.limit, c.limit)?;
+    let glu = (&g * candle_nn::ops::sigmoid(&(&g * c.alpha)?)?)?;
+    (u + 1.0)?.mul(&glu)
 }
 
 /// The `k` largest entries of each row, best first (ties to the lower index), flattened [T * k].

@@ -10,6 +10,7 @@
 
 pub mod gemma2;
 pub mod gemma3;
+pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
 pub mod llama;
@@ -51,7 +52,7 @@ pub struct Family {
 }
 
 /// Every family tunekit trains, in the order they are listed to users.
-pub const FAMILIES: [&Family; 13] = [
+pub const FAMILIES: [&Family; 14] = [
     &llama::LLAMA,
     &llama::QWEN2,
     &llama::QWEN3,
@@ -65,6 +66,7 @@ pub const FAMILIES: [&Family; 13] = [
     &mixtral::MIXTRAL,
     &olmoe::OLMOE,
     &granitemoe::GRANITE_MOE,
+    &gpt_oss::GPT_OSS,
 ];
 
 /// The model types every family reads, for an error's list.
@@ -185,6 +187,11 @@ pub enum ExpertStorage {
     PerExpert { block: &'static str, router: &'static str, gate: &'static str, up: &'static str, down: &'static str },
     /// Stacked [E, 2I, H] and [E, H, I] tensors (Granite's `input_linear`, `output_linear`).
     Stacked { router: &'static str, gate_up: &'static str, down: &'static str },
+    /// gpt-oss: transformers' transposed `experts.gate_up_proj` [E, H, 2I] with the gate and up
+    /// columns interleaved (gate at even columns), `experts.down_proj` [E, I, H], a bias beside
+    /// each (`gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H]) and the router's; the hub's
+    /// checkpoints hold the two weights in MXFP4 (`_blocks` and `_scales`, [E, out, in] order).
+    Interleaved,
 }
 
 /// A model's mixture of experts, from its config.
@@ -201,6 +208,16 @@ pub struct Moe {
     /// The auxiliary load-balancing loss's coefficient in training: `router_aux_loss_coef` where
     /// the config trains with it (`output_router_logits`), else 0 (as transformers does).
     pub aux_coef: f64,
+    /// gpt-oss's clamped SwiGLU in the experts instead of the family's activation:
+    /// `(clamp(up, ±limit) + 1) * g * sigmoid(alpha * g)` with `g = min(gate, limit)`.
+    pub clamp: Option<ClampedSwiglu>,
+}
+
+/// gpt-oss's expert activation: its sigmoid gain and clamp limit (`swiglu_alpha`, `swiglu_limit`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClampedSwiglu {
+    pub alpha: f64,
+    pub limit: f64,
 }
 
 impl Moe {
@@ -224,6 +241,7 @@ impl Moe {
             renormalise: renormalise
                 .unwrap_or_else(|| config.extra.get("norm_topk_prob").and_then(|v| v.as_bool()).unwrap_or(false)),
             aux_coef: if trains_aux { config.f64_key("router_aux_loss_coef").unwrap_or(0.001) } else { 0.0 },
+            clamp: None,
         })
     }
 }
@@ -242,6 +260,9 @@ pub struct Arch {
     pub attn_scale: f64,
     /// Attention scores soft-capped: `c * tanh(s / c)` (Gemma 2).
     pub attn_softcap: Option<f64>,
+    /// A learned logit per query head in every softmax's denominator (gpt-oss's attention sinks,
+    /// `self_attn.sinks`): a query may attend to nothing.
+    pub attn_sinks: bool,
     /// Logits soft-capped the same way (Gemma 2).
     pub final_softcap: Option<f64>,
     /// Logits are multiplied by this (Granite: 1 / logits_scaling).
@@ -272,6 +293,7 @@ impl Arch {
             residual_scale: 1.0,
             attn_scale: 1.0 / (config.head_dim() as f64).sqrt(),
             attn_softcap: None,
+            attn_sinks: false,
             final_softcap: None,
             logit_scale: 1.0,
             rotaries: vec![Rotary::of(config)],
