@@ -140,6 +140,7 @@ pub fn load_gguf(path: &Path, device: &Device, qlora: Option<Qlora>) -> Result<B
         tensors,
         nf4: nf4_map,
         quantized,
+        qlora: qlora.is_some(),
         source: path.to_path_buf(),
         gguf_metadata: Some(content.metadata),
     })

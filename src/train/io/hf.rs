@@ -46,6 +46,8 @@ pub fn load_hf_dir(dir: &Path, device: &Device, nf4: bool) -> Result<BaseModel> 
         let t = st.load(&name, device)?;
         if nf4 && is_projection(&name) {
             nf4_map.insert(name.trim_end_matches(".weight").to_string(), nf4_of(&t)?);
+        } else if t.dtype() == DType::U8 {
+            tensors.insert(name, t); // MXFP4 blocks and scales stay bytes
         } else {
             tensors.insert(name, t.to_dtype(DType::F32)?);
         }
@@ -55,6 +57,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device, nf4: bool) -> Result<BaseModel> 
         tensors,
         nf4: nf4_map,
         quantized: HashMap::new(),
+        qlora: nf4,
         source: dir.to_path_buf(),
         gguf_metadata: None,
     })

@@ -19,6 +19,8 @@ pub struct BaseModel {
     pub nf4: HashMap<String, Arc<Nf4Weight>>,
     /// QLoRA on a GGUF base: the file's own quantised projections, by module path.
     pub quantized: HashMap<String, Arc<QTensor>>,
+    /// Loaded for QLoRA: projections read later (a mixture's fused experts) are held quantised too.
+    pub qlora: bool,
     pub source: PathBuf,
     /// Tokenizer and chat template from GGUF metadata, when the base is a GGUF file.
     pub gguf_metadata: Option<HashMap<String, gguf_file::Value>>,

@@ -5,7 +5,7 @@
 //! gives it ([`Loader`]; a sparse block's experts from per-expert, stacked or transformers' fused
 //! tensors, a missing expert named).
 
-use super::base::BaseModel;
+use super::base::{nf4_of, BaseModel};
 use super::config::ModelConfig;
 use super::family::{Arch, ExpertStorage, Family, LayerPlan, Moe, QkNorm};
 use super::linear::{Linear, Weight};
@@ -226,6 +226,45 @@ impl Loader<'_> {
     }
 }
 
+/// gpt-oss's stacked expert weights [E, out, in], dense or as MXFP4 (blocks, scales).
+enum ExpertWeights {
+    Dense(Tensor),
+    Mxfp4(Tensor, Tensor),
+}
+
+/// One expert's matrix, taken out of [`ExpertWeights`].
+enum Held {
+    Dense(Tensor),
+    Mxfp4(mxfp4::Mxfp4Weight),
+}
+
+impl ExpertWeights {
+    /// Expert `x`'s rows: all, or of an interleaved pair the even (`Some(0)`) or odd (`Some(1)`).
+    fn rows(&self, x: usize, half: Option<usize>) -> Result<Held> {
+        match self {
+            ExpertWeights::Dense(t) => {
+                let w = t.get(x)?;
+                Ok(Held::Dense(match half {
+                    None => w,
+                    Some(j) => {
+                        let (out, inp) = w.dims2()?;
+                        w.reshape((out / 2, 2, inp))?.narrow(1, j, 1)?.squeeze(1)?
+                    }
+                }))
+            }
+            ExpertWeights::Mxfp4(blocks, scales) => {
+                let (b, s) = (blocks.get(x)?, scales.get(x)?);
+                let n = b.dim(0)?;
+                let rows: Vec<usize> = match half {
+                    None => (0..n).collect(),
+                    Some(j) => (j..n).step_by(2).collect(),
+                };
+                Ok(Held::Mxfp4(mxfp4::Mxfp4Weight::from_rows(&b, &s, rows.into_iter())?))
+            }
+        }
+    }
+}
+
 impl Loader<'_> {
     /// Layer `i`'s sparse block of mixture `moe`: transformers' fused 3-D experts where the
     /// checkpoint has them, else the family's stored layout; every expert checked for.
@@ -310,51 +349,70 @@ impl Loader<'_> {
         })
     }
 
-    /// gpt-oss's experts under `path` (the block): transformers' transposed weights (or the hub's
-    /// MXFP4 blocks, dequantised) with gate and up interleaved, and their biases.
+    /// gpt-oss's experts under `path` (the block): transformers' transposed weights or the hub's
+    /// MXFP4 blocks, gate and up interleaved, with their biases. Dense where the base is not loaded
+    /// for QLoRA; for QLoRA the MXFP4 blocks are kept as they are (on the CPU) and dense experts go
+    /// to NF4.
     fn interleaved_experts(&self, path: &str, h: usize, moe: &Moe) -> Result<Vec<Expert>> {
         let (e, inter) = (moe.experts, moe.intermediate);
-        // A weight as [E, out, in], from [E, in, out] or from MXFP4 blocks in [E, out, in] order.
-        let weight = |name: &str, out: usize, inp: usize| -> Result<Tensor> {
-            let full = format!("{path}.experts.{name}");
-            if let Some(t) = self.base.tensors.get(&full) {
-                self.check(&full, t.dims(), &[e, inp, out])?;
-                return Ok(t.transpose(1, 2)?);
-            }
-            let blocks = self
-                .base
-                .get(&format!("{full}_blocks"))
-                .with_context(|| format!("gpt-oss keeps its experts as {full} (or MXFP4 {full}_blocks and _scales)"))?;
-            let t = mxfp4::dequantize(blocks, self.base.get(&format!("{full}_scales"))?)
-                .with_context(|| format!("{full}_blocks"))?;
-            self.check(&format!("{full}_blocks (dequantised)"), t.dims(), &[e, out, inp])?;
-            Ok(t)
-        };
         let bias = |name: &str, len: usize| -> Result<Tensor> {
             let full = format!("{path}.experts.{name}");
             let t = self.base.get(&full)?;
             self.check(&full, t.dims(), &[e, len])?;
             Ok(t.to_dtype(self.dtype)?.to_device(self.device)?)
         };
-        let (gate_up, down) = (weight("gate_up_proj", 2 * inter, h)?, weight("down_proj", h, inter)?);
         let (gate_up_bias, down_bias) = (bias("gate_up_proj_bias", 2 * inter)?, bias("down_proj_bias", h)?);
-        let linear = |name: String, w: Tensor, b: Tensor| -> Result<Linear> {
-            Ok(Linear::new(name, w.contiguous()?.to_dtype(self.dtype)?.to_device(self.device)?, Some(b.contiguous()?)))
-        };
+        let (gate_up, down) = (
+            self.expert_weights(path, "gate_up_proj", e, 2 * inter, h)?,
+            self.expert_weights(path, "down_proj", e, h, inter)?,
+        );
         (0..e)
             .map(|x| {
-                let (w, b) = (gate_up.get(x)?.reshape((inter, 2, h))?, gate_up_bias.get(x)?.reshape((inter, 2))?);
-                let half = |j: usize, part: &str| {
-                    let name = format!("{path}.experts.{x}.{part}");
-                    linear(name, w.narrow(1, j, 1)?.squeeze(1)?, b.narrow(1, j, 1)?.squeeze(1)?)
-                };
+                let b = gate_up_bias.get(x)?.reshape((inter, 2))?;
+                let half = |j: usize| -> Result<Tensor> { Ok(b.narrow(1, j, 1)?.squeeze(1)?.contiguous()?) };
+                let name = |part: &str| format!("{path}.experts.{x}.{part}");
                 Ok(Expert {
-                    gate: half(0, "gate_proj")?,
-                    up: half(1, "up_proj")?,
-                    down: linear(format!("{path}.experts.{x}.down_proj"), down.get(x)?, down_bias.get(x)?)?,
+                    gate: self.held(name("gate_proj"), gate_up.rows(x, Some(0))?, half(0)?)?,
+                    up: self.held(name("up_proj"), gate_up.rows(x, Some(1))?, half(1)?)?,
+                    down: self.held(name("down_proj"), down.rows(x, None)?, down_bias.get(x)?)?,
                     gate_up_lora: None,
                 })
             })
             .collect()
+    }
+
+    /// One stacked expert parameter of gpt-oss (`gate_up_proj` or `down_proj`) as [E, out, in]: from
+    /// transformers' [E, in, out], or the hub's MXFP4 blocks ([E, out, in/32, 16] and scales).
+    fn expert_weights(&self, path: &str, name: &str, e: usize, out: usize, inp: usize) -> Result<ExpertWeights> {
+        let full = format!("{path}.experts.{name}");
+        if let Some(t) = self.base.tensors.get(&full) {
+            self.check(&full, t.dims(), &[e, inp, out])?;
+            return Ok(ExpertWeights::Dense(t.transpose(1, 2)?));
+        }
+        let blocks = self
+            .base
+            .get(&format!("{full}_blocks"))
+            .with_context(|| format!("gpt-oss keeps its experts as {full} (or MXFP4 {full}_blocks and _scales)"))?;
+        let scales = self.base.get(&format!("{full}_scales"))?;
+        self.check(&format!("{full}_blocks"), blocks.dims(), &[e, out, inp / mxfp4::BLOCK, 16])?;
+        if self.base.qlora && self.device.is_cpu() {
+            return Ok(ExpertWeights::Mxfp4(blocks.clone(), scales.clone()));
+        }
+        Ok(ExpertWeights::Dense(mxfp4::dequantize(blocks, scales).with_context(|| format!("{full}_blocks"))?))
+    }
+
+    /// A frozen expert projection with its bias: NF4 for QLoRA where it came dense, as given
+    /// otherwise.
+    fn held(&self, name: String, w: Held, bias: Tensor) -> Result<Linear> {
+        let mut l = match w {
+            Held::Mxfp4(q) => Linear::quantised(name, Weight::Mxfp4(Arc::new(q)), self.device),
+            Held::Dense(w) if self.base.qlora => {
+                let q = nf4_of(&w)?;
+                Linear::quantised(name, Weight::Nf4 { gpu: self.nf4_on_device(&q)?, cpu: q }, self.device)
+            }
+            Held::Dense(w) => Linear::new(name, w.contiguous()?.to_dtype(self.dtype)?.to_device(self.device)?, None),
+        };
+        l.bias = Some(bias.contiguous()?);
+        Ok(l)
     }
 }

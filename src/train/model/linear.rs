@@ -1,9 +1,10 @@
 //! A frozen linear layer (`y = x W^T + b`) with an optional LoRA adapter. The frozen weight is held
-//! one of three ways ([`Weight`]): dense, NF4 (QLoRA) or a GGUF file's own quantised blocks, the two
-//! quantised forms with a copy on the GPU when training there. Whatever the form, its matmul is an op
+//! one of four ways ([`Weight`]): dense, NF4 (QLoRA), a GGUF file's own quantised blocks, the two
+//! with a copy on the GPU when training there, or a checkpoint's MXFP4 blocks (gpt-oss's experts). Whatever the form, its matmul is an op
 //! whose backward returns only the input gradient (`graph::FrozenMatmul` and the quantised ones
 //! in [`super::quant`]): the base never gets a weight gradient.
 
+use super::mxfp4::{Mxfp4Matmul, Mxfp4Weight};
 use super::quant::{GgufMatmul, Nf4Matmul, Nf4Weight, QuantMatmulOnDevice, QuantOnDevice};
 use crate::split::SplitMix64;
 use crate::train::adapters::lora::{dropout_mask, lora_linear, Lora, LoraSettings};
@@ -26,6 +27,8 @@ pub enum Weight {
         cpu: Arc<QTensor>,
         gpu: Option<QuantOnDevice>,
     },
+    /// A checkpoint's MXFP4 blocks as stored (QLoRA on gpt-oss's experts; CPU only).
+    Mxfp4(Arc<Mxfp4Weight>),
 }
 
 pub struct Linear {
@@ -56,6 +59,7 @@ impl Linear {
             Weight::Dense(w) => w.dims2(),
             Weight::Nf4 { cpu, .. } => Ok((cpu.rows, cpu.cols)),
             Weight::Gguf { cpu, .. } => cpu.shape().dims2(),
+            Weight::Mxfp4(w) => Ok((w.rows, w.cols)),
         }
     }
 
@@ -67,6 +71,7 @@ impl Linear {
             Weight::Nf4 { gpu: Some(d), .. } | Weight::Gguf { gpu: Some(d), .. } => d.bytes(),
             Weight::Nf4 { cpu, gpu: None } => cpu.bytes(),
             Weight::Gguf { cpu, gpu: None } => cpu.storage_size_in_bytes(),
+            Weight::Mxfp4(w) => w.bytes(),
         };
         (r * c, bytes)
     }
@@ -77,6 +82,7 @@ impl Linear {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Nf4 { cpu, .. } => cpu.dequantize_tensor(&self.device),
             Weight::Gguf { cpu, .. } => cpu.dequantize(&self.device),
+            Weight::Mxfp4(w) => w.dequantize_tensor(&self.device),
         }
     }
 
@@ -92,7 +98,7 @@ impl Linear {
     fn on_device(&self) -> Option<&QuantOnDevice> {
         match &self.weight {
             Weight::Nf4 { gpu, .. } | Weight::Gguf { gpu, .. } => gpu.as_ref(),
-            Weight::Dense(_) => None,
+            Weight::Dense(_) | Weight::Mxfp4(_) => None,
         }
     }
 
@@ -143,6 +149,7 @@ impl Linear {
             (_, Some(w)) if !x.device().is_cpu() => Arc::new(Box::new(QuantMatmulOnDevice { w: w.clone() })),
             (Weight::Gguf { cpu, .. }, _) => Arc::new(Box::new(GgufMatmul { w: cpu.clone() })),
             (Weight::Nf4 { cpu, .. }, _) => Arc::new(Box::new(Nf4Matmul { w: cpu.clone() })),
+            (Weight::Mxfp4(w), _) => Arc::new(Box::new(Mxfp4Matmul { w: w.clone() })),
             (Weight::Dense(w), _) => Arc::new(Box::new(FrozenMatmul { w: w.clone() })),
         }
     }

@@ -188,6 +188,14 @@ mod tests {
         }))
         .unwrap();
         let n = base_parameters(&c) as f64;
-        assert!((n / 30.53e9 - 1.0).abs() < 0.005, "{n}");
+        assert!((n / 30.53e9 - 1.0).abs() < 0.005, "{n}"); // gpt-oss-20b: 20.9B (32 experts of 2880 in each of 24 layers, an untied head of 201,088).
+        let c: ModelConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 24,
+            "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 201088,
+            "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128, "tie_word_embeddings": false
+        }))
+        .unwrap();
+        let n = base_parameters(&c) as f64;
+        assert!((n / 20.91e9 - 1.0).abs() < 0.005, "{n}");
     }
 }
