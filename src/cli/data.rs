@@ -46,7 +46,8 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub tokenizer: PathBuf,
     /// Chat template: the tokenizer's own by default; or a built-in (chatml, llama3, mistral,
-    /// gemma, phi3, zephyr, alpaca) or a .jinja file.
+    /// gemma, phi3, zephyr, alpaca, harmony: gpt-oss's, an assistant message's `thinking` its
+    /// analysis channel) or a .jinja file.
     #[arg(long)]
     pub template: Option<String>,
     /// Tokens per packed row (sft), per side of a pair (preference), per prompt (prompts).

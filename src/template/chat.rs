@@ -20,6 +20,7 @@ pub const CHAT_TEMPLATES: &[(&str, &str)] = &[
     ("phi3", include_str!("../../templates/chat/phi3.jinja")),
     ("zephyr", include_str!("../../templates/chat/zephyr.jinja")),
     ("alpaca", include_str!("../../templates/chat/alpaca.jinja")),
+    ("harmony", include_str!("../../templates/chat/harmony.jinja")),
 ];
 
 pub struct ChatTemplate {

@@ -32,7 +32,7 @@ pub fn chat_template(tok: &TokenizerInfo, template: Option<&str>) -> anyhow::Res
                     f => format!(" (its vocabulary has the markers of {}: try --template {})", f.join(", "), f[0]),
                 };
                 anyhow::bail!(
-                    "{} has no chat_template{hint}; pass --template with a built-in (chatml, llama3, mistral, gemma, phi3, zephyr, alpaca) or a .jinja file",
+                    "{} has no chat_template{hint}; pass --template with a built-in (chatml, llama3, mistral, gemma, phi3, zephyr, alpaca, harmony) or a .jinja file",
                     tok.path.display()
                 )
             }
@@ -51,6 +51,7 @@ pub fn fitting_templates(tok: &TokenizerInfo) -> Vec<&'static str> {
         ("phi3", &["<|user|>", "<|end|>"]),
         ("zephyr", &["<|user|>", "</s>"]),
         ("mistral", &["[INST]", "[/INST]"]),
+        ("harmony", &["<|start|>", "<|channel|>", "<|message|>"]),
     ] {
         if markers.iter().all(|m| has(m)) {
             fits.push(name);
