@@ -432,12 +432,12 @@ fn a_qwen3_base_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
     assert!(worst < 1e-3, "the merged Qwen3 model in llama.cpp is {worst} nats from tunekit");
 }
 
-/// A mixture of experts out to llama.cpp: a tiny random Qwen3-MoE over Qwen3's vocabulary, LoRA trained
-/// on its attention and its experts, merged into an f32 GGUF (the experts stacked as llama.cpp holds
-/// them): llama.cpp's next-token log-probabilities and greedy answers are tunekit's.
-#[test]
-fn a_qwen3_moe_with_expert_lora_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
-    let Some(node_dir) = common::node_llama_cpp() else { return };
+/// A mixture of experts out to llama.cpp and back: a tiny random MoE of `model_type` over Qwen3's
+/// vocabulary, LoRA trained on its attention and its experts, merged into an f32 GGUF (the experts
+/// stacked as llama.cpp holds them): llama.cpp's next-token log-probabilities and greedy answers are
+/// tunekit's, and the GGUF read back as a base (its experts split per expert) is the same model.
+/// Returns the work directory (with `moe/`, `run/`, `qs/shards`) and the model as trained.
+fn moe_round_trip(node_dir: &Path, model_type: &str, experts: Value, arch: &str) -> (tempfile::TempDir, Model) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let o = tunekit(&["-q", "quickstart", "--out", "qs"], d);
@@ -445,13 +445,13 @@ fn a_qwen3_moe_with_expert_lora_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
     let vocab = tunekit::train::model::config::ModelConfig::from_file(&d.join("qs/tiny-qwen3-random/config.json"))
         .unwrap()
         .vocab_size;
-    let config: tunekit::train::model::config::ModelConfig = serde_json::from_value(json!({
-        "model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    let mut config = json!({
+        "model_type": model_type, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": vocab,
-        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": true,
         "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 2048, "tie_word_embeddings": true
-    }))
-    .unwrap();
+    });
+    config.as_object_mut().unwrap().extend(experts.as_object().unwrap().clone());
+    let config: tunekit::train::model::config::ModelConfig = serde_json::from_value(config).unwrap();
     tunekit::train::io::hf::write_random_model(&config, 11, &d.join("moe")).unwrap();
     let train = [
         "-q",
@@ -477,20 +477,15 @@ fn a_qwen3_moe_with_expert_lora_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
         d,
         &["--merge", "--adapter", "run", "--model", "moe", "--data", "qs/shards", "--out", "m.gguf", "--type", "f32"],
     );
-    assert_eq!(s["architecture"], "qwen3moe", "{s}");
+    assert_eq!(s["architecture"], arch, "{s}");
     // A llama.cpp LoRA adapter cannot hold the experts' adapters: refused, pointing to --merge.
     let o = tunekit(&["export", "gguf", "--adapter", "run", "--model", "moe", "--out", "a.gguf"], d);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--merge") && e.contains("experts"), "{e}");
     let tok = tunekit::tokenize::TokenizerInfo::load(&root().join("datasets/tokenizers/qwen3")).unwrap();
     let requests = chat_requests(&tok, &["What is the capital of France?", "Who are you?", "Count to five."], 12, 50);
-    let llama = llama_cpp(&node_dir, &d.join("m.gguf"), "-", &requests);
-    let place = tunekit::train::io::Placement {
-        device: tunekit::train::device::DeviceSpec::Cpu,
-        dtype: tunekit::train::device::Precision::F32,
-        ..Default::default()
-    };
-    let m = tunekit::train::io::load_model(&d.join("moe"), Some(&d.join("run")), &place).unwrap();
+    let llama = llama_cpp(node_dir, &d.join("m.gguf"), "-", &requests);
+    let m = tunekit::train::io::load_model(&d.join("moe"), Some(&d.join("run")), &f32_on_cpu()).unwrap();
     let mut worst = 0f32;
     for (i, r) in requests.iter().enumerate() {
         let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
@@ -503,6 +498,94 @@ fn a_qwen3_moe_with_expert_lora_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
         let n = theirs.len().min(greedy.len());
         assert!(n > 0 && theirs[..n] == greedy[..n], "prompt {i}: llama.cpp {theirs:?}, tunekit {greedy:?}");
     }
-    eprintln!("merged Qwen3-MoE f32 GGUF in llama.cpp vs tunekit: largest top-50 log-prob difference {worst:.2e}");
-    assert!(worst < 1e-3, "the merged Qwen3-MoE in llama.cpp is {worst} nats from tunekit");
+    eprintln!("merged {model_type} f32 GGUF in llama.cpp vs tunekit: largest top-50 log-prob difference {worst:.2e}");
+    assert!(worst < 1e-3, "the merged {model_type} in llama.cpp is {worst} nats from tunekit");
+    let back = tunekit::train::io::load_model(&d.join("m.gguf"), None, &f32_on_cpu()).unwrap();
+    let g = gap(&probe_logits(&m), &probe_logits(&back));
+    assert!(g < 1e-4, "the merged {model_type} read back from GGUF differs from the model by {g}");
+    (dir, m)
+}
+
+fn f32_on_cpu() -> tunekit::train::io::Placement {
+    tunekit::train::io::Placement {
+        device: tunekit::train::device::DeviceSpec::Cpu,
+        dtype: tunekit::train::device::Precision::F32,
+        ..Default::default()
+    }
+}
+
+/// The model's logits over a fixed prompt.
+fn probe_logits(m: &Model) -> Tensor {
+    let ids = [1u32, 504, 3458, 282, 4849, 30, 77, 1024];
+    let pos = Tensor::arange(0u32, ids.len() as u32, &Device::Cpu).unwrap();
+    m.logits(&Tensor::new(&ids[..], &Device::Cpu).unwrap(), &pos, &[ids.len()]).unwrap()
+}
+
+/// The largest absolute difference between two tensors.
+fn gap(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Qwen3-MoE out to llama.cpp and back; then QLoRA from its Q8_0 GGUF, the experts kept in their blocks.
+#[test]
+fn a_qwen3_moe_with_expert_lora_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
+    let Some(node_dir) = common::node_llama_cpp() else { return };
+    let experts =
+        json!({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": true});
+    let (dir, _) = moe_round_trip(&node_dir, "qwen3_moe", experts, "qwen3moe");
+    let d = dir.path();
+    export_gguf(
+        d,
+        &["--merge", "--adapter", "run", "--model", "moe", "--data", "qs/shards", "--out", "q.gguf", "--type", "q8_0"],
+    );
+    let q = d.join("q.gguf");
+    let b = tunekit::train::io::load_base(&q, &Device::Cpu, Some(tunekit::train::io::Qlora::Gguf)).unwrap();
+    assert_eq!(b.config.extra["num_experts"], 4, "expert count from the GGUF's qwen3moe.expert_count");
+    for e in 0..4 {
+        for p in ["gate_proj", "up_proj", "down_proj"] {
+            let name = format!("model.layers.1.mlp.experts.{e}.{p}");
+            assert!(b.quantized.contains_key(&name), "{name} not kept in its Q8_0 blocks");
+        }
+    }
+    let kept = tunekit::train::model::Model::from_base(&b, &Device::Cpu).unwrap();
+    drop(b);
+    let dense = tunekit::train::io::load_model(&q, None, &f32_on_cpu()).unwrap();
+    let g = gap(&probe_logits(&dense), &probe_logits(&kept));
+    assert!(g < 1e-3, "the Q8_0 experts kept in their blocks differ from the dequantised ones by {g}");
+    let o = tunekit(
+        &[
+            "-q",
+            "train",
+            "--model",
+            "q.gguf",
+            "--qlora",
+            "gguf",
+            "--data",
+            "qs/shards",
+            "--out",
+            "qrun",
+            "--max-steps",
+            "2",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "QLoRA on a GGUF MoE base: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Mixtral (llama.cpp's `llama` with experts, q/k rows in its rotary order) out to llama.cpp and back.
+#[test]
+fn a_mixtral_with_expert_lora_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
+    let Some(node_dir) = common::node_llama_cpp() else { return };
+    let experts = json!({"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32});
+    moe_round_trip(&node_dir, "mixtral", experts, "llama");
+}
+
+/// OLMoE (q/k norms over all heads, top-k weights not renormalised) out to llama.cpp and back.
+#[test]
+fn an_olmoe_with_expert_lora_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
+    let Some(node_dir) = common::node_llama_cpp() else { return };
+    // llama.cpp's olmoe holds the k norm over all heads: as OLMoE, no grouped-query attention.
+    let experts = json!({"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": false, "intermediate_size": 32,
+        "num_key_value_heads": 4});
+    moe_round_trip(&node_dir, "olmoe", experts, "olmoe");
 }

@@ -19,6 +19,9 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// llama.cpp architectures that load `output.weight` without falling back to `token_embd.weight`.
+const OUTPUT_REQUIRED: &[&str] = &["olmoe"];
+
 pub struct HfBase {
     st: MmapedSafetensors,
     pub config: ModelConfig,
@@ -28,6 +31,7 @@ pub struct HfBase {
 }
 
 /// Where a llama.cpp tensor comes from in the checkpoint.
+#[derive(Clone)]
 pub enum Origin {
     /// A tensor as it is.
     Tensor(String),
@@ -125,6 +129,13 @@ impl HfBase {
             let names = list.into_iter().map(|e| e.1).collect();
             tensors.push((format!("blk.{layer}.{kind}.weight"), Origin::Experts(names), shape));
         }
+        // Tied embeddings: llama.cpp's OLMoE has no fallback to token_embd, so the output layer is written too.
+        let tied = !tensors.iter().any(|(g, ..)| g == "output.weight");
+        if tied && OUTPUT_REQUIRED.contains(&naming.name) {
+            let (_, origin, shape) =
+                tensors.iter().find(|(g, ..)| g == "token_embd.weight").context("no token_embd")?;
+            tensors.push(("output.weight".into(), origin.clone(), shape.clone()));
+        }
         if config.rope_scaling.as_ref().is_some_and(|s| s.rope_type.as_deref() == Some("llama3")) {
             tensors.push(("rope_freqs.weight".into(), Origin::RopeFreqs, vec![config.head_dim() / 2]));
         }
@@ -216,6 +227,14 @@ fn llama_cpp_moe(arch: &str, c: &ModelConfig) -> Result<Option<Moe>> {
             "layer {i} of this {} has a dense MLP among mixture-of-experts layers (mlp_only_layers / \
              decoder_sparse_step), which llama.cpp's {arch} cannot hold",
             c.model_type
+        );
+    }
+    if arch == "olmoe" && c.kv_heads() != c.num_attention_heads {
+        bail!(
+            "this OLMoE has {} key/value heads for {} query heads; llama.cpp's olmoe holds the k norm over all \
+             heads (no grouped-query attention), so the GGUF would not load",
+            c.kv_heads(),
+            c.num_attention_heads
         );
     }
     let renormalises = arch != "olmoe";

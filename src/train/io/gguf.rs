@@ -9,9 +9,9 @@ use crate::gguf::rotary::{from_gguf, permute_rows, unpermute_rows};
 use crate::train::model::base::{is_projection, nf4_of, BaseModel};
 use crate::train::model::config::ModelConfig;
 use crate::train::model::config::RopeScaling;
-use crate::train::model::family::{of_gguf, of_model_type};
+use crate::train::model::family::{of_gguf_experts, of_model_type, ExpertStorage, Family};
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, QStorage, QTensor};
 use candle_core::Device;
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,12 +22,14 @@ use std::sync::Arc;
 pub fn config_of(content: &gguf_file::Content, path: &Path) -> Result<ModelConfig> {
     let md = &content.metadata;
     let arch = string_of(md, "general.architecture").unwrap_or_default();
-    let family = of_gguf(&arch).with_context(|| path.display().to_string())?;
-    if family.moe.is_some() || usize_of(md, &format!("{arch}.expert_count")).is_ok_and(|n| n > 0) {
+    let experts = usize_of(md, &format!("{arch}.expert_count")).unwrap_or(0);
+    let family = of_gguf_experts(&arch, experts > 0).with_context(|| path.display().to_string())?;
+    if experts > 0 && !matches!(family.moe.map(|m| &m.stored), Some(ExpertStorage::PerExpert { .. })) {
         bail!(
-            "{}: a mixture of experts in GGUF is not read as a base here (its experts are in llama.cpp's stacked \
-             blocks); train from the model's Hugging Face directory, and `export gguf --merge` the result",
-            path.display()
+            "{}: a {} mixture of experts in GGUF is not read as a base here (Qwen3-MoE, OLMoE and Mixtral are); \
+             train from the model's Hugging Face directory",
+            path.display(),
+            family.name
         );
     }
     let Some(embd) = content.tensor_infos.get("token_embd.weight") else {
@@ -74,6 +76,18 @@ pub fn config_of(content: &gguf_file::Content, path: &Path) -> Result<ModelConfi
             path.display()
         ),
     }
+    if experts > 0 {
+        // llama.cpp's MoE keys as the family's config keys; llama.cpp's qwen3moe always renormalises the
+        // top-k weights, its olmoe never.
+        let used = usize_of(md, &key("expert_used_count"))?;
+        let width = usize_of(md, &key("expert_feed_forward_length")).unwrap_or(config.intermediate_size);
+        let keys = match family.model_types[0] {
+            "mixtral" => serde_json::json!({"num_local_experts": experts, "num_experts_per_tok": used}),
+            t => serde_json::json!({"num_experts": experts, "num_experts_per_tok": used,
+                "moe_intermediate_size": width, "norm_topk_prob": t == "qwen3_moe"}),
+        };
+        config.extra.extend(keys.as_object().expect("an object").clone());
+    }
     (family.from_gguf)(content, &mut config).with_context(|| path.display().to_string())?;
     config.check().with_context(|| path.display().to_string())?;
     crate::train::model::family::describe(&config).with_context(|| path.display().to_string())?;
@@ -97,6 +111,23 @@ pub fn load_gguf(path: &Path, device: &Device, qlora: Option<Qlora>) -> Result<B
     tensors.insert("model.embed_tokens.weight".to_string(), embd);
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
     for name in names {
+        if let Some((layer, part)) = expert_tensor(&name) {
+            // Stacked experts [E, rows, cols]: one tensor per expert under the family's names.
+            let q = content.tensor(&mut file, &name, device)?;
+            for (e, one) in split_experts(&q)?.into_iter().enumerate() {
+                let hf = expert_name(family, layer, e, part)?;
+                if qlora == Some(Qlora::Gguf) {
+                    quantized.insert(hf.trim_end_matches(".weight").to_string(), Arc::new(one));
+                    continue;
+                }
+                let t = one.dequantize(device)?;
+                match qlora {
+                    Some(Qlora::Nf4) => drop(nf4_map.insert(hf.trim_end_matches(".weight").to_string(), nf4_of(&t)?)),
+                    _ => drop(tensors.insert(hf, t)),
+                }
+            }
+            continue;
+        }
         let hf = match naming.gguf_to_hf(&name) {
             Some(n) => n,
             None if name == "token_embd.weight" => continue,
@@ -144,6 +175,41 @@ pub fn load_gguf(path: &Path, device: &Device, qlora: Option<Qlora>) -> Result<B
         source: path.to_path_buf(),
         gguf_metadata: Some(content.metadata),
     })
+}
+
+/// A llama.cpp stacked expert tensor's (layer, `gate`/`up`/`down`): `blk.{l}.ffn_{part}_exps.weight`.
+fn expert_tensor(name: &str) -> Option<(usize, &'static str)> {
+    let (layer, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    let part = ["gate", "up", "down"].into_iter().find(|p| rest == format!("ffn_{p}_exps.weight"))?;
+    Some((layer.parse().ok()?, part))
+}
+
+/// Expert `e`'s `part` in layer `layer` under the family's per-expert Hugging Face name.
+fn expert_name(family: &Family, layer: usize, e: usize, part: &str) -> Result<String> {
+    let Some(ExpertStorage::PerExpert { block, gate, up, down, .. }) = family.moe.map(|m| &m.stored) else {
+        bail!("{} keeps no per-expert tensors", family.name);
+    };
+    let n = match part {
+        "gate" => gate,
+        "up" => up,
+        _ => down,
+    };
+    Ok(format!("model.layers.{layer}.{block}.experts.{e}.{n}.weight"))
+}
+
+/// A stacked [E, rows, cols] tensor as E tensors [rows, cols] in the same blocks (each expert's
+/// rows are contiguous in the file).
+fn split_experts(q: &QTensor) -> Result<Vec<QTensor>> {
+    let (e, rows, cols) = q.shape().dims3()?;
+    let data = q.data()?;
+    let per = data.len() / e;
+    (0..e)
+        .map(|x| {
+            let bytes = std::borrow::Cow::Owned(data[x * per..(x + 1) * per].to_vec());
+            let storage = QStorage::from_data(bytes, &Device::Cpu, q.dtype())?;
+            Ok(QTensor::new(storage, (rows, cols))?)
+        })
+        .collect()
 }
 
 /// Whether a Hugging Face tensor name is a norm's weight.

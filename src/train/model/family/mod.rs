@@ -100,6 +100,15 @@ pub fn of_gguf(arch: &str) -> Result<&'static Family> {
     }
 }
 
+/// The family of a GGUF architecture whose file has experts (`{arch}.expert_count` > 0) or not:
+/// llama.cpp's `llama` is Llama, or Mixtral with experts.
+pub fn of_gguf_experts(arch: &str, experts: bool) -> Result<&'static Family> {
+    match FAMILIES.iter().find(|f| f.gguf.name == arch && f.moe.is_some() == experts) {
+        Some(f) => Ok(f),
+        None => of_gguf(arch),
+    }
+}
+
 /// The activation of the gated MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
