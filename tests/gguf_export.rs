@@ -478,28 +478,72 @@ fn moe_round_trip(node_dir: &Path, model_type: &str, experts: Value, arch: &str)
         &["--merge", "--adapter", "run", "--model", "moe", "--data", "qs/shards", "--out", "m.gguf", "--type", "f32"],
     );
     assert_eq!(s["architecture"], arch, "{s}");
-    // A llama.cpp LoRA adapter cannot hold the experts' adapters: refused, pointing to --merge.
-    let o = tunekit(&["export", "gguf", "--adapter", "run", "--model", "moe", "--out", "a.gguf"], d);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("--merge") && e.contains("experts"), "{e}");
+    // The base alone (the adapter with every B zeroed, merged), and the experts' adapters alone (the
+    // others' B zeroed) as llama.cpp's LoRA GGUF, stacked beside its stacked experts.
+    let zeroed = |out: &str, zero: &dyn Fn(&str) -> bool| {
+        std::fs::create_dir(d.join(out)).unwrap();
+        std::fs::copy(d.join("run/adapter_config.json"), d.join(out).join("adapter_config.json")).unwrap();
+        let tensors = candle_core::safetensors::load(d.join("run/adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let tensors: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| if k.contains("lora_B") && zero(&k) { (k, t.zeros_like().unwrap()) } else { (k, t) })
+            .collect();
+        candle_core::safetensors::save(&tensors, d.join(out).join("adapter_model.safetensors")).unwrap();
+    };
+    zeroed("zero", &|_| true);
+    zeroed("experts", &|k| !k.contains(".experts."));
+    export_gguf(
+        d,
+        &[
+            "--merge",
+            "--adapter",
+            "zero",
+            "--model",
+            "moe",
+            "--data",
+            "qs/shards",
+            "--out",
+            "base.gguf",
+            "--type",
+            "f32",
+        ],
+    );
+    let a = export_gguf(d, &["--adapter", "experts", "--model", "base.gguf", "--out", "a.gguf", "--type", "f32"]);
+    assert_eq!(a["architecture"], arch, "{a}");
     let tok = tunekit::tokenize::TokenizerInfo::load(&root().join("datasets/tokenizers/qwen3")).unwrap();
     let requests = chat_requests(&tok, &["What is the capital of France?", "Who are you?", "Count to five."], 12, 50);
-    let llama = llama_cpp(node_dir, &d.join("m.gguf"), "-", &requests);
     let m = tunekit::train::io::load_model(&d.join("moe"), Some(&d.join("run")), &f32_on_cpu()).unwrap();
-    let mut worst = 0f32;
-    for (i, r) in requests.iter().enumerate() {
-        let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
-        let (lp, greedy) = tunekit_side(&m, &ids, &tok.stop_ids(), 12);
-        for e in llama[i]["top"].as_array().unwrap() {
-            let (t, l) = (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap() as f32);
-            worst = worst.max((lp[t] - l).abs());
+    let experts = tunekit::train::io::load_model(&d.join("moe"), Some(&d.join("experts")), &f32_on_cpu()).unwrap();
+    let base = tunekit::train::io::load_model(&d.join("moe"), None, &f32_on_cpu()).unwrap();
+    let moved = gap(&probe_logits(&experts), &probe_logits(&base));
+    assert!(
+        moved > 1e-2,
+        "the experts' adapters alone move the logits by only {moved}: the check below would be blind"
+    );
+    let a = d.join("a.gguf");
+    let runs = [
+        ("merged", &m, llama_cpp(node_dir, &d.join("m.gguf"), "-", &requests)),
+        ("experts' adapter", &experts, llama_cpp(node_dir, &d.join("base.gguf"), a.to_str().unwrap(), &requests)),
+    ];
+    for (what, m, llama) in runs {
+        let mut worst = 0f32;
+        for (i, r) in requests.iter().enumerate() {
+            let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
+            let (lp, greedy) = tunekit_side(m, &ids, &tok.stop_ids(), 12);
+            for e in llama[i]["top"].as_array().unwrap() {
+                let (t, l) = (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap() as f32);
+                worst = worst.max((lp[t] - l).abs());
+            }
+            let theirs: Vec<u32> = serde_json::from_value(llama[i]["greedy"].clone()).unwrap();
+            let n = theirs.len().min(greedy.len());
+            assert!(n > 0 && theirs[..n] == greedy[..n], "{what} prompt {i}: llama.cpp {theirs:?}, tunekit {greedy:?}");
         }
-        let theirs: Vec<u32> = serde_json::from_value(llama[i]["greedy"].clone()).unwrap();
-        let n = theirs.len().min(greedy.len());
-        assert!(n > 0 && theirs[..n] == greedy[..n], "prompt {i}: llama.cpp {theirs:?}, tunekit {greedy:?}");
+        eprintln!(
+            "{what} {model_type} f32 GGUF in llama.cpp vs tunekit: largest top-50 log-prob difference {worst:.2e}"
+        );
+        assert!(worst < 1e-3, "the {what} {model_type} in llama.cpp is {worst} nats from tunekit");
     }
-    eprintln!("merged {model_type} f32 GGUF in llama.cpp vs tunekit: largest top-50 log-prob difference {worst:.2e}");
-    assert!(worst < 1e-3, "the merged {model_type} in llama.cpp is {worst} nats from tunekit");
+    drop((experts, base));
     let back = tunekit::train::io::load_model(&d.join("m.gguf"), None, &f32_on_cpu()).unwrap();
     let g = gap(&probe_logits(&m), &probe_logits(&back));
     assert!(g < 1e-4, "the merged {model_type} read back from GGUF differs from the model by {g}");

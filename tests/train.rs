@@ -501,6 +501,10 @@ fn a_mixture_of_experts_logs_its_expert_load_and_a_collapsed_router_is_warned() 
             let base = candle_core::safetensors::load(d.join(name).join("model.safetensors"), &Device::Cpu).unwrap();
             let moved = (router.unwrap() - &base["model.layers.0.mlp.gate.weight"]).unwrap().abs().unwrap();
             assert!(moved.max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "the router did not train");
+            // A llama.cpp LoRA adapter cannot hold a router trained in full: refused, pointing to --merge.
+            let o = common::tunekit(&["export", "gguf", "--adapter", &out, "--model", name, "--out", "a.gguf"], d);
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success() && e.contains("--train-router") && e.contains("--merge"), "{e}");
         }
         // The report charts the load per layer.
         let html = format!("{name}.html");

@@ -4,14 +4,16 @@
 //! projection `blk.N.attn_q.weight.lora_a` (r x in) and `.lora_b` (out x r), named as llama.cpp
 //! names the base weight. llama.cpp keeps Llama/Mistral q and k rows in its own rotary order, so
 //! their B rows are put in that order; it scales by alpha / r, so an rsLoRA adapter (alpha /
-//! sqrt(r)) is written with the alpha that gives the same scale.
+//! sqrt(r)) is written with the alpha that gives the same scale. A mixture's expert adapters go
+//! out stacked beside llama.cpp's stacked experts (`blk.N.ffn_gate_exps.weight.lora_a` [E, r, in]).
 
 use crate::gguf::rotary::to_gguf;
 use crate::gguf::writer::{write, TensorSpec};
 use crate::train::adapters::lora::peft_key;
 use crate::train::adapters::score::SCORE_WEIGHT;
+use crate::train::io::peft;
 use crate::train::model::config::ModelConfig;
-use crate::train::model::family::of_model_type;
+use crate::train::model::family::{of_model_type, ExpertStorage};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -81,10 +83,10 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
             adapter_dir.display()
         );
     }
-    if tensors.keys().any(|k| crate::train::model::moe::is_expert_adapter(k)) {
+    if settings.train_router {
         bail!(
-            "{}: the adapter trains a mixture's experts (PEFT's stacked expert adapters), which a llama.cpp LoRA \
-             adapter does not hold here; write the merged model instead: `tunekit export gguf --merge`",
+            "{}: the adapter trains the routers in full (--train-router, PEFT's modules_to_save), which a llama.cpp \
+             LoRA adapter cannot hold; write the merged model instead: `tunekit export gguf --merge`",
             adapter_dir.display()
         );
     }
@@ -129,6 +131,21 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
             }
         }
     }
+    let alpha = if settings.rslora { settings.alpha * (r as f64).sqrt() } else { settings.alpha };
+    if tensors.keys().any(|k| crate::train::model::moe::is_expert_adapter(k)) {
+        let experts = expert_matrices(adapter_dir, base, &settings, &tensors, alpha)?;
+        for (weight, a, b) in experts {
+            for (suffix, m) in [("lora_a", a), ("lora_b", b)] {
+                let mut dtype = ty.ggml();
+                if !m.dims()[m.rank() - 1].is_multiple_of(dtype.block_size()) {
+                    dtype = GgmlDType::F16;
+                    fallbacks += 1;
+                }
+                specs.push(TensorSpec { name: format!("{weight}.{suffix}"), shape: m.dims().to_vec(), dtype });
+                mats.push(m);
+            }
+        }
+    }
     let highest = tensors.keys().filter_map(|k| layer_of(k)).max();
     if let Some(l) = highest.filter(|&l| l >= base.num_hidden_layers) {
         bail!(
@@ -140,7 +157,6 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
     if specs.is_empty() {
         bail!("{}: no LoRA matrices of the base's projections in the adapter", adapter_dir.display());
     }
-    let alpha = if settings.rslora { settings.alpha * (r as f64).sqrt() } else { settings.alpha };
     let metadata = vec![
         ("general.architecture".to_string(), Value::String(arch.into())),
         ("general.type".to_string(), Value::String("adapter".into())),
@@ -162,6 +178,63 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
         f16_fallbacks: fallbacks,
         bytes,
     })
+}
+
+/// The experts' adapters as llama.cpp applies them to its stacked experts (`build_lora_mm_id`):
+/// per sparse layer and `ffn_{gate,up,down}_exps`, A stacked [E, r, in] and B [E, out, r] (the
+/// fused gate_up's B split into gate's rows and up's). llama.cpp scales every pair by the file's
+/// alpha over the pair's rank, so B carries the ratio to the pair's own scale (PEFT doubles the
+/// rank and alpha of gate_up).
+fn expert_matrices(
+    adapter_dir: &Path,
+    base: &ModelConfig,
+    settings: &crate::train::adapters::lora::LoraSettings,
+    tensors: &std::collections::HashMap<String, Tensor>,
+    alpha: f64,
+) -> Result<Vec<(String, Tensor, Tensor)>> {
+    let family = of_model_type(&base.model_type)?;
+    let arch = crate::train::model::family::describe(base)?;
+    let (Some(layout), Some(moe)) = (family.moe, arch.moe.as_ref()) else {
+        bail!("{}: the adapter adapts experts, but the base ({}) has none", adapter_dir.display(), base.model_type);
+    };
+    if !matches!(layout.stored, ExpertStorage::PerExpert { .. }) {
+        bail!(
+            "{}: a {} is not written to GGUF here, so neither is its experts' adapter",
+            adapter_dir.display(),
+            family.name
+        );
+    }
+    let mut out = vec![];
+    for (layer, _) in arch.layers.iter().enumerate().filter(|(_, l)| l.sparse) {
+        let block = format!("model.layers.{layer}.{}", layout.block);
+        for peft::ExpertAdapter { param: k, per_expert, scale } in
+            peft::expert_adapters(settings, tensors, &block, moe.experts)?
+        {
+            let rank = per_expert[0].0.dim(0)?;
+            let ratio = scale * rank as f64 / alpha;
+            let a = Tensor::stack(&per_expert.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(), 0)?;
+            let b = (Tensor::stack(&per_expert.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(), 0)? * ratio)?;
+            let (rows, ins) = (b.dim(1)?, a.dim(2)?);
+            let weight = |part: &str| format!("blk.{layer}.ffn_{part}_exps.weight");
+            let expected_in = if k == 0 { base.hidden_size } else { moe.intermediate };
+            if ins != expected_in {
+                bail!(
+                    "{}: layer {layer}'s expert adapter takes {ins} inputs, the base's experts {expected_in}; export \
+                     against the base the adapter was trained on",
+                    adapter_dir.display()
+                );
+            }
+            match k {
+                0 => {
+                    let half = rows / 2;
+                    out.push((weight("gate"), a.clone(), b.narrow(1, 0, half)?.contiguous()?));
+                    out.push((weight("up"), a, b.narrow(1, half, half)?.contiguous()?));
+                }
+                _ => out.push((weight("down"), a, b)),
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn layer_of(key: &str) -> Option<usize> {

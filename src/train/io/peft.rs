@@ -128,6 +128,40 @@ fn expert_slice(stacked: &Tensor, ab: &str, e: usize, experts: usize) -> Result<
     })
 }
 
+/// One expert parameter's adapters, read per expert from PEFT's stacked tensors.
+pub struct ExpertAdapter {
+    /// Index in [`EXPERT_PARAMETERS`]: 0 the fused gate_up, 1 down.
+    pub param: usize,
+    /// Each expert's (A [r, in], B [out, r]) as the model holds them.
+    pub per_expert: Vec<(Tensor, Tensor)>,
+    /// alpha / r (gate_up's rank and alpha doubled where the settings say).
+    pub scale: f64,
+}
+
+/// The adapted expert parameters of the sparse block at `block` (`model.layers.3.mlp`).
+pub fn expert_adapters(
+    s: &LoraSettings,
+    tensors: &HashMap<String, Tensor>,
+    block: &str,
+    experts: usize,
+) -> Result<Vec<ExpertAdapter>> {
+    let order = expert_order(&s.targets);
+    let mut out = vec![];
+    for &k in &order {
+        let key = |ab: &str| stacked_key(block, k, &order, ab);
+        let (Some(a), Some(b)) = (tensors.get(&key("A")), tensors.get(&key("B"))) else { continue };
+        let per_expert = (0..experts)
+            .map(|e| Ok((expert_slice(a, "A", e, experts)?, expert_slice(b, "B", e, experts)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let scale = match k == 0 && s.doubled_gate_up {
+            true => LoraSettings { r: 2 * s.r, alpha: 2.0 * s.alpha, ..s.clone() }.scale(),
+            false => s.scale(),
+        };
+        out.push(ExpertAdapter { param: k, per_expert, scale });
+    }
+    Ok(out)
+}
+
 pub fn save(model: &Model, s: &LoraSettings, base: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // The modules the model adapted, by their own names (Phi-3's qkv_proj for q_proj and the
