@@ -39,6 +39,10 @@ pub const BLOCK_SPARSE_ROUTER: &[(&str, &str)] = &[("block_sparse_moe.gate", "ff
 /// The router of Granite-MoE's `block_sparse_moe`.
 pub const GRANITE_ROUTER: &[(&str, &str)] = &[("block_sparse_moe.router.layer", "ffn_gate_inp")];
 
+/// gpt-oss's norms: llama.cpp calls the one before the experts the post-attention norm.
+pub const GPT_OSS_NORMS: &[(&str, &str)] =
+    &[("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm")];
+
 /// gpt-oss's router (with a bias) and attention sinks.
 pub const GPT_OSS_LAYER: &[(&str, &str)] = &[("mlp.router", "ffn_gate_inp"), ("self_attn.sinks", "attn_sinks")];
 

@@ -197,13 +197,15 @@ fn expert_matrices(
     let (Some(layout), Some(moe)) = (family.moe, arch.moe.as_ref()) else {
         bail!("{}: the adapter adapts experts, but the base ({}) has none", adapter_dir.display(), base.model_type);
     };
-    if !matches!(layout.stored, ExpertStorage::PerExpert { .. }) {
-        bail!(
+    let interleaved = match layout.stored {
+        ExpertStorage::PerExpert { .. } => false,
+        ExpertStorage::Interleaved => true,
+        ExpertStorage::Stacked { .. } => bail!(
             "{}: a {} is not written to GGUF here, so neither is its experts' adapter",
             adapter_dir.display(),
             family.name
-        );
-    }
+        ),
+    };
     let mut out = vec![];
     for (layer, _) in arch.layers.iter().enumerate().filter(|(_, l)| l.sparse) {
         let block = format!("model.layers.{layer}.{}", layout.block);
@@ -226,9 +228,19 @@ fn expert_matrices(
             }
             match k {
                 0 => {
+                    // gate's rows then up's, or alternating (gpt-oss).
                     let half = rows / 2;
-                    out.push((weight("gate"), a.clone(), b.narrow(1, 0, half)?.contiguous()?));
-                    out.push((weight("up"), a, b.narrow(1, half, half)?.contiguous()?));
+                    let rows_of = |h: usize| -> Result<Tensor> {
+                        Ok(match interleaved {
+                            true => {
+                                let picked = Tensor::arange_step(h as u32, rows as u32, 2, b.device())?;
+                                b.index_select(&picked, 1)?
+                            }
+                            false => b.narrow(1, h * half, half)?.contiguous()?,
+                        })
+                    };
+                    out.push((weight("gate"), a.clone(), rows_of(0)?));
+                    out.push((weight("up"), a, rows_of(1)?));
                 }
                 _ => out.push((weight("down"), a, b)),
             }

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// llama.cpp architectures that load `output.weight` without falling back to `token_embd.weight`.
-const OUTPUT_REQUIRED: &[&str] = &["olmoe"];
+const OUTPUT_REQUIRED: &[&str] = &["olmoe", "gpt-oss"];
 
 pub struct HfBase {
     st: MmapedSafetensors,
@@ -41,10 +41,50 @@ pub enum Origin {
     Half(String, usize),
     /// Llama 3's rope scaling factors, derived from the config.
     RopeFreqs,
+    /// gpt-oss's gate (`.1` = 0) or up (1) out of its transposed, interleaved `gate_up_proj` [E, H, 2I]
+    /// (every other column) as [E, I, H]; of its bias [E, 2I], [E, I].
+    Interleaved(String, usize),
+    /// gpt-oss's transposed `down_proj` [E, I, H] as [E, H, I].
+    Transposed(String),
 }
 
 /// One expert's tensor: (expert, Hugging Face name, shape).
 type PerExpert = (usize, String, Vec<usize>);
+
+/// gpt-oss's tensors llama.cpp holds otherwise than transformers: the experts split into gate and
+/// up (de-interleaved, transposed) with their biases, the down experts transposed, the sinks as a
+/// weight. None for another tensor or family.
+fn gpt_oss_tensor(name: &str, shape: &[usize], family: &Family) -> Option<Vec<(String, Origin, Vec<usize>)>> {
+    if !matches!(family.moe.map(|m| &m.stored), Some(ExpertStorage::Interleaved)) {
+        return None;
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let blk = |kind: &str| format!("blk.{layer}.{kind}");
+    let halves = |kind: &str, shape: Vec<usize>| {
+        [("ffn_gate_exps", 0), ("ffn_up_exps", 1)]
+            .into_iter()
+            .map(|(g, h)| (blk(&format!("{g}.{kind}")), Origin::Interleaved(name.to_string(), h), shape.clone()))
+            .collect()
+    };
+    Some(match rest {
+        "self_attn.sinks" => vec![(blk("attn_sinks.weight"), Origin::Tensor(name.to_string()), shape.to_vec())],
+        "mlp.experts.gate_up_proj" => halves("weight", vec![shape[0], shape[2] / 2, shape[1]]),
+        "mlp.experts.gate_up_proj_bias" => halves("bias", vec![shape[0], shape[1] / 2]),
+        "mlp.experts.down_proj" => {
+            vec![(
+                blk("ffn_down_exps.weight"),
+                Origin::Transposed(name.to_string()),
+                vec![shape[0], shape[2], shape[1]],
+            )]
+        }
+        "mlp.experts.down_proj_bias" => {
+            vec![(blk("ffn_down_exps.bias"), Origin::Tensor(name.to_string()), shape.to_vec())]
+        }
+        _ => return None,
+    })
+}
 
 /// A mixture of experts' expert tensor `name`, as llama.cpp stacks it: (layer, its llama.cpp
 /// tensor kind, the expert for a per-expert tensor, the half of a fused gate_up) or None.
@@ -71,7 +111,7 @@ fn expert_tensor(name: &str, family: &Family) -> Option<(usize, &'static str, Op
                 .1;
             Some((layer, kind, Some(e.parse().ok()?), None))
         }
-        // gpt-oss is not written to GGUF from a directory (merged.rs refuses it first).
+        // gpt-oss's are mapped by `gpt_oss_tensor`.
         ExpertStorage::Interleaved => None,
         ExpertStorage::Stacked { gate_up, down, .. } => {
             let part = rest.strip_prefix(layout.block)?.strip_prefix('.')?;
@@ -97,6 +137,10 @@ impl HfBase {
         let mut experts: BTreeMap<(usize, &str), Vec<PerExpert>> = BTreeMap::new();
         for (name, view) in st.tensors() {
             let shape = view.shape().to_vec();
+            if let Some(mapped) = gpt_oss_tensor(&name, &shape, family) {
+                tensors.extend(mapped);
+                continue;
+            }
             if let Some((layer, kind, expert, _)) = expert_tensor(&name, family) {
                 match (kind, expert) {
                     (_, Some(e)) => experts.entry((layer, kind)).or_default().push((e, name.clone(), shape)),
@@ -129,7 +173,8 @@ impl HfBase {
             let names = list.into_iter().map(|e| e.1).collect();
             tensors.push((format!("blk.{layer}.{kind}.weight"), Origin::Experts(names), shape));
         }
-        // Tied embeddings: llama.cpp's OLMoE has no fallback to token_embd, so the output layer is written too.
+        // Tied embeddings: llama.cpp's OLMoE and gpt-oss have no fallback to token_embd, so the output layer is
+        // written too.
         let tied = !tensors.iter().any(|(g, ..)| g == "output.weight");
         if tied && OUTPUT_REQUIRED.contains(&naming.name) {
             let (_, origin, shape) =
@@ -157,6 +202,17 @@ impl HfBase {
             }
             Origin::Tensor(hf) => read(hf)?,
             Origin::Experts(names) => Tensor::stack(&names.iter().map(|n| read(n)).collect::<Result<Vec<_>>>()?, 0)?,
+            Origin::Interleaved(hf, h) => {
+                let t = read(hf)?;
+                let cols = t.dim(t.rank() - 1)?;
+                let picked = Tensor::arange_step(*h as u32, cols as u32, 2, &Device::Cpu)?;
+                let t = t.index_select(&picked, t.rank() - 1)?;
+                match t.rank() {
+                    3 => t.transpose(1, 2)?.contiguous()?,
+                    _ => t,
+                }
+            }
+            Origin::Transposed(hf) => read(hf)?.transpose(1, 2)?.contiguous()?,
             Origin::Half(hf, h) => {
                 let t = read(hf)?;
                 let rows = t.dim(1)? / 2;
@@ -182,7 +238,10 @@ impl HfBase {
         chat_template: Option<&str>,
     ) -> Result<Vec<(String, Value)>> {
         let c = &self.config;
-        if let Some(t) = c.rope_scaling.as_ref().and_then(|s| s.rope_type.as_deref()).filter(|t| *t != "llama3") {
+        let yarn = c.rope_scaling.as_ref().filter(|s| s.rope_type.as_deref() == Some("yarn") && arch == "gpt-oss");
+        if let Some(t) =
+            c.rope_scaling.as_ref().and_then(|s| s.rope_type.as_deref()).filter(|t| *t != "llama3" && yarn.is_none())
+        {
             bail!(
                 "rope scaling '{t}' is not written into a GGUF here; convert the model with llama.cpp's \
                  convert_hf_to_gguf.py and merge the adapter into that GGUF"
@@ -207,13 +266,52 @@ impl HfBase {
         if let Some(moe) = llama_cpp_moe(arch, c)? {
             md.push((format!("{arch}.expert_count"), u(moe.experts)));
             md.push((format!("{arch}.expert_used_count"), u(moe.top_k)));
-            if arch == "qwen3moe" {
+            if arch == "qwen3moe" || arch == "gpt-oss" {
                 md.push((format!("{arch}.expert_feed_forward_length"), u(moe.intermediate)));
             }
+        }
+        if arch == "gpt-oss" {
+            md.extend(gpt_oss_metadata(c)?);
+        }
+        if let Some(y) = yarn {
+            if y.truncate == Some(false) {
+                crate::progress::warn(
+                    "this config's YaRN leaves the ramp's bounds unrounded (truncate: false); llama.cpp rounds them, \
+                     so its rotary frequencies differ slightly from transformers' and tunekit's",
+                );
+            }
+            let f = |v: f64| Value::F32(v as f32);
+            md.push((format!("{arch}.rope.scaling.type"), Value::String("yarn".into())));
+            md.push((format!("{arch}.rope.scaling.factor"), f(y.factor.unwrap_or(1.0))));
+            let original = y.original_max_position_embeddings.unwrap_or(c.max_position_embeddings);
+            md.push((format!("{arch}.rope.scaling.original_context_length"), u(original)));
+            md.push((format!("{arch}.rope.scaling.yarn_beta_fast"), f(y.beta_fast.unwrap_or(32.0))));
+            md.push((format!("{arch}.rope.scaling.yarn_beta_slow"), f(y.beta_slow.unwrap_or(1.0))));
         }
         md.extend(tokenizer_metadata(tok, c, chat_template)?);
         Ok(md)
     }
+}
+
+/// gpt-oss's keys beyond the shape: the sliding window (on the even layers, as llama.cpp places it);
+/// an error for a clamped SwiGLU other than the one llama.cpp computes (alpha 1.702, limit 7).
+fn gpt_oss_metadata(c: &ModelConfig) -> Result<Vec<(String, Value)>> {
+    let a = crate::train::model::family::describe(c)?;
+    let clamp = a.moe.as_ref().and_then(|m| m.clamp).context("gpt-oss's experts are clamped")?;
+    if (clamp.alpha - 1.702).abs() > 1e-6 || (clamp.limit - 7.0).abs() > 1e-6 {
+        bail!(
+            "this gpt-oss's experts clamp with swiglu_limit {} (alpha {}); llama.cpp's gpt-oss computes 7 (1.702), \
+             so the GGUF would not be this model",
+            clamp.limit,
+            clamp.alpha
+        );
+    }
+    let windows: Vec<Option<usize>> = a.layers.iter().map(|l| l.window).collect();
+    let Some(window) = windows[0] else { bail!("llama.cpp's gpt-oss slides its window on the even layers") };
+    if windows.iter().enumerate().any(|(i, w)| *w != (i % 2 == 0).then_some(window)) {
+        bail!("this gpt-oss's sliding-window layers are not the even ones, which llama.cpp's gpt-oss assumes");
+    }
+    Ok(vec![("gpt-oss.attention.sliding_window".to_string(), Value::U32(window as u32))])
 }
 
 /// A mixture of experts as llama.cpp's `arch` computes it, or None for a dense model; an error

@@ -193,7 +193,7 @@ fn open_base(
     if base.is_dir() {
         let config = ModelConfig::from_file(&base.join("config.json"))?;
         let family = of_model_type(&config.model_type)?;
-        if !matches!(family.gguf.name, "llama" | "qwen2" | "qwen3" | "qwen3moe" | "olmoe") {
+        if !matches!(family.gguf.name, "llama" | "qwen2" | "qwen3" | "qwen3moe" | "olmoe" | "gpt-oss") {
             bail!(
                 "{}: a {} model directory is not written to GGUF here; convert the base with llama.cpp's \
                  convert_hf_to_gguf.py and merge the adapter into that GGUF (--base BASE.gguf)",

@@ -120,25 +120,27 @@ pub fn write_random_model(config: &ModelConfig, seed: u64, out: &Path) -> Result
             let experts = (0..moe.experts)
                 .map(|_| Ok((normal((mi, h))?, normal((mi, h))?, normal((h, mi))?)))
                 .collect::<Result<Vec<_>>>()?;
-            // Biases (zero) where the family has them (gpt-oss).
-            let zeros = |n: usize| Tensor::zeros(n, DType::F32, &device);
+            // Biases where the family has them (gpt-oss).
             let biases = match layout.stored {
-                ExpertStorage::Interleaved => Some(Biases {
-                    router: zeros(moe.experts)?,
-                    experts: (0..moe.experts)
-                        .map(|_| Ok((zeros(mi)?, zeros(mi)?, zeros(h)?)))
-                        .collect::<Result<Vec<_>>>()?,
-                }),
+                ExpertStorage::Interleaved => {
+                    let mut bias = |n: usize| -> Result<Tensor> { Ok(normal((1, n))?.squeeze(0)?) };
+                    Some(Biases {
+                        router: bias(moe.experts)?,
+                        experts: (0..moe.experts)
+                            .map(|_| Ok((bias(mi)?, bias(mi)?, bias(h)?)))
+                            .collect::<Result<Vec<_>>>()?,
+                    })
+                }
                 _ => None,
             };
             t.extend(crate::train::model::moe::stored_layout(layout, l, router, experts, biases)?);
         }
         if arch.attn_sinks {
-            // gpt-oss: q/k/v/o biases and the sinks (zero).
+            // gpt-oss: q/k/v/o biases, and the sinks (a logit per head, std 1).
             for (n, len) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)] {
-                t.insert(format!("{p}.self_attn.{n}.bias"), Tensor::zeros(len, DType::F32, &device)?);
+                t.insert(format!("{p}.self_attn.{n}.bias"), normal((1, len))?.squeeze(0)?);
             }
-            t.insert(format!("{p}.self_attn.sinks"), Tensor::zeros(config.num_attention_heads, DType::F32, &device)?);
+            t.insert(format!("{p}.self_attn.sinks"), (normal((1, config.num_attention_heads))?.squeeze(0)? * 50.0)?);
         }
         for n in family.norms.iter().flatten() {
             t.insert(format!("{p}.{n}.weight"), unit(h)?);

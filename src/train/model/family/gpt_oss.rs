@@ -7,7 +7,7 @@
 //! MXFP4.
 
 use super::{layer_types, llama, Arch, ClampedSwiglu, ExpertStorage, Family, Moe, MoeLayout};
-use crate::gguf::names::{Naming, GPT_OSS_LAYER, PRE_NORMS, PROJECTIONS};
+use crate::gguf::names::{Naming, GPT_OSS_LAYER, GPT_OSS_NORMS, PROJECTIONS};
 use crate::train::model::config::ModelConfig;
 use anyhow::Result;
 
@@ -17,7 +17,7 @@ pub const GPT_OSS: Family = Family {
     name: "gpt-oss",
     model_types: &["gpt_oss"],
     hf_classes: &["GptOssForCausalLM"],
-    gguf: Naming { name: "gpt-oss", rotary_order: false, layer: &[PROJECTIONS, PRE_NORMS, GPT_OSS_LAYER] },
+    gguf: Naming { name: "gpt-oss", rotary_order: false, layer: &[PROJECTIONS, GPT_OSS_NORMS, GPT_OSS_LAYER] },
     moe: Some(&EXPERTS),
     describe,
     ..llama::LLAMA
