@@ -170,7 +170,7 @@ fn merged_weights_give_the_adapter_logits() {
 fn config_file_keys_with_command_line_overrides() {
     let dir = tempfile::tempdir().unwrap();
     common::counting_shards(&dir.path().join("shards"), 128, 10);
-    std::fs::write(dir.path().join("cfg.toml"), "lr = 1e-3\nlora_r = 2\ntarget = \"q_proj,v_proj\"\nmax_steps = 3\nbatch_tokens = 128\neval_every = 0\nrslora = true\n").unwrap();
+    std::fs::write(dir.path().join("cfg.toml"), "lr = 1e-3\nlora_r = 2\ntarget = \"q_proj,v_proj\"\nmax_steps = 3\nbatch_tokens = 128\neval_every = 0\nrslora = true\nloraplus_lr_ratio = 16.0\n").unwrap();
     let m = model_dir();
     let out = common::tunekit(
         &[
@@ -196,6 +196,14 @@ fn config_file_keys_with_command_line_overrides() {
     assert_eq!(cfg["r"], 2);
     assert_eq!(cfg["use_rslora"], true);
     assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    // LoRA+ trains a plain LoRA adapter; a ratio that is not a positive number is refused.
+    assert!(cfg.get("loraplus_lr_ratio").is_none(), "{cfg}");
+    let bad = common::tunekit(
+        &["train", "--model", m.to_str().unwrap(), "--data", "shards", "--out", "r0", "--loraplus-lr-ratio", "0"],
+        dir.path(),
+    );
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && e.contains("--loraplus-lr-ratio 0"), "{e}");
     let eval = common::tunekit(
         &["--json", "eval", "--model", m.to_str().unwrap(), "--adapter", "run", "--data", "shards"],
         dir.path(),

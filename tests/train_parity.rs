@@ -74,8 +74,7 @@ fn check(arch: &str) {
         assert!(d < 1e-4 * scale, "{arch}: gradient of {n} differs from torch by {d} (max {scale})");
     }
     let embed_before = model.embed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mut opt =
-        AdamW::new(AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, &vars).unwrap();
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, &named).unwrap();
     opt.update(&vars, &g, 1e-2).unwrap();
     // Adam's first step is lr * g / (|g| + eps): where |g| is near eps, float noise in g moves
     // the update; compare where the gradient is clearly resolved.
@@ -88,6 +87,64 @@ fn check(arch: &str) {
         assert!(d < 1e-5, "{arch}: {n} after one AdamW step differs from torch by {d}");
     }
     assert_eq!(model.embed.flatten_all().unwrap().to_vec1::<f32>().unwrap(), embed_before, "base weights never change");
+}
+
+/// LoRA+ (`--loraplus-lr-ratio 16`) against PEFT's `create_loraplus_optimizer` over torch's AdamW
+/// (tests/fixtures/train/loraplus_steps.py): the same losses over three steps and the same adapter
+/// after them, B having moved at 16 times A's learning rate.
+#[test]
+fn loraplus_steps_are_pefts() {
+    let Some(py) = common::python_with("peft") else { return };
+    let (dir, _, row) = fixture("qwen2");
+    let out = tempfile::tempdir().unwrap();
+    let want_file = out.path().join("loraplus.safetensors");
+    let script = common::root().join("tests/fixtures/train/loraplus_steps.py");
+    let o = std::process::Command::new(&py)
+        .args([script.to_str().unwrap(), dir.to_str().unwrap(), want_file.to_str().unwrap(), "16", "3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = candle_core::safetensors::load(&want_file, &Device::Cpu).unwrap();
+    let dev = Device::Cpu;
+    let mut model = Model::from_base(&load_base(&dir, &dev, None).unwrap(), &dev).unwrap();
+    tunekit::train::io::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
+    let batch = Batch::from_rows(&[&row], &dev).unwrap();
+    let named = model.lora_vars();
+    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.01, loraplus_lr_ratio: Some(16.0), ..Default::default() };
+    let mut opt = AdamW::new(cfg, &named).unwrap();
+    let start: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
+    let losses = want["losses"].to_vec1::<f32>().unwrap();
+    let mut first: HashMap<String, Tensor> = HashMap::new();
+    for want_loss in losses {
+        let loss = (model.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+        let got = loss.to_scalar::<f32>().unwrap();
+        assert!((got - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0), "loss {got} vs PEFT's {want_loss}");
+        let grads = loss.backward().unwrap();
+        let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect();
+        if first.is_empty() {
+            first = named.iter().zip(&g).map(|((n, _), g)| (n.clone(), g.clone())).collect();
+        }
+        opt.update(&vars, &g, 1e-2).unwrap();
+    }
+    let mut moved = (0f32, 0f32);
+    for ((n, v), before) in named.iter().zip(&start) {
+        let w = want.get(n).unwrap_or_else(|| panic!("PEFT's run lacks {n}"));
+        // Where the first gradient is near Adam's eps, float noise in it moves the update: compare
+        // where it is resolved.
+        let resolved = first[n].abs().unwrap().ge(1e-6).unwrap().to_dtype(DType::F32).unwrap();
+        let d = ((v.as_tensor() - w).unwrap().abs().unwrap() * resolved).unwrap();
+        let d = d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "{n} after three LoRA+ steps differs from PEFT's by {d}");
+        let m = max_diff(v.as_tensor(), before);
+        if n.contains("lora_B") {
+            moved.1 = moved.1.max(m)
+        } else {
+            moved.0 = moved.0.max(m)
+        }
+    }
+    // Adam moves each weight by about lr per step: B's by 16 times A's.
+    assert!(moved.1 > 8.0 * moved.0, "B moved {} and A {}: B's learning rate is not 16x", moved.1, moved.0);
 }
 
 #[test]

@@ -85,6 +85,11 @@ pub struct TrainArgs {
     /// rsLoRA scaling (alpha / sqrt(r)).
     #[arg(long)]
     pub rslora: bool,
+    /// LoRA+: train the B matrices at this multiple of --lr (A at --lr), as PEFT's
+    /// create_loraplus_optimizer groups them (1-D parameters, a router's bias, with B and not
+    /// decayed). The paper suggests 16; the adapter is plain LoRA.
+    #[arg(long, value_name = "RATIO")]
+    pub loraplus_lr_ratio: Option<f64>,
     /// Evaluate on the eval shards every N steps (0 = never).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
@@ -240,6 +245,9 @@ impl TrainArgs {
             let name = clap::ValueEnum::to_possible_value(&self.method).map(|v| v.get_name().to_string());
             bail!("--lora-dropout applies to SFT runs only; leave it at 0 for --method {}", name.unwrap_or_default());
         }
+        if let Some(r) = self.loraplus_lr_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
+            bail!("--loraplus-lr-ratio {r}: B's learning rate is a positive multiple of A's (PEFT suggests 16)");
+        }
         let method = match self.method {
             TrainMethod::Sft => Method::Sft,
             TrainMethod::Dpo => Method::Dpo(Dpo { beta: self.beta.unwrap_or(0.1), loss: self.dpo_loss }),
@@ -288,7 +296,12 @@ impl TrainArgs {
             out: self.out,
             epochs: self.epochs,
             max_steps: self.max_steps,
-            optim: AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..Default::default() },
+            optim: AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                loraplus_lr_ratio: self.loraplus_lr_ratio,
+                ..Default::default()
+            },
             warmup_steps: self.warmup_steps,
             schedule: self.schedule,
             batch_tokens: self.batch_tokens,

@@ -19,12 +19,16 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// LoRA+: B matrices (and 1-D parameters, not decayed) at this multiple of the learning rate, as
+    /// PEFT's `create_loraplus_optimizer` groups them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
         // transformers' TrainingArguments defaults (weight decay 0.0 there; PEFT users usually set it).
-        AdamWConfig { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, loraplus_lr_ratio: None }
     }
 }
 
@@ -33,13 +37,25 @@ pub struct AdamW {
     pub step: u64,
     pub m: Vec<Tensor>,
     pub v: Vec<Tensor>,
+    /// Each variable's parameter group: its multiple of the learning rate, and whether it decays.
+    pub groups: Vec<Group>,
+}
+
+/// A variable's parameter group, as torch's optimizers hold per-group settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Group {
+    pub lr_scale: f64,
+    pub decay: bool,
 }
 
 impl AdamW {
-    pub fn new(cfg: AdamWConfig, vars: &[Var]) -> Result<Self> {
-        let m = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, step: 0, m, v })
+    /// The optimizer over `vars`, named as `Model::lora_vars` names them (their names place them in
+    /// LoRA+'s groups).
+    pub fn new(cfg: AdamWConfig, vars: &[(String, Var)]) -> Result<Self> {
+        let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let groups = vars.iter().map(|(n, v)| group_of(&cfg, n, v.rank())).collect();
+        Ok(AdamW { cfg, step: 0, m, v, groups })
     }
 
     /// One update of every variable with its gradient, at learning rate `lr`.
@@ -51,11 +67,13 @@ impl AdamW {
         #[cfg(feature = "cuda")]
         if vars.first().is_some_and(|v| v.device().is_cuda()) {
             for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+                let Group { lr_scale, decay } = self.groups[i];
+                let (lr, weight_decay) = (lr * lr_scale, if decay { c.weight_decay } else { 0.0 });
                 let g = g.contiguous()?;
                 self.m[i].inplace_op2(&g, &gpu::Ema { beta: c.beta1 as f32, square: false })?;
                 self.v[i].inplace_op2(&g, &gpu::Ema { beta: c.beta2 as f32, square: true })?;
                 let apply = gpu::Apply {
-                    decay: (1.0 - lr * c.weight_decay) as f32,
+                    decay: (1.0 - lr * weight_decay) as f32,
                     step: (lr / bc1) as f32,
                     inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
                     eps: c.eps as f32,
@@ -65,10 +83,12 @@ impl AdamW {
             return Ok(());
         }
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+            let Group { lr_scale, decay } = self.groups[i];
+            let (lr, weight_decay) = (lr * lr_scale, if decay { c.weight_decay } else { 0.0 });
             self.m[i] = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let p = if c.weight_decay > 0.0 {
-                (var.as_tensor() * (1.0 - lr * c.weight_decay))?
+            let p = if weight_decay > 0.0 {
+                (var.as_tensor() * (1.0 - lr * weight_decay))?
             } else {
                 var.as_tensor().clone()
             };
@@ -77,6 +97,16 @@ impl AdamW {
             var.set(&(p - upd)?)?;
         }
         Ok(())
+    }
+}
+
+/// A variable's group: every one at the learning rate and decayed, but under LoRA+ (PEFT's
+/// `create_loraplus_optimizer`): B matrices and 1-D parameters (a router's bias) at the ratio's
+/// multiple, the 1-D ones not decayed.
+fn group_of(cfg: &AdamWConfig, name: &str, rank: usize) -> Group {
+    match cfg.loraplus_lr_ratio {
+        Some(ratio) if name.contains("lora_B") || rank == 1 => Group { lr_scale: ratio, decay: rank > 1 },
+        _ => Group { lr_scale: 1.0, decay: true },
     }
 }
 

@@ -41,7 +41,7 @@ pub fn train<R: Recipe>(
     if world.size > 1 {
         world.check_same(ranks::run_digest(opts)?, "options or data")?;
     }
-    let mut optim = AdamW::new(opts.optim.clone(), &t.vars)?;
+    let mut optim = AdamW::new(opts.optim.clone(), &t.vars_named)?;
     let mut step = match resume {
         Some(dir) => checkpoints::resume(dir, &t, &mut optim, &mut recipe)?,
         None => 0,
