@@ -100,13 +100,14 @@ impl AdamW {
     }
 }
 
-/// A variable's group: every one at the learning rate and decayed, but under LoRA+ (PEFT's
-/// `create_loraplus_optimizer`): B matrices and 1-D parameters (a router's bias) at the ratio's
-/// multiple, the 1-D ones not decayed.
+/// A variable's group: matrices decayed, 1-D parameters (a trained router's bias) not, as
+/// transformers' Trainer leaves biases; all at the learning rate but under LoRA+ (PEFT's
+/// `create_loraplus_optimizer`), where B matrices and 1-D parameters go at the ratio's multiple.
 fn group_of(cfg: &AdamWConfig, name: &str, rank: usize) -> Group {
+    let decay = rank > 1;
     match cfg.loraplus_lr_ratio {
-        Some(ratio) if name.contains("lora_B") || rank == 1 => Group { lr_scale: ratio, decay: rank > 1 },
-        _ => Group { lr_scale: 1.0, decay: true },
+        Some(ratio) if name.contains("lora_B") || rank == 1 => Group { lr_scale: ratio, decay },
+        _ => Group { lr_scale: 1.0, decay },
     }
 }
 
