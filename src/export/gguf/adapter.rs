@@ -98,6 +98,8 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
     let mut specs = vec![];
     let mut mats: Vec<Tensor> = vec![];
     let mut fallbacks = 0;
+    // (llama.cpp's base weight, A, B) of every adapted projection, then of the experts.
+    let mut pairs: Vec<(String, Tensor, Tensor)> = vec![];
     for layer in 0..base.num_hidden_layers {
         for &(module, gguf_module) in &modules {
             let key = |ab: &str| peft_key(&format!("model.layers.{layer}.{module}"), ab);
@@ -119,31 +121,22 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
                 (true, "self_attn.k_proj") => to_gguf(b, base.kv_heads())?,
                 _ => b.clone(),
             };
-            let weight = format!("blk.{layer}.{gguf_module}.weight");
-            for (suffix, m) in [("lora_a", a.clone()), ("lora_b", b)] {
-                let mut dtype = ty.ggml();
-                if !m.dims()[1].is_multiple_of(dtype.block_size()) {
-                    dtype = GgmlDType::F16;
-                    fallbacks += 1;
-                }
-                specs.push(TensorSpec { name: format!("{weight}.{suffix}"), shape: m.dims().to_vec(), dtype });
-                mats.push(m);
-            }
+            pairs.push((format!("blk.{layer}.{gguf_module}.weight"), a.clone(), b));
         }
     }
     let alpha = if settings.rslora { settings.alpha * (r as f64).sqrt() } else { settings.alpha };
     if tensors.keys().any(|k| crate::train::model::moe::is_expert_adapter(k)) {
-        let experts = expert_matrices(adapter_dir, base, &settings, &tensors, alpha)?;
-        for (weight, a, b) in experts {
-            for (suffix, m) in [("lora_a", a), ("lora_b", b)] {
-                let mut dtype = ty.ggml();
-                if !m.dims()[m.rank() - 1].is_multiple_of(dtype.block_size()) {
-                    dtype = GgmlDType::F16;
-                    fallbacks += 1;
-                }
-                specs.push(TensorSpec { name: format!("{weight}.{suffix}"), shape: m.dims().to_vec(), dtype });
-                mats.push(m);
+        pairs.extend(expert_matrices(adapter_dir, base, &settings, &tensors, alpha)?);
+    }
+    for (weight, a, b) in pairs {
+        for (suffix, m) in [("lora_a", a), ("lora_b", b)] {
+            let mut dtype = ty.ggml();
+            if !m.dims()[m.rank() - 1].is_multiple_of(dtype.block_size()) {
+                dtype = GgmlDType::F16;
+                fallbacks += 1;
             }
+            specs.push(TensorSpec { name: format!("{weight}.{suffix}"), shape: m.dims().to_vec(), dtype });
+            mats.push(m);
         }
     }
     let highest = tensors.keys().filter_map(|k| layer_of(k)).max();
