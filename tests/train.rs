@@ -51,6 +51,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         dtype: Precision::Auto,
         rl: Default::default(),
         router_aux_loss_coef: None,
+        full: false,
     }
 }
 
@@ -538,4 +539,108 @@ fn a_mixture_of_experts_logs_its_expert_load_and_a_collapsed_router_is_warned() 
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("not a mixture of experts"), "{e}");
+}
+
+/// `train --full` end to end through the binary: every weight trains and the loss falls; the run
+/// directory is a Hugging Face model directory (weights, config, generation config, the tokenizer
+/// the data was prepared with) that transformers loads with no missing or unexpected weight and
+/// the same logits, and that `eval` and `generate --model` take; a run resumed from its checkpoint
+/// ends with the same bytes; `--full` with `--qlora` is refused with the reason.
+#[test]
+fn full_fine_tuning_writes_a_model_directory_that_transformers_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::counting_shards(&d.join("shards"), 128, 30);
+    let tok = common::word_tokenizer(d);
+    let m = serde_json::json!({"tokenizer": {"vocab_size": 128, "path": tok.to_str().unwrap()}, "seq_len": 64});
+    std::fs::write(d.join("shards/manifest.json"), m.to_string()).unwrap();
+    let model = model_dir();
+    let run = |out: &str, steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--full",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            "shards",
+            "--out",
+            out,
+            "--max-steps",
+            steps,
+            "--lr",
+            "2e-3",
+            "--batch-tokens",
+            "128",
+            "--save-every",
+            "4",
+            "--eval-every",
+            "8",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = common::tunekit(&args, d);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        common::stdout_json(&o)
+    };
+    let s = run("full", "8", &["--gradient-checkpointing"]);
+    assert_eq!(s["full"], true, "{s}");
+    assert_eq!(s["trainable_params"], s["total_params"], "{s}");
+    assert!(s["final_eval_loss"].as_f64().unwrap() < s["first_eval_loss"].as_f64().unwrap(), "{s}");
+    let out = d.join("full");
+    for f in ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(out.join(f).exists(), "the run directory lacks {f}");
+    }
+    assert!(!out.join("adapter_model.safetensors").exists());
+    // Every weight moved, the norms too.
+    let before = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let after = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(before.len(), after.len());
+    for (n, b) in &before {
+        let moved = (&after[n] - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 0.0, "{n} did not train");
+    }
+    // Resumed from step 4, the same model.
+    run("resumed", "8", &["--gradient-checkpointing", "--resume", "full/checkpoint-4"]);
+    let a = std::fs::read(out.join("model.safetensors")).unwrap();
+    let b = std::fs::read(d.join("resumed/model.safetensors")).unwrap();
+    assert!(a == b, "a resumed full fine-tune must end with the same weights");
+    // eval and generate take the run directory as the model.
+    let o = common::tunekit(&["eval", "--model", "full", "--data", "shards", "--json"], d);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = common::stdout_json(&o);
+    let got = e["loss"].as_f64().unwrap();
+    assert!((got - s["final_eval_loss"].as_f64().unwrap()).abs() < 1e-4, "{e} vs {s}");
+    let o = common::tunekit(&["generate", "--model", "full", "--prompt", "t10 t11 t12", "--max-new-tokens", "4"], d);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // transformers loads it: no missing, unexpected or mismatched weight, the same logits.
+    if let Some(py) = common::python_with("transformers") {
+        let dev = Device::Cpu;
+        let m =
+            tunekit::train::model::Model::from_base(&tunekit::train::io::load_base(&out, &dev, None).unwrap(), &dev)
+                .unwrap();
+        let ids = Tensor::from_vec((3..23u32).collect::<Vec<_>>(), 20, &dev).unwrap();
+        let pos = Tensor::arange(0u32, 20, &dev).unwrap();
+        let ours = m.logits(&ids, &pos, &[20]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let script = "import sys, json, torch\n\
+from transformers import AutoModelForCausalLM, AutoTokenizer\n\
+m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True, dtype=torch.float32)\n\
+AutoTokenizer.from_pretrained(sys.argv[1])\n\
+with torch.no_grad():\n    l = m(torch.arange(3, 23)[None]).logits[0].flatten().tolist()\n\
+print(json.dumps({'info': {k: list(v) for k, v in info.items()}, 'logits': l}))\n";
+        let o = std::process::Command::new(py).args(["-c", script, out.to_str().unwrap()]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for (k, list) in v["info"].as_object().unwrap() {
+            assert!(list.as_array().unwrap().is_empty(), "transformers reports {k}: {list}");
+        }
+        let theirs: Vec<f64> = v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let gap = ours.iter().zip(&theirs).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        assert!(gap < 1e-4, "transformers' logits differ from tunekit's by {gap}");
+    }
+    let o = common::tunekit(
+        &["train", "--full", "--qlora", "nf4", "--model", model.to_str().unwrap(), "--data", "shards", "--out", "q"],
+        d,
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--full") && e.contains("--qlora nf4"), "{e}");
 }

@@ -147,6 +147,90 @@ fn loraplus_steps_are_pefts() {
     assert!(moved.1 > 8.0 * moved.0, "B moved {} and A {}: B's learning rate is not 16x", moved.1, moved.0);
 }
 
+/// Full fine-tuning against PyTorch (tests/fixtures/train/full_steps.py: every weight trained by
+/// torch's AdamW, matrices decayed and 1-D weights not): the first step's gradient of every weight
+/// (plain backward and gradient checkpointing alike), the five losses to 1e-5 relative, and every
+/// weight after five steps.
+fn full_steps_are_torchs(arch: &str) {
+    let Some(py) = common::python_with("transformers") else { return };
+    let (dir, _, row) = fixture(arch);
+    let out = tempfile::tempdir().unwrap();
+    let want_file = out.path().join("full.safetensors");
+    let script = common::root().join("tests/fixtures/train/full_steps.py");
+    let o = std::process::Command::new(&py)
+        .args([script.to_str().unwrap(), dir.to_str().unwrap(), want_file.to_str().unwrap(), "5", "1e-3", "0.01"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = candle_core::safetensors::load(&want_file, &Device::Cpu).unwrap();
+    let dev = Device::Cpu;
+    let mut model = Model::from_base(&load_base(&dir, &dev, None).unwrap(), &dev).unwrap();
+    model.train_in_full().unwrap();
+    let batch = Batch::from_rows(&[&row], &dev).unwrap();
+    let named = model.trained_vars();
+    let torch_names: Vec<&String> = want.keys().filter(|k| !k.starts_with("grad.") && *k != "losses").collect();
+    assert_eq!(
+        named.len(),
+        torch_names.len(),
+        "{arch}: tunekit trains {} tensors, torch {}",
+        named.len(),
+        torch_names.len()
+    );
+    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..Default::default() };
+    let mut opt = AdamW::new(cfg, &named).unwrap();
+    let losses = want["losses"].to_vec1::<f32>().unwrap();
+    for (step, want_loss) in losses.into_iter().enumerate() {
+        let loss = (model.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+        let got = loss.to_scalar::<f32>().unwrap();
+        assert!(
+            (got - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
+            "{arch} step {step}: loss {got} vs torch's {want_loss}"
+        );
+        let grads = loss.backward().unwrap();
+        let g: Vec<Tensor> = named
+            .iter()
+            .map(|(n, v)| grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{arch}: no gradient for {n}")).clone())
+            .collect();
+        if step == 0 {
+            let (_, checkpointed) =
+                model.loss_and_grads_checkpointed(&batch, None, 4, 1.0 / batch.trained as f64, 0.0).unwrap();
+            for (((n, _), g), c) in named.iter().zip(&g).zip(&checkpointed) {
+                let w = &want[&format!("grad.{n}")];
+                let scale =
+                    w.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+                let d = max_diff(g, w);
+                assert!(d < 1e-4 * scale, "{arch}: gradient of {n} differs from torch's by {d} (max {scale})");
+                let d = max_diff(c, w);
+                assert!(d < 1e-4 * scale, "{arch}: checkpointed gradient of {n} differs from torch's by {d}");
+            }
+        }
+        opt.update(&vars, &g, 1e-3).unwrap();
+    }
+    for (n, v) in &named {
+        let w = want.get(n).unwrap_or_else(|| panic!("{arch}: torch's run lacks {n}"));
+        let resolved = want[&format!("grad.{n}")].abs().unwrap().ge(1e-6).unwrap().to_dtype(DType::F32).unwrap();
+        let d = ((v.as_tensor() - w).unwrap().abs().unwrap() * resolved).unwrap();
+        let d = d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "{arch}: {n} after five full fine-tuning steps differs from torch's by {d}");
+    }
+}
+
+#[test]
+fn full_fine_tuning_llama_tied_is_torchs() {
+    full_steps_are_torchs("llama");
+}
+
+#[test]
+fn full_fine_tuning_qwen2_bias_untied_is_torchs() {
+    full_steps_are_torchs("qwen2");
+}
+
+#[test]
+fn full_fine_tuning_qwen3_qk_norm_is_torchs() {
+    full_steps_are_torchs("qwen3");
+}
+
 #[test]
 fn llama_gqa_tied_rope_scaling() {
     check("llama");

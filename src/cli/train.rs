@@ -90,6 +90,11 @@ pub struct TrainArgs {
     /// decayed). The paper suggests 16; the adapter is plain LoRA.
     #[arg(long, value_name = "RATIO")]
     pub loraplus_lr_ratio: Option<f64>,
+    /// Full fine-tuning: train every weight (f32 master weights and AdamW states; no adapter). The
+    /// output directory is then a Hugging Face model directory (sharded safetensors, config,
+    /// tokenizer, generation config) that transformers loads and `--model` takes. SFT only for now.
+    #[arg(long)]
+    pub full: bool,
     /// Evaluate on the eval shards every N steps (0 = never).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
@@ -248,6 +253,29 @@ impl TrainArgs {
         if let Some(r) = self.loraplus_lr_ratio.filter(|r| !(r.is_finite() && *r > 0.0)) {
             bail!("--loraplus-lr-ratio {r}: B's learning rate is a positive multiple of A's (PEFT suggests 16)");
         }
+        if self.full {
+            if let Some(q) = self.qlora {
+                bail!(
+                    "--full trains every weight in f32; --qlora {} freezes the base in 4 bits for adapters: \
+                     choose one",
+                    clap::ValueEnum::to_possible_value(&q).map(|v| v.get_name().to_string()).unwrap_or_default()
+                );
+            }
+            if self.qlora_embeddings {
+                bail!("--full trains the embedding in f32; drop --qlora-embeddings");
+            }
+            if self.loraplus_lr_ratio.is_some() {
+                bail!("--loraplus-lr-ratio sets the learning rate of LoRA's B matrices; --full trains no adapter");
+            }
+            if self.method != TrainMethod::Sft {
+                bail!(
+                    "--full supports --method sft for now; train {} with LoRA adapters (leave out --full)",
+                    clap::ValueEnum::to_possible_value(&self.method)
+                        .map(|v| v.get_name().to_string())
+                        .unwrap_or_default()
+                );
+            }
+        }
         let method = match self.method {
             TrainMethod::Sft => Method::Sft,
             TrainMethod::Dpo => Method::Dpo(Dpo { beta: self.beta.unwrap_or(0.1), loss: self.dpo_loss }),
@@ -329,6 +357,7 @@ impl TrainArgs {
             dtype: self.compute.dtype,
             rl,
             router_aux_loss_coef: self.router_aux_loss_coef,
+            full: self.full,
         })
     }
 }

@@ -138,6 +138,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
             dtype: Default::default(),
             rl: Default::default(),
             router_aux_loss_coef: None,
+            full: false,
         },
         None,
     )?;

@@ -33,7 +33,10 @@ impl Summary for TrainSummary {
                 }
             }
         }
-        println!("  adapter:    {}/adapter_model.safetensors (PEFT format)", self.out);
+        match self.full {
+            true => println!("  model:      {} (Hugging Face model directory, every weight trained)", self.out),
+            false => println!("  adapter:    {}/adapter_model.safetensors (PEFT format)", self.out),
+        }
         println!("  metrics:    {}", self.metrics);
         if let Some(p) = &self.plot {
             println!("  loss curve: {p}");

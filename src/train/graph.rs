@@ -10,7 +10,7 @@
 //! dense weight; the quantised forms are in `model::quant`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 use std::sync::Arc;
 
 thread_local! {
@@ -129,6 +129,41 @@ macro_rules! attached_forward {
     };
 }
 pub(crate) use attached_forward;
+
+/// `y = x @ w^T` for a trained `w` [out, in] (full fine-tuning): the frozen matmul's forward,
+/// attached over (x, w) with both gradients, `dx = dy w` and `dw = dy^T x`. Inside [`no_grad`]
+/// the plain product.
+pub fn trained_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let y = x.detach().contiguous()?.apply_op1(FrozenMatmul { w: w.detach() })?;
+    match recording() {
+        true => Ok(y.with_backward2(x, w, TrainedMatmulFn)),
+        false => Ok(y),
+    }
+}
+
+/// The backward of [`trained_matmul`].
+struct TrainedMatmulFn;
+
+impl CustomOp2 for TrainedMatmulFn {
+    fn name(&self) -> &'static str {
+        "trained-matmul"
+    }
+
+    attached_forward!(2);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.detach();
+        let dx = dy.matmul(&w.detach())?;
+        let dw = dy.t()?.matmul(&x.detach())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
 
 /// The f32 values of a contiguous CPU storage (the row-wise CPU kernels read their input this way).
 pub fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {

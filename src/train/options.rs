@@ -123,4 +123,8 @@ pub struct TrainOptions {
     /// (`router_aux_loss_coef` where `output_router_logits` is true, else 0, as transformers).
     #[serde(default)]
     pub router_aux_loss_coef: Option<f64>,
+    /// Full fine-tuning: every weight trained (f32 master weights), no adapter; the run directory
+    /// is a Hugging Face model directory.
+    #[serde(default)]
+    pub full: bool,
 }

@@ -6,6 +6,7 @@
 pub mod gguf;
 pub mod hf;
 pub mod merge;
+pub mod model_dir;
 pub mod peft;
 
 pub use crate::train::device::Qlora;

@@ -9,7 +9,7 @@ use candle_core::{Tensor, Var};
 
 impl Model {
     /// Gradient checkpointing: the loss sum of `loss_sum` and the gradients of `scale * loss` for
-    /// every adapter variable (in `lora_vars` order), keeping only each layer's input during the forward and recomputing one
+    /// every trained variable (in `trained_vars` order: the adapters, or every weight), keeping only each layer's input during the forward and recomputing one
     /// layer at a time in the backward (the same dropout masks replayed). Peak memory is one layer's
     /// activations instead of all of them, for about one more forward pass. A mixture of experts
     /// adds `aux_weight` x its load-balancing loss to the objective (each sparse layer's part in
@@ -23,8 +23,9 @@ impl Model {
         aux_weight: f64,
     ) -> candle_core::Result<(f64, Vec<Tensor>)> {
         let mut found: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
+        let trained = self.trained_vars();
         if batch.trained == 0 {
-            let zeros = self.lora_vars().iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<_>>()?;
+            let zeros = trained.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<_>>()?;
             return Ok((0.0, zeros));
         }
         let rot = self.rotations(&batch.position_ids)?;
@@ -54,7 +55,10 @@ impl Model {
         let h = self.final_norm(top.as_tensor())?;
         let loss = self.head_loss(&h, batch, chunk)?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
-        let mut upstream = (loss * scale)?.backward()?.remove(top.as_tensor()).expect("the head depends on x");
+        let mut head = (loss * scale)?.backward()?;
+        let mut upstream = head.remove(top.as_tensor()).expect("the head depends on x");
+        // In full fine-tuning the final norm's and the head's weights have their gradients here.
+        keep_grads(&mut found, &mut head, self.full.iter().map(|(_, v)| v))?;
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let input = Var::from_tensor(&inputs[i])?;
             let mut replay = rng_states[i].map(SplitMix64::from_state);
@@ -72,17 +76,20 @@ impl Model {
                 objective = (objective + (super::routing::layer_term(&r, w)? * aux_weight)?)?;
             }
             let mut grads = objective.backward()?;
-            for v in layer.trained_vars() {
-                if let Some(g) = grads.remove(v.as_tensor()) {
-                    found.insert(v.as_tensor().id(), g);
-                }
+            match self.is_full() {
+                true => keep_grads(&mut found, &mut grads, self.full.iter().map(|(_, v)| v))?,
+                false => keep_grads(&mut found, &mut grads, layer.trained_vars())?,
             }
-            if i > 0 {
-                upstream = grads.remove(input.as_tensor()).expect("a layer's output depends on its input");
-            }
+            upstream = grads.remove(input.as_tensor()).expect("a layer's output depends on its input");
         }
-        let grads = self
-            .lora_vars()
+        if self.is_full() {
+            // The embedding's rows: the first layer's input gradient added at its tokens (a tied
+            // head's gradient is already in `found`: the two add up).
+            let rows = self.embed_rows(&batch.input_ids)?;
+            let mut grads = (rows * &upstream)?.sum_all()?.backward()?;
+            keep_grads(&mut found, &mut grads, self.full.iter().map(|(_, v)| v))?;
+        }
+        let grads = trained
             .iter()
             .map(|(n, v)| match found.remove(&v.as_tensor().id()) {
                 Some(g) => Ok(g),
@@ -93,4 +100,24 @@ impl Model {
         *self.routing.borrow_mut() = routed;
         Ok((loss_value, grads))
     }
+}
+
+/// Moves the gradients of `vars` out of a backward's store into `found`, adding to what an earlier
+/// backward gave the same variable (a tied embedding's two uses, the first from the head's).
+fn keep_grads<'a>(
+    found: &mut std::collections::HashMap<candle_core::TensorId, Tensor>,
+    grads: &mut candle_core::backprop::GradStore,
+    vars: impl IntoIterator<Item = &'a Var>,
+) -> candle_core::Result<()> {
+    for v in vars {
+        if let Some(g) = grads.remove(v.as_tensor()) {
+            let id = v.as_tensor().id();
+            let g = match found.remove(&id) {
+                Some(before) => (before + g)?,
+                None => g,
+            };
+            found.insert(id, g);
+        }
+    }
+    Ok(())
 }

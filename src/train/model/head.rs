@@ -5,13 +5,14 @@
 //! each chunk's gradient).
 //! Each chunk's input gradient is computed with its logits, so no logits outlive their chunk and
 //! none are kept for the backward; an NF4 head on the CPU is dequantised a block of vocabulary rows
-//! at a time, never whole.
+//! at a time, never whole. A trained head (full fine-tuning) gets its weight's gradient from the
+//! same chunks.
 
 use super::linear::{Linear, Weight};
 use crate::train::cpu::softmax;
 use crate::train::graph::attached_forward;
 use crate::train::graph::contiguous_f32;
-use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp1, Layout, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp1, Layout, Tensor, D};
 use std::sync::Arc;
 
 /// The loss head: `sum_i CE(h_i W^T, t_i)` over the trained positions' hidden states h [N, hidden],
@@ -26,8 +27,19 @@ pub fn linear_cross_entropy(
     chunk: usize,
     softcap: Option<f64>,
 ) -> candle_core::Result<Tensor> {
-    let want_grad = h.track_op();
-    let s = score_rows(h, head, targets, LogitScale { softcap, temperature: 1.0 }, chunk, want_grad, false)?;
+    let scale = LogitScale { softcap, temperature: 1.0 };
+    if let Some(w) = trained_weight(head) {
+        // Full fine-tuning: the weight's gradient `sum over chunks of d^T h` too, in the same pass.
+        let want = Want { grad: true, weight_grad: true, ..Want::default() };
+        let s = score_rows(h, &HeadWeight::new(head, h)?, targets, scale, chunk, want)?;
+        let total = s.nll.sum_all()?;
+        return match (s.dh, s.dw) {
+            (Some(dh), Some(dw)) => Ok(total.with_backward2(h, w, HeadGradsFn { dh, dw })),
+            _ => Ok(total),
+        };
+    }
+    let want = Want { grad: h.track_op(), ..Want::default() };
+    let s = score_rows(h, &HeadWeight::new(head, h)?, targets, scale, chunk, want)?;
     let total = s.nll.sum_all()?;
     match s.dh {
         Some(dh) => Ok(total.with_backward1(h, InputGradFn { dh, per_row: false })),
@@ -35,8 +47,9 @@ pub fn linear_cross_entropy(
     }
 }
 
-/// Per-token log-probabilities `log softmax(h_i W^T / temperature)[t_i]` [N] (differentiable in h),
-/// and, when asked, the entropies of those distributions [N] (values only), as TRL scores completions.
+/// Per-token log-probabilities `log softmax(h_i W^T / temperature)[t_i]` [N] (differentiable in h,
+/// and in W when it is trained), and, when asked, the entropies of those distributions [N] (values
+/// only), as TRL scores completions.
 pub fn linear_log_probs(
     h: &Tensor,
     head: &Linear,
@@ -46,10 +59,17 @@ pub fn linear_log_probs(
     want_entropy: bool,
     softcap: Option<f64>,
 ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-    let want_grad = h.track_op();
-    let s = score_rows(h, head, targets, LogitScale { softcap, temperature }, chunk, want_grad, want_entropy)?;
+    let scale = LogitScale { softcap, temperature };
+    let trained = trained_weight(head);
+    let want = Want { grad: h.track_op() && trained.is_none(), entropy: want_entropy, ..Want::default() };
+    let s = score_rows(h, &HeadWeight::new(head, h)?, targets, scale, chunk, want)?;
     let logp = s.nll.neg()?;
     let entropy = s.entropy;
+    if let Some(w) = trained {
+        // Each row's gradient depends on its upstream value: recomputed chunk by chunk in the backward.
+        let op = RecomputedHeadFn { targets: targets.clone(), scale, chunk };
+        return Ok((logp.with_backward2(h, w, op), entropy));
+    }
     match s.dh {
         // d logp / d h = -(d nll / d h), per row.
         Some(dh) => Ok((logp.with_backward1(h, InputGradFn { dh: dh.neg()?, per_row: true }), entropy)),
@@ -57,11 +77,90 @@ pub fn linear_log_probs(
     }
 }
 
+/// The head's weight when it is trained (full fine-tuning) and a graph is recorded.
+fn trained_weight(head: &Linear) -> Option<&Tensor> {
+    match &head.weight {
+        Weight::Dense(w) if w.is_variable() && crate::train::graph::recording() => Some(w),
+        _ => None,
+    }
+}
+
+/// What a pass over the head computes beside the scores.
+#[derive(Default)]
+struct Want {
+    /// The input gradient `d nll_i / d h_i` (times `row_weights` where given).
+    grad: bool,
+    /// The weight's gradient, summed over the rows.
+    weight_grad: bool,
+    entropy: bool,
+    /// Each row's multiplier of its gradients (the upstream gradient of per-row scores).
+    row_weights: Option<Tensor>,
+}
+
+/// The backward of the summed cross-entropy over a trained head: both gradients, computed in the
+/// forward, times the upstream scalar.
+struct HeadGradsFn {
+    dh: Tensor,
+    dw: Tensor,
+}
+
+impl CustomOp2 for HeadGradsFn {
+    fn name(&self) -> &'static str {
+        "linear-head-trained"
+    }
+
+    attached_forward!(2);
+
+    fn bwd(
+        &self,
+        _h: &Tensor,
+        _w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.to_dtype(self.dh.dtype())?;
+        Ok((Some(self.dh.broadcast_mul(&g)?), Some(self.dw.broadcast_mul(&g)?)))
+    }
+}
+
+/// The backward of per-row log-probabilities over a trained head: the scores recomputed a chunk
+/// at a time, each row's `d logp / d logits` weighted by its upstream gradient, then both
+/// gradients from them (no logits kept between the forward and the backward).
+struct RecomputedHeadFn {
+    targets: Tensor,
+    scale: LogitScale,
+    chunk: usize,
+}
+
+impl CustomOp2 for RecomputedHeadFn {
+    fn name(&self) -> &'static str {
+        "linear-head-log-probs-trained"
+    }
+
+    attached_forward!(2);
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // d logp / d logits = -(d nll / d logits): the rows weighted by -g.
+        let row_weights = Some(g.detach().to_dtype(DType::F32)?.neg()?);
+        let want = Want { grad: true, weight_grad: true, entropy: false, row_weights };
+        let weight = HeadWeight::Dense(w.detach());
+        let s = score_rows(&h.detach(), &weight, &self.targets, self.scale, self.chunk, want)?;
+        Ok((s.dh, s.dw))
+    }
+}
+
 /// Row scores of one pass over the head: negative log-likelihoods [N], their input gradient
-/// `d nll_i / d h_i` [N, hidden] and entropies [N] when asked.
+/// `d nll_i / d h_i` [N, hidden], the weight's gradient [vocab, hidden] and entropies [N] as asked.
 struct RowScores {
     nll: Tensor,
     dh: Option<Tensor>,
+    dw: Option<Tensor>,
     entropy: Option<Tensor>,
 }
 
@@ -74,17 +173,17 @@ struct LogitScale {
 
 fn score_rows(
     h: &Tensor,
-    head: &Linear,
+    weight: &HeadWeight,
     targets: &Tensor,
     scale: LogitScale,
     chunk: usize,
-    want_grad: bool,
-    want_entropy: bool,
+    want: Want,
 ) -> candle_core::Result<RowScores> {
     let n = h.dim(0)?;
     let hd = h.detach();
-    let weight = HeadWeight::new(head, &hd)?;
+    let want_grad = want.grad || want.weight_grad;
     let (mut nll, mut dh, mut entropy) = (vec![], vec![], vec![]);
+    let mut dw: Option<Tensor> = None;
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
@@ -98,13 +197,25 @@ fn score_rows(
             logits = (t * c)?;
         }
         let targets = targets.narrow(0, start, len)?;
-        let s = token_scores(logits, &targets, scale.temperature, want_grad, want_entropy)?;
+        let s = token_scores(logits, &targets, scale.temperature, want_grad, want.entropy)?;
         if let Some(d) = s.grad {
-            let d = match &slope {
+            let mut d = match &slope {
                 Some(k) => (d * k)?,
                 None => d,
             };
-            dh.push(weight.input_grad(&d)?);
+            if let Some(rw) = &want.row_weights {
+                d = d.broadcast_mul(&rw.narrow(0, start, len)?.to_dtype(d.dtype())?.unsqueeze(1)?)?;
+            }
+            if want.weight_grad {
+                let part = d.t()?.matmul(&rows)?;
+                dw = Some(match dw {
+                    Some(a) => (a + part)?,
+                    None => part,
+                });
+            }
+            if want.grad {
+                dh.push(weight.input_grad(&d)?);
+            }
         }
         nll.push(s.nll);
         entropy.extend(s.entropy);
@@ -117,10 +228,21 @@ fn score_rows(
             Tensor::cat(&v, 0)
         }
     };
+    let dw = match (want.weight_grad, dw) {
+        (true, None) => Some(weight.zeros()?),
+        (_, dw) => dw,
+    };
     Ok(RowScores {
         nll: cat(nll)?,
-        dh: if want_grad && n > 0 { Some(cat(dh)?) } else { None },
-        entropy: if want_entropy { Some(cat(entropy)?) } else { None },
+        dh: if want.grad && n > 0 {
+            Some(cat(dh)?)
+        } else if want.grad {
+            Some(hd.zeros_like()?)
+        } else {
+            None
+        },
+        dw,
+        entropy: if want.entropy { Some(cat(entropy)?) } else { None },
     })
 }
 
@@ -139,8 +261,17 @@ impl HeadWeight {
             (Weight::Nf4 { cpu, .. }, true) => {
                 HeadWeight::Nf4 { w: cpu.clone(), dtype: x.dtype(), device: x.device().clone() }
             }
-            _ => HeadWeight::Dense(head.frozen_dense(x)?),
+            // Detached: a trained weight's products here are not recorded (its gradient is ours).
+            _ => HeadWeight::Dense(head.frozen_dense(x)?.detach()),
         })
+    }
+
+    /// Zeros of the weight's shape (its gradient when no row trains).
+    fn zeros(&self) -> candle_core::Result<Tensor> {
+        match self {
+            HeadWeight::Dense(w) => w.zeros_like(),
+            HeadWeight::Nf4 { w, dtype, device } => Tensor::zeros((w.rows, w.cols), *dtype, device),
+        }
     }
 
     /// Rows `r0..r0+len` of the weight.

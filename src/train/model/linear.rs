@@ -2,13 +2,14 @@
 //! one of four ways ([`Weight`]): dense, NF4 (QLoRA), a GGUF file's own quantised blocks, the two
 //! with a copy on the GPU when training there, or a checkpoint's MXFP4 blocks (gpt-oss's experts). Whatever the form, its matmul is an op
 //! whose backward returns only the input gradient (`graph::FrozenMatmul` and the quantised ones
-//! in [`super::quant`]): the base never gets a weight gradient.
+//! in [`super::quant`]): the base never gets a weight gradient, except in full fine-tuning, where
+//! a dense weight is a variable and its matmul is `graph::trained_matmul`.
 
 use super::mxfp4::{Mxfp4Matmul, Mxfp4Weight};
 use super::quant::{GgufMatmul, Nf4Matmul, Nf4Weight, QuantMatmulOnDevice, QuantOnDevice};
 use crate::split::SplitMix64;
 use crate::train::adapters::lora::{dropout_mask, lora_linear, Lora, LoraSettings};
-use crate::train::graph::{BaseOp, FrozenMatmul};
+use crate::train::graph::{trained_matmul, BaseOp, FrozenMatmul};
 use anyhow::Result;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
@@ -120,6 +121,16 @@ impl Linear {
     /// compute dtype, as PEFT.
     pub fn forward_shared(&self, input: &Shared, train_rng: Option<&mut SplitMix64>) -> candle_core::Result<Tensor> {
         let x = input.x;
+        if let Weight::Dense(w) = &self.weight {
+            if w.is_variable() {
+                // Full fine-tuning: the weight (and bias) trained, no adapter.
+                let y = trained_matmul(x, w)?;
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
+        }
         let base = self.base_op(x);
         if let Some(l) = self.lora.as_ref().filter(|l| l.enabled.get()) {
             let mask = match train_rng {

@@ -19,6 +19,7 @@ pub mod checkpointing;
 pub mod config;
 pub mod decoder;
 pub mod family;
+pub mod full;
 pub mod head;
 pub mod kv_cache;
 pub mod layer;
@@ -79,6 +80,9 @@ pub struct Model {
     pub score: Option<Var>,
     /// The routing of each sparse layer in the latest forward (mixtures of experts), by layer.
     pub routing: std::cell::RefCell<Vec<(usize, routing::Routing)>>,
+    /// Every weight as a variable with its Hugging Face name, in full fine-tuning ([`full`]);
+    /// empty when the base is frozen.
+    pub full: Vec<(String, Var)>,
 }
 
 /// An NF4 token embedding (QLoRA with `--qlora-embeddings`): rows are dequantised as looked up.
@@ -153,6 +157,7 @@ impl Model {
             device: device.clone(),
             score: None,
             routing: Default::default(),
+            full: vec![],
         })
     }
 

@@ -6,16 +6,90 @@
 
 use crate::train::cpu::output_buffer;
 use crate::train::graph::{attached_forward, contiguous_f32, with_cpu_f32};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 
 /// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if w.is_variable() && crate::train::graph::recording() {
+        return rms_norm_trained(x, w, eps);
+    }
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
         return x.contiguous()?.apply_op1(RmsNormOp { w: wv, eps: eps as f32 });
     }
     let y = rms_norm_graph(&x.detach(), w, eps)?;
     Ok(y.with_backward1(x, RmsNormFn { w: w.clone(), eps }))
+}
+
+/// RMSNorm with a trained weight (full fine-tuning): on the CPU in f32 the fused forward, attached
+/// over (x, w) with one pass giving both gradients (`dw = sum over rows of dy * x * r`); the graph
+/// of basic ops elsewhere.
+fn rms_norm_trained(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+        return rms_norm_graph(x, w, eps);
+    }
+    let wv = w.flatten_all()?.to_vec1::<f32>()?;
+    let y = x.detach().contiguous()?.apply_op1(RmsNormOp { w: wv, eps: eps as f32 })?;
+    Ok(y.with_backward2(x, w, RmsNormTrainedFn { eps: eps as f32 }))
+}
+
+/// The backward of [`rms_norm_trained`] on the CPU: the input's gradient row by row as
+/// [`RmsNormOp`]'s, and the weight's summed over the rows.
+struct RmsNormTrainedFn {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormTrainedFn {
+    fn name(&self) -> &'static str {
+        "rms-norm-trained"
+    }
+
+    attached_forward!(2);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let h = w.elem_count();
+        let w = w.detach();
+        let (dx, dw) = with_cpu_f32(&[x, dy, &w], |t| {
+            let (xv, gv, wv) = (t[0], t[1], t[2]);
+            let mut d = output_buffer(xv.len());
+            let dw = d
+                .par_chunks_mut(h * 64)
+                .zip(xv.par_chunks(h * 64).zip(gv.par_chunks(h * 64)))
+                .map(|(dd, (xs, gs))| {
+                    let mut dw = vec![0f32; h];
+                    for ((drow, row), grow) in dd.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
+                        let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                        let r = 1.0 / (ms + self.eps).sqrt();
+                        let dot: f32 = row.iter().zip(grow).zip(wv).map(|((x, g), w)| x * g * w).sum();
+                        let k = r * r * r * dot / h as f32;
+                        for ((((dj, &xj), &gj), &wj), dwj) in
+                            drow.iter_mut().zip(row).zip(grow).zip(wv).zip(dw.iter_mut())
+                        {
+                            *dj = r * wj * gj - xj * k;
+                            *dwj += gj * xj * r;
+                        }
+                    }
+                    dw
+                })
+                .reduce(
+                    || vec![0f32; h],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                );
+            (d, dw)
+        })?;
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(dw)))
+    }
 }
 
 /// RMSNorm from basic ops (candle's graph records each of them).
@@ -121,6 +195,15 @@ mod tests {
             |t| t[0].apply_op1(RmsNormOp { w: wv.clone(), eps: 1e-5 }).unwrap(),
             |t| rms_norm_graph(&t[0], &w, 1e-5).unwrap(),
             &[rand(&[6, 8], 2)],
+        );
+    }
+
+    #[test]
+    fn trained_weight_gets_the_graphs_gradient() {
+        same_as_graph(
+            |t| rms_norm_trained(&t[0], &t[1], 1e-5).unwrap(),
+            |t| rms_norm_graph(&t[0], &t[1], 1e-5).unwrap(),
+            &[rand(&[130, 8], 21), rand(&[8], 22)],
         );
     }
 

@@ -9,7 +9,7 @@ use anyhow::Result;
 use std::path::Path;
 
 pub fn run(opts: &TrainOptions, dpo: Dpo, resume: Option<&Path>) -> Result<TrainSummary> {
-    let t = load_trainable(opts)?;
+    let t = load_trainable(opts, resume)?;
     let recipe = Pairs::new(opts, "dpo", Box::new(dpo), Some(dpo.beta))?;
     train(opts, t, recipe, resume)
 }

@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use std::path::Path;
 
 pub fn run(opts: &TrainOptions, grpo: Grpo, resume: Option<&Path>) -> Result<TrainSummary> {
-    let t = load_trainable(opts)?;
+    let t = load_trainable(opts, resume)?;
     let recipe = GrpoRecipe { rl: Rl::new(opts, &t.model)?, grpo, rollout: None };
     train(opts, t, recipe, resume)
 }

@@ -26,7 +26,7 @@ use std::path::Path;
 pub const VALUE_HEAD: &str = "value_head.weight";
 
 pub fn run(opts: &TrainOptions, ppo: Ppo, resume: Option<&Path>) -> Result<TrainSummary> {
-    let mut t = load_trainable(opts)?;
+    let mut t = load_trainable(opts, resume)?;
     let rl = Rl::new(opts, &t.model)?;
     let value_head = Var::from_tensor(&initial_value_head(opts, &t.model)?)?;
     t.add_var(VALUE_HEAD, value_head.clone());

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use std::path::Path;
 
 pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
-    let mut t = load_trainable(opts)?;
+    let mut t = load_trainable(opts, resume)?;
     t.model.add_score_head(opts.seed)?;
     let head = t.model.score.clone().context("the score head was just added")?;
     t.add_var(SCORE_WEIGHT, head);

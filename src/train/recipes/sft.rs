@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::Instant;
 
 pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
-    let t = load_trainable(opts)?;
+    let t = load_trainable(opts, resume)?;
     let recipe = Sft::new(opts)?;
     train(opts, t, recipe, resume)
 }

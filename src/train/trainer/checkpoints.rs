@@ -1,5 +1,5 @@
 //! Training checkpoints: a directory with the adapter (PEFT format, plus what the recipe adds, such
-//! as a reward head), AdamW's moments and `state.json` (the recipe's position in its data and RNG
+//! as a reward head; a full fine-tune's whole model as a Hugging Face directory), AdamW's moments and `state.json` (the recipe's position in its data and RNG
 //! streams, Adam's step, the options). Written under a temporary name and renamed, so a checkpoint
 //! directory that exists is complete; [`resume`] from it continues bit for bit (refused across
 //! world sizes), and [`save`] has every rank give its part of the recipe's state while rank 0 writes.
@@ -18,7 +18,7 @@ use std::path::Path;
 /// Loads the checkpoint `dir` into the adapters, the optimizer and the recipe; returns its step.
 pub fn resume<R: Recipe>(dir: &Path, t: &Trainable, optim: &mut AdamW, recipe: &mut R) -> Result<u64> {
     let world = crate::cluster::world();
-    let state = read(dir, &t.vars_named, optim)?;
+    let state = read(dir, &t.vars_named, t.model.is_full(), optim)?;
     let step = state["step"].as_u64().with_context(|| format!("{}: state.json has no step", dir.display()))?;
     let saved = state["world_size"].as_u64().unwrap_or(1) as usize;
     if saved != world.size {
@@ -71,7 +71,7 @@ fn write(
 ) -> Result<()> {
     let tmp = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
-    crate::train::io::peft::save(model, &opts.lora, &opts.model.display().to_string(), &tmp)?;
+    save_weights(opts, model, &tmp)?;
     extra(&tmp)?;
     let mut t: HashMap<String, Tensor> = HashMap::new();
     for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
@@ -88,19 +88,36 @@ fn write(
     Ok(())
 }
 
+/// What a run trains, saved to `dir`: the adapter in PEFT's format, or in full fine-tuning the
+/// whole model as a Hugging Face directory with the tokenizer the data was prepared with.
+pub fn save_weights(opts: &TrainOptions, model: &Model, dir: &Path) -> Result<()> {
+    if !model.is_full() {
+        return crate::train::io::peft::save(model, &opts.lora, &opts.model.display().to_string(), dir);
+    }
+    let prepared =
+        crate::pack::manifest::Manifest::read(&opts.data).ok().map(|m| std::path::PathBuf::from(m.tokenizer.path));
+    let tokenizer = match prepared.filter(|p| p.exists()) {
+        Some(p) => p,
+        None => opts.model.clone(),
+    };
+    crate::train::io::model_dir::write(model, &opts.model, &tokenizer, dir)
+}
+
 /// Restores the trainable variables (by PEFT name) and the optimizer from a checkpoint; returns the
-/// caller's state.
-fn read(dir: &Path, vars_named: &[(String, Var)], opt: &mut AdamW) -> Result<serde_json::Value> {
+/// caller's state. A full fine-tune's weights were loaded from the checkpoint as the model.
+fn read(dir: &Path, vars_named: &[(String, Var)], full: bool, opt: &mut AdamW) -> Result<serde_json::Value> {
     let st: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.join("state.json")).with_context(|| format!("{}: not a checkpoint", dir.display()))?,
     )?;
-    let (_, mut tensors) = crate::train::io::peft::read(dir)?;
-    let extra = dir.join(EXTRA_VARS);
-    if extra.exists() {
-        tensors.extend(candle_core::safetensors::load(&extra, &Device::Cpu)?);
-    }
-    for (n, v) in vars_named {
-        v.set(&tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?.to_device(v.device())?)?;
+    if !full {
+        let (_, mut tensors) = crate::train::io::peft::read(dir)?;
+        let extra = dir.join(EXTRA_VARS);
+        if extra.exists() {
+            tensors.extend(candle_core::safetensors::load(&extra, &Device::Cpu)?);
+        }
+        for (n, v) in vars_named {
+            v.set(&tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?.to_device(v.device())?)?;
+        }
     }
     let ot = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
     for (i, (_, var)) in vars_named.iter().enumerate() {

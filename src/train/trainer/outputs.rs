@@ -1,12 +1,12 @@
 //! The run's ends: `--probe-memory` before the first step, and after the last the adapter in
-//! PEFT's format, `checkpoint-last/`, the loss chart, the HTML report and the [`TrainSummary`].
+//! PEFT's format (a full fine-tune's Hugging Face model directory), `checkpoint-last/`, the loss chart, the HTML report and the [`TrainSummary`].
 
 use super::checkpoints;
 use super::log::RunLog;
 use super::recipe::{Metrics, Recipe};
 use super::trainable::Trainable;
 use crate::train::device::{describe, gpu_used_mb, peak_rss_mb};
-use crate::train::io::{peft, release_freed_memory};
+use crate::train::io::release_freed_memory;
 use crate::train::optim::AdamW;
 use crate::train::options::TrainOptions;
 use anyhow::Result;
@@ -34,6 +34,8 @@ pub struct TrainSummary {
     pub data_unit: &'static str,
     /// What `examples_per_s` counts (rows, pairs, completions).
     pub unit: &'static str,
+    /// Every weight trained (`--full`): `out` is a Hugging Face model directory, not an adapter.
+    pub full: bool,
     pub trainable_params: usize,
     pub total_params: usize,
     pub trainable_percent: f64,
@@ -109,7 +111,7 @@ pub fn finish<R: Recipe>(
 ) -> Result<TrainSummary> {
     let main = crate::cluster::world().is_main();
     if main {
-        peft::save(&t.model, &opts.lora, &opts.model.display().to_string(), &opts.out)?;
+        checkpoints::save_weights(opts, &t.model, &opts.out)?;
         recipe.save_extra(&t.model, &opts.out)?;
     }
     checkpoints::save(&opts.out.join("checkpoint-last"), opts, t, recipe, optim, step)?;
@@ -139,6 +141,7 @@ pub fn finish<R: Recipe>(
         eval_examples,
         data_unit: R::DATA,
         unit: R::EXAMPLES,
+        full: t.model.is_full(),
         trainable_params: trainable,
         total_params,
         trainable_percent: 100.0 * trainable as f64 / total_params as f64,

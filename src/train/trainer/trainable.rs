@@ -1,12 +1,13 @@
 //! The model ready to train: the base loaded (quantised for QLoRA) where the options place it,
-//! checked against the data's manifest, with its adapters added and the trained variables in a
-//! fixed order under their PEFT names.
+//! checked against the data's manifest, with its adapters added (or, in full fine-tuning, every
+//! weight made trainable) and the trained variables in a fixed order under their names.
 
 use crate::train::io::{load_model, Placement};
 use crate::train::model::Model;
 use crate::train::options::TrainOptions;
 use anyhow::{bail, Result};
 use candle_core::Var;
+use std::path::Path;
 
 /// The model ready to train: base loaded (quantised for QLoRA), adapters added, the variables in
 /// a fixed order with their PEFT names.
@@ -36,9 +37,14 @@ pub fn placement(opts: &TrainOptions) -> Placement {
     Placement { device: opts.device, dtype: opts.dtype, qlora: opts.qlora, qlora_embeddings: opts.qlora_embeddings }
 }
 
-/// The model ready to train on the device and dtype of `opts`, checked against the data's manifest.
-pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
-    let mut model = load_model(&opts.model, None, &placement(opts))?;
+/// The model ready to train on the device and dtype of `opts`, checked against the data's manifest:
+/// adapters added, or every weight a variable (`--full`; resumed from the checkpoint's weights).
+pub fn load_trainable(opts: &TrainOptions, resume: Option<&Path>) -> Result<Trainable> {
+    let weights = match (opts.full, resume) {
+        (true, Some(dir)) => dir,
+        _ => opts.model.as_path(),
+    };
+    let mut model = load_model(weights, None, &placement(opts))?;
     crate::train::data::check_manifest(&opts.data, model.config.vocab_size)?;
     let base_bytes_per_param = model.base_bytes_per_param();
     let projection_bytes_per_param = model.projection_bytes_per_param();
@@ -53,12 +59,16 @@ pub fn load_trainable(opts: &TrainOptions) -> Result<Trainable> {
             ),
         }
     }
-    model.add_lora(&opts.lora, opts.seed)?;
-    let vars_named = model.lora_vars();
+    match opts.full {
+        true => model.train_in_full()?,
+        false => model.add_lora(&opts.lora, opts.seed)?,
+    }
+    let vars_named = model.trained_vars();
     if vars_named.is_empty() {
         bail!("no LoRA module matched --target {:?}", opts.lora.targets);
     }
     let vars: Vec<Var> = vars_named.iter().map(|(_, v)| v.clone()).collect();
-    let base_params = model.num_params();
+    // In full fine-tuning the trained weights are the base's: not counted twice.
+    let base_params = if opts.full { 0 } else { model.num_params() };
     Ok(Trainable { model, vars_named, vars, base_params, base_bytes_per_param, projection_bytes_per_param })
 }
