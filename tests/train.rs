@@ -545,7 +545,8 @@ fn a_mixture_of_experts_logs_its_expert_load_and_a_collapsed_router_is_warned() 
 /// directory is a Hugging Face model directory (weights, config, generation config, the tokenizer
 /// the data was prepared with) that transformers loads with no missing or unexpected weight and
 /// the same logits, and that `eval` and `generate --model` take; a run resumed from its checkpoint
-/// ends with the same bytes; `--full` with `--qlora` is refused with the reason.
+/// (8-bit AdamW states and all) ends with the same bytes; `--full` with `--qlora` is refused with
+/// the reason.
 #[test]
 fn full_fine_tuning_writes_a_model_directory_that_transformers_loads() {
     let dir = tempfile::tempdir().unwrap();
@@ -582,7 +583,7 @@ fn full_fine_tuning_writes_a_model_directory_that_transformers_loads() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         common::stdout_json(&o)
     };
-    let s = run("full", "8", &["--gradient-checkpointing"]);
+    let s = run("full", "8", &["--gradient-checkpointing", "--optim", "adamw_8bit"]);
     assert_eq!(s["full"], true, "{s}");
     assert_eq!(s["trainable_params"], s["total_params"], "{s}");
     assert!(s["final_eval_loss"].as_f64().unwrap() < s["first_eval_loss"].as_f64().unwrap(), "{s}");
@@ -600,7 +601,7 @@ fn full_fine_tuning_writes_a_model_directory_that_transformers_loads() {
         assert!(moved > 0.0, "{n} did not train");
     }
     // Resumed from step 4, the same model.
-    run("resumed", "8", &["--gradient-checkpointing", "--resume", "full/checkpoint-4"]);
+    run("resumed", "8", &["--gradient-checkpointing", "--optim", "adamw_8bit", "--resume", "full/checkpoint-4"]);
     let a = std::fs::read(out.join("model.safetensors")).unwrap();
     let b = std::fs::read(d.join("resumed/model.safetensors")).unwrap();
     assert!(a == b, "a resumed full fine-tune must end with the same weights");

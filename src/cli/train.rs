@@ -66,6 +66,11 @@ pub struct TrainArgs {
     pub schedule: crate::train::optim::Schedule,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// How AdamW keeps its two moments: adamw (f32, torch's AdamW), or adamw_8bit (8 bits per
+    /// value in blocks of 256 with a scale each, as bitsandbytes' AdamW8bit: a quarter of the
+    /// memory; tensors under 4,096 values keep f32). CPU only for now.
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optim: crate::train::optim::Optim,
     /// Tokens per micro-batch (packed rows are grouped up to this many tokens).
     #[arg(long, default_value_t = 4096)]
     pub batch_tokens: usize,
@@ -328,6 +333,7 @@ impl TrainArgs {
                 lr: self.lr,
                 weight_decay: self.weight_decay,
                 loraplus_lr_ratio: self.loraplus_lr_ratio,
+                optim: self.optim,
                 ..Default::default()
             },
             warmup_steps: self.warmup_steps,

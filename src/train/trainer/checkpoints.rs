@@ -10,9 +10,8 @@ use crate::train::model::Model;
 use crate::train::optim::AdamW;
 use crate::train::options::TrainOptions;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Var};
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Loads the checkpoint `dir` into the adapters, the optimizer and the recipe; returns its step.
@@ -73,12 +72,7 @@ fn write(
     let _ = std::fs::remove_dir_all(&tmp);
     save_weights(opts, model, &tmp)?;
     extra(&tmp)?;
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
-        t.insert(format!("m.{i}"), m.clone());
-        t.insert(format!("v.{i}"), v.clone());
-    }
-    candle_core::safetensors::save(&t, tmp.join("optimizer.safetensors"))?;
+    candle_core::safetensors::save(&opt.state_tensors()?, tmp.join("optimizer.safetensors"))?;
     std::fs::write(
         tmp.join("state.json"),
         serde_json::to_string_pretty(&json!({"state": state, "adam_step": opt.step, "options": opts}))?,
@@ -120,10 +114,7 @@ fn read(dir: &Path, vars_named: &[(String, Var)], full: bool, opt: &mut AdamW) -
         }
     }
     let ot = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
-    for (i, (_, var)) in vars_named.iter().enumerate() {
-        opt.m[i] = ot.get(&format!("m.{i}")).context("optimizer state incomplete")?.to_device(var.device())?;
-        opt.v[i] = ot.get(&format!("v.{i}")).context("optimizer state incomplete")?.to_device(var.device())?;
-    }
+    opt.load_state_tensors(&ot).with_context(|| dir.display().to_string())?;
     opt.step = st["adam_step"].as_u64().unwrap_or(0);
     Ok(st["state"].clone())
 }
