@@ -8,6 +8,9 @@ prompt (labels -100) and second half trained, like SFT data.
 
 On a GPU (benches/gpu_bench.sh): DEVICE=cuda DTYPE=bf16 trains the bf16 model with PEFT's f32
 adapters; QLORA=nf4 loads the base through bitsandbytes (NF4, double quantisation, bf16 compute).
+FULL=1: full fine-tuning instead (every weight, torch's fused AdamW: its fastest CPU AdamW;
+OPTIM=adamw_8bit: bitsandbytes' AdamW8bit; CHECKPOINTING=1: transformers' gradient checkpointing);
+benches/full_bench.sh.
 """
 import json, os, sys, time
 import torch
@@ -53,10 +56,21 @@ table = pa.table({
 pq.write_table(table, os.path.join(sh, "train-00000-of-00001.parquet"))
 json.dump({"tokenizer": {"vocab_size": vocab, "path": "random"}, "seq_len": seq}, open(os.path.join(sh, "manifest.json"), "w"))
 
-peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+full = os.environ.get("FULL", "0") == "1"
+if full:
+    peft_model = model
+    if os.environ.get("CHECKPOINTING", "0") == "1":
+        model.gradient_checkpointing_enable()
+    if os.environ.get("OPTIM", "adamw") == "adamw_8bit":
+        import bitsandbytes as bnb
+        opt = bnb.optim.AdamW8bit(model.parameters(), lr=2e-5)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
+else:
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-4)
 peft_model.train()
-opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-4)
 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 times = []
 for i, (ids, labels) in enumerate(rows[:steps + 2]):
@@ -68,4 +82,4 @@ for i, (ids, labels) in enumerate(rows[:steps + 2]):
 times = times[2:]  # warm-up
 step = sorted(times)[len(times) // 2]
 mem = f" max_allocated_mb={torch.cuda.max_memory_allocated() / 2**20:.0f}" if device == "cuda" else ""
-print(f"peft steps={len(times)} median_step_s={step:.4f} tokens_per_s={seq / step:.0f} loss={loss:.4f}{mem}")
+print(f"{'torch-full' if full else 'peft'} steps={len(times)} median_step_s={step:.4f} tokens_per_s={seq / step:.0f} loss={loss:.4f}{mem}")

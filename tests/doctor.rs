@@ -113,6 +113,25 @@ fn clean_shards_report_nothing() {
         r["memory"]["estimate"]["total_mb"].as_f64().unwrap()
     };
     assert!(mem("4096") > mem("512"));
+    // Full fine-tuning's plan: every weight with its gradient (as large) and AdamW's two moments
+    // (twice as large in f32, about half in 8 bits); no adapter.
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["qs/shards", "--model", "qs/tiny-qwen3-random", "--full"];
+        args.extend_from_slice(extra);
+        let (ok, r) = doctor(dir.path(), &args);
+        assert!(ok && r["memory"]["full"] == true, "{r}");
+        let e = &r["memory"]["estimate"];
+        let f = |k: &str| e[k].as_f64().unwrap();
+        (f("weights_mb"), f("gradients_mb"), f("optimizer_mb"), f("adapters_mb"))
+    };
+    let (w, g, o, a) = plan(&[]);
+    assert!(w > 0.0 && g == w && (o - 2.0 * w).abs() < 1e-6 * w && a == 0.0, "{w} {g} {o} {a}");
+    let (w8, _, o8, _) = plan(&["--optim", "adamw_8bit"]);
+    assert!(w8 == w && (o8 / w - 0.508).abs() < 0.001, "{o8} {w}");
+    let o =
+        tunekit(&["doctor", "qs/shards", "--model", "qs/tiny-qwen3-random", "--full", "--qlora", "nf4"], dir.path());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("choose one"), "{e}");
 }
 
 #[test]

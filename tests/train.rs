@@ -645,3 +645,31 @@ print(json.dumps({'info': {k: list(v) for k, v in info.items()}, 'logits': l}))\
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--full") && e.contains("--qlora nf4"), "{e}");
 }
+
+/// A full fine-tune that cannot fit is refused before the model is read, with the plan's numbers
+/// and what lowers them: here a 70B-parameter Llama config with no weights beside it.
+#[test]
+fn full_fine_tuning_beyond_the_memory_available_is_refused_with_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::counting_shards(&d.join("shards"), 128, 10);
+    std::fs::create_dir_all(d.join("big")).unwrap();
+    let config = serde_json::json!({"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": false});
+    std::fs::write(d.join("big/config.json"), config.to_string()).unwrap();
+    let o = common::tunekit(&["train", "--full", "--model", "big", "--data", "shards", "--out", "run"], d);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    for part in [
+        "needs about",
+        "gradients",
+        "optimizer states",
+        "MB available",
+        "--optim adamw_8bit",
+        "--gradient-checkpointing",
+    ] {
+        assert!(e.contains(part), "the refusal lacks {part:?}: {e}");
+    }
+    assert!(!d.join("run/metrics.jsonl").exists(), "refused before the first step");
+}

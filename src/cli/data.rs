@@ -203,6 +203,13 @@ pub struct DoctorArgs {
     /// The frozen projections in 4 bits, as train's --qlora (nf4 or gguf).
     #[arg(long, value_enum, help_heading = "Memory estimate (with --model)")]
     pub qlora: Option<Qlora>,
+    /// Full fine-tuning's plan (train --full): every weight in f32 with its gradient and the
+    /// optimizer's two moments (f32, or 8-bit with --optim adamw_8bit), no adapter.
+    #[arg(long, help_heading = "Memory estimate (with --model)")]
+    pub full: bool,
+    /// The optimizer train would use (--optim): adamw or adamw_8bit.
+    #[arg(long, value_enum, default_value = "adamw", help_heading = "Memory estimate (with --model)")]
+    pub optim: crate::train::optim::Optim,
 }
 
 impl DoctorArgs {
@@ -217,6 +224,7 @@ impl DoctorArgs {
             gradient_checkpointing: self.gradient_checkpointing,
             dtype: self.dtype,
             qlora: self.qlora,
+            full: self.full.then_some(self.optim),
         }
     }
 }

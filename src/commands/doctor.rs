@@ -29,6 +29,8 @@ pub struct DoctorOptions {
     pub dtype: Precision,
     /// The frozen projections in 4 bits, as `train --qlora` holds them.
     pub qlora: Option<Qlora>,
+    /// Full fine-tuning (`train --full`) with this optimizer: every weight, its gradient and moments.
+    pub full: Option<crate::train::optim::Optim>,
 }
 
 #[derive(Debug, Serialize)]
@@ -50,6 +52,8 @@ pub struct DoctorReport {
 
 #[derive(Debug, Serialize)]
 pub struct MemoryReport {
+    /// Full fine-tuning's plan, not an adapter's.
+    pub full: bool,
     pub batch_tokens: usize,
     pub gradient_checkpointing: bool,
     pub dtype: String,
@@ -58,6 +62,9 @@ pub struct MemoryReport {
 }
 
 pub fn run(o: &DoctorOptions) -> Result<DoctorReport> {
+    if o.full.is_some() && o.qlora.is_some() {
+        bail!("--full plans every weight trained in f32; --qlora freezes the base in 4 bits for adapters: choose one");
+    }
     let manifest = Manifest::read(&o.dir)?;
     let mut notes = vec![];
     let model_tok = o.model.as_deref().and_then(|m| match TokenizerInfo::load(m) {
@@ -123,6 +130,7 @@ fn memory(o: &DoctorOptions, c: &crate::train::model::config::ModelConfig, s: &S
         targets: 7,
         gradient_checkpointing: o.gradient_checkpointing,
         logits_chunk: crate::train::model::LOGITS_CHUNK,
+        full_state_bytes: o.full.map(|optim| optim.state_bytes_per_param()),
     };
     let shape = |b: &Vec<usize>| MicroBatch::of(b.len(), || b.iter().flat_map(|&i| rows[i].iter().copied()));
     let largest = batches
@@ -131,6 +139,7 @@ fn memory(o: &DoctorOptions, c: &crate::train::model::config::ModelConfig, s: &S
         .max_by(|a, b| estimate(c, a, &settings).total_mb.total_cmp(&estimate(c, b, &settings).total_mb))
         .expect("train rows exist");
     MemoryReport {
+        full: o.full.is_some(),
         batch_tokens: o.batch_tokens,
         gradient_checkpointing: o.gradient_checkpointing,
         dtype: if bf16 { "bf16" } else { "f32" }.into(),
@@ -173,17 +182,22 @@ impl Summary for DoctorReport {
         if let Some(m) = &self.memory {
             let e = &m.estimate;
             let b = &m.largest_micro_batch;
+            let parts = match m.full {
+                true => format!(
+                    "{:.0} weights, {:.0} gradients, {:.0} optimizer states",
+                    e.weights_mb, e.gradients_mb, e.optimizer_mb
+                ),
+                false => format!("{:.0} weights, {:.0} adapters + optimizer", e.weights_mb, e.adapters_mb),
+            };
             println!(
-                "  memory: the largest micro-batch ({} rows, {} tokens, longest segment {}) needs about {:.0} MB \
-                 ({:.0} weights, {:.0} adapters + optimizer, {:.0} activations, {:.0} loss head, {:.0} process; {}, \
-                 --batch-tokens {}{}); \
+                "  memory{}: the largest micro-batch ({} rows, {} tokens, longest segment {}) needs about {:.0} MB \
+                 ({parts}, {:.0} activations, {:.0} loss head, {:.0} process; {}, --batch-tokens {}{}); \
                  `train --probe-memory` measures it at the start",
+                if m.full { " (full fine-tuning)" } else { "" },
                 b.rows,
                 b.tokens,
                 b.longest_segment,
                 e.total_mb,
-                e.weights_mb,
-                e.adapters_mb,
                 e.activations_mb,
                 e.loss_head_mb,
                 e.runtime_mb,

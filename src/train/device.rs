@@ -168,6 +168,14 @@ pub fn describe(device: &Device, dtype: DType) -> String {
 }
 
 /// Peak resident set size of this process (Linux), in MB.
+/// Memory the system can give a new allocation without swapping (Linux's MemAvailable), in MB;
+/// None where it cannot be read.
+pub fn available_memory_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<f64>().ok()?;
+    Some(kb / 1024.0)
+}
+
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -1,5 +1,7 @@
 //! What one training micro-batch holds in memory at a model's shapes, estimated before training
-//! (`tunekit doctor`): the frozen weights, the adapters with their gradients and AdamW moments, the
+//! (`tunekit doctor`, and `train --full` before its first step): the frozen weights, the adapters
+//! with their gradients and AdamW moments (in full fine-tuning: every weight in f32, its gradient
+//! and its moments, f32 or 8-bit), the
 //! activations the backward keeps per layer (all layers, or only each layer's input with gradient
 //! checkpointing, plus one layer recomputed), attention scores per packed segment, and the loss
 //! head's chunk of logits. An estimate for planning; `train --probe-memory` measures the real peak.
@@ -19,6 +21,9 @@ pub struct StepSettings {
     pub targets: usize,
     pub gradient_checkpointing: bool,
     pub logits_chunk: usize,
+    /// Full fine-tuning: the optimizer's bytes per parameter (8 for f32 AdamW, about 2 for 8-bit);
+    /// None for adapters.
+    pub full_state_bytes: Option<f64>,
 }
 
 /// The packed segments of one micro-batch, by length.
@@ -48,7 +53,12 @@ pub struct MemoryEstimate {
     /// The process itself: tokenizer, shards, allocator and buffers (measured at SmolLM2 shapes).
     pub runtime_mb: f64,
     pub weights_mb: f64,
+    /// LoRA's adapters with their gradients and moments (0 in full fine-tuning).
     pub adapters_mb: f64,
+    /// Full fine-tuning: every weight's gradient (0 for adapters).
+    pub gradients_mb: f64,
+    /// Full fine-tuning: AdamW's two moments per weight (0 for adapters).
+    pub optimizer_mb: f64,
     pub activations_mb: f64,
     pub loss_head_mb: f64,
     pub total_mb: f64,
@@ -86,7 +96,13 @@ pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEst
     let (h, i, hd) = (c.hidden_size as f64, c.intermediate_size as f64, c.head_dim() as f64);
     let (q, kv) = (c.num_attention_heads as f64 * hd, c.kv_heads() as f64 * hd);
     let layers = c.num_hidden_layers as f64;
-    let weights = base_parameters(c) as f64 * s.weight_bytes;
+    let params = base_parameters(c) as f64;
+    // Full fine-tuning: f32 weights with a gradient and the optimizer's state each, no adapter.
+    let (weights, gradients, optimizer) = match s.full_state_bytes {
+        Some(state) => (params * 4.0, params * 4.0, params * state),
+        None => (params * s.weight_bytes, 0.0, 0.0),
+    };
+    let s = &StepSettings { lora_r: if s.full_state_bytes.is_some() { 0 } else { s.lora_r }, ..s.clone() };
     // A and B per adapted projection (in f32), with their gradients and two AdamW moments.
     let ins_outs = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)];
     let per_layer: f64 = ins_outs.iter().take(s.targets.min(7)).map(|(a, b)| (a + b) * s.lora_r as f64).sum();
@@ -129,11 +145,13 @@ pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEst
     // A chunk of logits and its gradient (the head is fused: one chunk at a time), in f32, and the
     // final hidden states with their gradient.
     let head = 2.0 * s.logits_chunk.min(mb.tokens.max(1)) as f64 * c.vocab_size as f64 * 4.0 + 2.0 * t * h * 4.0;
-    let total = weights + adapters + activations + head + RUNTIME_MB * MB;
+    let total = weights + adapters + gradients + optimizer + activations + head + RUNTIME_MB * MB;
     MemoryEstimate {
         runtime_mb: RUNTIME_MB,
         weights_mb: weights / MB,
         adapters_mb: adapters / MB,
+        gradients_mb: gradients / MB,
+        optimizer_mb: optimizer / MB,
         activations_mb: activations / MB,
         loss_head_mb: head / MB,
         total_mb: total / MB,
@@ -164,6 +182,7 @@ mod tests {
             targets: 7,
             gradient_checkpointing: false,
             logits_chunk: 128,
+            full_state_bytes: None,
         };
         let mb = |rows: usize, len: usize| MicroBatch {
             rows,
@@ -173,8 +192,17 @@ mod tests {
         };
         let (one, two) = (estimate(&smollm2(), &mb(1, 512), &s), estimate(&smollm2(), &mb(2, 512), &s));
         assert!(two.activations_mb > 1.9 * one.activations_mb && two.weights_mb == one.weights_mb);
-        let ck = estimate(&smollm2(), &mb(2, 512), &StepSettings { gradient_checkpointing: true, ..s });
+        let ck = estimate(&smollm2(), &mb(2, 512), &StepSettings { gradient_checkpointing: true, ..s.clone() });
         assert!(ck.activations_mb < two.activations_mb / 5.0, "{ck:?} vs {two:?}");
+        // Full fine-tuning: weights, gradients and f32 moments are 16 bytes per parameter (2.15 GB
+        // for SmolLM2); 8-bit moments save three quarters of the moments.
+        let full = estimate(&smollm2(), &mb(1, 512), &StepSettings { full_state_bytes: Some(8.0), ..s.clone() });
+        assert_eq!(
+            (full.adapters_mb, (full.weights_mb + full.gradients_mb + full.optimizer_mb).round()),
+            (0.0, 2053.0)
+        );
+        let q8 = estimate(&smollm2(), &mb(1, 512), &StepSettings { full_state_bytes: Some(2.03), ..s });
+        assert!(q8.total_mb < full.total_mb - 700.0, "{q8:?} vs {full:?}");
     }
 
     #[test]

@@ -78,7 +78,12 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
 
 /// The index of the map entry nearest to `x` (ties to the lower one, as bitsandbytes).
 pub fn nearest(map: &[f32; 256], x: f32) -> u8 {
-    let hi = map.partition_point(|&c| c < x).min(255);
+    nearest_from(map, map.partition_point(|&c| c < x).min(255), x)
+}
+
+/// The nearest entry, given `hi`: the first entry not below `x` (255 at most).
+#[inline]
+fn nearest_from(map: &[f32; 256], hi: usize, x: f32) -> u8 {
     if hi == 0 {
         return 0;
     }
@@ -90,12 +95,56 @@ pub fn nearest(map: &[f32; 256], x: f32) -> u8 {
     }
 }
 
+/// [`nearest`] in constant time: floats ordered as integers, their top 16 bits a bucket, each
+/// bucket the count of map entries below it; the few entries inside a bucket are stepped over.
+pub struct Lookup {
+    map: &'static [f32; 256],
+    below: Vec<u16>,
+}
+
+/// A float's bits as an integer of the same order.
+#[inline]
+fn ordered(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+impl Lookup {
+    pub fn new(map: &'static [f32; 256]) -> Self {
+        let keys: Vec<u32> = map.iter().map(|&c| ordered(c)).collect();
+        let below = (0..=u16::MAX as u32).map(|b| keys.partition_point(|&k| k < b << 16) as u16).collect();
+        Lookup { map, below }
+    }
+
+    /// The signed or unsigned map's lookup, built once.
+    pub fn of(signed: bool) -> &'static Lookup {
+        static SIGNED: OnceLock<Lookup> = OnceLock::new();
+        static UNSIGNED: OnceLock<Lookup> = OnceLock::new();
+        let cell = if signed { &SIGNED } else { &UNSIGNED };
+        cell.get_or_init(|| Lookup::new(dynamic_map(signed)))
+    }
+
+    /// The index of the entry nearest to `x`, as [`nearest`].
+    #[inline]
+    pub fn nearest(&self, x: f32) -> u8 {
+        let mut hi = self.below[(ordered(x) >> 16) as usize] as usize;
+        while hi < 256 && self.map[hi] < x {
+            hi += 1;
+        }
+        nearest_from(self.map, hi.min(255), x)
+    }
+}
+
 /// Quantises one block's values into `codes`, returning its scale (0 for a block of zeros).
-pub fn quantise_block(map: &[f32; 256], values: &[f32], codes: &mut [u8]) -> f32 {
+pub fn quantise_block(lookup: &Lookup, values: &[f32], codes: &mut [u8]) -> f32 {
     let absmax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let zero = nearest(map, 0.0);
+    let zero = lookup.nearest(0.0);
     for (c, &v) in codes.iter_mut().zip(values) {
-        *c = if absmax > 0.0 { nearest(map, v / absmax) } else { zero };
+        *c = if absmax > 0.0 { lookup.nearest(v / absmax) } else { zero };
     }
     absmax
 }
@@ -122,7 +171,7 @@ mod tests {
         let map = dynamic_map(true);
         let values: Vec<f32> = (0..BLOCK).map(|i| ((i as f32) * 0.37).sin() * 0.01).collect();
         let mut codes = vec![0u8; BLOCK];
-        let absmax = quantise_block(map, &values, &mut codes);
+        let absmax = quantise_block(Lookup::of(true), &values, &mut codes);
         for (v, c) in values.iter().zip(&codes) {
             let back = map[*c as usize] * absmax;
             // The map's spacing near 1 is about 1.4% of the scale (2.1% between -1 and the next).
@@ -133,5 +182,28 @@ mod tests {
         // A second moment of zero keeps the unsigned map's floor.
         let u = dynamic_map(false);
         assert_eq!(nearest(u, 0.0), 1);
+    }
+
+    #[test]
+    fn the_lookup_finds_the_nearest_entry_as_the_search_does() {
+        let mut r = crate::split::SplitMix64::new(7);
+        for signed in [true, false] {
+            let (map, lookup) = (dynamic_map(signed), Lookup::of(signed));
+            // Every entry, the midpoints between neighbours and their float neighbours, and random
+            // values over the decades.
+            let mut xs: Vec<f32> = map.to_vec();
+            for w in map.windows(2) {
+                let mid = (w[0] + w[1]) / 2.0;
+                xs.extend([mid, f32::from_bits(mid.to_bits() + 1), f32::from_bits(mid.to_bits().max(1) - 1)]);
+            }
+            for _ in 0..100_000 {
+                let u = (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+                let x = 10f32.powf(-8.0 * u) * if signed && r.next_u64().is_multiple_of(2) { -1.0 } else { 1.0 };
+                xs.push(x);
+            }
+            for x in xs {
+                assert_eq!(lookup.nearest(x), nearest(map, x), "{x}");
+            }
+        }
     }
 }

@@ -32,6 +32,17 @@ pub enum Optim {
     AdamW8bit,
 }
 
+impl Optim {
+    /// Bytes of the two moments per parameter: 8 in f32; 2 and a 4-byte scale per 256 values in
+    /// 8 bits (tensors too small for 8 bits aside).
+    pub fn state_bytes_per_param(self) -> f64 {
+        match self {
+            Optim::AdamW => 8.0,
+            Optim::AdamW8bit => 2.0 + 8.0 / blockwise8::BLOCK as f64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdamWConfig {
     pub lr: f64,

@@ -3,7 +3,7 @@
 //! (no temporaries: a full fine-tune's states are twice its weights). On a GPU the moments are
 //! tensors that the in-place kernels update.
 
-use super::blockwise8::{dynamic_map, quantise_block, Blockwise8, BLOCK};
+use super::blockwise8::{dynamic_map, quantise_block, Blockwise8, Lookup, BLOCK};
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -94,6 +94,7 @@ impl InplaceOp2 for CpuStep<'_> {
             }
             Moments::Q8 { m, v } => {
                 let (sm, um) = (dynamic_map(true), dynamic_map(false));
+                let (sl, ul) = (Lookup::of(true), Lookup::of(false));
                 p.par_chunks_mut(BLOCK)
                     .zip(g.par_chunks(BLOCK))
                     .zip(m.codes.par_chunks_mut(BLOCK).zip(m.absmax.par_iter_mut()))
@@ -106,8 +107,8 @@ impl InplaceOp2 for CpuStep<'_> {
                             vb[j] = um[vc[j] as usize] * *va;
                             p[j] = h.apply(p[j], g[j], &mut mb[j], &mut vb[j]);
                         }
-                        *ma = quantise_block(sm, &mb[..n], mc);
-                        *va = quantise_block(um, &vb[..n], vc);
+                        *ma = quantise_block(sl, &mb[..n], mc);
+                        *va = quantise_block(ul, &vb[..n], vc);
                     });
             }
             Moments::Tensors { .. } => candle_core::bail!("adamw: tensor moments are updated by tensor ops"),

@@ -8,6 +8,8 @@
 use crate::split::SplitMix64;
 use crate::train::data::Shards;
 use crate::train::model::batch::Batch;
+use crate::train::model::config::ModelConfig;
+use crate::train::model::memory::{estimate, MemoryEstimate, MicroBatch, StepSettings};
 use crate::train::model::routing::{aux_loss, ExpertLoad, Routing};
 use crate::train::model::Model;
 use crate::train::objectives::sft::evaluate;
@@ -19,8 +21,11 @@ use std::path::Path;
 use std::time::Instant;
 
 pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
-    let t = load_trainable(opts, resume)?;
     let recipe = Sft::new(opts)?;
+    if opts.full {
+        recipe.check_memory_plan()?;
+    }
+    let t = load_trainable(opts, resume)?;
     train(opts, t, recipe, resume)
 }
 
@@ -160,6 +165,67 @@ impl<'a> Sft<'a> {
         }
     }
 
+    /// The step settings the memory estimate assumes for these options.
+    fn step_settings(&self) -> StepSettings {
+        let o = self.opts;
+        StepSettings {
+            weight_bytes: 4.0,
+            activation_bytes: 4,
+            lora_r: o.lora.r,
+            targets: if o.full { 7 } else { o.lora.targets.len() },
+            gradient_checkpointing: o.gradient_checkpointing,
+            logits_chunk: o.logits_chunk,
+            full_state_bytes: o.full.then(|| o.optim.optim.state_bytes_per_param()),
+        }
+    }
+
+    /// The packed segments of a micro-batch.
+    fn shape(&self, mb: &[usize]) -> MicroBatch {
+        MicroBatch::of(mb.len(), || mb.iter().flat_map(|&i| self.train.rows[i].seq_lengths.iter().map(|&l| l as usize)))
+    }
+
+    /// The current epoch's micro-batch that needs the most memory at `config`'s shapes, with the
+    /// estimate.
+    fn largest_micro_batch(&self, config: &ModelConfig) -> Option<(&Vec<usize>, MemoryEstimate)> {
+        let settings = self.step_settings();
+        let cost = |mb: &Vec<usize>| estimate(config, &self.shape(mb), &settings);
+        self.epoch_batches.1.iter().map(|mb| (mb, cost(mb))).max_by(|a, b| a.1.total_mb.total_cmp(&b.1.total_mb))
+    }
+
+    /// Full fine-tuning's memory plan, before the model is loaded: refused with the numbers when
+    /// the largest micro-batch's estimate exceeds the memory the system has available.
+    fn check_memory_plan(&self) -> Result<()> {
+        let config = crate::train::io::read_config(&self.opts.model)?;
+        let Some((mb, e)) = self.largest_micro_batch(&config) else { return Ok(()) };
+        let Some(available) = crate::train::device::available_memory_mb() else { return Ok(()) };
+        if e.total_mb > available {
+            let s = self.shape(mb);
+            bail!(
+                "full fine-tuning of {} needs about {:.0} MB for its largest micro-batch ({} tokens, longest segment {}): \
+                 {:.0} weights, {:.0} gradients, {:.0} optimizer states, {:.0} activations, {:.0} loss head, {:.0} process; \
+                 this machine has {available:.0} MB available. Lower it with --optim adamw_8bit (a quarter of the \
+                 optimizer states), --gradient-checkpointing (activations) or a smaller --batch-tokens; or train \
+                 LoRA adapters (leave out --full)",
+                self.opts.model.display(),
+                e.total_mb,
+                s.tokens,
+                s.longest_segment,
+                e.weights_mb,
+                e.gradients_mb,
+                e.optimizer_mb,
+                e.activations_mb,
+                e.loss_head_mb,
+                e.runtime_mb
+            );
+        }
+        crate::progress::note(&format!(
+            "full fine-tuning: about {:.0} MB at the largest micro-batch ({:.0} weights, {:.0} gradients, {:.0} \
+             optimizer states, {:.0} activations); {available:.0} MB available",
+            e.total_mb, e.weights_mb, e.gradients_mb, e.optimizer_mb, e.activations_mb
+        ));
+        Ok(())
+    }
+
     /// Micro-batches per optimizer step over all ranks.
     fn per_step(&self) -> u64 {
         self.opts.grad_accum as u64 * self.world.size as u64
@@ -190,24 +256,10 @@ impl Recipe for Sft<'_> {
     /// The largest micro-batch of the current epoch (by the memory it needs), forward and backward
     /// once with a copy of the dropout stream; the gradients are dropped, so the run is unchanged.
     fn probe(&mut self, t: &Trainable) -> Result<Option<String>> {
-        use crate::train::model::memory::{estimate, MicroBatch, StepSettings};
-        let settings = StepSettings {
-            weight_bytes: 4.0,
-            activation_bytes: 4,
-            lora_r: self.opts.lora.r,
-            targets: self.opts.lora.targets.len(),
-            gradient_checkpointing: self.opts.gradient_checkpointing,
-            logits_chunk: self.opts.logits_chunk,
-        };
-        let shape = |mb: &Vec<usize>| {
-            MicroBatch::of(mb.len(), || {
-                mb.iter().flat_map(|&i| self.train.rows[i].seq_lengths.iter().map(|&l| l as usize))
-            })
-        };
-        let cost = |mb: &Vec<usize>| estimate(&t.model.config, &shape(mb), &settings).total_mb;
-        let Some(largest) = self.epoch_batches.1.iter().max_by(|a, b| cost(a).total_cmp(&cost(b))) else {
+        let Some((largest, _)) = self.largest_micro_batch(&t.model.config) else {
             return Ok(None);
         };
+        let largest = largest.clone();
         let rows: Vec<_> = largest.iter().map(|&i| &self.train.rows[i]).collect();
         let b = Batch::from_rows(&rows, &t.model.device)?;
         if b.trained == 0 {
@@ -215,7 +267,7 @@ impl Recipe for Sft<'_> {
         }
         let aux_weight = self.aux_weight(t);
         loss_and_grads(self.opts, t, &b, b.trained, aux_weight, &mut self.dropout_rng.clone(), false)?;
-        let s = shape(largest);
+        let s = self.shape(&largest);
         Ok(Some(format!("{} rows, {} tokens, longest segment {}", s.rows, s.tokens, s.longest_segment)))
     }
 
