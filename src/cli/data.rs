@@ -255,7 +255,8 @@ pub enum ExportTarget {
     #[command(args_override_self = true)]
     Openai(Box<OpenaiExportArgs>),
     /// A trained LoRA adapter as llama.cpp's LoRA adapter GGUF (llama-cli --lora, Ollama ADAPTER),
-    /// or with --merge one model GGUF with the adapter folded in.
+    /// or with --merge one model GGUF with the adapter folded in; without --adapter, a full
+    /// fine-tune's run directory (--model RUN) as one model GGUF.
     ///
     /// Names and shapes as llama.cpp checks them against the base; Llama/Mistral q/k rows in
     /// llama.cpp's rotary order; an rsLoRA alpha rescaled to llama.cpp's alpha / r. --merge keeps
@@ -285,10 +286,12 @@ impl OllamaExportArgs {
 #[derive(Args)]
 pub struct GgufExportArgs {
     /// The training run (or checkpoint) directory with adapter_config.json + adapter_model.safetensors.
+    /// Leave it out to write a whole model directory as one GGUF: a `train --full` run as --model.
     #[arg(long)]
-    pub adapter: PathBuf,
+    pub adapter: Option<PathBuf>,
     /// The base the adapter was trained on (Hugging Face directory or GGUF file): shapes and
-    /// architecture are checked against it.
+    /// architecture are checked against it. Without --adapter, the model to write (a full
+    /// fine-tune's run directory).
     #[arg(long)]
     pub model: PathBuf,
     /// Output: the .gguf file (export ollama: the directory for it and the Modelfile); written under a

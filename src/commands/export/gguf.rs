@@ -1,6 +1,7 @@
 //! `tunekit export gguf --adapter RUN --model BASE --out FILE.gguf [--merge]`: a trained LoRA
 //! adapter as llama.cpp's LoRA GGUF, checked against the base it will be loaded with; with
 //! `--merge`, the GGUF base with the adapter folded in, its chat template the training shards'.
+//! Without `--adapter`, `--model RUN` (a full fine-tune's model directory) as one model GGUF.
 
 use crate::commands::Summary;
 use crate::export::gguf::adapter::{self, AdapterExport, AdapterType};
@@ -12,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub struct GgufOptions {
-    pub adapter: PathBuf,
+    /// The LoRA run; None exports `model` itself (a full fine-tune's run directory).
+    pub adapter: Option<PathBuf>,
     pub model: PathBuf,
     pub out: PathBuf,
     pub ty: ModelType,
@@ -62,8 +64,11 @@ pub fn training_shards(run: &Path, data: Option<&Path>) -> Result<Option<(PathBu
 
 pub fn run(o: &GgufOptions) -> Result<GgufSummary> {
     let start = Instant::now();
+    let Some(adapter) = o.adapter.as_deref() else {
+        return whole_model(o, start);
+    };
     let written = if o.merge {
-        let shards = training_shards(&o.adapter, o.data.as_deref())?;
+        let shards = training_shards(adapter, o.data.as_deref())?;
         // A Hugging Face base without a tokenizer of its own: the one the shards were made with.
         let tokenizer = shards
             .as_ref()
@@ -75,7 +80,7 @@ pub fn run(o: &GgufOptions) -> Result<GgufSummary> {
                 "the training shards' chat template was not found (pass --data SHARDS); the base's own template is kept",
             );
         }
-        Written::Merged(merged::export(Some(&o.adapter), &o.model, o.ty, template, tokenizer.as_deref(), &o.out)?)
+        Written::Merged(merged::export(Some(adapter), &o.model, o.ty, template, tokenizer.as_deref(), &o.out)?)
     } else {
         let ty = match o.ty {
             ModelType::F32 => AdapterType::F32,
@@ -86,15 +91,41 @@ pub fn run(o: &GgufOptions) -> Result<GgufSummary> {
             }
         };
         let base = crate::train::io::read_config(&o.model)?;
-        Written::Adapter(adapter::export(&o.adapter, &base, ty, &o.out)?)
+        Written::Adapter(adapter::export(adapter, &base, ty, &o.out)?)
     };
-    Ok(GgufSummary {
+    Ok(summary(o, written, start))
+}
+
+/// A model directory with no adapter, a full fine-tune's run above all, as one model GGUF: its
+/// tokenizer, and the chat template of the shards it trained on (the run's recorded --data, or
+/// `--data`).
+fn whole_model(o: &GgufOptions, start: Instant) -> Result<GgufSummary> {
+    if !o.model.is_dir() {
+        bail!(
+            "export gguf without --adapter writes a Hugging Face model directory (a `train --full` run) as one GGUF; \
+             {} is not a directory: give the LoRA run as --adapter",
+            o.model.display()
+        );
+    }
+    if merged::is_moe_dir(&o.model) {
+        bail!(
+            "{}: a mixture of experts is exported with its adapter (--adapter); a fully fine-tuned one not yet",
+            o.model.display()
+        );
+    }
+    let template = training_shards(&o.model, o.data.as_deref())?.and_then(|(_, _, t)| t);
+    let written = Written::Merged(merged::export(None, &o.model, o.ty, template, None, &o.out)?);
+    Ok(summary(o, written, start))
+}
+
+fn summary(o: &GgufOptions, written: Written, start: Instant) -> GgufSummary {
+    GgufSummary {
         command: "export gguf",
         out: o.out.display().to_string(),
         ty: o.ty,
         written,
         seconds: start.elapsed().as_secs_f64(),
-    })
+    }
 }
 
 impl Summary for GgufSummary {

@@ -68,10 +68,13 @@ pub fn run(opts: &OllamaOptions) -> Result<OllamaSummary> {
             o.model.display()
         );
     }
-    let Some((data, manifest, Some(template))) = training_shards(&o.adapter, o.data.as_deref())? else {
+    let Some(adapter) = o.adapter.as_deref() else {
+        bail!("export ollama writes a LoRA run's adapter beside its GGUF base: give the run as --adapter");
+    };
+    let Some((data, manifest, Some(template))) = training_shards(adapter, o.data.as_deref())? else {
         bail!(
             "{}: the training shards (and their chat template) were not found; pass --data SHARDS",
-            o.adapter.display()
+            adapter.display()
         );
     };
     let specials = &manifest.tokenizer.special_tokens;
@@ -96,7 +99,7 @@ pub fn run(opts: &OllamaOptions) -> Result<OllamaSummary> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
     let file = if o.merge { "model.gguf" } else { "adapter.gguf" };
     let gguf = super::gguf::run(&GgufOptions {
-        adapter: o.adapter.clone(),
+        adapter: Some(adapter.to_path_buf()),
         model: o.model.clone(),
         out: o.out.join(file),
         ty: o.ty,

@@ -339,7 +339,7 @@ pub fn export(
 }
 
 /// Whether the Hugging Face directory `dir` holds a mixture of experts.
-fn is_moe_dir(dir: &Path) -> bool {
+pub fn is_moe_dir(dir: &Path) -> bool {
     ModelConfig::from_file(&dir.join("config.json"))
         .ok()
         .and_then(|c| of_model_type(&c.model_type).ok())
