@@ -307,6 +307,37 @@ fn dpo_raises_held_out_reward_accuracy() {
     assert!(dir.path().join("dpo/adapter_model.safetensors").exists());
 }
 
+/// DPO with every weight trained: the reference's log-probabilities come from the base before the
+/// first step (the first step's policy is the reference: every held-out reward 0, the loss ln 2),
+/// held-out accuracy and margin rise, the run is a model directory, and a run resumed from its
+/// checkpoint (whose weights have moved) ends with the same weights, its reference still the base's.
+#[test]
+fn full_dpo_raises_held_out_reward_accuracy_against_the_bases_log_probabilities() {
+    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    common::counting_pairs(&dir.path().join("pairs"), 9);
+    let mut o = pair_options(&dir.path().join("pairs"), &dir.path().join("dpo"), 12);
+    o.method = Method::Dpo(Dpo { beta: 0.1, loss: DpoLoss::Sigmoid });
+    o.full = true;
+    o.optim.lr = 1e-3;
+    o.save_every = 6;
+    o.eval_every = 12;
+    let v = serde_json::to_value(run(&o, None).unwrap()).unwrap();
+    let first = &v["first_eval"];
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{first}");
+    assert!(first["reward_margin"].as_f64().unwrap().abs() < 1e-6, "{first}");
+    let (a1, m1) =
+        (v["final_eval"]["reward_accuracy"].as_f64().unwrap(), v["final_eval"]["reward_margin"].as_f64().unwrap());
+    assert!(m1 > 0.0 && a1 >= 0.75, "accuracy {a1}, margin {m1}");
+    assert!(dir.path().join("dpo/model.safetensors").exists());
+    let resumed = TrainOptions { out: dir.path().join("resumed"), ..o.clone() };
+    run(&resumed, Some(&dir.path().join("dpo/checkpoint-6"))).unwrap();
+    let a = std::fs::read(dir.path().join("dpo/model.safetensors")).unwrap();
+    let b = std::fs::read(dir.path().join("resumed/model.safetensors")).unwrap();
+    assert!(a == b, "a resumed full DPO run must end with the same weights");
+}
+
 #[test]
 fn reward_model_ranks_held_out_pairs() {
     use tunekit::train::objectives::reward::BradleyTerry;

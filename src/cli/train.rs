@@ -97,7 +97,8 @@ pub struct TrainArgs {
     pub loraplus_lr_ratio: Option<f64>,
     /// Full fine-tuning: train every weight (f32 master weights and AdamW states; no adapter). The
     /// output directory is then a Hugging Face model directory (sharded safetensors, config,
-    /// tokenizer, generation config) that transformers loads and `--model` takes. SFT only for now.
+    /// tokenizer, generation config) that transformers loads and `--model` takes. SFT and DPO (its
+    /// reference's log-probabilities computed from the base before training) for now.
     #[arg(long)]
     pub full: bool,
     /// Evaluate on the eval shards every N steps (0 = never).
@@ -272,9 +273,9 @@ impl TrainArgs {
             if self.loraplus_lr_ratio.is_some() {
                 bail!("--loraplus-lr-ratio sets the learning rate of LoRA's B matrices; --full trains no adapter");
             }
-            if self.method != TrainMethod::Sft {
+            if !matches!(self.method, TrainMethod::Sft | TrainMethod::Dpo) {
                 bail!(
-                    "--full supports --method sft for now; train {} with LoRA adapters (leave out --full)",
+                    "--full supports --method sft and dpo for now; train {} with LoRA adapters (leave out --full)",
                     clap::ValueEnum::to_possible_value(&self.method)
                         .map(|v| v.get_name().to_string())
                         .unwrap_or_default()
