@@ -351,6 +351,7 @@ fn every_family_trains_through_every_objective() {
                     targets,
                     doubled_gate_up: false,
                     train_router: false,
+                    use_dora: false,
                 },
                 1,
             )

@@ -88,6 +88,7 @@ fn check(family: &str) {
         targets,
         doubled_gate_up: false,
         train_router: false,
+        use_dora: false,
     };
     tuned.add_lora(&s, 7).unwrap();
     let mut rng = tunekit::split::SplitMix64::new(40);

@@ -72,6 +72,7 @@ fn random_adapter(base: &Path, dir: &Path) -> LoraSettings {
         rslora: true,
         doubled_gate_up: false,
         train_router: false,
+        use_dora: false,
         targets: ALL_LINEAR.iter().map(|t| t.to_string()).collect(),
     };
     m.add_lora(&s, 7).unwrap();

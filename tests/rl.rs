@@ -200,6 +200,7 @@ fn misfit_reward_models_and_wrong_shards_are_refused_before_training() {
         targets: lora,
         doubled_gate_up: false,
         train_router: false,
+        use_dora: false,
     };
     m.add_lora(&s, 0).unwrap();
     m.add_score_head(0).unwrap();

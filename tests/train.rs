@@ -36,6 +36,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
             rslora: false,
             doubled_gate_up: false,
             train_router: false,
+            use_dora: false,
             targets: LoraSettings::parse_targets("all-linear").unwrap(),
         },
         eval_every: 10,
@@ -703,4 +704,53 @@ fn full_fine_tuning_beyond_the_memory_available_is_refused_with_the_plan() {
         assert!(e.contains(part), "the refusal lacks {part:?}: {e}");
     }
     assert!(!d.join("run/metrics.jsonl").exists(), "refused before the first step");
+}
+
+/// `train --dora` through the binary: a PEFT DoRA adapter (use_dora, a magnitude per adapted row)
+/// whose loss falls; llama.cpp has no DoRA, so the adapter GGUF is refused pointing to `merge`,
+/// which folds it into a Hugging Face directory.
+#[test]
+fn dora_trains_writes_pefts_format_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::counting_shards(&d.join("shards"), 128, 30);
+    let model = model_dir();
+    let m = model.to_str().unwrap();
+    let o = common::tunekit(
+        &[
+            "train",
+            "--dora",
+            "--model",
+            m,
+            "--data",
+            "shards",
+            "--out",
+            "run",
+            "--max-steps",
+            "12",
+            "--lr",
+            "2e-2",
+            "--batch-tokens",
+            "128",
+            "--eval-every",
+            "12",
+            "--json",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = common::stdout_json(&o);
+    assert!(s["final_eval_loss"].as_f64().unwrap() < s["first_eval_loss"].as_f64().unwrap(), "{s}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("run/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["use_dora"], true);
+    let t = candle_core::safetensors::load(d.join("run/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let mags = t.keys().filter(|k| k.ends_with(".lora_magnitude_vector")).count();
+    assert_eq!(mags, 2 * 7, "a magnitude per adapted projection");
+    let o = common::tunekit(&["export", "gguf", "--adapter", "run", "--model", m, "--out", "a.gguf"], d);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("DoRA") && e.contains("tunekit merge"), "{e}");
+    let o = common::tunekit(&["merge", "--adapter", "run", "--model", m, "--out", "merged"], d);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(d.join("merged/model.safetensors").exists());
 }

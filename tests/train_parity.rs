@@ -301,6 +301,69 @@ fn full_fine_tuning_qwen3_qk_norm_is_torchs() {
     full_steps_are_torchs("qwen3");
 }
 
+/// DoRA against PEFT's `use_dora` (tests/fixtures/train/dora_steps.py) on Qwen2 (biases): a PEFT
+/// DoRA adapter with random A, B and magnitudes loads into tunekit with the same packed loss (1e-5)
+/// and every gradient, the magnitudes' included, within 1e-4 of the largest; after three tunekit
+/// AdamW steps the adapter tunekit writes loads into PEFT with the same loss to 5 digits, and the
+/// merged weights give the adapter's logits.
+#[test]
+fn dora_is_pefts() {
+    let Some(py) = common::python_with("peft") else { return };
+    let (dir, _, row) = fixture("qwen2");
+    let out = tempfile::tempdir().unwrap();
+    let script = common::root().join("tests/fixtures/train/dora_steps.py");
+    let run = |mode: &str, path: &std::path::Path| {
+        let o = std::process::Command::new(&py)
+            .args([script.to_str().unwrap(), dir.to_str().unwrap(), mode, path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    run("init", out.path());
+    let want = candle_core::safetensors::load(out.path().join("grads.safetensors"), &Device::Cpu).unwrap();
+    let dev = Device::Cpu;
+    let mut model = Model::from_base(&load_base(&dir, &dev, None).unwrap(), &dev).unwrap();
+    let s = tunekit::train::io::peft::load_into(&mut model, &out.path().join("adapter")).unwrap();
+    assert!(s.use_dora);
+    let batch = Batch::from_rows(&[&row], &dev).unwrap();
+    let loss = (model.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+    let (got, peft_loss) = (loss.to_scalar::<f32>().unwrap(), want["loss"].to_vec1::<f32>().unwrap()[0]);
+    assert!((got - peft_loss).abs() < 1e-5 * peft_loss.abs().max(1.0), "DoRA loss {got} vs PEFT's {peft_loss}");
+    let named = model.lora_vars();
+    assert_eq!(named.iter().filter(|(n, _)| n.ends_with("lora_magnitude_vector")).count(), 14);
+    let grads = loss.backward().unwrap();
+    for (n, v) in &named {
+        let w = want.get(&format!("grad.{n}")).unwrap_or_else(|| panic!("PEFT has no gradient for {n}"));
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {n}"));
+        let scale = w.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        let d = max_diff(g, w);
+        assert!(d < 1e-4 * scale, "gradient of {n} differs from PEFT's by {d} (max {scale})");
+    }
+    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, ..Default::default() }, &named).unwrap();
+    for _ in 0..3 {
+        let loss = (model.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect();
+        opt.update(&vars, &g, 1e-2).unwrap();
+    }
+    let loss = (model.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap().to_scalar::<f32>().unwrap();
+    let saved = out.path().join("trained");
+    tunekit::train::io::peft::save(&model, &s, "qwen2", &saved).unwrap();
+    let peft: f32 = run("loss", &saved).parse().unwrap();
+    assert!((loss - peft).abs() < 1e-5 * peft.abs().max(1.0), "trained DoRA: tunekit {loss}, PEFT {peft}");
+    assert!((loss - got).abs() > 1e-3, "three steps moved the loss: {got} -> {loss}");
+    // Merged: each row W + s B A rescaled to its magnitude gives the adapter's logits.
+    let merged_dir = out.path().join("merged");
+    tunekit::train::io::merge::write_hf(&model, &merged_dir).unwrap();
+    let merged = Model::from_base(&load_base(&merged_dir, &dev, None).unwrap(), &dev).unwrap();
+    let lens: Vec<usize> = row.seq_lengths.iter().map(|&l| l as usize).collect();
+    let a = model.logits(&batch.input_ids, &batch.position_ids, &lens).unwrap();
+    let b = merged.logits(&batch.input_ids, &batch.position_ids, &lens).unwrap();
+    assert!(max_diff(&a, &b) < 1e-4, "merged DoRA differs by {}", max_diff(&a, &b));
+}
+
 #[test]
 fn llama_gqa_tied_rope_scaling() {
     check("llama");

@@ -101,6 +101,11 @@ pub struct TrainArgs {
     /// reference's log-probabilities computed from the base before training) for now.
     #[arg(long)]
     pub full: bool,
+    /// DoRA (PEFT's use_dora): each adapted row's direction from W + s B A and its length a trained
+    /// magnitude, `y = m / ||W + s B A||_row * (x W^T + s x A^T B^T)`, the norm detached as PEFT does.
+    /// Written as PEFT's adapter (lora_magnitude_vector); merged and exported to GGUF with --merge.
+    #[arg(long)]
+    pub dora: bool,
     /// Evaluate on the eval shards every N steps (0 = never).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
@@ -349,6 +354,7 @@ impl TrainArgs {
                 rslora: self.rslora,
                 doubled_gate_up: false,
                 train_router: self.train_router,
+                use_dora: self.dora,
                 targets: LoraSettings::parse_targets(&self.target)?,
             },
             eval_every: self.eval_every,

@@ -123,6 +123,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
                 rslora: false,
                 doubled_gate_up: false,
                 train_router: false,
+                use_dora: false,
                 targets: crate::train::adapters::lora::ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
             },
             eval_every: 4,

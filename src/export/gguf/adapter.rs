@@ -76,6 +76,13 @@ fn projection_shape(c: &ModelConfig, module: &str) -> Option<(usize, usize)> {
 /// Writes the adapter in `adapter_dir` (PEFT) for the base of shape `base` to `out`.
 pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Path) -> Result<AdapterExport> {
     let (settings, tensors) = crate::train::io::peft::read(adapter_dir)?;
+    if settings.use_dora {
+        bail!(
+            "{}: a DoRA adapter (use_dora) has no llama.cpp form; merge it into a Hugging Face \
+             directory with `tunekit merge`, then `tunekit export gguf --model MERGED --data SHARDS`",
+            adapter_dir.display()
+        );
+    }
     if tensors.contains_key(SCORE_WEIGHT) {
         bail!(
             "{}: a reward model's score head cannot go into a llama.cpp adapter (llama.cpp runs language models); \

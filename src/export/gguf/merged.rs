@@ -148,6 +148,13 @@ impl Lora {
 /// The LoRA of every adapted projection, by llama.cpp tensor name.
 fn deltas(adapter_dir: &Path, c: &ModelConfig, naming: Naming) -> Result<HashMap<String, Lora>> {
     let (s, tensors) = crate::train::io::peft::read(adapter_dir)?;
+    if s.use_dora {
+        bail!(
+            "{}: a DoRA adapter (use_dora) has no llama.cpp form and is not folded into a GGUF base yet; merge it into a Hugging Face \
+             directory with `tunekit merge`, then `tunekit export gguf --model MERGED --data SHARDS`",
+            adapter_dir.display()
+        );
+    }
     if tensors.contains_key(crate::train::adapters::score::SCORE_WEIGHT) {
         bail!("{}: a reward model's score head cannot be merged into a language model GGUF", adapter_dir.display());
     }

@@ -30,6 +30,9 @@ pub struct LoraSettings {
     /// A mixture's routers trained in full beside the adapters (PEFT's `modules_to_save`).
     #[serde(default)]
     pub train_router: bool,
+    /// DoRA (PEFT's `use_dora`): a trained magnitude per output row.
+    #[serde(default)]
+    pub use_dora: bool,
 }
 
 pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -64,6 +67,11 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 /// `model.layers.0.self_attn.q_proj`): `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 pub fn peft_key(module: &str, ab: &str) -> String {
     format!("{PEFT_PREFIX}{module}.lora_{ab}.weight")
+}
+
+/// PEFT's name of a DoRA magnitude vector of the module at `module`.
+pub fn peft_magnitude_key(module: &str) -> String {
+    format!("{PEFT_PREFIX}{module}.lora_magnitude_vector")
 }
 
 /// The module path of a PEFT LoRA A matrix's name (None for any other tensor).
@@ -101,6 +109,8 @@ impl LoraSettings {
 pub struct Lora {
     pub a: Var,
     pub b: Var,
+    /// DoRA's magnitude per output row [out] (None: plain LoRA).
+    pub magnitude: Option<Var>,
     pub scale: f64,
     pub dropout: f64,
     /// Off = the base model alone (DPO's reference model without a second copy in memory).
@@ -114,8 +124,48 @@ impl Lora {
         let a: Vec<f32> = (0..s.r * inp).map(|_| (rng.uniform() * 2.0 - 1.0) as f32 * bound as f32).collect();
         let a = Var::from_tensor(&Tensor::from_vec(a, (s.r, inp), device)?)?;
         let b = Var::from_tensor(&Tensor::zeros((out, s.r), DType::F32, device)?)?;
-        Ok(Lora { a, b, scale: s.scale(), dropout: s.dropout, enabled: std::cell::Cell::new(true) })
+        Ok(Lora { a, b, magnitude: None, scale: s.scale(), dropout: s.dropout, enabled: std::cell::Cell::new(true) })
     }
+}
+
+/// DoRA's row norms `||W + s B A||` [out] of a frozen weight `w` [out, in] and an adapter, detached
+/// (PEFT detaches the norm: only the magnitude and the direction's adapter train).
+pub fn dora_norm(w: &Tensor, l: &Lora) -> candle_core::Result<Tensor> {
+    let ba = l.b.as_tensor().detach().matmul(&l.a.as_tensor().detach())?;
+    (w.detach().to_dtype(DType::F32)? + (ba * l.scale)?)?.sqr()?.sum(1)?.sqrt()
+}
+
+/// A DoRA layer's output: `base(x) + (g - 1) base(xd) + g s (xd A^T B^T)` with `g = m / ||W + s B A||`
+/// and xd the dropped-out input (x itself without dropout), as PEFT's `DoraLinearLayer` adds it to
+/// the base layer's output; `base` is the frozen product (its backward the input gradient only) and
+/// `bias` is added once. Plain graph operations, in f32.
+pub fn dora_linear(
+    x: &Tensor,
+    base: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    l: &Lora,
+    m: &Var,
+    mask: Option<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let g = m.as_tensor().broadcast_div(&dora_norm(w, l)?)?.unsqueeze(0)?;
+    let base_x = base(&x32)?;
+    let (xd, base_xd) = match mask {
+        Some(mask) => {
+            let xd = (&x32 * mask)?;
+            let b = base(&xd)?;
+            (xd, b)
+        }
+        None => (x32.clone(), base_x.clone()),
+    };
+    let lora = (xd.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)? * l.scale)?;
+    let y = ((base_x + base_xd.broadcast_mul(&(&g - 1.0)?)?)? + lora.broadcast_mul(&g)?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    y.to_dtype(x.dtype())
 }
 
 /// Whether the low-rank term is added in place onto `t` (a fresh f32 CPU product of `rows` rows;

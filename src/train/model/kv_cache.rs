@@ -226,6 +226,7 @@ mod tests {
             targets: s,
             doubled_gate_up: false,
             train_router: false,
+            use_dora: false,
         };
         m.add_lora(&s, 3).unwrap();
         for (i, (_, v)) in m.lora_vars().iter().enumerate() {

@@ -73,7 +73,8 @@ impl Layer {
     /// Every trained variable of the layer (in `Model::lora_vars` order): its adapters' A and B, then
     /// a trained router.
     pub fn trained_vars(&self) -> Vec<&candle_core::Var> {
-        let mut out: Vec<&candle_core::Var> = self.loras().into_iter().flat_map(|l| [&l.a, &l.b]).collect();
+        let mut out: Vec<&candle_core::Var> =
+            self.loras().into_iter().flat_map(|l| [&l.a, &l.b].into_iter().chain(l.magnitude.as_ref())).collect();
         if let Mlp::Sparse(s) = &self.mlp {
             if let Some(r) = &s.trained_router {
                 out.push(&r.weight);

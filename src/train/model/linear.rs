@@ -8,7 +8,7 @@
 use super::mxfp4::{Mxfp4Matmul, Mxfp4Weight};
 use super::quant::{GgufMatmul, Nf4Matmul, Nf4Weight, QuantMatmulOnDevice, QuantOnDevice};
 use crate::split::SplitMix64;
-use crate::train::adapters::lora::{dropout_mask, lora_linear, Lora, LoraSettings};
+use crate::train::adapters::lora::{dora_linear, dora_norm, dropout_mask, lora_linear, Lora, LoraSettings};
 use crate::train::graph::{trained_matmul, BaseOp, FrozenMatmul};
 use anyhow::Result;
 use candle_core::quantized::QTensor;
@@ -106,7 +106,12 @@ impl Linear {
     /// Adds a fresh adapter (PEFT's initialisation) drawn from `rng`.
     pub fn add_lora(&mut self, s: &LoraSettings, rng: &mut SplitMix64) -> Result<()> {
         let (out, inp) = self.dims()?;
-        self.lora = Some(Lora::new(out, inp, s, rng, &self.device)?);
+        let mut l = Lora::new(out, inp, s, rng, &self.device)?;
+        if s.use_dora {
+            // DoRA starts from the weight's own row norms (B is zero): the layer is unchanged.
+            l.magnitude = Some(candle_core::Var::from_tensor(&dora_norm(&self.dense_weight()?, &l)?)?);
+        }
+        self.lora = Some(l);
         Ok(())
     }
 
@@ -137,6 +142,10 @@ impl Linear {
                 Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),
                 _ => None,
             };
+            if let Some(m) = &l.magnitude {
+                let product = |t: &Tensor| t.contiguous()?.apply_op1_arc(base.clone());
+                return dora_linear(x, &product, &self.frozen_dense(x)?, self.bias.as_ref(), l, m, mask);
+            }
             return lora_linear(
                 x,
                 input.f32()?,
@@ -165,11 +174,18 @@ impl Linear {
         }
     }
 
-    /// W + s * B A, for merging.
+    /// W + s * B A, for merging; with DoRA each row then scaled to its magnitude,
+    /// `m / ||W + s B A|| * (W + s B A)`.
     pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
-        match &self.lora {
-            Some(l) => self.dense_weight()? + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?,
-            None => self.dense_weight(),
+        let Some(l) = &self.lora else { return self.dense_weight() };
+        let w = self.dense_weight()?;
+        let merged = (&w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?.to_dtype(w.dtype())?)?;
+        match &l.magnitude {
+            Some(m) => {
+                let g = m.as_tensor().broadcast_div(&dora_norm(&w, l)?)?.unsqueeze(1)?;
+                merged.to_dtype(DType::F32)?.broadcast_mul(&g)?.to_dtype(w.dtype())
+            }
+            None => Ok(merged),
         }
     }
 }

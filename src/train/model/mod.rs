@@ -302,6 +302,9 @@ impl Model {
                 if let Some(l) = &lin.lora {
                     out.push((peft_key(&lin.name, "A"), l.a.clone()));
                     out.push((peft_key(&lin.name, "B"), l.b.clone()));
+                    if let Some(m) = &l.magnitude {
+                        out.push((lora::peft_magnitude_key(&lin.name), m.clone()));
+                    }
                 }
             }
             if let layer::Mlp::Sparse(moe) = &layer.mlp {

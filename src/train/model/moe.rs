@@ -145,6 +145,12 @@ impl SparseMlp {
     /// Adds fresh adapters to the experts' gate_up and down where `gate_up` and `down` say; gate_up's
     /// of twice the rank and alpha where the settings say (PEFT's `rank_pattern`).
     pub fn add_lora(&mut self, s: &LoraSettings, gate_up: bool, down: bool, rng: &mut SplitMix64) -> Result<()> {
+        if s.use_dora {
+            anyhow::bail!(
+                "DoRA on a mixture's experts is not supported (PEFT's target_parameters have no DoRA): target the \
+                 attention projections only (--target q_proj,k_proj,v_proj,o_proj) or leave out --dora"
+            );
+        }
         let s = LoraSettings { dropout: 0.0, ..s.clone() };
         let fused = match s.doubled_gate_up {
             true => LoraSettings { r: 2 * s.r, alpha: 2.0 * s.alpha, ..s.clone() },
