@@ -278,6 +278,9 @@ impl TrainArgs {
             if self.loraplus_lr_ratio.is_some() {
                 bail!("--loraplus-lr-ratio sets the learning rate of LoRA's B matrices; --full trains no adapter");
             }
+            if self.dora {
+                bail!("--dora is a kind of LoRA adapter; --full trains every weight and no adapter: choose one");
+            }
             if !matches!(self.method, TrainMethod::Sft | TrainMethod::Dpo) {
                 bail!(
                     "--full supports --method sft and dpo for now; train {} with LoRA adapters (leave out --full)",
