@@ -1,5 +1,7 @@
-//! What training adds to the frozen base: LoRA adapters on the linear layers ([`lora`]) and the
-//! scalar head of a reward model ([`score`]). The base itself lives in [`super::model`].
+//! What training adds to the frozen base: LoRA adapters on the linear layers ([`lora`]), DoRA's
+//! magnitudes over them ([`dora`]) and the scalar head of a reward model ([`score`]). The base
+//! itself lives in [`super::model`].
 
+pub mod dora;
 pub mod lora;
 pub mod score;

@@ -8,7 +8,8 @@
 use super::mxfp4::{Mxfp4Matmul, Mxfp4Weight};
 use super::quant::{GgufMatmul, Nf4Matmul, Nf4Weight, QuantMatmulOnDevice, QuantOnDevice};
 use crate::split::SplitMix64;
-use crate::train::adapters::lora::{dora_linear, dora_norm, dropout_mask, lora_linear, Lora, LoraSettings};
+use crate::train::adapters::dora::{dora_linear, dora_norm};
+use crate::train::adapters::lora::{dropout_mask, lora_linear, Lora, LoraSettings};
 use crate::train::graph::{trained_matmul, BaseOp, FrozenMatmul};
 use anyhow::Result;
 use candle_core::quantized::QTensor;
