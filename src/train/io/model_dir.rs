@@ -49,14 +49,13 @@ pub fn write(model: &Model, base: &Path, tokenizer: &Path, out: &Path) -> Result
 /// tokenizer.json), or built from a GGUF file's vocabulary and metadata.
 fn write_tokenizer(tokenizer: &Path, out: &Path) -> Result<()> {
     if tokenizer.extension().is_some_and(|e| e == "gguf") {
-        let info = TokenizerInfo::load(tokenizer)?;
-        let json = crate::tokenize::gguf::read(tokenizer)?.json;
-        std::fs::write(out.join("tokenizer.json"), json)?;
-        let mut cfg = json!({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": info.add_bos_token});
-        for (k, v) in &info.specials {
+        let g = crate::tokenize::gguf::read(tokenizer)?;
+        std::fs::write(out.join("tokenizer.json"), &g.json)?;
+        let mut cfg = json!({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": g.add_bos});
+        for (k, v) in &g.specials {
             cfg[k] = v.clone();
         }
-        if let Some(t) = &info.chat_template {
+        if let Some(t) = &g.chat_template {
             cfg["chat_template"] = Value::String(t.clone());
         }
         std::fs::write(out.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?)?;
