@@ -352,6 +352,7 @@ fn every_family_trains_through_every_objective() {
                     doubled_gate_up: false,
                     train_router: false,
                     use_dora: false,
+                    init: Default::default(),
                 },
                 1,
             )

@@ -89,6 +89,7 @@ fn check(family: &str) {
         doubled_gate_up: false,
         train_router: false,
         use_dora: false,
+        init: Default::default(),
     };
     tuned.add_lora(&s, 7).unwrap();
     let mut rng = tunekit::split::SplitMix64::new(40);

@@ -73,6 +73,7 @@ fn random_adapter(base: &Path, dir: &Path) -> LoraSettings {
         doubled_gate_up: false,
         train_router: false,
         use_dora: false,
+        init: Default::default(),
         targets: ALL_LINEAR.iter().map(|t| t.to_string()).collect(),
     };
     m.add_lora(&s, 7).unwrap();

@@ -201,6 +201,7 @@ fn misfit_reward_models_and_wrong_shards_are_refused_before_training() {
         doubled_gate_up: false,
         train_router: false,
         use_dora: false,
+        init: Default::default(),
     };
     m.add_lora(&s, 0).unwrap();
     m.add_score_head(0).unwrap();

@@ -37,6 +37,7 @@ fn options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
             doubled_gate_up: false,
             train_router: false,
             use_dora: false,
+            init: Default::default(),
             targets: LoraSettings::parse_targets("all-linear").unwrap(),
         },
         eval_every: 10,
@@ -753,4 +754,80 @@ fn dora_trains_writes_pefts_format_and_merges() {
     let o = common::tunekit(&["merge", "--adapter", "run", "--model", m, "--out", "merged"], d);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(d.join("merged/model.safetensors").exists());
+}
+
+/// `train --lora-init pissa|olora` through the binary: the loss falls; the run directory holds
+/// plain LoRA of rank 2r on the original base (PEFT's converted form), which `eval --adapter`
+/// scores as the run's own last evaluation; resumed from a checkpoint the run ends bit for bit
+/// the same; the adapter exports to a GGUF as any LoRA; DoRA and --full with it are refused.
+#[test]
+fn pissa_and_olora_train_convert_to_plain_lora_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::counting_shards(&d.join("shards"), 128, 30);
+    let model = model_dir();
+    let m = model.to_str().unwrap();
+    for init in ["pissa", "olora"] {
+        let run = |out: &str, extra: &[&str]| {
+            let mut args = vec![
+                "train",
+                "--lora-init",
+                init,
+                "--model",
+                m,
+                "--data",
+                "shards",
+                "--out",
+                out,
+                "--max-steps",
+                "8",
+                "--lr",
+                "1e-2",
+                "--batch-tokens",
+                "128",
+                "--save-every",
+                "4",
+                "--eval-every",
+                "8",
+                "--json",
+            ];
+            args.extend_from_slice(extra);
+            let o = common::tunekit(&args, d);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            common::stdout_json(&o)
+        };
+        let s = run(init, &[]);
+        assert!(s["final_eval_loss"].as_f64().unwrap() < s["first_eval_loss"].as_f64().unwrap(), "{init}: {s}");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join(init).join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(16), Some(32.0)), "{init}: {cfg}");
+        assert_eq!(cfg["init_lora_weights"], true, "{init}: {cfg}");
+        let o = common::tunekit(&["eval", "--model", m, "--adapter", init, "--data", "shards", "--json"], d);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = common::stdout_json(&o)["loss"].as_f64().unwrap();
+        assert!((got - s["final_eval_loss"].as_f64().unwrap()).abs() < 1e-4, "{init}: eval {got} vs the run's {s}");
+        let resumed = format!("{init}-resumed");
+        let checkpoint = format!("{init}/checkpoint-4");
+        run(&resumed, &["--resume", &checkpoint]);
+        let a = std::fs::read(d.join(init).join("adapter_model.safetensors")).unwrap();
+        let b = std::fs::read(d.join(&resumed).join("adapter_model.safetensors")).unwrap();
+        assert!(a == b, "{init}: a resumed run must end with the same adapter");
+        let gguf = format!("{init}.gguf");
+        let o = common::tunekit(&["export", "gguf", "--adapter", init, "--model", m, "--out", &gguf], d);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // QLoRA: the residual re-quantised to NF4 (PiSSA's point there: the principal part in f32).
+        let q = run(&format!("{init}-nf4"), &["--qlora", "nf4"]);
+        assert!(q["final_eval_loss"].as_f64().unwrap() < q["first_eval_loss"].as_f64().unwrap(), "{init} nf4: {q}");
+    }
+    for (extra, says) in [("--dora", "choose one"), ("--full", "--full trains every weight")] {
+        let o = common::tunekit(
+            &["train", "--lora-init", "pissa", extra, "--model", m, "--data", "shards", "--out", "x"],
+            d,
+        );
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("pissa") && e.contains(says), "{extra}: {e}");
+    }
+    let o = common::tunekit(&["train", "--lora-init", "loftq", "--model", m, "--data", "shards", "--out", "x"], d);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("pissa_niter_N"), "{e}");
 }

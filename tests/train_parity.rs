@@ -364,6 +364,154 @@ fn dora_is_pefts() {
     assert!(max_diff(&a, &b) < 1e-4, "merged DoRA differs by {}", max_diff(&a, &b));
 }
 
+/// s' B' A' of every module of a PEFT adapter file (rank and alpha from its config): the weight
+/// change it makes, whatever the signs of its factors.
+fn adapter_deltas(dir: &std::path::Path) -> HashMap<String, Tensor> {
+    let (s, t) = tunekit::train::io::peft::read(dir).unwrap();
+    t.iter()
+        .filter_map(|(k, a)| {
+            let module = tunekit::train::adapters::lora::module_of_lora_a(k)?;
+            let b = &t[&k.replace("lora_A", "lora_B")];
+            Some((module.to_string(), (b.matmul(a).unwrap() * s.scale()).unwrap()))
+        })
+        .collect()
+}
+
+/// PiSSA / OLoRA (`--lora-init`) against PEFT's `init_lora_weights` on the Qwen2 fixture
+/// (tests/fixtures/train/lora_init_steps.py): the residual base weights and the initial s B0 A0 of
+/// every projection, the losses of three AdamW steps (to 5 digits: the factors' signs may differ
+/// from LAPACK's, and AdamW is sign-equivariant), the adapter converted to rank 2r as PEFT's
+/// `path_initial_model_for_weight_conversion` (the same weight change per module; each tool
+/// loads the other's with the trained loss), and the adapter switched off giving the base.
+fn lora_init_is_pefts(init: &str) {
+    use tunekit::train::adapters::lora::{LoraSettings, ALL_LINEAR};
+    use tunekit::train::adapters::lora_init::LoraInit;
+    let Some(py) = common::python_with("peft") else { return };
+    let (dir, r, row) = fixture("qwen2");
+    let out = tempfile::tempdir().unwrap();
+    let script = common::root().join("tests/fixtures/train/lora_init_steps.py");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(&py)
+            .args([script.to_str().unwrap(), dir.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    run(&["train", init, out.path().to_str().unwrap()]);
+    let want = candle_core::safetensors::load(out.path().join("steps.safetensors"), &Device::Cpu).unwrap();
+    let dev = Device::Cpu;
+    let mut model = Model::from_base(&load_base(&dir, &dev, None).unwrap(), &dev).unwrap();
+    let s = LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        rslora: false,
+        targets: ALL_LINEAR.iter().map(|t| t.to_string()).collect(),
+        doubled_gate_up: false,
+        train_router: false,
+        use_dora: false,
+        init: LoraInit::parse(init).unwrap(),
+    };
+    model.add_lora(&s, 0).unwrap();
+    let (mut modules, mut worst) = (0, [0f32; 3]);
+    for lin in model.layers.iter().flat_map(|l| l.linears()).filter(|l| l.lora.is_some()) {
+        let l = lin.lora.as_ref().unwrap();
+        let start = (l.b.as_tensor().matmul(l.a.as_tensor()).unwrap() * l.scale).unwrap();
+        for (what, got) in [("residual", lin.dense_weight().unwrap()), ("start", start)] {
+            let w = &want[&format!("{what}.{}", lin.name)];
+            let scale = w.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = max_diff(&got, w);
+            assert!(d < 1e-5 * scale.max(1.0), "{init}: {what} of {} differs from PEFT's by {d}", lin.name);
+            worst[0] = worst[0].max(d);
+        }
+        modules += 1;
+    }
+    assert_eq!(modules, 14, "two layers of seven projections");
+    let batch = Batch::from_rows(&[&row], &dev).unwrap();
+    let lens: Vec<usize> = row.seq_lengths.iter().map(|&l| l as usize).collect();
+    // Switched off, the adapter leaves the base (DPO's reference): residual + s B0 A0.
+    model.set_lora_enabled(false);
+    let off = model.logits(&batch.input_ids, &batch.position_ids, &lens).unwrap();
+    assert!(max_diff(&off, &r["base_logits"]) < 1e-4, "{init}: the adapter off is not the base");
+    model.set_lora_enabled(true);
+    let losses = want["losses"].to_vec1::<f32>().unwrap();
+    let named = model.lora_vars();
+    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, ..Default::default() }, &named).unwrap();
+    let close = |a: f32, b: f32| (a - b).abs() < 1e-5 * b.abs().max(1.0);
+    for (step, &peft) in losses.iter().enumerate() {
+        let loss = (model.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap();
+        let got = loss.to_scalar::<f32>().unwrap();
+        assert!(close(got, peft), "{init}: loss before step {} is {got}, PEFT's {peft}", step + 1);
+        worst[1] = worst[1].max((got - peft).abs());
+        if step < 3 {
+            let grads = loss.backward().unwrap();
+            let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect();
+            opt.update(&vars, &g, 1e-2).unwrap();
+        }
+    }
+    assert!(losses[3] < losses[0] - 0.1, "{init}: three steps lowered PEFT's loss {losses:?}");
+    let trained = *losses.last().unwrap();
+    let saved = out.path().join("tunekit");
+    tunekit::train::io::peft::save(&model, &s, "qwen2", &saved).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(saved.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(16.0)), "{init}: {cfg}");
+    assert_eq!(cfg["init_lora_weights"], serde_json::json!(true));
+    let (ours, theirs) = (adapter_deltas(&saved), adapter_deltas(&out.path().join("converted")));
+    assert_eq!(ours.len(), 14);
+    for (module, d) in &ours {
+        let w = &theirs[module];
+        let scale = w.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = max_diff(d, w);
+        assert!(
+            diff < 1e-3 * scale.max(1e-3),
+            "{init}: converted {module} differs from PEFT's by {diff} (max {scale})"
+        );
+        worst[2] = worst[2].max(diff / scale.max(1e-3));
+    }
+    eprintln!(
+        "{init}: residual/start {:.1e}, losses {:.1e} ({losses:?}), converted deltas {:.1e} relative",
+        worst[0], worst[1], worst[2]
+    );
+    let peft: f32 = run(&["loss", saved.to_str().unwrap()]).parse().unwrap();
+    assert!(close(peft, trained), "{init}: PEFT loads tunekit's converted adapter with loss {peft}, trained {trained}");
+    let mut fresh = Model::from_base(&load_base(&dir, &dev, None).unwrap(), &dev).unwrap();
+    tunekit::train::io::peft::load_into(&mut fresh, &out.path().join("converted")).unwrap();
+    let got = (fresh.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap().to_scalar::<f32>().unwrap();
+    assert!(
+        close(got, trained),
+        "{init}: PEFT's converted adapter loads in tunekit with loss {got}, trained {trained}"
+    );
+    // Saved unconverted, the adapter needs the base's residual: tunekit redoes the decomposition on
+    // load as PEFT does; llama.cpp cannot, so its GGUF is refused.
+    let unconverted = out.path().join("unconverted");
+    let mut fresh = Model::from_base(&load_base(&dir, &dev, None).unwrap(), &dev).unwrap();
+    tunekit::train::io::peft::load_into(&mut fresh, &unconverted).unwrap();
+    let got = (fresh.loss_sum(&batch, None, 4).unwrap() / batch.trained as f64).unwrap().to_scalar::<f32>().unwrap();
+    assert!(
+        close(got, trained),
+        "{init}: PEFT's unconverted adapter loads in tunekit with loss {got}, trained {trained}"
+    );
+    let gguf = out.path().join("a.gguf");
+    let args = ["export", "gguf", "--adapter", unconverted.to_str().unwrap(), "--model", dir.to_str().unwrap()];
+    let o = common::tunekit(&[&args[..], &["--out", gguf.to_str().unwrap()]].concat(), out.path());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("unconverted") && e.contains("tunekit merge"), "{e}");
+}
+
+#[test]
+fn pissa_is_pefts() {
+    lora_init_is_pefts("pissa");
+}
+
+#[test]
+fn olora_is_pefts() {
+    lora_init_is_pefts("olora");
+}
+
 #[test]
 fn llama_gqa_tied_rope_scaling() {
     check("llama");

@@ -106,6 +106,14 @@ pub struct TrainArgs {
     /// Written as PEFT's adapter (lora_magnitude_vector); merged and exported to GGUF with --merge.
     #[arg(long)]
     pub dora: bool,
+    /// How the adapter starts (PEFT's init_lora_weights): default (A random, B zero), pissa (A and B
+    /// from the r principal singular triplets of each weight, the base left as the residual
+    /// W - s B A: faster convergence; exact SVD), pissa_niter_N (the same by a randomised SVD with
+    /// N iterations: seconds on large models), or olora (from W's QR factors). The saved adapter is
+    /// converted to plain LoRA of rank 2r on the original base (PEFT's
+    /// path_initial_model_for_weight_conversion), so merge, export gguf, eval and PEFT take it as any.
+    #[arg(long, default_value = "default", value_parser = crate::train::adapters::lora_init::LoraInit::parse)]
+    pub lora_init: crate::train::adapters::lora_init::LoraInit,
     /// Evaluate on the eval shards every N steps (0 = never).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
@@ -281,6 +289,12 @@ impl TrainArgs {
             if self.dora {
                 bail!("--dora is a kind of LoRA adapter; --full trains every weight and no adapter: choose one");
             }
+            if self.lora_init.mutates_base() {
+                bail!(
+                    "--lora-init {} starts a LoRA adapter; --full trains every weight and no adapter: choose one",
+                    self.lora_init.peft_name()
+                );
+            }
             if !matches!(self.method, TrainMethod::Sft | TrainMethod::Dpo) {
                 bail!(
                     "--full supports --method sft and dpo for now; train {} with LoRA adapters (leave out --full)",
@@ -358,6 +372,7 @@ impl TrainArgs {
                 doubled_gate_up: false,
                 train_router: self.train_router,
                 use_dora: self.dora,
+                init: self.lora_init,
                 targets: LoraSettings::parse_targets(&self.target)?,
             },
             eval_every: self.eval_every,

@@ -124,6 +124,7 @@ pub fn run(out: &Path) -> Result<QuickstartSummary> {
                 doubled_gate_up: false,
                 train_router: false,
                 use_dora: false,
+                init: Default::default(),
                 targets: crate::train::adapters::lora::ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
             },
             eval_every: 4,

@@ -73,6 +73,22 @@ fn projection_shape(c: &ModelConfig, module: &str) -> Option<(usize, usize)> {
     })
 }
 
+/// Refuses a PiSSA/OLoRA adapter saved unconverted (`init_lora_weights` "pissa"/"olora"): it is a
+/// delta against the base's residual, which llama.cpp does not compute.
+pub fn refuse_unconverted(adapter_dir: &Path, settings: &crate::train::adapters::lora::LoraSettings) -> Result<()> {
+    if settings.init.mutates_base() {
+        bail!(
+            "{}: this adapter was saved unconverted (init_lora_weights {}): it needs the base turned into its \
+             residual, which llama.cpp does not do; merge it with `tunekit merge` (which redoes the \
+             decomposition), or save it from PEFT with path_initial_model_for_weight_conversion (tunekit's \
+             own runs are saved converted)",
+            adapter_dir.display(),
+            settings.init.peft_name()
+        );
+    }
+    Ok(())
+}
+
 /// Writes the adapter in `adapter_dir` (PEFT) for the base of shape `base` to `out`.
 pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Path) -> Result<AdapterExport> {
     let (settings, tensors) = crate::train::io::peft::read(adapter_dir)?;
@@ -83,6 +99,7 @@ pub fn export(adapter_dir: &Path, base: &ModelConfig, ty: AdapterType, out: &Pat
             adapter_dir.display()
         );
     }
+    refuse_unconverted(adapter_dir, &settings)?;
     if tensors.contains_key(SCORE_WEIGHT) {
         bail!(
             "{}: a reward model's score head cannot go into a llama.cpp adapter (llama.cpp runs language models); \

@@ -155,6 +155,7 @@ fn deltas(adapter_dir: &Path, c: &ModelConfig, naming: Naming) -> Result<HashMap
             adapter_dir.display()
         );
     }
+    super::adapter::refuse_unconverted(adapter_dir, &s)?;
     if tensors.contains_key(crate::train::adapters::score::SCORE_WEIGHT) {
         bail!("{}: a reward model's score head cannot be merged into a language model GGUF", adapter_dir.display());
     }

@@ -5,6 +5,7 @@
 //! adapts is an op given to it ([`BaseOp`]).
 
 use crate::split::SplitMix64;
+use crate::train::adapters::lora_init::LoraInit;
 use crate::train::cpu::few_rows;
 use crate::train::cpu::gemm::AddProduct;
 use crate::train::cpu::lora as lora_kernel;
@@ -33,6 +34,10 @@ pub struct LoraSettings {
     /// DoRA (PEFT's `use_dora`): a trained magnitude per output row.
     #[serde(default)]
     pub use_dora: bool,
+    /// How A and B start (PEFT's `init_lora_weights`): PiSSA and OLoRA from the base's factors,
+    /// the base then the residual.
+    #[serde(default)]
+    pub init: LoraInit,
 }
 
 pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -115,6 +120,9 @@ pub struct Lora {
     pub dropout: f64,
     /// Off = the base model alone (DPO's reference model without a second copy in memory).
     pub enabled: std::cell::Cell<bool>,
+    /// PiSSA/OLoRA: the initial (A, B), taken from the base, which holds the residual
+    /// `W - s B A`: the layer off adds them back, and the saved adapter is converted against them.
+    pub initial: Option<(Tensor, Tensor)>,
 }
 
 impl Lora {
@@ -124,7 +132,15 @@ impl Lora {
         let a: Vec<f32> = (0..s.r * inp).map(|_| (rng.uniform() * 2.0 - 1.0) as f32 * bound as f32).collect();
         let a = Var::from_tensor(&Tensor::from_vec(a, (s.r, inp), device)?)?;
         let b = Var::from_tensor(&Tensor::zeros((out, s.r), DType::F32, device)?)?;
-        Ok(Lora { a, b, magnitude: None, scale: s.scale(), dropout: s.dropout, enabled: std::cell::Cell::new(true) })
+        Ok(Lora {
+            a,
+            b,
+            magnitude: None,
+            scale: s.scale(),
+            dropout: s.dropout,
+            enabled: std::cell::Cell::new(true),
+            initial: None,
+        })
     }
 }
 

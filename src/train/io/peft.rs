@@ -3,6 +3,7 @@
 //! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A: r x in, B: out x r).
 
 use crate::train::adapters::lora::{LoraSettings, ALL_LINEAR, PEFT_PREFIX};
+use crate::train::adapters::lora_init::LoraInit;
 use crate::train::adapters::score::SCORE_WEIGHT;
 use crate::train::model::moe::EXPERT_PARAMETERS;
 use crate::train::model::Model;
@@ -31,7 +32,10 @@ pub fn adapter_config(s: &LoraSettings, base: &str) -> Value {
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
-        "init_lora_weights": true,
+        "init_lora_weights": match s.init {
+            LoraInit::Default => json!(true),
+            other => json!(other.peft_name()),
+        },
         "modules_to_save": null,
         "layers_to_transform": null,
         "layers_pattern": null,
@@ -162,6 +166,10 @@ pub fn expert_adapters(
     Ok(out)
 }
 
+/// Writes the model's adapters as a PEFT adapter directory. PiSSA/OLoRA adapters, whose base holds
+/// a residual, are written converted to plain LoRA on the original base, as PEFT's
+/// `save_pretrained(path_initial_model_for_weight_conversion=...)`: `s B A - s B0 A0` as rank 2r,
+/// A' = [A; A0], B' = [B, -B0], alpha doubled (times sqrt 2 with rsLoRA) so that the scale stays.
 pub fn save(model: &Model, s: &LoraSettings, base: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // The modules the model adapted, by their own names (Phi-3's qkv_proj for q_proj and the
@@ -169,12 +177,30 @@ pub fn save(model: &Model, s: &LoraSettings, base: &str, dir: &Path) -> Result<(
     let (mut targets, params) = model.adapted_modules();
     targets.extend(params);
     let vars = model.lora_vars();
+    let initials = model.lora_initials();
     let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
-    let tensors = to_peft(&names, vars.iter().map(|(_, v)| v.as_tensor().clone()).collect(), &targets)?;
+    let trained = vars
+        .iter()
+        .map(|(n, v)| match initials.get(n) {
+            Some(t0) if n.ends_with(".lora_A.weight") => Ok(Tensor::cat(&[v.as_tensor(), t0], 0)?),
+            Some(t0) => Ok(Tensor::cat(&[v.as_tensor(), &t0.neg()?], 1)?),
+            None => Ok(v.as_tensor().clone()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tensors = to_peft(&names, trained, &targets)?;
     let tmp = dir.join(".adapter_model.safetensors.partial");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
-    let adapted = LoraSettings { targets, ..s.clone() };
+    let adapted = match initials.is_empty() {
+        true => LoraSettings { targets, ..s.clone() },
+        false => LoraSettings {
+            targets,
+            r: 2 * s.r,
+            alpha: s.alpha * if s.rslora { 2f64.sqrt() } else { 2.0 },
+            init: LoraInit::Default,
+            ..s.clone()
+        },
+    };
     let mut cfg = adapter_config(&adapted, base);
     if let (true, Some(layout)) = (s.train_router, model.family.moe) {
         cfg["modules_to_save"] = json!([layout.router]);
@@ -266,6 +292,7 @@ pub fn read(dir: &Path) -> Result<(LoraSettings, HashMap<String, Tensor>)> {
         doubled_gate_up,
         train_router: saved.iter().any(|m| matches!(*m, "gate" | "router")),
         use_dora: cfg["use_dora"].as_bool().unwrap_or(false),
+        init: init_of(&cfg["init_lora_weights"]).with_context(|| dir.display().to_string())?,
         alpha: cfg["lora_alpha"].as_f64().context("adapter_config.json has no lora_alpha")?,
         dropout: cfg["lora_dropout"].as_f64().unwrap_or(0.0),
         rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
@@ -273,6 +300,46 @@ pub fn read(dir: &Path) -> Result<(LoraSettings, HashMap<String, Tensor>)> {
     };
     let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu)?;
     Ok((s, tensors))
+}
+
+/// How an adapter's A and B started, from its `init_lora_weights`: PiSSA/OLoRA adapters saved
+/// unconverted need the base turned into the same residual (PEFT redoes the decomposition when it
+/// loads them, and so does [`load_into`]); those whose residual cannot be redone are refused.
+fn init_of(v: &Value) -> Result<LoraInit> {
+    let Some(name) = v.as_str() else { return Ok(LoraInit::Default) };
+    if name.starts_with("pissa") || name == "olora" {
+        return LoraInit::parse(name);
+    }
+    if matches!(name, "loftq" | "corda" | "lora_ga") {
+        bail!(
+            "init_lora_weights '{name}' changed the base weights in a way tunekit does not redo; save the adapter \
+             with PEFT's path_initial_model_for_weight_conversion (plain LoRA on the original base)"
+        );
+    }
+    Ok(LoraInit::Default)
+}
+
+/// The trained part of a tensor [`save`] converted (A's first r rows, B's first r columns), after
+/// checking that its initial part is the model's own PiSSA/OLoRA start (`initial`, A0 or B0): a
+/// checkpoint resumes on the base it was started from.
+pub fn trained_part(name: &str, t: &Tensor, initial: &Tensor) -> Result<Tensor> {
+    let is_a = name.ends_with(".lora_A.weight");
+    let dim = if is_a { 0 } else { 1 };
+    let r = initial.dim(dim)?;
+    if t.dim(dim)? != 2 * r {
+        bail!("{name}: {:?} is not a converted PiSSA/OLoRA adapter of rank {r}", t.dims());
+    }
+    let start = t.narrow(dim, r, r)?;
+    let start = if is_a { start } else { start.neg()? };
+    let d = (start.to_device(initial.device())? - initial)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = initial.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-12);
+    if d > 1e-4 * scale {
+        bail!(
+            "{name}: the checkpoint's initial factors differ from this base's by {d:.3e}: resume on the base \
+             the run started from"
+        );
+    }
+    Ok(t.narrow(dim, 0, r)?)
 }
 
 /// Attaches an adapter read from disk to the model (creating the LoRA layers it names).

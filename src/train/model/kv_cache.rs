@@ -227,6 +227,7 @@ mod tests {
             doubled_gate_up: false,
             train_router: false,
             use_dora: false,
+            init: Default::default(),
         };
         m.add_lora(&s, 3).unwrap();
         for (i, (_, v)) in m.lora_vars().iter().enumerate() {

@@ -6,12 +6,13 @@
 //! a dense weight is a variable and its matmul is `graph::trained_matmul`.
 
 use super::mxfp4::{Mxfp4Matmul, Mxfp4Weight};
-use super::quant::{GgufMatmul, Nf4Matmul, Nf4Weight, QuantMatmulOnDevice, QuantOnDevice};
+use super::quant::{GgufMatmul, Nf4Matmul, Nf4OnDevice, Nf4Weight, QuantMatmulOnDevice, QuantOnDevice};
 use crate::split::SplitMix64;
 use crate::train::adapters::dora::{dora_linear, dora_norm};
 use crate::train::adapters::lora::{dropout_mask, lora_linear, Lora, LoraSettings};
+use crate::train::adapters::lora_init;
 use crate::train::graph::{trained_matmul, BaseOp, FrozenMatmul};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -104,7 +105,8 @@ impl Linear {
         }
     }
 
-    /// Adds a fresh adapter (PEFT's initialisation) drawn from `rng`.
+    /// Adds a fresh adapter (PEFT's initialisation) drawn from `rng` (PiSSA/OLoRA then replace it:
+    /// [`Linear::start_from_factors`]).
     pub fn add_lora(&mut self, s: &LoraSettings, rng: &mut SplitMix64) -> Result<()> {
         let (out, inp) = self.dims()?;
         let mut l = Lora::new(out, inp, s, rng, &self.device)?;
@@ -113,6 +115,45 @@ impl Linear {
             l.magnitude = Some(candle_core::Var::from_tensor(&dora_norm(&self.dense_weight()?, &l)?)?);
         }
         self.lora = Some(l);
+        Ok(())
+    }
+
+    /// PiSSA/OLoRA: A and B from the weight's factors ([`lora_init::factors`]), the frozen weight
+    /// replaced by `W - s B A` (in f32, then back to the weight's own form: its dtype, or NF4
+    /// re-quantised, as PEFT re-quantises a 4-bit base).
+    pub fn start_from_factors(&mut self, s: &LoraSettings, rng: &mut SplitMix64) -> Result<()> {
+        if matches!(self.weight, Weight::Gguf { .. } | Weight::Mxfp4(_)) {
+            anyhow::bail!(
+                "{}: --lora-init {} rewrites the base weight as a residual; a GGUF file's or MXFP4 quantised \
+                 blocks are not re-quantised (use --qlora nf4, or no --qlora)",
+                self.name,
+                s.init.peft_name()
+            );
+        }
+        let (out, inp) = self.dims()?;
+        let cpu = candle_core::Device::Cpu;
+        let w = self.dense_weight()?.to_device(&cpu)?.to_dtype(DType::F32)?;
+        let (a, b) = lora_init::factors(&w.flatten_all()?.to_vec1()?, (out, inp), s.r, s.scale(), s.init, rng)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.name))?;
+        let (a, b) = (Tensor::from_vec(a, (s.r, inp), &cpu)?, Tensor::from_vec(b, (out, s.r), &cpu)?);
+        let residual = (&w - (b.matmul(&a)? * s.scale())?)?;
+        self.weight = match &self.weight {
+            Weight::Dense(old) => Weight::Dense(residual.to_dtype(old.dtype())?.to_device(old.device())?),
+            Weight::Nf4 { gpu, .. } => {
+                let q = Nf4Weight::quantize(&residual.flatten_all()?.to_vec1()?, out, inp);
+                let gpu = match gpu {
+                    Some(_) => Some(QuantOnDevice::Nf4(Arc::new(Nf4OnDevice::upload(&q, &self.device)?))),
+                    None => None,
+                };
+                Weight::Nf4 { cpu: Arc::new(q), gpu }
+            }
+            Weight::Gguf { .. } | Weight::Mxfp4(_) => unreachable!("refused above"),
+        };
+        let (a, b) = (a.to_device(&self.device)?, b.to_device(&self.device)?);
+        let l = self.lora.as_mut().context("PiSSA/OLoRA start an adapter the layer has")?;
+        l.a.set(&a)?;
+        l.b.set(&b)?;
+        l.initial = Some((a, b));
         Ok(())
     }
 
@@ -138,6 +179,12 @@ impl Linear {
             }
         }
         let base = self.base_op(x);
+        if let Some((l, (a0, b0))) =
+            self.lora.as_ref().filter(|l| !l.enabled.get()).and_then(|l| Some((l, l.initial.as_ref()?)))
+        {
+            // Off, a PiSSA/OLoRA layer is its residual plus the initial factors: the base itself.
+            return lora_linear(x, input.f32()?, base, self.bias.as_ref(), (a0, b0, l.scale), None);
+        }
         if let Some(l) = self.lora.as_ref().filter(|l| l.enabled.get()) {
             let mask = match train_rng {
                 Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),

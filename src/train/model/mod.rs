@@ -48,6 +48,7 @@ pub use layer::Layer;
 use linear::{Linear, Weight};
 use quant::{Nf4Weight, QuantOnDevice};
 use rope::RotaryTable;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Rows of logits computed at a time by the loss head on the CPU ([rows, vocab] in f32, the
@@ -165,6 +166,12 @@ impl Model {
     /// module's name, or its full path or a suffix of it (PEFT saves "all-linear" resolved to full
     /// paths such as model.layers.0.mlp.up_proj); q/k/v and gate/up select Phi-3's fused projections.
     pub fn add_lora(&mut self, s: &LoraSettings, seed: u64) -> Result<()> {
+        if s.use_dora && s.init.mutates_base() {
+            bail!(
+                "DoRA starts from the base's row norms; --lora-init {} is for plain LoRA: choose one",
+                s.init.peft_name()
+            );
+        }
         let mut rng = SplitMix64::new(seed);
         let (mut any, mut routers) = (false, false);
         let expert_targets = lora::expert_targets(&s.targets);
@@ -196,9 +203,42 @@ impl Model {
         if !any {
             bail!("no projection of this {} model is among the LoRA targets {:?}", self.family.name, s.targets);
         }
+        if s.init.mutates_base() {
+            self.start_from_factors(s, seed)?;
+        }
         if s.train_router && !routers {
             bail!("a trained router (--train-router, or modules_to_save) needs a mixture of experts; this {} model has none", self.family.name);
         }
+        Ok(())
+    }
+
+    /// PiSSA/OLoRA: each adapted projection's adapter from its weight's factors, the weight left as
+    /// the residual; one weight per thread (seconds on small models, minutes on large ones with the
+    /// exact SVD: `pissa_niter_N` is the fast one). Each weight's random draws (the randomised
+    /// SVD's) come from its own stream, so the result does not depend on the threads.
+    fn start_from_factors(&mut self, s: &LoraSettings, seed: u64) -> Result<()> {
+        use rayon::prelude::*;
+        let started = std::time::Instant::now();
+        let mut adapted: Vec<&mut Linear> =
+            self.layers.iter_mut().flat_map(|l| l.linears_mut()).filter(|l| l.lora.is_some()).collect();
+        let bar = crate::progress::bar(&format!("--lora-init {}", s.init.peft_name()), adapted.len() as u64);
+        let within = faer::get_global_parallelism();
+        faer::set_global_parallelism(faer::Par::Seq);
+        let done = adapted.par_iter_mut().enumerate().try_for_each(|(i, lin)| {
+            let mut rng = SplitMix64::new(seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            lin.start_from_factors(s, &mut rng)?;
+            bar.inc(1);
+            anyhow::Ok(())
+        });
+        faer::set_global_parallelism(within);
+        bar.finish_and_clear();
+        done?;
+        crate::progress::note(&format!(
+            "{} adapters started from their weights' {} factors in {:.1} s (the base holds the residual W - s B A)",
+            adapted.len(),
+            if s.init == crate::train::adapters::lora_init::LoraInit::Olora { "QR" } else { "singular" },
+            started.elapsed().as_secs_f64()
+        ));
         Ok(())
     }
 
@@ -322,6 +362,18 @@ impl Model {
                         out.push((moe.router_key().replace(".weight", ".bias"), b.clone()));
                     }
                 }
+            }
+        }
+        out
+    }
+
+    /// PiSSA/OLoRA's initial A and B by their PEFT names (empty for adapters that start from noise).
+    pub fn lora_initials(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for lin in self.layers.iter().flat_map(|l| l.linears()) {
+            if let Some((a, b)) = lin.lora.as_ref().and_then(|l| l.initial.as_ref()) {
+                out.insert(peft_key(&lin.name, "A"), a.clone());
+                out.insert(peft_key(&lin.name, "B"), b.clone());
             }
         }
         out

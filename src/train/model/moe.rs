@@ -151,6 +151,13 @@ impl SparseMlp {
                  attention projections only (--target q_proj,k_proj,v_proj,o_proj) or leave out --dora"
             );
         }
+        if s.init.mutates_base() {
+            anyhow::bail!(
+                "--lora-init {} on a mixture's experts is not supported (PEFT's target_parameters start from noise): \
+                 target the attention projections only (--target q_proj,k_proj,v_proj,o_proj) or leave out --lora-init",
+                s.init.peft_name()
+            );
+        }
         let s = LoraSettings { dropout: 0.0, ..s.clone() };
         let fused = match s.doubled_gate_up {
             true => LoraSettings { r: 2 * s.r, alpha: 2.0 * s.alpha, ..s.clone() },

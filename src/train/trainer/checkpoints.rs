@@ -10,14 +10,14 @@ use crate::train::model::Model;
 use crate::train::optim::AdamW;
 use crate::train::options::TrainOptions;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Var};
+use candle_core::Device;
 use serde_json::{json, Value};
 use std::path::Path;
 
 /// Loads the checkpoint `dir` into the adapters, the optimizer and the recipe; returns its step.
 pub fn resume<R: Recipe>(dir: &Path, t: &Trainable, optim: &mut AdamW, recipe: &mut R) -> Result<u64> {
     let world = crate::cluster::world();
-    let state = read(dir, &t.vars_named, t.model.is_full(), optim)?;
+    let state = read(dir, t, optim)?;
     let step = state["step"].as_u64().with_context(|| format!("{}: state.json has no step", dir.display()))?;
     let saved = state["world_size"].as_u64().unwrap_or(1) as usize;
     if saved != world.size {
@@ -99,18 +99,25 @@ pub fn save_weights(opts: &TrainOptions, model: &Model, dir: &Path) -> Result<()
 
 /// Restores the trainable variables (by PEFT name) and the optimizer from a checkpoint; returns the
 /// caller's state. A full fine-tune's weights were loaded from the checkpoint as the model.
-fn read(dir: &Path, vars_named: &[(String, Var)], full: bool, opt: &mut AdamW) -> Result<serde_json::Value> {
+/// PiSSA/OLoRA adapters, saved converted, give back their trained part.
+fn read(dir: &Path, t: &Trainable, opt: &mut AdamW) -> Result<serde_json::Value> {
     let st: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.join("state.json")).with_context(|| format!("{}: not a checkpoint", dir.display()))?,
     )?;
-    if !full {
+    if !t.model.is_full() {
+        let initials = t.model.lora_initials();
         let (_, mut tensors) = crate::train::io::peft::read(dir)?;
         let extra = dir.join(EXTRA_VARS);
         if extra.exists() {
             tensors.extend(candle_core::safetensors::load(&extra, &Device::Cpu)?);
         }
-        for (n, v) in vars_named {
-            v.set(&tensors.get(n).with_context(|| format!("checkpoint lacks {n}"))?.to_device(v.device())?)?;
+        for (n, v) in &t.vars_named {
+            let saved = tensors.get(n).with_context(|| format!("{}: checkpoint lacks {n}", dir.display()))?;
+            let saved = match initials.get(n) {
+                Some(initial) => crate::train::io::peft::trained_part(n, saved, initial)?,
+                None => saved.clone(),
+            };
+            v.set(&saved.to_device(v.device())?)?;
         }
     }
     let ot = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
