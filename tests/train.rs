@@ -368,6 +368,60 @@ fn reward_model_ranks_held_out_pairs() {
     assert!((loss as f64 - want).abs() < 1e-5, "Bradley-Terry loss {loss} vs -log sigmoid(rc - rr) = {want}");
 }
 
+/// `train --method reward --full`: the whole body and the head trained (Bradley-Terry), held-out
+/// accuracy up; the run directory is transformers' `LlamaForSequenceClassification` (`score.weight`,
+/// no LM head), which transformers loads with nothing missing or unexpected and scores as tunekit
+/// does; a resumed run ends with the same bytes.
+#[test]
+fn full_reward_model_is_a_sequence_classifier_transformers_scores_alike() {
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = common::counting_pairs(&dir.path().join("pairs"), 11);
+    let mut o = pair_options(&dir.path().join("pairs"), &dir.path().join("rm"), 24);
+    o.method = Method::Reward;
+    o.full = true;
+    o.optim.lr = 1e-3;
+    o.save_every = 12;
+    let v = serde_json::to_value(run(&o, None).unwrap()).unwrap();
+    let a1 = v["final_eval"]["reward_accuracy"].as_f64().unwrap();
+    assert!(a1 >= 0.75, "held-out accuracy {a1}: {v}");
+    let rm = dir.path().join("rm");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rm.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"], serde_json::json!(["LlamaForSequenceClassification"]), "{cfg}");
+    let t = candle_core::safetensors::load(rm.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(t.contains_key("score.weight") && !t.contains_key("lm_head.weight"));
+    assert!(!rm.join("adapter_config.json").exists());
+    let resumed = TrainOptions { out: dir.path().join("resumed"), ..o.clone() };
+    run(&resumed, Some(&rm.join("checkpoint-12"))).unwrap();
+    let b = std::fs::read(dir.path().join("resumed/model.safetensors")).unwrap();
+    assert!(std::fs::read(rm.join("model.safetensors")).unwrap() == b, "a resumed full reward run must end the same");
+    let m = tunekit::train::io::load_model(&rm, None, &Default::default()).unwrap();
+    let p = &pairs[32];
+    let ours: Vec<f32> = [&p.chosen_input_ids, &p.rejected_input_ids]
+        .iter()
+        .map(|ids| m.reward(ids).unwrap().to_scalar::<f32>().unwrap())
+        .collect();
+    let Some(py) = common::python_with("transformers") else { return };
+    let script = "import sys, json, torch\n\
+from transformers import AutoModelForSequenceClassification\n\
+m, info = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], output_loading_info=True, dtype=torch.float32)\n\
+out = []\n\
+with torch.no_grad():\n    for ids in json.loads(sys.argv[2]):\n        out.append(m(torch.tensor([ids])).logits[0, 0].item())\n\
+print(json.dumps({'info': {k: list(v) for k, v in info.items()}, 'scores': out}))";
+    let ids = serde_json::json!([p.chosen_input_ids, p.rejected_input_ids]).to_string();
+    let out = std::process::Command::new(py).args(["-c", script, rm.to_str().unwrap(), &ids]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
+        assert_eq!(r["info"][k], serde_json::json!([]), "transformers' {k}: {r}");
+    }
+    for (i, s) in r["scores"].as_array().unwrap().iter().enumerate() {
+        let d = (s.as_f64().unwrap() - ours[i] as f64).abs();
+        assert!(d < 1e-4, "transformers scores {s}, tunekit {}", ours[i]);
+    }
+}
+
 #[test]
 fn preference_runs_resume_bit_for_bit() {
     use tunekit::train::objectives::dpo::{Dpo, DpoLoss};

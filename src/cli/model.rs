@@ -105,9 +105,10 @@ pub struct ScoreArgs {
     pub inputs: Vec<PathBuf>,
     #[arg(long)]
     pub model: PathBuf,
-    /// The reward model's adapter directory (with the score head).
+    /// The reward model's adapter directory (with the score head); none when --model is itself a
+    /// reward model (`train --method reward --full` writes a sequence classifier).
     #[arg(long)]
-    pub adapter: PathBuf,
+    pub adapter: Option<PathBuf>,
     /// tokenizer.json / directory / GGUF; default: the model.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,

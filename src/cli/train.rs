@@ -97,8 +97,9 @@ pub struct TrainArgs {
     pub loraplus_lr_ratio: Option<f64>,
     /// Full fine-tuning: train every weight (f32 master weights and AdamW states; no adapter). The
     /// output directory is then a Hugging Face model directory (sharded safetensors, config,
-    /// tokenizer, generation config) that transformers loads and `--model` takes. SFT and DPO (its
-    /// reference's log-probabilities computed from the base before training) for now.
+    /// tokenizer, generation config) that transformers loads and `--model` takes. SFT, DPO (its
+    /// reference's log-probabilities computed from the base before training) and reward models (a
+    /// ...ForSequenceClassification directory: `score --model RUN`, `--reward model:RUN`) for now.
     #[arg(long)]
     pub full: bool,
     /// DoRA (PEFT's use_dora): each adapted row's direction from W + s B A and its length a trained
@@ -295,9 +296,9 @@ impl TrainArgs {
                     self.lora_init.peft_name()
                 );
             }
-            if !matches!(self.method, TrainMethod::Sft | TrainMethod::Dpo) {
+            if !matches!(self.method, TrainMethod::Sft | TrainMethod::Dpo | TrainMethod::Reward) {
                 bail!(
-                    "--full supports --method sft and dpo for now; train {} with LoRA adapters (leave out --full)",
+                    "--full supports --method sft, dpo and reward for now; train {} with LoRA adapters (leave out --full)",
                     clap::ValueEnum::to_possible_value(&self.method)
                         .map(|v| v.get_name().to_string())
                         .unwrap_or_default()

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 pub struct ScoreOptions {
     pub inputs: Vec<PathBuf>,
     pub model: PathBuf,
-    /// The reward model's adapter directory (with the score head).
-    pub adapter: PathBuf,
+    /// The reward model's adapter directory (with the score head); none for a full reward model.
+    pub adapter: Option<PathBuf>,
     /// tokenizer.json / directory / GGUF; default: the model.
     pub tokenizer: Option<PathBuf>,
     pub template: Option<String>,
@@ -44,14 +44,18 @@ pub struct RewardModel {
 impl RewardModel {
     pub fn load(
         model: &std::path::Path,
-        adapter: &std::path::Path,
+        adapter: Option<&std::path::Path>,
         tokenizer: Option<&std::path::Path>,
         template: Option<&str>,
         placement: &Placement,
     ) -> Result<Self> {
-        let m = load_model(model, Some(adapter), placement)?;
+        let m = load_model(model, adapter, placement)?;
         if m.score.is_none() {
-            bail!("{}: not a reward model adapter (no score head); train one with --method reward", adapter.display());
+            bail!(
+                "{}: not a reward model (no score head); train one with --method reward (an adapter: pass it as \
+                 --adapter; with --full: pass the run as --model)",
+                adapter.unwrap_or(model).display()
+            );
         }
         let tok = TokenizerInfo::load(tokenizer.unwrap_or(model))?;
         let template = crate::tokenize::chat_template(&tok, template)?;
@@ -69,7 +73,8 @@ impl RewardModel {
 
 /// Scores every conversation of the inputs, writing its line to `out`.
 pub fn run(o: &ScoreOptions, out: &mut dyn Write) -> Result<ScoreSummary> {
-    let rm = RewardModel::load(&o.model, &o.adapter, o.tokenizer.as_deref(), o.template.as_deref(), &o.placement)?;
+    let rm =
+        RewardModel::load(&o.model, o.adapter.as_deref(), o.tokenizer.as_deref(), o.template.as_deref(), &o.placement)?;
     let (mut n, mut sum) = (0u64, 0.0);
     stream_conversations(&o.inputs, &o.map, |batch| {
         for item in batch.items {

@@ -32,6 +32,19 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
+/// The tensors named `names` that a Hugging Face model directory holds (f32, on the CPU; absent
+/// ones left out), without loading the rest.
+pub fn read_tensors(dir: &Path, names: &[&str]) -> Result<HashMap<String, Tensor>> {
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&safetensors_files(dir)?) }
+        .with_context(|| format!("cannot read the safetensors of {}", dir.display()))?;
+    let held: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let mut out = HashMap::new();
+    for name in names.iter().filter(|n| held.iter().any(|h| h == *n)) {
+        out.insert(name.to_string(), st.load(name, &Device::Cpu)?.to_dtype(DType::F32)?);
+    }
+    Ok(out)
+}
+
 pub fn load_hf_dir(dir: &Path, device: &Device, nf4: bool) -> Result<BaseModel> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     crate::train::model::family::describe(&config).with_context(|| dir.join("config.json").display().to_string())?;

@@ -41,8 +41,15 @@ fn hf_tensors(model: &Model) -> Result<(HashMap<String, Tensor>, usize)> {
     let mut t: HashMap<String, Tensor> = HashMap::new();
     t.insert("model.embed_tokens.weight".into(), model.embed.clone());
     t.insert("model.norm.weight".into(), stored(&model.norm)?);
-    if !model.config.tie_word_embeddings {
-        t.insert("lm_head.weight".into(), model.lm_head.dense_weight()?);
+    match &model.score {
+        // A reward model: transformers' ...ForSequenceClassification, its head `score`, no LM head.
+        Some(score) => {
+            t.insert("score.weight".into(), score.as_tensor().clone());
+        }
+        None if !model.config.tie_word_embeddings => {
+            t.insert("lm_head.weight".into(), model.lm_head.dense_weight()?);
+        }
+        None => {}
     }
     let mut merged = 0;
     for (i, l) in model.layers.iter().enumerate() {
@@ -136,6 +143,13 @@ fn write_config(model: &Model, out: &Path) -> Result<()> {
     }
     let class = family.model_types.iter().position(|m| *m == model.config.model_type).unwrap_or(0);
     cfg["architectures"] = serde_json::json!([family.hf_classes[class]]);
+    if model.score.is_some() {
+        let classifier = family.hf_classes[class].replace("ForCausalLM", "ForSequenceClassification");
+        cfg["architectures"] = serde_json::json!([classifier]);
+        cfg["num_labels"] = serde_json::json!(1);
+        cfg["id2label"] = serde_json::json!({"0": "LABEL_0"});
+        cfg["label2id"] = serde_json::json!({"LABEL_0": 0});
+    }
     cfg["torch_dtype"] = serde_json::json!("float32");
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     Ok(())

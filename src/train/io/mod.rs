@@ -79,6 +79,11 @@ pub fn load_model(path: &Path, adapter: Option<&Path>, place: &Placement) -> Res
         base.quantize_embeddings()?;
     }
     let mut model = Model::from_base_as(&base, &device, dtype)?;
+    if let Some(score) = base.tensors.get("score.weight") {
+        // A reward model written as a sequence classifier (`train --method reward --full`).
+        let score = score.to_device(&device)?.to_dtype(candle_core::DType::F32)?;
+        model.score = Some(candle_core::Var::from_tensor(&score)?);
+    }
     drop(base);
     release_freed_memory();
     if let Some(a) = adapter {

@@ -125,11 +125,12 @@ impl Recipe for Pairs<'_> {
         Ok(Some(evaluate_pairs(model, &self.eval, self.objective.as_ref())?))
     }
 
-    /// A reward model's score head, as PEFT saves `modules_to_save = ["score"]`.
+    /// A reward model's score head, as PEFT saves `modules_to_save = ["score"]` (a full fine-tune's
+    /// is among the model directory's weights already).
     fn save_extra(&self, model: &Model, dir: &Path) -> Result<()> {
         match &model.score {
-            Some(h) => save_reward_head(dir, h.as_tensor()),
-            None => Ok(()),
+            Some(h) if !model.is_full() => save_reward_head(dir, h.as_tensor()),
+            _ => Ok(()),
         }
     }
 }

@@ -40,8 +40,12 @@ fn initial_value_head(opts: &TrainOptions, model: &Model) -> Result<Tensor> {
     let hidden = model.config.hidden_size;
     for spec in &opts.rl.rewards {
         if let RewardKind::Model(dir) = &spec.kind {
-            let (_, t) = crate::train::io::peft::read(dir)?;
-            if let Some(h) = t.get(SCORE_WEIGHT).filter(|h| h.dims() == [1, hidden]) {
+            // An adapter's head, or a full reward model's (a sequence classifier's `score.weight`).
+            let (t, key) = match dir.join("adapter_config.json").exists() {
+                true => (crate::train::io::peft::read(dir)?.1, SCORE_WEIGHT),
+                false => (crate::train::io::hf::read_tensors(dir, &["score.weight"])?, "score.weight"),
+            };
+            if let Some(h) = t.get(key).filter(|h| h.dims() == [1, hidden]) {
                 return Ok(h.to_dtype(DType::F32)?.to_device(&model.device)?);
             }
         }

@@ -1,5 +1,5 @@
 //! `--reward model:DIR`: a reward model trained with `train --method reward` (a LoRA adapter with a
-//! score head). It scores the prompt's ids followed by the completion's, as its training pairs were
+//! score head, or with `--full` a sequence classifier directory with its own base). It scores the prompt's ids followed by the completion's, as its training pairs were
 //! rendered, so it must share the policy's tokenizer: a reward model whose vocabulary differs from
 //! the policy's, or whose adapter does not fit its base, is refused before training starts. Its
 //! base is the one its adapter_config.json names when that exists, else the policy's base.
@@ -22,6 +22,15 @@ pub fn adapter_base(dir: &Path) -> Option<PathBuf> {
 
 impl RewardModelFn {
     pub fn load(dir: &Path, ctx: &RewardContext) -> Result<Self> {
+        if dir.join("config.json").exists() && !dir.join("adapter_config.json").exists() {
+            // A full fine-tune's reward model: a sequence classifier directory.
+            let model =
+                load_model(dir, None, &ctx.placement).with_context(|| format!("--reward model:{}", dir.display()))?;
+            if model.score.is_none() {
+                bail!("--reward model:{}: a model directory without a score head is not a reward model", dir.display());
+            }
+            return Self::checked(model, dir, dir, ctx);
+        }
         let (_, tensors) = peft::read(dir).with_context(|| format!("--reward model:{}", dir.display()))?;
         if !tensors.contains_key(crate::train::adapters::score::SCORE_WEIGHT) {
             bail!(
@@ -34,6 +43,11 @@ impl RewardModelFn {
         let model = load_model(&base, Some(dir), &ctx.placement).with_context(|| {
             format!("--reward model:{}: the adapter does not fit the base {}", dir.display(), base.display())
         })?;
+        Self::checked(model, dir, &base, ctx)
+    }
+
+    /// The reward model, once its vocabulary is the policy's.
+    fn checked(model: Model, dir: &Path, base: &Path, ctx: &RewardContext) -> Result<Self> {
         if model.config.vocab_size != ctx.policy_vocab {
             bail!(
                 "--reward model:{}: its base {} has a vocabulary of {} tokens, the policy's {}; a reward model scores \

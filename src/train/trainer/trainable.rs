@@ -27,6 +27,14 @@ impl Trainable {
         self.vars.push(var);
     }
 
+    /// Stops training the variable named `name` (if it is trained).
+    pub fn drop_var(&mut self, name: &str) {
+        if let Some(i) = self.vars_named.iter().position(|(n, _)| n == name) {
+            self.vars_named.remove(i);
+            self.vars.remove(i);
+        }
+    }
+
     pub fn trainable_params(&self) -> usize {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
