@@ -563,6 +563,59 @@ fn dpo_losses_and_gradient_match_the_reference() {
     }
 }
 
+/// ORPO and SimPO against TRL's own code (tests/fixtures/train/make_orpo_simpo_fixture.py:
+/// `ORPOTrainer.concatenated_forward` + `odds_ratio_loss`, `CPOTrainer.concatenated_forward` +
+/// `cpo_loss` with loss_type "simpo", TRL 1.16) on the DPO fixture's pair: the losses, the rewards
+/// TRL logs, and every LoRA gradient.
+#[test]
+fn orpo_and_simpo_losses_and_gradients_are_trls() {
+    use tunekit::train::objectives::orpo::Orpo;
+    use tunekit::train::objectives::simpo::Simpo;
+    use tunekit::train::objectives::PairObjective;
+    let dir = common::root().join("tests/fixtures/train/llama");
+    let p = candle_core::safetensors::load(dir.join("dpo_reference.safetensors"), &Device::Cpu).unwrap();
+    let r = candle_core::safetensors::load(dir.join("orpo_simpo_reference.safetensors"), &Device::Cpu).unwrap();
+    let v = |k: &str| -> Vec<i32> {
+        p[k].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as i32).collect()
+    };
+    let pair = tunekit::pack::preference::PreferenceRow {
+        chosen_input_ids: v("chosen_input_ids"),
+        chosen_labels: v("chosen_labels"),
+        rejected_input_ids: v("rejected_input_ids"),
+        rejected_labels: v("rejected_labels"),
+    };
+    let base = load_base(&dir, &Device::Cpu, None).unwrap();
+    let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
+    tunekit::train::io::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
+    let objectives: [(&str, Box<dyn PairObjective>); 3] = [
+        ("orpo", Box::new(Orpo { beta: 0.1 })),
+        ("simpo0", Box::new(Simpo { beta: 2.0, gamma: 0.5, cpo_alpha: 0.0 })),
+        ("simpo1", Box::new(Simpo { beta: 2.0, gamma: 0.5, cpo_alpha: 1.0 })),
+    ];
+    let scalar = |k: String| r[&k].to_vec1::<f32>().unwrap()[0];
+    for (name, objective) in objectives {
+        let o = objective.pair(&model, &pair).unwrap();
+        let got = o.loss.to_scalar::<f32>().unwrap();
+        let want = scalar(format!("{name}.loss"));
+        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{name}: loss {got}, TRL's {want}");
+        for (side, ours) in [("chosen", o.reward_chosen), ("rejected", o.reward_rejected)] {
+            let want = scalar(format!("{name}.reward_{side}")) as f64;
+            assert!((ours - want).abs() < 1e-5 * want.abs().max(1.0), "{name}: {side} reward {ours}, TRL's {want}");
+        }
+        let grads = o.loss.backward().unwrap();
+        let mut worst = 0f32;
+        for (n, var) in model.lora_vars() {
+            let want = &r[&format!("{name}.grad.{n}")];
+            let scale =
+                want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
+            let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
+            assert!(d < 1e-4 * scale, "{name}: gradient of {n} differs from TRL's by {d} (max {scale})");
+            worst = worst.max(d / scale);
+        }
+        eprintln!("{name}: loss {got} vs TRL {want}; gradients within {worst:.1e} of the largest");
+    }
+}
+
 /// The GPU's precision path (bf16 base and activations, f32 norms/softmax/loss and f32 adapters),
 /// run here on the CPU: the loss stays within bf16's error of transformers' f32 loss and every
 /// adapter gradient points the same way as the f32 one.

@@ -5,7 +5,9 @@ use crate::train::adapters::lora::LoraSettings;
 use crate::train::io::Qlora;
 use crate::train::objectives::dpo::Dpo;
 use crate::train::objectives::grpo::Grpo;
+use crate::train::objectives::orpo::Orpo;
 use crate::train::objectives::ppo::Ppo;
+use crate::train::objectives::simpo::Simpo;
 use crate::train::optim::AdamWConfig;
 use crate::train::options::RlOptions;
 use crate::train::rewards::RewardSpec;
@@ -24,6 +26,10 @@ pub enum TrainMethod {
     Dpo,
     /// A reward model on preference shards.
     Reward,
+    /// ORPO on preference shards (NLL + odds ratio, no reference model).
+    Orpo,
+    /// SimPO on preference shards (length-normalised margin, no reference model).
+    Simpo,
     /// Group relative policy optimisation on prompt shards.
     Grpo,
     /// RLHF: PPO against a reward model, with a KL penalty to the reference.
@@ -42,18 +48,28 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// sft: LoRA on the shards' labels; dpo: direct preference optimisation on preference shards
-    /// (`prepare --method preference`), the reference being the base with the adapter off; reward: a
-    /// reward model (scalar head on the last token, Bradley-Terry loss, LoRA on the body); grpo and
+    /// (`prepare --method preference`), the reference being the base with the adapter off; orpo and
+    /// simpo: reference-free preference training on the same shards (TRL's ORPOTrainer, CPOTrainer
+    /// with loss_type simpo); reward: a reward model (scalar head on the last token, Bradley-Terry loss, LoRA on the body); grpo and
     /// ppo: online RL on prompt shards (`prepare --method prompts`) with --reward functions.
     #[arg(long, value_enum, default_value = "sft")]
     pub method: TrainMethod,
     /// Strength of the KL constraint to the reference: DPO (default 0.1), GRPO (default 0: no
-    /// reference pass).
+    /// reference pass); ORPO's weight of the odds-ratio term (default 0.1, TRL's); SimPO's reward
+    /// scale (default 2.0, the SimPO paper's; TRL's CPOConfig defaults to 0.1).
     #[arg(long)]
     pub beta: Option<f64>,
     /// DPO loss: sigmoid (DPO), hinge (SLiC), ipo.
     #[arg(long, value_enum, default_value = "sigmoid")]
     pub dpo_loss: crate::train::objectives::dpo::DpoLoss,
+    /// SimPO's target reward margin gamma (TRL's simpo_gamma): the loss is
+    /// -log sigmoid(beta (avg log p(chosen) - avg log p(rejected)) - gamma).
+    #[arg(long, default_value_t = 0.5)]
+    pub simpo_gamma: f64,
+    /// SimPO: add this weight times the chosen answer's NLL (CPO's behaviour cloning; TRL's CPO
+    /// default is 1, SimPO's paper uses 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub cpo_alpha: f64,
     #[arg(long, default_value_t = 1)]
     pub epochs: u64,
     #[arg(long)]
@@ -296,9 +312,12 @@ impl TrainArgs {
                     self.lora_init.peft_name()
                 );
             }
-            if !matches!(self.method, TrainMethod::Sft | TrainMethod::Dpo | TrainMethod::Reward) {
+            if !matches!(
+                self.method,
+                TrainMethod::Sft | TrainMethod::Dpo | TrainMethod::Reward | TrainMethod::Orpo | TrainMethod::Simpo
+            ) {
                 bail!(
-                    "--full supports --method sft, dpo and reward for now; train {} with LoRA adapters (leave out --full)",
+                    "--full supports --method sft, dpo, reward, orpo and simpo for now; train {} with LoRA adapters (leave out --full)",
                     clap::ValueEnum::to_possible_value(&self.method)
                         .map(|v| v.get_name().to_string())
                         .unwrap_or_default()
@@ -309,6 +328,12 @@ impl TrainArgs {
             TrainMethod::Sft => Method::Sft,
             TrainMethod::Dpo => Method::Dpo(Dpo { beta: self.beta.unwrap_or(0.1), loss: self.dpo_loss }),
             TrainMethod::Reward => Method::Reward,
+            TrainMethod::Orpo => Method::Orpo(Orpo { beta: self.beta.unwrap_or(0.1) }),
+            TrainMethod::Simpo => Method::Simpo(Simpo {
+                beta: self.beta.unwrap_or(2.0),
+                gamma: self.simpo_gamma,
+                cpo_alpha: self.cpo_alpha,
+            }),
             TrainMethod::Grpo => Method::Grpo(Grpo {
                 epsilon: g.epsilon,
                 epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),

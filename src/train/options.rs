@@ -6,7 +6,9 @@ use crate::train::adapters::lora::LoraSettings;
 use crate::train::device::{DeviceSpec, Precision, Qlora};
 use crate::train::objectives::dpo::Dpo;
 use crate::train::objectives::grpo::Grpo;
+use crate::train::objectives::orpo::Orpo;
 use crate::train::objectives::ppo::Ppo;
+use crate::train::objectives::simpo::Simpo;
 use crate::train::optim::{AdamWConfig, Schedule};
 use crate::train::rewards::RewardSpec;
 use crate::train::rollout::SamplingParams;
@@ -25,6 +27,10 @@ pub enum Method {
     Dpo(Dpo),
     /// A reward model: scalar head on the last token, Bradley-Terry loss, LoRA on the body.
     Reward,
+    /// ORPO on preference shards: the chosen answer's NLL plus an odds-ratio term; no reference.
+    Orpo(Orpo),
+    /// SimPO on preference shards: a length-normalised margin with a target; no reference.
+    Simpo(Simpo),
     /// Group relative policy optimisation on prompt shards, with rule or model rewards.
     Grpo(Grpo),
     /// RLHF: PPO against a reward, with a per-token KL penalty to the reference and a value head.
@@ -37,6 +43,8 @@ impl Method {
             Method::Sft => "sft",
             Method::Dpo(_) => "dpo",
             Method::Reward => "reward",
+            Method::Orpo(_) => "orpo",
+            Method::Simpo(_) => "simpo",
             Method::Grpo(_) => "grpo",
             Method::Ppo(_) => "ppo",
         }

@@ -322,14 +322,23 @@ impl Model {
         labels: &[i32],
         rng: Option<&mut SplitMix64>,
     ) -> candle_core::Result<Tensor> {
+        self.loss_sum(&self.one_sequence(ids, labels)?, rng, LOGITS_CHUNK)?.neg()
+    }
+
+    /// The log-probability of each trained token of one sequence, in order [trained], differentiable.
+    pub fn sequence_token_log_probs(&self, ids: &[i32], labels: &[i32]) -> candle_core::Result<Tensor> {
+        Ok(self.token_log_probs(&self.one_sequence(ids, labels)?, 1.0, false)?.0)
+    }
+
+    /// One sequence as a batch (labels aligned with ids, -100 where not trained).
+    fn one_sequence(&self, ids: &[i32], labels: &[i32]) -> candle_core::Result<Batch> {
         let row = crate::pack::rows::PackedRow {
             input_ids: ids.to_vec(),
             labels: labels.to_vec(),
             position_ids: (0..ids.len() as i32).collect(),
             seq_lengths: vec![ids.len() as i32],
         };
-        let b = Batch::from_rows(&[&row], &self.device).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        self.loss_sum(&b, rng, LOGITS_CHUNK)?.neg()
+        Batch::from_rows(&[&row], &self.device).map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
     /// Trainable variables with their PEFT names, in a fixed order (an expert's adapter as

@@ -1,13 +1,15 @@
 //! What each training method optimises, as values: token cross-entropy on packed rows ([`sft`]),
-//! over preference pairs the DPO family ([`dpo`]) and the Bradley-Terry loss of a reward model
-//! ([`reward`]), and over sampled completions GRPO ([`grpo`]) and PPO ([`ppo`]). An objective computes a loss (differentiable in the adapter) and its metrics; the
+//! over preference pairs the DPO family ([`dpo`]), the reference-free ORPO ([`orpo`]) and SimPO
+//! ([`simpo`]) and the Bradley-Terry loss of a reward model ([`reward`]), and over sampled completions GRPO ([`grpo`]) and PPO ([`ppo`]). An objective computes a loss (differentiable in the adapter) and its metrics; the
 //! recipes in `train::recipes` decide what data it sees and when.
 
 pub mod dpo;
 pub mod grpo;
+pub mod orpo;
 pub mod ppo;
 pub mod reward;
 pub mod sft;
+pub mod simpo;
 
 use crate::pack::preference::PreferenceRow;
 use crate::train::graph::no_grad;
@@ -30,6 +32,18 @@ pub trait PairObjective {
 /// `log(1 + exp(z))`, stable and differentiable.
 pub(crate) fn softplus(z: &Tensor) -> candle_core::Result<Tensor> {
     z.relu()? + ((z.abs()?.neg()?.exp()? + 1.0)?.log()?)
+}
+
+/// `log sigmoid(z) = -softplus(-z)`, stable and differentiable.
+pub(crate) fn log_sigmoid(z: &Tensor) -> candle_core::Result<Tensor> {
+    softplus(&z.neg()?)?.neg()
+}
+
+/// The log-probability of a sequence's trained tokens averaged over them (TRL's
+/// `average_log_prob=True`), differentiable.
+pub(crate) fn averaged_log_prob(model: &Model, ids: &[i32], labels: &[i32]) -> candle_core::Result<Tensor> {
+    let n = labels.iter().skip(1).filter(|&&l| l != -100).count().max(1);
+    model.sequence_logp(ids, labels, None)? / n as f64
 }
 
 /// Held-out preference metrics: mean loss, reward accuracy (chosen above rejected) and margin.

@@ -1,6 +1,6 @@
 //! Training recipes: one file per method over the shared loop of [`crate::train::trainer`]
 //! ([`sft`], [`dpo`], [`reward`], [`grpo`], [`ppo`]; the preference-pair loop of dpo and reward in
-//! [`pairs`], the rollouts and rewards of grpo and ppo in [`rl`]). [`run`] picks the recipe of the
+//! [`pairs`], which runs the reference-free ORPO and SimPO itself, the rollouts and rewards of grpo and ppo in [`rl`]). [`run`] picks the recipe of the
 //! options' method.
 
 pub mod dpo;
@@ -27,6 +27,8 @@ pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         Method::Sft => sft::run(opts, resume),
         Method::Dpo(d) => dpo::run(opts, d, resume),
         Method::Reward => reward::run(opts, resume),
+        Method::Orpo(o) => pairs::run(opts, "orpo", Box::new(o), resume),
+        Method::Simpo(s) => pairs::run(opts, "simpo", Box::new(s), resume),
         Method::Grpo(g) => grpo::run(opts, g, resume),
         Method::Ppo(p) => ppo::run(opts, p, resume),
     }

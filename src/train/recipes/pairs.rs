@@ -11,7 +11,7 @@ use crate::train::model::Model;
 use crate::train::objectives::{evaluate_pairs, PairObjective};
 use crate::train::options::TrainOptions;
 use crate::train::trainer::{grads_of, GradSum, Metrics, Recipe, Step, Trainable};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Map};
 use std::path::Path;
 
@@ -40,18 +40,35 @@ impl<'a> Pairs<'a> {
         if opts.gradient_checkpointing {
             bail!("--gradient-checkpointing is for --method sft; DPO and reward runs keep the plain backward");
         }
-        let train = load_pairs(&opts.data, "train")?;
+        let what = || {
+            format!(
+                "--method {name} trains on preference pairs: prepare them with `tunekit prepare --method preference`"
+            )
+        };
+        let train = load_pairs(&opts.data, "train").with_context(what)?;
         if train.is_empty() {
             bail!(
                 "{}: no preference pairs; prepare them with `tunekit prepare --method preference`",
                 opts.data.display()
             );
         }
-        let eval = load_pairs(&opts.data, "eval")?;
+        let eval = load_pairs(&opts.data, "eval").with_context(what)?;
         let world = crate::cluster::world();
         let per_step = opts.grad_accum.max(1) * world.size;
         Ok(Pairs { name, objective, kl_beta, train, eval, per_step, seed: opts.seed, world, order: (None, vec![]) })
     }
+}
+
+/// A reference-free pair objective (ORPO, SimPO) over the preference shards: the policy alone.
+pub fn run(
+    opts: &TrainOptions,
+    name: &'static str,
+    objective: Box<dyn PairObjective>,
+    resume: Option<&Path>,
+) -> Result<crate::train::trainer::TrainSummary> {
+    let t = crate::train::trainer::load_trainable(opts, resume)?;
+    let recipe = Pairs::new(opts, name, objective, None)?;
+    crate::train::trainer::train(opts, t, recipe, resume)
 }
 
 impl Recipe for Pairs<'_> {
