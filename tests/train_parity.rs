@@ -750,7 +750,9 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 /// Against TRL's GRPOTrainer (tests/fixtures/train/make_grpo_fixture.py): `_compute_loss` on a fixed
 /// batch of 2 prompts x 2 completions with the fixture adapter, for the dapo and grpo loss types with
 /// beta 0 (ratio 1) and beta 0.04 (given old log-probs, some ratios clipped; the reference computed here
-/// with the adapter off, as TRL does): the loss and every LoRA gradient.
+/// with the adapter off, as TRL does): the loss and every LoRA gradient. Then TRL 1.16's GSPO
+/// (`importance_sampling_level="sequence"`) and `mask_truncated_completions` on the same batch
+/// (`make_grpo_fixture.py --variants`).
 #[test]
 fn grpo_loss_and_gradients_match_trl() {
     use tunekit::pack::rows::PackedRow;
@@ -787,53 +789,73 @@ fn grpo_loss_and_gradients_match_trl() {
     let adv: Vec<f32> = r["advantages"].to_vec1::<f32>().unwrap();
     let adv_tokens: Vec<f32> = clens.iter().enumerate().flat_map(|(i, &n)| std::iter::repeat_n(adv[i], n)).collect();
     let adv_t = Tensor::from_vec(adv_tokens.clone(), adv_tokens.len(), &Device::Cpu).unwrap();
+    let variants = candle_core::safetensors::load(dir.join("trl/gspo_reference.safetensors"), &Device::Cpu).unwrap();
+    // Ended at EOS (2): the others were cut at max_completion_length.
+    let mut ends = clens.iter().scan(0, |at, &n| {
+        *at += n;
+        Some(*at)
+    });
+    let truncated: Vec<bool> = clens.iter().map(|_| cids[ends.next().unwrap() - 1] != 2).collect();
+    assert_eq!(truncated, vec![false, true, false, true]);
+    // (key, reference, loss type, beta, sequence-level ratios, truncated completions masked)
+    let mut cases = vec![];
     for loss in [GrpoLoss::Dapo, GrpoLoss::Grpo] {
         for beta in [0.0, 0.04] {
             let key = format!("{}_beta{beta:?}", if loss == GrpoLoss::Dapo { "dapo" } else { "grpo" });
-            let g = Grpo {
-                epsilon: 0.2,
-                epsilon_high: 0.28,
-                beta,
-                loss,
-                scale_rewards: ScaleRewards::Group,
-                num_iterations: 1,
-                kl_bias_correction: true,
-            };
-            let w = g.token_weights(&clens, &[vec![0, 1, 2, 3]], 6).remove(0);
-            let w = Tensor::from_vec(w.clone(), w.len(), &Device::Cpu).unwrap();
-            let (logps, _) = model.token_log_probs(&batch, 0.7, false).unwrap();
-            let (old, refs) = if beta != 0.0 {
-                model.set_lora_enabled(false);
-                let (rl, _) = tunekit::train::graph::no_grad(|| model.token_log_probs(&batch, 0.7, false)).unwrap();
-                model.set_lora_enabled(true);
-                let want = &r[&format!("{key}_ref_logps")];
-                assert!(
-                    max_diff(&rl, want) < 1e-5,
-                    "{key}: reference log-probs differ from TRL's by {}",
-                    max_diff(&rl, want)
-                );
-                (Some(r[&format!("{key}_old_logps")].clone()), Some(rl))
-            } else {
-                (None, None)
-            };
-            let tb = TokenBatch {
-                logps: &logps,
-                old_logps: old.as_ref(),
-                ref_logps: refs.as_ref(),
-                advantages: &adv_t,
-                weights: &w,
-            };
-            let (l, _) = g.loss(&tb).unwrap();
-            let (got, want) = (l.to_scalar::<f32>().unwrap(), r[&format!("{key}_loss")].to_vec1::<f32>().unwrap()[0]);
-            assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{key}: loss {got} vs TRL {want}");
-            let grads = l.backward().unwrap();
-            for (n, var) in model.lora_vars() {
-                let want = &r[&format!("{key}_grad.{n}")];
-                let scale =
-                    want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
-                let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
-                assert!(d < 1e-3 * scale, "{key} {n}: gradient differs from TRL's by {d} (max {scale})");
-            }
+            cases.push((key, &r, loss, beta, false, false));
+        }
+    }
+    cases.push(("gspo_grpo".into(), &variants, GrpoLoss::Grpo, 0.04, true, false));
+    cases.push(("masked_dapo".into(), &variants, GrpoLoss::Dapo, 0.04, false, true));
+    cases.push(("gspo_masked_grpo".into(), &variants, GrpoLoss::Grpo, 0.04, true, true));
+    for (key, r, loss, beta, sequence_level, mask_truncated) in cases {
+        let g = Grpo {
+            epsilon: 0.2,
+            epsilon_high: 0.28,
+            beta,
+            loss,
+            scale_rewards: ScaleRewards::Group,
+            num_iterations: 1,
+            kl_bias_correction: true,
+            sequence_level,
+            mask_truncated,
+        };
+        let masked: Vec<bool> = truncated.iter().map(|&t| t && mask_truncated).collect();
+        let w = g.token_weights(&clens, &masked, &[vec![0, 1, 2, 3]], 6).remove(0);
+        let w = Tensor::from_vec(w.clone(), w.len(), &Device::Cpu).unwrap();
+        let (logps, _) = model.token_log_probs(&batch, 0.7, false).unwrap();
+        let (old, refs) = if beta != 0.0 {
+            model.set_lora_enabled(false);
+            let (rl, _) = tunekit::train::graph::no_grad(|| model.token_log_probs(&batch, 0.7, false)).unwrap();
+            model.set_lora_enabled(true);
+            let want = &r[&format!("{key}_ref_logps")];
+            assert!(
+                max_diff(&rl, want) < 1e-5,
+                "{key}: reference log-probs differ from TRL's by {}",
+                max_diff(&rl, want)
+            );
+            (Some(r[&format!("{key}_old_logps")].clone()), Some(rl))
+        } else {
+            (None, None)
+        };
+        let tb = TokenBatch {
+            logps: &logps,
+            old_logps: old.as_ref(),
+            ref_logps: refs.as_ref(),
+            advantages: &adv_t,
+            weights: &w,
+            lengths: &clens,
+        };
+        let (l, _) = g.loss(&tb).unwrap();
+        let (got, want) = (l.to_scalar::<f32>().unwrap(), r[&format!("{key}_loss")].to_vec1::<f32>().unwrap()[0]);
+        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{key}: loss {got} vs TRL {want}");
+        let grads = l.backward().unwrap();
+        for (n, var) in model.lora_vars() {
+            let want = &r[&format!("{key}_grad.{n}")];
+            let scale =
+                want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
+            let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
+            assert!(d < 1e-3 * scale, "{key} {n}: gradient differs from TRL's by {d} (max {scale})");
         }
     }
 }

@@ -243,6 +243,21 @@ pub struct GrpoArgs {
     /// reverse-KL gradient), as TRL does by default.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub kl_bias_correction: bool,
+    /// token: a probability ratio per token (GRPO); sequence: one per completion, the exp of its
+    /// tokens' mean log-ratio (GSPO; TRL's importance_sampling_level, best with --loss-type grpo).
+    #[arg(long, value_enum, default_value = "token")]
+    pub importance_sampling_level: ImportanceSampling,
+    /// Leave completions cut at --max-new-tokens out of the loss (their rewards still shape the
+    /// group's advantages), as TRL's mask_truncated_completions.
+    #[arg(long)]
+    pub mask_truncated_completions: bool,
+}
+
+/// GRPO's importance ratio: per token or per completion (GSPO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportanceSampling {
+    Token,
+    Sequence,
 }
 
 /// PPO's objective.
@@ -342,6 +357,8 @@ impl TrainArgs {
                 scale_rewards: g.scale_rewards,
                 num_iterations: g.num_iterations.max(1),
                 kl_bias_correction: g.kl_bias_correction,
+                sequence_level: g.importance_sampling_level == ImportanceSampling::Sequence,
+                mask_truncated: g.mask_truncated_completions,
             }),
             TrainMethod::Ppo => Method::Ppo(Ppo {
                 kl_coef: p.kl_coef,

@@ -10,7 +10,10 @@
 //! * `dr_grpo`: the token sum over completions x `max_new_tokens`.
 //!
 //! With one iteration per rollout the old log-probabilities are the current ones detached (the
-//! ratio is 1, its gradient the policy gradient), as TRL does.
+//! ratio is 1, its gradient the policy gradient), as TRL does. GSPO (`importance_sampling_level`
+//! "sequence"): each completion's ratio is `exp` of its tokens' mean log-ratio, shared by its tokens.
+//! `mask_truncated_completions`: a completion cut at `max_new_tokens` keeps its reward in the
+//! advantages but leaves the loss (its tokens weigh 0 and count in no token total).
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -50,6 +53,12 @@ pub struct Grpo {
     /// (TRL's `use_bias_correction_kl`, on by default there too).
     #[serde(default = "yes")]
     pub kl_bias_correction: bool,
+    /// GSPO: one importance ratio per completion (TRL's `importance_sampling_level="sequence"`).
+    #[serde(default)]
+    pub sequence_level: bool,
+    /// Truncated completions out of the loss (TRL's `mask_truncated_completions`).
+    #[serde(default)]
+    pub mask_truncated: bool,
 }
 
 fn yes() -> bool {
@@ -102,6 +111,8 @@ pub struct TokenBatch<'a> {
     pub advantages: &'a Tensor,
     /// Each token's share of the step's loss [N] (the loss type's aggregation).
     pub weights: &'a Tensor,
+    /// The completions' token counts in order (they tile the N tokens), for sequence-level ratios.
+    pub lengths: &'a [usize],
 }
 
 /// What the loss reports besides itself (TRL's metrics), as sums over the micro-batch's tokens.
@@ -120,7 +131,18 @@ impl Grpo {
             Some(o) => o.clone(),
             None => b.logps.detach(),
         };
-        let ratio = (b.logps - &old)?.exp()?;
+        let mut log_ratio = (b.logps - &old)?;
+        if self.sequence_level {
+            // GSPO: each completion's mean log-ratio, for every one of its tokens.
+            let mut parts = Vec::with_capacity(b.lengths.len());
+            let mut at = 0;
+            for &l in b.lengths.iter().filter(|&&l| l > 0) {
+                parts.push(log_ratio.narrow(0, at, l)?.mean_keepdim(0)?.broadcast_as(l)?);
+                at += l;
+            }
+            log_ratio = Tensor::cat(&parts, 0)?;
+        }
+        let ratio = log_ratio.exp()?;
         let clipped = ratio.clamp(1.0 - self.epsilon, 1.0 + self.epsilon_high)?;
         let l1 = (&ratio * b.advantages)?;
         let l2 = (&clipped * b.advantages)?;
@@ -146,17 +168,27 @@ impl Grpo {
     }
 
     /// Each completion token's weight in the step's loss, for completions of `lengths` tokens split
-    /// into `micro` (lists of completion indices) as the loss type aggregates them.
-    pub fn token_weights(&self, lengths: &[usize], micro: &[Vec<usize>], max_new_tokens: usize) -> Vec<Vec<f32>> {
+    /// into `micro` (lists of completion indices) as the loss type aggregates them; completions
+    /// `masked` (truncated, with `mask_truncated`) weigh 0 and count in no token total, as TRL's
+    /// completion mask leaves them out (a `grpo` mean over completions still counts them).
+    pub fn token_weights(
+        &self,
+        lengths: &[usize],
+        masked: &[bool],
+        micro: &[Vec<usize>],
+        max_new_tokens: usize,
+    ) -> Vec<Vec<f32>> {
         let n_seq = lengths.len() as f64;
-        let total: usize = lengths.iter().sum();
+        let kept = |i: usize| if masked.get(i).copied().unwrap_or(false) { 0 } else { lengths[i] };
+        let total: usize = (0..lengths.len()).map(kept).sum();
         micro
             .iter()
             .map(|mb| {
-                let mb_tokens: usize = mb.iter().map(|&i| lengths[i]).sum();
+                let mb_tokens: usize = mb.iter().map(|&i| kept(i)).sum();
                 mb.iter()
                     .flat_map(|&i| {
                         let w = match self.loss {
+                            _ if kept(i) == 0 => 0.0,
                             GrpoLoss::Grpo => 1.0 / (lengths[i].max(1) as f64 * n_seq),
                             GrpoLoss::Dapo => 1.0 / total.max(1) as f64,
                             GrpoLoss::Bnpo => 1.0 / (mb_tokens.max(1) as f64 * micro.len() as f64),
@@ -198,14 +230,18 @@ mod tests {
             scale_rewards: ScaleRewards::Group,
             num_iterations: 1,
             kl_bias_correction: true,
+            sequence_level: false,
+            mask_truncated: false,
         };
-        let (lengths, micro) = (vec![2, 4], vec![vec![0], vec![1]]);
-        assert_eq!(g(GrpoLoss::Grpo).token_weights(&lengths, &micro, 8), vec![vec![0.25; 2], vec![0.125; 4]]);
-        assert_eq!(g(GrpoLoss::Dapo).token_weights(&lengths, &micro, 8), vec![vec![1.0 / 6.0; 2], vec![1.0 / 6.0; 4]]);
-        assert_eq!(g(GrpoLoss::Bnpo).token_weights(&lengths, &micro, 8), vec![vec![0.25; 2], vec![0.125; 4]]);
-        assert_eq!(
-            g(GrpoLoss::DrGrpo).token_weights(&lengths, &micro, 8),
-            vec![vec![1.0 / 16.0; 2], vec![1.0 / 16.0; 4]]
-        );
+        let (lengths, micro, none) = (vec![2, 4], vec![vec![0], vec![1]], vec![false, false]);
+        let w = |loss, masked: &[bool]| g(loss).token_weights(&lengths, masked, &micro, 8);
+        assert_eq!(w(GrpoLoss::Grpo, &none), vec![vec![0.25; 2], vec![0.125; 4]]);
+        assert_eq!(w(GrpoLoss::Dapo, &none), vec![vec![1.0 / 6.0; 2], vec![1.0 / 6.0; 4]]);
+        assert_eq!(w(GrpoLoss::Bnpo, &none), vec![vec![0.25; 2], vec![0.125; 4]]);
+        assert_eq!(w(GrpoLoss::DrGrpo, &none), vec![vec![1.0 / 16.0; 2], vec![1.0 / 16.0; 4]]);
+        // The second completion truncated and masked: no weight, and out of dapo's token total.
+        let second = [false, true];
+        assert_eq!(w(GrpoLoss::Grpo, &second), vec![vec![0.25; 2], vec![0.0; 4]]);
+        assert_eq!(w(GrpoLoss::Dapo, &second), vec![vec![0.5; 2], vec![0.0; 4]]);
     }
 }

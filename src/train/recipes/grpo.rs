@@ -120,7 +120,8 @@ impl Recipe for GrpoRecipe<'_> {
         let r = self.rollout.as_ref().context("a rollout was just made")?;
         let micro = self.rl.micro_batches(&r.seqs);
         let lengths: Vec<usize> = r.seqs.iter().map(|s| s.tokens.len()).collect();
-        let weights = self.grpo.token_weights(&lengths, &micro, self.rl.opts.rl.sampling.max_new_tokens);
+        let masked: Vec<bool> = r.seqs.iter().map(|s| self.grpo.mask_truncated && !s.finished).collect();
+        let weights = self.grpo.token_weights(&lengths, &masked, &micro, self.rl.opts.rl.sampling.max_new_tokens);
         let dev = &model.device;
         let per_token = |v: &dyn Fn(usize) -> Vec<f32>, mb: &[usize]| -> candle_core::Result<Tensor> {
             let flat: Vec<f32> = mb.iter().flat_map(|&i| v(i)).collect();
@@ -145,7 +146,9 @@ impl Recipe for GrpoRecipe<'_> {
                 None => None,
             };
             let weights = Tensor::from_vec(w.clone(), w.len(), dev)?;
+            let mb_lengths: Vec<usize> = mb.iter().map(|&i| lengths[i]).collect();
             let tb = TokenBatch {
+                lengths: &mb_lengths,
                 logps: &logps,
                 old_logps: old.as_ref(),
                 ref_logps: refs.as_ref(),
