@@ -106,6 +106,7 @@ fn clean_shards_report_nothing() {
     let (ok, r) = doctor(dir.path(), &["qs/shards"]);
     assert!(ok && checks(&r).is_empty(), "{r}");
     assert!(r["sequences"].as_u64().unwrap() > 10 && r["trained_tokens"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["methods"], serde_json::json!(["sft"]), "the methods SFT shards serve: {r}");
     // With the model: the memory of the largest micro-batch grows with --batch-tokens.
     let mem = |bt: &str| {
         let (ok, r) = doctor(dir.path(), &["qs/shards", "--model", "qs/tiny-qwen3-random", "--batch-tokens", bt]);

@@ -38,6 +38,8 @@ pub struct DoctorReport {
     pub command: &'static str,
     pub dir: String,
     pub format: String,
+    /// The `train --method`s these shards serve.
+    pub methods: Vec<&'static str>,
     pub tokenizer: String,
     pub model: Option<String>,
     #[serde(flatten)]
@@ -100,6 +102,7 @@ pub fn run(o: &DoctorOptions) -> Result<DoctorReport> {
         command: "doctor",
         dir: o.dir.display().to_string(),
         format: manifest.format.name().to_string(),
+        methods: manifest.format.methods().to_vec(),
         tokenizer: tok.path.display().to_string(),
         model: o.model.as_ref().map(|m| m.display().to_string()),
         errors: count(Severity::Error),
@@ -165,6 +168,9 @@ impl Summary for DoctorReport {
             "doctor {}: {} rows, {} sequences, {} tokens ({} trained), tokenizer {}",
             self.dir, s.rows, s.sequences, s.tokens, s.trained_tokens, self.tokenizer
         );
+        if !self.methods.is_empty() {
+            println!("  {} train with --method {}", self.format, self.methods.join(" | "));
+        }
         if self.findings.is_empty() {
             println!("  no problems found");
         }

@@ -47,6 +47,16 @@ impl ShardKind {
             ShardKind::Unknown => "unknown",
         }
     }
+
+    /// The `train --method`s that train on this kind of shard.
+    pub fn methods(self) -> &'static [&'static str] {
+        match self {
+            ShardKind::Sft => &["sft"],
+            ShardKind::Preference => &["dpo", "orpo", "simpo", "reward"],
+            ShardKind::Prompts => &["grpo", "ppo"],
+            ShardKind::Unknown => &[],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
