@@ -337,6 +337,13 @@ fn orpo_and_simpo_raise_the_held_out_margin_without_a_reference() {
         let a1 = l["reward_accuracy"].as_f64().unwrap();
         assert!(m1 > m0 && a1 >= 0.75, "{name}: margin {m0} -> {m1}, accuracy {a1}");
         assert!(l["loss"].as_f64().unwrap() < f["loss"].as_f64().unwrap(), "{name}: {v}");
+        // The method's own metrics, by TRL's names, for the report's charts.
+        let logged = common::read_jsonl(&dir.path().join(name).join("metrics.jsonl"));
+        let step = logged.iter().find(|m| m.get("loss").is_some()).unwrap();
+        let own: &[&str] = if name.starts_with("orpo") { &["nll_loss", "log_odds_ratio"] } else { &["logps/chosen"] };
+        for k in own.iter().chain(&["rewards/margins"]) {
+            assert!(step[*k].as_f64().is_some_and(f64::is_finite), "{name}: no {k} in {step}");
+        }
     }
     common::counting_shards(&dir.path().join("sft"), 128, 10);
     let mut o = pair_options(&dir.path().join("sft"), &dir.path().join("wrong"), 4);

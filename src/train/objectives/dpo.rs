@@ -63,6 +63,7 @@ impl Dpo {
             loss,
             reward_chosen: beta * chosen.to_scalar::<f32>()? as f64,
             reward_rejected: beta * rejected.to_scalar::<f32>()? as f64,
+            extra: vec![],
         })
     }
 }

@@ -22,11 +22,18 @@ pub struct PairOutcome {
     pub loss: Tensor,
     pub reward_chosen: f64,
     pub reward_rejected: f64,
+    /// What else the method logs per pair (averaged over the step), by TRL's names.
+    pub extra: Vec<(&'static str, f64)>,
 }
 
 /// A loss over one preference pair.
 pub trait PairObjective {
     fn pair(&self, model: &Model, p: &PreferenceRow) -> candle_core::Result<PairOutcome>;
+    /// The names of what [`PairOutcome::extra`] holds (the same every pair, so that the ranks of a
+    /// data-parallel run sum the same list even when one has no pair in a step).
+    fn extra_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// `log(1 + exp(z))`, stable and differentiable.

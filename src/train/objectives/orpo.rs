@@ -22,6 +22,10 @@ fn log1mexp(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl PairObjective for Orpo {
+    fn extra_metrics(&self) -> &'static [&'static str] {
+        &["nll_loss", "log_odds_ratio", "log_odds_chosen", "logps/chosen", "logps/rejected"]
+    }
+
     fn pair(&self, model: &Model, p: &PreferenceRow) -> candle_core::Result<PairOutcome> {
         // The chosen side once: every token's log-probability (for the NLL), the completion's averaged.
         let everything: Vec<i32> = p.chosen_input_ids.clone();
@@ -35,11 +39,15 @@ impl PairObjective for Orpo {
         let (pc64, pr64) = (pc.to_dtype(DType::F64)?, pr.to_dtype(DType::F64)?);
         let log_odds = ((&pc64 - &pr64)? - (log1mexp(&pc64)? - log1mexp(&pr64)?)?)?;
         let ratio = log_sigmoid(&log_odds)?.to_dtype(DType::F32)?;
+        let (pc_v, pr_v) = (pc.to_scalar::<f32>()? as f64, pr.to_scalar::<f32>()? as f64);
+        let extra = vec![
+            ("nll_loss", nll.to_scalar::<f32>()? as f64),
+            ("log_odds_ratio", ratio.to_scalar::<f32>()? as f64),
+            ("log_odds_chosen", log_odds.to_scalar::<f64>()?),
+            ("logps/chosen", pc_v),
+            ("logps/rejected", pr_v),
+        ];
         let loss = (nll - (ratio * self.beta)?)?;
-        Ok(PairOutcome {
-            loss,
-            reward_chosen: self.beta * pc.to_scalar::<f32>()? as f64,
-            reward_rejected: self.beta * pr.to_scalar::<f32>()? as f64,
-        })
+        Ok(PairOutcome { loss, reward_chosen: self.beta * pc_v, reward_rejected: self.beta * pr_v, extra })
     }
 }

@@ -18,6 +18,7 @@ impl PairObjective for BradleyTerry {
             loss,
             reward_chosen: rc.to_scalar::<f32>()? as f64,
             reward_rejected: rr.to_scalar::<f32>()? as f64,
+            extra: vec![],
         })
     }
 }

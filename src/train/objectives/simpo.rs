@@ -19,6 +19,10 @@ pub struct Simpo {
 }
 
 impl PairObjective for Simpo {
+    fn extra_metrics(&self) -> &'static [&'static str] {
+        &["logps/chosen", "logps/rejected"]
+    }
+
     fn pair(&self, model: &Model, p: &PreferenceRow) -> candle_core::Result<PairOutcome> {
         let pc = averaged_log_prob(model, &p.chosen_input_ids, &p.chosen_labels)?;
         let pr = averaged_log_prob(model, &p.rejected_input_ids, &p.rejected_labels)?;
@@ -29,10 +33,12 @@ impl PairObjective for Simpo {
             // The chosen completion's mean token NLL is minus its averaged log-probability.
             loss = (loss - (&pc * self.cpo_alpha)?)?;
         }
+        let (pc, pr) = (pc.to_scalar::<f32>()? as f64, pr.to_scalar::<f32>()? as f64);
         Ok(PairOutcome {
             loss,
-            reward_chosen: self.beta * pc.to_scalar::<f32>()? as f64,
-            reward_rejected: self.beta * pr.to_scalar::<f32>()? as f64,
+            reward_chosen: self.beta * pc,
+            reward_rejected: self.beta * pr,
+            extra: vec![("logps/chosen", pc), ("logps/rejected", pr)],
         })
     }
 }

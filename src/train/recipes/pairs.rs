@@ -99,6 +99,8 @@ impl Recipe for Pairs<'_> {
         let mine: Vec<usize> = self.world.share(chunk).map(|(_, &i)| i).collect();
         // Summed over the pairs (and, in a data-parallel run, the ranks): loss, both rewards, hits.
         let mut sums = [0.0f64; 4];
+        let names = self.objective.extra_metrics();
+        let mut extra = vec![0.0f64; names.len()];
         let (mut sum, mut tokens) = (GradSum::default(), 0);
         for &i in &mine {
             let p = &self.train[i];
@@ -110,6 +112,11 @@ impl Recipe for Pairs<'_> {
                 (o.reward_chosen > o.reward_rejected) as u8 as f64,
             ]) {
                 *s += v;
+            }
+            for (k, v) in &o.extra {
+                if let Some(i) = names.iter().position(|n| n == k) {
+                    extra[i] += v;
+                }
             }
             tokens += p.chosen_input_ids.len() + p.rejected_input_ids.len();
             sum.add(grads_of(&t.vars_named, &(o.loss / n)?.backward()?)?)?;
@@ -130,6 +137,13 @@ impl Recipe for Pairs<'_> {
         // KL estimate: mean policy-minus-reference log-ratio of the chosen and rejected answers.
         if let Some(beta) = self.kl_beta {
             metrics.insert("kl".into(), json!((rc + rr) / (2.0 * n * beta)));
+        }
+        // The method's own metrics (ORPO's NLL and log-odds, ...), over the whole step.
+        if !extra.is_empty() {
+            self.world.sum_f64(&mut extra)?;
+        }
+        for (k, v) in names.iter().zip(extra) {
+            metrics.insert(k.to_string(), json!(v / n));
         }
         let grads = sum.finish(t, "empty step")?;
         Ok(Step { loss, grads, tokens, examples: mine.len(), metrics })
