@@ -527,12 +527,9 @@ fn qwen3_qk_norm() {
     check("qwen3");
 }
 
-/// DPO against the fixture of tests/fixtures/train/make_dpo_fixture.py (TRL's loss formulas, PEFT
-/// adapter disabled for the reference): the three losses and the LoRA gradients of the sigmoid loss.
-#[test]
-fn dpo_losses_and_gradient_match_the_reference() {
-    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
-    use tunekit::train::objectives::PairObjective;
+/// The pair of tests/fixtures/train/make_dpo_fixture.py (with that file's reference values) and the
+/// tiny Llama policy with its fixture adapter.
+fn dpo_fixture() -> (std::path::PathBuf, HashMap<String, Tensor>, tunekit::pack::preference::PreferenceRow, Model) {
     let dir = common::root().join("tests/fixtures/train/llama");
     let r = candle_core::safetensors::load(dir.join("dpo_reference.safetensors"), &Device::Cpu).unwrap();
     let v = |k: &str| -> Vec<i32> {
@@ -547,6 +544,16 @@ fn dpo_losses_and_gradient_match_the_reference() {
     let base = load_base(&dir, &Device::Cpu, None).unwrap();
     let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
     tunekit::train::io::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
+    (dir, r, pair, model)
+}
+
+/// DPO against the fixture of tests/fixtures/train/make_dpo_fixture.py (TRL's loss formulas, PEFT
+/// adapter disabled for the reference): the three losses and the LoRA gradients of the sigmoid loss.
+#[test]
+fn dpo_losses_and_gradient_match_the_reference() {
+    use tunekit::train::objectives::dpo::{Dpo, DpoLoss};
+    use tunekit::train::objectives::PairObjective;
+    let (_, r, pair, model) = dpo_fixture();
     for (kind, key) in [(DpoLoss::Sigmoid, "loss_sigmoid"), (DpoLoss::Hinge, "loss_hinge"), (DpoLoss::Ipo, "loss_ipo")]
     {
         let got = Dpo { beta: 0.1, loss: kind }.pair(&model, &pair).unwrap().loss.to_scalar::<f32>().unwrap();
@@ -572,21 +579,8 @@ fn orpo_and_simpo_losses_and_gradients_are_trls() {
     use tunekit::train::objectives::orpo::Orpo;
     use tunekit::train::objectives::simpo::Simpo;
     use tunekit::train::objectives::PairObjective;
-    let dir = common::root().join("tests/fixtures/train/llama");
-    let p = candle_core::safetensors::load(dir.join("dpo_reference.safetensors"), &Device::Cpu).unwrap();
+    let (dir, _, pair, model) = dpo_fixture();
     let r = candle_core::safetensors::load(dir.join("orpo_simpo_reference.safetensors"), &Device::Cpu).unwrap();
-    let v = |k: &str| -> Vec<i32> {
-        p[k].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as i32).collect()
-    };
-    let pair = tunekit::pack::preference::PreferenceRow {
-        chosen_input_ids: v("chosen_input_ids"),
-        chosen_labels: v("chosen_labels"),
-        rejected_input_ids: v("rejected_input_ids"),
-        rejected_labels: v("rejected_labels"),
-    };
-    let base = load_base(&dir, &Device::Cpu, None).unwrap();
-    let mut model = Model::from_base(&base, &Device::Cpu).unwrap();
-    tunekit::train::io::peft::load_into(&mut model, &dir.join("adapter")).unwrap();
     let objectives: [(&str, Box<dyn PairObjective>); 3] = [
         ("orpo", Box::new(Orpo { beta: 0.1 })),
         ("simpo0", Box::new(Simpo { beta: 2.0, gamma: 0.5, cpo_alpha: 0.0 })),
