@@ -746,9 +746,9 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 /// beta 0 (ratio 1) and beta 0.04 (given old log-probs, some ratios clipped; the reference computed here
 /// with the adapter off, as TRL does): the loss and every LoRA gradient. Then TRL 1.16's GSPO
 /// (`importance_sampling_level="sequence"`) and `mask_truncated_completions` on the same batch
-/// (`make_grpo_fixture.py --variants`).
+/// (`make_grpo_fixture.py --variants`), and TRL 1.16's RLOO on it (`--rloo`).
 #[test]
-fn grpo_loss_and_gradients_match_trl() {
+fn grpo_gspo_and_rloo_losses_and_gradients_match_trl() {
     use tunekit::pack::rows::PackedRow;
     use tunekit::train::objectives::grpo::{Grpo, GrpoLoss, ScaleRewards, TokenBatch};
     let dir = common::root().join("tests/fixtures/train");
@@ -851,6 +851,55 @@ fn grpo_loss_and_gradients_match_trl() {
             let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
             assert!(d < 1e-3 * scale, "{key} {n}: gradient differs from TRL's by {d} (max {scale})");
         }
+    }
+    // RLOO (TRL 1.16's RLOOTrainer, `make_grpo_fixture.py --rloo`): the KL-penalised rewards'
+    // leave-one-out advantages from TRL's old log-probs and tunekit's reference, then the loss with one
+    // clipped ratio per completion.
+    use tunekit::train::objectives::rloo::{advantages, Rloo};
+    let r = candle_core::safetensors::load(dir.join("trl/rloo_reference.safetensors"), &Device::Cpu).unwrap();
+    model.set_lora_enabled(false);
+    let (refs, _) = tunekit::train::graph::no_grad(|| model.token_log_probs(&batch, 0.7, false)).unwrap();
+    model.set_lora_enabled(true);
+    assert!(max_diff(&refs, &r["rloo_ref_logps"]) < 1e-5);
+    let (old, refs) = (r["rloo_old_logps"].to_vec1::<f32>().unwrap(), refs.to_vec1::<f32>().unwrap());
+    let per_seq = |v: &[f32]| -> Vec<f64> {
+        let mut at = 0;
+        clens
+            .iter()
+            .map(|&n| {
+                at += n;
+                v[at - n..at].iter().map(|&x| x as f64).sum()
+            })
+            .collect()
+    };
+    let diff: Vec<f32> = old.iter().zip(&refs).map(|(o, r)| o - r).collect();
+    let rewards: Vec<f64> = r["rloo_rewards"].to_vec1::<f32>().unwrap().iter().map(|&x| x as f64).collect();
+    let (_, adv) = advantages(&rewards, &per_seq(&diff), 0.05, 2, false);
+    for (a, want) in adv.iter().zip(r["rloo_advantages"].to_vec1::<f32>().unwrap()) {
+        assert!((a - want as f64).abs() < 1e-5, "RLOO advantage {a} vs TRL's {want}");
+    }
+    let rloo = Rloo { epsilon: 0.2, epsilon_high: 0.28, beta: 0.05, num_iterations: 1, normalize_advantages: false };
+    let (lp, _) = model.token_log_probs(&batch, 0.7, false).unwrap();
+    let mut at = 0;
+    let sums: Vec<Tensor> = clens
+        .iter()
+        .map(|&n| {
+            at += n;
+            lp.narrow(0, at - n, n).unwrap().sum_keepdim(0).unwrap()
+        })
+        .collect();
+    let logps = Tensor::cat(&sums, 0).unwrap();
+    let old_t = Tensor::from_vec(per_seq(&old).iter().map(|&x| x as f32).collect::<Vec<_>>(), 4, &Device::Cpu).unwrap();
+    let adv_t = Tensor::from_vec(adv.iter().map(|&x| x as f32).collect::<Vec<_>>(), 4, &Device::Cpu).unwrap();
+    let (l, _) = rloo.loss(&logps, &old_t, &adv_t, 4).unwrap();
+    let (got, want) = (l.to_scalar::<f32>().unwrap(), r["rloo_loss"].to_vec1::<f32>().unwrap()[0]);
+    assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "RLOO loss {got} vs TRL {want}");
+    let grads = l.backward().unwrap();
+    for (n, var) in model.lora_vars() {
+        let want = &r[&format!("rloo_grad.{n}")];
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
+        let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
+        assert!(d < 1e-3 * scale, "RLOO {n}: gradient differs from TRL's by {d} (max {scale})");
     }
 }
 

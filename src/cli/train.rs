@@ -7,6 +7,7 @@ use crate::train::objectives::dpo::Dpo;
 use crate::train::objectives::grpo::Grpo;
 use crate::train::objectives::orpo::Orpo;
 use crate::train::objectives::ppo::Ppo;
+use crate::train::objectives::rloo::Rloo;
 use crate::train::objectives::simpo::Simpo;
 use crate::train::optim::AdamWConfig;
 use crate::train::options::RlOptions;
@@ -32,6 +33,8 @@ pub enum TrainMethod {
     Simpo,
     /// Group relative policy optimisation on prompt shards.
     Grpo,
+    /// REINFORCE leave-one-out on prompt shards (TRL's RLOOTrainer).
+    Rloo,
     /// RLHF: PPO against a reward model, with a KL penalty to the reference.
     Ppo,
 }
@@ -51,11 +54,11 @@ pub struct TrainArgs {
     /// (`prepare --method preference`), the reference being the base with the adapter off; orpo and
     /// simpo: reference-free preference training on the same shards (TRL's ORPOTrainer, CPOTrainer
     /// with loss_type simpo); reward: a reward model (scalar head on the last token, Bradley-Terry loss, LoRA on the body); grpo and
-    /// ppo: online RL on prompt shards (`prepare --method prompts`) with --reward functions.
+    /// rloo and ppo: online RL on prompt shards (`prepare --method prompts`) with --reward functions.
     #[arg(long, value_enum, default_value = "sft")]
     pub method: TrainMethod,
     /// Strength of the KL constraint to the reference: DPO (default 0.1), GRPO (default 0: no
-    /// reference pass); ORPO's weight of the odds-ratio term (default 0.1, TRL's); SimPO's reward
+    /// reference pass), RLOO's KL penalty on the rewards (default 0.05, TRL's); ORPO's weight of the odds-ratio term (default 0.1, TRL's); SimPO's reward
     /// scale (default 2.0, the SimPO paper's; TRL's CPOConfig defaults to 0.1).
     #[arg(long)]
     pub beta: Option<f64>,
@@ -247,6 +250,10 @@ pub struct GrpoArgs {
     /// tokens' mean log-ratio (GSPO; TRL's importance_sampling_level, best with --loss-type grpo).
     #[arg(long, value_enum, default_value = "token")]
     pub importance_sampling_level: ImportanceSampling,
+    /// RLOO: normalise the leave-one-out advantages over the rollout (mean 0, std 1), as TRL's
+    /// normalize_advantages.
+    #[arg(long)]
+    pub normalize_advantages: bool,
     /// Leave completions cut at --max-new-tokens out of the loss (their rewards still shape the
     /// group's advantages), as TRL's mask_truncated_completions.
     #[arg(long)]
@@ -359,6 +366,13 @@ impl TrainArgs {
                 kl_bias_correction: g.kl_bias_correction,
                 sequence_level: g.importance_sampling_level == ImportanceSampling::Sequence,
                 mask_truncated: g.mask_truncated_completions,
+            }),
+            TrainMethod::Rloo => Method::Rloo(Rloo {
+                epsilon: g.epsilon,
+                epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+                beta: self.beta.unwrap_or(0.05),
+                num_iterations: g.num_iterations.max(1),
+                normalize_advantages: g.normalize_advantages,
             }),
             TrainMethod::Ppo => Method::Ppo(Ppo {
                 kl_coef: p.kl_coef,

@@ -53,7 +53,7 @@ impl ShardKind {
         match self {
             ShardKind::Sft => &["sft"],
             ShardKind::Preference => &["dpo", "orpo", "simpo", "reward"],
-            ShardKind::Prompts => &["grpo", "ppo"],
+            ShardKind::Prompts => &["grpo", "rloo", "ppo"],
             ShardKind::Unknown => &[],
         }
     }

@@ -8,6 +8,7 @@ use crate::train::objectives::dpo::Dpo;
 use crate::train::objectives::grpo::Grpo;
 use crate::train::objectives::orpo::Orpo;
 use crate::train::objectives::ppo::Ppo;
+use crate::train::objectives::rloo::Rloo;
 use crate::train::objectives::simpo::Simpo;
 use crate::train::optim::{AdamWConfig, Schedule};
 use crate::train::rewards::RewardSpec;
@@ -33,6 +34,8 @@ pub enum Method {
     Simpo(Simpo),
     /// Group relative policy optimisation on prompt shards, with rule or model rewards.
     Grpo(Grpo),
+    /// REINFORCE leave-one-out on prompt shards: the KL as a reward penalty, one ratio per completion.
+    Rloo(Rloo),
     /// RLHF: PPO against a reward, with a per-token KL penalty to the reference and a value head.
     Ppo(Ppo),
 }
@@ -46,6 +49,7 @@ impl Method {
             Method::Orpo(_) => "orpo",
             Method::Simpo(_) => "simpo",
             Method::Grpo(_) => "grpo",
+            Method::Rloo(_) => "rloo",
             Method::Ppo(_) => "ppo",
         }
     }

@@ -1,6 +1,6 @@
 //! What each training method optimises, as values: token cross-entropy on packed rows ([`sft`]),
 //! over preference pairs the DPO family ([`dpo`]), the reference-free ORPO ([`orpo`]) and SimPO
-//! ([`simpo`]) and the Bradley-Terry loss of a reward model ([`reward`]), and over sampled completions GRPO ([`grpo`]) and PPO ([`ppo`]). An objective computes a loss (differentiable in the adapter) and its metrics; the
+//! ([`simpo`]) and the Bradley-Terry loss of a reward model ([`reward`]), and over sampled completions GRPO ([`grpo`]), RLOO ([`rloo`]) and PPO ([`ppo`]). An objective computes a loss (differentiable in the adapter) and its metrics; the
 //! recipes in `train::recipes` decide what data it sees and when.
 
 pub mod dpo;
@@ -8,6 +8,7 @@ pub mod grpo;
 pub mod orpo;
 pub mod ppo;
 pub mod reward;
+pub mod rloo;
 pub mod sft;
 pub mod simpo;
 

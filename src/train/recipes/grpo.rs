@@ -46,7 +46,7 @@ struct GrpoRecipe<'a> {
 
 /// Per completion, its tokens' log-probabilities under the model as it is (no graph); each rank
 /// computes its micro-batches' and every rank gets all.
-fn logps_of(rl: &Rl, model: &Model, seqs: &[Seq]) -> Result<Vec<Vec<f32>>> {
+pub(super) fn logps_of(rl: &Rl, model: &Model, seqs: &[Seq]) -> Result<Vec<Vec<f32>>> {
     let mut mine = vec![];
     for (_, mb) in rl.world.share(&rl.micro_batches(seqs)) {
         let batch = rl.batch_of(seqs, mb, &model.device)?;

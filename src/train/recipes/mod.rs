@@ -1,5 +1,5 @@
 //! Training recipes: one file per method over the shared loop of [`crate::train::trainer`]
-//! ([`sft`], [`dpo`], [`reward`], [`grpo`], [`ppo`]; the preference-pair loop of dpo and reward in
+//! ([`sft`], [`dpo`], [`reward`], [`grpo`], [`rloo`], [`ppo`]; the preference-pair loop of dpo and reward in
 //! [`pairs`], which runs the reference-free ORPO and SimPO itself, the rollouts and rewards of grpo and ppo in [`rl`]). [`run`] picks the recipe of the
 //! options' method.
 
@@ -9,6 +9,7 @@ pub mod pairs;
 pub mod ppo;
 pub mod reward;
 pub mod rl;
+pub mod rloo;
 pub mod sft;
 
 use crate::train::options::{Method, TrainOptions};
@@ -30,6 +31,7 @@ pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         Method::Orpo(o) => pairs::run(opts, "orpo", Box::new(o), resume),
         Method::Simpo(s) => pairs::run(opts, "simpo", Box::new(s), resume),
         Method::Grpo(g) => grpo::run(opts, g, resume),
+        Method::Rloo(r) => rloo::run(opts, r, resume),
         Method::Ppo(p) => ppo::run(opts, p, resume),
     }
 }
