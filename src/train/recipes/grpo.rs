@@ -187,14 +187,11 @@ impl Recipe for GrpoRecipe<'_> {
     }
 
     fn state(&self) -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("rollout".into(), serde_json::to_value(&self.rollout).unwrap_or(Value::Null));
-        m
+        super::rl::rollout_state(&self.rollout)
     }
 
     fn restore(&mut self, state: &Value) -> Result<()> {
-        self.rollout = serde_json::from_value(state["rollout"].clone()).context("the checkpoint's rollout")?;
-        self.rl.resumed = true;
+        self.rollout = self.rl.restore_rollout(state)?;
         Ok(())
     }
 }

@@ -110,6 +110,13 @@ impl<'a> Rl<'a> {
         Ok(Rl { opts, tok, stops, rewards, train, eval, order: (None, vec![]), log: None, resumed: false, world })
     }
 
+    /// The rollout a checkpoint's state holds ([`rollout_state`]); the run is marked resumed.
+    pub fn restore_rollout<T: serde::de::DeserializeOwned>(&mut self, state: &Value) -> Result<Option<T>> {
+        let r = serde_json::from_value(state["rollout"].clone()).context("the checkpoint's rollout")?;
+        self.resumed = true;
+        Ok(r)
+    }
+
     /// Prompts per rollout: `--prompts-per-step` on each rank.
     fn per_rollout(&self) -> usize {
         self.opts.rl.prompts_per_step * self.world.size
@@ -358,6 +365,14 @@ impl<'a> Rl<'a> {
         m.insert("completions/mean_length".into(), seqs.iter().map(|s| s.tokens.len() as f64).sum::<f64>() / n);
         Ok(Some(m))
     }
+}
+
+/// A recipe's checkpoint state: its current rollout (so that a resumed run continues that
+/// rollout's iterations, not a new one).
+pub fn rollout_state<T: Serialize>(rollout: &Option<T>) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("rollout".into(), serde_json::to_value(rollout).unwrap_or(Value::Null));
+    m
 }
 
 /// TRL's completion metrics of a rollout: lengths, the share truncated, terminated lengths.
