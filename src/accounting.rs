@@ -131,6 +131,7 @@ pub mod reason {
     pub const PROMPT_TOO_LONG: &str = "prompt_too_long";
     pub const OVER_TOKEN_LIMIT: &str = "over_token_limit";
     pub const NOT_PREFERENCE: &str = "not_a_preference_pair";
+    pub const NOT_LABELLED: &str = "not_labelled";
     pub const NO_USER: &str = "no_user_message";
 }
 

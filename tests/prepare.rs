@@ -207,6 +207,63 @@ fn preference_pairs_become_preference_shards() {
     assert!(err.contains("prepare kept none of the 1 row(s)") && err.contains("not_a_preference_pair: 1"), "{err}");
 }
 
+/// `prepare --method kto`: rows with a desirability label (a boolean, yes/no, 1/0) become one row
+/// each, preference pairs two (chosen desirable, rejected not, one prompt); only the final answer is
+/// trained; a row without a label or with a label that is not one is rejected with its reason, and
+/// the counts add up. llamafactory's kto_en_demo.json (messages + label) reads as it is.
+#[test]
+fn labelled_rows_and_split_pairs_become_kto_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let turn = |q: &str, a: &str| json!([{"role": "user", "content": q}, {"role": "assistant", "content": a}]);
+    let rows = [
+        json!({"messages": turn("What is 2+2?", "4"), "label": true}),
+        json!({"messages": turn("Capital of France?", "Berlin"), "label": "no"}),
+        json!({"messages": turn("Say hi", "hi"), "label": 1}),
+        json!({"messages": turn("Unlabelled", "row")}),
+        json!({"messages": turn("Odd label", "row"), "label": "maybe"}),
+    ];
+    std::fs::write(dir.path().join("l.jsonl"), rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
+    let pairs = common::root().join("datasets/preferences.jsonl");
+    let args = ["l.jsonl", pairs.to_str().unwrap(), "--method", "kto", "--out", "k", "--eval-fraction", "0"];
+    let (out, s) = prepare(dir.path(), &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s["method"], "kto");
+    assert_eq!((s["samples"].as_u64(), s["desirable"].as_u64()), (Some(3 + 6), Some(2 + 3)), "{s}");
+    assert_eq!(s["rejected_by_reason"], json!({"not_labelled": 1, "wrong_type": 1}));
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("k/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["format"], "tunekit-unpaired-shards");
+    let a = &m["accounting"];
+    assert_eq!((a["rows_read"].as_u64(), a["rejected"].as_u64()), (Some(8), Some(2)));
+    assert_eq!((a["desirable"].as_u64(), a["undesirable"].as_u64()), (Some(5), Some(4)));
+    let r = read_jsonl(&dir.path().join("k/rejects.jsonl"));
+    assert!(r.iter().any(|x| x["detail"].as_str().unwrap().contains("--map label=COLUMN")), "{r:?}");
+    let got = tunekit::pack::unpaired::read_unpaired(&dir.path().join("k/train-00000-of-00001.parquet")).unwrap();
+    assert_eq!(got.len(), 9);
+    for row in &got {
+        // The prompt untrained, the answer trained to its <|im_end|>.
+        let p = row.prompt_len();
+        assert!(p > 0 && row.labels[..p].iter().all(|&l| l == -100));
+        let last = row.labels.iter().rposition(|&l| l != -100).unwrap();
+        assert_eq!(row.input_ids[last], 151645);
+    }
+    // A pair's halves share their prompt: one desirable, one not.
+    let halves: Vec<_> = got
+        .iter()
+        .filter(|r| got.iter().filter(|o| o.input_ids[..o.prompt_len()] == r.input_ids[..r.prompt_len()]).count() == 2)
+        .collect();
+    assert_eq!(halves.len(), 6);
+    assert_eq!(halves.iter().filter(|r| r.desirable).count(), 3);
+
+    let Some(demo) = common::asset("llamafactory-0.9.5/data/kto_en_demo.json") else { return };
+    let (out, s) =
+        prepare(dir.path(), &[demo.to_str().unwrap(), "--method", "kto", "--out", "demo", "--eval-fraction", "0.1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let n = |k: &str| s[k].as_u64().unwrap();
+    assert_eq!(n("rows_read"), n("rows_kept") + n("rejected") + n("duplicates_exact") + n("duplicates_near"), "{s}");
+    assert_eq!(n("samples"), n("rows_kept"));
+    assert!(n("desirable") > 100 && n("samples") - n("desirable") > 100, "{s}");
+}
+
 #[test]
 fn quickstart_runs_the_whole_path() {
     let dir = tempfile::tempdir().unwrap();

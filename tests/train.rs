@@ -355,6 +355,85 @@ fn orpo_and_simpo_raise_the_held_out_margin_without_a_reference() {
     assert!(e.contains("prepare --method preference"), "{e}");
 }
 
+/// Counting pairs split as TRL's `unpair_preference_dataset` does (the chosen answer desirable, the
+/// rejected one not), the undesirable rows of the training split thinned to every `keep_bad`-th.
+fn counting_unpaired(dir: &Path, keep_bad: usize) -> PathBuf {
+    use tunekit::pack::unpaired::{UnpairedRow, UnpairedWriter};
+    let pairs = common::counting_pairs(&dir.join("pairs-for-kto"), 9);
+    let data = dir.join("kto-data");
+    std::fs::create_dir_all(&data).unwrap();
+    let unpair = |ps: &[tunekit::pack::preference::PreferenceRow], keep_bad: usize| -> Vec<UnpairedRow> {
+        let mut rows = vec![];
+        for (i, p) in ps.iter().enumerate() {
+            rows.push(UnpairedRow {
+                input_ids: p.chosen_input_ids.clone(),
+                labels: p.chosen_labels.clone(),
+                desirable: true,
+            });
+            if keep_bad > 0 && i % keep_bad == 0 {
+                let (input_ids, labels) = (p.rejected_input_ids.clone(), p.rejected_labels.clone());
+                rows.push(UnpairedRow { input_ids, labels, desirable: false });
+            }
+        }
+        rows
+    };
+    for (split, rows) in [("train", unpair(&pairs[..24], keep_bad)), ("eval", unpair(&pairs[24..32], 1))] {
+        let mut w = UnpairedWriter::new(&data, split);
+        w.write(rows).unwrap();
+        w.finish().unwrap();
+    }
+    std::fs::write(data.join("manifest.json"), serde_json::json!({"tokenizer": {"vocab_size": 128}}).to_string())
+        .unwrap();
+    data
+}
+
+/// KTO through the trainer on counting pairs split into labelled rows: the held-out margin between
+/// desirable and undesirable rewards rises and the loss falls, TRL's metrics are logged, a resumed
+/// run ends with the same adapter; one class only, a step of one row and SFT shards are refused
+/// before the model loads, each saying what to do.
+#[test]
+fn kto_separates_desirable_from_undesirable_and_refuses_what_it_cannot_train() {
+    use tunekit::train::objectives::kto::Kto;
+    tunekit::progress::set_quiet(true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = counting_unpaired(dir.path(), 1);
+    let kto = Method::Kto(Kto { beta: 0.1, desirable_weight: 1.0, undesirable_weight: 1.0 });
+    let mut o = pair_options(&data, &dir.path().join("kto"), 12);
+    o.method = kto;
+    o.lora.dropout = 0.0;
+    o.save_every = 6;
+    let v = serde_json::to_value(run(&o, None).unwrap()).unwrap();
+    let (f, l) = (&v["first_eval"], &v["final_eval"]);
+    let (m0, m1) = (f["reward_margin"].as_f64().unwrap(), l["reward_margin"].as_f64().unwrap());
+    assert!(m1 > m0 && m1 > 0.0, "margin {m0} -> {m1}: {v}");
+    eprintln!("kto: held-out margin {m0} -> {m1}, loss {} -> {}", f["loss"], l["loss"]);
+    assert!(l["loss"].as_f64().unwrap() < f["loss"].as_f64().unwrap(), "{v}");
+    let logged = common::read_jsonl(&dir.path().join("kto/metrics.jsonl"));
+    let step = logged.iter().find(|m| m.get("loss").is_some()).unwrap();
+    for k in ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"] {
+        assert!(step[k].as_f64().is_some_and(f64::is_finite), "no {k} in {step}");
+    }
+    let resumed = TrainOptions { out: dir.path().join("resumed"), ..o.clone() };
+    run(&resumed, Some(&dir.path().join("kto/checkpoint-6"))).unwrap();
+    let a = std::fs::read(dir.path().join("kto/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(dir.path().join("resumed/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "a resumed KTO run must end with the same adapter");
+
+    let refused = |o: &TrainOptions| match run(o, None) {
+        Ok(_) => panic!("{:?} must be refused", o.data),
+        Err(e) => format!("{e:#}"),
+    };
+    // One class only: every training row desirable.
+    let one = counting_unpaired(&dir.path().join("one"), 0);
+    let e = refused(&TrainOptions { data: one, out: dir.path().join("x1"), ..o.clone() });
+    assert!(e.contains("all 24 training rows are desirable"), "{e}");
+    let e = refused(&TrainOptions { grad_accum: 1, out: dir.path().join("x2"), ..o.clone() });
+    assert!(e.contains("--grad-accum 2"), "{e}");
+    common::counting_shards(&dir.path().join("sft"), 128, 10);
+    let e = refused(&TrainOptions { data: dir.path().join("sft"), out: dir.path().join("x3"), ..o.clone() });
+    assert!(e.contains("prepare --method kto"), "{e}");
+}
+
 /// DPO with every weight trained: the reference's log-probabilities come from the base before the
 /// first step (the first step's policy is the reference: every held-out reward 0, the loss ln 2),
 /// held-out accuracy and margin rise, the run is a model directory, and a run resumed from its

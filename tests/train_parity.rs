@@ -570,6 +570,25 @@ fn dpo_losses_and_gradient_match_the_reference() {
     }
 }
 
+/// Every LoRA gradient in `grads` equals TRL's `{name}.grad.{module}` of the fixture `r` within 1e-4
+/// of its largest value; the worst difference, relative to that largest.
+fn lora_grads_match(
+    model: &Model,
+    grads: &candle_core::backprop::GradStore,
+    r: &HashMap<String, Tensor>,
+    name: &str,
+) -> f32 {
+    let mut worst = 0f32;
+    for (n, var) in model.lora_vars() {
+        let want = &r[&format!("{name}.grad.{n}")];
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
+        let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
+        assert!(d < 1e-4 * scale, "{name}: gradient of {n} differs from TRL's by {d} (max {scale})");
+        worst = worst.max(d / scale);
+    }
+    worst
+}
+
 /// ORPO and SimPO against TRL's own code (tests/fixtures/train/make_orpo_simpo_fixture.py:
 /// `ORPOTrainer.concatenated_forward` + `odds_ratio_loss`, `CPOTrainer.concatenated_forward` +
 /// `cpo_loss` with loss_type "simpo", TRL 1.16) on the DPO fixture's pair: the losses, the rewards
@@ -596,17 +615,70 @@ fn orpo_and_simpo_losses_and_gradients_are_trls() {
             let want = scalar(format!("{name}.reward_{side}")) as f64;
             assert!((ours - want).abs() < 1e-5 * want.abs().max(1.0), "{name}: {side} reward {ours}, TRL's {want}");
         }
-        let grads = o.loss.backward().unwrap();
-        let mut worst = 0f32;
-        for (n, var) in model.lora_vars() {
-            let want = &r[&format!("{name}.grad.{n}")];
-            let scale =
-                want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-8);
-            let d = max_diff(grads.get(var.as_tensor()).unwrap(), want);
-            assert!(d < 1e-4 * scale, "{name}: gradient of {n} differs from TRL's by {d} (max {scale})");
-            worst = worst.max(d / scale);
-        }
+        let worst = lora_grads_match(&model, &o.loss.backward().unwrap(), &r, name);
         eprintln!("{name}: loss {got} vs TRL {want}; gradients within {worst:.1e} of the largest");
+    }
+}
+
+/// KTO against TRL's own KTOTrainer.compute_loss (tests/fixtures/train/make_kto_fixture.py, TRL 1.16) on
+/// a batch of four unpaired rows (three desirable) that TRL tokenised and collated: the mismatched KL
+/// sequences, the reference point, the loss with equal and unequal class weights, the rewards and
+/// log-probabilities TRL logs, and every LoRA gradient.
+#[test]
+fn kto_loss_and_gradients_are_trls() {
+    use tunekit::pack::unpaired::UnpairedRow;
+    use tunekit::train::objectives::kto::{mismatched, partner, Kto};
+    let (dir, _, _, model) = dpo_fixture();
+    let r = candle_core::safetensors::load(dir.join("../trl/kto_reference.safetensors"), &Device::Cpu).unwrap();
+    let v = |k: String| -> Vec<i32> {
+        r[&k].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as i32).collect()
+    };
+    let scalar = |k: String| r[&k].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+    let rows: Vec<UnpairedRow> = (0..4)
+        .map(|i| UnpairedRow {
+            input_ids: v(format!("row{i}.input_ids")),
+            labels: v(format!("row{i}.labels")),
+            desirable: v(format!("row{i}.label"))[0] == 1,
+        })
+        .collect();
+    assert_eq!(rows.iter().map(|r| r.desirable).collect::<Vec<_>>(), [true, false, true, true]);
+    for (k, row) in rows.iter().enumerate() {
+        let (ids, _) = mismatched(row, &rows[partner(k, 4)]);
+        assert_eq!(ids, v(format!("row{k}.kl_input_ids")), "row {k}: the KL sequence differs from TRL's");
+    }
+    for (name, uw) in [("kto", 1.0), ("kto_w", 1.5)] {
+        let kto = Kto { beta: 0.1, desirable_weight: 1.0, undesirable_weight: uw };
+        let sum: f64 = (0..4).map(|k| kto.kl_term(&model, &rows[k], &rows[partner(k, 4)]).unwrap()).sum();
+        let z = Kto::reference_point(sum, 4);
+        let want = scalar(format!("{name}.kl"));
+        assert!((z - want).abs() < 1e-5, "{name}: reference point {z}, TRL's {want}");
+        let mut loss: Option<Tensor> = None;
+        let (mut rc, mut rr, mut lc, mut lr) = (0.0, 0.0, 0.0, 0.0);
+        for row in &rows {
+            let o = kto.row(&model, row, z).unwrap();
+            if row.desirable {
+                (rc, lc) = (rc + o.reward / 3.0, lc + o.logp / 3.0);
+            } else {
+                (rr, lr) = (rr + o.reward, lr + o.logp);
+            }
+            let l = (o.loss / 4.0).unwrap();
+            loss = Some(match loss {
+                None => l,
+                Some(a) => (a + l).unwrap(),
+            });
+        }
+        let loss = loss.unwrap();
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        let want = scalar(format!("{name}.loss"));
+        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{name}: loss {got}, TRL's {want}");
+        for (metric, ours) in
+            [("rewards/chosen", rc), ("rewards/rejected", rr), ("logps/chosen", lc), ("logps/rejected", lr)]
+        {
+            let want = scalar(format!("{name}.{metric}"));
+            assert!((ours - want).abs() < 1e-4 * want.abs().max(1.0), "{name}: {metric} {ours}, TRL's {want}");
+        }
+        let worst = lora_grads_match(&model, &loss.backward().unwrap(), &r, name);
+        eprintln!("{name}: loss {got} vs TRL {want}, reference point {z}; gradients within {worst:.1e} of the largest");
     }
 }
 

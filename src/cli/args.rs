@@ -182,6 +182,7 @@ impl MapArgs {
             completion: self.completion.clone(),
             template: self.prompt_template.clone(),
             prompts: false,
+            labelled: false,
             select: Selection { sql: self.sql.clone(), limit: self.limit, sample: self.sample, seed: 0 },
             quality: self.quality.options()?,
             read: ReadOptions {

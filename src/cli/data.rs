@@ -50,7 +50,7 @@ pub struct PrepareArgs {
     /// analysis channel) or a .jinja file.
     #[arg(long)]
     pub template: Option<String>,
-    /// Tokens per packed row (sft), per side of a pair (preference), per prompt (prompts).
+    /// Tokens per packed row (sft), per side of a pair (preference), per row (kto), per prompt (prompts).
     #[arg(long, default_value_t = 2048)]
     pub seq_len: usize,
     #[arg(long, value_enum, default_value = "bfd")]
@@ -58,8 +58,9 @@ pub struct PrepareArgs {
     /// Which tokens are trained.
     #[arg(long, value_enum, default_value = "assistant")]
     pub loss: crate::tokenize::LossMode,
-    /// sft: packed shards; preference: one chosen/rejected pair per row (for DPO / reward models);
-    /// prompts: prompts for online RL (GRPO, PPO), with the rows' other columns for rewards.
+    /// sft: packed shards; preference: one chosen/rejected pair per row (for DPO, ORPO, SimPO,
+    /// reward models); kto: one conversation per row labelled desirable or not (a `label` column,
+    /// `--map label=COLUMN`, or pairs split in two); prompts: prompts for online RL (GRPO, PPO), with the rows' other columns for rewards.
     #[arg(long, value_enum, default_value = "sft")]
     pub method: crate::commands::prepare::PrepareMethod,
     /// Share of conversations held out for eval (by a hash of the id and seed).

@@ -5,6 +5,7 @@ use crate::train::adapters::lora::LoraSettings;
 use crate::train::io::Qlora;
 use crate::train::objectives::dpo::Dpo;
 use crate::train::objectives::grpo::Grpo;
+use crate::train::objectives::kto::Kto;
 use crate::train::objectives::orpo::Orpo;
 use crate::train::objectives::ppo::Ppo;
 use crate::train::objectives::rloo::Rloo;
@@ -31,6 +32,8 @@ pub enum TrainMethod {
     Orpo,
     /// SimPO on preference shards (length-normalised margin, no reference model).
     Simpo,
+    /// KTO on unpaired shards (each answer labelled desirable or not; TRL's KTOTrainer).
+    Kto,
     /// Group relative policy optimisation on prompt shards.
     Grpo,
     /// REINFORCE leave-one-out on prompt shards (TRL's RLOOTrainer).
@@ -53,12 +56,13 @@ pub struct TrainArgs {
     /// sft: LoRA on the shards' labels; dpo: direct preference optimisation on preference shards
     /// (`prepare --method preference`), the reference being the base with the adapter off; orpo and
     /// simpo: reference-free preference training on the same shards (TRL's ORPOTrainer, CPOTrainer
-    /// with loss_type simpo); reward: a reward model (scalar head on the last token, Bradley-Terry loss, LoRA on the body); grpo and
+    /// with loss_type simpo); kto: answers labelled desirable or undesirable, not in pairs
+    /// (`prepare --method kto`; TRL's KTOTrainer), the reference the base with the adapter off; reward: a reward model (scalar head on the last token, Bradley-Terry loss, LoRA on the body); grpo and
     /// rloo and ppo: online RL on prompt shards (`prepare --method prompts`) with --reward functions.
     #[arg(long, value_enum, default_value = "sft")]
     pub method: TrainMethod,
     /// Strength of the KL constraint to the reference: DPO (default 0.1), GRPO (default 0: no
-    /// reference pass), RLOO's KL penalty on the rewards (default 0.05, TRL's); ORPO's weight of the odds-ratio term (default 0.1, TRL's); SimPO's reward
+    /// reference pass), KTO (default 0.1, TRL's), RLOO's KL penalty on the rewards (default 0.05, TRL's); ORPO's weight of the odds-ratio term (default 0.1, TRL's); SimPO's reward
     /// scale (default 2.0, the SimPO paper's; TRL's CPOConfig defaults to 0.1).
     #[arg(long)]
     pub beta: Option<f64>,
@@ -73,6 +77,13 @@ pub struct TrainArgs {
     /// default is 1, SimPO's paper uses 0).
     #[arg(long, default_value_t = 0.0)]
     pub cpo_alpha: f64,
+    /// KTO: the weight of desirable answers' losses (TRL's desirable_weight). With unequal classes,
+    /// weight them so that desirable x count is 1 to 4/3 of undesirable x count (a warning says when not).
+    #[arg(long, default_value_t = 1.0)]
+    pub desirable_weight: f64,
+    /// KTO: the weight of undesirable answers' losses (TRL's undesirable_weight).
+    #[arg(long, default_value_t = 1.0)]
+    pub undesirable_weight: f64,
     #[arg(long, default_value_t = 1)]
     pub epochs: u64,
     #[arg(long)]
@@ -356,6 +367,18 @@ impl TrainArgs {
                 gamma: self.simpo_gamma,
                 cpo_alpha: self.cpo_alpha,
             }),
+            TrainMethod::Kto => {
+                for (flag, w) in [("desirable", self.desirable_weight), ("undesirable", self.undesirable_weight)] {
+                    if !(w.is_finite() && w > 0.0) {
+                        bail!("--{flag}-weight {w}: a loss weight is a positive number");
+                    }
+                }
+                Method::Kto(Kto {
+                    beta: self.beta.unwrap_or(0.1),
+                    desirable_weight: self.desirable_weight,
+                    undesirable_weight: self.undesirable_weight,
+                })
+            }
             TrainMethod::Grpo => Method::Grpo(Grpo {
                 epsilon: g.epsilon,
                 epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),

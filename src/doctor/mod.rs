@@ -14,6 +14,7 @@ use crate::pack::manifest::{Manifest, ShardKind};
 use crate::pack::preference::read_pairs;
 use crate::pack::prompts::read_prompts;
 use crate::pack::shards::{list_shards, read_rows, single_shard_file_name};
+use crate::pack::unpaired::read_unpaired;
 use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -149,6 +150,21 @@ pub fn scan(dir: &Path, manifest: &Manifest, facts: &TokenFacts, findings: &mut 
                     check(&mut s, findings, Seq { ids: &r.chosen_input_ids, labels: &r.chosen_labels, ..q });
                     let q = Seq { segment: Some(1), ids: &r.rejected_input_ids, labels: &r.rejected_labels, ..q };
                     check(&mut s, findings, q);
+                }
+            }
+            ShardKind::Unpaired => {
+                let f = dir.join(single_shard_file_name(split));
+                if !f.exists() {
+                    continue;
+                }
+                let name = file_name(&f);
+                for (i, r) in read_unpaired(&f)?.iter().enumerate() {
+                    s.rows += 1;
+                    check(
+                        &mut s,
+                        findings,
+                        Seq { split, file: &name, row: i, segment: None, ids: &r.input_ids, labels: &r.labels },
+                    );
                 }
             }
             ShardKind::Prompts => {

@@ -53,6 +53,9 @@ pub struct MapOptions {
     /// Rows become prompts for online RL (`prepare --method prompts`): the answer is optional, and
     /// every column of the row is kept, as text, in `meta.columns` for reward functions.
     pub prompts: bool,
+    /// Rows carry a desirability label (`prepare --method kto`): the row's `label` column (or the
+    /// one `--map label=COLUMN` names), true/false, 1/0 or yes/no, kept as `meta.label`.
+    pub labelled: bool,
     /// How files' bytes are read (delimiter, encoding, sheet).
     pub read: ReadOptions,
     /// Which rows: a `--sql` query, `--limit`, `--sample` (the table path when any is set).

@@ -28,6 +28,9 @@ pub enum ShardKind {
     /// Preference pairs (`prepare --method dpo`).
     #[serde(rename = "tunekit-preference-shards")]
     Preference,
+    /// Labelled unpaired rows (`prepare --method kto`).
+    #[serde(rename = "tunekit-unpaired-shards")]
+    Unpaired,
     /// Prompts for online RL (`prepare --method prompts`).
     #[serde(rename = "tunekit-prompt-shards")]
     Prompts,
@@ -43,6 +46,7 @@ impl ShardKind {
         match self {
             ShardKind::Sft => "tunekit-shards",
             ShardKind::Preference => "tunekit-preference-shards",
+            ShardKind::Unpaired => "tunekit-unpaired-shards",
             ShardKind::Prompts => "tunekit-prompt-shards",
             ShardKind::Unknown => "unknown",
         }
@@ -53,6 +57,7 @@ impl ShardKind {
         match self {
             ShardKind::Sft => &["sft"],
             ShardKind::Preference => &["dpo", "orpo", "simpo", "reward"],
+            ShardKind::Unpaired => &["kto"],
             ShardKind::Prompts => &["grpo", "rloo", "ppo"],
             ShardKind::Unknown => &[],
         }
@@ -154,6 +159,11 @@ pub struct ManifestAccounting {
     pub samples: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pairs: Option<u64>,
+    /// kto: rows labelled desirable and undesirable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desirable: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undesirable: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompts: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]

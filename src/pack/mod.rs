@@ -1,6 +1,6 @@
 //! Samples into training shards: packing whole samples into rows ([`bfd`], [`rows`]) a window of a
 //! split at a time ([`split_packer`]), fitting over-long samples ([`fit`]), the Parquet shard files of SFT rows ([`shards`]), of preference
-//! pairs ([`preference`]) and of RL prompts ([`prompts`]), and the directory's [`manifest`], written
+//! pairs ([`preference`]), of labelled unpaired rows ([`unpaired`]) and of RL prompts ([`prompts`]) (the single-file splits' writer in [`single_file`]), and the directory's [`manifest`], written
 //! last.
 
 pub mod bfd;
@@ -10,4 +10,6 @@ pub mod preference;
 pub mod prompts;
 pub mod rows;
 pub mod shards;
+pub mod single_file;
 pub mod split_packer;
+pub mod unpaired;

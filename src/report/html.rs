@@ -217,6 +217,13 @@ fn sample(dir: &Path, m: &Manifest) -> Result<Sampled> {
                 }
             }
         }
+        ShardKind::Unpaired => {
+            s.title = "Labelled conversation length";
+            let f = dir.join(crate::pack::shards::single_shard_file_name("train"));
+            if f.exists() {
+                s.lengths.extend(crate::pack::unpaired::read_unpaired(&f)?.iter().map(|r| r.input_ids.len() as f64));
+            }
+        }
         ShardKind::Prompts => {
             s.title = "Prompt length";
             for f in list_shards(dir, "train")? {

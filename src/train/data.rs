@@ -6,6 +6,7 @@ use crate::pack::manifest::Manifest;
 use crate::pack::preference::{read_pairs, PreferenceRow};
 use crate::pack::rows::PackedRow;
 use crate::pack::shards::{list_shards, read_rows};
+use crate::pack::unpaired::{read_unpaired, UnpairedRow};
 use crate::split::SplitMix64;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -76,11 +77,56 @@ pub fn load_pairs(dir: &Path, split: &str) -> Result<Vec<PreferenceRow>> {
     read_pairs(&f)
 }
 
-/// The order of `n` pairs in an epoch: a seeded shuffle.
-pub fn pair_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+/// The labelled rows of an unpaired (KTO) split (`{split}-00000-of-00001.parquet`; none when it is absent).
+pub fn load_unpaired(dir: &Path, split: &str) -> Result<Vec<UnpairedRow>> {
+    let f = dir.join(crate::pack::shards::single_shard_file_name(split));
+    if !f.exists() {
+        return Ok(vec![]);
+    }
+    read_unpaired(&f)
+}
+
+/// The order of `n` pairs (or KTO rows) in an epoch: a seeded shuffle.
+fn pair_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut o: Vec<usize> = (0..n).collect();
     SplitMix64::new(seed ^ epoch.wrapping_mul(0x9E37)).shuffle(&mut o);
     o
+}
+
+/// Steps of `per_step` examples over `n` a seeded shuffle per epoch (the last step of an epoch may
+/// be short), the current epoch's order kept until the epoch changes: pure in the step, so a resumed
+/// run sees the same examples.
+pub struct EpochOrder {
+    n: usize,
+    per_step: usize,
+    seed: u64,
+    current: (Option<u64>, Vec<usize>),
+}
+
+impl EpochOrder {
+    pub fn new(n: usize, per_step: usize, seed: u64) -> Self {
+        EpochOrder { n, per_step, seed, current: (None, vec![]) }
+    }
+
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.n.div_ceil(self.per_step) as u64
+    }
+
+    /// The epoch's order of optimizer step `step` (0-based) and where the step starts in it.
+    pub fn at(&mut self, step: u64) -> (&[usize], usize) {
+        let epoch = step / self.steps_per_epoch();
+        if self.current.0 != Some(epoch) {
+            self.current = (Some(epoch), pair_order(self.n, self.seed, epoch));
+        }
+        (&self.current.1, (step % self.steps_per_epoch()) as usize * self.per_step)
+    }
+
+    /// The examples of step `step`.
+    pub fn step(&mut self, step: u64) -> &[usize] {
+        let per_step = self.per_step;
+        let (order, at) = self.at(step);
+        &order[at..(at + per_step).min(order.len())]
+    }
 }
 
 /// Refuses shards made with another vocabulary than the model's.

@@ -6,6 +6,7 @@ use crate::train::adapters::lora::LoraSettings;
 use crate::train::device::{DeviceSpec, Precision, Qlora};
 use crate::train::objectives::dpo::Dpo;
 use crate::train::objectives::grpo::Grpo;
+use crate::train::objectives::kto::Kto;
 use crate::train::objectives::orpo::Orpo;
 use crate::train::objectives::ppo::Ppo;
 use crate::train::objectives::rloo::Rloo;
@@ -32,6 +33,9 @@ pub enum Method {
     Orpo(Orpo),
     /// SimPO on preference shards: a length-normalised margin with a target; no reference.
     Simpo(Simpo),
+    /// KTO on unpaired shards: each answer desirable or not, against a reference point from
+    /// mismatched pairs; the reference is the base with the adapter off.
+    Kto(Kto),
     /// Group relative policy optimisation on prompt shards, with rule or model rewards.
     Grpo(Grpo),
     /// REINFORCE leave-one-out on prompt shards: the KL as a reward penalty, one ratio per completion.
@@ -48,6 +52,7 @@ impl Method {
             Method::Reward => "reward",
             Method::Orpo(_) => "orpo",
             Method::Simpo(_) => "simpo",
+            Method::Kto(_) => "kto",
             Method::Grpo(_) => "grpo",
             Method::Rloo(_) => "rloo",
             Method::Ppo(_) => "ppo",

@@ -1,8 +1,10 @@
 //! `tunekit prepare`: the main job. One streaming pass of convert -> admit (count, reject, dedup) ->
 //! tokenize with loss masks -> split -> pack -> Parquet shards, then `manifest.json` (written last: a
 //! directory without it is incomplete). [`sft`] packs samples into rows; [`preference`] writes one
-//! chosen/rejected pair per row; [`prompts`] writes prompts for online RL.
+//! chosen/rejected pair per row; [`kto`] one labelled conversation per row; [`prompts`] writes
+//! prompts for online RL.
 
+pub mod kto;
 pub mod preference;
 pub mod prompts;
 pub mod sft;
@@ -31,6 +33,9 @@ pub enum PrepareMethod {
     Sft,
     /// Preference shards for DPO / reward models: one pair per row, answers trained.
     Preference,
+    /// Unpaired preference shards for KTO: one conversation per row with a desirable/undesirable
+    /// label (a `label` column, or preference pairs split into their two answers).
+    Kto,
     /// Prompt shards for online RL (GRPO, PPO): the conversation up to its last user turn with the
     /// generation prompt, and the row's other columns for reward functions.
     Prompts,
@@ -102,6 +107,9 @@ pub struct PrepareSummary {
     /// by the merge.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenized_at_merge: Option<u64>,
+    /// kto: the rows labelled desirable (the rest are undesirable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desirable: Option<u64>,
 }
 
 pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
@@ -112,6 +120,7 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
     match opts.method {
         PrepareMethod::Sft => sft::run(opts),
         PrepareMethod::Preference => preference::run(opts),
+        PrepareMethod::Kto => kto::run(opts),
         PrepareMethod::Prompts => prompts::run(opts),
     }
 }
@@ -192,6 +201,56 @@ struct Made {
     eval: SplitStats,
 }
 
+/// One split of a kind written one sample per row (pairs, labelled rows): its rows, tokens, trained
+/// tokens and files.
+struct Unpacked {
+    rows: u64,
+    tokens: u64,
+    trained: u64,
+    files: Vec<String>,
+}
+
+impl Made {
+    /// What a kind written one sample per row made, from its splits.
+    fn unpacked(method: PrepareMethod, truncated: u64, dropped: u64, train: Unpacked, eval: Unpacked) -> Made {
+        let stats = |u: Unpacked| SplitStats {
+            samples: u.rows,
+            rows: u.rows,
+            tokens: u.tokens,
+            trainable_tokens: u.trained,
+            fill_ratio: 0.0,
+            files: u.files,
+        };
+        let (train, eval) = (stats(train), stats(eval));
+        let samples = train.samples + eval.samples;
+        let tokens = train.tokens + eval.tokens;
+        Made {
+            method,
+            truncated,
+            dropped_too_long: dropped,
+            samples,
+            packed_rows: samples,
+            tokens,
+            trainable_tokens: train.trainable_tokens + eval.trainable_tokens,
+            fill_ratio: 0.0,
+            tokens_seen: tokens,
+            train,
+            eval,
+        }
+    }
+
+    /// The manifest's accounting of what was made, on top of the counts every kind shares.
+    fn accounting(&self) -> impl Fn(ManifestAccounting) -> ManifestAccounting {
+        let (truncated, tokens, trainable_tokens) = (self.truncated, self.tokens, self.trainable_tokens);
+        move |shared| ManifestAccounting {
+            truncated: (truncated > 0).then_some(truncated),
+            tokens,
+            trainable_tokens,
+            ..shared
+        }
+    }
+}
+
 /// How every kind of prepare ends: the admission front closed and its counts checked, the
 /// accounting (`account` adds the kind's own figures to the shared counts) and the splits in the
 /// manifest, the manifest written last (it vouches for complete shards), the report beside the
@@ -232,6 +291,7 @@ fn finish(
         train: made.train,
         eval: made.eval,
         tokenized_at_merge: None,
+        desirable: None,
     })
 }
 
@@ -265,6 +325,13 @@ impl Summary for PrepareSummary {
         }
         if self.method == PrepareMethod::Preference {
             println!("  pairs:      {} ({} tokens, chosen + rejected)", self.samples, self.tokens);
+        } else if let (PrepareMethod::Kto, Some(d)) = (self.method, self.desirable) {
+            println!(
+                "  labelled:   {} row(s), {d} desirable, {} undesirable ({} tokens)",
+                self.samples,
+                self.samples - d,
+                self.tokens
+            );
         } else if self.method == PrepareMethod::Prompts {
             println!("  prompts:    {} ({} tokens)", self.samples, self.tokens);
         } else {

@@ -4,12 +4,12 @@
 //! packed; dedup and the train/eval split work on whole pairs; the manifest counts pairs as prepare
 //! counts rows.
 
-use super::{finish, hash_sources, joined, Made, PrepareMethod, PrepareOptions, PrepareSummary, Setup};
+use super::{finish, hash_sources, joined, Made, PrepareMethod, PrepareOptions, PrepareSummary, Setup, Unpacked};
 use crate::accounting::{reason, Reject};
 use crate::admit::Front;
 use crate::ingest::stream_conversations;
 use crate::pack::fit::fit;
-use crate::pack::manifest::{Manifest, ManifestAccounting, ShardKind, SplitStats};
+use crate::pack::manifest::{Manifest, ManifestAccounting, ShardKind};
 use crate::pack::preference::{PreferenceRow, PreferenceWriter, COLUMNS};
 use crate::record::{Conversation, Message};
 use crate::split::is_eval;
@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use std::time::Instant;
 
 /// The conversation that ends in one of the pair's answers.
-fn side(conv: &Conversation, answer: &Message) -> Conversation {
+pub(super) fn side(conv: &Conversation, answer: &Message) -> Conversation {
     let mut c = Conversation::new(conv.id.clone(), conv.messages.clone());
     c.tools = conv.tools.clone();
     c.messages.push(answer.clone());
@@ -108,42 +108,15 @@ pub fn run(opts: &PrepareOptions) -> Result<PrepareSummary> {
 /// The writers closed, the manifest's preference fields, and prepare's shared end.
 fn finish_pairs(opts: &PrepareOptions, mut manifest: Manifest, w: Written, start: Instant) -> Result<PrepareSummary> {
     let Written { front, train, eval, truncated, dropped } = w;
-    let stats = |w: &PreferenceWriter| SplitStats {
-        samples: w.pairs,
-        rows: w.pairs,
-        tokens: w.tokens,
-        trainable_tokens: w.trained,
-        fill_ratio: 0.0,
-        files: vec![],
+    let split = |w: PreferenceWriter| -> Result<Unpacked> {
+        Ok(Unpacked { rows: w.pairs, tokens: w.tokens, trained: w.trained, files: w.finish()? })
     };
-    let (tp, ep) = (stats(&train), stats(&eval));
-    let train_stats = SplitStats { files: train.finish()?, ..tp };
-    let eval_stats = SplitStats { files: eval.finish()?, ..ep };
-    let pairs = train_stats.samples + eval_stats.samples;
-    let tokens = train_stats.tokens + eval_stats.tokens;
-    let trainable = train_stats.trainable_tokens + eval_stats.trainable_tokens;
+    let made = Made::unpacked(PrepareMethod::Preference, truncated, dropped, split(train)?, split(eval)?);
     manifest.method = Some("preference".into());
     manifest.loss = LossMode::Last;
     manifest.columns = COLUMNS.iter().map(|c| c.to_string()).collect();
-    let account = |shared| ManifestAccounting {
-        truncated: (truncated > 0).then_some(truncated),
-        pairs: Some(pairs),
-        tokens,
-        trainable_tokens: trainable,
-        ..shared
-    };
-    let made = Made {
-        method: PrepareMethod::Preference,
-        truncated,
-        dropped_too_long: dropped,
-        samples: pairs,
-        packed_rows: pairs,
-        tokens,
-        trainable_tokens: trainable,
-        fill_ratio: 0.0,
-        tokens_seen: tokens,
-        train: train_stats,
-        eval: eval_stats,
-    };
+    let pairs = made.samples;
+    let made_accounting = made.accounting();
+    let account = |shared| ManifestAccounting { pairs: Some(pairs), ..made_accounting(shared) };
     finish(opts, front, manifest, account, made, start)
 }

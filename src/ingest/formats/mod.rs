@@ -57,6 +57,8 @@ pub struct Mapper {
     renames: HashMap<String, String>,
     columns: Option<template::ColumnTemplates>,
     prompts: bool,
+    /// Read each row's desirability label (`prepare --method kto`) into `meta.label`.
+    labelled: bool,
     /// The (prompt, answer) columns `--format auto` read by synonym, when it did.
     synonym: Option<(String, String)>,
 }
@@ -118,6 +120,7 @@ impl Mapper {
             renames,
             columns: columns_tpl,
             prompts: opts.prompts,
+            labelled: opts.labelled,
             synonym,
         })
     }
@@ -133,6 +136,7 @@ impl Mapper {
     /// Maps one row. Errors are rejects naming the row and field.
     pub fn map(&self, row: Map<String, Value>, ctx: &RowCtx) -> Result<Conversation, Reject> {
         let columns = self.prompts.then(|| row_columns(&row));
+        let label = if self.labelled { desirability(&row, &self.renames, ctx)? } else { None };
         let fields = Fields { row: &row, renames: &self.renames, prompts: self.prompts };
         let mut conv = match self.format {
             Format::Alpaca => alpaca::map(&fields, ctx)?,
@@ -145,6 +149,9 @@ impl Mapper {
             Format::Columns => columns::map(self.columns.as_ref().expect("columns format has templates"), &row, ctx)?,
             Format::Auto => unreachable!("auto is resolved in Mapper::new"),
         };
+        if let Some(l) = label {
+            conv.meta.insert("label".into(), Value::Bool(l));
+        }
         if let Some(sys) = &self.system {
             if conv.messages.first().map(|m| m.role.as_str()) != Some("system") {
                 conv.messages.insert(0, Message::new("system", sys.clone()));
@@ -172,6 +179,34 @@ fn with_answer(mut msgs: Vec<Message>, answer: String) -> Vec<Message> {
         msgs.push(Message::new("assistant", answer));
     }
     msgs
+}
+
+/// A row's desirability label (its `label` column, or the one `--map label=COLUMN` names): a
+/// boolean, 1/0, or the words true/false, yes/no, 1/0; None when the row has none.
+fn desirability(
+    row: &Map<String, Value>,
+    renames: &HashMap<String, String>,
+    ctx: &RowCtx,
+) -> Result<Option<bool>, Reject> {
+    let col = renames.get("label").map(String::as_str).unwrap_or("label");
+    let bad = |v: &Value| {
+        ctx.reject(Some(col), reason::WRONG_TYPE, format!("the label must be true or false (or 1/0, yes/no), got {v}"))
+    };
+    Ok(match row.get(col) {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(v @ Value::Number(n)) => match n.as_u64() {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
+            _ => return Err(bad(v)),
+        },
+        Some(v @ Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "1" => Some(true),
+            "false" | "no" | "0" => Some(false),
+            _ => return Err(bad(v)),
+        },
+        Some(v) => return Err(bad(v)),
+    })
 }
 
 /// Every column of a row as text (lists and objects as JSON), for reward functions of prompts.

@@ -1,10 +1,12 @@
 //! What each training method optimises, as values: token cross-entropy on packed rows ([`sft`]),
 //! over preference pairs the DPO family ([`dpo`]), the reference-free ORPO ([`orpo`]) and SimPO
-//! ([`simpo`]) and the Bradley-Terry loss of a reward model ([`reward`]), and over sampled completions GRPO ([`grpo`]), RLOO ([`rloo`]) and PPO ([`ppo`]). An objective computes a loss (differentiable in the adapter) and its metrics; the
+//! ([`simpo`]) and the Bradley-Terry loss of a reward model ([`reward`]), over labelled unpaired
+//! answers KTO ([`kto`]), and over sampled completions GRPO ([`grpo`]), RLOO ([`rloo`]) and PPO ([`ppo`]). An objective computes a loss (differentiable in the adapter) and its metrics; the
 //! recipes in `train::recipes` decide what data it sees and when.
 
 pub mod dpo;
 pub mod grpo;
+pub mod kto;
 pub mod orpo;
 pub mod ppo;
 pub mod reward;

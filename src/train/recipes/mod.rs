@@ -1,10 +1,11 @@
 //! Training recipes: one file per method over the shared loop of [`crate::train::trainer`]
-//! ([`sft`], [`dpo`], [`reward`], [`grpo`], [`rloo`], [`ppo`]; the preference-pair loop of dpo and reward in
+//! ([`sft`], [`dpo`], [`reward`], [`kto`], [`grpo`], [`rloo`], [`ppo`]; the preference-pair loop of dpo and reward in
 //! [`pairs`], which runs the reference-free ORPO and SimPO itself, the rollouts and rewards of grpo and ppo in [`rl`]). [`run`] picks the recipe of the
 //! options' method.
 
 pub mod dpo;
 pub mod grpo;
+pub mod kto;
 pub mod pairs;
 pub mod ppo;
 pub mod reward;
@@ -30,6 +31,7 @@ pub fn run(opts: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         Method::Reward => reward::run(opts, resume),
         Method::Orpo(o) => pairs::run(opts, "orpo", Box::new(o), resume),
         Method::Simpo(s) => pairs::run(opts, "simpo", Box::new(s), resume),
+        Method::Kto(k) => kto::run(opts, k, resume),
         Method::Grpo(g) => grpo::run(opts, g, resume),
         Method::Rloo(r) => rloo::run(opts, r, resume),
         Method::Ppo(p) => ppo::run(opts, p, resume),

@@ -5,7 +5,7 @@
 //! whole step, so the ranks' sum is the one-process step.
 
 use crate::pack::preference::PreferenceRow;
-use crate::train::data::{load_pairs, pair_order};
+use crate::train::data::{load_pairs, EpochOrder};
 use crate::train::io::peft::save_reward_head;
 use crate::train::model::Model;
 use crate::train::objectives::{evaluate_pairs, PairObjective};
@@ -23,11 +23,9 @@ pub struct Pairs<'a> {
     pub kl_beta: Option<f64>,
     train: Vec<PreferenceRow>,
     eval: Vec<PreferenceRow>,
-    per_step: usize,
-    seed: u64,
     world: &'static crate::cluster::World,
-    /// The current epoch's pair order, reshuffled only when the epoch changes.
-    order: (Option<u64>, Vec<usize>),
+    /// Which pairs each step takes.
+    order: EpochOrder,
 }
 
 impl<'a> Pairs<'a> {
@@ -55,7 +53,8 @@ impl<'a> Pairs<'a> {
         let eval = load_pairs(&opts.data, "eval").with_context(what)?;
         let world = crate::cluster::world();
         let per_step = opts.grad_accum.max(1) * world.size;
-        Ok(Pairs { name, objective, kl_beta, train, eval, per_step, seed: opts.seed, world, order: (None, vec![]) })
+        let order = EpochOrder::new(train.len(), per_step, opts.seed);
+        Ok(Pairs { name, objective, kl_beta, train, eval, world, order })
     }
 }
 
@@ -83,20 +82,14 @@ impl Recipe for Pairs<'_> {
     }
 
     fn steps_per_epoch(&self) -> u64 {
-        self.train.len().div_ceil(self.per_step) as u64
+        self.order.steps_per_epoch()
     }
 
     fn step(&mut self, t: &Trainable, step: u64) -> Result<Step> {
-        let epoch = step / self.steps_per_epoch();
-        if self.order.0 != Some(epoch) {
-            self.order = (Some(epoch), pair_order(self.train.len(), self.seed, epoch));
-        }
-        let order = &self.order.1;
-        let at = (step % self.steps_per_epoch()) as usize * self.per_step;
-        let chunk = &order[at..(at + self.per_step).min(order.len())];
+        let chunk = self.order.step(step).to_vec();
         // This rank's pairs of the step; every loss is divided by the step's pairs over all ranks.
         let n = chunk.len() as f64;
-        let mine: Vec<usize> = self.world.share(chunk).map(|(_, &i)| i).collect();
+        let mine: Vec<usize> = self.world.share(&chunk).map(|(_, &i)| i).collect();
         // Summed over the pairs (and, in a data-parallel run, the ranks): loss, both rewards, hits.
         let mut sums = [0.0f64; 4];
         let names = self.objective.extra_metrics();
