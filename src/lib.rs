@@ -37,6 +37,7 @@
 
 pub mod accounting;
 pub mod admit;
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod commands;

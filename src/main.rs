@@ -151,6 +151,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Eval(a) => print(json, &commands::eval::run(&a.options())?)?,
+        Command::Bench(a) => print(json, &commands::bench::run(&a.options())?)?,
         Command::Generate(a) => match &a.prompt {
             Some(p) if !a.chat => print(json, &commands::generate::run(&a.options(), p)?)?,
             _ => commands::generate::chat(&a.options())?,

@@ -108,6 +108,9 @@ pub enum Command {
     Eval(model::EvalArgs),
     /// Generate an answer: renders the chat template and samples with a KV cache.
     Generate(model::GenerateArgs),
+    /// Score lm-evaluation-harness task files (multiple choice, generation) on the base model and
+    /// each adapter, side by side with differences and standard errors.
+    Bench(model::BenchArgs),
     /// Rewards of conversations under a reward model (`train --method reward`): one JSON line per
     /// conversation ({"id", "reward"}; preference records get "chosen" and "rejected").
     #[command(args_override_self = true)]

@@ -2,7 +2,9 @@
 //! turned into its command's options once. `train`'s own flags are in [`super::train`].
 
 use super::args::{BaseQuantArgs, ComputeArgs, MapArgs};
-use crate::commands::{eval::EvalOptions, generate::GenerateOptions, merge::MergeOptions, score::ScoreOptions};
+use crate::commands::{
+    bench::BenchOptions, eval::EvalOptions, generate::GenerateOptions, merge::MergeOptions, score::ScoreOptions,
+};
 use crate::train::rollout::SamplingParams;
 use anyhow::Result;
 use clap::Args;
@@ -36,6 +38,77 @@ impl EvalArgs {
             data: self.data,
             split: self.split,
             batch_tokens: self.batch_tokens,
+        }
+    }
+}
+
+/// `tunekit bench`'s flags.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The base model (Hugging Face directory or GGUF file).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An adapter (run directory) to score beside the base; repeat to compare several.
+    #[arg(long = "adapter")]
+    pub adapters: Vec<PathBuf>,
+    /// Score the adapters only, not the base.
+    #[arg(long, requires = "adapters")]
+    pub no_base: bool,
+    /// lm-evaluation-harness task files (YAML with `dataset_path: json|csv|parquet` and local
+    /// `dataset_kwargs.data_files`); repeat or list several.
+    #[arg(long, required = true, num_args = 1..)]
+    pub tasks: Vec<PathBuf>,
+    /// tokenizer.json / directory / GGUF; default: the model.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Score only the first N documents of each task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Few-shot examples per document, for every task (default: each task's num_fewshot).
+    #[arg(long)]
+    pub num_fewshot: Option<usize>,
+    /// Render each context with the chat template (the tokenizer's own, or this name or file), as
+    /// lm-eval's --apply_chat_template does.
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub apply_chat_template: Option<String>,
+    /// With --apply-chat-template: few-shot examples as separate user/assistant turns.
+    #[arg(long, requires = "apply_chat_template")]
+    pub fewshot_as_multiturn: bool,
+    /// Longest sequence (context + answer) in tokens (default: the model's context length).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Tokens per forward when scoring log-likelihoods.
+    #[arg(long, default_value_t = 8192)]
+    pub batch_tokens: usize,
+    /// Seed of few-shot draws and of sampled answers.
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// Write results.json and per-document logs (samples/TASK/SUBJECT.jsonl) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub quant: BaseQuantArgs,
+}
+
+impl BenchArgs {
+    pub fn options(self) -> BenchOptions {
+        BenchOptions {
+            placement: self.compute.placement(&self.quant),
+            model: self.model,
+            adapters: self.adapters,
+            no_base: self.no_base,
+            tokenizer: self.tokenizer,
+            tasks: self.tasks,
+            limit: self.limit,
+            num_fewshot: self.num_fewshot,
+            chat_template: self.apply_chat_template.map(|t| Some(t).filter(|t| !t.is_empty())),
+            fewshot_as_multiturn: self.fewshot_as_multiturn,
+            max_length: self.max_length,
+            batch_tokens: self.batch_tokens,
+            seed: self.seed,
+            out: self.out,
         }
     }
 }

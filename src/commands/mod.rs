@@ -2,6 +2,7 @@
 //! summary. Stages never import from here; `main.rs` parses flags into these options (`cli`), runs
 //! the command and prints its [`Summary`].
 
+pub mod bench;
 pub mod convert;
 pub mod dedup;
 pub mod doctor;

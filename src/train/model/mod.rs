@@ -33,6 +33,7 @@ pub mod quant;
 pub mod reward_head;
 pub mod rope;
 pub mod routing;
+pub mod score;
 use moe::SparseMlp;
 pub mod softmax;
 

@@ -60,6 +60,20 @@ pub fn complete(
     params: &SamplingParams,
     stops: &[u32],
 ) -> Result<Vec<Completion>> {
+    complete_until(model, prompts, rows, seeds, params, stops, &|_, _| false)
+}
+
+/// [`complete`], a row also ending (finished) as soon as `done(row, its tokens so far)` says so
+/// (a stop string in the decoded text, for evaluation).
+pub fn complete_until(
+    model: &Model,
+    prompts: &[&[u32]],
+    rows: &[usize],
+    seeds: &[u64],
+    params: &SamplingParams,
+    stops: &[u32],
+    done: &(dyn Fn(usize, &[u32]) -> bool + Sync),
+) -> Result<Vec<Completion>> {
     assert_eq!(rows.len(), seeds.len(), "one seed per row");
     let mut out: Vec<Completion> = rows.iter().map(|_| Completion { tokens: vec![], finished: false }).collect();
     if rows.is_empty() || params.max_new_tokens == 0 {
@@ -95,7 +109,7 @@ pub fn complete(
         for (i, (&r, &t)) in live.iter().zip(&drawn).enumerate() {
             let c = &mut out[r];
             c.tokens.push(t);
-            if stops.contains(&t) {
+            if stops.contains(&t) || done(r, &c.tokens) {
                 c.finished = true;
             } else if c.tokens.len() < params.max_new_tokens {
                 keep.push(i);
