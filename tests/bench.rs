@@ -134,6 +134,11 @@ fn multiple_choice_scores_the_base_and_an_adapter_side_by_side() {
     // The adapter's run directory keeps the results.
     let kept: Value = serde_json::from_slice(&std::fs::read(adapter.join("bench.json")).unwrap()).unwrap();
     assert_eq!(kept["tasks"][0]["task"], "tiny_mc");
+    // ... and its report shows them.
+    let out = tunekit(&["report", adapter.to_str().unwrap(), "--out", "r.html"], d);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(d.join("r.html")).unwrap();
+    assert!(html.contains("Benchmarks") && html.contains("tiny_mc") && html.contains("run − base"), "{html}");
 }
 
 #[test]

@@ -8,6 +8,10 @@ beside the task files:
   data/quartz.jsonl   {"question", "choices": [2], "label": 0|1, "letter": "A"|"B"}
   data/medmcqa.jsonl  {"subject", "question", "choices": [4], "label": 0..3}
 
+and, when .ci/fetch-assets has unpacked LLaMA-Factory's demo data, the identity guide's questions:
+
+  data/identity.jsonl {"question", "name": "Tessa"}   (91 "who are you?" prompts)
+
 usage: python3 fetch_tasks.py [--cache DIR]
 """
 import argparse, json, os, re, subprocess, sys, zipfile
@@ -67,6 +71,16 @@ def main():
                 for d in docs:
                     f.write(json.dumps(d, ensure_ascii=False) + "\n")
             print(f"{path}: {len(docs)} documents")
+    identity = os.path.join(os.environ.get("TUNEKIT_ASSETS", os.path.expanduser("~/.cache/tunekit-assets")),
+                            "llamafactory-0.9.5/data/identity.json")
+    if os.path.exists(identity):
+        rows = json.load(open(identity))
+        path = os.path.join(here, "data", "identity.jsonl")
+        with open(path, "w") as f:
+            for r in rows:
+                q = r["instruction"] + (("\n" + r["input"]) if r.get("input") else "")
+                f.write(json.dumps({"question": q, "name": "Tessa"}, ensure_ascii=False) + "\n")
+        print(f"{path}: {len(rows)} documents")
 
 
 if __name__ == "__main__":

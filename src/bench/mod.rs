@@ -11,6 +11,7 @@ pub mod generate;
 pub mod loglik;
 pub mod metrics;
 pub mod prompt;
+pub mod python_random;
 pub mod task;
 
 use crate::tokenize::TokenizerInfo;
@@ -47,7 +48,7 @@ pub struct Prepared<'t> {
 
 impl<'t> Prepared<'t> {
     pub fn new(task: &'t Task, tok: &TokenizerInfo, s: &Settings) -> Result<Prepared<'t>> {
-        let p = Prompter::new(task)?;
+        let p = Prompter::new(task, s.seed)?;
         let n = s.limit.unwrap_or(usize::MAX).min(task.docs.len());
         let (mut contexts, mut choices, mut targets) = (vec![], vec![], vec![]);
         for i in 0..n {
@@ -63,7 +64,7 @@ impl<'t> Prepared<'t> {
             }
             targets.push(p.target(doc, &c)?);
             choices.push(c);
-            contexts.push(p.context(i, s.seed, s.style)?);
+            contexts.push(p.context(i, s.style)?);
         }
         let prefix = tok
             .special("bos_token")

@@ -4,6 +4,7 @@
 //! `target_delimiter` and `fewshot_delimiter`, and, with a chat template, the whole context as one
 //! user turn (or one turn per example with `fewshot_as_multiturn`).
 
+use super::python_random::PyRandom;
 use super::task::{plain_text, Doc, Field, OutputType, Sampler, Task};
 use crate::record::Message;
 use crate::template::chat::ChatTemplate;
@@ -31,6 +32,8 @@ pub struct Style<'a> {
 pub struct Prompter<'t> {
     pub task: &'t Task,
     env: Environment<'static>,
+    /// The few-shot draws of the `default` sampler: one generator for the task, documents in order.
+    rng: std::cell::RefCell<PyRandom>,
 }
 
 /// One message of a context before rendering, with the text that follows it in plain form.
@@ -41,7 +44,8 @@ struct Turn {
 }
 
 impl<'t> Prompter<'t> {
-    pub fn new(task: &'t Task) -> Result<Prompter<'t>> {
+    /// The prompter of a task; `seed` seeds the few-shot draws (lm-eval's default is 1234).
+    pub fn new(task: &'t Task, seed: u64) -> Result<Prompter<'t>> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_keep_trailing_newline(true);
@@ -70,7 +74,7 @@ impl<'t> Prompter<'t> {
             env.add_template_owned("description".to_string(), task.description.clone())
                 .map_err(|e| anyhow!("{}: `description` is not a valid Jinja template: {e}", task.at("description")))?;
         }
-        Ok(Prompter { task, env })
+        Ok(Prompter { task, env, rng: std::cell::RefCell::new(PyRandom::new(seed)) })
     }
 
     fn render(&self, key: &str, doc: &Doc) -> Result<String> {
@@ -183,31 +187,26 @@ impl<'t> Prompter<'t> {
         }
     }
 
-    /// The few-shot examples of document `index` of the evaluation split.
-    pub fn shots(&self, index: usize, seed: u64) -> Result<Vec<&'t Doc>> {
+    /// The few-shot examples of document `index` of the evaluation split, as lm-eval draws them:
+    /// `first_n` the first n (the document itself left out), `default` Python's `sample` of n (n + 1
+    /// when the pool is the evaluation split, the document then dropped). Call in document order.
+    pub fn shots(&self, index: usize) -> Result<Vec<&'t Doc>> {
         let t = self.task;
         let n = t.num_fewshot;
         if n == 0 {
             return Ok(vec![]);
         }
-        let pool: Vec<usize> = (0..t.fewshot_docs.len()).filter(|&i| !(t.fewshot_is_eval && i == index)).collect();
-        if pool.len() < n {
-            bail!(
-                "{}: {n} few-shot examples asked, the few-shot split has {} to draw from",
-                t.at("num_fewshot"),
-                pool.len()
-            );
+        let pool = t.fewshot_docs.len() - usize::from(t.fewshot_is_eval);
+        if pool < n {
+            bail!("{}: {n} few-shot examples asked, the few-shot split has {pool} to draw from", t.at("num_fewshot"));
         }
+        let own = |i: &usize| t.fewshot_is_eval && *i == index;
         let picked: Vec<usize> = match t.sampler {
-            Sampler::FirstN => pool[..n].to_vec(),
+            Sampler::FirstN => (0..t.fewshot_docs.len()).filter(|i| !own(i)).take(n).collect(),
             Sampler::Random => {
-                let mut rng = crate::split::SplitMix64::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                let mut pool = pool;
-                for i in 0..n {
-                    let j = i + (rng.next_u64() % (pool.len() - i) as u64) as usize;
-                    pool.swap(i, j);
-                }
-                pool[..n].to_vec()
+                let k = if t.fewshot_is_eval { n + 1 } else { n };
+                let drawn = self.rng.borrow_mut().sample(t.fewshot_docs.len(), k);
+                drawn.into_iter().filter(|i| !own(i)).take(n).collect()
             }
         };
         Ok(picked.into_iter().map(|i| &t.fewshot_docs[i]).collect())
@@ -215,7 +214,7 @@ impl<'t> Prompter<'t> {
 
     /// The context of document `index` (its few-shot examples, then its question) as the model
     /// reads it.
-    pub fn context(&self, index: usize, seed: u64, style: Style) -> Result<String> {
+    pub fn context(&self, index: usize, style: Style) -> Result<String> {
         let t = self.task;
         let doc = &t.docs[index];
         let mut turns = Vec::new();
@@ -223,7 +222,7 @@ impl<'t> Prompter<'t> {
         if !description.is_empty() {
             turns.push(Turn { role: "system", content: description, delimiter: String::new() });
         }
-        for shot in self.shots(index, seed)? {
+        for shot in self.shots(index)? {
             let choices = self.choices(shot)?;
             let answer = self.answer_text(&self.target(shot, &choices)?, &choices);
             let has_answer = !answer.is_empty();

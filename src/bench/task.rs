@@ -91,7 +91,7 @@ pub struct Generation {
 pub enum Sampler {
     /// The first n of the few-shot split (lm-eval's `first_n`).
     FirstN,
-    /// n drawn at random, seeded (lm-eval's `default`; the draws are not Python's).
+    /// n drawn as Python's `random.Random(seed).sample` draws them (lm-eval's `default`).
     Random,
 }
 

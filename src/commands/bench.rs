@@ -193,6 +193,9 @@ pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
         let path = s.adapter.as_ref().unwrap().join("bench.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
+        if path.with_file_name("metrics.jsonl").exists() {
+            crate::report::html::write_beside(path.parent().unwrap());
+        }
     }
     Ok(summary)
 }

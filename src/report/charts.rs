@@ -28,6 +28,11 @@ const COLOURS: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
+/// Text made safe inside HTML and SVG markup.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
 /// At most `max` points: each bucket of consecutive points kept as its lowest and highest.
 pub fn downsample(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
     if points.len() <= max || max < 4 {

@@ -3,8 +3,10 @@
 //! reject reason, a few rows decoded with the trained text highlighted, examples of each reject
 //! and duplicate reason. For run directories: training and held-out loss (raw and smoothed),
 //! learning rate, gradient norm, throughput, memory and every other metric the method logs
-//! (rewards, margins, accuracies, KL), several runs overlaid; and the options the run used.
+//! (rewards, margins, accuracies, KL), several runs overlaid; the options the run used; and its
+//! benchmark results when `tunekit bench` left them ([`super::bench`]).
 
+pub use super::charts::escape;
 use super::charts::{bar_chart, line_chart, loss_series, Series};
 use super::stats::{bars, binned, histogram};
 use crate::pack::manifest::{Manifest, ManifestAccounting, ShardKind};
@@ -15,10 +17,6 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-
-pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
 
 const STYLE: &str = "body{font-family:sans-serif;max-width:1360px;margin:24px auto;padding:0 16px;color:#222}\
 h1{font-size:24px}h2{font-size:20px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}\
@@ -405,12 +403,15 @@ pub fn report(dirs: &[&Path]) -> Result<String> {
     for d in dirs {
         if d.join(crate::pack::manifest::FILE).exists() {
             shards_section(d, &mut body)?;
-        } else if !d.join("metrics.jsonl").exists() {
+        } else if !d.join("metrics.jsonl").exists() && !d.join("bench.json").exists() {
             bail!("{}: neither a shard directory (manifest.json) nor a training run (metrics.jsonl)", d.display());
         }
     }
     if !runs.is_empty() {
         runs_section(&runs, &mut body)?;
+    }
+    for d in dirs {
+        super::bench::section(d, &mut body)?;
     }
     Ok(format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>tunekit report</title><style>{STYLE}</style></head>\n<body><h1>tunekit report</h1>\n<p>{}</p>\n{body}</body></html>\n",
