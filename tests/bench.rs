@@ -65,6 +65,19 @@ doc_to_choice: choices
 doc_to_target: label
 ";
 
+/// A generation task over mc.jsonl (the answer: the right choice's text) named `name`, with `rest`.
+fn gen_task(dir: &Path, name: &str, rest: &str) -> PathBuf {
+    let head = "dataset_path: json
+dataset_kwargs:
+  data_files: mc.jsonl
+test_split: train
+output_type: generate_until
+doc_to_text: \"{{question}}\"
+doc_to_target: \"{{choices[label]}}\"
+";
+    write(dir, &format!("{name}.yaml"), &format!("task: {name}\n{head}{rest}"))
+}
+
 fn bench(dir: &Path, extra: &[&str]) -> std::process::Output {
     let tok = common::word_tokenizer(dir);
     let m = model();
@@ -146,18 +159,10 @@ fn generation_stops_at_the_tasks_strings_and_scores_the_filtered_answer() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     mc_docs(d);
-    let task = write(
+    let task = gen_task(
         d,
-        "gen.yaml",
-        "task: tiny_gen
-dataset_path: json
-dataset_kwargs:
-  data_files: mc.jsonl
-test_split: train
-output_type: generate_until
-doc_to_text: \"{{question}}\"
-doc_to_target: \"{{choices[label]}}\"
-generation_kwargs:
+        "tiny_gen",
+        "generation_kwargs:
   until: [\"t9\", \"t10\"]
   max_gen_toks: 6
 filter_list:
@@ -188,6 +193,110 @@ metric_list:
     }
     let v = s["tasks"][0]["metrics"][0]["values"][0]["value"].as_f64().unwrap();
     assert!((v - hits as f64 / 10.0).abs() < 1e-12);
+}
+
+#[test]
+fn answers_are_scored_by_numbers_f1_rouge_a_judge_command_and_pass_at_k() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mc_docs(d);
+    let task = gen_task(
+        d,
+        "judged",
+        "repeats: 4
+generation_kwargs:
+  until: [\"t9\"]
+  max_gen_toks: 5
+  do_sample: true
+  temperature: 1.0
+metric_list:
+  - metric: exact_match
+  - metric: number_match
+  - metric: f1
+  - metric: rougeL
+  - metric: judge
+    command: \"tee -a judged.jsonl | awk '{print 1}'\"
+  - metric: pass_at_k
+    k: 1
+    command: \"awk '{print NR % 2}'\"
+  - metric: pass_at_k
+    k: 2
+    command: \"awk '{print NR % 2}'\"
+",
+    );
+    let out = bench(d, &["--tasks", task.to_str().unwrap(), "--out", "res", "--limit", "10"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = stdout_json(&out);
+    let value = |key: &str| -> f64 {
+        let m = s["tasks"][0]["metrics"].as_array().unwrap().iter().find(|m| m["key"] == key).expect(key);
+        m["values"][0]["value"].as_f64().unwrap()
+    };
+    // Four answers per document go to the pass@k command, every other one passing (its NR % 2):
+    // c = 2 of n = 4, pass@1 = 1/2, pass@2 = 1 - C(2,2)/C(4,2) = 5/6.
+    assert!((value("pass@1,none") - 0.5).abs() < 1e-12);
+    assert!((value("pass@2,none") - 5.0 / 6.0).abs() < 1e-12);
+    assert_eq!(value("judge,none"), 1.0);
+    let logs = common::read_jsonl(&d.join("res/samples/judged/base.jsonl"));
+    let judged = common::read_jsonl(&d.join("judged.jsonl"));
+    assert_eq!((logs.len(), judged.len()), (10, 10), "the judge sees each document's first answer");
+    let last_number = |t: &str| t.rsplit(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).map(str::to_string);
+    let mut sums = [0.0; 2];
+    for (l, j) in logs.iter().zip(&judged) {
+        assert_eq!(l["responses"].as_array().unwrap().len(), 4);
+        assert_eq!(j["completion"], l["response"]);
+        assert_eq!(j["prompt"], l["context"]);
+        assert_eq!(j["target"], l["target"][0]);
+        assert!(j["question"].is_string(), "the document's fields go to the judge: {j}");
+        let (answer, target) = (l["response"].as_str().unwrap(), l["target"][0].as_str().unwrap());
+        assert_eq!(l["scores"]["exact_match,none"], (answer == target) as u8 as f64);
+        let same_number = last_number(answer).is_some() && last_number(answer) == last_number(target);
+        assert_eq!(l["scores"]["number_match,none"], same_number as u8 as f64, "{answer:?} vs {target:?}");
+        sums[0] += l["scores"]["f1,none"].as_f64().unwrap();
+        sums[1] += l["scores"]["rougeL,none"].as_f64().unwrap();
+    }
+    assert!((value("f1,none") - sums[0] / 10.0).abs() < 1e-12);
+    assert!((value("rougeL,none") - sums[1] / 10.0).abs() < 1e-12);
+    // pass@k asks for enough answers, and a judge for one way to score.
+    let bad = write(d, "bad.yaml", &std::fs::read_to_string(&task).unwrap().replace("k: 2", "k: 5"));
+    let out = bench(d, &["--tasks", bad.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("bad.yaml line") && e.contains("repeats"), "{e}");
+    let bad =
+        write(d, "bad2.yaml", &std::fs::read_to_string(&task).unwrap().replace("    command: \"tee", "    cmd: \"tee"));
+    let out = bench(d, &["--tasks", bad.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("`judge` needs `command: CMD`"), "{e}");
+}
+
+#[test]
+fn held_out_answers_come_from_the_shards_eval_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::counting_shards(&d.join("shards"), 128, 10);
+    let out = bench(d, &["--held-out", "shards", "--max-new-tokens", "12", "--out", "res"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = stdout_json(&out);
+    let t = &s["tasks"][0];
+    assert_eq!(t["task"], "held-out");
+    // Rows 4 and 9 of ten are held out, three conversations each.
+    assert_eq!(t["documents"], 6);
+    let keys: Vec<&str> = t["metrics"].as_array().unwrap().iter().map(|m| m["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["exact_match,none", "f1,none", "rougeL,none"]);
+    let logs = common::read_jsonl(&d.join("res/samples/held-out/base.jsonl"));
+    for l in &logs {
+        // The prompt counts up (ids 0-2 are special tokens: the reference drops them), and the
+        // reference goes on counting where the prompt stops: the second half of the conversation.
+        let ids = |t: &str| -> Vec<Option<u32>> { t.split(' ').map(|w| w.strip_prefix('t')?.parse().ok()).collect() };
+        let (ctx, reference) = (ids(l["context"].as_str().unwrap()), ids(l["target"][0].as_str().unwrap()));
+        assert!(reference.iter().all(Option::is_some), "{l}");
+        if let Some(c) = ctx[ctx.len() - 1].filter(|c| (2..119).contains(c)) {
+            assert_eq!(reference[0], Some(c + 1), "{l}");
+        }
+        assert!(reference.len() + 3 >= ctx.len() && reference.len() <= ctx.len() + 1, "{l}");
+        assert!(l["response"].as_str().unwrap().split_whitespace().count() <= 12);
+    }
+    let out = bench(d, &["--held-out", "nothing-here"]);
+    assert!(!out.status.success());
 }
 
 #[test]

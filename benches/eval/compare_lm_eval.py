@@ -29,6 +29,9 @@ def main():
         lm = {json.loads(l)["doc_id"]: json.loads(l) for l in open(path)}
         tk = {json.loads(l)["doc_id"]: json.loads(l) for l in open(mine_path)}
         docs = sorted(set(lm) & set(tk))
+        ctx_same = sum(lm[i]["arguments"]["gen_args_0"]["arg_0"] == tk[i]["context"] for i in docs)
+        print(f"{task}: the same context (few-shot examples and all) for {ctx_same}/{len(docs)} documents")
+        bad += ctx_same != len(docs)
         if "loglikelihoods" in tk[docs[0]]:
             diff, same, same_norm, agg = 0.0, 0, 0, {"acc": [0, 0], "acc_norm": [0, 0]}
             for i in docs:

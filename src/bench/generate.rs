@@ -2,8 +2,9 @@
 //! an end-of-sequence token or as soon as the text holds one of the task's `until` strings, and cut
 //! there, as lm-evaluation-harness's Hugging Face backend returns them. Contexts are left-truncated
 //! to leave `max_gen_toks` of room; prompts go through the rollout engine's KV cache a batch at a
-//! time.
+//! time, those that begin alike (few-shot examples) together, their common start read once.
 
+use super::loglik::prefix_buckets;
 use super::task::Generation;
 use crate::tokenize::TokenizerInfo;
 use crate::train::model::Model;
@@ -11,14 +12,16 @@ use crate::train::rollout::{complete_until, SamplingParams};
 use anyhow::{anyhow, Result};
 use indicatif::ProgressBar;
 
-/// Prompts continued together (each keeps its own KV cache rows).
-const BATCH: usize = 16;
+/// Answers generated together (each keeps its own KV cache row).
+const BATCH: usize = 64;
 
-/// The answers to `contexts` (one per context), each cut at the first `until` string.
+/// The answers to `contexts`, `repeats` per context one after the other (each with its own seed),
+/// each cut at the first `until` string.
 pub fn answers(
     model: &Model,
     tok: &TokenizerInfo,
     contexts: &[Vec<u32>],
+    repeats: usize,
     g: &Generation,
     seed: u64,
     bar: &ProgressBar,
@@ -35,16 +38,22 @@ pub fn answers(
     let done = |_: usize, t: &[u32]| -> bool {
         !until.is_empty() && decode(t).is_ok_and(|s| until.iter().any(|u| s.contains(u)))
     };
-    let mut out = Vec::with_capacity(contexts.len());
-    for (b, chunk) in contexts.chunks(BATCH).enumerate() {
-        let prompts: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-        let rows: Vec<usize> = (0..chunk.len()).collect();
-        let seeds: Vec<u64> = (0..chunk.len()).map(|i| seed.wrapping_add((b * BATCH + i) as u64)).collect();
-        let completions = complete_until(model, &prompts, &rows, &seeds, &params, &stops, &done)?;
-        for c in completions {
-            out.push(cut_at(&decode(&c.tokens)?, &until));
+    let refs: Vec<&[u32]> = contexts.iter().map(Vec::as_slice).collect();
+    let mut out = vec![String::new(); contexts.len() * repeats];
+    // Prompts that begin alike go together (their common start read once); answer a of prompt p
+    // is out[p * repeats + a], sampled with the seed of that place.
+    for bucket in prefix_buckets(&refs) {
+        for chunk in bucket.chunks(BATCH.div_ceil(repeats)) {
+            let prompts: Vec<&[u32]> = chunk.iter().map(|&p| refs[p]).collect();
+            let rows: Vec<usize> = (0..chunk.len()).flat_map(|r| std::iter::repeat_n(r, repeats)).collect();
+            let places: Vec<usize> = chunk.iter().flat_map(|&p| (0..repeats).map(move |a| p * repeats + a)).collect();
+            let seeds: Vec<u64> = places.iter().map(|&k| seed.wrapping_add(k as u64)).collect();
+            let completions = complete_until(model, &prompts, &rows, &seeds, &params, &stops, &done, true)?;
+            for (c, &k) in completions.iter().zip(&places) {
+                out[k] = cut_at(&decode(&c.tokens)?, &until);
+            }
+            bar.inc(places.len() as u64);
         }
-        bar.inc(chunk.len() as u64);
     }
     Ok(out)
 }

@@ -9,7 +9,6 @@
 use crate::pack::rows::PackedRow;
 use crate::tokenize::TokenizerInfo;
 use crate::train::model::batch::Batch;
-use crate::train::model::kv_cache::BatchCache;
 use crate::train::model::score::target_scores_of;
 use crate::train::model::Model;
 use anyhow::{anyhow, Result};
@@ -58,6 +57,9 @@ pub fn encode_pairs(tok: &TokenizerInfo, pairs: &[(String, String)], prefix: u32
 /// SmolLM2's shapes.
 const CACHE_SLOTS: usize = 16_384;
 
+/// Positions whose logits are computed at once (each row a vocabulary of f32).
+const LOGIT_ROWS: usize = 1024;
+
 /// Scores every request: those sharing a context through one prefill of it ([`score_shared`]), the
 /// others packed ([`score_packed`]).
 pub fn score(
@@ -93,9 +95,49 @@ pub fn score(
 }
 
 /// Groups of requests with one context each: the contexts prefilled together (longest first,
-/// about `batch_tokens` at a time), each continuation's first token scored from its context's last
-/// logits, the rest decoded a token per step for every continuation still going.
+/// about `batch_tokens` at a time; those that begin alike together, their common start read once),
+/// each continuation's first token scored from its context's last logits, the rest read in one
+/// forward over the cache.
 fn score_shared(
+    model: &Model,
+    requests: &[Request],
+    groups: &mut [Vec<usize>],
+    batch_tokens: usize,
+    bar: &ProgressBar,
+) -> Result<Vec<(usize, Scored)>> {
+    let mut out = Vec::new();
+    let contexts: Vec<&[u32]> = groups.iter().map(|g| requests[g[0]].context.as_slice()).collect();
+    for bucket in prefix_buckets(&contexts) {
+        let mut groups: Vec<Vec<usize>> = bucket.iter().map(|&i| groups[i].clone()).collect();
+        out.extend(score_contexts(model, requests, &mut groups, batch_tokens, bar)?);
+    }
+    Ok(out)
+}
+
+/// Contexts that begin alike often enough to be read after one prefill of their common start
+/// (few-shot examples drawn the same for most documents) in buckets of their own, the rest in one
+/// bucket; indices in order.
+pub fn prefix_buckets(contexts: &[&[u32]]) -> Vec<Vec<usize>> {
+    const KEY: usize = 16;
+    const OFTEN: usize = 8;
+    let key = |c: &[u32]| -> Vec<u32> { c[..c.len().min(KEY)].to_vec() };
+    let mut counts: HashMap<Vec<u32>, usize> = HashMap::new();
+    for c in contexts {
+        *counts.entry(key(c)).or_default() += 1;
+    }
+    let mut buckets: Vec<(Option<Vec<u32>>, Vec<usize>)> = vec![];
+    for (i, c) in contexts.iter().enumerate() {
+        let k = Some(key(c)).filter(|k| counts[k] >= OFTEN);
+        match buckets.iter_mut().find(|(b, _)| *b == k) {
+            Some((_, v)) => v.push(i),
+            None => buckets.push((k, vec![i])),
+        }
+    }
+    buckets.into_iter().map(|(_, v)| v).collect()
+}
+
+/// [`score_shared`] within one bucket: contexts batched longest first.
+fn score_contexts(
     model: &Model,
     requests: &[Request],
     groups: &mut [Vec<usize>],
@@ -120,7 +162,6 @@ fn score_shared(
         }
         let batch = &groups[start..end];
         let contexts: Vec<&[u32]> = batch.iter().map(|g| requests[g[0]].context.as_slice()).collect();
-        let pre = model.prefill(&contexts)?;
         // Row b continues context rows_of[b] with request members[b].
         let (mut members, mut rows_of) = (vec![], vec![]);
         for (c, g) in batch.iter().enumerate() {
@@ -130,29 +171,38 @@ fn score_shared(
             }
         }
         let cont = |b: usize| &requests[members[b]].continuation;
-        let firsts: Vec<u32> = (0..members.len()).map(|b| cont(b)[0]).collect();
-        let idx = candle_core::Tensor::from_vec(
-            rows_of.iter().map(|&c| c as u32).collect::<Vec<_>>(),
-            rows_of.len(),
-            pre.logits.device(),
-        )?;
-        let mut scores: Vec<Vec<(f64, bool)>> =
-            target_scores_of(&pre.logits.index_select(&idx, 0)?, &firsts)?.into_iter().map(|s| vec![s]).collect();
         let steps = members.iter().map(|&i| requests[i].continuation.len()).max().unwrap_or(1) - 1;
+        // Few-shot contexts begin alike: their common prefix is read once.
+        let (logits, mut cache) = model.start(&contexts, &rows_of, steps, true)?;
+        let firsts: Vec<u32> = (0..members.len()).map(|b| cont(b)[0]).collect();
+        let mut scores: Vec<Vec<(f64, bool)>> =
+            target_scores_of(&logits, &firsts)?.into_iter().map(|s| vec![s]).collect();
         if steps > 0 {
-            let mut cache = BatchCache::new(&pre, &rows_of, steps)?;
-            let mut live: Vec<usize> = (0..members.len()).collect();
-            for j in 1..=steps {
-                let keep: Vec<usize> = (0..live.len()).filter(|&k| cont(live[k]).len() > j).collect();
-                if keep.len() < live.len() {
-                    cache.retain(&keep)?;
-                    live = keep.iter().map(|&k| live[k]).collect();
+            // The rest of every continuation in one forward after its context: the logits after
+            // token j score token j + 1.
+            let live: Vec<usize> = (0..members.len()).filter(|&b| cont(b).len() > 1).collect();
+            if live.len() < members.len() {
+                cache.retain(&live)?;
+            }
+            let fed: Vec<&[u32]> = live.iter().map(|&b| &cont(b)[..cont(b).len() - 1]).collect();
+            let h = model.extend_hidden(&fed, &mut cache)?;
+            // (row in h, member, its token) of every scored position, in order.
+            let mut at: Vec<(u32, usize, u32)> = vec![];
+            for &b in &live {
+                for &t in &cont(b)[1..] {
+                    at.push((at.len() as u32, b, t));
                 }
-                let fed: Vec<u32> = live.iter().map(|&b| cont(b)[j - 1]).collect();
-                let want: Vec<u32> = live.iter().map(|&b| cont(b)[j]).collect();
-                let logits = model.decode(&fed, &mut cache)?;
-                for (&b, s) in live.iter().zip(target_scores_of(&logits, &want)?) {
-                    scores[b].push(s);
+            }
+            for part in at.chunks(LOGIT_ROWS) {
+                let idx = candle_core::Tensor::from_vec(
+                    part.iter().map(|x| x.0).collect::<Vec<_>>(),
+                    part.len(),
+                    h.device(),
+                )?;
+                let logits = model.logits_of_hidden(&h.index_select(&idx, 0)?)?;
+                let want: Vec<u32> = part.iter().map(|x| x.2).collect();
+                for (x, s) in part.iter().zip(target_scores_of(&logits, &want)?) {
+                    scores[x.1].push(s);
                 }
             }
         }

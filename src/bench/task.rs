@@ -49,7 +49,8 @@ impl Doc {
     }
 }
 
-/// A metric of `metric_list`, with the options of lm-eval's exact_match.
+/// A metric of `metric_list`, with the options of lm-eval's exact_match, and the judge of
+/// tunekit's `judge` and `pass_at_k` (a command, or a reward model directory) with pass@k's k.
 #[derive(Debug, Clone, Default)]
 pub struct MetricSpec {
     pub name: String,
@@ -57,6 +58,17 @@ pub struct MetricSpec {
     pub ignore_punctuation: bool,
     pub ignore_numbers: bool,
     pub regexes_to_ignore: Vec<String>,
+    pub judge: Option<JudgeSpec>,
+    pub k: usize,
+}
+
+/// Who scores an answer for `judge` and `pass_at_k`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JudgeSpec {
+    /// `command: CMD`: rewards' command contract (one JSON object per answer in, a number per line out).
+    Command(String),
+    /// `model: DIR`: a reward model trained with `train --method reward`.
+    Model(PathBuf),
 }
 
 /// One step of a filter pipeline (`filter_list[].filter[]`).
@@ -116,6 +128,11 @@ pub struct Task {
     pub metrics: Vec<MetricSpec>,
     pub generation: Generation,
     pub filters: Vec<FilterPipeline>,
+    /// Answers generated per document (`repeats`; pass@k draws from them, the other metrics score the first).
+    pub repeats: usize,
+    /// Prompts already in tokens, one per document (held-out conversations of shards), instead of
+    /// contexts built from `doc_to_text`.
+    pub prompt_tokens: Option<Vec<Vec<u32>>>,
     /// The column names of the documents (a `doc_to_*` equal to one is that column).
     pub features: Vec<String>,
     /// The task file's text, to name the line of a key in errors.
@@ -144,9 +161,10 @@ const KNOWN: &[&str] = &[
     "metric_list",
     "generation_kwargs",
     "filter_list",
+    "repeats",
 ];
 const IGNORED: &[&str] =
-    &["tag", "group", "metadata", "dataset_name", "should_decontaminate", "doc_to_decontamination_query", "repeats"];
+    &["tag", "group", "metadata", "dataset_name", "should_decontaminate", "doc_to_decontamination_query"];
 
 impl Task {
     /// Reads a task file (and the files it `include`s), then its documents.
@@ -254,6 +272,24 @@ impl Task {
             Ok(str_key(&cfg, key, &t)?.unwrap_or_else(|| default.to_string()))
         };
         let fewshot_delimiter = text_key("fewshot_delimiter", "\n\n")?;
+        let repeats = positive(cfg.get("repeats"), "repeats", || t.at("repeats"))?;
+        let metrics = metrics(&cfg, output, file, &t)?;
+        if let Some(m) = metrics.iter().find(|m| m.name == "pass_at_k" && m.k > repeats) {
+            bail!(
+                "{}: pass_at_k with k {} needs `repeats` of {} or more answers per document (it is {repeats})",
+                t.at("metric_list"),
+                m.k,
+                m.k
+            );
+        }
+        let generation = generation(&cfg, &fewshot_delimiter, &t)?;
+        if repeats > 1 && !generation.do_sample {
+            eprintln!(
+                "warning: {}: repeats {repeats} with greedy decoding gives the same answer {repeats} times; set \
+                 generation_kwargs.do_sample: true and a temperature",
+                t.at("repeats")
+            );
+        }
         let task = Task {
             name,
             file: file.to_path_buf(),
@@ -266,16 +302,60 @@ impl Task {
             doc_to_choice,
             description: text_key("description", "")?,
             target_delimiter: text_key("target_delimiter", " ")?,
-            generation: generation(&cfg, &fewshot_delimiter, &t)?,
+            generation,
             fewshot_delimiter,
             num_fewshot,
             sampler,
-            metrics: metrics(&cfg, output, &t)?,
+            metrics,
             filters: filters(&cfg, &t)?,
+            repeats,
+            prompt_tokens: None,
             features,
             text,
         };
         Ok(task)
+    }
+
+    /// A generation task over prompts already in tokens: documents with a `reference` answer (and the
+    /// prompt's text as `context`), scored by `metrics`, answers up to `max_gen_toks` or a stop token.
+    pub fn from_prompts(
+        name: &str,
+        source: &Path,
+        prompts: Vec<Vec<u32>>,
+        docs: Vec<Doc>,
+        metrics: &[&str],
+        max_gen_toks: usize,
+    ) -> Task {
+        Task {
+            name: name.to_string(),
+            file: source.to_path_buf(),
+            output: OutputType::GenerateUntil,
+            fewshot_docs: vec![],
+            fewshot_is_eval: false,
+            doc_to_text: Field::Column("context".into()),
+            doc_to_target: Field::Column("reference".into()),
+            doc_to_choice: None,
+            description: String::new(),
+            target_delimiter: String::new(),
+            fewshot_delimiter: String::new(),
+            num_fewshot: 0,
+            sampler: Sampler::FirstN,
+            metrics: metrics.iter().map(|m| MetricSpec { name: m.to_string(), k: 1, ..Default::default() }).collect(),
+            generation: Generation {
+                until: vec![],
+                max_gen_toks,
+                do_sample: false,
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            filters: vec![FilterPipeline { name: "none".into(), steps: vec![FilterStep::TakeFirst] }],
+            repeats: 1,
+            prompt_tokens: Some(prompts),
+            features: vec!["context".into(), "reference".into()],
+            docs,
+            text: String::new(),
+        }
     }
 
     /// "file line N" of a top-level key, or the file.
@@ -463,7 +543,7 @@ fn read_docs(path: &Path) -> Result<Vec<Doc>> {
     Ok(docs)
 }
 
-fn metrics(cfg: &Map<String, Value>, output: OutputType, t: &Lines) -> Result<Vec<MetricSpec>> {
+fn metrics(cfg: &Map<String, Value>, output: OutputType, file: &Path, t: &Lines) -> Result<Vec<MetricSpec>> {
     let Some(list) = cfg.get("metric_list") else {
         let names: &[&str] = match output {
             OutputType::MultipleChoice => &["acc", "acc_norm"],
@@ -475,7 +555,7 @@ fn metrics(cfg: &Map<String, Value>, output: OutputType, t: &Lines) -> Result<Ve
     let Value::Array(list) = list else { bail!("{}: metric_list is a list", t.at("metric_list")) };
     let allowed: &[&str] = match output {
         OutputType::MultipleChoice => &["acc", "acc_norm", "acc_bytes", "exact_match"],
-        OutputType::GenerateUntil => &["exact_match"],
+        OutputType::GenerateUntil => &["exact_match", "number_match", "f1", "rougeL", "judge", "pass_at_k"],
         OutputType::Loglikelihood => &["perplexity", "acc"],
     };
     list.iter()
@@ -498,15 +578,53 @@ fn metrics(cfg: &Map<String, Value>, output: OutputType, t: &Lines) -> Result<Ve
                 regex::Regex::new(r)
                     .map_err(|e| anyhow!("{}: regexes_to_ignore `{r}` does not compile: {e}", t.at("metric_list")))?;
             }
+            let judge = match (m.get("command").and_then(Value::as_str), m.get("model").and_then(Value::as_str)) {
+                (Some(c), None) if !c.trim().is_empty() => Some(JudgeSpec::Command(c.to_string())),
+                (None, Some(dir)) => {
+                    // Beside the task file first, as data files are.
+                    let beside = file.parent().unwrap_or(Path::new(".")).join(dir);
+                    Some(JudgeSpec::Model(if beside.exists() { beside } else { PathBuf::from(dir) }))
+                }
+                (None, None) => None,
+                _ => bail!("{}: metric `{name}` takes one judge: `command: CMD` or `model: DIR`", t.at("metric_list")),
+            };
+            match (name.as_str(), &judge) {
+                ("judge", None) => bail!(
+                    "{}: metric `judge` needs `command: CMD` (prints a score per answer) or `model: DIR` (a reward \
+                     model from `tunekit train --method reward`)",
+                    t.at("metric_list")
+                ),
+                ("pass_at_k", Some(JudgeSpec::Model(_)) | None) => bail!(
+                    "{}: metric `pass_at_k` needs `command: CMD`, which prints 1 for an answer that passes and 0 \
+                     for one that does not",
+                    t.at("metric_list")
+                ),
+                _ => {}
+            }
+            let k = positive(m.get("k"), "`k` of pass_at_k", || t.at("metric_list"))?;
             Ok(MetricSpec {
                 name,
                 ignore_case: flag("ignore_case"),
                 ignore_punctuation: flag("ignore_punctuation"),
                 ignore_numbers: flag("ignore_numbers"),
                 regexes_to_ignore,
+                judge,
+                k,
             })
         })
         .collect()
+}
+
+/// A whole number of 1 or more (1 when absent).
+fn positive(v: Option<&Value>, what: &str, at: impl Fn() -> String) -> Result<usize> {
+    match v {
+        None => Ok(1),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n >= 1)
+            .map(|n| n as usize)
+            .ok_or_else(|| anyhow!("{}: {what} must be a whole number, 1 or more", at())),
+    }
 }
 
 fn generation(cfg: &Map<String, Value>, fewshot_delimiter: &str, t: &Lines) -> Result<Generation> {

@@ -56,8 +56,15 @@ pub struct BenchArgs {
     pub no_base: bool,
     /// lm-evaluation-harness task files (YAML with `dataset_path: json|csv|parquet` and local
     /// `dataset_kwargs.data_files`); repeat or list several.
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required_unless_present = "held_out", num_args = 1..)]
     pub tasks: Vec<PathBuf>,
+    /// A shard directory (from `prepare --eval-fraction`): answer each conversation of its eval
+    /// split and score the answer against the one in the data (exact_match, f1, rougeL).
+    #[arg(long)]
+    pub held_out: Option<PathBuf>,
+    /// Longest held-out answer, in tokens.
+    #[arg(long, default_value_t = 256, requires = "held_out")]
+    pub max_new_tokens: usize,
     /// tokenizer.json / directory / GGUF; default: the model.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -101,6 +108,8 @@ impl BenchArgs {
             no_base: self.no_base,
             tokenizer: self.tokenizer,
             tasks: self.tasks,
+            held_out: self.held_out,
+            max_new_tokens: self.max_new_tokens,
             limit: self.limit,
             num_fewshot: self.num_fewshot,
             chat_template: self.apply_chat_template.map(|t| Some(t).filter(|t| !t.is_empty())),

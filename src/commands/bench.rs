@@ -4,12 +4,14 @@
 //! JSON (stdout with `--json`, `--out DIR`, and `bench.json` in each adapter's run directory).
 
 use super::Summary;
+use crate::bench::judge::Judges;
 use crate::bench::metrics::{paired_difference, Estimate};
 use crate::bench::prompt::Style;
 use crate::bench::task::Task;
 use crate::bench::{Prepared, Scores, Settings};
 use crate::tokenize::TokenizerInfo;
 use crate::train::io::{load_model, read_config, Placement};
+use crate::train::rewards::RewardContext;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -23,6 +25,9 @@ pub struct BenchOptions {
     pub no_base: bool,
     pub tokenizer: Option<PathBuf>,
     pub tasks: Vec<PathBuf>,
+    /// A shard directory whose eval split is answered and compared with its answers.
+    pub held_out: Option<PathBuf>,
+    pub max_new_tokens: usize,
     pub limit: Option<usize>,
     /// Overrides every task's num_fewshot.
     pub num_fewshot: Option<usize>,
@@ -85,23 +90,30 @@ pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
     let started = Instant::now();
     // Everything that can be wrong with the tasks is found before a model loads.
     let mut tasks = o.tasks.iter().map(|t| Task::load(t)).collect::<Result<Vec<_>>>()?;
-    if tasks.is_empty() {
-        bail!("no task files: give one or more with --tasks TASK.yaml");
-    }
     if let Some(n) = o.num_fewshot {
         for t in &mut tasks {
             t.num_fewshot = n;
         }
     }
     let tok = TokenizerInfo::load(o.tokenizer.as_ref().unwrap_or(&o.model))?;
+    if let Some(dir) = &o.held_out {
+        tasks.push(crate::bench::held_out::task(dir, &tok, o.max_new_tokens)?);
+    }
+    if tasks.is_empty() {
+        bail!("no tasks: give task files with --tasks TASK.yaml, or shards with --held-out DIR");
+    }
     let chat = match &o.chat_template {
         Some(name) => Some(crate::tokenize::chat_template(&tok, name.as_deref())?),
         None => None,
     };
-    let max_length = match o.max_length {
-        Some(m) => m,
-        None => read_config(&o.model)?.max_position_embeddings,
-    };
+    let config = read_config(&o.model)?;
+    let max_length = o.max_length.unwrap_or(config.max_position_embeddings);
+    let mut judges = Judges::new(RewardContext {
+        policy_model: o.model.clone(),
+        policy_vocab: config.vocab_size,
+        placement: o.placement.clone(),
+        command_timeout: 0.0,
+    });
     let settings = Settings {
         style: Style { chat: chat.as_ref(), fewshot_as_multiturn: o.fewshot_as_multiturn },
         max_length,
@@ -134,7 +146,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
         let mut mine = vec![];
         for p in &prepared {
             let bar = crate::progress::bar(&format!("{name}: {}", p.task.name), p.units());
-            mine.push(p.evaluate(&model, &tok, &settings, o.batch_tokens, &bar)?);
+            mine.push(p.evaluate(&model, &tok, &settings, o.batch_tokens, &mut judges, &bar)?);
             bar.finish_and_clear();
         }
         scores.push(mine);

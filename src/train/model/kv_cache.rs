@@ -2,8 +2,10 @@
 //! packed forward (each prompt its own segment) and keeps every layer's keys and values;
 //! [`BatchCache::new`] lays them out left-padded, so that every row's next token goes into the same
 //! column; [`Model::decode`] then runs one forward over all live rows per token, each row attending
-//! to its own columns only. Rows that finish leave the batch ([`BatchCache::retain`]). No graph is
-//! recorded.
+//! to its own columns only. Rows that finish leave the batch ([`BatchCache::retain`]).
+//! [`Model::extend`] adds several tokens per row in one forward, so prompts that begin alike
+//! (few-shot examples) read their common prefix once and each its own rest on top
+//! ([`Model::start`]). No graph is recorded.
 
 use super::softmax::MaskCache;
 use super::Model;
@@ -125,6 +127,197 @@ impl Model {
     }
 }
 
+/// Prompts share a prefix worth reading once from this many tokens.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// The length of the longest prefix all `prompts` share.
+pub fn common_prefix(prompts: &[&[u32]]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else { return 0 };
+    rest.iter().fold(first.len(), |n, p| first[..n].iter().zip(p.iter()).take_while(|(a, b)| a == b).count())
+}
+
+impl Model {
+    /// The prompts read into a cache whose row `b` continues prompt `rows[b]`, with room for
+    /// `new_tokens` more: each row's next-token logits [rows, vocab] f32, and the cache. With
+    /// `share_prefix`, prompts that all begin with the same tokens (few-shot examples) read those
+    /// once, then each its own rest on top of them ([`Model::extend`]).
+    pub fn start(
+        &self,
+        prompts: &[&[u32]],
+        rows: &[usize],
+        new_tokens: usize,
+        share_prefix: bool,
+    ) -> candle_core::Result<(Tensor, BatchCache)> {
+        let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+        // Each prompt keeps a token of its own: the logits after it are the prompt's.
+        let shared =
+            if share_prefix && prompts.len() > 1 { common_prefix(prompts).min(shortest.max(1) - 1) } else { 0 };
+        let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &self.device)?;
+        if shared < MIN_SHARED_PREFIX {
+            let pre = self.prefill(prompts)?;
+            return Ok((pre.logits.index_select(&idx, 0)?, BatchCache::new(&pre, rows, new_tokens)?));
+        }
+        let pre = self.prefill(&[&prompts[0][..shared]])?;
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0) - shared;
+        let mut cache = BatchCache::new(&pre, &vec![0; prompts.len()], longest + new_tokens)?;
+        let rests: Vec<&[u32]> = prompts.iter().map(|p| &p[shared..]).collect();
+        let logits = self.extend(&rests, &mut cache)?;
+        cache.retain(rows)?;
+        Ok((logits.index_select(&idx, 0)?, cache))
+    }
+
+    /// Several tokens for every row of the cache in one forward (`tokens[b]` continues row b). Rows
+    /// may differ in length: each row's tokens end at the same column, a shorter row's cached
+    /// columns moved right to meet them (more left padding). Next-token logits after each row's
+    /// last token, [B, vocab] f32.
+    pub fn extend(&self, tokens: &[&[u32]], cache: &mut BatchCache) -> candle_core::Result<Tensor> {
+        let h = self.extend_hidden(tokens, cache)?;
+        let ends: Vec<u32> = tokens
+            .iter()
+            .scan(0, |end, t| {
+                *end += t.len();
+                Some(*end as u32 - 1)
+            })
+            .collect();
+        let last = h.index_select(&Tensor::from_vec(ends, tokens.len(), &self.device)?, 0)?;
+        no_grad(|| self.logits_of(&last))
+    }
+
+    /// [`Model::extend`]'s final hidden states (normed) of every token given, [N, hidden], row after
+    /// row in order. Logits of a few of them at a time: [`Model::logits_of_hidden`].
+    pub fn extend_hidden(&self, tokens: &[&[u32]], cache: &mut BatchCache) -> candle_core::Result<Tensor> {
+        no_grad(|| self.extend_recorded(tokens, cache))
+    }
+
+    /// Next-token logits [N, vocab] f32 of final hidden states [N, hidden].
+    pub fn logits_of_hidden(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        no_grad(|| self.logits_of(h))
+    }
+
+    fn extend_recorded(&self, tokens: &[&[u32]], cache: &mut BatchCache) -> candle_core::Result<Tensor> {
+        self.routing.borrow_mut().clear();
+        let c = &self.config;
+        let (hq, hkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let g = hq / hkv;
+        let b = tokens.len();
+        let s = tokens.iter().map(|t| t.len()).max().unwrap_or(0);
+        if b != cache.pad.len() || tokens.iter().any(|t| t.is_empty()) {
+            candle_core::bail!("extend: one or more tokens for each of the {} cached rows", cache.pad.len());
+        }
+        let col = cache.len;
+        if col + s > cache.capacity {
+            candle_core::bail!("extend: {s} tokens do not fit the cache ({} of {} columns used)", col, cache.capacity);
+        }
+        let cols = col + s;
+        // A row with fewer tokens than s moves its cached columns right by the difference (in each
+        // layer, below), so that its tokens end at column cols and it stays left-padded: a
+        // column's distance is its token's distance, as sliding windows need.
+        let gaps: Vec<usize> = tokens.iter().map(|t| s - t.len()).collect();
+        for (p, g) in cache.pad.iter_mut().zip(&gaps) {
+            *p += g;
+        }
+        let close_gaps = |x: &Tensor| -> candle_core::Result<()> {
+            for (r, &gap) in gaps.iter().enumerate().filter(|(_, g)| **g > 0) {
+                // [cached | gap | new | free] -> [gap | cached | new | free]
+                let row = x.get(r)?;
+                let (h, cap, d) = row.dims3()?;
+                let zeros = Tensor::zeros((h, gap, d), row.dtype(), row.device())?;
+                let moved =
+                    Tensor::cat(&[&zeros, &row.narrow(1, 0, col)?, &row.narrow(1, col + gap, cap - col - gap)?], 1)?;
+                x.slice_set(&moved.unsqueeze(0)?, 0, r)?;
+            }
+            Ok(())
+        };
+        let row_mask: Vec<Vec<f32>> = cache
+            .pad
+            .iter()
+            .map(|&p| (0..cache.capacity).map(|c| if c < p { f32::NEG_INFINITY } else { 0.0 }).collect())
+            .collect();
+        // The real tokens, row after row ([N, hidden] through the projections and the MLP), and
+        // for each of the B * s places of the attention's [B, s] layout its token, or N (a zero
+        // row) in a gap.
+        let n: usize = tokens.iter().map(|t| t.len()).sum();
+        let (mut ids, mut pos, mut place) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(b * s));
+        let mut real = Vec::with_capacity(n);
+        for (r, t) in tokens.iter().enumerate() {
+            let gap = gaps[r];
+            place.extend(std::iter::repeat_n(n as u32, gap).chain(ids.len() as u32..(ids.len() + t.len()) as u32));
+            real.extend((r * s + gap..(r + 1) * s).map(|p| p as u32));
+            ids.extend(t.iter().copied());
+            pos.extend((col + gap..cols).map(|k| (k - cache.pad[r]) as u32));
+        }
+        let place = Tensor::from_vec(place, b * s, &self.device)?;
+        let real = Tensor::from_vec(real, n, &self.device)?;
+        let rot = self.rotations(&Tensor::from_vec(pos, n, &self.device)?)?;
+        // [N, h, hd] to the [B * s, h, hd] layout, zeros in the gaps.
+        let spread = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let (_, h, d) = t.dims3()?;
+            Tensor::cat(&[t, &Tensor::zeros((1, h, d), t.dtype(), t.device())?], 0)?.index_select(&place, 0)
+        };
+        // [B, 1, 1, s, cols] per window: a row's own columns, causal among the new ones. A gap
+        // token attends to itself (its output is never used; no row of the softmax is empty).
+        let mut masks: Vec<(Option<usize>, Tensor)> = vec![];
+        let mut mask_for = |window: Option<usize>| -> candle_core::Result<Tensor> {
+            if let Some((_, m)) = masks.iter().find(|(w, _)| *w == window) {
+                return Ok(m.clone());
+            }
+            let mut m = vec![f32::NEG_INFINITY; b * s * cols];
+            for (r, rm) in row_mask.iter().enumerate() {
+                for j in 0..s {
+                    let q = col + j;
+                    let line = &mut m[(r * s + j) * cols..(r * s + j + 1) * cols];
+                    for (k, x) in line.iter_mut().enumerate().take(q + 1) {
+                        if (rm[k] == 0.0 && window.is_none_or(|w| q - k < w)) || k == q {
+                            *x = 0.0;
+                        }
+                    }
+                }
+            }
+            let m = Tensor::from_vec(m, (b, 1, 1, s, cols), &self.device)?;
+            masks.push((window, m.clone()));
+            Ok(m)
+        };
+        let mut x = self.embed_rows(&Tensor::from_vec(ids, n, &self.device)?)?;
+        for (layer, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
+            let (q, k, v) = self.attention_inputs(layer, &x, &rot, None)?;
+            let (q, k, v) = (spread(&q)?, spread(&k)?, spread(&v)?);
+            let heads = |t: Tensor| t.reshape((b, s, hkv, hd))?.transpose(1, 2)?.contiguous();
+            kc.slice_set(&heads(k)?, 2, col)?;
+            vc.slice_set(&heads(v)?, 2, col)?;
+            close_gaps(kc)?;
+            close_gaps(vc)?;
+            let (ks, vs) = (kc.narrow(2, 0, cols)?, vc.narrow(2, 0, cols)?);
+            // [B, Hkv, g*s, hd]: the g query heads of a key/value head, each over the s tokens.
+            let q =
+                q.reshape((b, s, hkv, g, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, hkv, g * s, hd))?;
+            let shape = self.attention_shape(layer);
+            let mut scores = (q.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * shape.scale as f64)?;
+            if let Some(c) = shape.softcap {
+                scores = ((scores / c as f64)?.tanh()? * c as f64)?;
+            }
+            let scores = scores.reshape((b, hkv, g, s, cols))?.broadcast_add(&mask_for(shape.window)?)?;
+            let probs = match shape.sinks {
+                Some(sinks) => {
+                    let sink = sinks.reshape((1, hkv, g, 1, 1))?.broadcast_as((b, hkv, g, s, 1))?;
+                    let all = Tensor::cat(&[&scores, &sink.contiguous()?], 4)?;
+                    candle_nn::ops::softmax_last_dim(&all)?.narrow(4, 0, cols)?
+                }
+                None => candle_nn::ops::softmax_last_dim(&scores)?,
+            }
+            .to_dtype(self.dtype)?;
+            let o = probs.reshape((b, hkv, g * s, cols))?.matmul(&vs)?;
+            let o = o.reshape((b, hkv, g, s, hd))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * s, hq * hd))?;
+            let o = o.index_select(&real, 0)?;
+            x = self.attention_output(layer, &x, &o, None)?;
+            x = self.mlp_block(layer, &x, None)?;
+        }
+        cache.len = cols;
+        let flat: Vec<f32> = row_mask.into_iter().flatten().collect();
+        cache.mask = Tensor::from_vec(flat, (b, cache.capacity), &self.device)?;
+        self.final_norm(&x)
+    }
+}
+
 impl BatchCache {
     /// A cache whose row `b` starts from prompt `rows[b]` of `pre`, with room for `new_tokens` more.
     pub fn new(pre: &Prefilled, rows: &[usize], new_tokens: usize) -> candle_core::Result<BatchCache> {
@@ -170,7 +363,8 @@ impl BatchCache {
         self.pad.len()
     }
 
-    /// Keeps only the rows `keep` (in that order): finished rows leave the batch.
+    /// Keeps only the rows `keep` (in that order; a row named twice is copied): finished rows leave
+    /// the batch.
     pub fn retain(&mut self, keep: &[usize]) -> candle_core::Result<()> {
         let idx = Tensor::from_vec(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), keep.len(), self.mask.device())?;
         for (k, v) in self.layers.iter_mut() {
@@ -287,6 +481,44 @@ mod tests {
                     // Row 1 finishes and leaves the batch.
                     live = vec![0, 2, 3];
                     cache.retain(&[0, 2, 3]).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prompts_read_after_their_shared_prefix_equal_the_full_forward_of_each_row() {
+        let window = serde_json::json!({"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]});
+        let capped =
+            serde_json::json!({"sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0});
+        for (family, extra) in [
+            ("llama", serde_json::json!({})),
+            ("gemma3_text", window),
+            ("gemma2", capped),
+            ("gpt_oss", serde_json::json!({"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 3})),
+        ] {
+            let m = tiny(family, extra);
+            let prefix: Vec<u32> = (0..18).map(|k| (k * 5 + 3) % 50).collect();
+            let rests: [&[u32]; 3] = [&[7, 8, 9, 10], &[20], &[30, 31]];
+            let prompts: Vec<Vec<u32>> =
+                rests.iter().map(|r| prefix.iter().chain(r.iter()).copied().collect()).collect();
+            let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+            assert_eq!(common_prefix(&refs), 18);
+            let rows = [0usize, 1, 2, 1];
+            let (logits, mut cache) = m.start(&refs, &rows, 4, true).unwrap();
+            let mut seqs: Vec<Vec<u32>> = rows.iter().map(|&p| prompts[p].clone()).collect();
+            for (i, s) in seqs.iter().enumerate() {
+                let d = (logits.get(i).unwrap() - last_logits(&m, s)).unwrap().abs().unwrap().max(0).unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "{family}: the logits after prompt row {i}");
+            }
+            for step in 0..4 {
+                let tokens: Vec<u32> = (0..rows.len()).map(|r| ((r * 7 + step * 13) % 50) as u32).collect();
+                let logits = m.decode(&tokens, &mut cache).unwrap();
+                for (r, s) in seqs.iter_mut().enumerate() {
+                    s.push(tokens[r]);
+                    let d = (logits.get(r).unwrap() - last_logits(&m, s)).unwrap().abs().unwrap().max(0).unwrap();
+                    let d = d.to_scalar::<f32>().unwrap();
+                    assert!(d < 1e-4, "{family}, step {step}, row {r}: {d}");
                 }
             }
         }

@@ -35,9 +35,10 @@ impl Model {
 /// Each row's log-probability of its target (log-softmax in f64 over the f32 logits [N, vocab]) and
 /// whether the target is the row's first maximum (torch's argmax).
 pub fn target_scores_of(logits: &candle_core::Tensor, targets: &[u32]) -> candle_core::Result<Vec<(f64, bool)>> {
+    use rayon::prelude::*;
     let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
     Ok(logits
-        .iter()
+        .par_iter()
         .zip(targets)
         .map(|(row, &t)| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

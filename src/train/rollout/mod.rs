@@ -60,11 +60,13 @@ pub fn complete(
     params: &SamplingParams,
     stops: &[u32],
 ) -> Result<Vec<Completion>> {
-    complete_until(model, prompts, rows, seeds, params, stops, &|_, _| false)
+    complete_until(model, prompts, rows, seeds, params, stops, &|_, _| false, false)
 }
 
 /// [`complete`], a row also ending (finished) as soon as `done(row, its tokens so far)` says so
-/// (a stop string in the decoded text, for evaluation).
+/// (a stop string in the decoded text, for evaluation); with `share_prefix`, prompts that begin
+/// alike read their common start once ([`Model::start`]).
+#[allow(clippy::too_many_arguments)]
 pub fn complete_until(
     model: &Model,
     prompts: &[&[u32]],
@@ -73,26 +75,30 @@ pub fn complete_until(
     params: &SamplingParams,
     stops: &[u32],
     done: &(dyn Fn(usize, &[u32]) -> bool + Sync),
+    share_prefix: bool,
 ) -> Result<Vec<Completion>> {
     assert_eq!(rows.len(), seeds.len(), "one seed per row");
     let mut out: Vec<Completion> = rows.iter().map(|_| Completion { tokens: vec![], finished: false }).collect();
     if rows.is_empty() || params.max_new_tokens == 0 {
         return Ok(out);
     }
-    let pre = model.prefill(prompts)?;
+    // The shared-prefix start builds the cache at once; otherwise it waits for a second token.
+    let (mut logits, mut cache, pre) = if share_prefix {
+        let (logits, cache) = model.start(prompts, rows, params.max_new_tokens, true)?;
+        (logits, Some(cache), None)
+    } else {
+        let pre = model.prefill(prompts)?;
+        let idx = candle_core::Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            pre.logits.device(),
+        )?;
+        (pre.logits.index_select(&idx, 0)?, None, Some(pre))
+    };
     let mut samplers: Vec<LogitsProcessor> =
         seeds.iter().map(|&s| LogitsProcessor::from_sampling(s, params.sampling())).collect();
     // Live rows, by their index in `out`; the cache holds them in this order.
     let mut live: Vec<usize> = (0..rows.len()).collect();
-    let mut cache: Option<BatchCache> = None;
-    let mut logits = pre.logits.index_select(
-        &candle_core::Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            rows.len(),
-            pre.logits.device(),
-        )?,
-        0,
-    )?;
     loop {
         // Each live row draws from its own sampler, the rows in parallel.
         let rows_logits: Vec<candle_core::Tensor> =
@@ -121,7 +127,7 @@ pub fn complete_until(
         }
         let cache = match cache.as_mut() {
             Some(c) => c,
-            None => cache.insert(BatchCache::new(&pre, rows, params.max_new_tokens)?),
+            None => cache.insert(BatchCache::new(pre.as_ref().expect("prefilled"), rows, params.max_new_tokens)?),
         };
         if keep.len() < live.len() {
             cache.retain(&keep)?;
