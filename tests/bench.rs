@@ -269,6 +269,50 @@ metric_list:
 }
 
 #[test]
+fn a_reward_model_judges_each_answer_after_its_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mc_docs(d);
+    // A random reward adapter with a score head on the tiny Llama.
+    let base = tunekit::train::io::load_base(&model(), &candle_core::Device::Cpu, None).unwrap();
+    let mut m = tunekit::train::model::Model::from_base(&base, &candle_core::Device::Cpu).unwrap();
+    let lora = tunekit::train::adapters::lora::LoraSettings {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        rslora: false,
+        targets: tunekit::train::adapters::lora::LoraSettings::parse_targets("q_proj").unwrap(),
+        doubled_gate_up: false,
+        train_router: false,
+        use_dora: false,
+        init: Default::default(),
+    };
+    m.add_lora(&lora, 0).unwrap();
+    m.add_score_head(5).unwrap();
+    let rm = d.join("rm");
+    tunekit::train::io::peft::save(&m, &lora, &model().display().to_string(), &rm).unwrap();
+    tunekit::train::io::peft::save_reward_head(&rm, m.score.as_ref().unwrap().as_tensor()).unwrap();
+    let task = gen_task(
+        d,
+        "rm_judged",
+        "generation_kwargs:\n  until: [\"t9\"]\n  max_gen_toks: 4\nmetric_list:\n  - metric: judge\n    model: rm\n",
+    );
+    let out = bench(d, &["--tasks", task.to_str().unwrap(), "--out", "res", "--limit", "6"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Each score is the reward model's on the context's tokens, the answer's and the end of turn.
+    let judge = tunekit::train::io::load_model(&model(), Some(&rm), &tunekit::train::io::Placement::default()).unwrap();
+    let ids = |t: &str| -> Vec<u32> { t.split_whitespace().map(|w| w[1..].parse().unwrap()).collect() };
+    for l in common::read_jsonl(&d.join("res/samples/rm_judged/base.jsonl")) {
+        let mut seq = ids(l["context"].as_str().unwrap());
+        seq.extend(ids(l["response"].as_str().unwrap()));
+        seq.push(2);
+        let want = judge.rewards(&[&seq]).unwrap()[0] as f64;
+        let got = l["scores"]["judge,none"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-5, "{l}: {got} vs {want}");
+    }
+}
+
+#[test]
 fn held_out_answers_come_from_the_shards_eval_split() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -2,9 +2,10 @@
 //! greedy decoding would have produced it, tokenised and truncated as lm-evaluation-harness's
 //! Hugging Face backend does (trailing spaces of the context moved to the continuation; the pair
 //! encoded whole and the context's tokens cut off the front; the last `max_length + 1` tokens
-//! kept). Requests that share their context (a document's choices) read it once: the context is
-//! prefilled into a KV cache and each continuation decoded from there; the rest are scored many
-//! to a packed forward.
+//! kept). Requests that share their context (a document's choices) read it once: contexts that
+//! begin alike (few-shot examples) are read as their common prefix and then each its own rest into
+//! a KV cache, and all continuations after them in one more forward; the rest are scored many to a
+//! packed forward.
 
 use crate::pack::rows::PackedRow;
 use crate::tokenize::TokenizerInfo;

@@ -1,6 +1,7 @@
 //! Benchmarks: lm-evaluation-harness task files scored on a model and its adapters.
 //!
-//! [`task`] reads a task YAML and its local documents; [`prompt`] turns each document into the
+//! [`task`] reads a task YAML and its local documents ([`task_scoring`] its output type, metrics,
+//! generation and filters; [`task_file`] where its keys are); [`prompt`] turns each document into the
 //! context lm-eval would build (few-shot, chat template or not); [`Prepared`] holds every context
 //! and request in tokens, once for all models; [`loglik`] scores choices and targets by their
 //! log-likelihood, [`generate`] answers generation tasks; [`metrics`] scores each document and
@@ -17,6 +18,8 @@ pub mod metrics;
 pub mod prompt;
 pub mod python_random;
 pub mod task;
+pub mod task_file;
+pub mod task_scoring;
 pub mod text_match;
 
 use crate::tokenize::TokenizerInfo;
