@@ -341,6 +341,11 @@ fn held_out_answers_come_from_the_shards_eval_split() {
     }
     let out = bench(d, &["--held-out", "nothing-here"]);
     assert!(!out.status.success());
+    // Shards of a tokenizer with a larger vocabulary than the model's are not its conversations.
+    common::counting_shards(&d.join("other"), 500, 5);
+    let out = bench(d, &["--held-out", "other"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("vocabulary 500"), "{e}");
 }
 
 #[test]

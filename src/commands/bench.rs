@@ -96,7 +96,9 @@ pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
         }
     }
     let tok = TokenizerInfo::load(o.tokenizer.as_ref().unwrap_or(&o.model))?;
+    let config = read_config(&o.model)?;
     if let Some(dir) = &o.held_out {
+        crate::train::data::check_manifest(dir, config.vocab_size).context("--held-out")?;
         tasks.push(crate::bench::held_out::task(dir, &tok, o.max_new_tokens)?);
     }
     if tasks.is_empty() {
@@ -106,7 +108,6 @@ pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
         Some(name) => Some(crate::tokenize::chat_template(&tok, name.as_deref())?),
         None => None,
     };
-    let config = read_config(&o.model)?;
     let max_length = o.max_length.unwrap_or(config.max_position_embeddings);
     let mut judges = Judges::new(RewardContext {
         policy_model: o.model.clone(),
