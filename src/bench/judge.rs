@@ -6,8 +6,10 @@
 //! run and scores every model's answers.
 
 use super::task::JudgeSpec;
+use crate::train::io::Placement;
 use crate::train::rewards::{command, model::RewardModelFn, RewardContext, RewardFn, Sample};
 use anyhow::{Context, Result};
+use std::path::Path;
 
 /// Answers sent to a command at once (each call gets [`COMMAND_TIMEOUT_S`]).
 const CHUNK: usize = 64;
@@ -19,8 +21,15 @@ pub struct Judges {
 }
 
 impl Judges {
-    pub fn new(ctx: RewardContext) -> Self {
-        Judges { ctx: RewardContext { command_timeout: COMMAND_TIMEOUT_S, ..ctx }, loaded: vec![] }
+    /// Judges of answers of `model` (a reward model must share its vocabulary of `vocab` tokens).
+    pub fn new(model: &Path, vocab: usize, placement: &Placement) -> Self {
+        let ctx = RewardContext {
+            policy_model: model.to_path_buf(),
+            policy_vocab: vocab,
+            placement: placement.clone(),
+            command_timeout: COMMAND_TIMEOUT_S,
+        };
+        Judges { ctx, loaded: vec![] }
     }
 
     /// One score per sample from the judge `spec`.

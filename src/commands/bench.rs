@@ -11,7 +11,6 @@ use crate::bench::task::Task;
 use crate::bench::{Prepared, Scores, Settings};
 use crate::tokenize::TokenizerInfo;
 use crate::train::io::{load_model, read_config, Placement};
-use crate::train::rewards::RewardContext;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -109,12 +108,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
         None => None,
     };
     let max_length = o.max_length.unwrap_or(config.max_position_embeddings);
-    let mut judges = Judges::new(RewardContext {
-        policy_model: o.model.clone(),
-        policy_vocab: config.vocab_size,
-        placement: o.placement.clone(),
-        command_timeout: 0.0,
-    });
+    let mut judges = Judges::new(&o.model, config.vocab_size, &o.placement);
     let settings = Settings {
         style: Style { chat: chat.as_ref(), fewshot_as_multiturn: o.fewshot_as_multiturn },
         max_length,

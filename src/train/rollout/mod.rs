@@ -8,7 +8,6 @@
 
 pub mod chat;
 
-use crate::train::model::kv_cache::BatchCache;
 use crate::train::model::Model;
 use anyhow::Result;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -82,19 +81,7 @@ pub fn complete_until(
     if rows.is_empty() || params.max_new_tokens == 0 {
         return Ok(out);
     }
-    // The shared-prefix start builds the cache at once; otherwise it waits for a second token.
-    let (mut logits, mut cache, pre) = if share_prefix {
-        let (logits, cache) = model.start(prompts, rows, params.max_new_tokens, true)?;
-        (logits, Some(cache), None)
-    } else {
-        let pre = model.prefill(prompts)?;
-        let idx = candle_core::Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            rows.len(),
-            pre.logits.device(),
-        )?;
-        (pre.logits.index_select(&idx, 0)?, None, Some(pre))
-    };
+    let (mut logits, mut cache) = model.start(prompts, rows, params.max_new_tokens, share_prefix)?;
     let mut samplers: Vec<LogitsProcessor> =
         seeds.iter().map(|&s| LogitsProcessor::from_sampling(s, params.sampling())).collect();
     // Live rows, by their index in `out`; the cache holds them in this order.
@@ -125,14 +112,10 @@ pub fn complete_until(
         if keep.is_empty() {
             return Ok(out);
         }
-        let cache = match cache.as_mut() {
-            Some(c) => c,
-            None => cache.insert(BatchCache::new(pre.as_ref().expect("prefilled"), rows, params.max_new_tokens)?),
-        };
         if keep.len() < live.len() {
             cache.retain(&keep)?;
             live = keep.iter().map(|&i| live[i]).collect();
         }
-        logits = model.decode(&next, cache)?;
+        logits = model.decode(&next, &mut cache)?;
     }
 }
