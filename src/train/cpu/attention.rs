@@ -1,17 +1,22 @@
-//! Causal attention of one packed segment on the CPU, block by block: every product skips the
-//! blocks of query and key positions above the diagonal, which the causal mask zeroes (at 512
-//! positions in blocks of 64, 36 of the 64 blocks are computed: 56% of the full products' work).
-//! Queries, keys, values and their gradients are read and written in place in the packed
+//! Causal attention of one packed segment on the CPU in memory linear in its length (flash
+//! attention's scheme): the forward runs over tiles of keys with a running maximum and sum per
+//! query and keeps only the output and each query's log-sum-exp; the backward recomputes each
+//! tile's probabilities from them. Blocks above the diagonal (and before a sliding window) are
+//! skipped. Queries, keys, values and their gradients are read and written in place in the packed
 //! [T, heads, head_dim] buffers (no per-head copies, no repeated key/value heads for grouped-query
-//! attention); the probabilities [Hq, L, L] are kept for the backward, which turns them into the
-//! scores' gradient in place. Blocks run in parallel on rayon's pool, each product a single-threaded
-//! GEMM of the `gemm` crate (its kernels chosen at run time for the CPU).
+//! attention). Tiles run in parallel on rayon's pool, each product a single-threaded GEMM of the
+//! `gemm` crate (its kernels chosen at run time for the CPU).
 
 use super::gemm::Operand;
 use rayon::prelude::*;
+use std::sync::Mutex;
 
-/// Query and key positions per block.
+/// Query positions per forward task, and key positions per backward block.
 const BLOCK: usize = 64;
+/// Key positions per forward tile: a segment this short is one tile, whose softmax is the plain one.
+const KEY_TILE: usize = 512;
+/// Query positions per backward tile.
+const QUERY_TILE: usize = 256;
 
 /// Head counts and width of the packed buffers: queries [T, hq, d], keys and values [T, hkv, d].
 #[derive(Debug, Clone, Copy)]
@@ -28,10 +33,50 @@ pub struct Segment {
     pub len: usize,
 }
 
-/// A raw pointer the parallel blocks share; each block writes a region no other block touches.
+/// How a query's products with the keys become its logits, and which keys it sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Logits<'a> {
+    /// Logits are `q.k * scale` ...
+    pub scale: f32,
+    /// ... or, soft-capped, `c * tanh(q.k * scale / c)`.
+    pub softcap: Option<f32>,
+    /// Each query sees only the last `window` keys up to itself.
+    pub window: Option<usize>,
+    /// One logit per query head in every softmax's denominator (attention sinks; no value, no
+    /// gradient).
+    pub sinks: Option<&'a [f32]>,
+}
+
+impl Logits<'_> {
+    /// The first key query `i` sees.
+    fn first_key(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+    }
+
+    /// The keys of the tile [c0, c0 + n) query `i` sees, as a range inside the tile.
+    fn visible(&self, i: usize, c0: usize, n: usize) -> std::ops::Range<usize> {
+        let lo = self.first_key(i).max(c0) - c0;
+        let hi = (i + 1).min(c0 + n).saturating_sub(c0);
+        lo..hi.max(lo)
+    }
+
+    /// Raw products of a row into what the exponentials take: soft-capped in place (then scaled by
+    /// 1), or left to be scaled by `scale`. The scale to pass on is returned.
+    fn prepare(&self, row: &mut [f32]) -> f32 {
+        match self.softcap {
+            Some(c) => {
+                row.iter_mut().for_each(|x| *x = c * (*x * self.scale / c).tanh());
+                1.0
+            }
+            None => self.scale,
+        }
+    }
+}
+
+/// A raw pointer the parallel tasks share; each task writes a region no other task touches.
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
-// SAFETY: the blocks of a phase write disjoint regions (see each use) and read what no block of
+// SAFETY: the tasks of a phase write disjoint regions (see each use) and read what no task of
 // that phase writes.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
@@ -43,7 +88,7 @@ impl Shared {
     }
 }
 
-/// `dst (+)= lhs rhs` on the calling thread (each block is one task of rayon's pool), the operands
+/// `dst (+)= lhs rhs` on the calling thread (each tile is one task of rayon's pool), the operands
 /// as (pointer, (row stride, column stride)).
 ///
 /// # Safety
@@ -63,185 +108,262 @@ unsafe fn product(
     super::gemm::product(dims, dst, dst_rs, add, lhs, rhs, 1.0, 1)
 }
 
-/// The blocks of a segment of `len` positions: (first position, positions) each.
-fn blocks(len: usize) -> Vec<(usize, usize)> {
-    (0..len.div_ceil(BLOCK)).map(|b| (b * BLOCK, BLOCK.min(len - b * BLOCK))).collect()
+/// Tiles of `size` positions from `from` to `to`: (first position, positions) each.
+fn tiles(from: usize, to: usize, size: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
+    (from..to).step_by(size).map(move |a| (a, size.min(to - a)))
 }
 
-/// (head, query block) pairs, the largest blocks (the last ones, which see the most keys) first.
-fn head_blocks(heads: usize, nb: usize) -> Vec<(usize, usize)> {
-    (0..nb).rev().flat_map(|b| (0..heads).map(move |h| (h, b))).collect()
-}
-
-/// The forward of segment `s`: its rows of `y` [T, hq * d] (every head) and its probabilities
-/// [hq, len, len], returned; what lies above the diagonal blocks is left unwritten and never read.
-/// With a sliding `window` each query sees only the last `window` keys up to itself (the ones
-/// before get probability zero, so the backward needs nothing more). With `sinks` (one logit per
-/// query head) each row's denominator has the head's sink too; the backward is unchanged (a sink
-/// has no value, so it adds nothing to `rowsum(P * dP)`), and the sinks themselves get no gradient.
+/// The forward of segment `s`: its rows of `y` [T, hq * d] (every head), and the log-sum-exp of
+/// each query's logits [hq, len] (the sink's included), returned for the backward.
 #[allow(clippy::too_many_arguments)]
-pub fn forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    dims: Heads,
-    s: Segment,
-    scale: f32,
-    window: Option<usize>,
-    sinks: Option<&[f32]>,
-    y: &mut [f32],
-) -> Vec<f32> {
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Heads, s: Segment, logits: Logits, y: &mut [f32]) -> Vec<f32> {
     let Heads { hq, hkv, d } = dims;
     let (len, group) = (s.len, hq / hkv);
     let (rq, rk) = (hq * d, hkv * d);
     assert!(q.len() >= (s.start + len) * rq && k.len() >= (s.start + len) * rk && v.len() == k.len());
     assert!(y.len() >= (s.start + len) * rq, "y holds the segment's rows");
-    // Not zero-filled (9 MB a layer at SmolLM2 shapes): every entry the backward reads is written
-    // below, the keys after a query inside its block as zeros.
-    let mut probs = super::output_buffer(hq * len * len);
-    let (p, out) = (Shared(probs.as_mut_ptr()), Shared(y.as_mut_ptr()));
-    let bl = blocks(len);
-    head_blocks(hq, bl.len()).into_par_iter().for_each(|(h, b)| {
-        let (r0, m) = bl[b];
-        let keys = r0 + m; // keys 0..keys are visible from this block's queries
+    let mut lse = vec![0f32; hq * len];
+    let (out, lse_out) = (Shared(y.as_mut_ptr()), Shared(lse.as_mut_ptr()));
+    // (head, query block) pairs, the last blocks (which see the most keys) first.
+    let tasks: Vec<(usize, (usize, usize))> =
+        tiles(0, len, BLOCK).rev().flat_map(|(r0, m)| (0..hq).map(move |h| (h, (r0, m)))).collect();
+    tasks.into_par_iter().for_each(|(h, (r0, m))| {
         let g = h / group;
-        // SAFETY: block (h, b) writes rows r0..r0+m of head h's probabilities and of y's head h
-        // columns: no other block writes them. Reads stay inside q, k, v (asserted above).
+        let (mut max, mut sum) = (vec![f32::NEG_INFINITY; m], vec![0f32; m]);
+        let mut tile = vec![0f32; m * KEY_TILE.min(r0 + m)];
+        // SAFETY: task (h, r0) writes rows r0..r0+m of y's head h columns and of head h's
+        // log-sum-exp: no other task writes them. Reads stay inside q, k, v (asserted above).
         unsafe {
-            let ph = p.at(h * len * len + r0 * len);
             let qh = q.as_ptr().add((s.start + r0) * rq + h * d);
-            let kg = k.as_ptr().add(s.start * rk + g * d);
-            // Scores: the block's queries against every visible key (keys transposed: strides swapped).
-            product((m, keys, d), ph, len, false, qh, (rq, 1), kg, (1, rk));
-            for r in 0..m {
-                let row = std::slice::from_raw_parts_mut(ph.add(r * len), keys);
-                let (seen, masked) = row.split_at_mut(r0 + r + 1);
-                let first = window.map_or(0, |w| (r0 + r + 1).saturating_sub(w));
-                seen[..first].fill(0.0); // keys before the window
-                match sinks {
-                    Some(sinks) => super::softmax::softmax_with_sink_in_place(&mut seen[first..], scale, sinks[h]),
-                    None => super::softmax::softmax_in_place(&mut seen[first..], scale),
-                }
-                masked.fill(0.0); // the keys after the query inside its block (later blocks: never written)
-            }
-            let vg = v.as_ptr().add(s.start * rk + g * d);
             let yh = out.at((s.start + r0) * rq + h * d);
-            product((m, d, keys), yh, rq, false, ph, (len, 1), vg, (rk, 1));
+            for (t, (c0, n)) in tiles(logits.first_key(r0), r0 + m, KEY_TILE).enumerate() {
+                let kc = k.as_ptr().add((s.start + c0) * rk + g * d);
+                product((m, n, d), tile.as_mut_ptr(), n, false, qh, (rq, 1), kc, (1, rk));
+                for r in 0..m {
+                    let row = &mut tile[r * n..(r + 1) * n];
+                    let vis = logits.visible(r0 + r, c0, n);
+                    let (before, rest) = row.split_at_mut(vis.start);
+                    let (seen, after) = rest.split_at_mut(vis.len());
+                    before.fill(0.0);
+                    after.fill(0.0);
+                    if seen.is_empty() {
+                        continue;
+                    }
+                    let scale = logits.prepare(seen);
+                    let new_max = max[r].max(super::softmax::max_scaled(seen, scale));
+                    let (tile_sum, _) = super::softmax::exp_sums_in_place(seen, scale, new_max, false);
+                    // The sums and outputs so far, rescaled to the new maximum (none before: 0).
+                    let alpha = if max[r] == f32::NEG_INFINITY { 0.0 } else { (max[r] - new_max).exp() };
+                    (max[r], sum[r]) = (new_max, sum[r] * alpha + tile_sum);
+                    if t > 0 && alpha != 1.0 {
+                        std::slice::from_raw_parts_mut(yh.add(r * rq), d).iter_mut().for_each(|x| *x *= alpha);
+                    }
+                }
+                let vc = v.as_ptr().add((s.start + c0) * rk + g * d);
+                product((m, d, n), yh, rq, t > 0, tile.as_ptr(), (n, 1), vc, (rk, 1));
+            }
+            for r in 0..m {
+                // With a sink, one more term in the denominator, on the same maximum.
+                let (top, total) = match logits.sinks {
+                    Some(sinks) => {
+                        let top = max[r].max(sinks[h]);
+                        (top, sum[r] * (max[r] - top).exp() + (sinks[h] - top).exp())
+                    }
+                    None => (max[r], sum[r]),
+                };
+                let factor = (max[r] - top).exp() / total;
+                std::slice::from_raw_parts_mut(yh.add(r * rq), d).iter_mut().for_each(|x| *x *= factor);
+                *lse_out.at(h * len + r0 + r) = top + total.ln();
+            }
         }
     });
-    probs
+    lse
 }
 
-/// The backward of segment `s` from its probabilities (consumed: they become the scores'
-/// gradient) and `dy` [T, hq * d]: its rows of `dq` [T, hq, d], `dk` and `dv` [T, hkv, d], the
-/// heads that share a key/value head summed.
+/// The backward of segment `s` from its outputs `y`, their gradient `dy` [T, hq * d] and the
+/// forward's log-sum-exp [hq, len]: adds its rows of `dq` [T, hq, d], `dk` and `dv` [T, hkv, d]
+/// (the heads that share a key/value head summed).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     (q, k, v): (&[f32], &[f32], &[f32]),
-    dy: &[f32],
-    mut probs: Vec<f32>,
+    (y, dy): (&[f32], &[f32]),
+    lse: &[f32],
     dims: Heads,
     s: Segment,
-    scale: f32,
+    logits: Logits,
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
     let Heads { hq, hkv, d } = dims;
     let (len, group) = (s.len, hq / hkv);
     let (rq, rk) = (hq * d, hkv * d);
-    assert_eq!(probs.len(), hq * len * len, "the segment's probabilities");
-    assert!(dy.len() >= (s.start + len) * rq && dq.len() >= (s.start + len) * rq);
+    assert_eq!(lse.len(), hq * len, "the segment's log-sum-exp");
+    assert!(dy.len() >= (s.start + len) * rq && y.len() == dy.len() && dq.len() >= (s.start + len) * rq);
     assert!(q.len() >= (s.start + len) * rq && k.len() >= (s.start + len) * rk && v.len() == k.len());
     assert!(dk.len() >= (s.start + len) * rk && dv.len() == dk.len());
-    let bl = blocks(len);
-    let p = Shared(probs.as_mut_ptr());
-    // The gradient of one key/value head's rows of key block b: the sum over the query heads of its
-    // group of `lhs_h^T` (rows from the block on, its columns) times `x_h`'s rows from the block on.
-    let key_block = |out: Shared, x: &[f32], (g, b): (usize, usize)| {
-        let (c0, m) = bl[b];
-        for (i, h) in (g * group..(g + 1) * group).enumerate() {
-            // SAFETY: block (g, b) writes rows c0..c0+m of `out`'s head g; reads the probabilities
-            // (or scores' gradient) of heads in group g, which this phase does not write.
-            unsafe {
-                let lhs = p.at(h * len * len + c0 * len + c0);
-                let xh = x.as_ptr().add((s.start + c0) * rq + h * d);
-                let dst = out.at((s.start + c0) * rk + g * d);
-                product((m, d, len - c0), dst, rk, i > 0, lhs, (1, len), xh, (rq, 1));
-            }
-        }
-    };
-    let kv_blocks: Vec<(usize, usize)> = (0..bl.len()).flat_map(|b| (0..hkv).map(move |g| (g, b))).collect();
-    // dV = P^T dY.
-    let dv_ptr = Shared(dv.as_mut_ptr());
-    kv_blocks.par_iter().for_each(|&gb| key_block(dv_ptr, dy, gb));
-    // dP = dY V^T on the visible blocks, then dS = scale * P * (dP - rowsum(P * dP)) in place of P,
-    // then dQ = dS K.
-    let dq_ptr = Shared(dq.as_mut_ptr());
-    head_blocks(hq, bl.len()).into_par_iter().for_each(|(h, b)| {
-        let (r0, m) = bl[b];
-        let keys = r0 + m;
-        let g = h / group;
-        let mut dp = vec![0f32; m * keys];
-        // SAFETY: block (h, b) writes rows r0..r0+m of head h's probabilities and of dq's head h;
-        // no other block touches them.
-        unsafe {
-            let dyh = dy.as_ptr().add((s.start + r0) * rq + h * d);
-            let vg = v.as_ptr().add(s.start * rk + g * d);
-            product((m, keys, d), dp.as_mut_ptr(), keys, false, dyh, (rq, 1), vg, (1, rk));
-            let ph = p.at(h * len * len + r0 * len);
-            for r in 0..m {
-                let seen = r0 + r + 1;
-                let prow = std::slice::from_raw_parts_mut(ph.add(r * len), seen);
-                let grow = &dp[r * keys..r * keys + seen];
-                let dot: f32 = prow.iter().zip(grow).map(|(a, b)| a * b).sum();
-                for (pv, gv) in prow.iter_mut().zip(grow) {
-                    *pv = scale * *pv * (gv - dot);
-                }
-            }
-            let kg = k.as_ptr().add(s.start * rk + g * d);
-            let dqh = dq_ptr.at((s.start + r0) * rq + h * d);
-            product((m, d, keys), dqh, rq, false, ph, (len, 1), kg, (rk, 1));
+    // D = rowsum(dY * Y) per head and query: the `rowsum(P * dP)` of the softmax's backward.
+    let mut rowsums = vec![0f32; hq * len];
+    rowsums.par_chunks_mut(len).enumerate().for_each(|(h, out)| {
+        for (i, o) in out.iter_mut().enumerate() {
+            let at = (s.start + i) * rq + h * d;
+            *o = y[at..at + d].iter().zip(&dy[at..at + d]).map(|(a, b)| a * b).sum();
         }
     });
-    // dK = dS^T Q.
-    let dk_ptr = Shared(dk.as_mut_ptr());
-    kv_blocks.par_iter().for_each(|&gb| key_block(dk_ptr, q, gb));
-    drop(probs);
+    let sums = Mutex::new((dq, dk, dv));
+    // Each task: one query head and a run of key blocks, its gradients private, added at the end.
+    let tasks: Vec<(usize, (usize, usize))> =
+        key_runs(len, hq, logits.window).into_iter().flat_map(|run| (0..hq).map(move |h| (h, run))).collect();
+    tasks.into_par_iter().for_each(|(h, (c_lo, c_hi))| {
+        let g = h / group;
+        let (mut gq, mut gk, mut gv) =
+            (vec![0f32; (len - c_lo) * d], vec![0f32; (c_hi - c_lo) * d], vec![0f32; (c_hi - c_lo) * d]);
+        let (mut p, mut dp) = (vec![0f32; QUERY_TILE * BLOCK], vec![0f32; QUERY_TILE * BLOCK]);
+        let mut slope = vec![0f32; if logits.softcap.is_some() { QUERY_TILE * BLOCK } else { 0 }];
+        let (lse_h, rowsums_h) = (&lse[h * len..(h + 1) * len], &rowsums[h * len..(h + 1) * len]);
+        for (c0, n) in tiles(c_lo, c_hi, BLOCK) {
+            // The query tiles that see these keys: from the block on, up to the window's end.
+            let last_query = logits.window.map_or(len, |w| (c0 + n - 1 + w).min(len));
+            for (r0, m) in tiles(c0, last_query, QUERY_TILE) {
+                // SAFETY: reads stay inside q, k, v, dy (asserted above); writes go to this task's
+                // own buffers, each product's destination sized for it.
+                unsafe {
+                    let qh = q.as_ptr().add((s.start + r0) * rq + h * d);
+                    let kc = k.as_ptr().add((s.start + c0) * rk + g * d);
+                    let vc = v.as_ptr().add((s.start + c0) * rk + g * d);
+                    let dyh = dy.as_ptr().add((s.start + r0) * rq + h * d);
+                    // P, recomputed from the log-sum-exp.
+                    product((m, n, d), p.as_mut_ptr(), n, false, qh, (rq, 1), kc, (1, rk));
+                    for r in 0..m {
+                        let row = &mut p[r * n..(r + 1) * n];
+                        let vis = logits.visible(r0 + r, c0, n);
+                        if let Some(c) = logits.softcap {
+                            // d logit / d product = scale * (1 - tanh^2), kept before the cap.
+                            for (x, sl) in row[vis.clone()].iter().zip(&mut slope[r * n..]) {
+                                let t = (x * logits.scale / c).tanh();
+                                *sl = logits.scale * (1.0 - t * t);
+                            }
+                        }
+                        let (before, rest) = row.split_at_mut(vis.start);
+                        let (seen, after) = rest.split_at_mut(vis.len());
+                        before.fill(0.0);
+                        after.fill(0.0);
+                        let scale = logits.prepare(seen);
+                        super::softmax::exp_sums_in_place(seen, scale, lse_h[r0 + r], false);
+                    }
+                    // dV += P^T dY.
+                    product((n, d, m), gv.as_mut_ptr().add((c0 - c_lo) * d), d, true, p.as_ptr(), (1, n), dyh, (rq, 1));
+                    // dP = dY V^T, then dS = P * (dP - D) * (d logit / d product), in place of P.
+                    product((m, n, d), dp.as_mut_ptr(), n, false, dyh, (rq, 1), vc, (1, rk));
+                    for r in 0..m {
+                        let vis = logits.visible(r0 + r, c0, n);
+                        let (pr, gr, dsum) = (&mut p[r * n..(r + 1) * n], &dp[r * n..(r + 1) * n], rowsums_h[r0 + r]);
+                        match logits.softcap {
+                            Some(_) => {
+                                for (j, sl) in vis.clone().zip(&slope[r * n..]) {
+                                    pr[j] *= (gr[j] - dsum) * sl;
+                                }
+                            }
+                            None => vis.for_each(|j| pr[j] *= (gr[j] - dsum) * logits.scale),
+                        }
+                    }
+                    // dK += dS^T Q, dQ += dS K.
+                    product((n, d, m), gk.as_mut_ptr().add((c0 - c_lo) * d), d, true, p.as_ptr(), (1, n), qh, (rq, 1));
+                    product((m, d, n), gq.as_mut_ptr().add((r0 - c_lo) * d), d, true, p.as_ptr(), (n, 1), kc, (rk, 1));
+                }
+            }
+        }
+        let mut sums = sums.lock().expect("not poisoned");
+        let (dq, dk, dv) = &mut *sums;
+        let add = |dst: &mut [f32], stride: usize, col: usize, first: usize, src: &[f32]| {
+            for (i, row) in src.chunks(d).enumerate() {
+                let at = (s.start + first + i) * stride + col * d;
+                dst[at..at + d].iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+        };
+        add(dq, rq, h, c_lo, &gq);
+        add(dk, rk, g, c_lo, &gk);
+        add(dv, rk, g, c_lo, &gv);
+    });
+}
+
+/// The key positions of a segment split into runs of whole blocks, each run about as much work
+/// (the queries that see its keys), enough runs per head to keep every thread busy.
+fn key_runs(len: usize, hq: usize, window: Option<usize>) -> Vec<(usize, usize)> {
+    let blocks: Vec<(usize, usize)> = tiles(0, len, BLOCK).collect();
+    let work = |&(c0, n): &(usize, usize)| window.map_or(len, |w| (c0 + n - 1 + w).min(len)) - c0;
+    let runs = (8 * rayon::current_num_threads()).div_ceil(hq).clamp(1, blocks.len().max(1));
+    let total: usize = blocks.iter().map(work).sum();
+    let (mut out, mut start, mut done) = (Vec::new(), 0, 0);
+    for b in &blocks {
+        done += work(b);
+        if done * runs >= total * (out.len() + 1) || b.0 + b.1 == len {
+            out.push((start, b.0 + b.1));
+            start = b.0 + b.1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Plain causal attention of one segment, head by head, in f64, each query seeing the keys from
-    /// `first(i)` to itself.
+    /// Plain attention of one segment, head by head, in f64: each query sees the keys from
+    /// `first(i)` to itself, logits soft-capped when `cap`, a sink per head when given. Returns the
+    /// outputs and the gradients of `sum(y * dy)` for q, k, v.
+    #[allow(clippy::type_complexity)]
     fn reference(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        (q, k, v, dy): (&[f32], &[f32], &[f32], &[f32]),
         dims: Heads,
         len: usize,
-        scale: f32,
-        first: impl Fn(usize) -> usize,
-    ) -> Vec<f64> {
+        lg: Logits,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
         let Heads { hq, hkv, d } = dims;
-        let mut y = vec![0f64; len * hq * d];
+        let (mut y, mut dq, mut dk, mut dv) =
+            (vec![0f64; len * hq * d], vec![0f64; len * hq * d], vec![0f64; len * hkv * d], vec![0f64; len * hkv * d]);
+        let (qa, ka) = (
+            |i: usize, h: usize, c: usize| q[(i * hq + h) * d + c] as f64,
+            |j: usize, g: usize, c: usize| k[(j * hkv + g) * d + c] as f64,
+        );
         for h in 0..hq {
             let g = h / (hq / hkv);
             for i in 0..len {
-                let s: Vec<f64> = (first(i)..=i)
-                    .map(|j| (0..d).map(|c| q[(i * hq + h) * d + c] as f64 * k[(j * hkv + g) * d + c] as f64).sum())
-                    .map(|x: f64| x * scale as f64)
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = e.iter().sum();
+                let keys: Vec<usize> = (lg.first_key(i)..=i).collect();
+                let raw: Vec<f64> =
+                    keys.iter().map(|&j| (0..d).map(|c| qa(i, h, c) * ka(j, g, c)).sum::<f64>()).collect();
+                let sc = lg.scale as f64;
+                let (logit, slope): (Vec<f64>, Vec<f64>) = match lg.softcap {
+                    Some(c) => raw
+                        .iter()
+                        .map(|x| {
+                            ((c as f64) * (x * sc / c as f64).tanh(), sc * (1.0 - (x * sc / c as f64).tanh().powi(2)))
+                        })
+                        .unzip(),
+                    None => raw.iter().map(|x| (x * sc, sc)).unzip(),
+                };
+                let sink = lg.sinks.map(|s| s[h] as f64);
+                let top = logit.iter().cloned().chain(sink).fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = logit.iter().map(|x| (x - top).exp()).sum::<f64>() + sink.map_or(0.0, |s| (s - top).exp());
+                let p: Vec<f64> = logit.iter().map(|x| (x - top).exp() / z).collect();
+                let at = |c| (i * hq + h) * d + c;
                 for c in 0..d {
-                    y[(i * hq + h) * d + c] =
-                        (first(i)..=i).zip(&e).map(|(j, e)| e / z * v[(j * hkv + g) * d + c] as f64).sum();
+                    y[at(c)] = keys.iter().zip(&p).map(|(&j, p)| p * v[(j * hkv + g) * d + c] as f64).sum();
+                }
+                let dp: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| (0..d).map(|c| dy[at(c)] as f64 * v[(j * hkv + g) * d + c] as f64).sum())
+                    .collect();
+                let dot: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for (x, &j) in keys.iter().enumerate() {
+                    let ds = p[x] * (dp[x] - dot) * slope[x];
+                    for c in 0..d {
+                        dv[(j * hkv + g) * d + c] += p[x] * dy[at(c)] as f64;
+                        dq[at(c)] += ds * ka(j, g, c);
+                        dk[(j * hkv + g) * d + c] += ds * qa(i, h, c);
+                    }
                 }
             }
         }
-        y
+        (y, dq, dk, dv)
     }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -249,37 +371,75 @@ mod tests {
         (0..n).map(|_| (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0).collect()
     }
 
+    fn max_diff(a: &[f32], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max)
+    }
+
+    /// Forward and backward of one segment placed after `offset` other positions, against the
+    /// reference.
+    fn check(dims: Heads, len: usize, offset: usize, lg: Logits, seed: u64) {
+        let Heads { hq, hkv, d } = dims;
+        let t = offset + len;
+        let (q, k, v, dy) = (
+            rand(t * hq * d, seed),
+            rand(t * hkv * d, seed + 1),
+            rand(t * hkv * d, seed + 2),
+            rand(t * hq * d, seed + 3),
+        );
+        let seg = Segment { start: offset, len };
+        let mut y = vec![0f32; t * hq * d];
+        let lse = forward(&q, &k, &v, dims, seg, lg, &mut y);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; t * hq * d], vec![0f32; t * hkv * d], vec![0f32; t * hkv * d]);
+        backward((&q, &k, &v), (&y, &dy), &lse, dims, seg, lg, (&mut dq, &mut dk, &mut dv));
+        let slice = |x: &[f32], w: usize| x[offset * w..].to_vec();
+        let (sq, skv) = (hq * d, hkv * d);
+        let want = reference((&slice(&q, sq), &slice(&k, skv), &slice(&v, skv), &slice(&dy, sq)), dims, len, lg);
+        for (got, want, what) in [
+            (slice(&y, sq), &want.0, "y"),
+            (slice(&dq, sq), &want.1, "dq"),
+            (slice(&dk, skv), &want.2, "dk"),
+            (slice(&dv, skv), &want.3, "dv"),
+        ] {
+            let diff = max_diff(&got, want);
+            assert!(diff < 2e-5, "{what} differs by {diff} (len {len}, {lg:?})");
+        }
+        // The rows before the segment are not touched.
+        assert!(y[..offset * sq].iter().chain(&dq[..offset * sq]).chain(&dk[..offset * skv]).all(|&x| x == 0.0));
+    }
+
+    const PLAIN: Logits = Logits { scale: 0.35, softcap: None, window: None, sinks: None };
+
     #[test]
-    fn blocked_forward_matches_plain_attention_across_block_edges() {
-        // 150 positions: two full blocks and a partial one; grouped-query heads (4 over 2).
+    fn tiled_attention_matches_plain_attention_across_tile_edges() {
+        // Inside one block; across block edges with a partial last block; across key tiles (the
+        // running maximum rescales earlier tiles). Grouped-query heads (4 over 2), after an offset.
         let dims = Heads { hq: 4, hkv: 2, d: 8 };
-        let len = 150;
-        let (q, k, v) = (rand(len * 32, 1), rand(len * 16, 2), rand(len * 16, 3));
-        let mut y = vec![0f32; len * 32];
-        let probs = forward(&q, &k, &v, dims, Segment { start: 0, len }, 0.35, None, None, &mut y);
-        let want = reference(&q, &k, &v, dims, len, 0.35, |_| 0);
-        let d = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
-        assert!(d < 1e-5, "outputs differ by {d}");
-        // Each query's probabilities sum to one over the keys it sees, and are zero after it.
-        for h in 0..4 {
-            for i in 0..len {
-                let row = &probs[(h * len + i) * len..(h * len + i + 1) * len];
-                assert!((row[..=i].iter().sum::<f32>() - 1.0).abs() < 1e-5);
-                let block_end = ((i / BLOCK + 1) * BLOCK).min(len);
-                assert!(row[i + 1..block_end].iter().all(|&x| x == 0.0));
+        for (len, offset) in [(5, 0), (150, 3), (1100, 0)] {
+            check(dims, len, offset, PLAIN, len as u64);
+        }
+    }
+
+    #[test]
+    fn windows_soft_caps_and_sinks_match_plain_attention() {
+        let dims = Heads { hq: 2, hkv: 1, d: 8 };
+        let sinks = [0.7f32, -1.5];
+        for window in [None, Some(70), Some(600)] {
+            for softcap in [None, Some(0.8)] {
+                for sinks in [None, Some(&sinks[..])] {
+                    let lg = Logits { scale: 0.4, softcap, window, sinks };
+                    check(dims, 700, 2, lg, 40);
+                }
             }
         }
     }
 
     #[test]
-    fn a_sliding_window_hides_the_keys_before_it_across_block_edges() {
-        let dims = Heads { hq: 2, hkv: 1, d: 8 };
-        let len = 140;
-        let (q, k, v) = (rand(len * 16, 4), rand(len * 8, 5), rand(len * 8, 6));
-        let mut y = vec![0f32; len * 16];
-        forward(&q, &k, &v, dims, Segment { start: 0, len }, 0.4, Some(70), None, &mut y);
-        let want = reference(&q, &k, &v, dims, len, 0.4, |i| (i + 1).saturating_sub(70));
-        let d = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
-        assert!(d < 1e-5, "outputs differ by {d}");
+    fn key_runs_cover_the_segment_in_whole_blocks() {
+        for (len, hq, window) in [(1, 8, None), (64, 1, None), (5000, 3, None), (5000, 2, Some(300))] {
+            let runs = key_runs(len, hq, window);
+            assert_eq!(runs.first().unwrap().0, 0);
+            assert_eq!(runs.last().unwrap().1, len);
+            assert!(runs.windows(2).all(|w| w[0].1 == w[1].0 && w[0].1 % BLOCK == 0));
+        }
     }
 }

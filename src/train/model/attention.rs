@@ -1,13 +1,13 @@
 //! Causal self-attention over packed rows: each segment attends only to itself (block-diagonal),
 //! causally, with grouped-query heads. [`attention`] is one graph node over q, k and v. On the CPU
-//! in f32 the blocked kernels of `cpu::attention` compute it, skipping the masked blocks, and keep
-//! each segment's probabilities for the backward (compute is what limits there); on a GPU they are
-//! recomputed in the backward, as flash attention does (memory is what limits there). A family's
-//! variants ([`Shape`]): the scores' scale, a sliding window (in the CPU kernels; elsewhere the plain
-//! graph with a window mask) and soft-capped scores (the plain graph).
+//! in f32 the tiled kernels of `cpu::attention` compute it in memory linear in the segment's length
+//! (each query's log-sum-exp kept, the probabilities recomputed in the backward), with every
+//! variant of a family's [`Shape`]: the scores' scale, a sliding window, soft-capped scores and
+//! attention sinks. On a GPU the probabilities are recomputed per segment by the fused ops; where
+//! those do not take a variant, the plain graph with an explicit mask.
 
 use super::softmax::{causal_softmax, CausalAttentionProbs, CausalSoftmaxGrad, MaskCache};
-use crate::train::cpu::attention::{self as blocked, Heads, Segment};
+use crate::train::cpu::attention::{self as tiled, Heads, Logits, Segment};
 use crate::train::graph::{attached_forward, with_cpu_f32};
 use candle_core::{CustomOp3, DType, Tensor, D};
 use std::sync::Mutex;
@@ -44,7 +44,7 @@ pub fn attention(
 ) -> candle_core::Result<Tensor> {
     let window_bites = shape.window.is_some_and(|w| seq_lengths.iter().any(|&l| l > w));
     let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32;
-    if shape.softcap.is_some() || ((window_bites || shape.sinks.is_some()) && !cpu_f32) {
+    if !cpu_f32 && (shape.softcap.is_some() || window_bites || shape.sinks.is_some()) {
         return masked_attention(q, k, v, seq_lengths, shape);
     }
     if q.device().is_cpu() {
@@ -111,7 +111,7 @@ fn segments(seq_lengths: &[usize]) -> Vec<Segment> {
         .collect()
 }
 
-/// `attention` on the CPU in f32: the blocked kernels, the probabilities kept for the backward.
+/// `attention` on the CPU in f32: the tiled kernels, each query's log-sum-exp kept for the backward.
 fn cpu_attention(
     q: &Tensor,
     k: &Tensor,
@@ -121,44 +121,53 @@ fn cpu_attention(
 ) -> candle_core::Result<Tensor> {
     let (t, hq, d) = q.dims3()?;
     let dims = Heads { hq, hkv: k.dim(1)?, d };
-    let (scale, window) = (shape.scale, shape.window);
     let sinks = shape.sinks.map(|s| s.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+    let kept = Kept { dims, window: shape.window, softcap: shape.softcap, sinks, lse: Mutex::new(vec![]) };
     let mut y = vec![0f32; t * hq * d];
-    let probs = with_cpu_f32(&[q, k, v], |x| {
-        let forward = |s| blocked::forward(x[0], x[1], x[2], dims, s, scale, window, sinks.as_deref(), &mut y);
+    let lse = with_cpu_f32(&[q, k, v], |x| {
+        let forward = |s| tiled::forward(x[0], x[1], x[2], dims, s, kept.logits(shape.scale), &mut y);
         segments(seq_lengths).into_iter().map(forward).collect()
     })?;
+    *kept.lse.lock().expect("not poisoned") = lse;
     let y = Tensor::from_vec(y, (t, hq * d), q.device())?;
-    let kept = Some(Kept { dims, probs: Mutex::new(probs) });
-    Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale, kept }))
+    let scale = shape.scale;
+    Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale, kept: Some(kept) }))
 }
 
-/// What the blocked CPU forward keeps for its backward: each segment's probabilities (taken: the
-/// backward runs once).
+/// What the tiled CPU forward keeps for its backward: the shape's variants and each segment's
+/// log-sum-exp [Hq, L] (taken: the backward runs once).
 struct Kept {
     dims: Heads,
-    probs: Mutex<Vec<Vec<f32>>>,
+    window: Option<usize>,
+    softcap: Option<f32>,
+    sinks: Option<Vec<f32>>,
+    lse: Mutex<Vec<Vec<f32>>>,
 }
 
 impl Kept {
-    /// The blocked backward from the kept probabilities.
+    /// How the kernels turn products into logits.
+    fn logits(&self, scale: f32) -> Logits<'_> {
+        Logits { scale, softcap: self.softcap, window: self.window, sinks: self.sinks.as_deref() }
+    }
+
+    /// The tiled backward from the outputs and the kept log-sum-exps.
     fn backward(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        dy: &Tensor,
+        (y, dy): (&Tensor, &Tensor),
         seq_lengths: &[usize],
         scale: f32,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let probs = std::mem::take(&mut *self.probs.lock().expect("not poisoned"));
-        if probs.len() != seq_lengths.len() {
+        let lse = std::mem::take(&mut *self.lse.lock().expect("not poisoned"));
+        if lse.len() != seq_lengths.len() {
             candle_core::bail!("attention: the backward ran twice over the same forward");
         }
         let (t, Heads { hq, hkv, d }) = (q.dim(0)?, self.dims);
         let (mut dq, mut dk, mut dv) = (vec![0f32; t * hq * d], vec![0f32; t * hkv * d], vec![0f32; t * hkv * d]);
-        with_cpu_f32(&[q, k, v, dy], |x| {
-            for (s, p) in segments(seq_lengths).into_iter().zip(probs) {
+        with_cpu_f32(&[q, k, v, y, dy], |x| {
+            for (s, lse) in segments(seq_lengths).into_iter().zip(lse) {
                 let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
-                blocked::backward((x[0], x[1], x[2]), x[3], p, self.dims, s, scale, grads);
+                tiled::backward((x[0], x[1], x[2]), (x[3], x[4]), &lse, self.dims, s, self.logits(scale), grads);
             }
         })?;
         let dev = q.device();
@@ -194,8 +203,8 @@ fn recomputing_attention(
     Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale, kept: None }))
 }
 
-/// The backward of [`attention`]: the blocked one from the probabilities the CPU forward kept, or
-/// per segment from recomputed probabilities.
+/// The backward of [`attention`]: the tiled one from the log-sum-exps the CPU forward kept, or per
+/// segment from recomputed probabilities.
 struct AttentionFn {
     seq_lengths: Vec<usize>,
     scale: f32,
@@ -214,12 +223,12 @@ impl CustomOp3 for AttentionFn {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         if let Some(kept) = &self.kept {
-            return kept.backward((&q, &k, &v), dy, &self.seq_lengths, self.scale);
+            return kept.backward((&q, &k, &v), (&y.detach(), dy), &self.seq_lengths, self.scale);
         }
         let (_, hq, hd) = q.dims3()?;
         let hkv = k.dim(1)?;
@@ -363,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn blocked_and_recomputing_attention_match_the_graph_across_segments_and_gqa() {
+    fn tiled_and_recomputing_attention_match_the_graph_across_segments_and_gqa() {
         // Short segments (inside one block) and long ones (across block edges, a partial last block).
         for lens in [vec![2, 4, 1], vec![70, 1, 150]] {
             let t: usize = lens.iter().sum();
@@ -386,7 +395,7 @@ mod tests {
     }
 
     #[test]
-    fn windowed_blocked_attention_matches_the_masked_graph() {
+    fn windowed_capped_and_sinking_tiled_attention_matches_the_masked_graph() {
         let lens = vec![3, 90];
         let t: usize = lens.iter().sum();
         let inputs = [rand(&[t, 4, 8], 21), rand(&[t, 2, 8], 22), rand(&[t, 2, 8], 23)];
@@ -400,6 +409,15 @@ mod tests {
         let sinks = (rand(&[4], 24) * 2.0).unwrap();
         for window in [Some(7), None] {
             let shape = Shape { scale: 0.3, window, softcap: None, sinks: Some(&sinks) };
+            same_as_graph(
+                |x| cpu_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
+                |x| masked_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
+                &inputs,
+            );
+        }
+        // Soft-capped scores (Gemma 2), with a window and without.
+        for window in [Some(7), None] {
+            let shape = Shape { scale: 0.3, window, softcap: Some(0.9), sinks: None };
             same_as_graph(
                 |x| cpu_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
                 |x| masked_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),

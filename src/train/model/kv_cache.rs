@@ -5,7 +5,9 @@
 //! to its own columns only. Rows that finish leave the batch ([`BatchCache::retain`]).
 //! [`Model::extend`] adds several tokens per row in one forward, so prompts that begin alike
 //! (few-shot examples) read their common prefix once and each its own rest on top
-//! ([`Model::start`]). No graph is recorded.
+//! ([`Model::start`]), a tile of tokens at a time. Memory stays linear in the prompts' length: the
+//! prefill's attention is the training kernels' (tiled on the CPU), decoding's scores are one row per
+//! token, and extending's a tile of rows. No graph is recorded.
 
 use super::softmax::MaskCache;
 use super::Model;
@@ -127,6 +129,9 @@ impl Model {
     }
 }
 
+/// Tokens per row in one forward of [`Model::extend`].
+const EXTEND_TILE: usize = 256;
+
 /// Prompts share a prefix worth reading once from this many tokens.
 const MIN_SHARED_PREFIX: usize = 16;
 
@@ -166,12 +171,16 @@ impl Model {
         Ok((logits.index_select(&idx, 0)?, cache))
     }
 
-    /// Several tokens for every row of the cache in one forward (`tokens[b]` continues row b). Rows
-    /// may differ in length: each row's tokens end at the same column, a shorter row's cached
-    /// columns moved right to meet them (more left padding). Next-token logits after each row's
-    /// last token, [B, vocab] f32.
+    /// Several tokens for every row of the cache (`tokens[b]` continues row b), in forwards of up to
+    /// [`EXTEND_TILE`] tokens per row. Rows may differ in length: each row's tokens end at the same
+    /// column, a shorter row's cached columns moved right to meet them (more left padding).
+    /// Next-token logits after each row's last token, [B, vocab] f32.
     pub fn extend(&self, tokens: &[&[u32]], cache: &mut BatchCache) -> candle_core::Result<Tensor> {
-        let h = self.extend_hidden(tokens, cache)?;
+        self.extend_in_tiles(tokens, cache, EXTEND_TILE)
+    }
+
+    fn extend_in_tiles(&self, tokens: &[&[u32]], cache: &mut BatchCache, tile: usize) -> candle_core::Result<Tensor> {
+        let h = self.extend_hidden_in_tiles(tokens, cache, tile)?;
         let ends: Vec<u32> = tokens
             .iter()
             .scan(0, |end, t| {
@@ -186,7 +195,38 @@ impl Model {
     /// [`Model::extend`]'s final hidden states (normed) of every token given, [N, hidden], row after
     /// row in order. Logits of a few of them at a time: [`Model::logits_of_hidden`].
     pub fn extend_hidden(&self, tokens: &[&[u32]], cache: &mut BatchCache) -> candle_core::Result<Tensor> {
-        no_grad(|| self.extend_recorded(tokens, cache))
+        self.extend_hidden_in_tiles(tokens, cache, EXTEND_TILE)
+    }
+
+    /// The rows, right-aligned, `tile` columns at a time (a row with no token in a tile sits it
+    /// out): each forward's scores [B, heads, tile, cols] are linear in the cache's length.
+    fn extend_hidden_in_tiles(
+        &self,
+        tokens: &[&[u32]],
+        cache: &mut BatchCache,
+        tile: usize,
+    ) -> candle_core::Result<Tensor> {
+        let s = tokens.iter().map(|t| t.len()).max().unwrap_or(0);
+        if s <= tile {
+            return no_grad(|| self.extend_recorded(tokens, cache));
+        }
+        let mut parts: Vec<Vec<Tensor>> = vec![vec![]; tokens.len()];
+        for a in (0..s).step_by(tile) {
+            let pieces: Vec<&[u32]> = tokens
+                .iter()
+                .map(|t| {
+                    let offset = s - t.len();
+                    &t[a.saturating_sub(offset).min(t.len())..(a + tile).saturating_sub(offset).min(t.len())]
+                })
+                .collect();
+            let h = no_grad(|| self.extend_recorded(&pieces, cache))?;
+            let mut at = 0;
+            for (part, piece) in parts.iter_mut().zip(&pieces).filter(|(_, p)| !p.is_empty()) {
+                part.push(h.narrow(0, at, piece.len())?);
+                at += piece.len();
+            }
+        }
+        Tensor::cat(&parts.into_iter().flatten().collect::<Vec<_>>(), 0)
     }
 
     /// Next-token logits [N, vocab] f32 of final hidden states [N, hidden].
@@ -201,8 +241,8 @@ impl Model {
         let g = hq / hkv;
         let b = tokens.len();
         let s = tokens.iter().map(|t| t.len()).max().unwrap_or(0);
-        if b != cache.pad.len() || tokens.iter().any(|t| t.is_empty()) {
-            candle_core::bail!("extend: one or more tokens for each of the {} cached rows", cache.pad.len());
+        if b != cache.pad.len() || s == 0 {
+            candle_core::bail!("extend: tokens for the {} cached rows (none for some is fine)", cache.pad.len());
         }
         let col = cache.len;
         if col + s > cache.capacity {
@@ -510,6 +550,20 @@ mod tests {
             for (i, s) in seqs.iter().enumerate() {
                 let d = (logits.get(i).unwrap() - last_logits(&m, s)).unwrap().abs().unwrap().max(0).unwrap();
                 assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "{family}: the logits after prompt row {i}");
+            }
+            // The rests two tokens at a time (rows without a token in a tile sit it out), then on.
+            let pre = m.prefill(&[&prefix]).unwrap();
+            let mut tiled = BatchCache::new(&pre, &[0, 0, 0], 8).unwrap();
+            let tiled_logits = m.extend_in_tiles(&rests, &mut tiled, 2).unwrap();
+            for (i, s) in prompts.iter().enumerate() {
+                let d = (tiled_logits.get(i).unwrap() - last_logits(&m, s)).unwrap().abs().unwrap().max(0).unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "{family}: the logits after prompt {i}, in tiles");
+            }
+            let next = m.decode(&[1, 2, 3], &mut tiled).unwrap();
+            for (i, s) in prompts.iter().enumerate() {
+                let s: Vec<u32> = s.iter().copied().chain([i as u32 + 1]).collect();
+                let d = (next.get(i).unwrap() - last_logits(&m, &s)).unwrap().abs().unwrap().max(0).unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "{family}: decoding after the tiles, row {i}");
             }
             for step in 0..4 {
                 let tokens: Vec<u32> = (0..rows.len()).map(|r| ((r * 7 + step * 13) % 50) as u32).collect();

@@ -3,7 +3,8 @@
 //! with their gradients and AdamW moments (in full fine-tuning: every weight in f32, its gradient
 //! and its moments, f32 or 8-bit), the
 //! activations the backward keeps per layer (all layers, or only each layer's input with gradient
-//! checkpointing, plus one layer recomputed), attention scores per packed segment, and the loss
+//! checkpointing, plus one layer recomputed), attention (its probabilities per packed segment, or
+//! linear in length in the tiled CPU kernels), and the loss
 //! head's chunk of logits. An estimate for planning; `train --probe-memory` measures the real peak.
 
 use super::config::ModelConfig;
@@ -24,6 +25,16 @@ pub struct StepSettings {
     /// Full fine-tuning: the optimizer's bytes per parameter (8 for f32 AdamW, about 2 for 8-bit);
     /// None for adapters.
     pub full_state_bytes: Option<f64>,
+    /// Attention in memory linear in the segment's length (the tiled CPU kernels); otherwise each
+    /// segment's probabilities [heads, L, L] (the GPU's fused ops, the plain graph).
+    pub tiled_attention: bool,
+}
+
+/// Whether training on `device` runs the tiled CPU attention: on the CPU (where a GPU build may
+/// find a GPU, its fused ops).
+pub fn tiled_attention_on(device: crate::train::device::DeviceSpec) -> bool {
+    use crate::train::device::DeviceSpec;
+    matches!(device, DeviceSpec::Cpu) || (matches!(device, DeviceSpec::Auto) && !cfg!(feature = "cuda"))
 }
 
 /// The packed segments of one micro-batch, by length.
@@ -133,7 +144,14 @@ pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEst
         }
     });
     let dense = t * (2.0 * h + 2.0 * (q + 2.0 * kv) + q + mlp + 2.0 * s.targets as f64 * s.lora_r as f64);
-    let attention = c.num_attention_heads as f64 * mb.segment_square_sum as f64;
+    let hq = c.num_attention_heads as f64;
+    let attention = if s.tiled_attention {
+        // Each query's log-sum-exp and the backward's rowsum(dY * Y) per head; the backward's
+        // tasks' own dQ, dK, dV rows (one task per thread at a time, each up to the segment).
+        2.0 * hq * t + rayon::current_num_threads() as f64 * 3.0 * mb.longest_segment as f64 * hd
+    } else {
+        hq * mb.segment_square_sum as f64
+    };
     let one_layer = (dense + attention) * s.activation_bytes as f64;
     let activations = if s.gradient_checkpointing {
         // Each layer's input, and one layer's activations recomputed (twice: forward and gradients).
@@ -183,6 +201,7 @@ mod tests {
             gradient_checkpointing: false,
             logits_chunk: 128,
             full_state_bytes: None,
+            tiled_attention: false,
         };
         let mb = |rows: usize, len: usize| MicroBatch {
             rows,
