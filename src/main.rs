@@ -17,16 +17,18 @@ extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
-/// Freed memory stays with the allocator instead of going back to the OS after its purge delay: a
-/// training step frees and reallocates the same large buffers every few milliseconds, and each
-/// return made the kernel zero fresh pages for the next step (page faults of a 10-step GRPO run
-/// 51,464 -> 1,747). The peak is the same; the resident size no longer dips between steps.
-/// `MIMALLOC_PURGE_DELAY` in the environment still decides when it is set.
+/// Freed memory goes back to the OS only after it has been free for 100 ms (mimalloc's default is
+/// 10): a training step frees and reallocates the same large buffers every few milliseconds, and
+/// each return made the kernel zero fresh pages for the next step. Never returning it (as tunekit
+/// did) cost memory instead: buffers of many sizes (a long conversation's backward) piled up, one
+/// 17,870-token LoRA step peaking at 2,681 MB against 1,783 MB now, at the same speed
+/// (benches/RESULTS.md, "Long conversations"). `MIMALLOC_PURGE_DELAY` in the environment still
+/// decides when it is set.
 fn keep_freed_memory() {
     const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15; // mimalloc v3's mi_option_purge_delay
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: setting an allocator option is thread-safe and takes effect for later frees.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 100) };
     }
 }
 

@@ -135,6 +135,13 @@ fn probing_memory_leaves_the_run_unchanged() {
     let s = run(&probed, None).unwrap();
     let p = s.probe.expect("the SFT probe ran");
     assert!(p.peak_memory_mb > 0.0 && p.micro_batch.contains("tokens"), "{p:?}");
+    // The summary says where the peak went: the frozen weights as held, the adapters with their
+    // gradients and moments (16 bytes a parameter), the step's estimate, and the rest adding up.
+    let m = &s.memory;
+    assert!(m.weights_mb > 0.0 && m.activations_mb.unwrap() > 0.0 && m.loss_head_mb.unwrap() > 0.0, "{m:?}");
+    assert!((m.trained_mb - s.trainable_params as f64 * 16.0 / 1048576.0).abs() < 1e-9, "{m:?}");
+    let parts = m.weights_mb + m.trained_mb + m.activations_mb.unwrap() + m.loss_head_mb.unwrap() + m.rest_mb;
+    assert!((parts - m.peak_mb).abs() < 1e-6 && m.loading_peak_mb <= m.peak_mb, "{m:?}");
     let a = std::fs::read(dir.path().join("a/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(dir.path().join("b/adapter_model.safetensors")).unwrap();
     assert_eq!(a, b, "the probe must not change the run");

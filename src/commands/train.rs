@@ -19,6 +19,7 @@ impl Summary for TrainSummary {
             "  base: {:.3} bytes/parameter ({:.3} in the projections); peak memory {:.0} MB on {}",
             self.base_bytes_per_param, self.projection_bytes_per_param, self.peak_memory_mb, self.device
         );
+        println!("  memory:     {}", self.memory.describe());
         if let Some(g) = self.peak_gpu_memory_mb {
             println!("  GPU memory in use at most: {g:.0} MB");
         }

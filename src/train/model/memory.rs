@@ -76,9 +76,14 @@ pub struct MemoryEstimate {
 }
 
 const MB: f64 = 1024.0 * 1024.0;
-/// What a training process holds beside the model and the step, measured on the CPU with SmolLM2
-/// (peak after the probe minus the rest at three batch sizes).
-const RUNTIME_MB: f64 = 250.0;
+/// What a training process holds beside the model and the step (shards, buffers, the allocator's
+/// slack), fitted on the CPU: SmolLM2 at 512 and 2,048 tokens with and without checkpointing, and
+/// one conversation of 2k-37k tokens on a Llama-shaped model (benches/RESULTS.md, "Long
+/// conversations"): every estimate within 11% of the measured peak.
+const RUNTIME_MB: f64 = 60.0;
+/// With gradient checkpointing, the recomputed layer's activations and their gradients, in layers'
+/// worth (fitted as [`RUNTIME_MB`]: some of the gradients replace activations already freed).
+const RECOMPUTED_LAYERS: f64 = 1.75;
 
 /// Frozen parameters of the base: embeddings (and an untied output layer), projections, norms.
 pub fn base_parameters(c: &ModelConfig) -> u64 {
@@ -154,8 +159,8 @@ pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEst
     };
     let one_layer = (dense + attention) * s.activation_bytes as f64;
     let activations = if s.gradient_checkpointing {
-        // Each layer's input, and one layer's activations recomputed (twice: forward and gradients).
-        layers * t * h * s.activation_bytes as f64 + 2.0 * one_layer
+        // Each layer's input, and one layer's activations recomputed with their gradients.
+        layers * t * h * s.activation_bytes as f64 + RECOMPUTED_LAYERS * one_layer
     } else {
         // All layers, and one layer's gradients in flight during the backward.
         (layers + 1.0) * one_layer

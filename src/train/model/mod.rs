@@ -289,6 +289,13 @@ impl Model {
     /// Bytes per parameter of all the frozen weight matrices as held: projections, the embedding
     /// and an untied lm_head (norms are negligible and left out).
     pub fn base_bytes_per_param(&self) -> f64 {
+        let (params, bytes) = self.frozen_matrices_held();
+        bytes as f64 / params.max(1) as f64
+    }
+
+    /// (parameters, bytes) of all the frozen weight matrices as held (see
+    /// [`Model::base_bytes_per_param`]).
+    pub fn frozen_matrices_held(&self) -> (usize, usize) {
         let (mut params, mut bytes) = self.projections_held();
         params += self.config.vocab_size * self.config.hidden_size;
         bytes += match &self.embed_q {
@@ -300,7 +307,7 @@ impl Model {
             params += p;
             bytes += b;
         }
-        bytes as f64 / params.max(1) as f64
+        (params, bytes)
     }
 
     /// Switches every adapter on or off (off: the reference model of DPO).

@@ -254,6 +254,10 @@ impl<'a> Sft<'a> {
 impl Recipe for Sft<'_> {
     const EXAMPLES: &'static str = "rows";
 
+    fn memory_estimate(&self, config: &ModelConfig) -> Option<MemoryEstimate> {
+        self.largest_micro_batch(config).map(|(_, e)| e)
+    }
+
     /// The largest micro-batch of the current epoch (by the memory it needs), forward and backward
     /// once with a copy of the dropout stream; the gradients are dropped, so the run is unchanged.
     fn probe(&mut self, t: &Trainable) -> Result<Option<String>> {

@@ -20,7 +20,7 @@ use crate::train::options::TrainOptions;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use log::{RunLog, Update};
-pub use outputs::{Probe, TrainSummary};
+pub use outputs::{MemoryBreakdown, Probe, TrainSummary};
 pub use recipe::{grads_of, GradSum, Metrics, Recipe, Step};
 use serde_json::json;
 use std::path::Path;
@@ -37,6 +37,7 @@ pub fn train<R: Recipe>(
     resume: Option<&Path>,
 ) -> Result<TrainSummary> {
     let start = Instant::now();
+    let loaded_peak_mb = crate::train::device::peak_rss_mb();
     let world = crate::cluster::world();
     if world.size > 1 {
         world.check_same(ranks::run_digest(opts)?, "options or data")?;
@@ -89,7 +90,7 @@ pub fn train<R: Recipe>(
         }
     }
     pb.finish_and_clear();
-    outputs::finish(opts, &t, &recipe, &optim, step, log, probe, outputs::Clock { start, training })
+    outputs::finish(opts, &t, &recipe, &optim, step, log, probe, outputs::Clock { start, training, loaded_peak_mb })
 }
 
 /// Whether held-out evaluation runs after `step` (0: before the first): every `--eval-every` steps

@@ -21,6 +21,56 @@ pub struct Probe {
     pub peak_gpu_memory_mb: Option<f64>,
 }
 
+/// Where the peak memory went: the frozen weights and the adapters (with their gradients and
+/// AdamW's moments; in full fine-tuning every weight's) as held, the step's activations and loss
+/// head as estimated for the largest micro-batch, and the rest (the runtime: tokenizer, shards,
+/// buffers, the allocator's slack).
+#[derive(Debug, Serialize)]
+pub struct MemoryBreakdown {
+    pub peak_mb: f64,
+    /// The peak while the model and data loaded (before the first step).
+    pub loading_peak_mb: f64,
+    pub weights_mb: f64,
+    pub trained_mb: f64,
+    pub activations_mb: Option<f64>,
+    pub loss_head_mb: Option<f64>,
+    pub rest_mb: f64,
+}
+
+impl MemoryBreakdown {
+    fn of<R: Recipe>(t: &Trainable, recipe: &R, loading_peak_mb: f64) -> MemoryBreakdown {
+        const MB: f64 = 1024.0 * 1024.0;
+        let peak_mb = peak_rss_mb();
+        let weights_mb = if t.model.is_full() { 0.0 } else { t.model.frozen_matrices_held().1 as f64 / MB };
+        // The variables, their gradients and two moments, in f32.
+        let trained_mb = t.trainable_params() as f64 * 16.0 / MB;
+        let e = recipe.memory_estimate(&t.model.config);
+        let (activations_mb, loss_head_mb) = (e.as_ref().map(|e| e.activations_mb), e.as_ref().map(|e| e.loss_head_mb));
+        let known = weights_mb + trained_mb + activations_mb.unwrap_or(0.0) + loss_head_mb.unwrap_or(0.0);
+        let rest_mb = peak_mb - known;
+        MemoryBreakdown { peak_mb, loading_peak_mb, weights_mb, trained_mb, activations_mb, loss_head_mb, rest_mb }
+    }
+
+    /// One line for the summary.
+    pub fn describe(&self) -> String {
+        let step = match (self.activations_mb, self.loss_head_mb) {
+            (Some(a), Some(h)) => {
+                format!(", activations ~{a:.0} and loss head ~{h:.0} (estimated, largest micro-batch)")
+            }
+            _ => String::new(),
+        };
+        let when = match self.loading_peak_mb >= self.peak_mb - 1.0 {
+            true => "reached while loading",
+            false => "in the steps",
+        };
+        format!(
+            "peak {:.0} MB ({when}; {:.0} MB while loading) = frozen weights {:.0}, trained weights with gradients \
+             and moments {:.0}{step}, runtime and allocator {:.0} (the rest)",
+            self.peak_mb, self.loading_peak_mb, self.weights_mb, self.trained_mb, self.rest_mb
+        )
+    }
+}
+
 /// What a training run reports, whatever its method.
 #[derive(Debug, Serialize)]
 pub struct TrainSummary {
@@ -60,6 +110,8 @@ pub struct TrainSummary {
     pub projection_bytes_per_param: f64,
     /// Peak resident memory of the process.
     pub peak_memory_mb: f64,
+    /// Where it went.
+    pub memory: MemoryBreakdown,
     /// What `--probe-memory` ran before step 1, and the peak memory then.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe: Option<Probe>,
@@ -94,6 +146,8 @@ pub struct Clock {
     pub start: Instant,
     /// The first step's start (after the probe and the first evaluation).
     pub training: Instant,
+    /// The peak memory when the loop began: loading the model and the data.
+    pub loaded_peak_mb: f64,
 }
 
 /// Writes what a finished run leaves (rank 0: the adapter, the chart, the report; every rank takes
@@ -161,6 +215,7 @@ pub fn finish<R: Recipe>(
         base_bytes_per_param: t.base_bytes_per_param,
         projection_bytes_per_param: t.projection_bytes_per_param,
         peak_memory_mb: peak_rss_mb(),
+        memory: MemoryBreakdown::of(t, recipe, clock.loaded_peak_mb),
         probe,
         device: describe(&t.model.device, t.model.dtype),
         peak_gpu_memory_mb: log.peak_gpu_mb,

@@ -3,6 +3,8 @@
 //! [`GradSum`] accumulates gradients over micro-batches.
 
 use super::trainable::Trainable;
+use crate::train::model::config::ModelConfig;
+use crate::train::model::memory::MemoryEstimate;
 use crate::train::model::moe::is_expert_adapter;
 use crate::train::model::Model;
 use anyhow::{bail, Result};
@@ -100,6 +102,11 @@ pub trait Recipe {
     }
     fn restore(&mut self, _state: &Value) -> Result<()> {
         Ok(())
+    }
+    /// The estimated memory of the largest micro-batch's step (activations, loss head), where the
+    /// method has one.
+    fn memory_estimate(&self, _config: &ModelConfig) -> Option<MemoryEstimate> {
+        None
     }
     /// Adds to an adapter directory what the method trains beside the adapters (a reward head).
     fn save_extra(&self, _model: &Model, _dir: &Path) -> Result<()> {
