@@ -18,7 +18,8 @@ trap 'rm -rf "$T"' EXIT
 {{ input }}{% endif %}" --completion "{{ output | replace('{{name}}', 'Tessa') | replace('{{author}}', 'the Tunekit team') }}" >/dev/null
 "$B" -q prepare "$T/identity.jsonl" --tokenizer "$G" --out "$T/shards" --seq-len 512 --eval-fraction 0.15 --dedup none >/dev/null
 FLAGS="${FLAGS---gradient-checkpointing}"
-for base in "" "--qlora nf4" "--qlora nf4 --qlora-embeddings" "--qlora gguf"; do
+IFS=, read -r -a BASES <<< "${BASES:-,--qlora nf4,--qlora nf4 --qlora-embeddings,--qlora gguf}"
+for base in "${BASES[@]}"; do
   echo "== ${base:-LoRA (f32 base)} $FLAGS"
   rm -rf "$T/run"
   /usr/bin/time -f "  peak_rss_kb=%M" "$B" train --model "$G" --data "$T/shards" --out "$T/run" --max-steps 3 --lora-r 16 \

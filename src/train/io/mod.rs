@@ -79,6 +79,9 @@ pub fn load_model(path: &Path, adapter: Option<&Path>, place: &Placement) -> Res
         base.quantize_embeddings()?;
     }
     let mut model = Model::from_base_as(&base, &device, dtype)?;
+    if place.qlora.is_some() && !place.qlora_embeddings {
+        model.hold_embeddings_in_bf16()?;
+    }
     if let Some(score) = base.tensors.get("score.weight") {
         // A reward model written as a sequence classifier (`train --method reward --full`).
         let score = score.to_device(&device)?.to_dtype(candle_core::DType::F32)?;

@@ -28,7 +28,7 @@ impl Model {
     /// Embedding rows of `ids` [T] -> [T, hidden] in the compute dtype, scaled as the family says.
     pub(super) fn embed_rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let rows = match &self.embed_q {
-            None => self.embed.index_select(ids, 0)?,
+            None => self.embed.index_select(ids, 0)?.to_dtype(self.dtype)?,
             Some(QuantEmbedding { device: Some(d), .. }) => d.dense(&self.device, self.dtype)?.index_select(ids, 0)?,
             Some(QuantEmbedding { cpu, device: None }) => {
                 let rows = cpu.dequantize_rows(&ids.to_vec1::<u32>()?);
@@ -221,7 +221,7 @@ impl Model {
     /// Logits [N, vocab] in f32 of final hidden states [N, hidden], soft-capped where the family
     /// says (Gemma 2).
     pub(super) fn logits_of(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        let logits = self.lm_head.forward(&self.head_input(h)?, None)?.to_dtype(DType::F32)?;
+        let logits = super::head_weight::logits(&self.head_input(h)?, &self.lm_head)?.to_dtype(DType::F32)?;
         match self.arch.final_softcap {
             Some(c) => (logits / c)?.tanh()? * c,
             None => Ok(logits),

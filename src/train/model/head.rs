@@ -8,12 +8,12 @@
 //! at a time, never whole. A trained head (full fine-tuning) gets its weight's gradient from the
 //! same chunks.
 
+use super::head_weight::HeadWeight;
 use super::linear::{Linear, Weight};
 use crate::train::cpu::softmax;
 use crate::train::graph::attached_forward;
 use crate::train::graph::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp1, Layout, Tensor, D};
-use std::sync::Arc;
 
 /// The loss head: `sum_i CE(h_i W^T, t_i)` over the trained positions' hidden states h [N, hidden],
 /// `chunk` rows at a time. When training, each chunk's gradient with respect to its rows,
@@ -246,79 +246,6 @@ fn score_rows(
     })
 }
 
-/// The head's weight [vocab, hidden] for the scores: dense (whole), or NF4 rows
-/// dequantised `NF4_ROWS` at a time.
-enum HeadWeight {
-    Dense(Tensor),
-    Nf4 { w: Arc<super::quant::Nf4Weight>, dtype: DType, device: candle_core::Device },
-}
-
-const NF4_ROWS: usize = 4096;
-
-impl HeadWeight {
-    fn new(head: &Linear, x: &Tensor) -> candle_core::Result<Self> {
-        Ok(match (&head.weight, x.device().is_cpu()) {
-            (Weight::Nf4 { cpu, .. }, true) => {
-                HeadWeight::Nf4 { w: cpu.clone(), dtype: x.dtype(), device: x.device().clone() }
-            }
-            // Detached: a trained weight's products here are not recorded (its gradient is ours).
-            _ => HeadWeight::Dense(head.frozen_dense(x)?.detach()),
-        })
-    }
-
-    /// Zeros of the weight's shape (its gradient when no row trains).
-    fn zeros(&self) -> candle_core::Result<Tensor> {
-        match self {
-            HeadWeight::Dense(w) => w.zeros_like(),
-            HeadWeight::Nf4 { w, dtype, device } => Tensor::zeros((w.rows, w.cols), *dtype, device),
-        }
-    }
-
-    /// Rows `r0..r0+len` of the weight.
-    fn block(&self, r0: usize, len: usize) -> candle_core::Result<Tensor> {
-        match self {
-            HeadWeight::Dense(w) => w.narrow(0, r0, len),
-            HeadWeight::Nf4 { w, dtype, device } => {
-                let ids: Vec<u32> = (r0 as u32..(r0 + len) as u32).collect();
-                Tensor::from_vec(w.dequantize_rows(&ids), (len, w.cols), device)?.to_dtype(*dtype)
-            }
-        }
-    }
-
-    fn blocks(&self) -> Vec<(usize, usize)> {
-        match self {
-            HeadWeight::Dense(w) => vec![(0, w.dim(0).unwrap_or(0))],
-            HeadWeight::Nf4 { w, .. } => (0..w.rows).step_by(NF4_ROWS).map(|r| (r, NF4_ROWS.min(w.rows - r))).collect(),
-        }
-    }
-
-    /// x W^T [rows, vocab].
-    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let parts = self
-            .blocks()
-            .into_iter()
-            .map(|(r0, len)| x.matmul(&self.block(r0, len)?.t()?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        if parts.len() == 1 {
-            return Ok(parts.into_iter().next().expect("one block"));
-        }
-        Tensor::cat(&parts, 1)
-    }
-
-    /// d W [rows, hidden] for d [rows, vocab].
-    fn input_grad(&self, d: &Tensor) -> candle_core::Result<Tensor> {
-        let mut acc: Option<Tensor> = None;
-        for (r0, len) in self.blocks() {
-            let part = d.narrow(1, r0, len)?.contiguous()?.matmul(&self.block(r0, len)?)?;
-            acc = Some(match acc {
-                Some(a) => (a + part)?,
-                None => part,
-            });
-        }
-        acc.ok_or_else(|| candle_core::Error::Msg("lm_head has no rows".into()))
-    }
-}
-
 /// The backward of the head's scores: their input gradient, computed in the forward. A scalar
 /// total (`per_row: false`) scales every row by its gradient; per-row scores scale each row by its own.
 struct InputGradFn {
@@ -534,8 +461,8 @@ mod tests {
             &[rand(&[5, 6], 19)],
         );
         // An NF4 head, dequantised in blocks of rows (2 blocks here), equals its dense dequantisation.
-        let (vocab, cols) = (NF4_ROWS + 4, 64);
-        let wq = Arc::new(super::super::quant::Nf4Weight::quantize(
+        let (vocab, cols) = (super::super::head_weight::HEAD_ROWS + 4, 64);
+        let wq = std::sync::Arc::new(super::super::quant::Nf4Weight::quantize(
             &rand(&[vocab, cols], 21).flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             vocab,
             cols,

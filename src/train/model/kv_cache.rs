@@ -577,4 +577,19 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn embeddings_held_in_bf16_give_the_logits_of_their_rounded_values() {
+        let mut m = tiny("llama", serde_json::json!({}));
+        let ids = [3u32, 7, 11, 20];
+        let full = last_logits(&m, &ids);
+        m.hold_embeddings_in_bf16().unwrap();
+        assert_eq!(m.embed.dtype(), DType::BF16, "QLoRA's embedding (and tied head) in bf16");
+        let held = last_logits(&m, &ids);
+        let d = (&held - full).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 0.0 && d < 0.05, "bf16 rounding of the embedding moves the logits by {d}");
+        let (cached, _) = m.start(&[&ids], &[0], 1, false).unwrap();
+        let d = (cached.get(0).unwrap() - held).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "the cache's logits (the head a block of rows at a time) differ by {d}");
+    }
 }
