@@ -53,11 +53,13 @@ impl MemoryBreakdown {
 
     /// One line for the summary.
     pub fn describe(&self) -> String {
-        let step = match (self.activations_mb, self.loss_head_mb) {
-            (Some(a), Some(h)) => {
-                format!(", activations ~{a:.0} and loss head ~{h:.0} (estimated, largest micro-batch)")
-            }
-            _ => String::new(),
+        let (step, rest) = match (self.activations_mb, self.loss_head_mb) {
+            (Some(a), Some(h)) => (
+                format!(", activations ~{a:.0} and loss head ~{h:.0} (estimated, largest micro-batch)"),
+                "runtime and allocator",
+            ),
+            // Methods without an estimate (generation, pairs): the step is in the rest.
+            _ => (String::new(), "the steps' activations, runtime and allocator"),
         };
         let when = match self.loading_peak_mb >= self.peak_mb - 1.0 {
             true => "reached while loading",
@@ -65,7 +67,7 @@ impl MemoryBreakdown {
         };
         format!(
             "peak {:.0} MB ({when}; {:.0} MB while loading) = frozen weights {:.0}, trained weights with gradients \
-             and moments {:.0}{step}, runtime and allocator {:.0} (the rest)",
+             and moments {:.0}{step}, {rest} {:.0} (the rest)",
             self.peak_mb, self.loading_peak_mb, self.weights_mb, self.trained_mb, self.rest_mb
         )
     }
