@@ -10,13 +10,8 @@ use tunekit::train::cpu::attention::{backward, forward, Heads, Logits, Segment};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
+    let mut r = tunekit::split::SplitMix64::new(seed);
+    (0..n).map(|_| (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect()
 }
 
 fn main() {

@@ -61,15 +61,19 @@ impl Logits<'_> {
     }
 
     /// Raw products of a row into what the exponentials take: soft-capped in place (then scaled by
-    /// 1), or left to be scaled by `scale`. The scale to pass on is returned.
-    fn prepare(&self, row: &mut [f32]) -> f32 {
-        match self.softcap {
-            Some(c) => {
-                row.iter_mut().for_each(|x| *x = c * (*x * self.scale / c).tanh());
-                1.0
-            }
-            None => self.scale,
+    /// 1), or left to be scaled by `scale`. The scale to pass on is returned. With `slope` (the
+    /// backward, soft-capped), each logit's derivative by its product, `scale * (1 - tanh^2)`.
+    fn prepare(&self, row: &mut [f32], slope: Option<&mut [f32]>) -> f32 {
+        let Some(c) = self.softcap else { return self.scale };
+        match slope {
+            Some(slope) => row.iter_mut().zip(slope).for_each(|(x, sl)| {
+                let t = (*x * self.scale / c).tanh();
+                *sl = self.scale * (1.0 - t * t);
+                *x = c * t;
+            }),
+            None => row.iter_mut().for_each(|x| *x = c * (*x * self.scale / c).tanh()),
         }
+        1.0
     }
 }
 
@@ -149,7 +153,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Heads, s: Segment, logits:
                     if seen.is_empty() {
                         continue;
                     }
-                    let scale = logits.prepare(seen);
+                    let scale = logits.prepare(seen, None);
                     let new_max = max[r].max(super::softmax::max_scaled(seen, scale));
                     let (tile_sum, _) = super::softmax::exp_sums_in_place(seen, scale, new_max, false);
                     // The sums and outputs so far, rescaled to the new maximum (none before: 0).
@@ -235,18 +239,12 @@ pub fn backward(
                     for r in 0..m {
                         let row = &mut p[r * n..(r + 1) * n];
                         let vis = logits.visible(r0 + r, c0, n);
-                        if let Some(c) = logits.softcap {
-                            // d logit / d product = scale * (1 - tanh^2), kept before the cap.
-                            for (x, sl) in row[vis.clone()].iter().zip(&mut slope[r * n..]) {
-                                let t = (x * logits.scale / c).tanh();
-                                *sl = logits.scale * (1.0 - t * t);
-                            }
-                        }
                         let (before, rest) = row.split_at_mut(vis.start);
                         let (seen, after) = rest.split_at_mut(vis.len());
                         before.fill(0.0);
                         after.fill(0.0);
-                        let scale = logits.prepare(seen);
+                        let slope = logits.softcap.map(|_| &mut slope[r * n..r * n + seen.len()]);
+                        let scale = logits.prepare(seen, slope);
                         super::softmax::exp_sums_in_place(seen, scale, lse_h[r0 + r], false);
                     }
                     // dV += P^T dY.

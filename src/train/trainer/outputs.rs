@@ -188,6 +188,7 @@ pub fn finish<R: Recipe>(
     let trainable = t.trainable_params();
     let total_params = t.base_params + trainable;
     let (examples, eval_examples) = recipe.examples();
+    let memory = MemoryBreakdown::of(t, recipe, clock.loaded_peak_mb);
     Ok(TrainSummary {
         command: "train",
         method: opts.method.name(),
@@ -216,8 +217,8 @@ pub fn finish<R: Recipe>(
         report,
         base_bytes_per_param: t.base_bytes_per_param,
         projection_bytes_per_param: t.projection_bytes_per_param,
-        peak_memory_mb: peak_rss_mb(),
-        memory: MemoryBreakdown::of(t, recipe, clock.loaded_peak_mb),
+        peak_memory_mb: memory.peak_mb,
+        memory,
         probe,
         device: describe(&t.model.device, t.model.dtype),
         peak_gpu_memory_mb: log.peak_gpu_mb,
