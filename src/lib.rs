@@ -33,10 +33,11 @@
 //! flags, turned into those options once); [`accounting`] (rejects and the counts that add up:
 //! every input row is kept, removed as a duplicate, or rejected with a reason), [`output`] (files
 //! that appear only when complete, and the lock on an output directory), [`progress`], [`split`]
-//! (seeded randomness and the train/eval split) and [`digest`].
+//! (seeded randomness and the train/eval split), [`digest`] and [`allocator`].
 
 pub mod accounting;
 pub mod admit;
+pub mod allocator;
 pub mod bench;
 pub mod cli;
 pub mod cluster;

@@ -12,23 +12,15 @@ use tunekit::commands::{self, print, Summary};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-extern "C" {
-    /// mimalloc's run-time options (linked in with the allocator).
-    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-}
-
-/// Freed memory goes back to the OS only after it has been free for 100 ms (mimalloc's default is
-/// 10): a training step frees and reallocates the same large buffers every few milliseconds, and
-/// each return made the kernel zero fresh pages for the next step. Never returning it (as tunekit
-/// did) cost memory instead: buffers of many sizes (a long conversation's backward) piled up, one
-/// 17,870-token LoRA step peaking at 2,681 MB against 1,783 MB now, at the same speed
-/// (benches/RESULTS.md, "Long conversations"). `MIMALLOC_PURGE_DELAY` in the environment still
-/// decides when it is set.
-fn keep_freed_memory() {
-    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15; // mimalloc v3's mi_option_purge_delay
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: setting an allocator option is thread-safe and takes effect for later frees.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 100) };
+/// candle's elementwise ops run on its own worker threads, which spin 25,000 times after each op
+/// before sleeping: on a two-core machine the spinning worker takes a core from the GEMM threads
+/// that run next (3% of a SmolLM2-shape step's samples). 500 spins still catch back-to-back ops.
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` in the environment still decides when it is set.
+fn short_worker_spins() {
+    const SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(SPIN_LIMIT).is_none() {
+        // Before any thread starts: candle reads it when its pool is first used.
+        std::env::set_var(SPIN_LIMIT, "500");
     }
 }
 
@@ -50,7 +42,8 @@ fn on_the_compute_pool<R: Send>(op: impl FnOnce() -> R + Send) -> R {
 const MAIN_STACK_BYTES: usize = 8 << 20;
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    tunekit::allocator::configure();
+    short_worker_spins();
     let args = match tunekit::cli::config::expand_config(std::env::args().collect()) {
         Ok(a) => a,
         Err(e) => {

@@ -79,8 +79,11 @@ pub fn load_model(path: &Path, adapter: Option<&Path>, place: &Placement) -> Res
         base.quantize_embeddings()?;
     }
     let mut model = Model::from_base_as(&base, &device, dtype)?;
-    if place.qlora.is_some() && !place.qlora_embeddings {
-        model.hold_embeddings_in_bf16()?;
+    if place.qlora.is_some() {
+        crate::allocator::favour_memory();
+        if !place.qlora_embeddings {
+            model.hold_embeddings_in_bf16()?;
+        }
     }
     if let Some(score) = base.tensors.get("score.weight") {
         // A reward model written as a sequence classifier (`train --method reward --full`).
@@ -88,19 +91,9 @@ pub fn load_model(path: &Path, adapter: Option<&Path>, place: &Placement) -> Res
         model.score = Some(candle_core::Var::from_tensor(&score)?);
     }
     drop(base);
-    release_freed_memory();
+    crate::allocator::release_freed_memory();
     if let Some(a) = adapter {
         peft::load_into(&mut model, a)?;
     }
     Ok(model)
-}
-
-/// Hands the heap's freed pages back to the system (glibc keeps them otherwise: the load's
-/// dequantised temporaries and a step's activations would stay in the process's resident memory).
-pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap memory to the OS.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }

@@ -14,7 +14,6 @@ pub mod ranks;
 pub mod recipe;
 pub mod trainable;
 
-use crate::train::io::release_freed_memory;
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW};
 use crate::train::options::TrainOptions;
 use anyhow::{bail, Context, Result};
@@ -38,6 +37,8 @@ pub fn train<R: Recipe>(
 ) -> Result<TrainSummary> {
     let start = Instant::now();
     let loaded_peak_mb = crate::train::device::peak_rss_mb();
+    // What loading the models and data freed goes back before the steps start.
+    crate::allocator::release_freed_memory();
     let world = crate::cluster::world();
     if world.size > 1 {
         world.check_same(ranks::run_digest(opts)?, "options or data")?;
@@ -117,7 +118,6 @@ fn optimizer_step(
     let lr = lr_at(opts.optim.lr, step, opts.warmup_steps, total, opts.schedule);
     optim.update(&t.vars, &grads, lr)?;
     drop(grads);
-    release_freed_memory();
     if profile {
         t.model.device.synchronize()?;
     }
