@@ -134,7 +134,7 @@ fn memory(o: &DoctorOptions, c: &crate::train::model::config::ModelConfig, s: &S
         gradient_checkpointing: o.gradient_checkpointing,
         logits_chunk: crate::train::model::LOGITS_CHUNK,
         full_state_bytes: o.full.map(|optim| optim.state_bytes_per_param()),
-        tiled_attention: !bf16 && crate::train::model::memory::tiled_attention_on(Default::default()),
+        cpu_kernels: !bf16 && crate::train::model::memory::cpu_kernels_on(Default::default()),
     };
     let shape = |b: &Vec<usize>| MicroBatch::of(b.len(), || b.iter().flat_map(|&i| rows[i].iter().copied()));
     let largest = batches

@@ -25,14 +25,16 @@ pub struct StepSettings {
     /// Full fine-tuning: the optimizer's bytes per parameter (8 for f32 AdamW, about 2 for 8-bit);
     /// None for adapters.
     pub full_state_bytes: Option<f64>,
-    /// Attention in memory linear in the segment's length (the tiled CPU kernels); otherwise each
-    /// segment's probabilities [heads, L, L] (the GPU's fused ops, the plain graph).
-    pub tiled_attention: bool,
+    /// The CPU's f32 kernels run the step: attention in memory linear in the segment's length
+    /// (tiled), and each chunk of logits turned into its own gradient in place. Otherwise (the
+    /// GPU's fused ops, the plain graph) each segment's probabilities [heads, L, L] and a chunk's
+    /// logits and gradient apart.
+    pub cpu_kernels: bool,
 }
 
-/// Whether training on `device` runs the tiled CPU attention: on the CPU (where a GPU build may
-/// find a GPU, its fused ops).
-pub fn tiled_attention_on(device: crate::train::device::DeviceSpec) -> bool {
+/// Whether training on `device` runs the CPU's kernels: on the CPU (where a GPU build may find a
+/// GPU, its fused ops).
+pub fn cpu_kernels_on(device: crate::train::device::DeviceSpec) -> bool {
     use crate::train::device::DeviceSpec;
     matches!(device, DeviceSpec::Cpu) || (matches!(device, DeviceSpec::Auto) && !cfg!(feature = "cuda"))
 }
@@ -61,7 +63,8 @@ impl MicroBatch {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryEstimate {
-    /// The process itself: tokenizer, shards, allocator and buffers (measured at SmolLM2 shapes).
+    /// The process itself: tokenizer, shards and buffers, and the allocator's slack (freed step
+    /// buffers it holds on to for a while).
     pub runtime_mb: f64,
     pub weights_mb: f64,
     /// LoRA's adapters with their gradients and moments (0 in full fine-tuning).
@@ -76,11 +79,13 @@ pub struct MemoryEstimate {
 }
 
 const MB: f64 = 1024.0 * 1024.0;
-/// What a training process holds beside the model and the step (shards, buffers, the allocator's
-/// slack), fitted on the CPU: SmolLM2 at 512 and 2,048 tokens with and without checkpointing, and
-/// one conversation of 2k-37k tokens on a Llama-shaped model (benches/RESULTS.md, "Long
-/// conversations"): every estimate within 11% of the measured peak.
+/// What a training process holds beside the model and the step (shards, buffers), and the
+/// allocator's slack as a share of the step's activations and loss head (it keeps freed buffers for
+/// 3 s, `crate::allocator`, and a step's buffers of many sizes do not all fit the freed ones), fitted
+/// on the CPU: SmolLM2 at 512-2,048 tokens with and without checkpointing, and one conversation of
+/// 2k-37k tokens on a Llama-shaped model (benches/RESULTS.md, "Long conversations").
 const RUNTIME_MB: f64 = 60.0;
+const ALLOCATOR_SLACK: f64 = 0.1;
 /// With gradient checkpointing, the recomputed layer's activations and their gradients, in layers'
 /// worth (fitted as [`RUNTIME_MB`]: some of the gradients replace activations already freed).
 const RECOMPUTED_LAYERS: f64 = 1.75;
@@ -150,7 +155,7 @@ pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEst
     });
     let dense = t * (2.0 * h + 2.0 * (q + 2.0 * kv) + q + mlp + 2.0 * s.targets as f64 * s.lora_r as f64);
     let hq = c.num_attention_heads as f64;
-    let attention = if s.tiled_attention {
+    let attention = if s.cpu_kernels {
         // Each query's log-sum-exp and the backward's rowsum(dY * Y) per head; the backward's
         // tasks' own dQ, dK, dV rows (one task per thread at a time, each up to the segment).
         2.0 * hq * t + rayon::current_num_threads() as f64 * 3.0 * mb.longest_segment as f64 * hd
@@ -165,12 +170,15 @@ pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEst
         // All layers, and one layer's gradients in flight during the backward.
         (layers + 1.0) * one_layer
     };
-    // A chunk of logits and its gradient (the head is fused: one chunk at a time), in f32, and the
-    // final hidden states with their gradient.
-    let head = 2.0 * s.logits_chunk.min(mb.tokens.max(1)) as f64 * c.vocab_size as f64 * 4.0 + 2.0 * t * h * 4.0;
-    let total = weights + adapters + gradients + optimizer + activations + head + RUNTIME_MB * MB;
+    // A chunk of logits and its gradient (the head is fused: one chunk at a time; the CPU writes the
+    // gradient over the logits), in f32, and the final hidden states with their gradient.
+    let chunk_buffers = if s.cpu_kernels { 1.0 } else { 2.0 };
+    let head =
+        chunk_buffers * s.logits_chunk.min(mb.tokens.max(1)) as f64 * c.vocab_size as f64 * 4.0 + 2.0 * t * h * 4.0;
+    let runtime = RUNTIME_MB * MB + ALLOCATOR_SLACK * (activations + head);
+    let total = weights + adapters + gradients + optimizer + activations + head + runtime;
     MemoryEstimate {
-        runtime_mb: RUNTIME_MB,
+        runtime_mb: runtime / MB,
         weights_mb: weights / MB,
         adapters_mb: adapters / MB,
         gradients_mb: gradients / MB,
@@ -206,7 +214,7 @@ mod tests {
             gradient_checkpointing: false,
             logits_chunk: 128,
             full_state_bytes: None,
-            tiled_attention: false,
+            cpu_kernels: false,
         };
         let mb = |rows: usize, len: usize| MicroBatch {
             rows,

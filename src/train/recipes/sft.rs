@@ -176,7 +176,7 @@ impl<'a> Sft<'a> {
             gradient_checkpointing: o.gradient_checkpointing,
             logits_chunk: o.logits_chunk,
             full_state_bytes: o.full.then(|| o.optim.optim.state_bytes_per_param()),
-            tiled_attention: crate::train::model::memory::tiled_attention_on(o.device),
+            cpu_kernels: crate::train::model::memory::cpu_kernels_on(o.device),
         }
     }
 
