@@ -36,7 +36,7 @@ for L in ${LENGTHS:-2048 8192 16384 32768}; do
         "$PY" -c "
 import json
 for m in (json.loads(l) for l in open('$T/out$L/metrics.jsonl')):
-    if 'tokens_per_s' in m: print('  tunekit step=%d tokens_per_s=%.0f' % (m['step'], m['tokens_per_s']))"
+    if 'tokens_per_s' in m: print('  tunekit step=%d tokens=%d tokens_per_s=%.0f' % (m['step'], m['tokens'], m['tokens_per_s']))"
         ;;
       peft)
         /usr/bin/time -f "  peft peak_rss_kb=%M" "$PY" benches/anchor_long.py peft "$T/model" "$T/shards$L" 2>&1 \
