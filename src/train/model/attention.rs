@@ -32,6 +32,12 @@ impl Shape<'_> {
     }
 }
 
+/// Whether attention on `device` in `dtype` runs the tiled kernels (memory linear in the segment's
+/// length): the CPU in f32. Elsewhere each segment's [heads, L, L] scores are formed.
+pub fn tiled_on(device: &candle_core::Device, dtype: DType) -> bool {
+    device.is_cpu() && dtype == DType::F32
+}
+
 /// Causal attention inside each packed segment, q [T, Hq, hd], k/v [T, Hkv, hd] -> [T, Hq*hd].
 /// Where the fused probabilities op does not run (the CPU in bf16), the plain graph.
 pub fn attention(
@@ -43,8 +49,7 @@ pub fn attention(
     shape: Shape,
 ) -> candle_core::Result<Tensor> {
     let window_bites = shape.window.is_some_and(|w| seq_lengths.iter().any(|&l| l > w));
-    let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32;
-    if !cpu_f32 && (shape.softcap.is_some() || window_bites || shape.sinks.is_some()) {
+    if !tiled_on(q.device(), q.dtype()) && (shape.softcap.is_some() || window_bites || shape.sinks.is_some()) {
         return masked_attention(q, k, v, seq_lengths, shape);
     }
     if q.device().is_cpu() {

@@ -18,6 +18,7 @@ pub mod batch;
 pub mod checkpointing;
 pub mod config;
 pub mod decoder;
+pub mod extend;
 pub mod family;
 pub mod full;
 pub mod head;
