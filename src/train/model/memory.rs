@@ -27,8 +27,8 @@ pub struct StepSettings {
     pub full_state_bytes: Option<f64>,
     /// The CPU's f32 kernels run the step: attention in memory linear in the segment's length
     /// (tiled), and each chunk of logits turned into its own gradient in place. Otherwise (the
-    /// GPU's fused ops, the plain graph) each segment's probabilities [heads, L, L] and a chunk's
-    /// logits and gradient apart.
+    /// GPU's fused ops, the plain graph) each segment's probabilities [heads, L, L] (a block of
+    /// query rows at a time past a budget), and a chunk's logits and gradient apart.
     pub cpu_kernels: bool,
 }
 
@@ -160,7 +160,10 @@ pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEst
         // tasks' own dQ, dK, dV rows (one task per thread at a time, each up to the segment).
         2.0 * hq * t + rayon::current_num_threads() as f64 * 3.0 * mb.longest_segment as f64 * hd
     } else {
-        hq * mb.segment_square_sum as f64
+        // Each segment's probabilities, a block of query rows at a time past the budget (with the
+        // block's gradient, in f32).
+        (hq * mb.segment_square_sum as f64)
+            .min(2.0 * super::attention::PROBS_BUDGET_BYTES as f64 / s.activation_bytes as f64)
     };
     let one_layer = (dense + attention) * s.activation_bytes as f64;
     let activations = if s.gradient_checkpointing {
