@@ -3,11 +3,13 @@
 //! in f32 the tiled kernels of `cpu::attention` compute it in memory linear in the segment's length
 //! (each query's log-sum-exp kept, the probabilities recomputed in the backward), with every
 //! variant of a family's [`Shape`]: the scores' scale, a sliding window, soft-capped scores and
-//! attention sinks. On a GPU the probabilities are recomputed per segment by the fused ops, a block
-//! of query rows at a time where a segment's [heads, L, L] would pass 256 MB; where those ops do not
-//! take a variant (windows, soft-caps, sinks), the plain graph with an explicit mask.
+//! attention sinks. On a GPU the probabilities are recomputed in the backward (`recomputed`): per segment by the
+//! fused ops, or a block of query rows at a time where a segment's [heads, L, L] would pass 256 MB
+//! and for windows and soft-caps (each block over the keys its window reaches); sinks take the
+//! plain graph with an explicit mask.
 
-use super::softmax::{causal_softmax, CausalAttentionProbs, CausalSoftmaxGrad, MaskCache};
+use super::recomputed::{self, segment_heads, Blocked, PROBS_BUDGET_BYTES};
+use super::softmax::{causal_softmax, CausalAttentionProbs, MaskCache};
 use crate::train::cpu::attention::{self as tiled, Heads, Logits, Segment};
 use crate::train::graph::{attached_forward, with_cpu_f32};
 use candle_core::{CustomOp3, DType, Tensor, D};
@@ -50,8 +52,12 @@ pub fn attention(
     shape: Shape,
 ) -> candle_core::Result<Tensor> {
     let window_bites = shape.window.is_some_and(|w| seq_lengths.iter().any(|&l| l > w));
-    if !tiled_on(q.device(), q.dtype()) && (shape.softcap.is_some() || window_bites || shape.sinks.is_some()) {
+    if !tiled_on(q.device(), q.dtype()) && shape.sinks.is_some() {
         return masked_attention(q, k, v, seq_lengths, shape);
+    }
+    if !tiled_on(q.device(), q.dtype()) && (shape.softcap.is_some() || window_bites) {
+        let blocks = Blocked { scale: shape.scale, window: shape.window, softcap: shape.softcap };
+        return recomputing_attention_within(q, k, v, seq_lengths, blocks, PROBS_BUDGET_BYTES);
     }
     if q.device().is_cpu() {
         return match q.dtype() {
@@ -141,7 +147,7 @@ fn cpu_attention(
         q,
         k,
         v,
-        AttentionFn { seq_lengths: seq_lengths.to_vec(), scale, kept: Some(kept), budget: PROBS_BUDGET_BYTES },
+        AttentionFn { seq_lengths: seq_lengths.to_vec(), backward: Backward::Kept { scale, kept } },
     ))
 }
 
@@ -190,7 +196,7 @@ impl Kept {
     }
 }
 
-/// `attention` whose backward recomputes the probabilities (the GPU path).
+/// `attention` whose backward recomputes the probabilities (the GPU path, `recomputed`).
 fn recomputing_attention(
     q: &Tensor,
     k: &Tensor,
@@ -198,17 +204,8 @@ fn recomputing_attention(
     seq_lengths: &[usize],
     scale: f32,
 ) -> candle_core::Result<Tensor> {
-    recomputing_attention_within(q, k, v, seq_lengths, scale, PROBS_BUDGET_BYTES)
-}
-
-/// The largest probabilities [Hq, rows, L] a segment forms at once on the recomputing path: above
-/// it, the segment goes a block of query rows at a time (memory linear in its length).
-pub const PROBS_BUDGET_BYTES: usize = 256 << 20;
-
-/// Query rows per block for a segment of `len` tokens and `hq` heads under `budget` bytes of f32
-/// probabilities; None where the whole [Hq, L, L] fits (the fused op, one pass).
-fn query_block(hq: usize, len: usize, budget: usize) -> Option<usize> {
-    (hq * len * len * 4 > budget).then(|| (budget / (hq * len * 4)).clamp(16, len))
+    let plain = Blocked { scale, window: None, softcap: None };
+    recomputing_attention_within(q, k, v, seq_lengths, plain, PROBS_BUDGET_BYTES)
 }
 
 fn recomputing_attention_within(
@@ -216,92 +213,24 @@ fn recomputing_attention_within(
     k: &Tensor,
     v: &Tensor,
     seq_lengths: &[usize],
-    scale: f32,
+    shape: Blocked,
     budget: usize,
 ) -> candle_core::Result<Tensor> {
-    let (_, hq, hd) = q.dims3()?;
-    let n = hq / k.dim(1)?;
-    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let mut outs = Vec::with_capacity(seq_lengths.len());
-    let mut start = 0;
-    for &len in seq_lengths {
-        let (qs, ks, vs) = (
-            segment_heads(&qd, start, len, 1)?,
-            segment_heads(&kd, start, len, n)?,
-            segment_heads(&vd, start, len, n)?,
-        );
-        let o = match query_block(hq, len, budget) {
-            None => qs.apply_op2_no_bwd(&ks, &CausalAttentionProbs { scale })?.matmul(&vs)?, // [Hq, L, hd]
-            Some(rows) => {
-                let mut blocks = vec![];
-                for o in (0..len).step_by(rows) {
-                    let (t, cols) = (rows.min(len - o), o + rows.min(len - o));
-                    let p = block_probs(&qs.narrow(1, o, t)?, &ks.narrow(1, 0, cols)?, o, scale)?;
-                    blocks.push(p.to_dtype(vs.dtype())?.matmul(&vs.narrow(1, 0, cols)?)?);
-                }
-                Tensor::cat(&blocks, 1)?
-            }
-        };
-        outs.push(o.transpose(0, 1)?.reshape((len, hq * hd))?);
-        start += len;
-    }
-    let y = Tensor::cat(&outs, 0)?;
-    Ok(y.with_backward3(q, k, v, AttentionFn { seq_lengths: seq_lengths.to_vec(), scale, kept: None, budget }))
+    let y = recomputed::forward((&q.detach(), &k.detach(), &v.detach()), seq_lengths, shape, budget)?;
+    let f = AttentionFn { seq_lengths: seq_lengths.to_vec(), backward: Backward::Recomputed { shape, budget } };
+    Ok(y.with_backward3(q, k, v, f))
 }
 
-/// The probabilities of a segment's query rows `o..o + t` over its keys `0..o + t`, [Hq, t, o + t]
-/// in f32 (qb [Hq, t, hd], kb [Hq, o + t, hd]): causal, the last t columns masked above the diagonal.
-fn block_probs(qb: &Tensor, kb: &Tensor, o: usize, scale: f32) -> candle_core::Result<Tensor> {
-    let (t, cols) = (qb.dim(1)?, kb.dim(1)?);
-    let scores = (qb.matmul(&kb.t()?)?.to_dtype(DType::F32)? * scale as f64)?;
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..cols).map(move |j| if j <= o + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&Tensor::from_vec(mask, (1, t, cols), qb.device())?)?)
-}
-
-/// The backward of one segment a block of query rows at a time (qs [Hq, L, hd], ks and vs repeated
-/// to Hq heads, dos [Hq, L, hd]): each block's probabilities recomputed, dK and dV accumulated in
-/// f32 over the blocks. (dQ, dK, dV) [Hq, L, hd] in the inputs' dtype.
-fn segment_backward_in_blocks(
-    (qs, ks, vs): (&Tensor, &Tensor, &Tensor),
-    dos: &Tensor,
-    scale: f32,
-    rows: usize,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (hq, len, hd) = qs.dims3()?;
-    let dtype = qs.dtype();
-    let (dk, dv) = (
-        Tensor::zeros((hq, len, hd), DType::F32, qs.device())?,
-        Tensor::zeros((hq, len, hd), DType::F32, qs.device())?,
-    );
-    let mut dqs = vec![];
-    for o in (0..len).step_by(rows) {
-        let (t, cols) = (rows.min(len - o), o + rows.min(len - o));
-        let (qb, kb, vb, dob) =
-            (qs.narrow(1, o, t)?, ks.narrow(1, 0, cols)?, vs.narrow(1, 0, cols)?, dos.narrow(1, o, t)?);
-        let p = block_probs(&qb, &kb, o, scale)?;
-        let dp = dob.matmul(&vb.t()?)?.to_dtype(DType::F32)?;
-        // dS = scale * P * (dP - rowsum(dP * P)).
-        let ds = ((&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(2)?)?)? * scale as f64)?.to_dtype(dtype)?;
-        let add = |acc: &Tensor, part: Tensor| -> candle_core::Result<()> {
-            let sum = (acc.narrow(1, 0, cols)? + part.to_dtype(DType::F32)?)?;
-            acc.slice_set(&sum, 1, 0)
-        };
-        add(&dv, p.to_dtype(dtype)?.t()?.matmul(&dob)?)?;
-        add(&dk, ds.t()?.matmul(&qb)?)?;
-        dqs.push(ds.matmul(&kb)?);
-    }
-    Ok((Tensor::cat(&dqs, 1)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?))
-}
-
-/// The backward of [`attention`]: the tiled one from the log-sum-exps the CPU forward kept, or per
-/// segment from recomputed probabilities.
+/// The backward of [`attention`]: the tiled CPU one from the log-sum-exps its forward kept, or the
+/// probabilities recomputed.
 struct AttentionFn {
     seq_lengths: Vec<usize>,
-    scale: f32,
-    kept: Option<Kept>,
-    /// The recomputing path's probabilities budget (see [`query_block`]).
-    budget: usize,
+    backward: Backward,
+}
+
+enum Backward {
+    Kept { scale: f32, kept: Kept },
+    Recomputed { shape: Blocked, budget: usize },
 }
 
 impl CustomOp3 for AttentionFn {
@@ -320,38 +249,13 @@ impl CustomOp3 for AttentionFn {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        if let Some(kept) = &self.kept {
-            return kept.backward((&q, &k, &v), (&y.detach(), dy), &self.seq_lengths, self.scale);
+        match &self.backward {
+            Backward::Kept { scale, kept } => kept.backward((&q, &k, &v), (&y.detach(), dy), &self.seq_lengths, *scale),
+            Backward::Recomputed { shape, budget } => {
+                let (dq, dk, dv) = recomputed::backward((&q, &k, &v), dy, &self.seq_lengths, *shape, *budget)?;
+                Ok((Some(dq), Some(dk), Some(dv)))
+            }
         }
-        let (_, hq, hd) = q.dims3()?;
-        let hkv = k.dim(1)?;
-        let n = hq / hkv;
-        let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
-        let mut start = 0;
-        for &len in &self.seq_lengths {
-            let qs = segment_heads(&q, start, len, 1)?;
-            let ks = segment_heads(&k, start, len, n)?;
-            let vs = segment_heads(&v, start, len, n)?;
-            let dos = dy.narrow(0, start, len)?.reshape((len, hq, hd))?.transpose(0, 1)?.contiguous()?;
-            let (dq, dk, dv) = match query_block(hq, len, self.budget) {
-                Some(rows) => segment_backward_in_blocks((&qs, &ks, &vs), &dos, self.scale, rows)?,
-                None => {
-                    let p = qs.apply_op2_no_bwd(&ks, &CausalAttentionProbs { scale: self.scale })?;
-                    let dv = p.t()?.matmul(&dos)?;
-                    let dp = dos.matmul(&vs.t()?)?;
-                    let ds = p.apply_op2_no_bwd(&dp, &CausalSoftmaxGrad { scale: self.scale })?;
-                    (ds.matmul(&ks)?, ds.t()?.matmul(&qs)?, dv)
-                }
-            };
-            // Heads that share a key/value head add up their gradients: [Hq] -> [Hkv].
-            let fold =
-                |t: Tensor| -> candle_core::Result<Tensor> { t.reshape((hkv, n, len, hd))?.sum(1)?.transpose(0, 1) };
-            dqs.push(dq.transpose(0, 1)?);
-            dks.push(fold(dk)?);
-            dvs.push(fold(dv)?);
-            start += len;
-        }
-        Ok((Some(Tensor::cat(&dqs, 0)?), Some(Tensor::cat(&dks, 0)?), Some(Tensor::cat(&dvs, 0)?)))
     }
 }
 
@@ -383,21 +287,6 @@ fn segment_attention(
         start += len;
     }
     Tensor::cat(&outs, 0)
-}
-
-/// Rows `start..start+len` of x [T, H, hd] as contiguous heads [H*n, L, hd], each head repeated n
-/// times (grouped-query attention: n = Hq / Hkv for keys and values, 1 for queries).
-fn segment_heads(x: &Tensor, start: usize, len: usize, n: usize) -> candle_core::Result<Tensor> {
-    repeat_kv(&x.narrow(0, start, len)?.transpose(0, 1)?, n)
-}
-
-/// [Hkv, L, hd] -> [Hkv*n, L, hd] for grouped-query attention.
-pub fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
-    if n == 1 {
-        return x.contiguous();
-    }
-    let (h, l, d) = x.dims3()?;
-    x.unsqueeze(1)?.expand((h, n, l, d))?.reshape((h * n, l, d))
 }
 
 #[cfg(test)]
@@ -475,6 +364,7 @@ mod tests {
             let t: usize = lens.iter().sum();
             let inputs = [rand(&[t, 4, 8], 12), rand(&[t, 2, 8], 13), rand(&[t, 2, 8], 14)];
             let m = std::cell::RefCell::new(MaskCache::default());
+            let plain = Blocked { scale: Shape::causal(8).scale, window: None, softcap: None };
             // The CPU's tiled kernels; the recomputing path whole; and in blocks of 16-35 query rows
             // (a 40 kB budget: the long segments split, the short ones whole).
             for path in 0..3 {
@@ -482,8 +372,7 @@ mod tests {
                     |x| match path {
                         0 => cpu_attention(&x[0], &x[1], &x[2], &lens, Shape::causal(8)).unwrap(),
                         1 => recomputing_attention(&x[0], &x[1], &x[2], &lens, Shape::causal(8).scale).unwrap(),
-                        _ => recomputing_attention_within(&x[0], &x[1], &x[2], &lens, Shape::causal(8).scale, 40_000)
-                            .unwrap(),
+                        _ => recomputing_attention_within(&x[0], &x[1], &x[2], &lens, plain, 40_000).unwrap(),
                     },
                     |x| {
                         segment_attention(&x[0], &x[1], &x[2], &lens, &mut m.borrow_mut(), Shape::causal(8).scale)
@@ -516,9 +405,18 @@ mod tests {
                 &inputs,
             );
         }
-        // Soft-capped scores (Gemma 2), with a window and without.
-        for window in [Some(7), None] {
-            let shape = Shape { scale: 0.3, window, softcap: Some(0.9), sinks: None };
+        // Soft-capped scores (Gemma 2), with a window and without; the GPU's blocked path for
+        // windows and soft-caps too, whole (a large budget) and in blocks of 16 query rows.
+        for (window, softcap) in [(Some(7), Some(0.9)), (None, Some(0.9)), (Some(7), None)] {
+            let shape = Shape { scale: 0.3, window, softcap, sinks: None };
+            let blocked = Blocked { scale: 0.3, window, softcap };
+            for budget in [usize::MAX / 8, 1] {
+                same_as_graph(
+                    |x| recomputing_attention_within(&x[0], &x[1], &x[2], &lens, blocked, budget).unwrap(),
+                    |x| masked_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
+                    &inputs,
+                );
+            }
             same_as_graph(
                 |x| cpu_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),
                 |x| masked_attention(&x[0], &x[1], &x[2], &lens, shape).unwrap(),

@@ -163,7 +163,7 @@ pub fn estimate(c: &ModelConfig, mb: &MicroBatch, s: &StepSettings) -> MemoryEst
         // Each segment's probabilities, a block of query rows at a time past the budget (with the
         // block's gradient, in f32).
         (hq * mb.segment_square_sum as f64)
-            .min(2.0 * super::attention::PROBS_BUDGET_BYTES as f64 / s.activation_bytes as f64)
+            .min(2.0 * super::recomputed::PROBS_BUDGET_BYTES as f64 / s.activation_bytes as f64)
     };
     let one_layer = (dense + attention) * s.activation_bytes as f64;
     let activations = if s.gradient_checkpointing {

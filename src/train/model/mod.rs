@@ -32,6 +32,7 @@ pub mod moe;
 pub mod mxfp4;
 pub mod norm;
 pub mod quant;
+pub mod recomputed;
 pub mod reward_head;
 pub mod rope;
 pub mod routing;
