@@ -95,13 +95,15 @@ fn block_probs(
         slope = Some((1.0 - th.sqr()?)?);
         scores = (th * c as f64)?;
     }
-    let w = shape.window.unwrap_or(usize::MAX);
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..cols).map(move |j| (o + i, lo + j)))
-        .map(|(qi, kj)| if kj <= qi && qi - kj < w { 0.0 } else { f32::NEG_INFINITY })
-        .collect();
-    let mask = Tensor::from_vec(mask, (1, t, cols), qb.device())?;
-    Ok((candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?, slope))
+    // Built on the device (no [t, cols] host buffer to upload per block): each key's distance
+    // behind its query, seen where it is 0 up to the window.
+    let dev = qb.device();
+    let position = |from: usize, n: usize| Tensor::arange(from as u32, (from + n) as u32, dev)?.to_dtype(DType::F32);
+    let behind = position(o, t)?.reshape((t, 1))?.broadcast_sub(&position(lo, cols)?.reshape((1, cols))?)?;
+    let seen = (behind.ge(0.0)? * behind.lt(shape.window.map_or(f64::INFINITY, |w| w as f64))?)?;
+    let hidden = Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as(scores.shape())?;
+    let scores = seen.broadcast_as(scores.shape())?.where_cond(&scores, &hidden)?;
+    Ok((candle_nn::ops::softmax_last_dim(&scores)?, slope))
 }
 
 /// The backward of one segment a block of query rows at a time (qs [Hq, L, hd], ks and vs repeated
