@@ -71,10 +71,37 @@ fn main() {
         });
         println!("  {what:14} {m}x{k} . {k}x{n}: {:.2} ms  {:.1} GFLOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
     }
+    frozen_forward(&dev);
     gemm_bound_smollm2(&dev);
     head_chunks(&dev);
     fused_projections(&dev);
     lora_products(&dev);
+}
+
+/// The frozen forward `x W^T` (W [out, in] as stored) at SmolLM2's projection shapes: candle's GEMM
+/// (the `gemm` crate's threads) against tunekit's bands of output columns, one per thread
+/// (`cpu::gemm::times_transposed`, what training runs).
+fn frozen_forward(dev: &Device) {
+    println!("Frozen forward x W^T (SmolLM2, 512 tokens): candle's GEMM vs column bands per thread");
+    for (k, n, what) in [(576, 576, "q, o"), (576, 192, "k, v"), (576, 1536, "gate, up"), (1536, 576, "down")] {
+        let x = Tensor::randn(0f32, 1.0, (512, k), dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), dev).unwrap();
+        let candle = time(20, || {
+            std::hint::black_box(x.matmul(&w.t().unwrap()).unwrap());
+        });
+        let (xv, wv) = (flat(&x), flat(&w));
+        let bands = time(20, || {
+            std::hint::black_box(tunekit::train::cpu::gemm::times_transposed(&xv, 512, k, &wv, n));
+        });
+        let gf = |s: f64| 2.0 * (512 * k * n) as f64 / s / 1e9;
+        println!(
+            "  {what:9} {k:4} -> {n:4}: candle {:.3} ms ({:.0} GFLOP/s), bands {:.3} ms ({:.0} GFLOP/s)",
+            candle * 1e3,
+            gf(candle),
+            bands * 1e3,
+            gf(bands)
+        );
+    }
 }
 
 /// LoRA's four rank-8 products of one backward (gate_proj's shapes: 512 tokens, 576 in, 1536 out),

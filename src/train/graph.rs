@@ -55,14 +55,16 @@ impl CustomOp1 for FrozenMatmul {
         if k != k2 {
             candle_core::bail!("frozen-matmul: input has {k} features, weight expects {k2}");
         }
-        // A few rows (decoding): dot products, without packing the whole weight as a GEMM does.
-        if m <= crate::train::cpu::few_rows::MAX_ROWS {
-            if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((x0, x1)), Some((w0, w1))) =
-                (x, w, xl.contiguous_offsets(), wl.contiguous_offsets())
-            {
-                let y = crate::train::cpu::few_rows::matmul_t(&xs[x0..x1], m, k, &ws[w0..w1], n);
-                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
-            }
+        if let (CpuStorage::F32(xs), CpuStorage::F32(ws), Some((x0, x1)), Some((w0, w1))) =
+            (x, w, xl.contiguous_offsets(), wl.contiguous_offsets())
+        {
+            let (xs, ws) = (&xs[x0..x1], &ws[w0..w1]);
+            let y = match m <= crate::train::cpu::few_rows::MAX_ROWS {
+                // A few rows (decoding): dot products, without packing the whole weight as a GEMM does.
+                true => crate::train::cpu::few_rows::matmul_t(xs, m, k, ws, n),
+                false => crate::train::cpu::gemm::times_transposed(xs, m, k, ws, n),
+            };
+            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
         }
         let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
         Ok((out, Shape::from((m, n))))
