@@ -220,7 +220,8 @@ pub fn backward(
         let g = h / group;
         let (mut gq, mut gk, mut gv) =
             (vec![0f32; (len - c_lo) * d], vec![0f32; (c_hi - c_lo) * d], vec![0f32; (c_hi - c_lo) * d]);
-        let (mut p, mut dp) = (vec![0f32; QUERY_TILE * BLOCK], vec![0f32; QUERY_TILE * BLOCK]);
+        // Written by their products before they are read.
+        let (mut p, mut dp) = (super::output_buffer(QUERY_TILE * BLOCK), super::output_buffer(QUERY_TILE * BLOCK));
         let mut slope = vec![0f32; if logits.softcap.is_some() { QUERY_TILE * BLOCK } else { 0 }];
         let (lse_h, rowsums_h) = (&lse[h * len..(h + 1) * len], &rowsums[h * len..(h + 1) * len]);
         for (c0, n) in tiles(c_lo, c_hi, BLOCK) {

@@ -5,8 +5,9 @@
 //! softmax statistics of the loss head's rows over the vocabulary ([`softmax`]; libm's scalar
 //! `expf` took a tenth of a GRPO step), SwiGLU and rotary embeddings with their backward in one pass ([`swiglu`], [`rope`]), LoRA's
 //! output-side backward products in one pass over the output gradient ([`lora`]), and
-//! products that accumulate in place ([`gemm`]: LoRA's low-rank term onto the frozen product). Kernels are compiled for AVX2 + FMA and chosen at run time
-//! when the CPU has them; portable code otherwise.
+//! products that accumulate in place ([`gemm`]: LoRA's low-rank term onto the frozen product). Kernels are compiled for AVX2 + FMA, the
+//! exponential's users (softmax, SwiGLU) for AVX-512 too, and chosen at run time by what the CPU
+//! has; portable code otherwise.
 
 pub mod attention;
 pub mod few_rows;
@@ -32,6 +33,24 @@ pub fn output_buffer(n: usize) -> Vec<f32> {
     // every caller overwrites all n elements before reading any.
     unsafe { v.set_len(n) };
     v
+}
+
+/// Whether the CPU has AVX-512 (F) (checked once): the kernels that have a 16-lane version take it.
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::is_x86_feature_detected!("avx512f") && !avx512_disabled())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `TUNEKIT_NO_AVX512=1`: the AVX2 kernels even where the CPU has AVX-512 (to compare the two).
+fn avx512_disabled() -> bool {
+    std::env::var_os("TUNEKIT_NO_AVX512").is_some_and(|v| v != "0")
 }
 
 /// Whether the CPU has AVX2 and FMA (checked once).

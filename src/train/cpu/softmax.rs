@@ -1,11 +1,18 @@
 //! Softmax statistics of one row of logits over a large vocabulary, one exponential per element:
 //! the max, `sum exp(s x - m)` (and `sum exp(s x - m) * s x` for the entropy), and the
 //! exponentials written out for a gradient. The exponential is Cephes' single-precision polynomial
-//! (the one in avx_mathfun and most SIMD libraries, within 2 ulp of libm's `expf`), eight lanes at
-//! a time with AVX2 + FMA; libm's `expf` element by element elsewhere.
+//! (the one in avx_mathfun and most SIMD libraries, within 2 ulp of libm's `expf`), sixteen lanes
+//! at a time with AVX-512 (a row's tail under a mask), eight with AVX2 + FMA; libm's `expf` element
+//! by element elsewhere. Attention's probabilities and the loss head's vocabulary rows are where a
+//! step computes its exponentials.
 
 /// `max_j s * x_j`.
 pub fn max_scaled(x: &[f32], s: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: the CPU has AVX-512 (checked at run time).
+        return unsafe { avx512::max_scaled(x, s) };
+    }
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time).
@@ -59,6 +66,11 @@ pub fn exp_sums_in_place(x: &mut [f32], s: f32, m: f32, weighted: bool) -> (f32,
 /// # Safety
 /// `x` must be valid for `n` reads and `out` (when not null) for `n` writes.
 unsafe fn exp_sums_raw(x: *const f32, out: *mut f32, n: usize, s: f32, m: f32, weighted: bool) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: the CPU has AVX-512 (checked at run time); the caller's bounds hold.
+        return unsafe { avx512::exp_sums(x, out, n, s, m, weighted) };
+    }
     #[cfg(target_arch = "x86_64")]
     let (head, sum, wsum) = if super::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time); the caller's bounds hold.
@@ -172,6 +184,82 @@ pub(super) mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// The lanes of the 16 elements from `j` of `n` that exist (all but in a row's tail).
+    #[inline(always)]
+    pub fn lanes(j: usize, n: usize) -> __mmask16 {
+        if n - j >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (n - j)) - 1
+        }
+    }
+
+    /// exp of sixteen lanes: [`super::avx2::exp8`]'s polynomial and range reduction.
+    #[target_feature(enable = "avx512f")]
+    pub fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.336_54)), _mm512_set1_ps(88.376_26));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+            _mm512_set1_ps(0.5),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_2e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_65));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
+        let pow2n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        )));
+        _mm512_mul_ps(y, pow2n)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn max_scaled(x: &[f32], s: f32) -> f32 {
+        let (sv, none) = (_mm512_set1_ps(s), _mm512_set1_ps(f32::NEG_INFINITY));
+        let mut acc = none;
+        for j in (0..x.len()).step_by(16) {
+            let k = lanes(j, x.len());
+            // SAFETY: the mask covers only elements of x.
+            let v = unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr().add(j)) };
+            acc = _mm512_max_ps(acc, _mm512_mask_mul_ps(none, k, v, sv));
+        }
+        _mm512_reduce_max_ps(acc)
+    }
+
+    /// `exp_sums` over all `n` elements at `x` (the tail under a mask), the exponentials written at
+    /// `out` (x itself, another buffer or null).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_sums(x: *const f32, out: *mut f32, n: usize, s: f32, m: f32, weighted: bool) -> (f32, f32) {
+        let (sv, mv) = (_mm512_set1_ps(s), _mm512_set1_ps(m));
+        let (mut sum, mut wsum) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for j in (0..n).step_by(16) {
+            let k = lanes(j, n);
+            // SAFETY: the mask covers only the caller's n elements.
+            let z = _mm512_mul_ps(unsafe { _mm512_maskz_loadu_ps(k, x.add(j)) }, sv);
+            let e = exp16(_mm512_sub_ps(z, mv));
+            sum = _mm512_mask_add_ps(sum, k, sum, e);
+            if weighted {
+                wsum = _mm512_mask3_fmadd_ps(e, z, wsum, k);
+            }
+            if !out.is_null() {
+                // SAFETY: as above.
+                unsafe { _mm512_mask_storeu_ps(out.add(j), k, e) };
+            }
+        }
+        (_mm512_reduce_add_ps(sum), _mm512_reduce_add_ps(wsum))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +297,46 @@ mod tests {
             for (j, &v) in p.iter().enumerate() {
                 let want = e[j] as f64 / sum as f64;
                 assert!((v as f64 - want).abs() <= 1e-6 * want + 1e-37, "softmax at {j}: {v} vs {want}");
+            }
+        }
+    }
+
+    /// Each vector variant the CPU has (the public functions take the widest), against libm, rows
+    /// of every length up to a few vectors (the tails masked or left to the scalar loop).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn each_vector_variant_matches_libm() {
+        let x: Vec<f32> = (0..70).map(|i| ((i as f32) * 0.71).sin() * 20.0).collect();
+        for n in 0..x.len() {
+            let row = &x[..n];
+            let want_max = row.iter().map(|&v| v * 0.5).fold(f32::NEG_INFINITY, f32::max);
+            let want_sum: f64 = row.iter().map(|&v| ((v * 0.5) - 3.0).exp() as f64).sum();
+            let mut variants: Vec<(&str, f32, usize, f32, Vec<f32>)> = vec![];
+            if crate::train::cpu::has_avx512() {
+                let mut e = vec![0f32; n];
+                // SAFETY: the CPU has AVX-512; the row and e hold n elements.
+                let (m, (sum, _)) = unsafe {
+                    (avx512::max_scaled(row, 0.5), avx512::exp_sums(row.as_ptr(), e.as_mut_ptr(), n, 0.5, 3.0, false))
+                };
+                variants.push(("avx512", m, n, sum, e));
+            }
+            if crate::train::cpu::has_avx2_fma() {
+                let mut e = vec![0f32; n];
+                // SAFETY: the CPU has AVX2 and FMA; the row and e hold n elements.
+                let (m, (done, sum, _)) = unsafe {
+                    (avx2::max_scaled(row, 0.5), avx2::exp_sums(row.as_ptr(), e.as_mut_ptr(), n, 0.5, 3.0, false))
+                };
+                variants.push(("avx2", m, done, sum, e));
+            }
+            for (what, m, done, sum, e) in variants {
+                assert_eq!(m, want_max, "{what} max of {n}");
+                let head: f64 = row[..done].iter().map(|&v| ((v * 0.5) - 3.0).exp() as f64).sum();
+                let tail = want_sum - head;
+                assert!((sum as f64 + tail - want_sum).abs() <= 1e-6 * want_sum + 1e-30, "{what} sum of {n}");
+                for j in 0..done {
+                    let want = ((row[j] * 0.5) - 3.0).exp();
+                    assert!((e[j] - want).abs() <= 3e-7 * want, "{what} exp at {j} of {n}: {} vs {want}", e[j]);
+                }
             }
         }
     }
