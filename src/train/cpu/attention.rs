@@ -209,7 +209,7 @@ pub fn backward(
     rowsums.par_chunks_mut(len).enumerate().for_each(|(h, out)| {
         for (i, o) in out.iter_mut().enumerate() {
             let at = (s.start + i) * rq + h * d;
-            *o = y[at..at + d].iter().zip(&dy[at..at + d]).map(|(a, b)| a * b).sum();
+            *o = super::reduce::dot(&y[at..at + d], &dy[at..at + d]);
         }
     });
     let sums = Mutex::new((dq, dk, dv));

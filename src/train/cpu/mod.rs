@@ -13,6 +13,7 @@ pub mod attention;
 pub mod few_rows;
 pub mod gemm;
 pub mod lora;
+pub mod reduce;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;

@@ -5,6 +5,7 @@
 //! the same backward attached.
 
 use crate::train::cpu::output_buffer;
+use crate::train::cpu::reduce::{dot, dot3};
 use crate::train::graph::{attached_forward, contiguous_f32, with_cpu_f32};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 
@@ -65,10 +66,10 @@ impl CustomOp2 for RmsNormTrainedFn {
                 .map(|(dd, (xs, gs))| {
                     let mut dw = vec![0f32; h];
                     for ((drow, row), grow) in dd.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
-                        let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                        let ms = dot(row, row) / h as f32;
                         let r = 1.0 / (ms + self.eps).sqrt();
-                        let dot: f32 = row.iter().zip(grow).zip(wv).map(|((x, g), w)| x * g * w).sum();
-                        let k = r * r * r * dot / h as f32;
+                        let xgw = dot3(row, grow, wv);
+                        let k = r * r * r * xgw / h as f32;
                         for ((((dj, &xj), &gj), &wj), dwj) in
                             drow.iter_mut().zip(row).zip(grow).zip(wv).zip(dw.iter_mut())
                         {
@@ -141,7 +142,7 @@ impl CustomOp1 for RmsNormOp {
         let mut out = output_buffer(x.len());
         out.par_chunks_mut(h.max(1) * 64).zip(x.par_chunks(h.max(1) * 64)).for_each(|(o, xs)| {
             for (orow, row) in o.chunks_mut(h).zip(xs.chunks(h)) {
-                let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let ms = dot(row, row) / h as f32;
                 let r = 1.0 / (ms + self.eps).sqrt();
                 for ((oj, &v), &w) in orow.iter_mut().zip(row).zip(&self.w) {
                     *oj = v * r * w;
@@ -160,10 +161,10 @@ impl CustomOp1 for RmsNormOp {
             d.par_chunks_mut(h * 64).zip(xv.par_chunks(h * 64).zip(gv.par_chunks(h * 64))).for_each(
                 |(dd, (xs, gs))| {
                     for ((drow, row), grow) in dd.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
-                        let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                        let ms = dot(row, row) / h as f32;
                         let r = 1.0 / (ms + self.eps).sqrt();
-                        let dot: f32 = row.iter().zip(grow).zip(&self.w).map(|((x, g), w)| x * g * w).sum();
-                        let k = r * r * r * dot / h as f32;
+                        let xgw = dot3(row, grow, &self.w);
+                        let k = r * r * r * xgw / h as f32;
                         for (((dj, &xj), &gj), &wj) in drow.iter_mut().zip(row).zip(grow).zip(&self.w) {
                             *dj = r * wj * gj - xj * k;
                         }

@@ -81,7 +81,7 @@ impl candle_core::CustomOp2 for CausalSoftmaxGrad {
         d.par_chunks_mut(len).zip(pv.par_chunks(len).zip(gv.par_chunks(len))).enumerate().for_each(
             |(r, (drow, (prow, grow)))| {
                 let i = r % len;
-                let dot: f32 = prow[..=i].iter().zip(&grow[..=i]).map(|(a, b)| a * b).sum();
+                let dot = crate::train::cpu::reduce::dot(&prow[..=i], &grow[..=i]);
                 for j in 0..=i {
                     drow[j] = self.scale * prow[j] * (grow[j] - dot);
                 }
