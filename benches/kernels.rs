@@ -104,7 +104,7 @@ fn frozen_forward(dev: &Device) {
     }
 }
 
-/// LoRA's four rank-8 products of one backward (gate_proj's shapes: 512 tokens, 576 in, 1536 out),
+/// LoRA's rank-8 products: the forward's `x A^T` two ways, and the four of one backward (gate_proj's shapes: 512 tokens, 576 in, 1536 out),
 /// through candle's matmul as the adapter calls them.
 fn lora_products(dev: &Device) {
     let (t, inp, out, r) = (512usize, 576usize, 1536usize, 8usize);
@@ -118,7 +118,10 @@ fn lora_products(dev: &Device) {
         });
         println!("  {what:28} {:.3} ms  {:.1} GFLOP/s", s * 1e3, fl / s / 1e9);
     };
-    println!("LoRA's rank-8 products of one backward (gate_proj: 512 tokens, 576 -> 1536)");
+    println!("LoRA's rank-8 products (gate_proj: 512 tokens, 576 -> 1536)");
+    let fl_in = 2.0 * (t * inp * r) as f64;
+    run("u = x A^T (GEMM)", &|| x.matmul(&a.t().unwrap()).unwrap(), fl_in);
+    run("u = (A x^T)^T (few_rows)", &|| tunekit::train::cpu::few_rows::low_rank(&x, &a).unwrap().unwrap(), fl_in);
     run("du = dy B [512x1536 . 1536x8]", &|| dy.matmul(&b).unwrap(), flops);
     run("db = dy^T u [1536x512 . 512x8]", &|| dy.t().unwrap().matmul(&u).unwrap(), flops);
     let (dyv, bv, uv) = (flat(&dy), flat(&b), flat(&u));
@@ -126,7 +129,6 @@ fn lora_products(dev: &Device) {
         std::hint::black_box(tunekit::train::cpu::lora::output_grads(&dyv, &bv, &uv, t, out, r, 2.0));
     });
     println!("  {:28} {:.3} ms  {:.1} GFLOP/s", "du and db in one pass (cpu::lora)", s * 1e3, 2.0 * flops / s / 1e9);
-    let fl_in = 2.0 * (t * inp * r) as f64;
     run("da = du^T x [8x512 . 512x576]", &|| u.t().unwrap().matmul(&x).unwrap(), fl_in);
     run("dx = du A [512x8 . 8x576]", &|| u.matmul(&a).unwrap(), fl_in);
 }

@@ -235,10 +235,14 @@ pub fn lora_linear(
         None => x32.detach(),
     };
     let (a, b) = (a_var.detach(), b_var.detach());
-    // A few rows (decoding): the adapter's two small products as dot products, no GEMM calls.
+    // A few rows (decoding): the adapter's two small products as dot products, no GEMM calls. Many
+    // rows: `x A^T` as `(A x^T)^T`, the rank's few rows against the tokens.
     let u = match few_rows::linear(&xin, &a)? {
         Some(u) => u,
-        None => xin.matmul(&a.t()?)?,
+        None => match few_rows::low_rank(&xin, &a)? {
+            Some(u) => u,
+            None => xin.matmul(&a.t()?)?,
+        },
     };
     let y = if in_place(&y, u.dim(0)?) {
         // y is this call's own buffer: `y += s u B^T` there, no [tokens, out] temporary.
