@@ -59,12 +59,17 @@ impl CustomOp1 for FrozenMatmul {
             (x, w, xl.contiguous_offsets(), wl.contiguous_offsets())
         {
             let (xs, ws) = (&xs[x0..x1], &ws[w0..w1]);
-            let y = match m <= crate::train::cpu::few_rows::MAX_ROWS {
+            let y = if m <= crate::train::cpu::few_rows::MAX_ROWS {
                 // A few rows (decoding): dot products, without packing the whole weight as a GEMM does.
-                true => crate::train::cpu::few_rows::matmul_t(xs, m, k, ws, n),
-                false => crate::train::cpu::gemm::times_transposed(xs, m, k, ws, n),
+                Some(crate::train::cpu::few_rows::matmul_t(xs, m, k, ws, n))
+            } else if n >= crate::train::cpu::gemm::BANDED_MIN_ROWS {
+                Some(crate::train::cpu::gemm::times_transposed(xs, m, k, ws, n))
+            } else {
+                None
             };
-            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+            if let Some(y) = y {
+                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+            }
         }
         let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
         Ok((out, Shape::from((m, n))))

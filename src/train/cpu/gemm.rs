@@ -63,6 +63,10 @@ pub unsafe fn product(
 /// fewer rows).
 const MIN_COLUMNS: usize = 64;
 
+/// Weights with fewer rows than this go through candle's GEMM instead of [`times_transposed`]: at
+/// SmolLM2's 192-row k/v projections the bands won in one run of the kernels bench and lost in two.
+pub const BANDED_MIN_ROWS: usize = 256;
+
 /// `y = x W^T` for x [m, k] and a row-major W [n, k], y [m, n] row-major: each of rayon's threads
 /// computes a band of y's columns (a band of W's rows) alone. Through candle's GEMM, whose threads
 /// each pack the whole transposed weight, the same products ran 2-32% slower at SmolLM2's shapes
