@@ -211,16 +211,10 @@ pub(super) mod avx512 {
         ));
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(super::EXP_POLY[0]);
-        for c in &super::EXP_POLY[1..] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
-        }
-        let y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
-        let pow2n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvtps_epi32(n),
-            _mm512_set1_epi32(127),
-        )));
-        _mm512_mul_ps(y, pow2n)
+        let p = (super::EXP_POLY[1..].iter())
+            .fold(_mm512_set1_ps(super::EXP_POLY[0]), |p, c| _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c)));
+        // y 2^n, the power applied by AVX-512's scale instruction (n is whole already).
+        _mm512_scalef_ps(_mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0)), n)
     }
 
     #[target_feature(enable = "avx512f")]
