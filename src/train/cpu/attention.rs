@@ -8,6 +8,7 @@
 //! `gemm` crate (its kernels chosen at run time for the CPU).
 
 use super::gemm::Operand;
+use super::SharedMut;
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -77,21 +78,6 @@ impl Logits<'_> {
     }
 }
 
-/// A raw pointer the parallel tasks share; each task writes a region no other task touches.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: the tasks of a phase write disjoint regions (see each use) and read what no task of
-// that phase writes.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer (a method, so closures capture the whole `Shared`, not its field).
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
 /// `dst (+)= lhs rhs` on the calling thread (each tile is one task of rayon's pool), the operands
 /// as (pointer, (row stride, column stride)).
 ///
@@ -127,14 +113,15 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Heads, s: Segment, logits:
     assert!(q.len() >= (s.start + len) * rq && k.len() >= (s.start + len) * rk && v.len() == k.len());
     assert!(y.len() >= (s.start + len) * rq, "y holds the segment's rows");
     let mut lse = vec![0f32; hq * len];
-    let (out, lse_out) = (Shared(y.as_mut_ptr()), Shared(lse.as_mut_ptr()));
+    let (out, lse_out) = (SharedMut::new(y.as_mut_ptr()), SharedMut::new(lse.as_mut_ptr()));
     // (head, query block) pairs, the last blocks (which see the most keys) first.
     let tasks: Vec<(usize, (usize, usize))> =
         tiles(0, len, BLOCK).rev().flat_map(|(r0, m)| (0..hq).map(move |h| (h, (r0, m)))).collect();
     tasks.into_par_iter().for_each(|(h, (r0, m))| {
         let g = h / group;
         let (mut max, mut sum) = (vec![f32::NEG_INFINITY; m], vec![0f32; m]);
-        let mut tile = vec![0f32; m * KEY_TILE.min(r0 + m)];
+        // Written by the scores' product before it is read.
+        let mut tile = super::output_buffer(m * KEY_TILE.min(r0 + m));
         // SAFETY: task (h, r0) writes rows r0..r0+m of y's head h columns and of head h's
         // log-sum-exp: no other task writes them. Reads stay inside q, k, v (asserted above).
         unsafe {
@@ -254,14 +241,13 @@ pub fn backward(
                     product((m, n, d), dp.as_mut_ptr(), n, false, dyh, (rq, 1), vc, (1, rk));
                     for r in 0..m {
                         let vis = logits.visible(r0 + r, c0, n);
-                        let (pr, gr, dsum) = (&mut p[r * n..(r + 1) * n], &dp[r * n..(r + 1) * n], rowsums_h[r0 + r]);
+                        // The visible keys as slices, so that the loops are vectorised.
+                        let (pr, gr, dsum) =
+                            (&mut p[r * n + vis.start..r * n + vis.end], &dp[r * n + vis.start..], rowsums_h[r0 + r]);
+                        let ds = pr.iter_mut().zip(gr);
                         match logits.softcap {
-                            Some(_) => {
-                                for (j, sl) in vis.clone().zip(&slope[r * n..]) {
-                                    pr[j] *= (gr[j] - dsum) * sl;
-                                }
-                            }
-                            None => vis.for_each(|j| pr[j] *= (gr[j] - dsum) * logits.scale),
+                            Some(_) => ds.zip(&slope[r * n..]).for_each(|((p, g), sl)| *p *= (g - dsum) * sl),
+                            None => ds.for_each(|(p, g)| *p *= (g - dsum) * logits.scale),
                         }
                     }
                     // dK += dS^T Q, dQ += dS K.

@@ -77,30 +77,17 @@ pub fn times_transposed(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> V
     let bands = candle_core::utils::get_num_threads().min(n / MIN_COLUMNS).max(1);
     // Band widths a multiple of 16 floats (one AVX-512 register), the last band taking the rest.
     let width = n.div_ceil(bands).next_multiple_of(16).min(n);
-    let dst = SendPtr(y.as_mut_ptr());
+    let dst = super::SharedMut::new(y.as_mut_ptr());
     (0..n.div_ceil(width)).into_par_iter().for_each(|b| {
         let (j0, j1) = (b * width, ((b + 1) * width).min(n));
         let lhs = Operand { ptr: x.as_ptr(), rs: k, cs: 1 };
         // SAFETY: W's rows j0..j1 are in bounds; each band writes its own columns of y.
         unsafe {
             let rhs = Operand { ptr: w.as_ptr().add(j0 * k), rs: 1, cs: k };
-            product((m, j1 - j0, k), dst.get().add(j0), n, false, lhs, rhs, 1.0, 1)
+            product((m, j1 - j0, k), dst.at(j0), n, false, lhs, rhs, 1.0, 1)
         }
     });
     y
-}
-
-/// A pointer the bands of [`times_transposed`] share (each writes disjoint columns).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: see `times_transposed`: the bands never write the same element.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// In place: `dst[m, n] += beta * lhs[m, k] rhs`, with `rhs` given as [k, n], or as [n, k] and

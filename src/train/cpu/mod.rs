@@ -36,6 +36,27 @@ pub fn output_buffer(n: usize) -> Vec<f32> {
     v
 }
 
+/// A pointer into an output that parallel tasks share, each writing a region no other task touches
+/// (attention's query blocks, the frozen product's column bands).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(*mut f32);
+// SAFETY: the tasks of a phase write disjoint regions (see each use) and read what no task of that
+// phase writes.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    pub(crate) fn new(p: *mut f32) -> Self {
+        Self(p)
+    }
+
+    /// The pointer `offset` elements on (a method, so closures capture the whole wrapper, not its
+    /// field).
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// Whether the CPU has AVX-512 (F) (checked once): the kernels that have a 16-lane version take it.
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
