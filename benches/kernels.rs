@@ -34,6 +34,7 @@ fn main() {
             .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(str::to_string))
             .unwrap_or_default()
     );
+    fma_ceiling();
     println!("few-row product y = x W^T (decoding)");
     for (m, k, n, what) in [
         (8, 256, 32_000, "bench vocab"),
@@ -76,6 +77,44 @@ fn main() {
     head_chunks(&dev);
     fused_projections(&dev);
     lora_products(&dev);
+}
+
+/// The CPU's own ceiling for the products below: AVX-512 fused multiply-adds in 12 independent
+/// chains (no memory traffic), on one thread and on every thread of rayon's pool at once. A GEMM's
+/// GFLOP/s read against these.
+fn fma_ceiling() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn chains(n: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let (b, c) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            let mut acc = [_mm512_set1_ps(1.0); 12];
+            for _ in 0..n {
+                for a in acc.iter_mut() {
+                    *a = _mm512_fmadd_ps(*a, b, c);
+                }
+            }
+            _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, a| _mm512_add_ps(s, *a)))
+        }
+        let n = 50_000_000;
+        let flops = (n * 12 * 32) as f64;
+        let rate = |threads: usize| {
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    // SAFETY: AVX-512F checked above.
+                    s.spawn(|| std::hint::black_box(unsafe { chains(n) }));
+                }
+            });
+            threads as f64 * flops / t.elapsed().as_secs_f64() / 1e9
+        };
+        let all = rayon::current_num_threads();
+        println!("FMA ceiling (AVX-512): one thread {:.0} GFLOP/s, {all} threads {:.0} GFLOP/s", rate(1), rate(all));
+    }
 }
 
 /// The frozen forward `x W^T` (W [out, in] as stored) at SmolLM2's projection shapes: candle's GEMM
