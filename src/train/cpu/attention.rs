@@ -125,7 +125,8 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Heads, s: Segment, logits:
         // Written by the scores' product before it is read.
         let mut tile = super::output_buffer(m * KEY_TILE.min(r0 + m));
         // SAFETY: task (h, r0) writes rows r0..r0+m of y's head h columns and of head h's
-        // log-sum-exp: no other task writes them. Reads stay inside q, k, v (asserted above).
+        // log-sum-exp: no other task writes them. Reads stay inside q, k, v (asserted above) and
+        // the keys' copy (its rows' first `len` values, all written).
         unsafe {
             let qh = q.as_ptr().add((s.start + r0) * rq + h * d);
             let yh = out.at((s.start + r0) * rq + h * d);
@@ -175,8 +176,9 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Heads, s: Segment, logits:
 
 /// The segment's keys transposed, [hkv, d, row stride] (each head's rows, one per dimension, the
 /// keys along them), and that row stride. The scores' product then reads its key block as it is;
-/// from [T, hkv, d] the GEMM gathered the block one float at a time for every query block (10% of
-/// attention's time at 512 tokens). Rows are padded so that they do not lie a multiple of 2 KB apart
+/// from [T, hkv, d] the GEMM gathered the block one float at a time for every query block, at long
+/// rows from L3 (one layer's forward at 8,192 tokens: 0.63 s with the gathers, 0.39-0.45 s
+/// without; benches/RESULTS.md). Rows are padded so that they do not lie a multiple of 2 KB apart
 /// (the same few L1 sets for every row).
 fn keys_transposed(k: &[f32], dims: Heads, s: Segment) -> (Vec<f32>, usize) {
     let Heads { hkv, d, .. } = dims;
