@@ -258,6 +258,10 @@ impl Recipe for Sft<'_> {
         self.largest_micro_batch(config).map(|(_, e)| e)
     }
 
+    fn largest_micro_batch_tokens(&self) -> Option<usize> {
+        self.epoch_batches.1.iter().map(|mb| self.shape(mb).tokens).max()
+    }
+
     /// The largest micro-batch of the current epoch (by the memory it needs), forward and backward
     /// once with a copy of the dropout stream; the gradients are dropped, so the run is unchanged.
     fn probe(&mut self, t: &Trainable) -> Result<Option<String>> {

@@ -39,6 +39,7 @@ pub fn train<R: Recipe>(
     let loaded_peak_mb = crate::train::device::peak_rss_mb();
     // What loading the models and data freed goes back before the steps start.
     crate::allocator::release_freed_memory();
+    crate::allocator::hold_between_steps(recipe.largest_micro_batch_tokens());
     let world = crate::cluster::world();
     if world.size > 1 {
         world.check_same(ranks::run_digest(opts)?, "options or data")?;

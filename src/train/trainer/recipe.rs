@@ -108,6 +108,11 @@ pub trait Recipe {
     fn memory_estimate(&self, _config: &ModelConfig) -> Option<MemoryEstimate> {
         None
     }
+    /// The most tokens a micro-batch of the run holds, where the method knows its micro-batches
+    /// before the steps (the allocator's pace: `allocator::hold_between_steps`).
+    fn largest_micro_batch_tokens(&self) -> Option<usize> {
+        None
+    }
     /// Adds to an adapter directory what the method trains beside the adapters (a reward head).
     fn save_extra(&self, _model: &Model, _dir: &Path) -> Result<()> {
         Ok(())
