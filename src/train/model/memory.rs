@@ -81,7 +81,8 @@ pub struct MemoryEstimate {
 const MB: f64 = 1024.0 * 1024.0;
 /// What a training process holds beside the model and the step (shards, buffers), and the
 /// allocator's slack as a share of the step's activations and loss head (it keeps freed buffers for
-/// 3 s, `crate::allocator`, and a step's buffers of many sizes do not all fit the freed ones), fitted
+/// 3 s, 60 s at rows up to 4,096 tokens, `crate::allocator`, and a step's buffers of many sizes do
+/// not all fit the freed ones; held 60 s, a 512- or 2,048-token step peaked the same), fitted
 /// on the CPU: SmolLM2 at 512-2,048 tokens with and without checkpointing, and one conversation of
 /// 2k-37k tokens on a Llama-shaped model (benches/RESULTS.md, "Long conversations").
 const RUNTIME_MB: f64 = 60.0;
